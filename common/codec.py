@@ -1,0 +1,100 @@
+"""One msgpack codec for every typed message that crosses a process boundary.
+
+Messages are frozen dataclasses registered with :func:`message`. On the wire a
+message is a map ``{"t": <type name>, "f": {field: value}}``: named fields, never
+positional frames, so a reader can tell what it got and old readers ignore new
+fields. Nested registered messages and lists of them round-trip too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
+import msgpack
+
+_T = TypeVar("_T")
+
+
+class CodecError(ValueError):
+    """Raised when bytes do not decode to a registered message."""
+
+
+class MessageRegistry:
+    """Maps type names to message classes; one instance per codec."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, type] = {}
+
+    def register(self, cls: type[_T]) -> type[_T]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__} must be a dataclass")
+        name = cls.__name__
+        if name in self._by_name and self._by_name[name] is not cls:
+            raise TypeError(f"message type {name} registered twice")
+        self._by_name[name] = cls
+        return cls
+
+    def lookup(self, name: str) -> type:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise CodecError(f"unknown message type {name!r}") from None
+
+
+REGISTRY = MessageRegistry()
+
+
+def message(cls: type[_T]) -> type[_T]:
+    """Class decorator: register a dataclass as a wire message."""
+    return REGISTRY.register(cls)
+
+
+def _to_wire(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: _to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"t": type(obj).__name__, "f": fields}
+    if isinstance(obj, (list, tuple)):
+        return [_to_wire(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_wire(v) for k, v in obj.items()}
+    return obj
+
+
+def _from_wire(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"t", "f"} and isinstance(obj["t"], str):
+            return _build(REGISTRY.lookup(obj["t"]), obj["f"])
+        return {k: _from_wire(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_wire(x) for x in obj]
+    return obj
+
+
+def _build(cls: type, fields: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: _from_wire(v) for k, v in fields.items() if k in known}
+    hints = typing.get_type_hints(cls)
+    for name, value in kwargs.items():
+        # msgpack has no tuples; restore them where the class declares one.
+        if isinstance(value, list) and "tuple" in str(hints.get(name, "")):
+            kwargs[name] = tuple(value)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise CodecError(f"cannot build {cls.__name__}: {exc}") from exc
+
+
+def encode(msg: Any) -> bytes:
+    """Encode a registered message (or plain msgpack data) to bytes."""
+    return msgpack.packb(_to_wire(msg), use_bin_type=True)
+
+
+def decode(data: bytes) -> Any:
+    """Decode bytes produced by :func:`encode`."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise CodecError(f"not msgpack: {exc}") from exc
+    return _from_wire(raw)

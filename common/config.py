@@ -1,0 +1,92 @@
+"""Configuration of one serving instance (engine + HTTP front).
+
+Every field is a command-line flag of ``pdserve serve`` with SGLang's name;
+``common/args.py`` builds the parser from these fields, so defaults live here
+only. ``None`` means "resolve automatically" and is resolved at parse time
+(``resolve``) or, for values that need the model or the device, at engine start.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+
+DISAGG_MODES = ("null", "prefill", "decode")
+
+
+def _flag(help_text: str, **extra: object) -> dict[str, object]:
+    return {"help": help_text, **extra}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Model and weights.
+    model_path: str | None = field(default=None, metadata=_flag("HF model directory or built-in preset (default: tiny)"))
+    tokenizer_path: str | None = field(default=None, metadata=_flag("tokenizer directory (default: the model's)"))
+    load_format: str = field(default="auto", metadata=_flag("auto: safetensors weights; dummy: random weights", choices=("auto", "dummy")))
+    dtype: str = field(default="auto", metadata=_flag("weight/activation dtype", choices=("auto", "bfloat16", "float16", "float32")))
+    device: str = field(default="auto", metadata=_flag("auto picks cuda when available", choices=("auto", "cpu", "cuda")))
+    base_gpu_id: int = field(default=0, metadata=_flag("CUDA device index to use"))
+    served_model_name: str | None = field(default=None, metadata=_flag("model name in the API (default: model path)"))
+    context_length: int | None = field(default=None, metadata=_flag("max tokens per request (default: model's max_position_embeddings)"))
+    random_seed: int = field(default=0, metadata=_flag("seed for unseeded sampling and dummy weights"))
+    chat_template: str | None = field(default=None, metadata=_flag("jinja chat template file or string overriding the tokenizer's"))
+    # HTTP.
+    host: str = field(default="127.0.0.1", metadata=_flag("HTTP bind address"))
+    port: int = field(default=30000, metadata=_flag("HTTP port"))
+    api_key: str | None = field(default=None, metadata=_flag("require Authorization: Bearer KEY on every endpoint but /health"))
+    enable_metrics: bool = field(default=False, metadata=_flag("serve Prometheus metrics on /metrics"))
+    log_level: str = field(default="info", metadata=_flag("logging level", choices=("debug", "info", "warning", "error")))
+    log_requests: bool = field(default=False, metadata=_flag("log every request's input and output"))
+    skip_server_warmup: bool = field(default=False, metadata=_flag("do not send a warmup request before reporting healthy"))
+    max_queued_requests: int | None = field(default=None, metadata=_flag("reject (503) new requests beyond this many waiting"))
+    allow_auto_truncate: bool = field(default=False, metadata=_flag("truncate over-long prompts instead of rejecting them"))
+    stream_interval: int = field(default=1, metadata=_flag("stream every N tokens"))
+    watchdog_timeout: float = field(default=300.0, metadata=_flag("seconds a busy engine step may take before the instance reports unhealthy and exits"))
+    # KV pool and scheduling.
+    page_size: int = field(default=16, metadata=_flag("tokens per KV page"))
+    max_total_tokens: int | None = field(default=None, metadata=_flag("KV pool size in tokens (default: from memory)"))
+    mem_fraction_static: float | None = field(default=None, metadata=_flag("fraction of device memory for weights + KV pool"))
+    chunked_prefill_size: int = field(default=8192, metadata=_flag("max prompt tokens of one request per prefill step; -1 disables chunking"))
+    max_prefill_tokens: int = field(default=16384, metadata=_flag("max new tokens in one prefill batch"))
+    max_running_requests: int | None = field(default=None, metadata=_flag("max requests decoding at once"))
+    schedule_policy: str = field(default="fcfs", metadata=_flag("waiting-queue order", choices=("fcfs", "lpm")))
+    schedule_conservativeness: float = field(default=1.0, metadata=_flag("higher reserves more room for future tokens"))
+    disable_radix_cache: bool = field(default=False, metadata=_flag("disable the prefix cache"))
+    decode_log_interval: int = field(default=40, metadata=_flag("log a decode batch line every N decode steps"))
+    attention_backend: str | None = field(default=None, metadata=_flag("torch | flashinfer | triton (default: flashinfer on GPU, torch on CPU)"))
+    # GPU execution.
+    disable_cuda_graph: bool = field(default=False, metadata=_flag("run decode without CUDA graphs"))
+    cuda_graph_max_bs: int | None = field(default=None, metadata=_flag("largest decode batch captured in a CUDA graph"))
+    cuda_graph_bs: tuple[int, ...] | None = field(default=None, metadata=_flag("decode batch sizes to capture", nargs="+", type=int))
+    disable_cuda_graph_padding: bool = field(default=False, metadata=_flag("only replay graphs for exactly captured batch sizes"))
+    disable_overlap_schedule: bool = field(default=False, metadata=_flag("do not prepare the next batch while the GPU runs"))
+    # Disaggregation.
+    disaggregation_mode: str = field(default="null", metadata=_flag("instance role", choices=DISAGG_MODES))
+    disaggregation_bootstrap_url: str | None = field(default=None, metadata=_flag("bootstrap service URL, e.g. http://127.0.0.1:8998"))
+    disaggregation_transfer_backend: str = field(default="nixl", metadata=_flag("KV transfer backend", choices=("nixl", "ucx")))
+    disaggregation_ib_device: str | None = field(default=None, metadata=_flag("RDMA device(s) for UCX, e.g. mlx5_0"))
+    disaggregation_control_host: str | None = field(default=None, metadata=_flag("address the PD control channel binds (default: --host)"))
+    disaggregation_control_port: int = field(default=0, metadata=_flag("PD control channel port (0: pick a free one)"))
+    disaggregation_timeout_s: float = field(default=60.0, metadata=_flag("seconds a room may wait for its peer before it fails"))
+    disaggregation_heartbeat_s: float = field(default=2.0, metadata=_flag("seconds between bootstrap heartbeats"))
+    instance_id: str | None = field(default=None, metadata=_flag("instance id in the bootstrap registry (default: random)"))
+
+    def resolve(self) -> ServerConfig:
+        """Fill the ``auto`` values that need neither the model nor a device."""
+        updates: dict[str, object] = {}
+        if self.instance_id is None:
+            updates["instance_id"] = f"{self.disaggregation_mode}-{uuid.uuid4().hex[:12]}"
+        if self.disaggregation_control_host is None:
+            updates["disaggregation_control_host"] = self.host
+        return replace(self, **updates) if updates else self
+
+    def validate(self) -> None:
+        if self.page_size < 1:
+            raise ValueError("--page-size must be >= 1")
+        if self.disaggregation_mode != "null" and not self.disaggregation_bootstrap_url:
+            raise ValueError("--disaggregation-bootstrap-url is required in prefill and decode mode")
+        if self.stream_interval < 1:
+            raise ValueError("--stream-interval must be >= 1")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError("--chunked-prefill-size must be positive or -1")

@@ -1,0 +1,64 @@
+"""The paged KV pool: one buffer for all layers, pages with reference counts.
+
+A page is referenced by every live request that uses it and by the prefix
+cache while it is cached. A page returns to the free list when its count drops
+to zero, exactly once; freeing a free page is a bug and raises.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from pdserve.common.kv_layout import KVLayout
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class KVPool:
+    def __init__(self, layout: KVLayout, dtype: torch.dtype, device: torch.device):
+        self.layout = layout
+        self.page_size = layout.page_size
+        self.buffer = torch.zeros(
+            (layout.num_layers, 2, layout.num_pages, layout.page_size, layout.num_kv_heads, layout.head_dim),
+            dtype=dtype,
+            device=device,
+        )
+        self._refs = [0] * layout.num_pages
+        self._free: deque[int] = deque(range(layout.num_pages))
+
+    @property
+    def num_pages(self) -> int:
+        return self.layout.num_pages
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def alloc(self, num_pages: int) -> list[int]:
+        if num_pages > len(self._free):
+            raise OutOfPages(f"need {num_pages} pages, {len(self._free)} free")
+        pages = [self._free.popleft() for _ in range(num_pages)]
+        for p in pages:
+            self._refs[p] = 1
+        return pages
+
+    def ref(self, pages: list[int]) -> None:
+        for p in pages:
+            if self._refs[p] <= 0:
+                raise RuntimeError(f"page {p} is free and cannot gain a reference")
+            self._refs[p] += 1
+
+    def release(self, pages: list[int]) -> None:
+        for p in pages:
+            if self._refs[p] <= 0:
+                raise RuntimeError(f"page {p} released more often than referenced")
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                self._free.append(p)
+
+    def ref_count(self, page: int) -> int:
+        return self._refs[page]

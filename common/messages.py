@@ -1,0 +1,76 @@
+"""Typed messages between an instance's HTTP front and its engine process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.common.codec import message
+from pdserve.common.sampling import SamplingParams
+
+
+@message
+@dataclass(frozen=True)
+class GenerateRequest:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    bootstrap_room: int | None = None  # PD: the room shared by the prefill and decode side
+    prefill_instance_id: str | None = None
+
+
+@message
+@dataclass(frozen=True)
+class AbortRequest:
+    rid: str
+    reason: str = "abort"
+
+
+@message
+@dataclass(frozen=True)
+class ControlRequest:
+    """Ask the engine something: ``kind`` is "stats" or "flush_cache"."""
+
+    req_id: int
+    kind: str
+
+
+@message
+@dataclass(frozen=True)
+class ControlResponse:
+    req_id: int
+    ok: bool
+    data: dict = field(default_factory=dict)
+    message: str = ""
+
+
+@message
+@dataclass(frozen=True)
+class TokenOutput:
+    rid: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[list[float]]] | None = None  # per token: [[token_id, logprob], ...]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched_stop: int | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+    error_status: int | None = None  # HTTP status the front answers with
+
+
+@message
+@dataclass(frozen=True)
+class TokenBatch:
+    outputs: list[TokenOutput]
+
+
+@message
+@dataclass(frozen=True)
+class EngineReady:
+    info: dict
+
+
+@message
+@dataclass(frozen=True)
+class EngineFailed:
+    error: str

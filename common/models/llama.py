@@ -1,0 +1,154 @@
+"""Dense decoder family: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Parameter names follow Hugging Face's, except q/k/v and gate/up, which are fused
+into ``qkv_proj`` and ``gate_up_proj`` at load time (one matmul instead of three).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.common.attention.base import AttentionBackend
+from pdserve.common.forward_batch import ForwardBatch
+from pdserve.common.model_config import ModelConfig
+from pdserve.common.models.layers import RMSNorm, RotaryEmbedding
+from pdserve.common.models.registry import register_model
+
+# (fused parameter, HF parameter, shard index)
+_STACKED = (
+    ("qkv_proj", "q_proj", 0),
+    ("qkv_proj", "k_proj", 1),
+    ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, batch: ForwardBatch, rotary: RotaryEmbedding, attn: AttentionBackend, kv_cache):
+        q, k, v = self.qkv_proj(x).split(self.shard_sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(batch.positions, q, k)
+        out = attn.forward(batch, q, k, v, kv_cache[self.layer_id, 0], kv_cache[self.layer_id, 1])
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.shard_sizes = (cfg.intermediate_size, cfg.intermediate_size)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_id)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, batch, rotary, attn, kv_cache):
+        h = x + self.self_attn(self.input_layernorm(x), batch, rotary, attn, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+
+
+@register_model("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, max_positions)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, batch: ForwardBatch, attn: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Logits of each sequence's last new token: [batch, vocab] in float32."""
+        x = self.model.embed_tokens(batch.input_ids)
+        for layer in self.model.layers:
+            x = layer(x, batch, self.model.rotary, attn, kv_cache)
+        x = self.model.norm(x[batch.logits_indices])
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            target, shard = _fused_target(name)
+            if target not in params:
+                raise ValueError(f"unexpected weight {name}")
+            _copy_into(params[target], tensor, shard, self._shard_sizes(target))
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        missing = self._expected_names() - loaded
+        if missing:
+            raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}")
+
+    def _shard_sizes(self, target: str) -> tuple[int, ...]:
+        module = self.get_submodule(target.rsplit(".", 2)[0])
+        return module.shard_sizes if hasattr(module, "shard_sizes") else ()
+
+    def _expected_names(self) -> set[str]:
+        names = set()
+        for name, _ in self.named_parameters():
+            fused = next((f for f, _, _ in _STACKED if f".{f}." in name), None)
+            if fused is None:
+                names.add(name)
+                continue
+            shards = 3 if fused == "qkv_proj" else 2
+            if name.endswith("bias") or name.endswith("weight"):
+                names.update(f"{name}#{i}" for i in range(shards))
+        return names
+
+
+def _fused_target(name: str) -> tuple[str, int | None]:
+    for fused, hf_name, shard in _STACKED:
+        if f".{hf_name}." in name:
+            return name.replace(f".{hf_name}.", f".{fused}."), shard
+    return name, None
+
+
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, shard: int | None, sizes: tuple[int, ...]) -> None:
+    with torch.no_grad():
+        if shard is None:
+            if param.shape != tensor.shape:
+                raise ValueError(f"shape mismatch: {tuple(param.shape)} vs {tuple(tensor.shape)}")
+            param.copy_(tensor)
+            return
+        start = sum(sizes[:shard])
+        param[start : start + sizes[shard]].copy_(tensor)

@@ -1,0 +1,146 @@
+"""Sampling parameters and the batched sampler.
+
+Order of operations follows SGLang/vLLM: penalties on raw logits, then
+temperature, top-k, top-p, min-p, then a draw. Logprobs are reported from the
+model's raw distribution. A seeded request draws step ``i`` from a generator
+seeded by ``(seed, i)``, so its output does not depend on what else is batched
+with it or on which instance sampled which step (prefill samples step 0 in PD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.common.codec import message
+
+_GREEDY_EPS = 1e-5
+
+
+@message
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: whole vocabulary, as in SGLang's API
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS or self.top_k == 1
+
+    @property
+    def has_penalty(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = field(default=None)
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(
+        self, logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+    ) -> SampleResult:
+        """``histories``: (prompt ids, output ids so far) per row, for penalties and seeds."""
+        want_logprobs = any(p.logprobs for p in params)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = self._apply_penalties(logits, params, histories)
+        token_ids = self._draw(logits, params, histories)
+        result = SampleResult(token_ids=token_ids.tolist())
+        if raw_logprobs is not None:
+            self._fill_logprobs(result, raw_logprobs, token_ids, params)
+        return result
+
+    def _apply_penalties(self, logits, params, histories):
+        rows = [i for i, p in enumerate(params) if p.has_penalty]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[-1]
+        for i in rows:
+            p, (prompt, output) = params[i], histories[i]
+            row = logits[i]
+            if output and (p.presence_penalty or p.frequency_penalty):
+                counts = torch.bincount(torch.tensor(output, device=row.device), minlength=vocab)[:vocab]
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            if p.repetition_penalty != 1:
+                seen = torch.tensor(sorted(set(prompt) | set(output)), device=row.device, dtype=torch.long)
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        return logits
+
+    def _draw(self, logits, params, histories) -> torch.Tensor:
+        out = logits.argmax(dim=-1)
+        rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if not rows:
+            return out
+        idx = torch.tensor(rows, device=logits.device)
+        probs = _filtered_probs(logits[idx], [params[i] for i in rows])
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(rows):
+            seed = params[i].seed
+            gen = self._generator if seed is None else _step_generator(seed, len(histories[i][1]), probs.device)
+            noise[j].exponential_(generator=gen)
+        # Exponential race: argmax p/E is a draw from p, one kernel for the batch.
+        out[idx] = (probs / noise).argmax(dim=-1)
+        return out
+
+    def _fill_logprobs(self, result, raw_logprobs, token_ids, params) -> None:
+        chosen = raw_logprobs.gather(1, token_ids.view(-1, 1)).squeeze(1).tolist()
+        result.logprobs = chosen
+        k = max((p.top_logprobs for p in params), default=0)
+        if k <= 0:
+            result.top_logprobs = [[] for _ in params]
+            return
+        vals, ids = raw_logprobs.topk(k, dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+        result.top_logprobs = [
+            list(zip(ids[i][: p.top_logprobs], vals[i][: p.top_logprobs])) for i, p in enumerate(params)
+        ]
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    mixed = (seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+    logits = logits / temps.view(-1, 1)
+    vocab = logits.shape[-1]
+    top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in top_ks):
+        kth = torch.stack([logits[i].topk(k).values[-1] for i, k in enumerate(top_ks)])
+        logits = logits.masked_fill(logits < kth.view(-1, 1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    top_ps = torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype)
+    if bool((top_ps < 1).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep a token while the mass before it is below top_p (the first always stays).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_ps.view(-1, 1)
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    min_ps = torch.tensor([p.min_p for p in params], device=dev, dtype=probs.dtype)
+    if bool((min_ps > 0).any()):
+        threshold = probs.max(dim=-1, keepdim=True).values * min_ps.view(-1, 1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)

@@ -1,0 +1,128 @@
+"""``pdserve bootstrap``: the registry every instance registers with.
+
+Endpoints (all errors are OpenAI-style error objects):
+
+- ``POST /register`` an :class:`InstanceInfo` JSON; 409 when it cannot pair
+- ``POST /heartbeat`` ``{"instance_id"}``; 404 when unknown, so it re-registers
+- ``GET /instances[?role=prefill]``, ``GET /instances/{id}``, ``DELETE /instances/{id}``
+- ``GET /health``
+
+State is in memory only: after a restart, every live instance is back within
+one heartbeat because heartbeats of unknown instances answer 404.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pdserve.bootstrap.errors import APIError, install_error_handlers
+from pdserve.bootstrap.protocol import ROLES, InstanceInfo, InvalidInstanceInfo
+from pdserve.bootstrap.registry import InstanceRegistry, PairingConflict
+
+logger = logging.getLogger("pdserve.bootstrap")
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    host: str = "127.0.0.1"
+    port: int = 8998
+    ttl_s: float = 10.0
+    log_level: str = "info"
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return data
+
+
+def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None) -> FastAPI:
+    registry = registry or InstanceRegistry(config.ttl_s)
+    app = FastAPI(title="pdserve bootstrap")
+    app.state.registry = registry
+    install_error_handlers(app)
+
+    @app.post("/register")
+    async def register(request: Request) -> dict[str, Any]:
+        try:
+            info = InstanceInfo.from_json(await _json_object(request))
+        except InvalidInstanceInfo as exc:
+            raise APIError(400, str(exc), exc.param) from None
+        try:
+            registry.register(info)
+        except PairingConflict as exc:
+            logger.warning("refused registration: %s", exc)
+            raise APIError(409, str(exc)) from None
+        logger.info("registered %s %s at %s", info.role, info.instance_id, info.http_url)
+        return {"status": "ok", "instance_id": info.instance_id, "ttl_s": config.ttl_s}
+
+    @app.post("/heartbeat")
+    async def heartbeat(request: Request) -> dict[str, Any]:
+        instance_id = (await _json_object(request)).get("instance_id")
+        if not isinstance(instance_id, str) or not instance_id:
+            raise APIError(400, "field 'instance_id' must be a non-empty string", "instance_id")
+        if not registry.heartbeat(instance_id):
+            raise APIError(404, f"instance '{instance_id}' is not registered; register again")
+        return {"status": "ok"}
+
+    @app.get("/instances")
+    async def list_instances(role: str | None = None) -> list[dict[str, Any]]:
+        if role is not None and role not in ROLES:
+            raise APIError(400, f"role must be one of {', '.join(ROLES)}, got '{role}'", "role")
+        return [info.to_json() for info in registry.list(role)]
+
+    @app.get("/instances/{instance_id}")
+    async def get_instance(instance_id: str) -> dict[str, Any]:
+        info = registry.get(instance_id)
+        if info is None:
+            raise APIError(404, f"instance '{instance_id}' is not registered")
+        return info.to_json()
+
+    @app.delete("/instances/{instance_id}")
+    async def delete_instance(instance_id: str) -> dict[str, Any]:
+        if not registry.delete(instance_id):
+            raise APIError(404, f"instance '{instance_id}' is not registered")
+        logger.info("deregistered %s", instance_id)
+        return {"status": "ok", "instance_id": instance_id}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "num_instances": len(registry.list())}
+
+    return app
+
+
+def parse_args(argv: list[str]) -> BootstrapConfig:
+    defaults = BootstrapConfig()
+    parser = argparse.ArgumentParser(prog="pdserve bootstrap", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--ttl-s", type=float, default=defaults.ttl_s,
+                        help="forget an instance this long after its last heartbeat")
+    parser.add_argument("--log-level", default=defaults.log_level)
+    args = parser.parse_args(argv)
+    return BootstrapConfig(host=args.host, port=args.port, ttl_s=args.ttl_s,
+                           log_level=args.log_level)
+
+
+def main(argv: list[str]) -> int:
+    import uvicorn
+
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
+    logger.info("bootstrap service on http://%s:%d (ttl %.1fs)", config.host, config.port,
+                config.ttl_s)
+    uvicorn.run(create_app(config), host=config.host, port=config.port,
+                log_level=config.log_level, access_log=False)
+    return 0

@@ -1,0 +1,264 @@
+"""A fake serving instance for router, bootstrap and launcher tests.
+
+It speaks the instance contract (``/health``, ``/get_server_info``, the three
+generation endpoints in SSE and JSON, a prefill side that answers with a small
+JSON) without a model, records every request it gets, and can be told to fail,
+slow down or break its stream. Run it in a thread with :class:`ServerThread`,
+or as ``python -m pdserve.tests.fake_worker`` with ``pdserve serve``'s flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pdserve.bootstrap.client import BootstrapClient
+from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
+from pdserve.common.kv_layout import KVLayout
+
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
+
+
+@dataclass
+class Behavior:
+    """Knobs a test may change at any time."""
+
+    healthy: bool = True
+    fail_status: int | None = None  # answer generation requests with this error
+    num_failures: int | None = None  # fail only this many times; None: always
+    delay_s: float = 0.0  # before answering (decode: before the response headers)
+    num_chunks: int = 3
+    chunk_delay_s: float = 0.0
+    break_after_chunks: int | None = None  # drop the connection mid-stream
+    num_running_reqs: int = 0
+    num_queued_reqs: int = 0
+
+
+@dataclass
+class FakeWorker:
+    role: str = "decode"  # "prefill" | "decode" | "null"
+    name: str = "fake"
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    model: str = "fake-model"
+    behavior: Behavior = field(default_factory=Behavior)
+    requests: list[dict[str, Any]] = field(default_factory=list)  # {"path", "body"}
+    num_aborted_streams: int = 0
+    stream_aborted: threading.Event = field(default_factory=threading.Event)
+
+    def bodies(self, path: str | None = None) -> list[dict[str, Any]]:
+        return [r["body"] for r in self.requests if path is None or r["path"] == path]
+
+    def server_info(self) -> dict[str, Any]:
+        b = self.behavior
+        return {"instance_id": self.instance_id, "disaggregation_mode": self.role,
+                "num_running_reqs": b.num_running_reqs, "num_queued_reqs": b.num_queued_reqs,
+                "kv_pool": {"page_size": 16, "total_pages": 64, "free_pages": 64,
+                            "cached_pages": 0, "used_pages": 0}}
+
+    def _should_fail(self) -> bool:
+        b = self.behavior
+        if b.fail_status is None or b.num_failures == 0:
+            return False
+        if b.num_failures is not None:
+            b.num_failures -= 1
+        return True
+
+    def tokens(self) -> list[str]:
+        return [f"[{self.name}]"] + [f" tok{i}" for i in range(1, self.behavior.num_chunks)]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def _chunk(path: str, text: str) -> dict[str, Any]:
+    if path == "/v1/chat/completions":
+        return {"object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    if path == "/generate":
+        return {"text": text, "meta_info": {}}
+    return {"object": "text_completion",
+            "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+
+
+def _full(path: str, text: str) -> dict[str, Any]:
+    if path == "/v1/chat/completions":
+        message = {"role": "assistant", "content": text}
+        return {"object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "finish_reason": "length"}]}
+    if path == "/generate":
+        return {"text": text, "meta_info": {}}
+    return {"object": "text_completion",
+            "choices": [{"index": 0, "text": text, "finish_reason": "length"}]}
+
+
+async def _sse(worker: FakeWorker, path: str) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        for i, token in enumerate(worker.tokens()):
+            if worker.behavior.break_after_chunks == i:
+                raise ConnectionAbortedError("fake stream broken on purpose")
+            if i and worker.behavior.chunk_delay_s:
+                await asyncio.sleep(worker.behavior.chunk_delay_s)
+            yield f"data: {json.dumps(_chunk(path, token))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+        finished = True
+    finally:
+        if not finished:
+            worker.num_aborted_streams += 1
+            worker.stream_aborted.set()
+
+
+async def _generate(worker: FakeWorker, request: Request) -> Response:
+    body = json.loads(await request.body())
+    worker.requests.append({"path": request.url.path, "body": body})
+    if worker.behavior.delay_s:
+        await asyncio.sleep(worker.behavior.delay_s)
+    if worker._should_fail():
+        return _error(worker.behavior.fail_status or 500, f"{worker.name} failed on purpose")
+    if worker.role == "prefill":
+        return JSONResponse({"bootstrap_room": body.get("bootstrap_room"), "status": "ok"})
+    if body.get("stream"):
+        return StreamingResponse(_sse(worker, request.url.path), media_type="text/event-stream")
+    return JSONResponse(_full(request.url.path, "".join(worker.tokens())))
+
+
+def create_app(worker: FakeWorker) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if worker.behavior.healthy else 503)
+
+    @app.get("/get_server_info")
+    async def server_info() -> dict[str, Any]:
+        return worker.server_info()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": worker.model, "object": "model"}]}
+
+    @app.get("/get_model_info")
+    async def model_info() -> dict[str, Any]:
+        return {"model_path": worker.model}
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> dict[str, Any]:
+        worker.requests.append({"path": "/flush_cache", "body": None})
+        return {"status": "ok"}
+
+    async def generate(request: Request) -> Response:
+        return await _generate(worker, request)
+
+    for path in GENERATE_PATHS:
+        app.add_api_route(path, generate, methods=["POST"])
+    return app
+
+
+def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A bound listening-ready socket; port 0 picks a free one."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class ServerThread:
+    """Serve an ASGI app with uvicorn in a daemon thread on a free port."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._sock = bind_socket(host, port)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_fake(role: str, name: str, **behavior: Any) -> tuple[FakeWorker, ServerThread]:
+    worker = FakeWorker(role=role, name=name, behavior=Behavior(**behavior))
+    return worker, ServerThread(create_app(worker)).start()
+
+
+FAKE_LAYOUT = KVLayout(num_layers=4, num_pages=100, page_size=16, num_kv_heads=2, head_dim=64,
+                       dtype="bfloat16")
+
+
+def make_info(instance_id: str, role: str = "prefill", **changes: Any) -> InstanceInfo:
+    """An InstanceInfo; ``changes`` may name InstanceInfo or KVLayout fields."""
+    layout_fields = {k: changes.pop(k) for k in list(changes) if k in KVLayout.__dataclass_fields__}
+    info = InstanceInfo(
+        instance_id=instance_id, role=role, http_url=f"http://127.0.0.1:1/{instance_id}",
+        control_address="127.0.0.1:2", transfer_backend="nixl",
+        peer_info=encode_peer_info(b"\x00agent-metadata\xff"),
+        kv_layout=dataclasses.replace(FAKE_LAYOUT, **layout_fields), model="tiny")
+    return dataclasses.replace(info, **changes)
+
+
+def _register_forever(worker: FakeWorker, url: str, bootstrap_url: str, backend: str) -> None:
+    info = make_info(worker.instance_id, worker.role, http_url=url, transfer_backend=backend,
+                     model=worker.model)
+    client = BootstrapClient(bootstrap_url)
+    client.register(info)
+    threading.Thread(target=client.heartbeat_forever, args=(info, 1.0, threading.Event()),
+                     daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Accept ``pdserve serve``'s flags, so the launcher can start fakes instead."""
+    parser = argparse.ArgumentParser(prog="fake_worker")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--disaggregation-mode", default="null")
+    parser.add_argument("--disaggregation-bootstrap-url", default=None)
+    parser.add_argument("--disaggregation-transfer-backend", default="nixl")
+    parser.add_argument("--model-path", default="fake-model")
+    args, _ = parser.parse_known_args(argv)
+    worker = FakeWorker(role=args.disaggregation_mode, name=f"{args.disaggregation_mode}-{args.port}",
+                        model=args.model_path)
+    url = f"http://{args.host}:{args.port}"
+    if args.disaggregation_bootstrap_url:
+        _register_forever(worker, url, args.disaggregation_bootstrap_url,
+                          args.disaggregation_transfer_backend)
+    uvicorn.run(create_app(worker), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

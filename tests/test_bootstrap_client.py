@@ -1,0 +1,76 @@
+"""BootstrapClient against a real bootstrap service, including its restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from pdserve.bootstrap.client import BootstrapClient, RegistrationRefused
+from pdserve.bootstrap.server import BootstrapConfig, create_app
+from pdserve.tests.fake_worker import ServerThread, make_info
+
+
+def wait_until(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def service():
+    server = ServerThread(create_app(BootstrapConfig(ttl_s=5.0))).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_register_lookup_list_deregister(service: ServerThread) -> None:
+    with BootstrapClient(service.url, timeout_s=2.0) as client:
+        p, d = make_info("p1"), make_info("d1", role="decode")
+        client.register(p)
+        client.register(d)
+        assert client.lookup("p1") == p
+        assert client.lookup("nope") is None
+        assert [i.instance_id for i in client.list(role="decode")] == ["d1"]
+        assert {i.instance_id for i in client.list()} == {"p1", "d1"}
+        assert client.heartbeat("p1") is True
+        client.deregister("p1")
+        client.deregister("p1")  # already gone: not an error
+        assert client.lookup("p1") is None
+        assert client.heartbeat("p1") is False
+
+
+def test_register_refused_names_the_conflict(service: ServerThread) -> None:
+    with BootstrapClient(service.url) as client:
+        client.register(make_info("p1"))
+        with pytest.raises(RegistrationRefused, match="num_kv_heads.*=8.*=2"):
+            client.register(make_info("d1", role="decode", num_kv_heads=8))
+
+
+def test_heartbeat_loop_reregisters_after_the_service_restarts(service: ServerThread) -> None:
+    info, stop = make_info("p1"), threading.Event()
+    client = BootstrapClient(service.url, timeout_s=1.0)
+    client.register(info)
+    beat = threading.Thread(target=client.heartbeat_forever, args=(info, 0.05, stop), daemon=True)
+    beat.start()
+    try:
+        service.stop()
+        time.sleep(0.2)  # a few heartbeats fail while the service is down
+        restarted = ServerThread(create_app(BootstrapConfig()), port=service.port).start()
+        try:
+            with BootstrapClient(restarted.url) as probe:
+                assert wait_until(lambda: probe.lookup("p1") == info)
+                probe.deregister("p1")  # forgotten again: the next heartbeat restores it
+                assert wait_until(lambda: probe.lookup("p1") == info)
+        finally:
+            restarted.stop()
+    finally:
+        stop.set()
+        beat.join(5.0)
+        client.close()
+    assert not beat.is_alive()

@@ -14,7 +14,6 @@ import time
 from multiprocessing.connection import Connection
 
 import torch
-
 from pdserve.common import codec
 from pdserve.common.config import ServerConfig
 from pdserve.common.engine_role import create_role

@@ -7,6 +7,7 @@ Roles register by ``--disaggregation-mode`` name.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,10 +28,9 @@ def register_role(name: str) -> Callable[[type], type]:
 
 
 def create_role(name: str, engine: Engine) -> EngineRole:
-    # The PD roles live in their own packages and register on import.
-    from pdserve.decode import role as _decode  # noqa: F401
-    from pdserve.prefill import role as _prefill  # noqa: F401
-
+    if name not in _ROLES:
+        # The PD roles live in their own packages (prefill/, decode/) and register on import.
+        importlib.import_module(f"pdserve.{name}.role")
     return _ROLES[name](engine)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import deque
 
 import torch
-
 from pdserve.common.kv_layout import KVLayout
 
 

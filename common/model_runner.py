@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
 from pdserve.common.attention.base import create_attention_backend
 from pdserve.common.config import ServerConfig
 from pdserve.common.forward_batch import build_forward_batch

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from pdserve.common.codec import message
 
 _GREEDY_EPS = 1e-5

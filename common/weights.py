@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterator
 
 import torch
-
 from pdserve.common.model_config import ModelConfig
 from pdserve.common.models.registry import model_class
 

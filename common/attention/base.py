@@ -10,7 +10,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
-
 from pdserve.common.forward_batch import ForwardBatch
 
 _BACKENDS: dict[str, type[AttentionBackend]] = {}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from pdserve.common.attention.base import AttentionBackend, register_attention_backend
 from pdserve.common.forward_batch import ForwardBatch, slots_for
 

@@ -10,13 +10,12 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pdserve.common.attention.base import AttentionBackend
 from pdserve.common.forward_batch import ForwardBatch
 from pdserve.common.model_config import ModelConfig
 from pdserve.common.models.layers import RMSNorm, RotaryEmbedding
 from pdserve.common.models.registry import register_model
+from torch import nn
 
 # (fused parameter, HF parameter, shard index)
 _STACKED = (

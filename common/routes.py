@@ -1,0 +1,234 @@
+"""HTTP endpoints of an instance: OpenAI API, SGLang native API, operations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pdserve.common import openai_format as fmt
+from pdserve.common.errors import APIError, error_body
+from pdserve.common.messages import GenerateRequest
+from pdserve.common.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
+from pdserve.common.sampling import SamplingParams
+from pdserve.common.serving import Serving, SubRequest
+from pdserve.common.text_stream import ChoiceState
+
+if TYPE_CHECKING:
+    from pdserve.common.server import AppState
+
+DISCONNECT_POLL_S = 0.25
+HEALTH_GENERATE_TIMEOUT_S = 30.0
+
+
+def _sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+async def read_json(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"invalid JSON body: {exc}") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def install_routes(app: FastAPI, state: AppState) -> None:
+    _install_middleware(app, state)
+    _install_api(app, state)
+    _install_ops(app, state)
+
+
+def _install_middleware(app: FastAPI, state: AppState) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        key = state.cfg.api_key
+        if key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {key}":
+            return JSONResponse(error_body(401, "invalid or missing API key", code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+
+def _serving(state: AppState) -> Serving:
+    if not state.ready or state.serving is None:
+        raise APIError(503, "the server is not ready yet" if not state.failed else f"the server failed: {state.failed}")
+    return state.serving
+
+
+def _check_model(state: AppState, gen: GenerationInput) -> None:
+    if gen.model is not None and gen.model not in (state.model_name, state.cfg.model_path):
+        raise APIError(404, f"The model `{gen.model}` does not exist.", "model", "model_not_found")
+
+
+def _check_role(state: AppState, gen: GenerationInput) -> None:
+    if state.cfg.disaggregation_mode == "prefill" and gen.bootstrap_room is None:
+        raise APIError(400, "a prefill instance serves only PD requests (with bootstrap_room) sent by the router", "bootstrap_room")
+
+
+def _install_api(app: FastAPI, state: AppState) -> None:
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, state, parse_completion, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _handle(request, state, parse_chat, "chat")
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        return await _handle(request, state, parse_generate, "generate")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != state.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "model", "model_not_found")
+        return _model_card(state)
+
+
+def _model_card(state: AppState) -> dict:
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "pdserve",
+        "root": state.model_dir,
+        "max_model_len": state.info.get("context_len"),
+    }
+
+
+async def _handle(request: Request, state: AppState, parser, kind: str):
+    serving = _serving(state)
+    gen = parser(await read_json(request))
+    _check_model(state, gen)
+    _check_role(state, gen)
+    subs = serving.build(gen)
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{subs[0].rid.split('-')[0]}"
+    if state.cfg.disaggregation_mode == "prefill":
+        await _until_disconnect(request, serving.collect_all(subs))
+        return {"bootstrap_room": gen.bootstrap_room, "status": "ok"}
+    if gen.stream:
+        return StreamingResponse(_stream(state, serving, gen, subs, rid, kind), media_type="text/event-stream")
+    start_s = time.monotonic()
+    choices = await _until_disconnect(request, serving.collect_all(subs))
+    return _body(state, gen, kind, rid, choices, time.monotonic() - start_s)
+
+
+async def _until_disconnect(request: Request, work):
+    """Run ``work``; if the client goes away first, cancel it (which aborts it in the engine)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client disconnected")
+
+
+def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: list[ChoiceState], e2e_s: float):
+    want_lp = gen.params.logprobs
+    if kind == "completion":
+        return fmt.completion_body(rid, state.model_name, choices, state.tokenizer, want_lp, gen.n)
+    if kind == "chat":
+        return fmt.chat_body(rid, state.model_name, choices, state.tokenizer, want_lp, gen.n)
+    bodies = [fmt.generate_body(rid, c, e2e_s) for c in choices]
+    return bodies[0] if len(bodies) == 1 else bodies
+
+
+async def _stream(state: AppState, serving: Serving, gen: GenerationInput, subs: list[SubRequest], rid: str, kind: str) -> AsyncIterator[bytes]:
+    states = [ChoiceState(s.index) for s in subs]
+    want_lp, model = gen.params.logprobs, state.model_name
+    start_s = time.monotonic()
+    if kind == "chat":
+        for s in subs:
+            yield _sse(fmt.chat_chunk(rid, model, s.index, None, state.tokenizer, False))
+    try:
+        async for i, delta in serving.merged(subs, states):
+            if kind == "chat":
+                yield _sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+            elif kind == "completion":
+                yield _sse(fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+            else:
+                yield _sse(fmt.generate_body(rid, states[i], time.monotonic() - start_s))
+    except APIError as exc:
+        yield _sse(exc.body())
+    if gen.include_usage and kind != "generate":
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        yield _sse(fmt.usage_chunk(rid, model, obj, states, gen.n))
+    yield _sse("[DONE]")
+
+
+def _install_ops(app: FastAPI, state: AppState) -> None:
+    @app.get("/health")
+    async def health():
+        if state.ready and state.engine.alive():
+            return Response(status_code=200)
+        return JSONResponse(error_body(503, state.failed or "not ready"), status_code=503)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        if not state.ready or state.cfg.disaggregation_mode == "prefill":
+            # A prefill instance cannot generate alone; its engine liveness is the check.
+            return await health()
+        req = GenerateRequest(f"health-{time.monotonic_ns()}", [0], SamplingParams(max_new_tokens=1, temperature=0.0))
+
+        async def run() -> None:
+            async for out in state.engine.generate(req):
+                if out.error:
+                    raise APIError(503, out.error)
+
+        try:
+            await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT_S)
+        except (asyncio.TimeoutError, APIError) as exc:
+            return JSONResponse(error_body(503, f"generation check failed: {exc}"), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def model_info():
+        return {
+            "model_path": state.model_dir,
+            "tokenizer_path": state.cfg.tokenizer_path or state.model_dir,
+            "served_model_name": state.model_name,
+            "is_generation": True,
+        }
+
+    @app.get("/get_server_info")
+    async def server_info():
+        info = state.server_info()
+        if state.ready and state.engine.alive():
+            info.update((await state.engine.control("stats")).data)
+        return info
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        _serving(state)
+        resp = await state.engine.control("flush_cache")
+        if not resp.ok:
+            raise APIError(400, f"Cache not flushed: {resp.message}")
+        return Response("Cache flushed.\n", status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        if not state.cfg.enable_metrics:
+            raise APIError(404, "metrics are disabled; start with --enable-metrics")
+        if state.ready and state.engine.alive():
+            state.metrics.update_engine((await state.engine.control("stats")).data)
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")

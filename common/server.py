@@ -1,0 +1,153 @@
+"""``pdserve serve``: one instance's HTTP front (OpenAI + SGLang native API).
+
+The front starts listening at once and answers ``/health`` with 503 until the
+engine process has loaded the model and, unless ``--skip-server-warmup``, served
+one warmup request. If the engine dies, ``/health`` turns 503 and the server exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI
+from pdserve.common.args import add_dataclass_args, config_from_args
+from pdserve.common.config import ServerConfig
+from pdserve.common.engine_client import EngineClient
+from pdserve.common.messages import GenerateRequest
+from pdserve.common.metrics import ServerMetrics
+from pdserve.common.routes import install_routes
+from pdserve.common.sampling import SamplingParams
+from pdserve.common.serving import ModelLimits, Serving
+
+logger = logging.getLogger("pdserve.server")
+ENGINE_START_TIMEOUT_S = 1800.0
+ENGINE_CHECK_INTERVAL_S = 1.0
+
+
+@dataclass
+class AppState:
+    cfg: ServerConfig
+    model_dir: str
+    model_name: str
+    tokenizer: object
+    engine: EngineClient
+    metrics: ServerMetrics
+    serving: Serving | None = None
+    ready: bool = False
+    failed: str | None = None
+    info: dict = field(default_factory=dict)
+    server: uvicorn.Server | None = None
+
+    def server_info(self) -> dict:
+        return {**dataclasses.asdict(self.cfg), **self.info, "model_dir": self.model_dir, "version": _version()}
+
+
+def _version() -> str:
+    from pdserve import __version__
+
+    return __version__
+
+
+def parse_config(argv: list[str]) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog="pdserve serve", description="Serve one pdserve instance.")
+    add_dataclass_args(parser, ServerConfig)
+    cfg = config_from_args(ServerConfig, parser.parse_args(argv)).resolve()
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg
+
+
+def resolve_model_dir(model_path: str | None) -> str:
+    from pdserve.common.builtin_models import config_dir_for, resolve_model_path
+
+    if model_path and model_path.endswith(".json") and os.path.isfile(model_path):
+        return config_dir_for(model_path)
+    return resolve_model_path(model_path)
+
+
+def _start_engine(state: AppState, loop: asyncio.AbstractEventLoop) -> None:
+    """Runs in a thread: start the engine, warm it up, then report healthy."""
+    try:
+        state.info = state.engine.start(ENGINE_START_TIMEOUT_S)
+        state.engine.attach(loop)
+        limits = ModelLimits(state.info["context_len"], state.info["vocab_size"], state.info["max_total_num_tokens"])
+        state.serving = Serving(state.engine, state.tokenizer, limits, state.metrics, state.cfg.allow_auto_truncate, state.cfg.log_requests)
+        if not state.cfg.skip_server_warmup:
+            asyncio.run_coroutine_threadsafe(_warmup(state), loop).result(timeout=600)
+        state.ready = True
+        logger.info("The server is fired up and ready to roll! (%s mode on http://%s:%d)", state.cfg.disaggregation_mode, state.cfg.host, state.cfg.port)
+    except Exception as exc:
+        state.failed = f"{type(exc).__name__}: {exc}"
+        logger.error("engine failed to start: %s", state.failed)
+        if state.server is not None:
+            state.server.should_exit = True
+
+
+async def _warmup(state: AppState) -> None:
+    ids = state.tokenizer.encode("The capital of France is")
+    req = GenerateRequest("warmup", ids, SamplingParams(max_new_tokens=4, temperature=0.0))
+    if state.cfg.disaggregation_mode == "prefill":
+        return  # a prefill instance only runs rooms paired with a decode instance
+    async for out in state.engine.generate(req):
+        if out.error:
+            raise RuntimeError(f"warmup failed: {out.error}")
+
+
+async def _watch_engine(state: AppState) -> None:
+    while True:
+        await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
+        if state.ready and not state.engine.alive():
+            state.ready = False
+            state.failed = "engine process died"
+            logger.error("engine process died; shutting down")
+            if state.server is not None:
+                state.server.should_exit = True
+            return
+
+
+def build_app(state: AppState) -> FastAPI:
+    app = FastAPI(title="pdserve", version=_version())
+    app.state.pd = state
+
+    @app.on_event("startup")
+    async def _startup() -> None:
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=_start_engine, args=(state, loop), name="engine-start", daemon=True).start()
+        app.state.watcher = asyncio.create_task(_watch_engine(state))
+
+    @app.on_event("shutdown")
+    async def _shutdown() -> None:
+        state.engine.shutdown()
+
+    install_routes(app, state)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=cfg.log_level.upper(), format=f"[%(asctime)s {cfg.disaggregation_mode}] %(message)s")
+    from pdserve.common.tokenizer import load_tokenizer
+
+    model_dir = resolve_model_dir(cfg.model_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path or model_dir, cfg.chat_template)
+    model_name = cfg.served_model_name or cfg.model_path or "tiny"
+    state = AppState(cfg, model_dir, model_name, tokenizer, EngineClient(cfg, model_dir), ServerMetrics(cfg.enable_metrics, model_name))
+    app = build_app(state)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))
+    state.server = server
+    server.run()
+    return 1 if state.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

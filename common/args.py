@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 _C = TypeVar("_C")
 
 
-def _scalar_type(hint: str) -> type:
-    for name, typ in (("int", int), ("float", float), ("str", str)):
-        if hint.startswith(name) or f" {name}" in hint or f"[{name}" in hint:
+def _scalar_type(hint: object) -> type:
+    """int for ``int`` and ``int | None``; likewise float and str."""
+    candidates = [hint, *typing.get_args(hint)]
+    for typ in (int, float, str):
+        if typ in candidates:
             return typ
     return str
 
@@ -29,12 +31,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         default = f.default
-        hint = str(hints[f.name])
         if hints[f.name] is bool:
             parser.add_argument(flag, action="store_true", default=default, help=help_text)
             continue
         kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})"}
-        kwargs["type"] = meta.pop("type", _scalar_type(hint.replace("typing.", "")))
+        kwargs["type"] = meta.pop("type", _scalar_type(hints[f.name]))
         kwargs.update(meta)
         parser.add_argument(flag, **kwargs)
 

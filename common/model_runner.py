@@ -21,7 +21,7 @@ from pdserve.common.weights import load_model, resolve_dtype
 
 logger = logging.getLogger("pdserve.model_runner")
 
-CPU_KV_BUDGET_BYTES = 2 << 30  # default CPU pool: 2 GiB of KV
+CPU_KV_BUDGET_BYTES = 512 << 20  # default CPU pool: 512 MiB of KV
 DEFAULT_MEM_FRACTION_STATIC = 0.85
 
 
@@ -86,7 +86,7 @@ class ModelRunner:
     def _auto_pool_tokens(self) -> int:
         per_token = self._bytes_per_token()
         if self.device.type == "cpu":
-            return max(min(CPU_KV_BUDGET_BYTES // per_token, 1 << 20), self.cfg.page_size)
+            return max(min(CPU_KV_BUDGET_BYTES // per_token, 1 << 17), self.cfg.page_size)
         free, total = torch.cuda.mem_get_info(self.device)
         fraction = self.cfg.mem_fraction_static or DEFAULT_MEM_FRACTION_STATIC
         # SGLang's rule: the static part (weights + pool) may fill `fraction` of the

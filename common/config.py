@@ -90,3 +90,8 @@ class ServerConfig:
             raise ValueError("--stream-interval must be >= 1")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ValueError("--chunked-prefill-size must be positive or -1")
+
+
+def served_model_name(cfg: ServerConfig) -> str:
+    """The model id clients use; the built-in default is called ``tiny``."""
+    return cfg.served_model_name or cfg.model_path or "tiny"

@@ -187,10 +187,10 @@ class Engine:
                 req.top_logprobs.append(result.top_logprobs[i])
             req.first_token_s = req.first_token_s or now
             req.last_token_s = now
-            self._check_finish(req, token)
+            self.check_finish(req, token)
         self.num_generated_tokens += len(reqs)
 
-    def _check_finish(self, req: Req, token: int) -> None:
+    def check_finish(self, req: Req, token: int) -> None:
         p = req.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             req.finish_reason, req.matched_stop = "stop", token

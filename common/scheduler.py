@@ -100,7 +100,7 @@ class Scheduler:
     def _reserved_tokens(self) -> int:
         return sum(int(r.remaining_new_tokens() * self.new_token_ratio) for r in self.running)
 
-    def _alloc(self, req: Req, upto_tokens: int) -> bool:
+    def reserve(self, req: Req, upto_tokens: int) -> bool:
         need = -(-upto_tokens // self.cfg.page_size) - len(req.pages)
         if need <= 0:
             return True
@@ -152,7 +152,7 @@ class Scheduler:
         size = min(req.num_pending, budget)
         if self.cfg.chunked_prefill_size is not None:
             size = min(size, self.cfg.chunked_prefill_size)
-        if not self._alloc(req, req.num_computed + size):
+        if not self.reserve(req, req.num_computed + size):
             # No room even after eviction: give back what it holds and wait for
             # running requests to finish (holding pages while waiting can deadlock).
             self.chunked = None
@@ -171,7 +171,7 @@ class Scheduler:
         if not self.running:
             return None
         self.running.sort(key=lambda r: (len(r.output_ids), -len(r.prompt_ids)), reverse=True)
-        while not all(self._alloc(r, r.seq_len) for r in self.running):
+        while not all(self.reserve(r, r.seq_len) for r in self.running):
             if len(self.running) == 1:
                 # A lone request that cannot grow is cut short rather than looping forever.
                 self.running[0].finish_reason = "length"

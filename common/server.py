@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import uvicorn
 from fastapi import FastAPI
 from pdserve.common.args import add_dataclass_args, config_from_args
-from pdserve.common.config import ServerConfig
+from pdserve.common.config import ServerConfig, served_model_name
 from pdserve.common.engine_client import EngineClient
 from pdserve.common.messages import GenerateRequest
 from pdserve.common.metrics import ServerMetrics
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = resolve_model_dir(cfg.model_path)
     tokenizer = load_tokenizer(cfg.tokenizer_path or model_dir, cfg.chat_template)
-    model_name = cfg.served_model_name or cfg.model_path or "tiny"
+    model_name = served_model_name(cfg)
     state = AppState(cfg, model_dir, model_name, tokenizer, EngineClient(cfg, model_dir), ServerMetrics(cfg.enable_metrics, model_name))
     app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))

@@ -1,0 +1,233 @@
+"""Decode role: reserve pages, have a prefill instance fill them, then decode.
+
+Lifecycle of a room on the decode side:
+
+1. The router's request arrives from the front (``admit``) and waits in the
+   prealloc queue until pages for its whole prompt can be reserved.
+2. The prefill instance is looked up in the bootstrap service (cached), its
+   transfer peer loaded (layout checked), a receiver created, and P is sent
+   ``KVPagesRequest`` with the reserved page indices over the control channel.
+3. The room waits for two things: the transfer layer's "all pages landed" and
+   P's ``PrefillDone`` with the first token.
+4. With both, the request joins the running decode batch as if it had been
+   prefilled here, and its first token is streamed.
+5. FAILED, timeout, abort, ``RoomAbort`` from P or a lost P connection end the
+   room: its pages are released exactly once and the client gets an error.
+
+A request without a room (sent to this instance directly) is prefilled locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.bootstrap.protocol import InstanceInfo
+from pdserve.common.engine_role import EngineRole, register_role
+from pdserve.common.pd_endpoint import PDEndpoint
+from pdserve.common.pd_protocol import KVPagesRequest, PrefillDone, RoomAbort
+from pdserve.common.request import Req
+from pdserve.transfer.base import KVReceiver, LayoutMismatchError, RoomState
+from pdserve.transfer.control import ControlClient, ControlClosedError
+
+logger = logging.getLogger("pdserve.decode")
+
+
+class RoomFailed(Exception):
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class PrefillPeer:
+    info: InstanceInfo
+    peer_name: str
+    control: ControlClient
+
+
+@dataclass
+class DecodeRoom:
+    req: Req
+    peer: PrefillPeer
+    receiver: KVReceiver
+    deadline_s: float
+    done: PrefillDone | None = None
+
+
+class DecodeRole(EngineRole):
+    def __init__(self, engine):
+        super().__init__(engine)
+        cfg = engine.cfg
+        self.page_size = cfg.page_size
+        self.timeout_s = cfg.disaggregation_timeout_s
+        # D listens nowhere: it dials each prefill instance's control server.
+        self.endpoint = PDEndpoint(cfg, engine.pool, control_address=f"{cfg.disaggregation_control_host}:0")
+        self.prealloc: deque[tuple[Req, float]] = deque()
+        self.rooms: dict[int, DecodeRoom] = {}
+        self.peers: dict[str, PrefillPeer] = {}
+
+    # ---- hooks ------------------------------------------------------------------
+    def admit(self, req: Req) -> None:
+        if req.room is None:
+            self.engine.scheduler.add(req)
+            return
+        self.prealloc.append((req, time.monotonic() + self.timeout_s))
+
+    def has_pending(self) -> bool:
+        return bool(self.prealloc or self.rooms)
+
+    def poll(self) -> None:
+        self._drain_control()
+        self._start_rooms()
+        now = time.monotonic()
+        for room, ctx in list(self.rooms.items()):
+            state = ctx.receiver.poll()
+            if state == RoomState.FAILED:
+                self._fail_room(room, RoomFailed(f"KV transfer failed: {ctx.receiver.failure}"), notify_peer=True)
+            elif state == RoomState.SUCCESS and ctx.done is not None:
+                self._start_decoding(room)
+            elif now > ctx.deadline_s:
+                self._fail_room(room, RoomFailed(f"room {room} timed out after {self.timeout_s}s", 504), notify_peer=True)
+
+    def abort(self, rid: str) -> Req | None:
+        for item in list(self.prealloc):
+            if item[0].rid == rid:
+                self.prealloc.remove(item)
+                return item[0]
+        for room, ctx in list(self.rooms.items()):
+            if ctx.req.rid == rid:
+                self._end_room(room, notify_reason="aborted by client")
+                return ctx.req
+        return None
+
+    def held_pages(self) -> set[int]:
+        return {p for ctx in self.rooms.values() for p in ctx.req.pages}
+
+    def stats(self) -> dict:
+        return {
+            "instance_id": self.endpoint.instance_id,
+            "num_prealloc_reqs": len(self.prealloc),
+            "num_transferring_rooms": len(self.rooms),
+        }
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            peer.control.close()
+        self.endpoint.close()
+
+    # ---- starting rooms --------------------------------------------------------------
+    def _start_rooms(self) -> None:
+        now = time.monotonic()
+        while self.prealloc:
+            req, deadline = self.prealloc[0]
+            if now > deadline:
+                self.prealloc.popleft()
+                self.engine.fail(req, f"no KV pages became free within {self.timeout_s}s", 503)
+                continue
+            if not self.engine.scheduler.reserve(req, len(req.prompt_ids)):
+                return  # first come, first served: wait for pages
+            self.prealloc.popleft()
+            try:
+                self._open_room(req)
+            except RoomFailed as exc:
+                self.engine.scheduler.release(req, cache=False)
+                self.engine.fail(req, str(exc), exc.status)
+
+    def _open_room(self, req: Req) -> None:
+        peer = self._peer(req.prefill_instance_id)
+        receiver = self.endpoint.agent.create_receiver(req.room, peer.peer_name, self.timeout_s)
+        msg = KVPagesRequest(req.room, self.endpoint.instance_id, self.endpoint.peer_info, list(req.pages), len(req.prompt_ids))
+        try:
+            peer.control.send(msg)
+        except ControlClosedError as exc:
+            receiver.abort()
+            self._forget_peer(req.prefill_instance_id)
+            raise RoomFailed(f"prefill instance unreachable: {exc}") from exc
+        self.rooms[req.room] = DecodeRoom(req, peer, receiver, time.monotonic() + self.timeout_s)
+
+    def _peer(self, instance_id: str | None) -> PrefillPeer:
+        if instance_id is None:
+            raise RoomFailed("a PD request needs prefill_instance_id", 400)
+        peer = self.peers.get(instance_id)
+        if peer is not None and not peer.control.closed:
+            return peer
+        info = self.endpoint.bootstrap.lookup(instance_id)
+        if info is None or info.role != "prefill":
+            raise RoomFailed(f"prefill instance {instance_id!r} is not registered at the bootstrap service")
+        try:
+            name = self.endpoint.agent.add_peer(info.peer_info_bytes)
+        except LayoutMismatchError as exc:
+            raise RoomFailed(str(exc), 500) from exc
+        peer = PrefillPeer(info, name, ControlClient(info.control_address))
+        self.peers[instance_id] = peer
+        return peer
+
+    def _forget_peer(self, instance_id: str | None) -> None:
+        peer = self.peers.pop(instance_id, None)
+        if peer is not None:
+            peer.control.close()
+
+    # ---- control channel --------------------------------------------------------------
+    def _drain_control(self) -> None:
+        for instance_id, peer in list(self.peers.items()):
+            for msg in peer.control.recv_nowait():
+                self._on_message(msg)
+            if peer.control.closed:
+                for room, ctx in list(self.rooms.items()):
+                    if ctx.peer is peer:
+                        self._fail_room(room, RoomFailed(f"lost the prefill instance: {peer.control.error}"), notify_peer=False)
+                self._forget_peer(instance_id)
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, PrefillDone):
+            ctx = self.rooms.get(msg.room)
+            if ctx is not None:
+                ctx.done = msg
+        elif isinstance(msg, RoomAbort):
+            if msg.room in self.rooms:
+                self._fail_room(msg.room, RoomFailed(f"prefill side aborted: {msg.reason}"), notify_peer=False)
+        else:
+            logger.warning("decode control channel ignores %s", type(msg).__name__)
+
+    # ---- ending rooms -------------------------------------------------------------------
+    def _start_decoding(self, room: int) -> None:
+        ctx = self.rooms.pop(room)
+        req, done = ctx.req, ctx.done
+        req.num_computed = len(req.prompt_ids)
+        req.num_cached_tokens = done.cached_tokens
+        req.output_ids.append(done.first_token_id)
+        if req.params.logprobs and done.logprob is not None:
+            req.logprobs.append(done.logprob)
+            req.top_logprobs.append([tuple(t) for t in (done.top_logprobs or [])])
+        now = time.monotonic()
+        req.first_token_s = req.last_token_s = now
+        self.engine.check_finish(req, done.first_token_id)
+        if req.finished:
+            self.engine.scheduler.release(req)
+        else:
+            self.engine.scheduler.add_prefilled(req)
+        self.engine.emit(req)
+
+    def _fail_room(self, room: int, exc: RoomFailed, notify_peer: bool) -> None:
+        ctx = self.rooms.get(room)
+        if ctx is None:
+            return
+        self._end_room(room, notify_reason=str(exc) if notify_peer else None)
+        logger.warning("room %d failed: %s", room, exc)
+        self.engine.fail(ctx.req, str(exc), exc.status)
+
+    def _end_room(self, room: int, notify_reason: str | None) -> None:
+        ctx = self.rooms.pop(room)
+        ctx.receiver.abort()
+        if notify_reason is not None and not ctx.peer.control.closed:
+            try:
+                ctx.peer.control.send(RoomAbort(room, notify_reason))
+            except ControlClosedError:
+                pass
+        self.engine.scheduler.release(ctx.req, cache=False)
+
+
+register_role("decode")(DecodeRole)

@@ -1,0 +1,322 @@
+"""``pdserve bench``: TTFT/ITL/throughput benchmark against any OpenAI-compatible server.
+
+Runs one benchmark per (traffic scenario, request rate, max concurrency) in the
+cross product of the values given, prints a table per run (and a summary for a
+sweep), and optionally writes JSON and a latency-percentile plot. Metric
+definitions are in ``benchmarks/metrics.py``.
+
+Example::
+
+    pdserve bench --base-url http://127.0.0.1:30000 --backend openai \\
+        --traffic-scenario "D(2048,256)" --request-rate 1 2 4 --num-prompts 200 \\
+        --slo ttft_ms=1000,itl_ms=25 --output-json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pdserve.benchmarks.arrivals import arrival_offsets_s
+from pdserve.benchmarks.backends import BACKENDS, RequestOptions
+from pdserve.benchmarks.bench_tokenizer import (
+    ApproxTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
+from pdserve.benchmarks.datasets import DATASETS, BenchRequest, DatasetSpec, build_dataset
+from pdserve.benchmarks.metrics import parse_slo
+from pdserve.benchmarks.runner import BenchError, RunPoint, RunResult, run_point, warm_up
+from pdserve.benchmarks.scenarios import ScenarioError, parse_scenario
+
+if TYPE_CHECKING:
+    import aiohttp
+    from pdserve.benchmarks.client import Sender
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    base_url: str = "http://127.0.0.1:30000"
+    model: str | None = None
+    api_key: str | None = None
+    backend: str = "openai"
+    dataset: str = "random"
+    dataset_path: str | None = None
+    num_prompts: int = 100
+    random_input_len: int = 1024
+    random_output_len: int = 128
+    random_range_ratio: float = 0.0
+    shared_prefix_num_groups: int = 4
+    shared_prefix_len: int = 1024
+    shared_prefix_suffix_len: int = 64
+    sharegpt_output_len: int | None = None
+    traffic_scenarios: tuple[str, ...] = ()
+    request_rates: tuple[float, ...] = (math.inf,)
+    burstiness: float = 1.0
+    max_concurrency: tuple[int | None, ...] = (None,)
+    warmup_requests: int = 1
+    seed: int = 0
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    tokenizer: str | None = None
+    slo: str | None = None
+    output_json: str | None = None
+    output_details: bool = False
+    plot: str | None = None
+    request_timeout_s: float = 600.0
+    disable_tqdm: bool = False
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> dict[str, Any] | None:
+    try:
+        async with session.get(url, headers=headers) as resp:
+            if resp.status != 200:
+                return None
+            return await resp.json(content_type=None)
+    except Exception:  # noqa: BLE001 - any failure means "the server does not say"
+        return None
+
+
+async def resolve_model(session: aiohttp.ClientSession, cfg: BenchConfig, headers: dict[str, str]) -> str | None:
+    """``--model``, else the first id of ``GET /v1/models`` (optional for ``pdserve``)."""
+    if cfg.model is not None:
+        return cfg.model
+    listing = await _get_json(session, cfg.base_url.rstrip("/") + "/v1/models", headers)
+    models = (listing or {}).get("data") or []
+    if models:
+        return str(models[0]["id"])
+    if cfg.backend == "pdserve":
+        return None
+    raise BenchError(f"cannot list models at {cfg.base_url}/v1/models; pass --model")
+
+
+async def resolve_tokenizer(session: aiohttp.ClientSession, cfg: BenchConfig, headers: dict[str, str]) -> Tokenizer:
+    """``--tokenizer``, else the server's ``/get_model_info`` path, else the approximation."""
+    if cfg.tokenizer is not None:
+        return HFTokenizer.load(cfg.tokenizer)
+    info = await _get_json(session, cfg.base_url.rstrip("/") + "/get_model_info", headers) or {}
+    for key in ("tokenizer_path", "model_path"):
+        tokenizer = load_tokenizer(info.get(key))
+        if tokenizer.exact:
+            return tokenizer
+    _log("warning: no tokenizer (pass --tokenizer DIR); token counts missing from the server's "
+         "usage are estimated by counting words, and random prompt lengths are approximate")
+    return ApproxTokenizer()
+
+
+def dataset_spec(cfg: BenchConfig, scenario: str | None) -> DatasetSpec:
+    return DatasetSpec(
+        name=cfg.dataset,
+        path=cfg.dataset_path,
+        num_prompts=cfg.num_prompts,
+        random_input_len=cfg.random_input_len,
+        random_output_len=cfg.random_output_len,
+        random_range_ratio=cfg.random_range_ratio,
+        scenario=parse_scenario(scenario) if scenario else None,
+        shared_prefix_num_groups=cfg.shared_prefix_num_groups,
+        shared_prefix_len=cfg.shared_prefix_len,
+        shared_prefix_suffix_len=cfg.shared_prefix_suffix_len,
+        sharegpt_output_len=cfg.sharegpt_output_len,
+    )
+
+
+def _headers(cfg: BenchConfig) -> dict[str, str]:
+    key = cfg.api_key or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@dataclass(frozen=True)
+class BenchOutcome:
+    results: list[RunResult]  # one per run
+    model: str | None
+    tokenizer: str
+    tokenizer_exact: bool
+
+
+async def _run_scenario(
+    sender: Sender, cfg: BenchConfig, scenario: str | None, requests: list[BenchRequest]
+) -> list[RunResult]:
+    slo = parse_slo(cfg.slo)
+    results = []
+    for rate in cfg.request_rates:
+        for conc in cfg.max_concurrency:
+            point = RunPoint(scenario or cfg.dataset, rate, conc)
+            await warm_up(sender, requests, cfg.warmup_requests)
+            offsets = arrival_offsets_s(len(requests), rate, cfg.burstiness, np.random.default_rng(cfg.seed))
+            results.append(await run_point(sender, requests, offsets, point, slo, cfg.disable_tqdm))
+    return results
+
+
+async def run_benchmark(cfg: BenchConfig) -> BenchOutcome:
+    """Every run of ``cfg`` against its server; the Python entry point of ``pdserve bench``."""
+    # aiohttp is needed only to run, so `pdserve bench --help` works without it.
+    import aiohttp
+    from pdserve.benchmarks import client
+
+    headers = _headers(cfg)
+    connector = aiohttp.TCPConnector(limit=0)  # the default pool of 100 would cap concurrency
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, read_bufsize=client.READ_BUFSIZE_BYTES
+    ) as session:
+        model = await resolve_model(session, cfg, headers)
+        tokenizer = await resolve_tokenizer(session, cfg, headers)
+        options = RequestOptions(model=model, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature)
+        sender = client.Sender(session, cfg.base_url, BACKENDS[cfg.backend], options, tokenizer,
+                               cfg.request_timeout_s, headers)
+        results: list[RunResult] = []
+        for scenario in cfg.traffic_scenarios or (None,):
+            requests = build_dataset(dataset_spec(cfg, scenario), tokenizer, cfg.seed)
+            results += await _run_scenario(sender, cfg, scenario, requests)
+    return BenchOutcome(results, model, tokenizer.name, tokenizer.exact)
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("request rate must be positive (inf: all at once)")
+    return value
+
+
+def _concurrency(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("max concurrency must be >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base-url", default=d.base_url, help="server root URL")
+    p.add_argument("--model", default=d.model, help="model name (default: first of GET /v1/models)")
+    p.add_argument("--api-key", default=d.api_key, help="bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--backend", default=d.backend, choices=sorted(BACKENDS),
+                   help="openai: /v1/completions, openai-chat: /v1/chat/completions, pdserve: /generate")
+    p.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS))
+    p.add_argument("--dataset-path", default=d.dataset_path, help="ShareGPT JSON file")
+    p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests per run")
+    p.add_argument("--random-input-len", type=int, default=d.random_input_len)
+    p.add_argument("--random-output-len", type=int, default=d.random_output_len)
+    p.add_argument("--random-range-ratio", type=float, default=d.random_range_ratio,
+                   help="lengths uniform in [len*(1-r), len*(1+r)]")
+    p.add_argument("--shared-prefix-num-groups", type=int, default=d.shared_prefix_num_groups)
+    p.add_argument("--shared-prefix-len", type=int, default=d.shared_prefix_len,
+                   help="tokens of each group's shared system prefix")
+    p.add_argument("--shared-prefix-suffix-len", type=int, default=d.shared_prefix_suffix_len,
+                   help="tokens of each prompt's own suffix")
+    p.add_argument("--sharegpt-output-len", type=int, default=d.sharegpt_output_len,
+                   help="output length for ShareGPT prompts (default: the reply's)")
+    p.add_argument("--traffic-scenario", dest="traffic_scenarios", action="extend", nargs="+",
+                   metavar="SCENARIO", default=None, help="D(in,out) | N(mi,si)/(mo,so) | U(lo,hi)/(lo,hi); one run each")
+    p.add_argument("--request-rate", dest="request_rates", action="extend", nargs="+", type=_rate,
+                   metavar="RATE", default=None, help="requests/s, gamma arrivals (inf: all at once); one run each "
+                   "(default: inf)")
+    p.add_argument("--burstiness", type=float, default=d.burstiness,
+                   help="gamma shape of inter-arrival gaps; 1 is Poisson, < 1 burstier")
+    p.add_argument("--max-concurrency", action="extend", nargs="+", type=_concurrency, metavar="N", default=None,
+                   help="most requests in flight; one run each (default: unlimited)")
+    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests,
+                   help="requests sent before each run and left out of its metrics")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--tokenizer", default=d.tokenizer,
+                   help="HF tokenizer directory (default: the server's /get_model_info paths)")
+    p.add_argument("--slo", default=d.slo, help="e.g. ttft_ms=1000,itl_ms=25 (keys: ttft_ms, "
+                   "itl_ms, tpot_ms, e2e_ms) for goodput and SLO attainment")
+    p.add_argument("--output-json", default=d.output_json, help="write results to this file")
+    p.add_argument("--output-details", action="store_true", help="every request in the JSON")
+    p.add_argument("--plot", default=d.plot, help="PNG of TTFT/ITL p50/p99 over the sweep")
+    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s,
+                   help="a request not finished by then counts as failed")
+    p.add_argument("--disable-tqdm", action="store_true")
+    return p
+
+
+def config_from_argv(argv: list[str]) -> BenchConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    defaults = BenchConfig()
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(BenchConfig)}
+    for name in ("traffic_scenarios", "request_rates", "max_concurrency"):
+        values[name] = tuple(values[name]) if values[name] else getattr(defaults, name)
+    cfg = BenchConfig(**values)
+    try:
+        validate(cfg)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg
+
+
+def validate(cfg: BenchConfig) -> None:
+    for text in cfg.traffic_scenarios:
+        try:
+            parse_scenario(text)
+        except ScenarioError as exc:
+            raise ValueError(str(exc)) from None
+    parse_slo(cfg.slo)
+    if cfg.num_prompts < 1:
+        raise ValueError("--num-prompts must be >= 1")
+    if cfg.burstiness <= 0:
+        raise ValueError("--burstiness must be positive")
+    if cfg.request_timeout_s <= 0:
+        raise ValueError("--request-timeout-s must be positive")
+    if cfg.backend == "openai-chat" and cfg.dataset == "random-ids":
+        raise ValueError("--backend openai-chat sends text; use --dataset random")
+
+
+def write_report(cfg: BenchConfig, outcome: BenchOutcome) -> None:
+    """Tables on stdout; JSON and plot files as asked."""
+    from pdserve.benchmarks import plot, report
+
+    for result in outcome.results:
+        print(report.run_table(result) + "\n")
+    if len(outcome.results) > 1:
+        print(report.summary_table(outcome.results))
+    if cfg.output_json:
+        config = {**dataclasses.asdict(cfg), "model": outcome.model, "tokenizer": outcome.tokenizer,
+                  "tokenizer_exact": outcome.tokenizer_exact,
+                  "api_key": "<redacted>" if cfg.api_key else None}
+        doc = report.bench_json(config, outcome.results, cfg.output_details)
+        with open(cfg.output_json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+        _log(f"wrote {cfg.output_json}")
+    if cfg.plot and plot.plot_available():
+        if plot.plot_sweep(outcome.results, cfg.plot):
+            _log(f"wrote {cfg.plot}")
+        else:
+            _log("no plot: a sweep over finite request rates or concurrency limits is needed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv))
+    from pdserve.benchmarks import plot
+
+    if cfg.plot and not plot.plot_available():
+        _log(f"warning: {plot.MISSING_MATPLOTLIB}")
+    try:
+        outcome = asyncio.run(run_benchmark(cfg))
+    except (BenchError, ValueError, OSError) as exc:
+        _log(f"pdserve bench: error: {exc}")
+        return 1
+    write_report(cfg, outcome)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

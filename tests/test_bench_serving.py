@@ -1,0 +1,194 @@
+"""``pdserve bench`` against a fake server that streams at known times."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import socket
+import statistics
+from pathlib import Path
+
+import pytest
+from pdserve.benchmarks.bench_serving import BenchConfig, BenchOutcome, main, run_benchmark
+from pdserve.benchmarks.report import JSON_SCHEMA_VERSION
+from pdserve.tests.bench_fake_server import FakeBehavior, FakeServer
+
+# The fake server sends chunk j at 200 ms + j * 50 ms after a request arrives;
+# the bounds leave room for a loaded 2-core machine.
+TTFT_S = 0.2
+INTERVAL_S = 0.05
+SLACK_S = 0.1
+
+
+def _bench(server: FakeServer, **overrides: object) -> BenchOutcome:
+    base = dict(base_url=server.base_url, num_prompts=4, random_input_len=16, random_output_len=8,
+                warmup_requests=0, disable_tqdm=True)
+    return asyncio.run(run_benchmark(BenchConfig(**{**base, **overrides})))  # type: ignore[arg-type]
+
+
+def test_ttft_and_itl_match_the_server_schedule() -> None:
+    with FakeServer(FakeBehavior(ttft_s=TTFT_S, chunk_interval_s=INTERVAL_S)) as server:
+        outcome = _bench(server)
+    (result,) = outcome.results
+    assert outcome.model == "fake-model"  # discovered from /v1/models
+    m = result.metrics
+    assert (m.completed, m.failed) == (4, 0)
+    for r in result.records:
+        assert TTFT_S <= r.ttft_s < TTFT_S + SLACK_S
+        assert r.chunk_tokens == (1,) * 8
+        assert (r.prompt_tokens, r.output_tokens) == (16, 8)  # from the server's usage
+        assert len(r.itls_s) == 7
+        assert TTFT_S + 7 * INTERVAL_S <= r.e2e_s < TTFT_S + 7 * INTERVAL_S + SLACK_S
+    assert m.itl_ms.count == 4 * 7
+    assert m.itl_ms.median == pytest.approx(INTERVAL_S * 1000, abs=15)
+    assert m.tpot_ms.median == pytest.approx(INTERVAL_S * 1000, abs=15)
+    assert m.peak_concurrency == 4
+    body = server.state.bodies[0]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 8 and body["model"] == "fake-model"
+    assert "ignore_eos" not in body
+
+
+@pytest.mark.parametrize("backend", ["openai", "pdserve"])
+def test_multi_token_chunks_split_their_gap_evenly(backend: str) -> None:
+    # 10 tokens, 4 per chunk: chunks of 4, 4, 2 tokens, 50 ms apart.
+    behavior = FakeBehavior(ttft_s=TTFT_S, chunk_interval_s=INTERVAL_S, tokens_per_chunk=4)
+    with FakeServer(behavior) as server:
+        outcome = _bench(server, backend=backend, random_output_len=10, ignore_eos=True)
+        body = server.state.bodies[0]
+    assert body.get("ignore_eos") or body["sampling_params"]["ignore_eos"]
+    records = outcome.results[0].records
+    for r in records:
+        assert r.success and r.chunk_tokens == (4, 4, 2) and r.output_tokens == 10
+        expected = [INTERVAL_S / 4] * 4 + [INTERVAL_S / 2] * 2
+        assert r.itls_s == pytest.approx(expected, abs=0.01)
+    assert outcome.results[0].metrics.itl_ms.count == 4 * 6
+
+
+def test_failed_requests_are_counted_and_left_out_of_latencies() -> None:
+    behavior = FakeBehavior(ttft_s=TTFT_S, chunk_interval_s=0.01, fail_every=3)
+    with FakeServer(behavior) as server:
+        outcome = _bench(server, num_prompts=6, random_output_len=4, slo="ttft_ms=10000")
+    result = outcome.results[0]
+    m = result.metrics
+    assert (m.completed, m.failed) == (4, 2)
+    failed = [r for r in result.records if not r.success]
+    assert all("HTTP 500" in r.error and "injected failure" in r.error for r in failed)
+    assert m.ttft_ms.count == 4 and m.e2e_ms.count == 4
+    assert m.total_output_tokens == 4 * 4
+    assert m.slo_attainment == pytest.approx(4 / 6)
+
+
+def test_timeouts_count_as_failed() -> None:
+    behavior = FakeBehavior(ttft_s=0.05, chunk_interval_s=0.01, stall_every=2, stall_s=5.0)
+    with FakeServer(behavior) as server:
+        outcome = _bench(server, num_prompts=4, random_output_len=4, request_timeout_s=0.6)
+    result = outcome.results[0]
+    assert (result.metrics.completed, result.metrics.failed) == (2, 2)
+    for r in result.records:
+        if not r.success:
+            assert r.error == "timeout after 0.6 s"
+            assert 0.6 <= r.e2e_s < 0.6 + SLACK_S
+    assert result.metrics.e2e_ms.max < 600
+
+
+def test_chat_backend_streams_deltas() -> None:
+    with FakeServer(FakeBehavior(ttft_s=0.05, chunk_interval_s=0.01)) as server:
+        outcome = _bench(server, backend="openai-chat", random_output_len=5)
+        body = server.state.bodies[0]
+    assert body["messages"][0]["role"] == "user" and body["max_tokens"] == 5
+    assert outcome.results[0].metrics.completed == 4
+    assert all(r.output_tokens == 5 and len(r.itls_s) == 4 for r in outcome.results[0].records)
+
+
+def test_server_tokenizer_gives_exact_prompt_lengths() -> None:
+    from pdserve.common.builtin_models import ensure_builtin_model
+    from transformers import AutoTokenizer
+
+    tok_dir = ensure_builtin_model("tiny")
+    behavior = FakeBehavior(ttft_s=0.02, chunk_interval_s=0.005, tokenizer_path=tok_dir)
+    with FakeServer(behavior) as server:
+        text_run = _bench(server, num_prompts=3, random_input_len=37, random_output_len=2)
+        ids_run = _bench(server, backend="openai", dataset="random-ids", num_prompts=3,
+                         random_input_len=37, random_output_len=2)
+        bodies = server.state.bodies
+    assert text_run.tokenizer == tok_dir and text_run.tokenizer_exact
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    for body in bodies[:3]:
+        assert len(hf.encode(body["prompt"], add_special_tokens=False)) == 37
+    for body in bodies[3:]:
+        assert isinstance(body["prompt"], list) and len(body["prompt"]) == 37
+        assert not set(body["prompt"]) & set(hf.all_special_ids)
+    assert all(r.prompt_tokens == 37 for r in ids_run.results[0].records)
+
+
+def test_cli_sweep_writes_json_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    with FakeServer(FakeBehavior(ttft_s=0.05, chunk_interval_s=0.01)) as server:
+        rc = main([
+            "--base-url", server.base_url, "--num-prompts", "4", "--traffic-scenario", "D(8,3)",
+            "U(4,8)/(2,4)", "--max-concurrency", "1", "--max-concurrency", "4",
+            "--request-rate", "inf", "--slo", "ttft_ms=1000,itl_ms=25", "--warmup-requests", "1",
+            "--output-json", str(out_json), "--output-details", "--plot", str(out_png),
+            "--disable-tqdm", "--api-key", "secret",
+        ])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "Serving Benchmark Result" in stdout and "TTFT p99" in stdout
+    doc = json.loads(out_json.read_text())
+    assert doc["schema_version"] == JSON_SCHEMA_VERSION
+    assert doc["config"]["model"] == "fake-model" and doc["config"]["api_key"] == "<redacted>"
+    assert doc["config"]["request_rates"] == ["inf"]
+    assert [(r["scenario"], r["max_concurrency"]) for r in doc["runs"]] == [
+        ("D(8,3)", 1), ("D(8,3)", 4), ("U(4,8)/(2,4)", 1), ("U(4,8)/(2,4)", 4)]
+    for run in doc["runs"]:
+        metrics = run["metrics"]
+        assert set(metrics["ttft_ms"]) == {"mean", "median", "p90", "p95", "p99", "max", "count"}
+        assert metrics["completed"] == 4 and metrics["goodput"] > 0
+        assert metrics["peak_concurrency"] == run["max_concurrency"]
+        assert len(run["requests"]) == 4
+        assert {"ttft_s", "e2e_s", "itls_s", "chunk_times_s", "output_tokens"} <= set(run["requests"][0])
+    assert all(r["prompt_tokens"] == 8 for r in doc["runs"][0]["requests"])
+    pytest.importorskip("matplotlib")
+    assert out_png.stat().st_size > 10_000
+
+
+def test_sweep_statistics_are_stable_across_runs() -> None:
+    # Two rates: the schedule changes, the server's timing does not.
+    with FakeServer(FakeBehavior(ttft_s=0.05, chunk_interval_s=0.02)) as server:
+        outcome = _bench(server, request_rates=(20.0, 200.0), random_output_len=4, seed=3)
+    ttfts = [r.metrics.ttft_ms.median for r in outcome.results]
+    assert [r.point.request_rate for r in outcome.results] == [20.0, 200.0]
+    assert statistics.pstdev(ttfts) < 20
+    assert outcome.results[0].metrics.duration_s > outcome.results[1].metrics.duration_s
+
+
+def test_bad_input_and_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--traffic-scenario", "D(1)"])
+    assert exc.value.code == 2
+    assert "expected one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--slo", "latency=5"])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        rc = main(["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "1", "--disable-tqdm"])
+    assert rc == 1
+    assert "pass --model" in capsys.readouterr().err
+
+
+def test_help_works(capsys: pytest.CaptureFixture[str]) -> None:
+    from pdserve.common.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--traffic-scenario" in capsys.readouterr().out
+
+
+def test_config_defaults_match_parser() -> None:
+    from pdserve.benchmarks.bench_serving import config_from_argv
+
+    assert config_from_argv([]) == dataclasses.replace(BenchConfig())

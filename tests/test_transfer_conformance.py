@@ -1,0 +1,257 @@
+"""Every transfer backend against the same contract, prefill and decode agents
+in separate processes writing between CPU tensors.
+
+One module-scoped trio of processes per backend (P, D1, D2) is shared by the
+cases; each case uses fresh random room ids and refills the buffers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from pdserve.common.codec import decode, encode
+from pdserve.common.kv_layout import KVLayout
+from pdserve.transfer.base import LayoutMismatchError, RoomState
+from pdserve.transfer.harness import AgentProcess, WorkerSpec, start_agents
+from pdserve.transfer.messages import AgentInfo
+
+LAYOUT = KVLayout(num_layers=2, num_pages=16, page_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+SENTINEL = -1.0
+WAIT_S = 20.0
+SUCCESS, FAILED = int(RoomState.SUCCESS), int(RoomState.FAILED)
+
+
+@dataclass
+class Cluster:
+    p: AgentProcess
+    d1: AgentProcess
+    d2: AgentProcess
+    p_name: str
+    d1_name: str
+    d2_name: str
+    d1_info: bytes
+
+
+@pytest.fixture(scope="module", params=["nixl", "ucx"])
+def cluster(request):
+    backend = request.param
+    specs = [WorkerSpec(backend, name, LAYOUT.to_dict(), timeout_s=WAIT_S) for name in ("P", "D1", "D2")]
+    p, d1, d2 = procs = start_agents(specs)
+    try:
+        p_info, d1_info, d2_info = (proc.call("info") for proc in procs)
+        d1_name, d2_name = p.call("add_peer", info=d1_info), p.call("add_peer", info=d2_info)
+        p_name = d1.call("add_peer", info=p_info)
+        assert d2.call("add_peer", info=p_info) == p_name
+        yield Cluster(p, d1, d2, p_name, d1_name, d2_name, d1_info)
+    finally:
+        for proc in procs:
+            proc.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_buffers(cluster):
+    cluster.p.call("fill")
+    cluster.d1.call("fill", sentinel=SENTINEL)
+    cluster.d2.call("fill", sentinel=SENTINEL)
+    yield
+    _assert_no_leaks(cluster)
+
+
+def _room() -> int:
+    return random.getrandbits(63)
+
+
+def _expected(dst_before: np.ndarray, src: np.ndarray, src_pages: list[int], dst_pages: list[int]) -> np.ndarray:
+    want = dst_before.copy()
+    want[:, dst_pages] = src[:, src_pages]
+    return want
+
+
+def _assert_no_leaks(c: Cluster) -> None:
+    deadline = time.monotonic() + 5
+    while True:
+        stats = [proc.call("stats") for proc in (c.p, c.d1, c.d2)]
+        clean = all(s["num_rooms"] == 0 and s["num_inflight_requests"] == 0 for s in stats)
+        if clean or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert clean, stats
+
+
+def _transfer(c: Cluster, d: AgentProcess, d_name: str, src_pages, dst_pages, chunks=None, receiver_first=True):
+    """One room; ``chunks`` is a list of (start, end, is_last) slices of the page lists."""
+    room = _room()
+    chunks = chunks or [(0, len(src_pages), True)]
+    if receiver_first:
+        d.call("open_receiver", room=room, peer=c.p_name)
+    c.p.call("open_sender", room=room, peer=d_name, dst_pages=dst_pages)
+    for start, end, is_last in chunks:
+        c.p.call("send", room=room, src_pages=src_pages[start:end], dst_start=start, is_last=is_last)
+    sent = c.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0]
+    if not receiver_first:
+        d.call("open_receiver", room=room, peer=c.p_name)
+    got = d.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0]
+    return room, sent, got
+
+
+def _check_pages(c: Cluster, d: AgentProcess, src_pages, dst_pages) -> None:
+    src = c.p.call("read")
+    dst = d.call("read")
+    before = np.full_like(dst, SENTINEL)
+    np.testing.assert_array_equal(dst, _expected(before, src, src_pages, dst_pages))
+
+
+def test_contiguous_pages_one_descriptor_per_region(cluster):
+    src, dst = list(range(0, 6)), list(range(8, 14))
+    room, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, src, dst)
+    assert (sent, got) == (SUCCESS, SUCCESS)
+    assert cluster.p.call("counters", room=room) == (LAYOUT.num_regions, 6 * LAYOUT.page_bytes * LAYOUT.num_regions)
+    _check_pages(cluster, cluster.d1, src, dst)
+
+
+def test_scattered_pages_merge_runs(cluster):
+    src, dst = [1, 2, 3, 7], [4, 5, 6, 9]
+    room, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, src, dst)
+    assert (sent, got) == (SUCCESS, SUCCESS)
+    assert cluster.p.call("counters", room=room)[0] == 2 * LAYOUT.num_regions
+    _check_pages(cluster, cluster.d1, src, dst)
+
+
+@pytest.mark.parametrize("empty_last", [False, True])
+def test_multi_chunk_room(cluster, empty_last):
+    src = list(range(10))
+    dst = [15, 13, 11, 9, 7, 5, 3, 1, 0, 2]  # nothing merges
+    chunks = [(0, 4, False), (4, 8, False), (8, 10, not empty_last)]
+    if empty_last:
+        chunks.append((10, 10, True))
+    room, sent, got = _transfer(cluster, cluster.d2, cluster.d2_name, src, dst, chunks)
+    assert (sent, got) == (SUCCESS, SUCCESS)
+    assert cluster.p.call("counters", room=room)[0] == 10 * LAYOUT.num_regions
+    _check_pages(cluster, cluster.d2, src, dst)
+
+
+def test_receiver_not_done_before_last_chunk(cluster):
+    room = _room()
+    cluster.d1.call("open_receiver", room=room, peer=cluster.p_name)
+    cluster.p.call("open_sender", room=room, peer=cluster.d1_name, dst_pages=[0, 1])
+    cluster.p.call("send", room=room, src_pages=[5], dst_start=0, is_last=False)
+    assert cluster.p.call("wait", rooms=[room], timeout_s=0.5)[room][0] == int(RoomState.TRANSFERRING)
+    assert cluster.d1.call("wait", rooms=[room], timeout_s=0.5)[room][0] in (
+        int(RoomState.WAITING_FOR_INPUT), int(RoomState.TRANSFERRING))
+    cluster.p.call("send", room=room, src_pages=[6], dst_start=1, is_last=True)
+    assert cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == SUCCESS
+    assert cluster.d1.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == SUCCESS
+    _check_pages(cluster, cluster.d1, [5, 6], [0, 1])
+
+
+def test_many_rooms_in_flight_to_two_decode_agents(cluster):
+    """32 rooms at once, one page each, 16 to each decode agent; half of the
+    receivers are created only after their room finished on P."""
+    rng = random.Random(7)
+    plan = []
+    for d, name in ((cluster.d1, cluster.d1_name), (cluster.d2, cluster.d2_name)):
+        for dst_page, src_page in enumerate(rng.sample(range(16), 16)):
+            plan.append((_room(), d, name, src_page, dst_page))
+    for room, d, *_ in plan[::2]:
+        d.call("open_receiver", room=room, peer=cluster.p_name)
+    for room, _, name, src_page, dst_page in plan:
+        cluster.p.call("open_sender", room=room, peer=name, dst_pages=[dst_page])
+        cluster.p.call("send", room=room, src_pages=[src_page], dst_start=0, is_last=True)
+    p_states = cluster.p.call("wait", rooms=[r for r, *_ in plan], timeout_s=WAIT_S)
+    assert {s for s, _ in p_states.values()} == {SUCCESS}
+    for room, d, _, _, _ in plan[1::2]:
+        d.call("open_receiver", room=room, peer=cluster.p_name)
+    for d in (cluster.d1, cluster.d2):
+        rooms = [r for r, dd, *_ in plan if dd is d]
+        assert {s for s, _ in d.call("wait", rooms=rooms, timeout_s=WAIT_S).values()} == {SUCCESS}
+        pairs = [(s, dp) for _, dd, _, s, dp in plan if dd is d]
+        _check_pages(cluster, d, [s for s, _ in pairs], [dp for _, dp in pairs])
+
+
+def test_prefill_abort_midway_fails_only_that_room(cluster):
+    doomed, healthy = _room(), _room()
+    for room in (doomed, healthy):
+        cluster.d1.call("open_receiver", room=room, peer=cluster.p_name)
+    cluster.p.call("open_sender", room=doomed, peer=cluster.d1_name, dst_pages=[0, 1, 2, 3])
+    cluster.p.call("open_sender", room=healthy, peer=cluster.d1_name, dst_pages=[8, 9])
+    cluster.p.call("send", room=doomed, src_pages=[0, 1], dst_start=0, is_last=False)
+    cluster.p.call("send", room=healthy, src_pages=[4], dst_start=0, is_last=False)
+    cluster.p.call("abort", room=doomed)
+    cluster.p.call("send", room=healthy, src_pages=[5], dst_start=1, is_last=True)
+    p_states = cluster.p.call("wait", rooms=[doomed, healthy], timeout_s=WAIT_S)
+    assert (p_states[doomed][0], p_states[healthy][0]) == (FAILED, SUCCESS)
+    start = time.monotonic()
+    d_states = cluster.d1.call("wait", rooms=[doomed, healthy], timeout_s=WAIT_S)
+    assert (d_states[doomed][0], d_states[healthy][0]) == (FAILED, SUCCESS)
+    assert d_states[doomed][1] - start < WAIT_S / 2, "the abort notice, not the timeout, failed the room"
+    np.testing.assert_array_equal(cluster.d1.call("read")[:, [8, 9]], cluster.p.call("read")[:, [4, 5]])
+
+
+def test_decode_abort_reaches_the_sender(cluster):
+    room = _room()
+    cluster.d2.call("open_receiver", room=room, peer=cluster.p_name)
+    cluster.p.call("open_sender", room=room, peer=cluster.d2_name, dst_pages=[0, 1])
+    cluster.p.call("send", room=room, src_pages=[3], dst_start=0, is_last=False)
+    cluster.d2.call("abort", room=room)
+    assert cluster.d2.call("wait", rooms=[room], timeout_s=1)[room][0] == FAILED
+    start = time.monotonic()
+    state, done_at = cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room]
+    assert state == FAILED and done_at - start < WAIT_S / 2
+
+
+def test_data_for_an_aborted_room_is_dropped_without_leaks(cluster):
+    """D gave the room up before P sent anything: P fails fast or finishes,
+    D buffers nothing, and the next room on the same pair still works."""
+    aborted = _room()
+    cluster.d1.call("open_receiver", room=aborted, peer=cluster.p_name)
+    cluster.d1.call("abort", room=aborted)
+    cluster.p.call("open_sender", room=aborted, peer=cluster.d1_name, dst_pages=[0])
+    cluster.p.call("send", room=aborted, src_pages=[0], dst_start=0, is_last=True)
+    assert cluster.p.call("wait", rooms=[aborted], timeout_s=WAIT_S)[aborted][0] in (SUCCESS, FAILED)
+    _, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, [2], [3])
+    assert (sent, got) == (SUCCESS, SUCCESS)
+    assert cluster.d1.call("stats")["num_buffered_rooms"] == 0
+
+
+def test_receiver_times_out_when_nothing_arrives(cluster):
+    room = _room()
+    cluster.d1.call("open_receiver", room=room, peer=cluster.p_name, timeout_s=0.3)
+    state, _ = cluster.d1.call("wait", rooms=[room], timeout_s=WAIT_S)[room]
+    assert state == FAILED
+
+
+def test_sender_times_out_without_last_chunk(cluster):
+    room = _room()
+    cluster.d2.call("open_receiver", room=room, peer=cluster.p_name)
+    cluster.p.call("open_sender", room=room, peer=cluster.d2_name, dst_pages=[0, 1], timeout_s=0.3)
+    cluster.p.call("send", room=room, src_pages=[0], dst_start=0, is_last=False)
+    assert cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
+    # the sender's timeout aborts the room on D as well
+    assert cluster.d2.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
+
+
+def test_layout_mismatch_refuses_pairing(cluster):
+    info = decode(cluster.d1_info)
+    wrong = KVLayout(LAYOUT.num_layers, LAYOUT.num_pages, 8, LAYOUT.num_kv_heads, LAYOUT.head_dim, "bfloat16")
+    forged = encode(AgentInfo(**{**info.__dict__, "name": info.name + "-x", "layout": wrong.to_dict()}))
+    with pytest.raises(LayoutMismatchError) as exc:
+        cluster.p.call("add_peer", info=forged)
+    text = str(exc.value)
+    assert "page_size" in text and "=4" in text and "=8" in text
+    assert "float32" in text and "bfloat16" in text
+
+
+def test_add_peer_is_idempotent(cluster):
+    assert cluster.p.call("add_peer", info=cluster.d1_info) == cluster.d1_name
+
+
+def test_bad_destination_range_is_rejected(cluster):
+    room = _room()
+    cluster.p.call("open_sender", room=room, peer=cluster.d1_name, dst_pages=[0])
+    with pytest.raises(ValueError):
+        cluster.p.call("send", room=room, src_pages=[0, 1], dst_start=0, is_last=True)
+    cluster.p.call("abort", room=room)

@@ -1,0 +1,127 @@
+"""The PD control channel: framing, both directions, many clients, dead peers."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import pytest
+from pdserve.common.codec import message
+from pdserve.transfer.control import ControlClient, ControlClosedError, ControlServer, split_address
+
+
+@message
+@dataclass(frozen=True)
+class _Ping:
+    seq: int
+    payload: bytes = b""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(fetch, count: int, timeout_s: float = 5.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count and time.monotonic() < deadline:
+        got += fetch()
+        time.sleep(0.005)
+    return got
+
+
+@pytest.fixture
+def server():
+    srv = ControlServer("127.0.0.1", 0)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def test_round_trip_in_order_with_large_frames(server):
+    client = ControlClient(server.address)
+    try:
+        big = bytes(range(256)) * 8192  # 2 MiB: many partial socket writes
+        for i in range(50):
+            client.send(_Ping(i, big if i == 25 else b""))
+        got = _wait_for(server.recv_nowait, 50)
+        assert [m.seq for _, m in got] == list(range(50))
+        assert got[25][1].payload == big
+        conn_id = got[0][0]
+        server.send(conn_id, _Ping(999))
+        assert _wait_for(client.recv_nowait, 1) == [_Ping(999)]
+    finally:
+        client.close()
+
+
+def test_server_tells_clients_apart_and_reports_closed(server):
+    a, b = ControlClient(server.address), ControlClient(server.address)
+    a.send(_Ping(1))
+    b.send(_Ping(2))
+    got = dict((m.seq, cid) for cid, m in _wait_for(server.recv_nowait, 2))
+    assert set(got) == {1, 2} and got[1] != got[2]
+    server.send(got[2], _Ping(20))
+    assert _wait_for(b.recv_nowait, 1) == [_Ping(20)]
+    assert a.recv_nowait() == []
+    a.close()
+    assert _wait_for(server.closed_connections, 1) == [got[1]]
+    with pytest.raises(ControlClosedError):
+        server.send(got[1], _Ping(3))
+    b.close()
+
+
+def test_client_gives_up_on_dead_address_without_hanging():
+    client = ControlClient(f"127.0.0.1:{_free_port()}", max_retries=2, retry_interval_s=0.01)
+    try:
+        deadline = time.monotonic() + 5
+        while not client.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.closed and "cannot connect" in client.error
+        with pytest.raises(ControlClosedError):
+            client.send(_Ping(1))
+    finally:
+        client.close()
+
+
+def test_client_reconnects_after_server_restart():
+    port = _free_port()
+    first = ControlServer("127.0.0.1", port)
+    client = ControlClient(f"127.0.0.1:{port}", max_retries=50, retry_interval_s=0.02)
+    try:
+        client.send(_Ping(1))
+        assert len(_wait_for(first.recv_nowait, 1)) == 1
+        first.close()
+        time.sleep(0.1)  # the client notices the drop
+        second = ControlServer("127.0.0.1", port)
+        try:
+            client.send(_Ping(2))
+            got = _wait_for(second.recv_nowait, 1)
+            assert [m.seq for _, m in got] == [2]
+            assert not client.closed
+        finally:
+            second.close()
+    finally:
+        client.close()
+
+
+def test_garbage_frame_drops_only_that_connection(server):
+    host, port = split_address(server.address)
+    with socket.create_connection((host, port)) as raw:
+        raw.sendall(b"\x00\x00\x00\x03abc")  # a frame that is not msgpack of a message
+        assert len(_wait_for(server.closed_connections, 1)) == 1
+    good = ControlClient(server.address)
+    try:
+        good.send(_Ping(7))
+        assert [m.seq for _, m in _wait_for(server.recv_nowait, 1)] == [7]
+    finally:
+        good.close()
+
+
+def test_split_address_rejects_garbage():
+    assert split_address("10.0.0.1:8999") == ("10.0.0.1", 8999)
+    with pytest.raises(ValueError):
+        split_address("no-port")

@@ -1,0 +1,112 @@
+"""In-process tests of the transfer layer's pure parts: descriptors, rooms,
+the backend registry and KVMemory."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from pdserve.common.kv_layout import KVLayout
+from pdserve.transfer.base import (
+    KVMemory,
+    LayoutMismatchError,
+    RoomState,
+    TransferConfig,
+    available_backends,
+    check_layouts,
+    create_transfer_agent,
+)
+from pdserve.transfer.descriptors import PageRun, build_descriptors, merge_page_runs
+from pdserve.transfer.rooms import ChunkTracker, RoomTable
+
+LAYOUT = KVLayout(num_layers=2, num_pages=16, page_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+
+
+def test_merge_runs_needs_both_sides_consecutive():
+    assert merge_page_runs([1, 2, 3, 7], [4, 5, 6, 9]) == [PageRun(1, 4, 3), PageRun(7, 9, 1)]
+    # src consecutive but dst not: no merge
+    assert merge_page_runs([1, 2], [5, 3]) == [PageRun(1, 5, 1), PageRun(2, 3, 1)]
+    assert merge_page_runs([], []) == []
+    with pytest.raises(ValueError):
+        merge_page_runs([1, 2], [3])
+
+
+def test_descriptors_cover_every_region_with_each_sides_offsets():
+    dst_layout = KVLayout(2, 32, 4, 2, 8, "float32")  # the decode side has more pages
+    descs = build_descriptors([1, 2, 3, 7], [4, 5, 6, 9], LAYOUT, dst_layout)
+    assert len(descs) == 2 * LAYOUT.num_regions
+    pb = LAYOUT.page_bytes
+    assert descs.num_bytes == 4 * pb * LAYOUT.num_regions
+    rows = list(zip(descs.src_offsets.tolist(), descs.dst_offsets.tolist(), descs.lengths.tolist(), strict=True))
+    assert rows[0] == (LAYOUT.page_offset(0, 1), dst_layout.page_offset(0, 4), 3 * pb)
+    assert rows[1] == (LAYOUT.page_offset(0, 7), dst_layout.page_offset(0, 9), pb)
+    assert rows[-1] == (LAYOUT.page_offset(3, 7), dst_layout.page_offset(3, 9), pb)
+
+
+def test_descriptors_reject_out_of_range_pages():
+    with pytest.raises(ValueError, match="destination pages"):
+        build_descriptors([0], [16], LAYOUT, LAYOUT)
+    with pytest.raises(ValueError, match="source pages"):
+        build_descriptors([-1], [0], LAYOUT, LAYOUT)
+
+
+def test_room_table_buffers_early_news_and_drops_late_news():
+    table: RoomTable[str] = RoomTable(ttl_s=60)
+    table.buffer(1, "early")
+    assert table.num_buffered == 1
+    assert table.open(1, "handler") == ["early"]
+    assert table.num_buffered == 0 and table.get(1) == "handler"
+    table.close(1)
+    assert table.get(1) is None and table.is_closed(1)
+    table.open(2, "a")
+    with pytest.raises(ValueError):
+        table.open(2, "b")
+
+
+def test_room_table_expires_unclaimed_news():
+    table: RoomTable[str] = RoomTable(ttl_s=0.01)
+    table.buffer(5, "orphan")
+    table.open(6, "h")
+    table.close(6)
+    time.sleep(0.02)
+    assert table.expire() == ["orphan"]
+    assert table.num_buffered == 0 and not table.is_closed(6)
+
+
+def test_chunk_tracker_needs_every_chunk_up_to_last():
+    tracker = ChunkTracker()
+    tracker.add(2, is_last=True)
+    assert tracker.started and not tracker.complete
+    tracker.add(0, is_last=False)
+    assert not tracker.complete
+    tracker.add(1, is_last=False)
+    assert tracker.complete
+
+
+def test_layout_mismatch_names_both_values():
+    other = KVLayout(2, 16, 8, 2, 8, "bfloat16")
+    with pytest.raises(LayoutMismatchError) as info:
+        check_layouts(LAYOUT, other, "P", "D")
+    text = str(info.value)
+    assert "page_size: P=4 vs D=8" in text and "dtype: P=float32 vs D=bfloat16" in text
+    check_layouts(LAYOUT, KVLayout(2, 99, 4, 2, 8, "float32"), "P", "D")  # num_pages may differ
+
+
+def test_kv_memory_from_tensor_checks_size():
+    buffer = torch.zeros(LAYOUT.total_bytes // 4)
+    memory = KVMemory.from_tensor(buffer, LAYOUT)
+    assert (memory.base_ptr, memory.num_bytes, memory.device) == (buffer.data_ptr(), LAYOUT.total_bytes, "cpu")
+    with pytest.raises(ValueError, match="smaller"):
+        KVMemory.from_tensor(torch.zeros(8), LAYOUT)
+
+
+def test_unknown_backend_lists_known_ones():
+    memory = KVMemory.from_tensor(torch.zeros(LAYOUT.total_bytes // 4), LAYOUT)
+    with pytest.raises(ValueError, match="nixl, ucx"):
+        create_transfer_agent(TransferConfig(backend="carrier-pigeon"), memory)
+    assert {"nixl", "ucx"} <= set(available_backends())
+
+
+def test_room_state_terminality():
+    assert [s.is_terminal for s in RoomState] == [False, False, False, True, True]

@@ -1,0 +1,332 @@
+"""The KV transfer interface: one agent per instance, a sender per room on P, a
+receiver per room on D.
+
+An instance's whole KV pool is one contiguous buffer (:class:`KVMemory`) that
+the agent registers once. A room (one request, a random 63-bit id) writes a list
+of the prefill side's pages into the pages the decode side reserved for it, for
+every (layer, K/V) region, possibly in several chunks; after the last chunk has
+landed the decode side is notified.
+
+Everything here is non-blocking and driven by ONE engine thread that polls each
+step. Every wait has a deadline and ends in ``FAILED``; nothing can hang.
+
+Backends register by name with :func:`register_backend` and are built with
+:func:`create_transfer_agent`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from pdserve.common.kv_layout import KVLayout
+
+if TYPE_CHECKING:
+    import torch
+
+
+class RoomState(IntEnum):
+    BOOTSTRAPPING = 0  # the peer is not known yet
+    WAITING_FOR_INPUT = 1  # known peer, nothing posted / arrived yet
+    TRANSFERRING = 2
+    SUCCESS = 3
+    FAILED = 4
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (RoomState.SUCCESS, RoomState.FAILED)
+
+
+class LayoutMismatchError(ValueError):
+    """The two sides' KV pages differ (page size, dtype, layers, heads)."""
+
+
+class TransferError(RuntimeError):
+    """A backend operation failed; the room it belongs to is FAILED."""
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    backend: str = "nixl"
+    instance_name: str = "pdserve"
+    host: str = "127.0.0.1"  # address peers use to reach this agent (ucx listener)
+    port: int = 0  # listener port for backends that listen; 0 = ephemeral
+    ib_device: str | None = None  # e.g. "mlx5_0:1"; None lets UCX choose
+    timeout_s: float = 120.0  # a room that is not done by then is FAILED
+    notice_ttl_s: float = 300.0  # how long notices for unknown/finished rooms are kept
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """The registered KV buffer: where it is and how its pages are laid out."""
+
+    base_ptr: int
+    num_bytes: int
+    device: str  # "cpu" | "cuda"
+    device_id: int
+    layout: KVLayout
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.num_bytes < self.layout.total_bytes:
+            raise ValueError(
+                f"buffer of {self.num_bytes} bytes is smaller than the layout's "
+                f"{self.layout.total_bytes} bytes"
+            )
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor, layout: KVLayout) -> KVMemory:
+        if not tensor.is_contiguous():
+            raise ValueError("the KV buffer must be one contiguous tensor")
+        device = tensor.device.type
+        return cls(
+            base_ptr=tensor.data_ptr(),
+            num_bytes=tensor.numel() * tensor.element_size(),
+            device=device,
+            device_id=(tensor.device.index or 0) if device == "cuda" else 0,
+            layout=layout,
+        )
+
+
+@dataclass(frozen=True)
+class AgentStats:
+    """Counters for leak checks and metrics."""
+
+    num_rooms: int  # senders/receivers not yet finished
+    num_buffered_rooms: int  # rooms with notices but no sender/receiver yet
+    num_inflight_requests: int  # backend requests/handles not yet released
+
+
+def check_layouts(mine: KVLayout, theirs: KVLayout, my_name: str, peer_name: str) -> None:
+    problem = mine.mismatch(theirs, self_name=my_name, other_name=peer_name)
+    if problem is not None:
+        raise LayoutMismatchError(problem)
+
+
+class _Deadline:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._end = time.monotonic() + timeout_s
+
+    def expired(self) -> bool:
+        return time.monotonic() > self._end
+
+
+class KVSender(ABC):
+    """P side of one room. Subclasses implement ``_post``, ``_progress``, ``_cancel``."""
+
+    def __init__(self, room: int, peer: str, dst_pages: list[int], timeout_s: float) -> None:
+        self.room = room
+        self.peer = peer
+        self.dst_pages = list(dst_pages)
+        self.num_descriptors = 0
+        self.num_bytes = 0
+        self.failure: str | None = None
+        self._state = RoomState.WAITING_FOR_INPUT
+        self._num_chunks = 0
+        self._finished_posting = False
+        self._deadline = _Deadline(timeout_s)
+
+    def send(self, src_pages: list[int], dst_start: int, is_last: bool) -> None:
+        """Post a WRITE of ``src_pages`` into ``dst_pages[dst_start:...]``."""
+        if self._finished_posting:
+            raise TransferError(f"room {self.room}: send after the last chunk")
+        if self._state.is_terminal:
+            return  # already FAILED; poll() reports it
+        dst = self.dst_pages[dst_start : dst_start + len(src_pages)]
+        if dst_start < 0 or len(dst) != len(src_pages):
+            raise ValueError(
+                f"room {self.room}: chunk of {len(src_pages)} pages at {dst_start} "
+                f"exceeds the {len(self.dst_pages)} destination pages"
+            )
+        self._finished_posting = is_last
+        if not src_pages and not is_last:
+            return
+        try:
+            self._post(list(src_pages), dst, self._num_chunks, is_last)
+        except TransferError as exc:
+            self._fail(str(exc))
+            return
+        self._num_chunks += 1
+        self._state = RoomState.TRANSFERRING
+
+    def poll(self) -> RoomState:
+        if self._state.is_terminal:
+            return self._state
+        try:
+            done = self._progress()
+        except TransferError as exc:
+            self._fail(str(exc))
+            return self._state
+        if self._state.is_terminal:  # the peer aborted meanwhile
+            return self._state
+        if done and self._finished_posting:
+            self._state = RoomState.SUCCESS
+            self._finish()
+        elif self._deadline.expired():
+            self._fail(f"timed out after {self._deadline.timeout_s}s")
+        return self._state
+
+    def abort(self) -> None:
+        """Cancel the room and tell the peer, if it is not finished yet."""
+        if not self._state.is_terminal:
+            self._fail("aborted")
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        self._state = RoomState.FAILED
+        self._cancel(reason)
+        self._finish()
+
+    def on_peer_abort(self, reason: str) -> None:
+        """The peer gave the room up; stop without notifying it back."""
+        if not self._state.is_terminal:
+            self.failure = f"peer aborted: {reason}"
+            self._state = RoomState.FAILED
+            self._cancel(None)
+            self._finish()
+
+    @abstractmethod
+    def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
+        """Start the WRITE of one chunk; raise TransferError on failure."""
+
+    @abstractmethod
+    def _progress(self) -> bool:
+        """True when everything posted so far is complete (and notified)."""
+
+    @abstractmethod
+    def _cancel(self, reason: str | None) -> None:
+        """Release in-flight work; notify the peer when ``reason`` is given."""
+
+    @abstractmethod
+    def _finish(self) -> None:
+        """The room reached a terminal state; forget it in the agent."""
+
+
+class KVReceiver(ABC):
+    """D side of one room: SUCCESS once every chunk has landed and P said done."""
+
+    def __init__(self, room: int, peer: str, timeout_s: float) -> None:
+        self.room = room
+        self.peer = peer
+        self.failure: str | None = None
+        self._state = RoomState.WAITING_FOR_INPUT
+        self._deadline = _Deadline(timeout_s)
+
+    def poll(self) -> RoomState:
+        if self._state.is_terminal:
+            return self._state
+        self._refresh()
+        if not self._state.is_terminal and self._deadline.expired():
+            self._fail(f"timed out after {self._deadline.timeout_s}s", notify=True)
+        return self._state
+
+    def abort(self) -> None:
+        if not self._state.is_terminal:
+            self._fail("aborted", notify=True)
+
+    def _fail(self, reason: str, notify: bool) -> None:
+        self.failure = reason
+        self._state = RoomState.FAILED
+        self._close(reason if notify else None)
+
+    def _succeed(self) -> None:
+        self._state = RoomState.SUCCESS
+        self._close(None)
+
+    @abstractmethod
+    def _refresh(self) -> None:
+        """Pull the agent's news for this room; may call _succeed/_fail."""
+
+    @abstractmethod
+    def _close(self, abort_reason: str | None) -> None:
+        """Forget the room in the agent; tell the peer when aborting."""
+
+
+class TransferAgent(ABC):
+    """One per instance: owns the backend agent and the registered KV buffer."""
+
+    def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
+        self.config = config
+        self.memory = memory
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """This agent's unique name, as peers know it."""
+
+    @abstractmethod
+    def peer_info(self) -> bytes:
+        """What a remote agent needs to write into / notify this one."""
+
+    @abstractmethod
+    def add_peer(self, peer_info: bytes) -> str:
+        """Load a remote agent (idempotent); return its name.
+
+        Raises LayoutMismatchError when the two KV layouts cannot pair."""
+
+    @abstractmethod
+    def create_sender(
+        self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None
+    ) -> KVSender: ...
+
+    @abstractmethod
+    def create_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> KVReceiver: ...
+
+    @abstractmethod
+    def progress(self) -> None:
+        """Take in the peers' news and retire finished backend work.
+
+        Every poll() does this; an engine may also call it once per step so that
+        work nobody polls any more (aborted rooms) is released promptly."""
+
+    @abstractmethod
+    def stats(self) -> AgentStats: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def _timeout_s(self, timeout_s: float | None) -> float:
+        return self.config.timeout_s if timeout_s is None else timeout_s
+
+
+AgentFactory = Callable[[TransferConfig, KVMemory], TransferAgent]
+_BACKENDS: dict[str, AgentFactory] = {}
+# Backend modules are imported on first use so that choosing one backend never
+# pays for (or requires) another's native library.
+_BACKEND_MODULES = {
+    "nixl": "pdserve.transfer.nixl_backend",
+    "ucx": "pdserve.transfer.ucx_backend",
+}
+
+
+def register_backend(name: str) -> Callable[[Any], Any]:
+    def wrap(factory: Any) -> Any:
+        if name in _BACKENDS and _BACKENDS[name] is not factory:
+            raise TypeError(f"transfer backend {name!r} registered twice")
+        _BACKENDS[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_backends() -> list[str]:
+    return sorted(set(_BACKENDS) | set(_BACKEND_MODULES))
+
+
+def create_transfer_agent(config: TransferConfig, memory: KVMemory) -> TransferAgent:
+    if config.backend not in _BACKENDS and config.backend in _BACKEND_MODULES:
+        importlib.import_module(_BACKEND_MODULES[config.backend])
+    try:
+        factory = _BACKENDS[config.backend]
+    except KeyError:
+        raise ValueError(
+            f"unknown transfer backend {config.backend!r}; known: {', '.join(available_backends())}"
+        ) from None
+    return factory(config, memory)

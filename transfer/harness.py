@@ -1,0 +1,204 @@
+"""A transfer agent in its own process, driven over a pipe.
+
+Used by the conformance tests and the transfer microbenchmark: each side of a
+PD pair must be a separate process (separate address space, separate UCX
+context), just like real prefill and decode instances.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pdserve.common.kv_layout import KVLayout
+
+_POLL_SLEEP_S = 50e-6  # between polls while waiting; keeps a core free for the peer
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    backend: str
+    instance_name: str
+    layout: dict  # KVLayout.to_dict()
+    timeout_s: float = 30.0
+    device: str = "cpu"
+
+
+class _Worker:
+    """Lives in the child process; every ``cmd_*`` method is a command."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        import torch
+        from pdserve.transfer.base import KVMemory, TransferConfig, create_transfer_agent
+
+        self.layout = KVLayout.from_dict(spec.layout)
+        dtype = getattr(torch, self.layout.dtype)
+        numel = self.layout.total_bytes // self.layout.itemsize
+        self.buffer = torch.zeros(numel, dtype=dtype, device=spec.device)
+        config = TransferConfig(backend=spec.backend, instance_name=spec.instance_name, timeout_s=spec.timeout_s)
+        self.agent = create_transfer_agent(config, KVMemory.from_tensor(self.buffer, self.layout))
+        self.rooms: dict[int, Any] = {}
+
+    def pages(self):
+        """The buffer as [region, page, elements]."""
+        return self.buffer.view(self.layout.num_regions, self.layout.num_pages, -1)
+
+    def cmd_info(self) -> bytes:
+        return self.agent.peer_info()
+
+    def cmd_add_peer(self, info: bytes) -> str:
+        return self.agent.add_peer(info)
+
+    def cmd_fill(self, sentinel: float | None = None) -> None:
+        """Sentinel everywhere, or value ``region * 1000 + page + 1`` per page."""
+        import torch
+
+        if sentinel is not None:
+            self.buffer.fill_(sentinel)
+            return
+        r, p = self.layout.num_regions, self.layout.num_pages
+        values = torch.arange(r).view(r, 1) * 1000 + torch.arange(p).view(1, p) + 1
+        self.pages().copy_(values.unsqueeze(-1).to(self.buffer.dtype).expand_as(self.pages()))
+
+    def cmd_read(self):
+        return self.pages().float().cpu().numpy()
+
+    def cmd_open_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> None:
+        self.rooms[room] = self.agent.create_sender(room, peer, dst_pages, timeout_s)
+
+    def cmd_open_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> None:
+        self.rooms[room] = self.agent.create_receiver(room, peer, timeout_s)
+
+    def cmd_send(self, room: int, src_pages: list[int], dst_start: int, is_last: bool) -> float:
+        start = time.monotonic()
+        self.rooms[room].send(src_pages, dst_start, is_last)
+        return start
+
+    def cmd_abort(self, room: int) -> None:
+        self.rooms[room].abort()
+
+    def cmd_wait(self, rooms: list[int], timeout_s: float) -> dict[int, tuple[int, float]]:
+        """Poll until every room is terminal; (state, monotonic time it got there)."""
+        done: dict[int, tuple[int, float]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(rooms) and time.monotonic() < deadline:
+            for room in rooms:
+                if room not in done:
+                    state = self.rooms[room].poll()
+                    if state.is_terminal:
+                        done[room] = (int(state), time.monotonic())
+            time.sleep(_POLL_SLEEP_S)
+        for room in rooms:
+            done.setdefault(room, (int(self.rooms[room].poll()), time.monotonic()))
+        return done
+
+    def cmd_counters(self, room: int) -> tuple[int, int]:
+        sender = self.rooms[room]
+        return sender.num_descriptors, sender.num_bytes
+
+    def cmd_stats(self) -> dict:
+        self.agent.progress()
+        return asdict(self.agent.stats())
+
+    def cmd_copy_bandwidth(self, num_bytes: int, repeats: int = 5) -> float:
+        """Bytes/s of a same-device copy of ``num_bytes`` (the local ceiling)."""
+        import torch
+
+        src = torch.empty(num_bytes, dtype=torch.uint8, device=self.buffer.device)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+        sync()
+        return num_bytes * repeats / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+def _worker_main(conn, spec: WorkerSpec) -> None:
+    try:
+        worker = _Worker(spec)
+    except Exception as exc:  # report, do not hang the parent
+        conn.send(("err", RuntimeError(f"worker start failed: {exc!r}")))
+        return
+    conn.send(("ok", None))
+    while True:
+        name, kwargs = conn.recv()
+        if name == "exit":
+            worker.close()
+            conn.send(("ok", None))
+            return
+        try:
+            reply = ("ok", getattr(worker, "cmd_" + name)(**kwargs))
+        except Exception as exc:  # sent back and re-raised in the parent
+            reply = ("err", exc)
+        try:
+            conn.send(reply)
+        except Exception as exc:  # an unpicklable exception
+            conn.send(("err", RuntimeError(repr(exc))))
+
+
+class AgentProcess:
+    """Parent-side handle of one agent process."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.spec = spec
+        self.process = ctx.Process(target=_worker_main, args=(child, spec), daemon=True)
+        self.process.start()
+        child.close()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> AgentProcess:
+        self._reply(timeout_s)
+        return self
+
+    def call(self, name: str, reply_timeout_s: float = 60.0, **kwargs: Any) -> Any:
+        """Run a command; a command's own ``timeout_s`` extends the reply wait."""
+        self.submit(name, **kwargs)
+        return self.result(reply_timeout_s + float(kwargs.get("timeout_s") or 0.0))
+
+    def submit(self, name: str, **kwargs: Any) -> None:
+        self._conn.send((name, kwargs))
+
+    def result(self, timeout_s: float = 30.0) -> Any:
+        return self._reply(timeout_s)
+
+    def _reply(self, timeout_s: float) -> Any:
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError(f"{self.spec.instance_name}: no reply within {timeout_s}s")
+        status, value = self._conn.recv()
+        if status == "err":
+            raise value
+        return value
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        try:
+            if self.process.is_alive():
+                self.call("exit", reply_timeout_s=timeout_s)
+        except Exception:  # already broken: fall through to kill
+            pass
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout_s)
+        self._conn.close()
+
+
+def start_agents(specs: list[WorkerSpec], timeout_s: float = 120.0) -> list[AgentProcess]:
+    """Start several agent processes in parallel; all or none."""
+    procs = [AgentProcess(spec) for spec in specs]
+    try:
+        for proc in procs:
+            proc.wait_ready(timeout_s)
+    except BaseException:
+        for proc in procs:
+            proc.close(timeout_s=2.0)
+        raise
+    return procs

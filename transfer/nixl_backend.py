@@ -1,0 +1,271 @@
+"""The default transfer backend: one NIXL agent per instance, over UCX.
+
+1. At construction the whole KV buffer is registered once with the UCX backend
+   (DRAM on CPU, VRAM on GPU); ``peer_info`` carries the NIXL agent metadata
+   (UCX worker address and the buffer's remote key) next to base/size/layout.
+2. ``add_peer`` checks the layouts pair and loads the peer's metadata.
+3. Each chunk of a room becomes one NIXL WRITE request whose descriptor lists
+   are the merged page runs of every region (local DRAM/VRAM -> remote). The
+   request carries a notification; NIXL's UCX engine flushes the endpoint
+   before sending it, so a notice means that chunk's bytes have landed.
+4. The decode side pulls notices with ``get_new_notifs`` and counts chunks; a
+   room is done when chunks 0..last have all been announced.
+5. Aborts travel as standalone notifications (``send_notif``) both ways.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import numpy as np
+from pdserve.common.codec import CodecError, encode
+from pdserve.transfer.base import (
+    AgentStats,
+    KVMemory,
+    KVReceiver,
+    KVSender,
+    RoomState,
+    TransferAgent,
+    TransferConfig,
+    TransferError,
+    check_layouts,
+    register_backend,
+)
+from pdserve.transfer.descriptors import build_descriptors
+from pdserve.transfer.messages import NOTICE_ABORT, NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
+from pdserve.transfer.rooms import ChunkTracker, RoomTable
+
+logger = logging.getLogger("pdserve.transfer.nixl")
+
+_UCX = "UCX"
+
+
+def _mem_type(memory: KVMemory) -> str:
+    return "DRAM" if memory.device == "cpu" else "VRAM"
+
+
+class NixlSender(KVSender):
+    def __init__(self, agent: NixlAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float):
+        super().__init__(room, peer, dst_pages, timeout_s)
+        self._agent = agent
+        self._handles: list = []
+
+    def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
+        notice = RoomNotice(self.room, NOTICE_CHUNK, self._agent.name, chunk_index, is_last)
+        peer = self._agent.peer(self.peer)
+        descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
+        if len(descs) == 0:
+            # An empty last chunk: its notice needs no data ordering because
+            # the receiver waits for every earlier chunk's own notice anyway.
+            self._agent.notify(self.peer, notice)
+            return
+        handle = self._agent.write(descs, peer, encode(notice))
+        self._handles.append(handle)
+        self.num_descriptors += len(descs)
+        self.num_bytes += descs.num_bytes
+
+    def _progress(self) -> bool:
+        self._agent.progress()
+        if self._state.is_terminal:  # a peer abort arrived meanwhile
+            return False
+        pending = []
+        for handle in self._handles:
+            state = self._agent.nixl.check_xfer_state(handle)
+            if state == "ERR":
+                raise TransferError(f"room {self.room}: NIXL transfer failed")
+            if state == "DONE":
+                self._agent.release(handle)
+            else:
+                pending.append(handle)
+        self._handles = pending
+        return not pending
+
+    def _cancel(self, reason: str | None) -> None:
+        for handle in self._handles:
+            self._agent.release(handle)
+        self._handles = []
+        if reason is not None:
+            self._agent.notify(self.peer, RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=reason))
+
+    def _finish(self) -> None:
+        self._agent.rooms.close(self.room)
+
+    def on_notice(self, notice: RoomNotice) -> None:
+        if notice.kind == NOTICE_ABORT:
+            self.on_peer_abort(notice.reason)
+
+
+class NixlReceiver(KVReceiver):
+    def __init__(self, agent: NixlAgent, room: int, peer: str, timeout_s: float):
+        super().__init__(room, peer, timeout_s)
+        self._agent = agent
+        self._chunks = ChunkTracker()
+
+    def on_notice(self, notice: RoomNotice) -> None:
+        if self._state.is_terminal:
+            return
+        if notice.sender != self.peer:
+            logger.warning("room %d: notice from %s, expected %s; ignored", self.room, notice.sender, self.peer)
+        elif notice.kind == NOTICE_ABORT:
+            self._fail(f"peer aborted: {notice.reason}", notify=False)
+        elif notice.kind == NOTICE_CHUNK:
+            self._chunks.add(notice.chunk_index, notice.is_last)
+            self._state = RoomState.TRANSFERRING
+            if self._chunks.complete:
+                self._succeed()
+
+    def _refresh(self) -> None:
+        self._agent.progress()
+
+    def _close(self, abort_reason: str | None) -> None:
+        self._agent.rooms.close(self.room)
+        if abort_reason is not None:
+            self._agent.notify(self.peer, RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=abort_reason))
+
+
+@register_backend("nixl")
+class NixlAgent(TransferAgent):
+    def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
+        super().__init__(config, memory)
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        # A random suffix keeps a restarted instance distinct from its old self
+        # in peers that still hold the previous metadata.
+        self._name = f"{config.instance_name}-{secrets.token_hex(4)}"
+        self.nixl = nixl_agent(self._name, nixl_agent_config(backends=[]))
+        params = {"ucx_devices": config.ib_device} if config.ib_device else {}
+        self.nixl.create_backend(_UCX, params)
+        self._mem_type = _mem_type(memory)
+        self._reg = self.nixl.register_memory(
+            [(memory.base_ptr, memory.num_bytes, memory.device_id, "")], self._mem_type
+        )
+        self._peers: dict[str, AgentInfo] = {}
+        self.rooms: RoomTable[NixlSender | NixlReceiver] = RoomTable(config.notice_ttl_s)
+        self._zombies: list = []  # handles whose release failed while in flight
+        self._num_handles = 0
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def peer_info(self) -> bytes:
+        m = self.memory
+        return encode(
+            AgentInfo(self._name, "nixl", self.nixl.get_agent_metadata(), m.base_ptr, m.num_bytes,
+                      m.device, m.device_id, m.layout.to_dict())
+        )
+
+    def add_peer(self, peer_info: bytes) -> str:
+        info = decode_as(peer_info, AgentInfo)
+        assert isinstance(info, AgentInfo)
+        if info.name in self._peers:
+            return info.name
+        if info.backend != "nixl":
+            raise ValueError(f"peer {info.name} uses transfer backend {info.backend!r}, this agent 'nixl'")
+        check_layouts(self.memory.layout, info.kv_layout, self._name, info.name)
+        loaded = self.nixl.add_remote_agent(info.backend_metadata)
+        loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
+        if loaded != info.name:
+            raise ValueError(f"peer metadata names {loaded!r} but peer info names {info.name!r}")
+        self._peers[info.name] = info
+        return info.name
+
+    def peer(self, name: str) -> AgentInfo:
+        try:
+            return self._peers[name]
+        except KeyError:
+            raise KeyError(f"unknown transfer peer {name!r}; call add_peer first") from None
+
+    def create_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> NixlSender:
+        self.peer(peer)
+        sender = NixlSender(self, room, peer, dst_pages, self._timeout_s(timeout_s))
+        for notice in self.rooms.open(room, sender):
+            sender.on_notice(notice)
+        return sender
+
+    def create_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> NixlReceiver:
+        self.peer(peer)
+        receiver = NixlReceiver(self, room, peer, self._timeout_s(timeout_s))
+        for notice in self.rooms.open(room, receiver):
+            receiver.on_notice(notice)
+        return receiver
+
+    def write(self, descs, peer: AgentInfo, notif: bytes):
+        dev = np.uint64(self.memory.device_id)
+        local = np.stack([descs.src_offsets + np.uint64(self.memory.base_ptr), descs.lengths,
+                          np.full(len(descs), dev)], axis=1)
+        remote = np.stack([descs.dst_offsets + np.uint64(peer.base_ptr), descs.lengths,
+                           np.full(len(descs), np.uint64(peer.device_id))], axis=1)
+        try:
+            handle = self.nixl.initialize_xfer(
+                "WRITE",
+                self.nixl.get_xfer_descs(local, self._mem_type),
+                self.nixl.get_xfer_descs(remote, "DRAM" if peer.device == "cpu" else "VRAM"),
+                peer.name,
+                notif,
+            )
+        except Exception as exc:  # nixl raises its own binding error types
+            raise TransferError(f"cannot create NIXL WRITE to {peer.name}: {exc}") from exc
+        self._num_handles += 1
+        if self.nixl.transfer(handle) == "ERR":
+            self.release(handle)
+            raise TransferError(f"NIXL WRITE to {peer.name} failed to post")
+        return handle
+
+    def release(self, handle) -> None:
+        try:
+            handle.release()
+            self._num_handles -= 1
+        except Exception:
+            # Still in flight and not cancellable yet: retry on later progress() calls.
+            self._zombies.append(handle)
+
+    def notify(self, peer: str, notice: RoomNotice) -> None:
+        try:
+            self.nixl.send_notif(peer, encode(notice))
+        except Exception as exc:  # the peer may be gone; its side times out
+            logger.warning("room %d: cannot notify %s: %s", notice.room, peer, exc)
+
+    def progress(self) -> None:
+        """Deliver new notifications to their rooms and retire old state."""
+        for remote, messages in self.nixl.get_new_notifs().items():
+            for raw in messages:
+                self._deliver(remote, raw)
+        self.rooms.expire()
+        zombies, self._zombies = self._zombies, []
+        for handle in zombies:
+            if self.nixl.check_xfer_state(handle) != "PROC":
+                self.release(handle)
+            else:
+                self._zombies.append(handle)
+
+    def _deliver(self, remote: str, raw: bytes) -> None:
+        try:
+            notice = decode_as(raw, RoomNotice)
+        except CodecError as exc:
+            logger.warning("dropping malformed notification from %s: %s", remote, exc)
+            return
+        assert isinstance(notice, RoomNotice)
+        handler = self.rooms.get(notice.room)
+        if handler is not None:
+            handler.on_notice(notice)
+        elif not self.rooms.is_closed(notice.room):
+            self.rooms.buffer(notice.room, notice)
+
+    def stats(self) -> AgentStats:
+        return AgentStats(self.rooms.num_active, self.rooms.num_buffered, self._num_handles)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handler in self.rooms.handlers():
+            handler.abort()
+        for name in list(self._peers):
+            try:
+                self.nixl.remove_remote_agent(name)
+            except Exception as exc:  # best effort while shutting down
+                logger.debug("remove_remote_agent(%s): %s", name, exc)
+        self.nixl.deregister_memory(self._reg)

@@ -1,0 +1,351 @@
+"""Transfer backend over ucxx (UCX without NIXL).
+
+ucxx 0.52's Python API has no one-sided RMA (no ``mem_map``/``rkey``/``put``),
+so WRITE semantics are built from two-sided messages, still zero-copy on both
+ends:
+
+1. Each agent runs a UCX listener (``config.host``/``config.port``, port 0 =
+   ephemeral, published in ``peer_info``) and a ucxx progress thread; calls
+   from the engine thread are handed to it (delayed submission).
+2. For a chunk, the sender posts an active message with the header
+   (room, chunk index, and per descriptor: a unique 64-bit tag, destination
+   offset, length), then one tagged send per merged descriptor straight from
+   the source pages.
+3. The receiving agent, on each poll, turns every header into tagged receives
+   whose buffers ARE the destination pages, so the bytes land in place. Large
+   messages use UCX's rendezvous protocol, which moves them with the
+   transport's zero-copy path (cma/knem on one host, RDMA reads on IB,
+   cuda_ipc/cuda_copy for VRAM). A chunk has landed when all its receives
+   completed; the room is done when chunks 0..last have.
+4. Headers of a closed (finished or aborted) room are received into scratch
+   buffers, so a late chunk never writes pages the decode side freed.
+   Receives posted before an abort still complete into their pages.
+5. Aborts are active messages carrying a ``RoomNotice``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+
+import numpy as np
+from pdserve.common.codec import CodecError, decode, encode
+from pdserve.transfer.base import (
+    AgentStats,
+    KVMemory,
+    KVReceiver,
+    KVSender,
+    RoomState,
+    TransferAgent,
+    TransferConfig,
+    TransferError,
+    check_layouts,
+    register_backend,
+)
+from pdserve.transfer.descriptors import build_descriptors
+from pdserve.transfer.messages import NOTICE_ABORT, AgentInfo, RoomNotice, decode_as
+from pdserve.transfer.rooms import ChunkTracker, RoomTable
+from pdserve.transfer.ucx_wire import (
+    Flight,
+    InboundChunk,
+    Inbox,
+    UcxChunkHeader,
+    byte_view,
+    scratch_view,
+)
+
+logger = logging.getLogger("pdserve.transfer.ucx")
+
+
+def _check_header(header: UcxChunkHeader, buffer_bytes: int) -> str | None:
+    if not len(header.tags) == len(header.dst_offsets) == len(header.lengths):
+        return "malformed chunk header"
+    pairs = zip(header.dst_offsets, header.lengths, strict=True)
+    if not all(o >= 0 and n >= 0 and o + n <= buffer_bytes for o, n in pairs):
+        return f"destination outside this agent's {buffer_bytes}-byte buffer"
+    return None
+
+
+class UcxSender(KVSender):
+    def __init__(self, agent: UcxAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float):
+        super().__init__(room, peer, dst_pages, timeout_s)
+        self._agent = agent
+        self._flight = Flight()
+
+    def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
+        peer = self._agent.peer(self.peer)
+        descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
+        tags = [self._agent.next_tag() for _ in range(len(descs))]
+        header = UcxChunkHeader(self.room, self._agent.name, chunk_index, is_last, tags,
+                                descs.dst_offsets.tolist(), descs.lengths.tolist())
+        self._agent.send_message(self.peer, header, self._flight)
+        self._agent.send_tagged(self.peer, descs.src_offsets.tolist(), descs.lengths.tolist(), tags, self._flight)
+        self.num_descriptors += len(descs)
+        self.num_bytes += descs.num_bytes
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._flight)
+
+    def _progress(self) -> bool:
+        self._agent.progress()
+        if self._state.is_terminal:
+            return False
+        error = self._flight.collect()
+        if error is not None:
+            raise TransferError(f"room {self.room}: {error}")
+        return len(self._flight) == 0
+
+    def _cancel(self, reason: str | None) -> None:
+        self._agent.drain(self._flight)
+        self._flight = Flight()
+        if reason is not None:
+            notice = RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=reason)
+            self._agent.send_message_quietly(self.peer, notice)
+
+    def _finish(self) -> None:
+        self._agent.rooms.close(self.room)
+
+    def on_news(self, news: object) -> None:
+        if isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
+            self.on_peer_abort(news.reason)
+        elif isinstance(news, InboundChunk):  # data sent to a sending room: nonsense
+            self._agent.drain(news.flight)
+
+
+class UcxReceiver(KVReceiver):
+    def __init__(self, agent: UcxAgent, room: int, peer: str, timeout_s: float):
+        super().__init__(room, peer, timeout_s)
+        self._agent = agent
+        self._chunks: list[InboundChunk] = []
+        self._landed = ChunkTracker()
+
+    def on_news(self, news: object) -> None:
+        sender = getattr(news, "sender", None)
+        if sender != self.peer:
+            logger.warning("room %d: news from %s, expected %s; ignored", self.room, sender, self.peer)
+            if isinstance(news, InboundChunk):
+                self._agent.drain(news.flight)
+        elif isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
+            self._fail(f"peer aborted: {news.reason}", notify=False)
+        elif isinstance(news, InboundChunk):
+            self._chunks.append(news)
+            self._state = RoomState.TRANSFERRING
+
+    @property
+    def num_inflight(self) -> int:
+        return sum(len(c.flight) for c in self._chunks)
+
+    def _refresh(self) -> None:
+        self._agent.progress()
+        if self._state.is_terminal:
+            return
+        for chunk in self._chunks:
+            error = chunk.error or chunk.flight.collect()
+            if error is not None:
+                self._fail(f"chunk {chunk.chunk_index}: {error}", notify=True)
+                return
+            if len(chunk.flight) == 0:
+                self._landed.add(chunk.chunk_index, chunk.is_last)
+        self._chunks = [c for c in self._chunks if len(c.flight)]
+        if self._landed.complete:
+            self._succeed()
+
+    def _close(self, abort_reason: str | None) -> None:
+        self._agent.rooms.close(self.room)
+        for chunk in self._chunks:
+            self._agent.drain(chunk.flight)
+        self._chunks = []
+        if abort_reason is not None:
+            notice = RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=abort_reason)
+            self._agent.send_message_quietly(self.peer, notice)
+
+
+@register_backend("ucx")
+class UcxAgent(TransferAgent):
+    def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
+        super().__init__(config, memory)
+        import ucxx._lib.libucxx as ucx_api
+
+        self._api = ucx_api
+        self._name = f"{config.instance_name}-{secrets.token_hex(4)}"
+        options = {"NET_DEVICES": config.ib_device} if config.ib_device else {}
+        features = (ucx_api.Feature.TAG, ucx_api.Feature.AM, ucx_api.Feature.WAKEUP)
+        self._context = ucx_api.UCXContext(options, feature_flags=features)
+        self._worker = ucx_api.UCXWorker(self._context, enable_delayed_submission=True)
+        if memory.device == "cuda":
+            from ucxx._cuda_context import ensure_cuda_context
+
+            self._worker.set_progress_thread_start_callback(ensure_cuda_context, cb_args=(memory.device_id,))
+        self._worker.start_progress_thread(polling_mode=False)
+        self._lock = threading.Lock()
+        self._accepted: list = []  # filled by the listener on the progress thread
+        self._listener = ucx_api.UCXListener.create(self._worker, config.port, self._on_connect)
+        self._inboxes: list[Inbox] = []
+        self._endpoints: dict[str, object] = {}
+        self._peers: dict[str, AgentInfo] = {}
+        self._tag_prefix = secrets.randbits(32) << 32
+        self._tag_seq = 0
+        self._draining: list[Flight] = []
+        self.rooms: RoomTable[UcxSender | UcxReceiver] = RoomTable(config.notice_ttl_s)
+        self._closed = False
+
+    def _on_connect(self, conn_request) -> None:
+        endpoint = self._listener.create_endpoint_from_conn_request(conn_request, True)
+        with self._lock:
+            self._accepted.append(endpoint)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+    def peer_info(self) -> bytes:
+        m = self.memory
+        address = encode({"host": self.config.host, "port": self._listener.port})
+        return encode(AgentInfo(self._name, "ucx", address, m.base_ptr, m.num_bytes, m.device,
+                                m.device_id, m.layout.to_dict()))
+
+    def add_peer(self, peer_info: bytes) -> str:
+        info = decode_as(peer_info, AgentInfo)
+        assert isinstance(info, AgentInfo)
+        if info.name in self._peers:
+            return info.name
+        if info.backend != "ucx":
+            raise ValueError(f"peer {info.name} uses transfer backend {info.backend!r}, this agent 'ucx'")
+        check_layouts(self.memory.layout, info.kv_layout, self._name, info.name)
+        address = decode(info.backend_metadata)
+        self._endpoints[info.name] = self._api.UCXEndpoint.create(
+            self._worker, address["host"], int(address["port"]), True
+        )
+        self._peers[info.name] = info
+        return info.name
+
+    def peer(self, name: str) -> AgentInfo:
+        try:
+            return self._peers[name]
+        except KeyError:
+            raise KeyError(f"unknown transfer peer {name!r}; call add_peer first") from None
+
+    def create_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> UcxSender:
+        self.peer(peer)
+        sender = UcxSender(self, room, peer, dst_pages, self._timeout_s(timeout_s))
+        for news in self.rooms.open(room, sender):
+            sender.on_news(news)
+        return sender
+
+    def create_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> UcxReceiver:
+        self.peer(peer)
+        receiver = UcxReceiver(self, room, peer, self._timeout_s(timeout_s))
+        for news in self.rooms.open(room, receiver):
+            receiver.on_news(news)
+        return receiver
+
+    def next_tag(self) -> int:
+        self._tag_seq = (self._tag_seq + 1) & 0xFFFFFFFF
+        return self._tag_prefix | self._tag_seq
+
+    def send_message(self, peer: str, msg: object, flight: Flight) -> None:
+        from ucxx._lib.arr import Array
+
+        buffer = Array(np.frombuffer(encode(msg), dtype=np.uint8))
+        try:
+            flight.add(self._endpoints[peer].am_send(buffer), buffer)
+        except Exception as exc:  # ucxx raises one class per UCS status
+            raise TransferError(f"cannot message {peer}: {exc}") from exc
+
+    def send_message_quietly(self, peer: str, msg: object) -> None:
+        """Best effort (aborts): a dead peer times the room out on its own."""
+        flight = Flight()
+        try:
+            self.send_message(peer, msg, flight)
+        except TransferError as exc:
+            logger.warning("%s", exc)
+        self.drain(flight)
+
+    def send_tagged(self, peer: str, offsets: list[int], lengths: list[int], tags: list[int], flight: Flight) -> None:
+        endpoint = self._endpoints[peer]
+        try:
+            for offset, length, tag in zip(offsets, lengths, tags, strict=True):
+                buffer = byte_view(self.memory, offset, length)
+                flight.add(endpoint.tag_send(buffer, self._api.UCXXTag(tag)), buffer)
+        except Exception as exc:
+            raise TransferError(f"cannot send to {peer}: {exc}") from exc
+
+    def drain(self, flight: Flight) -> None:
+        """Keep requests nobody waits for alive until UCX is done with them."""
+        if len(flight):
+            self._draining.append(flight)
+
+    def progress(self) -> None:
+        """Turn arrived messages into room news; retire finished state."""
+        with self._lock:
+            accepted, self._accepted = self._accepted, []
+        self._inboxes.extend(Inbox(endpoint) for endpoint in accepted)
+        for inbox in list(self._inboxes):
+            messages, alive = inbox.take()
+            for raw in messages:
+                self._deliver(raw)
+            if not alive:
+                self._inboxes.remove(inbox)
+        for dropped in self.rooms.expire():
+            if isinstance(dropped, InboundChunk):
+                self.drain(dropped.flight)
+        for flight in self._draining:
+            flight.collect()
+        self._draining = [f for f in self._draining if len(f)]
+
+    def _deliver(self, raw: bytes) -> None:
+        try:
+            msg = decode(raw)
+        except CodecError as exc:
+            logger.warning("dropping malformed transfer message: %s", exc)
+            return
+        if isinstance(msg, UcxChunkHeader):
+            news: RoomNotice | InboundChunk = self._receive_chunk(msg)
+        elif isinstance(msg, RoomNotice):
+            news = msg
+        else:
+            logger.warning("dropping unexpected transfer message %s", type(msg).__name__)
+            return
+        handler = self.rooms.get(news.room)
+        if handler is not None:
+            handler.on_news(news)
+        elif self.rooms.is_closed(news.room):
+            if isinstance(news, InboundChunk):
+                self.drain(news.flight)
+        else:
+            self.rooms.buffer(news.room, news)
+
+    def _receive_chunk(self, header: UcxChunkHeader) -> InboundChunk:
+        """Post the chunk's receives: into its pages, or scratch if unwanted."""
+        chunk = InboundChunk(header.room, header.sender, header.chunk_index, header.is_last, Flight())
+        chunk.error = _check_header(header, self.memory.num_bytes)
+        scratch = chunk.error is not None or self.rooms.is_closed(header.room)
+        for tag, offset, length in zip(header.tags, header.dst_offsets, header.lengths, strict=False):
+            buffer = scratch_view(length) if scratch else byte_view(self.memory, offset, length)
+            chunk.flight.add(self._worker.tag_recv(buffer, self._api.UCXXTag(tag)), buffer)
+        return chunk
+
+    def stats(self) -> AgentStats:
+        inflight = sum(len(f) for f in self._draining)
+        inflight += sum(h.num_inflight for h in self.rooms.handlers())
+        return AgentStats(self.rooms.num_active, self.rooms.num_buffered, inflight)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handler in self.rooms.handlers():
+            handler.abort()
+        for endpoint in list(self._endpoints.values()) + [i.endpoint for i in self._inboxes]:
+            try:
+                endpoint.close()
+            except Exception as exc:  # best effort while shutting down
+                logger.debug("closing endpoint: %s", exc)
+        self._worker.stop_progress_thread()
+        self._inboxes, self._endpoints, self._draining = [], {}, []

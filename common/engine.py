@@ -334,6 +334,7 @@ class Engine:
 def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection) -> None:
     """Entry point of the engine process."""
     logging.basicConfig(level=cfg.log_level.upper(), format="[%(asctime)s engine] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     try:
         engine = Engine(cfg, model_dir, conn)

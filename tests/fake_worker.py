@@ -56,6 +56,8 @@ class FakeWorker:
     requests: list[dict[str, Any]] = field(default_factory=list)  # {"path", "body"}
     num_aborted_streams: int = 0
     stream_aborted: threading.Event = field(default_factory=threading.Event)
+    num_cancelled: int = 0  # requests whose client left during ``delay_s``
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def bodies(self, path: str | None = None) -> list[dict[str, Any]]:
         return [r["body"] for r in self.requests if path is None or r["path"] == path]
@@ -122,11 +124,23 @@ async def _sse(worker: FakeWorker, path: str) -> AsyncIterator[bytes]:
             worker.stream_aborted.set()
 
 
+async def _pause(worker: FakeWorker, request: Request, delay_s: float) -> bool:
+    """Sleep ``delay_s`` like a busy engine; False when the client left meanwhile."""
+    deadline = time.monotonic() + delay_s
+    while time.monotonic() < deadline:
+        if await request.is_disconnected():
+            worker.num_cancelled += 1
+            worker.cancelled.set()
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 async def _generate(worker: FakeWorker, request: Request) -> Response:
     body = json.loads(await request.body())
     worker.requests.append({"path": request.url.path, "body": body})
-    if worker.behavior.delay_s:
-        await asyncio.sleep(worker.behavior.delay_s)
+    if not await _pause(worker, request, worker.behavior.delay_s):
+        return Response(status_code=499)
     if worker._should_fail():
         return _error(worker.behavior.fail_status or 500, f"{worker.name} failed on purpose")
     if worker.role == "prefill":
@@ -197,9 +211,14 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def request_stop(self) -> None:
+        """Ask the server to exit without waiting (stop many servers at once)."""
         self._server.should_exit = True
-        self._thread.join(timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.request_stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
         self._sock.close()
 
     def __enter__(self) -> ServerThread:

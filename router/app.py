@@ -1,0 +1,309 @@
+"""``pdserve router``: the PD load balancer and OpenAI-compatible front door.
+
+Generation endpoints (``/v1/completions``, ``/v1/chat/completions``,
+``/generate``) go through :mod:`pdserve.router.proxy`. Around them: ``/v1/models``
+and ``/get_model_info`` from a healthy worker, ``/workers``, ``/health`` (200
+only while every needed role has a healthy worker), ``/get_server_info``
+(aggregated), ``/flush_cache`` (fan-out) and ``/metrics``. With ``--api-key``
+every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pdserve.bootstrap.errors import APIError, error_response, install_error_handlers
+from pdserve.router.config import CacheAwareConfig, RouterConfig
+from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
+from pdserve.router.policies import Policy, make_policy, policy_names
+from pdserve.router.proxy import Forwarder
+from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
+
+logger = logging.getLogger("pdserve.router")
+
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
+
+
+@dataclass
+class RouterState:
+    """Everything one router owns; lives on ``app.state.router``."""
+
+    config: RouterConfig
+    http: httpx.AsyncClient
+    workers: WorkerRegistry
+    policies: dict[str, Policy]
+    forwarder: Forwarder
+    metrics: RouterMetrics
+
+
+def _make_policies(config: RouterConfig) -> dict[str, Policy]:
+    if config.mode == "colocated":
+        return {COLOCATED: make_policy(config.policy, config.cache_aware)}
+    return {PREFILL: make_policy(config.resolved_prefill_policy, config.cache_aware),
+            DECODE: make_policy(config.resolved_decode_policy, config.cache_aware)}
+
+
+def _build_state(config: RouterConfig) -> RouterState:
+    timeout = httpx.Timeout(config.request_timeout_s, connect=config.health_check_timeout_s)
+    # No pool cap: every streamed answer holds a connection for its whole life.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    http = httpx.AsyncClient(timeout=timeout, limits=limits)
+    policies = _make_policies(config)
+
+    def forget(worker: Worker) -> None:
+        policies[worker.role].forget(worker)
+
+    workers = WorkerRegistry(config, http, on_removed=forget)
+    metrics = RouterMetrics()
+    forwarder = Forwarder(config, workers, policies, http, metrics)
+    return RouterState(config, http, workers, policies, forwarder, metrics)
+
+
+async def _read_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Run ``work``; cancel it (closing upstream requests) if the client leaves first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
+    if work_task.cancelled():
+        return Response(status_code=499)  # nobody is listening any more
+    return work_task.result()
+
+
+def _api_key_guard(config: RouterConfig):
+    async def check(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), config.api_key):
+            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer KEY')")
+
+    return check
+
+
+def _generation_routes(api: APIRouter) -> None:
+    async def generate(request: Request) -> Response:
+        state: RouterState = request.app.state.router
+        path = request.url.path
+        state.metrics.requests.labels(path).inc()
+        try:
+            body = await _read_body(request)
+        except APIError as exc:
+            state.metrics.errors.labels(path, str(exc.status)).inc()
+            raise
+        response = await _unless_disconnected(request, state.forwarder.forward(path, body))
+        if response.status_code >= 400:
+            state.metrics.errors.labels(path, str(response.status_code)).inc()
+        return response
+
+    for path in GENERATE_PATHS:
+        api.add_api_route(path, generate, methods=["POST"])
+
+
+async def _from_any_worker(state: RouterState, path: str) -> Response:
+    for role in (DECODE, COLOCATED, PREFILL):
+        for worker in state.workers.healthy(role):
+            try:
+                upstream = await state.http.get(worker.url + path,
+                                                timeout=state.config.health_check_timeout_s)
+            except httpx.HTTPError as exc:
+                state.workers.mark_failed(worker, repr(exc))
+                continue
+            return Response(upstream.content, status_code=upstream.status_code,
+                            media_type=upstream.headers.get("content-type"))
+    raise APIError(503, "no healthy workers available")
+
+
+async def _server_info(state: RouterState, worker: Worker) -> dict[str, Any] | None:
+    if not worker.healthy:
+        return None
+    try:
+        upstream = await state.http.get(worker.url + "/get_server_info",
+                                        timeout=state.config.health_check_timeout_s)
+        return upstream.json() if upstream.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def _flush(state: RouterState, worker: Worker) -> dict[str, Any]:
+    try:
+        upstream = await state.http.post(worker.url + "/flush_cache",
+                                         timeout=state.config.health_check_timeout_s)
+        return {"role": worker.role, "url": worker.url, "status": upstream.status_code}
+    except httpx.HTTPError as exc:
+        return {"role": worker.role, "url": worker.url, "status": None, "error": repr(exc)}
+
+
+def _admin_routes(api: APIRouter) -> None:
+    @api.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await _from_any_worker(request.app.state.router, "/v1/models")
+
+    @api.get("/get_model_info")
+    async def model_info(request: Request) -> Response:
+        return await _from_any_worker(request.app.state.router, "/get_model_info")
+
+    @api.get("/workers")
+    async def workers(request: Request) -> list[dict[str, Any]]:
+        return [w.to_json() for w in request.app.state.router.workers.all()]
+
+    @api.get("/get_server_info")
+    async def server_info(request: Request) -> dict[str, Any]:
+        state: RouterState = request.app.state.router
+        everyone = state.workers.all()
+        infos = await asyncio.gather(*(_server_info(state, w) for w in everyone))
+        instances = [{**w.to_json(), "server_info": info} for w, info in zip(everyone, infos, strict=True)]
+        return {
+            "mode": state.config.mode,
+            "policy": {role: type(p).name for role, p in state.policies.items()},
+            "num_running_reqs": sum(w.num_running_reqs for w in everyone if w.healthy),
+            "num_queued_reqs": sum(w.num_queued_reqs for w in everyone if w.healthy),
+            "instances": instances,
+        }
+
+    @api.post("/flush_cache")
+    async def flush_cache(request: Request) -> JSONResponse:
+        state: RouterState = request.app.state.router
+        targets = [w for w in state.workers.all() if w.healthy]
+        results = await asyncio.gather(*(_flush(state, w) for w in targets))
+        ok = all(r["status"] == 200 for r in results)
+        return JSONResponse({"results": results}, status_code=200 if ok else 502)
+
+    @api.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        state: RouterState = request.app.state.router
+        return Response(state.metrics.render(state.workers.all()), media_type=CONTENT_TYPE)
+
+
+def create_app(config: RouterConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = _build_state(config)
+        app.state.router = state
+        await state.workers.refresh()
+        checker = asyncio.create_task(state.workers.run())
+        try:
+            yield
+        finally:
+            checker.cancel()
+            await asyncio.gather(checker, return_exceptions=True)
+            await state.http.aclose()
+
+    app = FastAPI(title="pdserve router", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        workers: WorkerRegistry = request.app.state.router.workers
+        if workers.ready():
+            return JSONResponse({"status": "ok"})
+        missing = [role for role in workers.roles if not workers.healthy(role)]
+        return error_response(503, f"no healthy {', '.join(missing)} worker")
+
+    api = APIRouter(dependencies=[Depends(_api_key_guard(config))])
+    _generation_routes(api)
+    _admin_routes(api)
+    app.include_router(api)
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RouterConfig()
+    ca = CacheAwareConfig()
+    p = argparse.ArgumentParser(prog="pdserve router", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL",
+                   help="prefill instance URL(s)")
+    p.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL",
+                   help="decode instance URL(s)")
+    p.add_argument("--worker", nargs="+", action="extend", default=[], metavar="URL",
+                   help="colocated instance URL(s); selects colocated mode")
+    p.add_argument("--bootstrap-url", default=d.bootstrap_url,
+                   help="discover instances from this bootstrap service")
+    p.add_argument("--mode", choices=("auto", "pd", "colocated"), default="auto",
+                   help="auto: colocated when --worker is given, else pd")
+    p.add_argument("--policy", choices=policy_names(), default=d.policy)
+    p.add_argument("--prefill-policy", choices=policy_names(), default=d.prefill_policy)
+    p.add_argument("--decode-policy", choices=policy_names(), default=d.decode_policy)
+    p.add_argument("--cache-threshold", type=float, default=ca.cache_threshold)
+    p.add_argument("--balance-abs-threshold", type=int, default=ca.balance_abs_threshold)
+    p.add_argument("--balance-rel-threshold", type=float, default=ca.balance_rel_threshold)
+    p.add_argument("--max-tree-chars", type=int, default=ca.max_tree_chars)
+    p.add_argument("--api-key", default=d.api_key)
+    p.add_argument("--health-check-interval-s", type=float, default=d.health_check_interval_s)
+    p.add_argument("--health-check-timeout-s", type=float, default=d.health_check_timeout_s)
+    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
+    p.add_argument("--max-retries", type=int, default=d.max_retries)
+    p.add_argument("--log-level", default=d.log_level)
+    return p
+
+
+def parse_args(argv: list[str]) -> RouterConfig:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    mode = a.mode if a.mode != "auto" else ("colocated" if a.worker else "pd")
+    cache_aware = CacheAwareConfig(
+        cache_threshold=a.cache_threshold, balance_abs_threshold=a.balance_abs_threshold,
+        balance_rel_threshold=a.balance_rel_threshold, max_tree_chars=a.max_tree_chars)
+    try:
+        return RouterConfig(
+            host=a.host, port=a.port, prefill_urls=tuple(a.prefill), decode_urls=tuple(a.decode),
+            worker_urls=tuple(a.worker), bootstrap_url=a.bootstrap_url, mode=mode,
+            policy=a.policy, prefill_policy=a.prefill_policy, decode_policy=a.decode_policy,
+            cache_aware=cache_aware, api_key=a.api_key,
+            health_check_interval_s=a.health_check_interval_s,
+            health_check_timeout_s=a.health_check_timeout_s,
+            request_timeout_s=a.request_timeout_s, max_retries=a.max_retries,
+            log_level=a.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str]) -> int:
+    import uvicorn
+
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
+    if not (config.prefill_urls or config.decode_urls or config.worker_urls
+            or config.bootstrap_url):
+        logger.warning("no workers given: pass --prefill/--decode, --worker or --bootstrap-url")
+    logger.info("router (%s mode) on http://%s:%d", config.mode, config.host, config.port)
+    uvicorn.run(create_app(config), host=config.host, port=config.port,
+                log_level=config.log_level, access_log=False)
+    return 0

@@ -1,0 +1,271 @@
+"""Forwarding one generation request: pick workers, send, relay, retry.
+
+PD mode, one attempt:
+
+1. Pick a prefill P and a decode D by policy, draw a 63-bit ``bootstrap_room``.
+2. Send the same body plus ``bootstrap_room`` and ``prefill_instance_id`` to P
+   and D at the same time.
+3. Wait for D's first body chunk. If P fails first, D is closed and P's error
+   is the answer. No byte has reached the client yet, so a connection error or
+   a 5xx from either side moves on to another pair (up to ``max_retries``).
+4. From D's first chunk on, the attempt is committed: D's SSE is relayed chunk
+   by chunk (or its JSON returned), P's answer only gets logged. A client that
+   disconnects closes D's stream, which makes D abort the request.
+
+Colocated mode is the same with no P and no PD fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import httpx
+from fastapi.responses import Response, StreamingResponse
+from pdserve.bootstrap.errors import error_body, error_response
+from pdserve.router.config import RouterConfig
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.policies import Policy, routing_text
+from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
+from starlette.types import Receive, Scope, Send
+
+logger = logging.getLogger("pdserve.router.proxy")
+
+
+@dataclass
+class _Opened:
+    """D's response, held back until it has produced its first chunk."""
+
+    response: httpx.Response
+    first_chunk: bytes
+    chunks: AsyncIterator[bytes]
+
+
+class _AttemptFailed(Exception):
+    """The attempt failed before any byte reached the client."""
+
+    def __init__(self, response: Response, culprit: Worker, retryable: bool) -> None:
+        super().__init__(culprit.url)
+        self.response = response
+        self.culprit = culprit
+        self.retryable = retryable
+
+
+def _upstream_error(worker: Worker, exc: Exception) -> _AttemptFailed:
+    status = 504 if isinstance(exc, httpx.TimeoutException) else 502
+    message = f"{worker.role} worker {worker.url} failed: {type(exc).__name__}: {exc}"
+    return _AttemptFailed(error_response(status, message), worker, retryable=True)
+
+
+def _status_error(worker: Worker, status: int, body: bytes, media_type: str | None) -> _AttemptFailed:
+    response = Response(content=body, status_code=status, media_type=media_type)
+    return _AttemptFailed(response, worker, retryable=status >= 500)
+
+
+class Forwarder:
+    def __init__(self, config: RouterConfig, workers: WorkerRegistry, policies: dict[str, Policy],
+                 http: httpx.AsyncClient, metrics: RouterMetrics) -> None:
+        self._config = config
+        self._workers = workers
+        self._policies = policies
+        self._http = http
+        self._metrics = metrics
+        self._background: set[asyncio.Task] = set()
+
+    async def forward(self, path: str, body: dict) -> Response:
+        text, excluded = routing_text(body), set()
+        failure: _AttemptFailed | None = None
+        for attempt in range(self._config.max_retries + 1):
+            pair = self._pick(text, excluded)
+            if pair is None:
+                break
+            if attempt:
+                self._metrics.retries.labels(path).inc()
+            try:
+                return await self._attempt(path, body, *pair)
+            except _AttemptFailed as exc:
+                logger.warning("attempt %d on %s failed (%s)", attempt + 1, exc.culprit.url,
+                               exc.response.status_code)
+                failure = exc
+                if not exc.retryable:
+                    break
+                excluded.add(exc.culprit)
+        if failure is not None:
+            return failure.response
+        return error_response(503, self._no_workers_message())
+
+    def _no_workers_message(self) -> str:
+        missing = [r for r in self._workers.roles if not self._workers.healthy(r)]
+        return f"no healthy {' or '.join(missing) or 'untried'} workers available"
+
+    def _pick(self, text: str, excluded: set[Worker]) -> tuple[Worker | None, Worker] | None:
+        if self._config.mode == "colocated":
+            worker = self._choose(COLOCATED, text, excluded)
+            return (None, worker) if worker else None
+        prefill = self._choose(PREFILL, text, excluded)
+        decode = self._choose(DECODE, text, excluded)
+        return (prefill, decode) if prefill and decode else None
+
+    def _choose(self, role: str, text: str, excluded: set[Worker]) -> Worker | None:
+        candidates = [w for w in self._workers.healthy(role) if w not in excluded]
+        return self._policies[role].select(candidates, text) if candidates else None
+
+    async def _attempt(self, path: str, body: dict, prefill: Worker | None,
+                       decode: Worker) -> Response:
+        payload = body
+        if prefill is not None:
+            payload = {**body, "bootstrap_room": secrets.randbits(63),
+                       "prefill_instance_id": prefill.instance_id}
+        prefill_task = self._start_prefill(prefill, path, payload) if prefill else None
+        decode.in_flight += 1
+        try:
+            opened = await self._open_decode(decode, path, payload, prefill_task)
+        except BaseException:
+            decode.in_flight -= 1
+            if prefill_task is not None:
+                prefill_task.cancel()
+            raise
+        return await self._respond(opened, decode, prefill_task, path)
+
+    def _start_prefill(self, prefill: Worker, path: str, payload: dict) -> asyncio.Task:
+        prefill.in_flight += 1
+        task = asyncio.create_task(self._call_prefill(prefill, path, payload))
+
+        def done(t: asyncio.Task) -> None:
+            prefill.in_flight -= 1
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                logger.warning("prefill %s: %s", prefill.url, t.exception())
+
+        self._background.add(task)
+        task.add_done_callback(done)
+        return task
+
+    async def _call_prefill(self, prefill: Worker, path: str, payload: dict) -> None:
+        """Raises :class:`_AttemptFailed` when P fails; returns when P is done."""
+        try:
+            response = await self._http.post(prefill.url + path, json=payload)
+        except httpx.HTTPError as exc:
+            self._workers.mark_failed(prefill, repr(exc))
+            raise _upstream_error(prefill, exc) from None
+        if response.status_code >= 400:
+            raise _status_error(prefill, response.status_code, response.content,
+                                response.headers.get("content-type"))
+
+    async def _open_decode(self, decode: Worker, path: str, payload: dict,
+                           prefill_task: asyncio.Task | None) -> _Opened:
+        decode_task = asyncio.create_task(self._open(decode, path, payload))
+        pending = {decode_task} | ({prefill_task} if prefill_task else set())
+        try:
+            while decode_task in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if decode_task not in done and prefill_task in done:
+                    prefill_task.result()  # raises _AttemptFailed when P failed
+            return decode_task.result()
+        finally:
+            if not decode_task.done():
+                decode_task.cancel()
+                await asyncio.gather(decode_task, return_exceptions=True)
+
+    async def _open(self, worker: Worker, path: str, payload: dict) -> _Opened:
+        request = self._http.build_request("POST", worker.url + path, json=payload)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            self._workers.mark_failed(worker, repr(exc))
+            raise _upstream_error(worker, exc) from None
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                raise _status_error(worker, response.status_code, response.content,
+                                    response.headers.get("content-type"))
+            chunks = response.aiter_bytes()
+            first = await anext(chunks, b"")
+            return _Opened(response, first, chunks)
+        except httpx.HTTPError as exc:
+            await _close(response)
+            raise _upstream_error(worker, exc) from None
+        except BaseException:
+            await _close(response)
+            raise
+
+    async def _respond(self, opened: _Opened, decode: Worker, prefill_task: asyncio.Task | None,
+                       path: str) -> Response:
+        content_type = opened.response.headers.get("content-type", "application/json")
+        if content_type.startswith("text/event-stream"):
+            relay = _Relay(opened, decode, prefill_task, path, self._metrics)
+            return _RelayResponse(relay, status_code=opened.response.status_code,
+                                  media_type=content_type)
+        try:
+            rest = b"".join([chunk async for chunk in opened.chunks])
+        except httpx.HTTPError as exc:
+            raise _upstream_error(decode, exc) from None
+        finally:
+            await _close(opened.response)
+            decode.in_flight -= 1
+        return Response(content=opened.first_chunk + rest, status_code=opened.response.status_code,
+                        media_type=content_type)
+
+
+class _Relay:
+    """D's committed SSE stream, relayed chunk by chunk; closes exactly once."""
+
+    def __init__(self, opened: _Opened, decode: Worker, prefill_task: asyncio.Task | None,
+                 path: str, metrics: RouterMetrics) -> None:
+        self._opened = opened
+        self._decode = decode
+        self._prefill_task = prefill_task
+        self._path = path
+        self._metrics = metrics
+        self._finished = False
+        self._closed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            yield self._opened.first_chunk
+            async for chunk in self._opened.chunks:
+                yield chunk
+            self._finished = True
+        except httpx.HTTPError as exc:
+            # Bytes already reached the client: no retry, end the stream with an error event.
+            logger.warning("decode %s stream broke: %r", self._decode.url, exc)
+            self._metrics.errors.labels(self._path, "502").inc()
+            error = error_body(502, f"decode worker {self._decode.url} stream broke: {exc!r}")
+            yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await _close(self._opened.response)
+        self._decode.in_flight -= 1
+        if not self._finished and self._prefill_task is not None:
+            self._prefill_task.cancel()  # the client is gone or D broke: P's work is moot
+
+
+class _RelayResponse(StreamingResponse):
+    """Closes the relay even when the client left before the first chunk was sent."""
+
+    def __init__(self, relay: _Relay, status_code: int, media_type: str) -> None:
+        super().__init__(relay.chunks(), status_code=status_code, media_type=media_type)
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._relay.close()
+
+
+async def _close(response: httpx.Response) -> None:
+    # Shielded: this runs while the client's disconnect cancels the relay, and
+    # the upstream connection must still be closed so that D aborts the request.
+    with anyio.CancelScope(shield=True):
+        await response.aclose()

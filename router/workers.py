@@ -1,0 +1,181 @@
+"""The router's view of its workers: who exists, who is healthy, how loaded.
+
+Workers come from the command line (static, never removed) and, with a
+bootstrap URL, from the bootstrap service's instance list (added and removed as
+instances come and go). A periodic check asks each worker for ``/health`` and
+``/get_server_info``: the latter gives the ``instance_id`` the prefill side is
+addressed by, and the running/queued request counts that load-aware policies
+add to the router's own in-flight count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
+from pdserve.router.config import RouterConfig
+
+logger = logging.getLogger("pdserve.router.workers")
+
+PREFILL, DECODE, COLOCATED = "prefill", "decode", "worker"
+# The disaggregation_mode each router role expects the instance to report.
+_MODE_OF_ROLE = {PREFILL: "prefill", DECODE: "decode", COLOCATED: "null"}
+_ROLE_OF_MODE = {mode: role for role, mode in _MODE_OF_ROLE.items()}
+
+
+@dataclass(eq=False)
+class Worker:
+    """Mutable state of one worker; identity is the object itself."""
+
+    url: str
+    role: str  # PREFILL | DECODE | COLOCATED
+    discovered: bool = False
+    instance_id: str | None = None
+    healthy: bool = False
+    num_running_reqs: int = 0
+    num_queued_reqs: int = 0
+    in_flight: int = 0  # requests this router has open on it right now
+    last_error: str | None = None
+
+    @property
+    def load(self) -> int:
+        return self.num_running_reqs + self.num_queued_reqs + self.in_flight
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role, "url": self.url, "instance_id": self.instance_id,
+            "healthy": self.healthy, "load": self.load, "in_flight": self.in_flight,
+            "num_running_reqs": self.num_running_reqs, "num_queued_reqs": self.num_queued_reqs,
+            "source": "bootstrap" if self.discovered else "static", "last_error": self.last_error,
+        }
+
+
+def _static_workers(config: RouterConfig) -> list[Worker]:
+    pairs = ([(u, PREFILL) for u in config.prefill_urls] + [(u, DECODE) for u in config.decode_urls]
+             + [(u, COLOCATED) for u in config.worker_urls])
+    return [Worker(url=url.rstrip("/"), role=role) for url, role in pairs]
+
+
+class WorkerRegistry:
+    def __init__(
+        self,
+        config: RouterConfig,
+        http: httpx.AsyncClient,
+        on_removed: Callable[[Worker], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._http = http
+        self._on_removed = on_removed
+        self._roles = (PREFILL, DECODE) if config.mode == "pd" else (COLOCATED,)
+        self._workers: dict[tuple[str, str], Worker] = {
+            (w.role, w.url): w for w in _static_workers(config)}
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self._roles
+
+    def all(self) -> list[Worker]:
+        return sorted(self._workers.values(), key=lambda w: (w.role, w.url))
+
+    def healthy(self, role: str) -> list[Worker]:
+        return [w for w in self.all() if w.role == role and w.healthy]
+
+    def ready(self) -> bool:
+        """At least one healthy worker of every role this router needs."""
+        return all(self.healthy(role) for role in self._roles)
+
+    def mark_failed(self, worker: Worker, reason: str) -> None:
+        """Take a worker out of rotation until its next successful check."""
+        if worker.healthy:
+            logger.warning("worker %s %s marked unhealthy: %s", worker.role, worker.url, reason)
+        worker.healthy = False
+        worker.last_error = reason
+
+    async def refresh(self) -> None:
+        if self._config.bootstrap_url:
+            await self._discover(self._config.bootstrap_url)
+        await asyncio.gather(*(self._check(w) for w in self.all()))
+
+    async def run(self) -> None:
+        """Refresh forever; the caller cancels the task on shutdown."""
+        while True:
+            await asyncio.sleep(self._config.health_check_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a bad round must not end the loop
+                logger.exception("worker refresh failed")
+
+    async def _discover(self, bootstrap_url: str) -> None:
+        try:
+            response = await self._http.get(
+                bootstrap_url.rstrip("/") + "/instances",
+                timeout=self._config.health_check_timeout_s)
+            response.raise_for_status()
+            infos = [_parse_instance(item) for item in response.json()]
+        except (httpx.HTTPError, ValueError, TypeError) as exc:
+            logger.warning("cannot list instances at %s: %s", bootstrap_url, exc)
+            return
+        seen = set()
+        for info in infos:
+            role = _ROLE_OF_MODE.get(info.role) if info else None
+            if role in self._roles:
+                key = (role, info.http_url.rstrip("/"))
+                seen.add(key)
+                if key not in self._workers:
+                    logger.info("discovered %s %s (%s)", role, key[1], info.instance_id)
+                    self._workers[key] = Worker(url=key[1], role=role, discovered=True)
+        for key in [k for k, w in self._workers.items() if w.discovered and k not in seen]:
+            logger.info("instance %s %s left the bootstrap service", *key)
+            worker = self._workers.pop(key)
+            if self._on_removed:
+                self._on_removed(worker)
+
+    async def _check(self, worker: Worker) -> None:
+        timeout = self._config.health_check_timeout_s
+        try:
+            health = await self._http.get(worker.url + "/health", timeout=timeout)
+            if health.status_code != 200:
+                self.mark_failed(worker, f"/health answered {health.status_code}")
+                return
+            info = (await self._http.get(worker.url + "/get_server_info", timeout=timeout)).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            self.mark_failed(worker, f"unreachable: {exc!r}")
+            return
+        problem = self._apply_server_info(worker, info)
+        if problem:
+            self.mark_failed(worker, problem)
+            return
+        if not worker.healthy:
+            logger.info("worker %s %s is healthy (%s)", worker.role, worker.url, worker.instance_id)
+        worker.healthy, worker.last_error = True, None
+
+    def _apply_server_info(self, worker: Worker, info: Any) -> str | None:
+        if not isinstance(info, dict):
+            return "/get_server_info is not a JSON object"
+        mode = info.get("disaggregation_mode")
+        if mode is not None and mode != _MODE_OF_ROLE[worker.role]:
+            return f"instance serves disaggregation_mode={mode}, router expects {worker.role}"
+        instance_id = info.get("instance_id")
+        if worker.role == PREFILL and not instance_id:
+            return "prefill instance reports no instance_id"
+        worker.instance_id = str(instance_id) if instance_id else None
+        worker.num_running_reqs = _count(info.get("num_running_reqs"))
+        worker.num_queued_reqs = _count(info.get("num_queued_reqs"))
+        return None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _parse_instance(item: Any) -> InstanceInfo | None:
+    try:
+        return InstanceInfo.from_json(item)
+    except InvalidInstanceInfo as exc:
+        logger.warning("ignoring malformed bootstrap entry: %s", exc)
+        return None

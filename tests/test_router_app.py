@@ -1,0 +1,363 @@
+"""The router against fake instances: PD forwarding, streaming, retries, admin endpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import httpx
+import pytest
+from pdserve.bootstrap.client import BootstrapClient
+from pdserve.bootstrap.server import BootstrapConfig
+from pdserve.bootstrap.server import create_app as create_bootstrap_app
+from pdserve.router.app import create_app, parse_args
+from pdserve.router.config import RouterConfig
+from pdserve.tests.fake_worker import FakeWorker, ServerThread, make_info, start_fake
+
+FAST = RouterConfig(policy="round_robin", health_check_interval_s=0.05,
+                    health_check_timeout_s=2.0, request_timeout_s=10.0)
+PROMPT = {"model": "fake-model", "prompt": "Hello there", "max_tokens": 4}
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class Stack:
+    """Fake prefill/decode/colocated workers plus a router, all in threads."""
+
+    def __init__(self) -> None:
+        self.servers: list[ServerThread] = []
+        self.fakes: dict[str, FakeWorker] = {}
+        self.urls: dict[str, str] = {}
+        self.router: ServerThread | None = None
+        self.http = httpx.Client(timeout=10.0)
+
+    def fake(self, role: str, name: str, **behavior: object) -> FakeWorker:
+        worker, server = start_fake(role, name, **behavior)
+        self.servers.append(server)
+        self.fakes[name], self.urls[name] = worker, server.url
+        return worker
+
+    def start_router(self, config: RouterConfig, wait_healthy: bool = True) -> str:
+        self.router = ServerThread(create_app(config)).start()
+        self.servers.append(self.router)
+        if wait_healthy:
+            assert wait_until(lambda: self.get("/health").status_code == 200), self.get("/workers")
+        return self.router.url
+
+    def get(self, path: str, **kw: object) -> httpx.Response:
+        return self.http.get(self.router.url + path, **kw)
+
+    def post(self, path: str, **kw: object) -> httpx.Response:
+        return self.http.post(self.router.url + path, **kw)
+
+    def close(self) -> None:
+        self.http.close()
+        for server in self.servers:
+            server.request_stop()
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    s = Stack()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def pd(stack: Stack, num_prefill: int = 1, num_decode: int = 1, config: RouterConfig = FAST,
+       **decode_behavior: object) -> None:
+    for i in range(num_prefill):
+        stack.fake("prefill", f"p{i}")
+    for i in range(num_decode):
+        stack.fake("decode", f"d{i}", **decode_behavior)
+    stack.start_router(replace(
+        config, prefill_urls=tuple(stack.urls[f"p{i}"] for i in range(num_prefill)),
+        decode_urls=tuple(stack.urls[f"d{i}"] for i in range(num_decode))))
+
+
+def sse_bytes(worker: FakeWorker, path: str = "/v1/completions") -> bytes:
+    from pdserve.tests.fake_worker import _chunk
+
+    events = [f"data: {json.dumps(_chunk(path, t))}\n\n" for t in worker.tokens()]
+    return ("".join(events) + "data: [DONE]\n\n").encode()
+
+
+def assert_error(response: httpx.Response, status: int, fragment: str = "") -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"]
+
+
+def test_pd_sends_same_body_with_room_and_prefill_id_to_both(stack: Stack) -> None:
+    pd(stack)
+    p, d = stack.fakes["p0"], stack.fakes["d0"]
+    response = stack.post("/v1/completions", json=PROMPT)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["text"] == "[d0] tok1 tok2"
+    (p_body,), (d_body,) = p.bodies(), d.bodies()
+    assert p_body == d_body
+    room = p_body.pop("bootstrap_room")
+    assert isinstance(room, int) and 0 <= room < 2**63
+    assert p_body.pop("prefill_instance_id") == p.instance_id
+    assert p_body == PROMPT
+    stack.post("/v1/completions", json=PROMPT)
+    assert p.bodies()[1]["bootstrap_room"] != room  # a fresh room per request
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/generate"])
+def test_pd_streams_decode_sse_through_unchanged(stack: Stack, path: str) -> None:
+    pd(stack, num_chunks=5)
+    body = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else PROMPT
+    with stack.http.stream("POST", stack.router.url + path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        received = b"".join(r.iter_raw())
+    assert received == sse_bytes(stack.fakes["d0"], path)
+    assert len(stack.fakes["p0"].bodies(path)) == 1
+
+
+def test_round_robin_alternates_prefill_and_decode(stack: Stack) -> None:
+    pd(stack, num_prefill=2, num_decode=2)
+    for _ in range(4):
+        assert stack.post("/v1/completions", json=PROMPT).status_code == 200
+    assert [len(stack.fakes[n].requests) for n in ("p0", "p1", "d0", "d1")] == [2, 2, 2, 2]
+
+
+def test_power_of_two_avoids_the_loaded_decode(stack: Stack) -> None:
+    stack.fake("prefill", "p0")
+    stack.fake("decode", "busy", num_running_reqs=40)
+    stack.fake("decode", "idle")
+    stack.start_router(replace(FAST, decode_policy="power_of_two", prefill_urls=(stack.urls["p0"],),
+                               decode_urls=(stack.urls["busy"], stack.urls["idle"])))
+    for _ in range(6):
+        assert stack.post("/v1/completions", json=PROMPT).status_code == 200
+    assert (len(stack.fakes["busy"].requests), len(stack.fakes["idle"].requests)) == (0, 6)
+
+
+def test_cache_aware_keeps_a_prefix_on_one_prefill(stack: Stack) -> None:
+    pd(stack, num_prefill=2, config=replace(FAST, prefill_policy="cache_aware"))
+    for suffix in ("a", "b", "c", "d"):
+        prompt = {**PROMPT, "prompt": "A long shared system prompt. " * 3 + suffix}
+        assert stack.post("/v1/completions", json=prompt).status_code == 200
+    assert sorted(len(stack.fakes[n].requests) for n in ("p0", "p1")) == [0, 4]
+
+
+def test_retries_on_another_decode_when_it_fails_before_the_first_byte(stack: Stack) -> None:
+    pd(stack, num_decode=2)
+    stack.fakes["d0"].behavior.fail_status = 503
+    stack.fakes["d1"].behavior.fail_status = 503
+    stack.fakes["d1"].behavior.num_failures = 0  # d1 is fine
+    for _ in range(2):
+        response = stack.post("/v1/completions", json={**PROMPT, "stream": True})
+        assert response.status_code == 200
+        assert response.content == sse_bytes(stack.fakes["d1"])
+    assert len(stack.fakes["d0"].requests) >= 1
+    assert len(stack.fakes["p0"].requests) == len(stack.fakes["d0"].requests) + 2
+    assert 'pdserve:router_retries_total{endpoint="/v1/completions"}' in stack.get("/metrics").text
+
+
+def test_no_retry_once_bytes_reached_the_client(stack: Stack) -> None:
+    pd(stack, num_decode=2, num_chunks=4, break_after_chunks=1)
+    response = stack.post("/v1/completions", json={**PROMPT, "stream": True})
+    assert response.status_code == 200
+    events = response.text.split("\n\n")
+    assert "[d" in events[0]
+    assert "stream broke" in events[1]  # an error event ends the stream
+    assert len(stack.fakes["d0"].requests) + len(stack.fakes["d1"].requests) == 1
+
+
+def test_prefill_error_before_decode_output_is_returned(stack: Stack) -> None:
+    pd(stack, delay_s=2.0)
+    stack.fakes["p0"].behavior.fail_status = 400
+    started = time.monotonic()
+    response = stack.post("/v1/completions", json={**PROMPT, "stream": True})
+    assert_error(response, 400, "p0 failed on purpose")
+    assert time.monotonic() - started < 1.5  # did not wait for the decode side
+    assert len(stack.fakes["p0"].requests) == 1  # a 4xx is not retried
+
+
+def test_prefill_5xx_moves_to_another_prefill(stack: Stack) -> None:
+    # Like a real decode instance, D answers only after P's part (here: a short delay).
+    pd(stack, num_prefill=2, delay_s=0.3)
+    stack.fakes["p0"].behavior.fail_status = 500
+    stack.fakes["p1"].behavior.fail_status = 500
+    stack.fakes["p1"].behavior.num_failures = 0
+    for _ in range(2):
+        assert stack.post("/v1/completions", json=PROMPT).status_code == 200
+    num_failed = len(stack.fakes["p0"].requests)
+    assert num_failed >= 1
+    assert len(stack.fakes["p1"].requests) == 2
+    # D's request of each failed pair was cancelled; the one it answered names p1.
+    assert stack.fakes["d0"].num_cancelled == num_failed
+    assert stack.fakes["d0"].bodies()[-1]["prefill_instance_id"] == stack.fakes["p1"].instance_id
+
+
+def test_decode_error_goes_to_the_client_and_retries_are_bounded(stack: Stack) -> None:
+    pd(stack, num_decode=3, config=replace(FAST, max_retries=2))
+    for name in ("d0", "d1", "d2"):
+        stack.fakes[name].behavior.fail_status = 500
+    assert_error(stack.post("/v1/completions", json=PROMPT), 500, "failed on purpose")
+    assert sum(len(stack.fakes[n].requests) for n in ("d0", "d1", "d2")) == 3
+    for name in ("d0", "d1", "d2"):
+        stack.fakes[name].behavior.fail_status = 422
+    assert_error(stack.post("/v1/completions", json=PROMPT), 422)
+    assert sum(len(stack.fakes[n].requests) for n in ("d0", "d1", "d2")) == 4
+
+
+def test_unreachable_decode_is_retried_elsewhere_and_marked_unhealthy(stack: Stack) -> None:
+    # Checks are rare here, so the router still believes in d0 after it went away.
+    pd(stack, num_decode=2, config=replace(FAST, health_check_interval_s=60.0))
+    stack.servers[1].stop()  # d0
+    for _ in range(3):
+        assert stack.post("/v1/completions", json=PROMPT).status_code == 200
+    workers = {w["url"]: w for w in stack.get("/workers").json()}
+    assert workers[stack.urls["d0"]]["healthy"] is False
+    assert "unreachable" in workers[stack.urls["d0"]]["last_error"] or workers[
+        stack.urls["d0"]]["last_error"].startswith("Connect")
+    assert len(stack.fakes["d1"].requests) == 3
+    assert len(stack.fakes["d0"].requests) == 0
+
+
+def test_client_disconnect_closes_the_decode_stream(stack: Stack) -> None:
+    pd(stack, num_chunks=200, chunk_delay_s=0.05)
+    d = stack.fakes["d0"]
+    with stack.http.stream("POST", stack.router.url + "/v1/completions",
+                           json={**PROMPT, "stream": True}) as r:
+        first = next(r.iter_raw())
+        assert b"[d0]" in first
+    assert d.stream_aborted.wait(5.0)
+    assert wait_until(lambda: all(w["in_flight"] == 0 for w in stack.get("/workers").json()))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_before_the_first_byte_cancels_upstream(stack: Stack, stream: bool) -> None:
+    pd(stack, delay_s=5.0)
+    stack.fakes["p0"].behavior.delay_s = 5.0
+    with pytest.raises(httpx.ReadTimeout):
+        stack.http.post(stack.router.url + "/v1/completions", json={**PROMPT, "stream": stream},
+                        timeout=0.3)
+    # Both sides see their request go away long before their 5 s of work end.
+    assert stack.fakes["d0"].cancelled.wait(2.0)
+    assert stack.fakes["p0"].cancelled.wait(2.0)
+    assert wait_until(lambda: all(w["in_flight"] == 0 for w in stack.get("/workers").json()), 1.0)
+
+
+def test_health_needs_a_healthy_prefill_and_decode(stack: Stack) -> None:
+    stack.fake("prefill", "p0")
+    stack.fake("decode", "d0", healthy=False)
+    stack.start_router(replace(FAST, prefill_urls=(stack.urls["p0"],),
+                               decode_urls=(stack.urls["d0"],)), wait_healthy=False)
+    assert_error(stack.get("/health"), 503, "decode")
+    assert_error(stack.post("/v1/completions", json=PROMPT), 503, "decode")
+    stack.fakes["d0"].behavior.healthy = True
+    assert wait_until(lambda: stack.get("/health").status_code == 200)
+    stack.fakes["p0"].behavior.healthy = False
+    assert wait_until(lambda: stack.get("/health").status_code == 503)
+
+
+def test_colocated_mode_forwards_without_pd_fields(stack: Stack) -> None:
+    stack.fake("null", "c0")
+    stack.fake("null", "c1")
+    stack.start_router(replace(FAST, mode="colocated",
+                               worker_urls=(stack.urls["c0"], stack.urls["c1"])))
+    for _ in range(2):
+        assert stack.post("/generate", json={"text": "hi", "sampling_params": {}}).status_code == 200
+    assert stack.fakes["c0"].bodies() == stack.fakes["c1"].bodies() == [
+        {"text": "hi", "sampling_params": {}}]
+    stack.fakes["c0"].behavior.healthy = stack.fakes["c1"].behavior.healthy = False
+    assert wait_until(lambda: stack.get("/health").status_code == 503)
+
+
+def test_workers_models_server_info_flush_and_metrics(stack: Stack) -> None:
+    pd(stack)
+    p, d = stack.fakes["p0"], stack.fakes["d0"]
+    listed = stack.get("/workers").json()
+    assert [(w["role"], w["url"], w["instance_id"], w["healthy"]) for w in listed] == [
+        ("decode", stack.urls["d0"], d.instance_id, True),
+        ("prefill", stack.urls["p0"], p.instance_id, True)]
+    assert stack.get("/v1/models").json()["data"][0]["id"] == "fake-model"
+    info = stack.get("/get_server_info").json()
+    assert {i["server_info"]["instance_id"] for i in info["instances"]} == {p.instance_id,
+                                                                           d.instance_id}
+    assert stack.post("/flush_cache").status_code == 200
+    assert p.bodies("/flush_cache") == d.bodies("/flush_cache") == [None]
+    stack.post("/v1/completions", json=PROMPT)
+    metrics = stack.get("/metrics").text
+    assert 'pdserve:router_requests_total{endpoint="/v1/completions"} 1.0' in metrics
+    assert f'pdserve:router_worker_in_flight{{role="decode",url="{stack.urls["d0"]}"}} 0.0' in metrics
+
+
+def test_api_key_guards_everything_but_health(stack: Stack) -> None:
+    pd(stack, config=replace(FAST, api_key="sekret"))
+    assert stack.get("/health").status_code == 200
+    assert_error(stack.post("/v1/completions", json=PROMPT), 401, "API key")
+    assert_error(stack.get("/workers", headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(stack.get("/metrics"), 401)
+    ok = stack.post("/v1/completions", json=PROMPT, headers={"Authorization": "Bearer sekret"})
+    assert ok.status_code == 200
+    assert len(stack.fakes["d0"].requests) == 1
+
+
+@pytest.mark.parametrize(("content", "fragment"),
+                         [(b"{oops", "not valid JSON"), (b'["a"]', "JSON object"), (b"", "JSON")])
+def test_bad_input_is_400_without_contacting_workers(stack: Stack, content: bytes,
+                                                     fragment: str) -> None:
+    pd(stack)
+    response = stack.post("/v1/chat/completions", content=content,
+                          headers={"content-type": "application/json"})
+    assert_error(response, 400, fragment)
+    assert stack.fakes["p0"].requests == stack.fakes["d0"].requests == []
+
+
+def test_no_workers_at_all_is_503(stack: Stack) -> None:
+    stack.start_router(FAST, wait_healthy=False)
+    assert_error(stack.post("/v1/completions", json=PROMPT), 503, "no healthy")
+    assert_error(stack.get("/v1/models"), 503)
+
+
+def test_router_discovers_and_forgets_instances(stack: Stack) -> None:
+    bootstrap = ServerThread(create_bootstrap_app(BootstrapConfig(ttl_s=30.0))).start()
+    stack.servers.append(bootstrap)
+    p, d, c = stack.fake("prefill", "p0"), stack.fake("decode", "d0"), stack.fake("null", "c0")
+    with BootstrapClient(bootstrap.url) as client:
+        for worker, name in ((p, "p0"), (d, "d0"), (c, "c0")):
+            client.register(make_info(worker.instance_id, worker.role, http_url=stack.urls[name]))
+        stack.start_router(replace(FAST, bootstrap_url=bootstrap.url))
+        listed = {(w["role"], w["url"], w["instance_id"], w["source"])
+                  for w in stack.get("/workers").json()}
+        # The colocated instance is not a PD worker.
+        assert listed == {("prefill", stack.urls["p0"], p.instance_id, "bootstrap"),
+                          ("decode", stack.urls["d0"], d.instance_id, "bootstrap")}
+        assert stack.post("/v1/completions", json=PROMPT).status_code == 200
+        assert d.bodies()[0]["prefill_instance_id"] == p.instance_id
+        client.deregister(d.instance_id)
+        assert wait_until(lambda: stack.get("/health").status_code == 503)
+        assert [w["role"] for w in stack.get("/workers").json()] == ["prefill"]
+
+
+def test_cli_flags_build_the_config() -> None:
+    config = parse_args(["--prefill", "http://p:1", "--decode", "http://d:1", "http://d:2",
+                         "--decode", "http://d:3", "--policy", "power_of_two",
+                         "--prefill-policy", "cache_aware", "--api-key", "k", "--max-retries", "0"])
+    assert config.mode == "pd"
+    assert config.decode_urls == ("http://d:1", "http://d:2", "http://d:3")
+    assert (config.resolved_prefill_policy, config.resolved_decode_policy) == (
+        "cache_aware", "power_of_two")
+    assert (config.api_key, config.max_retries) == ("k", 0)
+    assert parse_args(["--worker", "http://w:1"]).mode == "colocated"
+    assert parse_args([]) == replace(RouterConfig())
+    with pytest.raises(SystemExit):
+        parse_args(["--worker", "http://w:1", "--prefill", "http://p:1"])

@@ -32,35 +32,67 @@ def plot_available() -> bool:
     return True
 
 
-def plot_curves(
-    series: dict[str, list[CurvePoint]], x_label: str, path: str, title: str = "", inf_x: float | None = None
-) -> None:
-    """Two panels (TTFT, ITL); per series p50 solid and p99 dashed in one colour.
+PANELS = (("TTFT (ms)", "ttft_p50_ms", "ttft_p99_ms"), ("ITL (ms)", "itl_p50_ms", "itl_p99_ms"))
 
-    ``inf_x`` is where points of an infinite request rate were placed; the axis
-    gets a tick labelled ``inf`` there.
-    """
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _draw_panel(ax, series: dict[str, list[CurvePoint]], p50: str, p99: str, inf_x: float | None) -> None:
+    """Per series p50 solid and p99 dashed in one colour."""
+    for i, (label, points) in enumerate(sorted(series.items())):
+        points = sorted(points, key=lambda p: p.x)
+        xs = [p.x for p in points]
+        color = f"C{i % 10}"
+        ax.plot(xs, [getattr(p, p50) for p in points], "o-", color=color, label=f"{label} p50")
+        ax.plot(xs, [getattr(p, p99) for p in points], "s--", color=color, label=f"{label} p99")
+    if inf_x is not None:
+        # Points of an infinite request rate sit at inf_x; label that tick "inf".
+        ticks = [t for t in ax.get_xticks() if 0 <= t < inf_x * 0.9]
+        ax.set_xticks([*ticks, inf_x], [f"{t:g}" for t in ticks] + ["inf"])
+    ax.grid(True, alpha=0.3)
+
+
+def plot_curves(
+    series: dict[str, list[CurvePoint]], x_label: str, path: str, title: str = "", inf_x: float | None = None
+) -> None:
+    """Two panels, TTFT and ITL, each with p50 and p99 of every series."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    panels = (("TTFT (ms)", "ttft_p50_ms", "ttft_p99_ms"), ("ITL (ms)", "itl_p50_ms", "itl_p99_ms"))
-    for ax, (ylabel, p50, p99) in zip(axes, panels, strict=True):
-        for i, (label, points) in enumerate(sorted(series.items())):
-            points = sorted(points, key=lambda p: p.x)
-            xs = [p.x for p in points]
-            color = f"C{i % 10}"
-            ax.plot(xs, [getattr(p, p50) for p in points], "o-", color=color, label=f"{label} p50")
-            ax.plot(xs, [getattr(p, p99) for p in points], "s--", color=color, label=f"{label} p99")
-        if inf_x is not None:
-            ticks = [t for t in ax.get_xticks() if t < inf_x * 0.9]
-            ax.set_xticks([*ticks, inf_x], [f"{t:g}" for t in ticks] + ["inf"])
+    for ax, (ylabel, p50, p99) in zip(axes, PANELS, strict=True):
+        _draw_panel(ax, series, p50, p99, inf_x)
         ax.set_xlabel(x_label)
         ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize="small", loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_grid(
+    grid: dict[str, dict[str, list[CurvePoint]]], x_label: str, path: str, title: str = "",
+    inf_x: float | None = None,
+) -> None:
+    """One column per key of ``grid`` (e.g. scenario), rows TTFT and ITL, a line pair per series."""
+    plt = _pyplot()
+    columns = sorted(grid)
+    fig, axes = plt.subplots(2, len(columns), figsize=(5 * len(columns), 8), squeeze=False)
+    for col, key in enumerate(columns):
+        for row, (ylabel, p50, p99) in enumerate(PANELS):
+            ax = axes[row][col]
+            _draw_panel(ax, grid[key], p50, p99, inf_x)
+            ax.set_title(key if row == 0 else "")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize="small", loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -22,13 +22,13 @@ def _num(value: float | int | None, digits: int = 2) -> str:
     return "inf" if math.isinf(value) else f"{value:.{digits}f}"
 
 
-def align(rows: list[list[str]], header: list[str]) -> str:
-    """Columns padded to their widest cell; the first column left, the rest right."""
+def align(rows: list[list[str]], header: list[str], num_left: int = 1) -> str:
+    """Columns padded to their widest cell; the first ``num_left`` left, the rest right."""
     table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        cells = [c.ljust(w) if i < num_left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)

@@ -15,10 +15,12 @@ the OS picks.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -144,6 +146,10 @@ def create_app(state: FakeState) -> FastAPI:
     async def generate(request: Request) -> Any:
         return await handle("generate", request)
 
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": b.model_id, "object": "model"}]}
@@ -181,3 +187,24 @@ class FakeServer:
         self._server.should_exit = True
         self._thread.join(timeout=10.0)
         self._sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve in the foreground: stands in for ``pdserve up`` in the study's tests.
+
+    Flags the real launcher takes (``--num-prefill``, ``--model-path``, ...) are
+    accepted and ignored.
+    """
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ttft-s", type=float, default=FakeBehavior.ttft_s)
+    parser.add_argument("--chunk-interval-s", type=float, default=FakeBehavior.chunk_interval_s)
+    ns, _ = parser.parse_known_args(argv)
+    behavior = FakeBehavior(ttft_s=ns.ttft_s, chunk_interval_s=ns.chunk_interval_s)
+    uvicorn.run(create_app(FakeState(behavior)), host=ns.host, port=ns.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,7 +35,8 @@ def _error_message(response: httpx.Response) -> str:
 class BootstrapClient:
     def __init__(self, url: str, timeout_s: float = 5.0) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        # Cluster-internal traffic: ignore HTTP proxies set in the environment.
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False)
 
     def close(self) -> None:
         self._http.close()

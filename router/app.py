@@ -58,7 +58,8 @@ def _build_state(config: RouterConfig) -> RouterState:
     timeout = httpx.Timeout(config.request_timeout_s, connect=config.health_check_timeout_s)
     # No pool cap: every streamed answer holds a connection for its whole life.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    http = httpx.AsyncClient(timeout=timeout, limits=limits)
+    # Internal traffic: never through an HTTP proxy from the environment.
+    http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
     policies = _make_policies(config)
 
     def forget(worker: Worker) -> None:
@@ -300,6 +301,7 @@ def main(argv: list[str]) -> int:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(),
                         format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
     if not (config.prefill_urls or config.decode_urls or config.worker_urls
             or config.bootstrap_url):
         logger.warning("no workers given: pass --prefill/--decode, --worker or --bootstrap-url")

@@ -104,7 +104,9 @@ class WorkerRegistry:
     async def run(self) -> None:
         """Refresh forever; the caller cancels the task on shutdown."""
         while True:
-            await asyncio.sleep(self._config.health_check_interval_s)
+            interval_s = self._config.health_check_interval_s
+            # While a role has no healthy worker, look again soon: startup, failover.
+            await asyncio.sleep(interval_s if self.ready() else min(interval_s, 0.5))
             try:
                 await self.refresh()
             except Exception:  # a bad round must not end the loop

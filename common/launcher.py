@@ -1,0 +1,334 @@
+"""``pdserve up``: a whole local cluster from one command, and the same as a Python API.
+
+Start order: bootstrap service, then every instance (prefill, decode or
+colocated, each ``pdserve serve`` on its own port from ``base_port``), then the
+router pointed at them. Every child is a separate process in its own process
+group, so stopping a child also stops whatever it spawned. The cluster is up
+when the router's ``/health`` answers 200, which needs every role healthy.
+
+On Ctrl-C or SIGTERM, or when any child dies, every child is stopped (SIGTERM,
+then SIGKILL after a grace period); a dead child makes the exit status non-zero.
+
+    with Cluster(ClusterConfig(num_prefill=1, num_decode=1)) as cluster:
+        openai.OpenAI(base_url=cluster.base_url, api_key="none")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+POLL_INTERVAL_S = 0.2
+SMOKE_PROMPT = "The capital of France is"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start, or a child died."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_colocated: int = 0
+    model_path: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 30000  # the router, i.e. the OpenAI endpoint
+    bootstrap_port: int = 8998
+    base_port: int = 31000  # instance i listens on base_port + i
+    transfer_backend: str = "nixl"
+    policy: str = "cache_aware"
+    startup_timeout_s: float = 300.0
+    stop_grace_s: float = 10.0
+    log_dir: str | None = None  # None: children write to this terminal
+    serve_args: tuple[str, ...] = ()  # extra engine flags for every instance
+    router_args: tuple[str, ...] = ()
+    serve_command: tuple[str, ...] | None = None  # None: this Python's `pdserve serve`
+
+    def __post_init__(self) -> None:
+        if self.num_colocated and (self.num_prefill or self.num_decode):
+            raise ValueError("colocated instances cannot be mixed with prefill/decode ones")
+        if not self.num_colocated and not (self.num_prefill and self.num_decode):
+            raise ValueError("need at least one prefill and one decode instance "
+                             "(or --num-colocated N)")
+
+    @property
+    def connect_host(self) -> str:
+        # A wildcard bind address is not something to connect to.
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen
+    log_path: Path | None = None
+    log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    def log_tail(self, num_chars: int = 2000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-num_chars:]
+
+
+def _pdserve_command(subcommand: str) -> list[str]:
+    return [sys.executable, "-m", "pdserve.common.cli", subcommand]
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ClusterError(f"port {port} on {host} is not free: {exc}") from None
+
+
+def _signal_group(child: Child, sig: signal.Signals) -> None:
+    try:
+        os.killpg(child.process.pid, sig)  # the child leads its own group
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Cluster:
+    """Bootstrap + instances + router as child processes; a context manager."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self._roles = (["prefill"] * config.num_prefill + ["decode"] * config.num_decode
+                       + ["null"] * config.num_colocated)
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.config.connect_host}:{self.config.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, e.g. for ``openai.OpenAI(base_url=...)``."""
+        return self.router_url + "/v1"
+
+    @property
+    def bootstrap_url(self) -> str:
+        return f"http://{self.config.connect_host}:{self.config.bootstrap_port}"
+
+    def instance_urls(self, role: str) -> list[str]:
+        """URLs of the instances of ``role`` ("prefill", "decode" or "null")."""
+        host, base = self.config.connect_host, self.config.base_port
+        return [f"http://{host}:{base + i}" for i, r in enumerate(self._roles) if r == role]
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, stop_event: threading.Event | None = None) -> None:
+        """Start everything and wait until the router is healthy; raises ClusterError."""
+        cfg = self.config
+        for port in [cfg.bootstrap_port, cfg.port] + [cfg.base_port + i for i in range(len(self._roles))]:
+            _check_port_free(cfg.host, port)
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        try:
+            self._spawn("bootstrap", _pdserve_command("bootstrap") + [
+                "--host", cfg.host, "--port", str(cfg.bootstrap_port)])
+            self._wait_healthy(self.bootstrap_url, deadline, stop_event)
+            for i, role in enumerate(self._roles):
+                index = self._roles[:i].count(role)
+                self._spawn(f"{role}-{index}", self._serve_argv(role, cfg.base_port + i))
+            self._spawn("router", self._router_argv())
+            self._wait_healthy(self.router_url, deadline, stop_event)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _serve_argv(self, role: str, port: int) -> list[str]:
+        cfg = self.config
+        command = list(cfg.serve_command) if cfg.serve_command else _pdserve_command("serve")
+        return command + [
+            "--model-path", cfg.model_path, "--host", cfg.host, "--port", str(port),
+            "--disaggregation-mode", role, "--disaggregation-bootstrap-url", self.bootstrap_url,
+            "--disaggregation-transfer-backend", cfg.transfer_backend, *cfg.serve_args]
+
+    def _router_argv(self) -> list[str]:
+        cfg = self.config
+        argv = _pdserve_command("router") + [
+            "--host", cfg.host, "--port", str(cfg.port), "--policy", cfg.policy]
+        if cfg.num_colocated:
+            argv += ["--worker", *self.instance_urls("null")]
+        else:
+            argv += ["--prefill", *self.instance_urls("prefill"),
+                     "--decode", *self.instance_urls("decode")]
+        return argv + list(cfg.router_args)
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        log_path, log_file = None, None
+        if self.config.log_dir:
+            log_path = Path(self.config.log_dir) / f"{name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = log_path.open("ab")
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT if log_file else None,
+                                   start_new_session=True)
+        child = Child(name, argv, process, log_path, log_file)
+        self.children.append(child)
+        return child
+
+    def dead_child(self) -> Child | None:
+        """The first child that has exited, if any."""
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def _wait_healthy(self, url: str, deadline: float, stop_event: threading.Event | None) -> None:
+        with httpx.Client(timeout=2.0, trust_env=False) as http:
+            while True:
+                dead = self.dead_child()
+                if dead is not None:
+                    raise ClusterError(self._death_message(dead))
+                if stop_event is not None and stop_event.is_set():
+                    raise ClusterError("interrupted before the cluster was up")
+                try:
+                    if http.get(url + "/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{url} not healthy after {self.config.startup_timeout_s}s;"
+                                       f" {self._unhealthy_instances(http)}")
+                time.sleep(POLL_INTERVAL_S)
+
+    def _unhealthy_instances(self, http: httpx.Client) -> str:
+        bad = []
+        for role in dict.fromkeys(self._roles):
+            for url in self.instance_urls(role):
+                try:
+                    healthy = http.get(url + "/health").status_code == 200
+                except httpx.HTTPError:
+                    healthy = False
+                if not healthy:
+                    bad.append(f"{role} {url}")
+        return f"not healthy: {', '.join(bad)}" if bad else "every instance is healthy"
+
+    @staticmethod
+    def _death_message(child: Child) -> str:
+        message = f"{child.name} exited with code {child.process.returncode}"
+        tail = child.log_tail()
+        return f"{message}; end of {child.log_path}:\n{tail}" if tail else message
+
+    def wait(self, stop_event: threading.Event) -> int:
+        """Block until ``stop_event`` (0) or until a child dies (1)."""
+        while not stop_event.wait(POLL_INTERVAL_S):
+            dead = self.dead_child()
+            if dead is not None:
+                print(f"pdserve up: {self._death_message(dead)}", file=sys.stderr, flush=True)
+                return 1
+        return 0
+
+    def stop(self) -> None:
+        """SIGTERM every child's group, SIGKILL what is left after the grace period."""
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                _signal_group(child, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_grace_s
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            _signal_group(child, signal.SIGKILL)  # also whatever the child spawned
+            child.process.wait()
+            if child.log_file is not None:
+                child.log_file.close()
+        self.children.clear()
+
+
+def _smoke(cluster: Cluster) -> int:
+    """One completion through the router; prints the answer."""
+    with httpx.Client(timeout=cluster.config.startup_timeout_s, trust_env=False) as http:
+        models = http.get(cluster.base_url + "/models").json().get("data") or []
+        model = models[0]["id"] if models else cluster.config.model_path
+        body = {"model": model, "prompt": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0}
+        response = http.post(cluster.base_url + "/completions", json=body)
+    if response.status_code != 200:
+        print(f"smoke test failed ({response.status_code}): {response.text}", file=sys.stderr)
+        return 1
+    text = response.json()["choices"][0]["text"]
+    print(f"smoke test: {SMOKE_PROMPT!r} -> {text!r}", flush=True)
+    return 0
+
+
+def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
+    """Returns the config and whether ``--smoke`` was given."""
+    serve_args: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, serve_args = argv[:at], argv[at + 1:]
+    d = ClusterConfig()
+    p = argparse.ArgumentParser(prog="pdserve up", description=__doc__.split("\n")[0],
+                                epilog="Arguments after -- go to every `pdserve serve`.")
+    p.add_argument("--num-prefill", type=int, default=None, help="default 1 (0 with colocated)")
+    p.add_argument("--num-decode", type=int, default=None, help="default 1 (0 with colocated)")
+    p.add_argument("--num-colocated", type=int, default=d.num_colocated)
+    p.add_argument("--model-path", default=d.model_path)
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--bootstrap-port", type=int, default=d.bootstrap_port)
+    p.add_argument("--base-port", type=int, default=d.base_port)
+    p.add_argument("--transfer-backend", default=d.transfer_backend)
+    p.add_argument("--policy", default=d.policy)
+    p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
+    p.add_argument("--stop-grace-s", type=float, default=d.stop_grace_s)
+    p.add_argument("--log-dir", default=d.log_dir)
+    p.add_argument("--router-args", default="", help="extra router flags, one shell-quoted string")
+    p.add_argument("--serve-command", default=None,
+                   help="command that starts one instance (default: this Python's pdserve serve)")
+    p.add_argument("--smoke", action="store_true",
+                   help="send one completion once up, print it, shut down")
+    a = p.parse_args(argv)
+    pd_default = 0 if a.num_colocated else 1
+    try:
+        config = ClusterConfig(
+            num_prefill=pd_default if a.num_prefill is None else a.num_prefill,
+            num_decode=pd_default if a.num_decode is None else a.num_decode,
+            num_colocated=a.num_colocated, model_path=a.model_path, host=a.host, port=a.port,
+            bootstrap_port=a.bootstrap_port, base_port=a.base_port,
+            transfer_backend=a.transfer_backend, policy=a.policy,
+            startup_timeout_s=a.startup_timeout_s, stop_grace_s=a.stop_grace_s,
+            log_dir=a.log_dir, serve_args=tuple(serve_args),
+            router_args=tuple(shlex.split(a.router_args)),
+            serve_command=tuple(shlex.split(a.serve_command)) if a.serve_command else None)
+    except ValueError as exc:
+        p.error(str(exc))
+    return config, a.smoke
+
+
+def main(argv: list[str]) -> int:
+    config, smoke = parse_args(argv)
+    stop_event = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_event.set())
+    cluster = Cluster(config)
+    try:
+        cluster.start(stop_event)
+        print(f"pdserve is up: OpenAI base URL {cluster.base_url}", flush=True)
+        return _smoke(cluster) if smoke else cluster.wait(stop_event)
+    except ClusterError as exc:
+        print(f"pdserve up failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        cluster.stop()

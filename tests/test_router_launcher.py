@@ -1,0 +1,152 @@
+"""`pdserve up` / Cluster process management, with fake instances as the serve command."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from pdserve.common.launcher import Cluster, ClusterConfig, ClusterError, parse_args
+
+FAKE_SERVE = (sys.executable, "-m", "pdserve.tests.fake_worker")
+
+
+def free_port_block(count: int) -> int:
+    """First of ``count`` consecutive free ports."""
+    for _ in range(100):
+        first = random.randrange(20000, 60000 - count)
+        try:
+            socks = []
+            for port in range(first, first + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port block")
+
+
+def fake_config(tmp_path: Path, **changes: object) -> ClusterConfig:
+    first = free_port_block(8)
+    config = ClusterConfig(port=first, bootstrap_port=first + 1, base_port=first + 2,
+                           serve_command=FAKE_SERVE, log_dir=str(tmp_path / "logs"),
+                           startup_timeout_s=30.0, stop_grace_s=5.0,
+                           router_args=("--health-check-interval-s", "0.2"))
+    return replace(config, **changes)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_cluster_serves_through_the_router_and_stops_every_child(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, num_prefill=1, num_decode=2)
+    with Cluster(config) as cluster:
+        processes = [c.process for c in cluster.children]
+        assert [c.name for c in cluster.children] == [
+            "bootstrap", "prefill-0", "decode-0", "decode-1", "router"]
+        response = httpx.post(cluster.base_url + "/completions",
+                              json={"model": "tiny", "prompt": "hi"}, timeout=10.0)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["text"].startswith("[decode-")
+        instances = httpx.get(cluster.bootstrap_url + "/instances").json()
+        assert sorted(i["role"] for i in instances) == ["decode", "decode", "prefill"]
+        workers = httpx.get(cluster.router_url + "/workers").json()
+        assert sorted(w["url"] for w in workers) == sorted(
+            cluster.instance_urls("prefill") + cluster.instance_urls("decode"))
+    assert all(p.poll() is not None for p in processes)
+    assert not any(listening(port) for port in range(config.port, config.base_port + 3))
+    assert (tmp_path / "logs" / "router.log").exists()
+
+
+def test_a_dying_child_is_noticed_and_everything_stops(tmp_path: Path) -> None:
+    cluster = Cluster(fake_config(tmp_path, num_prefill=0, num_decode=0, num_colocated=1))
+    cluster.start()
+    try:
+        processes = [c.process for c in cluster.children]
+        instance = next(c for c in cluster.children if c.name == "null-0")
+        instance.process.send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        assert cluster.wait(threading.Event()) == 1
+        assert time.monotonic() - started < 2.0
+    finally:
+        cluster.stop()
+    assert all(p.poll() is not None for p in processes)
+
+
+def test_startup_failure_names_the_child_and_cleans_up(tmp_path: Path) -> None:
+    crash = (sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(3)")
+    config = fake_config(tmp_path, serve_command=crash)
+    cluster = Cluster(config)
+    with pytest.raises(ClusterError, match=r"exited with code 3(.|\n)*no GPU here"):
+        cluster.start()
+    assert cluster.children == []
+    assert not listening(config.bootstrap_port)
+
+
+def test_busy_port_is_refused_before_starting_anything(tmp_path: Path) -> None:
+    config = fake_config(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", config.port))
+        sock.listen()
+        with pytest.raises(ClusterError, match=f"port {config.port}"):
+            Cluster(config).start()
+
+
+def _up_argv(config: ClusterConfig, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pdserve.common.cli", "up", "--num-colocated", "1",
+            "--port", str(config.port), "--bootstrap-port", str(config.bootstrap_port),
+            "--base-port", str(config.base_port), "--serve-command", " ".join(FAKE_SERVE),
+            "--startup-timeout-s", "30", "--router-args", "--health-check-interval-s 0.2",
+            *extra]
+
+
+def test_pdserve_up_smoke_prints_an_answer_and_exits_0(tmp_path: Path) -> None:
+    config = fake_config(tmp_path)
+    done = subprocess.run(_up_argv(config, "--smoke"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"pdserve is up: OpenAI base URL http://127.0.0.1:{config.port}/v1" in done.stdout
+    assert "smoke test: 'The capital of France is' -> '[null-" in done.stdout
+    assert not listening(config.port) and not listening(config.bootstrap_port)
+
+
+def test_pdserve_up_stops_its_children_on_sigterm(tmp_path: Path) -> None:
+    config = fake_config(tmp_path)
+    launcher = subprocess.Popen(_up_argv(config), stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 30
+        while "pdserve is up" not in line and time.monotonic() < deadline:
+            line = launcher.stdout.readline()
+        assert "pdserve is up" in line
+        assert listening(config.base_port)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=15) == 0
+        assert not any(listening(p) for p in (config.port, config.bootstrap_port, config.base_port))
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=15)
+
+
+def test_up_flags() -> None:
+    config, smoke = parse_args(["--num-colocated", "2", "--", "--page-size", "32"])
+    assert (config.num_prefill, config.num_decode, config.num_colocated) == (0, 0, 2)
+    assert config.serve_args == ("--page-size", "32") and not smoke
+    config, smoke = parse_args(["--smoke", "--num-decode", "3"])
+    assert (config.num_prefill, config.num_decode, smoke) == (1, 3, True)
+    with pytest.raises(SystemExit):
+        parse_args(["--num-colocated", "1", "--num-prefill", "1"])

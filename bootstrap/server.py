@@ -51,7 +51,12 @@ def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None
     app = FastAPI(title="pdserve bootstrap")
     app.state.registry = registry
     install_error_handlers(app)
+    _membership_routes(app, registry, config.ttl_s)
+    _lookup_routes(app, registry)
+    return app
 
+
+def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -> None:
     @app.post("/register")
     async def register(request: Request) -> dict[str, Any]:
         try:
@@ -64,7 +69,7 @@ def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None
             logger.warning("refused registration: %s", exc)
             raise APIError(409, str(exc)) from None
         logger.info("registered %s %s at %s", info.role, info.instance_id, info.http_url)
-        return {"status": "ok", "instance_id": info.instance_id, "ttl_s": config.ttl_s}
+        return {"status": "ok", "instance_id": info.instance_id, "ttl_s": ttl_s}
 
     @app.post("/heartbeat")
     async def heartbeat(request: Request) -> dict[str, Any]:
@@ -75,6 +80,15 @@ def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None
             raise APIError(404, f"instance '{instance_id}' is not registered; register again")
         return {"status": "ok"}
 
+    @app.delete("/instances/{instance_id}")
+    async def delete_instance(instance_id: str) -> dict[str, Any]:
+        if not registry.delete(instance_id):
+            raise APIError(404, f"instance '{instance_id}' is not registered")
+        logger.info("deregistered %s", instance_id)
+        return {"status": "ok", "instance_id": instance_id}
+
+
+def _lookup_routes(app: FastAPI, registry: InstanceRegistry) -> None:
     @app.get("/instances")
     async def list_instances(role: str | None = None) -> list[dict[str, Any]]:
         if role is not None and role not in ROLES:
@@ -88,18 +102,9 @@ def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None
             raise APIError(404, f"instance '{instance_id}' is not registered")
         return info.to_json()
 
-    @app.delete("/instances/{instance_id}")
-    async def delete_instance(instance_id: str) -> dict[str, Any]:
-        if not registry.delete(instance_id):
-            raise APIError(404, f"instance '{instance_id}' is not registered")
-        logger.info("deregistered %s", instance_id)
-        return {"status": "ok", "instance_id": instance_id}
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "num_instances": len(registry.list())}
-
-    return app
 
 
 def parse_args(argv: list[str]) -> BootstrapConfig:

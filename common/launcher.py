@@ -272,12 +272,7 @@ def _smoke(cluster: Cluster) -> int:
     return 0
 
 
-def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
-    """Returns the config and whether ``--smoke`` was given."""
-    serve_args: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, serve_args = argv[:at], argv[at + 1:]
+def build_parser() -> argparse.ArgumentParser:
     d = ClusterConfig()
     p = argparse.ArgumentParser(prog="pdserve up", description=__doc__.split("\n")[0],
                                 epilog="Arguments after -- go to every `pdserve serve`.")
@@ -299,7 +294,17 @@ def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
                    help="command that starts one instance (default: this Python's pdserve serve)")
     p.add_argument("--smoke", action="store_true",
                    help="send one completion once up, print it, shut down")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
+    """Returns the config and whether ``--smoke`` was given."""
+    serve_args: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, serve_args = argv[:at], argv[at + 1:]
+    parser = build_parser()
+    a = parser.parse_args(argv)
     pd_default = 0 if a.num_colocated else 1
     try:
         config = ClusterConfig(
@@ -313,7 +318,7 @@ def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
             router_args=tuple(shlex.split(a.router_args)),
             serve_command=tuple(shlex.split(a.serve_command)) if a.serve_command else None)
     except ValueError as exc:
-        p.error(str(exc))
+        parser.error(str(exc))
     return config, a.smoke
 
 

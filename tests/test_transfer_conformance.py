@@ -1,5 +1,6 @@
 """Every transfer backend against the same contract, prefill and decode agents
-in separate processes writing between CPU tensors.
+in separate processes writing between CPU tensors (and, marked ``gpu``, between
+CUDA tensors on the device machine).
 
 One module-scoped trio of processes per backend (P, D1, D2) is shared by the
 cases; each case uses fresh random room ids and refills the buffers.
@@ -19,7 +20,8 @@ from pdserve.transfer.base import LayoutMismatchError, RoomState
 from pdserve.transfer.harness import AgentProcess, WorkerSpec, start_agents
 from pdserve.transfer.messages import AgentInfo
 
-LAYOUT = KVLayout(num_layers=2, num_pages=16, page_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+# 4 KiB pages: single pages go eagerly, runs of 3+ pages take UCX's rendezvous path.
+LAYOUT = KVLayout(num_layers=2, num_pages=16, page_size=8, num_kv_heads=2, head_dim=64, dtype="float32")
 SENTINEL = -1.0
 WAIT_S = 20.0
 SUCCESS, FAILED = int(RoomState.SUCCESS), int(RoomState.FAILED)
@@ -36,10 +38,28 @@ class Cluster:
     d1_info: bytes
 
 
-@pytest.fixture(scope="module", params=["nixl", "ucx"])
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs CUDA")]
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("nixl", "cpu"),
+        ("ucx", "cpu"),
+        pytest.param(("nixl", "cuda"), marks=_GPU, id="nixl-cuda"),
+        pytest.param(("ucx", "cuda"), marks=_GPU, id="ucx-cuda"),
+    ],
+    ids=lambda p: "-".join(p) if isinstance(p, tuple) else p,
+)
 def cluster(request):
-    backend = request.param
-    specs = [WorkerSpec(backend, name, LAYOUT.to_dict(), timeout_s=WAIT_S) for name in ("P", "D1", "D2")]
+    backend, device = request.param
+    specs = [WorkerSpec(backend, name, LAYOUT.to_dict(), WAIT_S, device) for name in ("P", "D1", "D2")]
     p, d1, d2 = procs = start_agents(specs)
     try:
         p_info, d1_info, d2_info = (proc.call("info") for proc in procs)
@@ -236,12 +256,12 @@ def test_sender_times_out_without_last_chunk(cluster):
 
 def test_layout_mismatch_refuses_pairing(cluster):
     info = decode(cluster.d1_info)
-    wrong = KVLayout(LAYOUT.num_layers, LAYOUT.num_pages, 8, LAYOUT.num_kv_heads, LAYOUT.head_dim, "bfloat16")
+    wrong = KVLayout(LAYOUT.num_layers, LAYOUT.num_pages, 16, LAYOUT.num_kv_heads, LAYOUT.head_dim, "bfloat16")
     forged = encode(AgentInfo(**{**info.__dict__, "name": info.name + "-x", "layout": wrong.to_dict()}))
     with pytest.raises(LayoutMismatchError) as exc:
         cluster.p.call("add_peer", info=forged)
     text = str(exc.value)
-    assert "page_size" in text and "=4" in text and "=8" in text
+    assert "page_size" in text and "=8 vs" in text and "=16" in text
     assert "float32" in text and "bfloat16" in text
 
 

@@ -65,6 +65,10 @@ class _Worker:
     def cmd_read(self):
         return self.pages().float().cpu().numpy()
 
+    def cmd_page_sums(self, pages: list[int]):
+        """Per (region, page) float64 sums: a cheap fingerprint of page contents."""
+        return self.pages()[:, pages].double().sum(dim=-1).cpu().numpy()
+
     def cmd_open_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> None:
         self.rooms[room] = self.agent.create_sender(room, peer, dst_pages, timeout_s)
 
@@ -94,6 +98,9 @@ class _Worker:
             done.setdefault(room, (int(self.rooms[room].poll()), time.monotonic()))
         return done
 
+    def cmd_failure(self, room: int) -> str | None:
+        return self.rooms[room].failure
+
     def cmd_counters(self, room: int) -> tuple[int, int]:
         sender = self.rooms[room]
         return sender.num_descriptors, sender.num_bytes
@@ -103,19 +110,26 @@ class _Worker:
         return asdict(self.agent.stats())
 
     def cmd_copy_bandwidth(self, num_bytes: int, repeats: int = 5) -> float:
-        """Bytes/s of a same-device copy of ``num_bytes`` (the local ceiling)."""
+        """Best bytes/s of a same-device copy of ``num_bytes`` (the local ceiling):
+        device-to-device on cuda, a single-threaded memcpy on cpu."""
+        import numpy as np
         import torch
 
-        src = torch.empty(num_bytes, dtype=torch.uint8, device=self.buffer.device)
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            dst.copy_(src)
-        sync()
-        return num_bytes * repeats / (time.perf_counter() - start)
+        if self.buffer.is_cuda:
+            src = torch.ones(num_bytes, dtype=torch.uint8, device=self.buffer.device)
+            dst = torch.ones_like(src)
+            copy, sync = dst.copy_, torch.cuda.synchronize
+        else:  # numpy: torch's CPU copy spins threads that fight the peer process
+            src, dst = np.ones(num_bytes, dtype=np.uint8), np.ones(num_bytes, dtype=np.uint8)
+            copy, sync = (lambda s: np.copyto(dst, s)), (lambda: None)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            copy(src)
+            sync()
+            best = min(best, time.perf_counter() - start)
+        return num_bytes / best
 
     def close(self) -> None:
         self.agent.close()

@@ -71,7 +71,7 @@ class NixlSender(KVSender):
             return False
         pending = []
         for handle in self._handles:
-            state = self._agent.nixl.check_xfer_state(handle)
+            state = self._agent.xfer_state(handle)
             if state == "ERR":
                 raise TransferError(f"room {self.room}: NIXL transfer failed")
             if state == "DONE":
@@ -209,10 +209,22 @@ class NixlAgent(TransferAgent):
         except Exception as exc:  # nixl raises its own binding error types
             raise TransferError(f"cannot create NIXL WRITE to {peer.name}: {exc}") from exc
         self._num_handles += 1
-        if self.nixl.transfer(handle) == "ERR":
+        try:
+            posted = self.nixl.transfer(handle)
+        except Exception as exc:  # e.g. the peer disconnected
+            posted = f"ERR ({exc})"
+        if posted.startswith("ERR"):
             self.release(handle)
-            raise TransferError(f"NIXL WRITE to {peer.name} failed to post")
+            raise TransferError(f"NIXL WRITE to {peer.name} failed to post: {posted}")
         return handle
+
+    def xfer_state(self, handle) -> str:
+        """'DONE', 'PROC' or 'ERR'; a raising backend counts as 'ERR'."""
+        try:
+            return self.nixl.check_xfer_state(handle)
+        except Exception as exc:  # nixl raises e.g. on a disconnected peer
+            logger.warning("NIXL transfer state: %s", exc)
+            return "ERR"
 
     def release(self, handle) -> None:
         try:
@@ -236,7 +248,7 @@ class NixlAgent(TransferAgent):
         self.rooms.expire()
         zombies, self._zombies = self._zombies, []
         for handle in zombies:
-            if self.nixl.check_xfer_state(handle) != "PROC":
+            if self.xfer_state(handle) != "PROC":
                 self.release(handle)
             else:
                 self._zombies.append(handle)

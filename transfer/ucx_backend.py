@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 
 import numpy as np
-from pdserve.common.codec import CodecError, decode, encode
+from pdserve.common.codec import decode, encode
 from pdserve.transfer.base import (
     AgentStats,
     KVMemory,
@@ -49,22 +48,12 @@ from pdserve.transfer.rooms import ChunkTracker, RoomTable
 from pdserve.transfer.ucx_wire import (
     Flight,
     InboundChunk,
-    Inbox,
+    InboundService,
     UcxChunkHeader,
     byte_view,
-    scratch_view,
 )
 
 logger = logging.getLogger("pdserve.transfer.ucx")
-
-
-def _check_header(header: UcxChunkHeader, buffer_bytes: int) -> str | None:
-    if not len(header.tags) == len(header.dst_offsets) == len(header.lengths):
-        return "malformed chunk header"
-    pairs = zip(header.dst_offsets, header.lengths, strict=True)
-    if not all(o >= 0 and n >= 0 and o + n <= buffer_bytes for o, n in pairs):
-        return f"destination outside this agent's {buffer_bytes}-byte buffer"
-    return None
 
 
 class UcxSender(KVSender):
@@ -171,7 +160,7 @@ class UcxAgent(TransferAgent):
         self._api = ucx_api
         self._name = f"{config.instance_name}-{secrets.token_hex(4)}"
         options = {"NET_DEVICES": config.ib_device} if config.ib_device else {}
-        features = (ucx_api.Feature.TAG, ucx_api.Feature.AM, ucx_api.Feature.WAKEUP)
+        features = (ucx_api.Feature.TAG, ucx_api.Feature.AM, ucx_api.Feature.RMA, ucx_api.Feature.WAKEUP)
         self._context = ucx_api.UCXContext(options, feature_flags=features)
         self._worker = ucx_api.UCXWorker(self._context, enable_delayed_submission=True)
         if memory.device == "cuda":
@@ -179,22 +168,19 @@ class UcxAgent(TransferAgent):
 
             self._worker.set_progress_thread_start_callback(ensure_cuda_context, cb_args=(memory.device_id,))
         self._worker.start_progress_thread(polling_mode=False)
-        self._lock = threading.Lock()
-        self._accepted: list = []  # filled by the listener on the progress thread
+        self.rooms: RoomTable[UcxSender | UcxReceiver] = RoomTable(config.notice_ttl_s)
+        # RoomTable.is_closed is a plain dict lookup: safe from the service thread.
+        self._inbound = InboundService(self._worker, memory, self.rooms.is_closed)
         self._listener = ucx_api.UCXListener.create(self._worker, config.port, self._on_connect)
-        self._inboxes: list[Inbox] = []
         self._endpoints: dict[str, object] = {}
         self._peers: dict[str, AgentInfo] = {}
         self._tag_prefix = secrets.randbits(32) << 32
         self._tag_seq = 0
         self._draining: list[Flight] = []
-        self.rooms: RoomTable[UcxSender | UcxReceiver] = RoomTable(config.notice_ttl_s)
         self._closed = False
 
     def _on_connect(self, conn_request) -> None:
-        endpoint = self._listener.create_endpoint_from_conn_request(conn_request, True)
-        with self._lock:
-            self._accepted.append(endpoint)
+        self._inbound.adopt(self._listener.create_endpoint_from_conn_request(conn_request, True))
 
     @property
     def name(self) -> str:
@@ -282,16 +268,9 @@ class UcxAgent(TransferAgent):
             self._draining.append(flight)
 
     def progress(self) -> None:
-        """Turn arrived messages into room news; retire finished state."""
-        with self._lock:
-            accepted, self._accepted = self._accepted, []
-        self._inboxes.extend(Inbox(endpoint) for endpoint in accepted)
-        for inbox in list(self._inboxes):
-            messages, alive = inbox.take()
-            for raw in messages:
-                self._deliver(raw)
-            if not alive:
-                self._inboxes.remove(inbox)
+        """Route the news the inbound service gathered; retire finished state."""
+        for news in self._inbound.take_news():
+            self._route(news)
         for dropped in self.rooms.expire():
             if isinstance(dropped, InboundChunk):
                 self.drain(dropped.flight)
@@ -299,19 +278,7 @@ class UcxAgent(TransferAgent):
             flight.collect()
         self._draining = [f for f in self._draining if len(f)]
 
-    def _deliver(self, raw: bytes) -> None:
-        try:
-            msg = decode(raw)
-        except CodecError as exc:
-            logger.warning("dropping malformed transfer message: %s", exc)
-            return
-        if isinstance(msg, UcxChunkHeader):
-            news: RoomNotice | InboundChunk = self._receive_chunk(msg)
-        elif isinstance(msg, RoomNotice):
-            news = msg
-        else:
-            logger.warning("dropping unexpected transfer message %s", type(msg).__name__)
-            return
+    def _route(self, news: RoomNotice | InboundChunk) -> None:
         handler = self.rooms.get(news.room)
         if handler is not None:
             handler.on_news(news)
@@ -320,16 +287,6 @@ class UcxAgent(TransferAgent):
                 self.drain(news.flight)
         else:
             self.rooms.buffer(news.room, news)
-
-    def _receive_chunk(self, header: UcxChunkHeader) -> InboundChunk:
-        """Post the chunk's receives: into its pages, or scratch if unwanted."""
-        chunk = InboundChunk(header.room, header.sender, header.chunk_index, header.is_last, Flight())
-        chunk.error = _check_header(header, self.memory.num_bytes)
-        scratch = chunk.error is not None or self.rooms.is_closed(header.room)
-        for tag, offset, length in zip(header.tags, header.dst_offsets, header.lengths, strict=False):
-            buffer = scratch_view(length) if scratch else byte_view(self.memory, offset, length)
-            chunk.flight.add(self._worker.tag_recv(buffer, self._api.UCXXTag(tag)), buffer)
-        return chunk
 
     def stats(self) -> AgentStats:
         inflight = sum(len(f) for f in self._draining)
@@ -342,10 +299,11 @@ class UcxAgent(TransferAgent):
         self._closed = True
         for handler in self.rooms.handlers():
             handler.abort()
-        for endpoint in list(self._endpoints.values()) + [i.endpoint for i in self._inboxes]:
+        self._inbound.stop()
+        for endpoint in list(self._endpoints.values()) + self._inbound.endpoints():
             try:
                 endpoint.close()
             except Exception as exc:  # best effort while shutting down
                 logger.debug("closing endpoint: %s", exc)
         self._worker.stop_progress_thread()
-        self._inboxes, self._endpoints, self._draining = [], {}, []
+        self._endpoints, self._draining = {}, []

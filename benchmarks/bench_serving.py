@@ -198,23 +198,42 @@ def _concurrency(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something and the help has not said it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return str(super()._get_help_string(action))
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--base-url", default=d.base_url, help="server root URL")
     p.add_argument("--model", default=d.model, help="model name (default: first of GET /v1/models)")
     p.add_argument("--api-key", default=d.api_key, help="bearer token (default: $OPENAI_API_KEY)")
     p.add_argument("--backend", default=d.backend, choices=sorted(BACKENDS),
                    help="openai: /v1/completions, openai-chat: /v1/chat/completions, pdserve: /generate")
+    _add_dataset_args(p, d)
+    _add_load_args(p, d)
+    _add_output_args(p, d)
+    return p
+
+
+def _add_dataset_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
     p.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS))
     p.add_argument("--dataset-path", default=d.dataset_path, help="ShareGPT JSON file")
     p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests per run")
-    p.add_argument("--random-input-len", type=int, default=d.random_input_len)
-    p.add_argument("--random-output-len", type=int, default=d.random_output_len)
+    p.add_argument("--random-input-len", type=int, default=d.random_input_len, help="prompt tokens")
+    p.add_argument("--random-output-len", type=int, default=d.random_output_len,
+                   help="output tokens (max_tokens); also the shared-prefix output length")
     p.add_argument("--random-range-ratio", type=float, default=d.random_range_ratio,
                    help="lengths uniform in [len*(1-r), len*(1+r)]")
-    p.add_argument("--shared-prefix-num-groups", type=int, default=d.shared_prefix_num_groups)
+    p.add_argument("--shared-prefix-num-groups", type=int, default=d.shared_prefix_num_groups,
+                   help="distinct shared prefixes")
     p.add_argument("--shared-prefix-len", type=int, default=d.shared_prefix_len,
                    help="tokens of each group's shared system prefix")
     p.add_argument("--shared-prefix-suffix-len", type=int, default=d.shared_prefix_suffix_len,
@@ -222,19 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharegpt-output-len", type=int, default=d.sharegpt_output_len,
                    help="output length for ShareGPT prompts (default: the reply's)")
     p.add_argument("--traffic-scenario", dest="traffic_scenarios", action="extend", nargs="+",
-                   metavar="SCENARIO", default=None, help="D(in,out) | N(mi,si)/(mo,so) | U(lo,hi)/(lo,hi); one run each")
+                   metavar="SCENARIO", default=None,
+                   help="D(in,out) | N(mi,si)/(mo,so) | U(lo,hi)/(lo,hi); one run each")
+
+
+def _add_load_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
     p.add_argument("--request-rate", dest="request_rates", action="extend", nargs="+", type=_rate,
-                   metavar="RATE", default=None, help="requests/s, gamma arrivals (inf: all at once); one run each "
-                   "(default: inf)")
+                   metavar="RATE", default=None,
+                   help="requests/s, gamma arrivals (inf: all at once); one run each (default: inf)")
     p.add_argument("--burstiness", type=float, default=d.burstiness,
                    help="gamma shape of inter-arrival gaps; 1 is Poisson, < 1 burstier")
-    p.add_argument("--max-concurrency", action="extend", nargs="+", type=_concurrency, metavar="N", default=None,
-                   help="most requests in flight; one run each (default: unlimited)")
+    p.add_argument("--max-concurrency", action="extend", nargs="+", type=_concurrency, metavar="N",
+                   default=None, help="most requests in flight; one run each (default: unlimited)")
     p.add_argument("--warmup-requests", type=int, default=d.warmup_requests,
                    help="requests sent before each run and left out of its metrics")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of prompts and arrival times")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true")
-    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
+
+
+def _add_output_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
     p.add_argument("--tokenizer", default=d.tokenizer,
                    help="HF tokenizer directory (default: the server's /get_model_info paths)")
     p.add_argument("--slo", default=d.slo, help="e.g. ttft_ms=1000,itl_ms=25 (keys: ttft_ms, "
@@ -245,7 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s,
                    help="a request not finished by then counts as failed")
     p.add_argument("--disable-tqdm", action="store_true")
-    return p
 
 
 def config_from_argv(argv: list[str]) -> BenchConfig:

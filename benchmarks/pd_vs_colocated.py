@@ -39,7 +39,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve.benchmarks.bench_serving import BenchConfig, run_benchmark
+from pdserve.benchmarks.bench_serving import BenchConfig, HelpFormatter, run_benchmark
 from pdserve.benchmarks.metrics import parse_slo
 from pdserve.benchmarks.report import bench_json
 from pdserve.benchmarks.scenarios import ScenarioError, parse_scenario
@@ -66,6 +66,7 @@ class StudyConfig:
     num_prompts: int = 200
     slo: str = "ttft_ms=1000,itl_ms=25"
     extra_serve_args: tuple[str, ...] = ()
+    up_args: tuple[str, ...] = ()  # flags of `pdserve up` itself, e.g. --base-port
     modes: tuple[str, ...] = MODES
     host: str = "127.0.0.1"
     port: int = 30000
@@ -82,7 +83,7 @@ class StudyConfig:
 SMOKE = dict(
     model_path="tiny",
     num_gpus=2,
-    scenarios=("D(64,16)", "D(16,32)", "N(48,16)/(16,4)"),
+    scenarios=("D(64,8)", "D(16,16)", "N(48,16)/(8,2)"),
     request_rates=(2.0, 4.0),
     num_prompts=8,
     slo="ttft_ms=2000,itl_ms=200",
@@ -117,6 +118,7 @@ def up_command(cfg: StudyConfig, mode: str) -> list[str]:
            "--num-prefill", str(counts[0]), "--num-decode", str(counts[1]), "--num-colocated", str(counts[2])]
     if cfg.model_path:
         cmd += ["--model-path", cfg.model_path]
+    cmd += list(cfg.up_args)
     return cmd + ["--", *cfg.extra_serve_args] if cfg.extra_serve_args else cmd
 
 
@@ -238,26 +240,32 @@ def build_parser() -> argparse.ArgumentParser:
     d = StudyConfig()
     p = argparse.ArgumentParser(prog="python -m pdserve.benchmarks.pd_vs_colocated",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model-path", default=d.model_path, help="model for both modes (--smoke: tiny)")
     p.add_argument("--num-gpus", type=int, default=d.num_gpus, help="GPUs (instances) per mode")
     p.add_argument("--layout", default=d.layout, help="PD split P:D or xPyD (default: half and half)")
     p.add_argument("--scenarios", nargs="+", default=list(d.scenarios), help="traffic scenarios")
-    p.add_argument("--request-rates", nargs="+", type=float, default=list(d.request_rates))
+    p.add_argument("--request-rates", nargs="+", type=float, default=list(d.request_rates),
+                   help="requests/s, Poisson arrivals; inf sends all at once")
     p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests per run")
     p.add_argument("--slo", default=d.slo, help="SLO for goodput")
     p.add_argument("--extra-serve-args", default="", help="passed after -- to pdserve up (also: "
                    "everything after this command's own --)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(d.modes))
+    p.add_argument("--up-args", default="", help="extra flags of pdserve up itself, one shell-quoted "
+                   "string, e.g. '--base-port 32000 --transfer-backend ucx'")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(d.modes), help="modes to run")
     p.add_argument("--host", default=d.host, help="router address")
     p.add_argument("--port", type=int, default=d.port, help="router port")
     p.add_argument("--launcher", default=d.launcher, help="command that starts a cluster")
-    p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--backend", default=d.backend, choices=("openai", "openai-chat", "pdserve"))
-    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
-    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
+    p.add_argument("--output-dir", default=d.output_dir, help="tables, plot, raw JSON, cluster logs")
+    p.add_argument("--backend", default=d.backend, choices=("openai", "openai-chat", "pdserve"),
+                   help="API the benchmark client uses")
+    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests, help="before each run")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of prompts and arrival times")
+    p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s,
+                   help="wait this long for the router's /health")
+    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s,
+                   help="a request not finished by then counts as failed")
     p.add_argument("--smoke", action="store_true", help="CPU preset: tiny model, " + ", ".join(
         f"{k}={v}" for k, v in SMOKE.items() if k != "model_path"))
     return p
@@ -270,6 +278,7 @@ def config_from_argv(argv: list[str]) -> StudyConfig:
     explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in own if a.startswith("--")}
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(StudyConfig) if hasattr(ns, f.name)}
     values["extra_serve_args"] = [*shlex.split(ns.extra_serve_args), *extra]
+    values["up_args"] = shlex.split(ns.up_args)
     if ns.smoke:  # the preset fills what the command line left unsaid
         values.update({k: v for k, v in SMOKE.items() if k not in explicit})
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}

@@ -127,7 +127,7 @@ def test_cli_smoke_preset_and_extra_args() -> None:
     cfg = config_from_argv(["--smoke", "--num-prompts", "5", "--extra-serve-args", "--page-size 8",
                             "--", "--disable-radix-cache"])
     assert cfg.model_path == "tiny" and cfg.num_prompts == 5  # explicit flags beat the preset
-    assert cfg.scenarios == ("D(64,16)", "D(16,32)", "N(48,16)/(16,4)") and cfg.request_rates == (2.0, 4.0)
+    assert cfg.scenarios == ("D(64,8)", "D(16,16)", "N(48,16)/(8,2)") and cfg.request_rates == (2.0, 4.0)
     assert cfg.extra_serve_args == ("--page-size", "8", "--disable-radix-cache")
     with pytest.raises(SystemExit):
         config_from_argv(["--scenarios", "D(1)"])
@@ -159,3 +159,21 @@ def test_study_end_to_end_with_a_fake_cluster(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "bench_pd.json").read_text())["config"]["mode"] == "pd"
     if (tmp_path / "comparison.png").exists():
         assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_study_smoke_on_real_clusters(tmp_path: Path) -> None:
+    """Both modes of the built-in tiny model on CPU, one scenario (about 45 s)."""
+    ports = [_free_port() for _ in range(4)]
+    argv = ["--smoke", "--scenarios", "D(32,8)", "--num-prompts", "4", "--port", str(ports[0]),
+            "--output-dir", str(tmp_path), "--request-timeout-s", "60",
+            "--up-args", f"--bootstrap-port {ports[1]} --base-port {ports[2]}"]
+    cfg = config_from_argv(argv)
+    assert cfg.model_path == "tiny" and cfg.request_rates == (2.0, 4.0)
+    rows = run_study(cfg)
+    assert port_free("127.0.0.1", ports[0])
+    assert sorted((r.mode, r.request_rate) for r in rows) == [
+        ("colocated", 2.0), ("colocated", 4.0), ("pd", 2.0), ("pd", 4.0)]
+    assert all(r.completed == 4 and r.failed == 0 for r in rows)
+    assert all(r.ttft_p50_ms > 0 and r.itl_p50_ms > 0 for r in rows)
+    assert (tmp_path / "comparison.md").exists() and (tmp_path / "comparison.json").exists()

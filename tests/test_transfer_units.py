@@ -110,3 +110,17 @@ def test_unknown_backend_lists_known_ones():
 
 def test_room_state_terminality():
     assert [s.is_terminal for s in RoomState] == [False, False, False, True, True]
+
+
+def test_room_table_expiry_keeps_recent_entries_in_order():
+    table: RoomTable[str] = RoomTable(ttl_s=0.05)
+    table.buffer(1, "old")
+    table.open(2, "h")
+    table.close(2)
+    time.sleep(0.06)
+    table.buffer(3, "new")
+    table.open(4, "h")
+    table.close(4)
+    assert table.expire() == ["old"]
+    assert table.num_buffered == 1 and table.is_closed(4) and not table.is_closed(2)
+    assert table.open(3, "late") == ["new"]

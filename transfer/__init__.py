@@ -1,1 +1,10 @@
-"""transfer."""
+"""KV transfer layer: one agent per instance moves finished KV pages from a
+prefill instance straight into the pages a decode instance reserved.
+
+- ``base``: the interface (agent, per-room sender/receiver, RoomState), configs
+  and the backend registry (``create_transfer_agent``).
+- ``nixl_backend`` (default, ``nixl``) and ``ucx_backend`` (``ucx``).
+- ``descriptors``: page lists to merged per-region descriptors.
+- ``control``: the PD control channel (typed messages over TCP).
+- ``harness``: an agent in its own process, for tests and benchmarks.
+"""

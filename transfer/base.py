@@ -58,7 +58,7 @@ class TransferConfig:
     port: int = 0  # listener port for backends that listen; 0 = ephemeral
     ib_device: str | None = None  # e.g. "mlx5_0:1"; None lets UCX choose
     timeout_s: float = 120.0  # a room that is not done by then is FAILED
-    notice_ttl_s: float = 300.0  # how long notices for unknown/finished rooms are kept
+    notice_ttl_s: float = 120.0  # how long news for unknown/finished rooms is kept
 
 
 @dataclass(frozen=True)

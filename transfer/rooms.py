@@ -36,6 +36,7 @@ class RoomTable(Generic[H]):
 
     def close(self, room: int) -> None:
         if self._active.pop(room, None) is not None:
+            self._closed.pop(room, None)  # re-insert: the dict stays ordered by time
             self._closed[room] = time.monotonic()
 
     def is_closed(self, room: int) -> bool:
@@ -47,12 +48,22 @@ class RoomTable(Generic[H]):
         entry[1].append(item)
 
     def expire(self) -> list[Any]:
-        """Forget old buffered news and tombstones; returns the dropped news."""
+        """Forget old buffered news and tombstones; returns the dropped news.
+
+        Both dicts are ordered by insertion time, so this only looks at the
+        entries it drops (plus one): cheap enough to call on every poll."""
         cutoff = time.monotonic() - self.ttl_s
         dropped: list[Any] = []
-        for room in [r for r, (t, _) in self._buffered.items() if t < cutoff]:
-            dropped.extend(self._buffered.pop(room)[1])
-        for room in [r for r, t in self._closed.items() if t < cutoff]:
+        while self._buffered:
+            room, (stamp, items) = next(iter(self._buffered.items()))
+            if stamp >= cutoff:
+                break
+            del self._buffered[room]
+            dropped.extend(items)
+        while self._closed:
+            room, stamp = next(iter(self._closed.items()))
+            if stamp >= cutoff:
+                break
             del self._closed[room]
         return dropped
 

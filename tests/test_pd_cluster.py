@@ -1,0 +1,217 @@
+"""The whole PD stack as real processes: bootstrap + router + prefill + decode.
+
+KV pages move over real NIXL (and UCX) transfers on DRAM. Greedy outputs through
+the router must equal transformers' greedy outputs on the same weights, and
+every instance's pool must be back to zero used pages after each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from pdserve.common.launcher import Cluster, ClusterConfig
+from pdserve.tests.server_utils import free_port
+
+SERVE_ARGS = ("--page-size", "4", "--chunked-prefill-size", "16", "--max-total-tokens", "4096", "--skip-server-warmup")
+# Shorter and longer than a page (4) and than a chunk (16).
+PROMPT_LENGTHS = (3, 9, 17, 40)
+MAX_NEW = 8
+
+
+def _ports(n: int) -> int:
+    """A base port with n free ports after it (best effort)."""
+    for _ in range(50):
+        base = random.randint(20000, 60000)
+        if all(_port_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _cluster(tmp: Path, backend: str, num_prefill: int = 1, num_decode: int = 1) -> Cluster:
+    cfg = ClusterConfig(
+        num_prefill=num_prefill,
+        num_decode=num_decode,
+        port=free_port(),
+        bootstrap_port=free_port(),
+        base_port=_ports(num_prefill + num_decode),
+        transfer_backend=backend,
+        policy="round_robin",
+        startup_timeout_s=180,
+        log_dir=str(tmp),
+        serve_args=SERVE_ARGS,
+    )
+    return Cluster(cfg)
+
+
+def _used_pages(url: str) -> int:
+    info = httpx.get(f"{url}/get_server_info", timeout=10, trust_env=False).json()
+    return info["kv_pool"]["used_pages"]
+
+
+def assert_no_leaks(cluster: Cluster, timeout_s: float = 10.0) -> None:
+    urls = cluster.instance_urls("prefill") + cluster.instance_urls("decode")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        used = {u: _used_pages(u) for u in urls}
+        if all(v == 0 for v in used.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pages still in use after the run: {used}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module", params=["nixl", "ucx"])
+def cluster(request, tmp_path_factory) -> Iterator[Cluster]:
+    with _cluster(tmp_path_factory.mktemp(f"pd-{request.param}"), request.param) as c:
+        yield c
+        assert_no_leaks(c)
+
+
+def _prompts(lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, 1000) for _ in range(n)] for n in lengths]
+
+
+def _generate(base: str, ids: list[int], max_new: int = MAX_NEW) -> dict:
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
+    resp = httpx.post(f"{base}/generate", json=body, timeout=60, trust_env=False)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_greedy_equals_transformers_one_by_one(cluster: Cluster, oracle) -> None:
+    for ids in _prompts():
+        out = _generate(cluster.router_url, ids)
+        assert out["output_ids"] == oracle.greedy(ids, MAX_NEW), f"prompt of {len(ids)} tokens"
+        assert out["meta_info"]["prompt_tokens"] == len(ids)
+    assert_no_leaks(cluster)
+
+
+def test_sixteen_concurrent_requests(cluster: Cluster, oracle) -> None:
+    prompts = _prompts(lengths=[3 + 3 * i for i in range(16)], seed=1)
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
+            bodies = [
+                {"input_ids": ids, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
+                for ids in prompts
+            ]
+            resps = await asyncio.gather(*(http.post(f"{cluster.router_url}/generate", json=b) for b in bodies))
+        return [r.json() for r in resps]
+
+    outs = asyncio.run(run())
+    for ids, out in zip(prompts, outs):
+        assert out["output_ids"] == oracle.greedy(ids, MAX_NEW)
+    assert_no_leaks(cluster)
+
+
+def test_prefix_cache_hit_on_prefill_still_sends_whole_prompt(cluster: Cluster, oracle) -> None:
+    ids = _prompts(lengths=[37], seed=7)[0]
+    first = _generate(cluster.router_url, ids)
+    second = _generate(cluster.router_url, ids)
+    # The second run reuses P's cached pages; D must still get every page.
+    assert second["meta_info"]["cached_tokens"] > 0
+    assert first["output_ids"] == second["output_ids"] == oracle.greedy(ids, MAX_NEW)
+
+
+def test_openai_client_streamed_and_not(cluster: Cluster, oracle) -> None:
+    client = openai.OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0)
+    prompt = "The quick brown fox jumps over the lazy dog, and then"
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_NEW, temperature=0)
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_NEW, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
+    ids = oracle.tokenizer.encode(prompt)
+    assert whole.choices[0].text == oracle.tokenizer.decode(oracle.greedy(ids, MAX_NEW), skip_special_tokens=True)
+    messages = [{"role": "user", "content": "Say something about pages."}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_NEW, temperature=0)
+    chat_stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_NEW, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chat_stream if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chat.usage.completion_tokens == MAX_NEW or chat.choices[0].finish_reason == "stop"
+    assert_no_leaks(cluster)
+
+
+def test_client_abort_mid_stream_frees_pages(cluster: Cluster) -> None:
+    body = {"prompt": "a b c d e f g", "max_tokens": 1500, "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{cluster.router_url}/v1/completions", json=body, timeout=60, trust_env=False) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i > 6:
+                break
+    assert_no_leaks(cluster)
+
+
+def test_server_info_reports_roles(cluster: Cluster) -> None:
+    workers = httpx.get(f"{cluster.router_url}/workers", timeout=10, trust_env=False).json()
+    assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
+    assert all(w["healthy"] for w in workers)
+
+
+@pytest.fixture(scope="module")
+def big_cluster(tmp_path_factory) -> Iterator[Cluster]:
+    with _cluster(tmp_path_factory.mktemp("pd-2x2"), "nixl", num_prefill=2, num_decode=2) as c:
+        yield c
+        assert_no_leaks(c)
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "random", "power_of_two", "cache_aware"])
+def test_two_by_two_with_each_policy(big_cluster: Cluster, oracle, policy: str, tmp_path: Path) -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "pdserve.common.cli", "router", "--port", str(port), "--policy", policy,
+            "--prefill", *big_cluster.instance_urls("prefill"), "--decode", *big_cluster.instance_urls("decode")]
+    log = (tmp_path / "router.log").open("wb")
+    router = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ok(f"{url}/health", router)
+        prompts = _prompts(lengths=[5, 11, 19, 26, 33, 41], seed=3)
+        for ids in prompts:
+            assert _generate(url, ids)["output_ids"] == oracle.greedy(ids, MAX_NEW)
+        infos = [httpx.get(f"{u}/get_server_info", timeout=10, trust_env=False).json() for u in big_cluster.instance_urls("decode")]
+        assert all(i["num_running_reqs"] == 0 for i in infos)
+        assert_no_leaks(big_cluster)
+    finally:
+        router.terminate()
+        router.wait(timeout=10)
+
+
+def _wait_ok(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "router exited"
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def test_layout_mismatch_is_refused_at_startup(big_cluster: Cluster, tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "pdserve.common.cli", "serve", "--port", str(free_port()), "--skip-server-warmup",
+            "--disaggregation-mode", "decode", "--disaggregation-bootstrap-url", big_cluster.bootstrap_url,
+            "--page-size", "8", "--max-total-tokens", "1024"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "page_size" in out and "8" in out and "4" in out, out[-2000:]

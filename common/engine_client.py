@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing as mp
+import socket
 import threading
 from collections.abc import AsyncIterator
 
@@ -35,8 +36,8 @@ class EngineDied(RuntimeError):
 class EngineClient:
     def __init__(self, cfg: ServerConfig, model_dir: str):
         ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=engine_main, args=(cfg, model_dir, child), name="pdserve-engine", daemon=True)
+        self._conn, self._child_conn = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=engine_main, args=(cfg, model_dir, self._child_conn), name="pdserve-engine", daemon=True)
         self.info: dict = {}
         self._queues: dict[str, asyncio.Queue] = {}
         self._control: dict[int, asyncio.Future] = {}
@@ -48,6 +49,8 @@ class EngineClient:
     def start(self, timeout_s: float) -> dict:
         """Start the engine and block until it is ready; raise if it fails."""
         self.process.start()
+        # Only the engine may hold its end: then closing ours is an EOF it sees at once.
+        self._child_conn.close()
         if not self._conn.poll(timeout_s):
             self.process.kill()
             raise EngineDied(f"engine did not start within {timeout_s:.0f}s")
@@ -76,7 +79,8 @@ class EngineClient:
                 msg = codec.decode(self._conn.recv_bytes())
                 self._loop.call_soon_threadsafe(self._dispatch, msg)
         except (EOFError, OSError):
-            self._loop.call_soon_threadsafe(self._on_death)
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._on_death)
 
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, TokenBatch):
@@ -135,6 +139,10 @@ class EngineClient:
 
     def shutdown(self) -> None:
         try:
+            # close() alone leaves the socket open while the reader thread blocks on
+            # it, so the engine would never see EOF; shutdown() wakes both sides.
+            with socket.fromfd(self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
             self._conn.close()
         except OSError:
             pass

@@ -15,6 +15,9 @@ from pdserve.common.sampling import SamplingParams
 
 MAX_LOGPROBS = 20
 _PENALTY_RANGE = (-2.0, 2.0)
+# Integers cross the engine pipe as msgpack int64: anything wider must be a 400, not a 500.
+_INT64 = (-(2**63), 2**63 - 1)
+_MAX_TOKEN_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -60,27 +63,38 @@ def _stop_strings(value: Any) -> tuple[str, ...]:
     raise APIError(400, "'stop' must be a string or a list of strings", "stop")
 
 
-def _int_list(value: Any, param: str) -> tuple[int, ...]:
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _token_ids(value: Any, param: str) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+    if isinstance(value, list) and all(_is_int(x) and 0 <= x <= _MAX_TOKEN_ID for x in value):
         return tuple(value)
-    raise APIError(400, f"'{param}' must be a list of integers", param)
+    raise APIError(400, f"'{param}' must be a list of token ids", param)
+
+
+def _seed(body: dict, name: str) -> int | None:
+    seed = _get(body, name, (int,))
+    _check(seed is None or _INT64[0] <= seed <= _INT64[1], f"'{name}' must be a 64-bit integer", name)
+    return seed
 
 
 def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -> SamplingParams:
-    max_tokens = default_max
+    max_tokens, max_name = default_max, max_tokens_names[0]
     for name in max_tokens_names:
         if body.get(name) is not None:
-            max_tokens = _get(body, name, (int,))
+            max_tokens, max_name = _get(body, name, (int,)), name
             break
-    _check(max_tokens >= 1, "'max_tokens' must be at least 1", max_tokens_names[0])
+    _check(max_tokens >= 1, f"'{max_name}' must be at least 1", max_name)
     temperature = float(_get(body, "temperature", (int, float), 1.0))
     _check(temperature >= 0, "'temperature' must be >= 0", "temperature")
     top_p = float(_get(body, "top_p", (int, float), 1.0))
     _check(0 < top_p <= 1, "'top_p' must be in (0, 1]", "top_p")
     top_k = _get(body, "top_k", (int,), -1)
     _check(top_k == -1 or top_k >= 1, "'top_k' must be -1 (disabled) or >= 1", "top_k")
+    top_k = min(top_k, _MAX_TOKEN_ID)  # any k beyond the vocabulary means all of it
     min_p = float(_get(body, "min_p", (int, float), 0.0))
     _check(0 <= min_p <= 1, "'min_p' must be in [0, 1]", "min_p")
     penalties = {}
@@ -89,7 +103,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -
         _check(_PENALTY_RANGE[0] <= penalties[name] <= _PENALTY_RANGE[1], f"'{name}' must be in [-2, 2]", name)
     repetition = float(_get(body, "repetition_penalty", (int, float), 1.0))
     _check(0 < repetition <= 2, "'repetition_penalty' must be in (0, 2]", "repetition_penalty")
-    seed = _get(body, "seed", (int,))
+    seed = _seed(body, "seed")
     return SamplingParams(
         max_new_tokens=max_tokens,
         temperature=temperature,
@@ -97,7 +111,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -
         top_k=top_k,
         min_p=min_p,
         repetition_penalty=repetition,
-        stop_token_ids=_int_list(body.get("stop_token_ids"), "stop_token_ids"),
+        stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
         ignore_eos=bool(_get(body, "ignore_eos", (bool,), False)),
         seed=seed,
         **penalties,
@@ -142,11 +156,11 @@ def _completion_prompts(prompt: Any) -> list[str | list[int]]:
         _check(prompt != "", "'prompt' must not be empty", "prompt")
         return [prompt]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        if all(_is_int(x) for x in prompt):
             return [list(prompt)]
         if all(isinstance(x, str) and x for x in prompt):
             return list(prompt)
-        if all(isinstance(x, list) and x and all(isinstance(t, int) for t in x) for x in prompt):
+        if all(isinstance(x, list) and x and all(_is_int(t) for t in x) for x in prompt):
             return [list(x) for x in prompt]
     raise APIError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids", "prompt")
 
@@ -191,5 +205,5 @@ def parse_generate(body: dict) -> GenerationInput:
         _check(0 <= top <= MAX_LOGPROBS, f"'top_logprobs_num' must be in [0, {MAX_LOGPROBS}]", "top_logprobs_num")
         params = replace(params, logprobs=True, top_logprobs=top)
     if sp.get("sampling_seed") is not None:
-        params = replace(params, seed=_get(sp, "sampling_seed", (int,)))
+        params = replace(params, seed=_seed(sp, "sampling_seed"))
     return _common(body, prompts, params, _stop_strings(sp.get("stop")))

@@ -17,6 +17,7 @@ from pdserve.common.protocol import GenerationInput, parse_chat, parse_completio
 from pdserve.common.sampling import SamplingParams
 from pdserve.common.serving import Serving, SubRequest
 from pdserve.common.text_stream import ChoiceState
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 if TYPE_CHECKING:
     from pdserve.common.server import AppState
@@ -51,16 +52,39 @@ def _install_middleware(app: FastAPI, state: AppState) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes and methods: an OpenAI error object like every other failure.
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        key = state.cfg.api_key
-        if key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {key}":
-            return JSONResponse(error_body(401, "invalid or missing API key", code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if state.cfg.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=state.cfg.api_key)
+
+
+class APIKeyMiddleware:
+    """``Authorization: Bearer KEY`` on every path but /health.
+
+    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``)
+    swallows the client's disconnect message, so a handler polling
+    ``request.is_disconnected()`` would never see a client leave.
+    """
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            auth = dict(scope["headers"]).get(b"authorization")
+            if auth != self.expected:
+                body = error_body(401, "invalid or missing API key", code="invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _serving(state: AppState) -> Serving:

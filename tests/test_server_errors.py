@@ -1,0 +1,136 @@
+"""Bad input gets an OpenAI error object with the right 4xx, and never reaches the engine."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from pdserve.tests.server_utils import (
+    ServerProcess,
+    assert_error,
+    generate_body,
+    post_concurrently,
+    prompt_ids,
+    served,
+)
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def queue_server(server_logs) -> ServerProcess:
+    flags = ("--page-size", "4", "--max-running-requests", "1", "--max-queued-requests", "1", "--max-total-tokens", "4096")
+    with served(flags, server_logs / "queue.log") as server:
+        yield server
+
+
+def test_invalid_json(main_server: ServerProcess) -> None:
+    for path in ("/v1/completions", "/v1/chat/completions", "/generate"):
+        resp = httpx.post(main_server.url + path, content=b'{"prompt": "x",', headers={"Content-Type": "application/json"})
+        assert_error(resp, 400)
+    not_an_object = httpx.post(main_server.url + "/v1/completions", content=b"[1, 2]")
+    assert_error(not_an_object, 400)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "tiny", "max_tokens": 4}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": 42}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "max_tokens": "4"}, "max_tokens"),
+        ("/v1/completions", {**COMPLETION, "stream": "yes"}, "stream"),
+        ("/v1/completions", {**COMPLETION, "stop": 3}, "stop"),
+        ("/v1/chat/completions", {"model": "tiny"}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, "temperature"),
+        ("/generate", {"sampling_params": {}}, "text"),
+        ("/generate", {"text": "hi", "input_ids": [1, 2]}, "text"),
+        ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2.5}}, "max_new_tokens"),
+        ("/generate", {"input_ids": [[1, 2], [True, 3]]}, "prompt"),
+        # Integers wider than the engine pipe's int64 are the caller's error, not a 500.
+        ("/v1/completions", {**COMPLETION, "seed": 2**70}, "seed"),
+        ("/generate", {"text": "hi", "sampling_params": {"stop_token_ids": [10**30]}}, "stop_token_ids"),
+        ("/generate", {"text": "hi", "sampling_params": {"stop_token_ids": [-1]}}, "stop_token_ids"),
+    ],
+)
+def test_missing_or_wrong_typed_fields(main_server: ServerProcess, path: str, body: dict, param: str) -> None:
+    assert_error(main_server.post(path, body), 400, param)
+
+
+@pytest.mark.parametrize("max_tokens", [0, -5, 10**9])
+def test_bad_max_tokens(main_server: ServerProcess, max_tokens: int) -> None:
+    assert_error(main_server.post("/v1/completions", {**COMPLETION, "max_tokens": max_tokens}), 400, "max_tokens")
+    assert_error(main_server.post("/v1/chat/completions", {**CHAT, "max_tokens": max_tokens}), 400, "max_tokens")
+
+
+def test_negative_temperature(main_server: ServerProcess) -> None:
+    assert_error(main_server.post("/v1/completions", {**COMPLETION, "temperature": -0.5}), 400, "temperature")
+
+
+@pytest.mark.parametrize("top_p", [0, -0.1, 1.01])
+def test_top_p_out_of_range(main_server: ServerProcess, top_p: float) -> None:
+    assert_error(main_server.post("/v1/chat/completions", {**CHAT, "top_p": top_p}), 400, "top_p")
+
+
+def test_unknown_model(main_server: ServerProcess) -> None:
+    error = assert_error(main_server.post("/v1/completions", {**COMPLETION, "model": "gpt-17"}), 404, "model")
+    assert error["code"] == "model_not_found"
+    assert_error(main_server.post("/v1/chat/completions", {**CHAT, "model": "gpt-17"}), 404, "model")
+    assert_error(main_server.get("/v1/models/gpt-17"), 404)
+
+
+def test_empty_messages(main_server: ServerProcess) -> None:
+    assert_error(main_server.post("/v1/chat/completions", {**CHAT, "messages": []}), 400, "messages")
+
+
+@pytest.mark.parametrize("bad_id", [-1, 1000, 10**6])
+def test_token_ids_outside_vocabulary(main_server: ServerProcess, bad_id: int) -> None:
+    assert_error(main_server.post("/generate", generate_body([5, bad_id, 7], 2)), 400, "prompt")
+    assert_error(main_server.post("/v1/completions", {**COMPLETION, "prompt": [5, bad_id]}), 400, "prompt")
+
+
+def test_prompt_longer_than_context(main_server: ServerProcess) -> None:
+    context_len = main_server.server_info()["context_len"]
+    too_long = prompt_ids(context_len + 10, seed=3)
+    error = assert_error(main_server.post("/generate", generate_body(too_long, 4)), 400)
+    assert error["code"] == "context_length_exceeded"
+    # The prompt fits, the prompt plus max_tokens does not.
+    fits = prompt_ids(context_len - 10, seed=3)
+    assert_error(main_server.post("/v1/completions", {**COMPLETION, "prompt": fits, "max_tokens": 20}), 400, "max_tokens")
+
+
+def test_auto_truncate_serves_long_prompts(small_server: ServerProcess) -> None:
+    assert small_server.server_info()["context_len"] == 64
+    resp = small_server.post("/generate", generate_body(prompt_ids(200, seed=4), 8))
+    assert resp.status_code == 200, resp.text
+    meta = resp.json()["meta_info"]
+    assert meta["completion_tokens"] == 8
+    assert meta["prompt_tokens"] + meta["completion_tokens"] <= 64
+    text = small_server.post("/v1/completions", {"prompt": "The quick brown fox " * 40, "max_tokens": 8})
+    assert text.status_code == 200, text.text
+
+
+def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
+    bodies = [generate_body(prompt_ids(8, seed=i), 60) for i in range(4)]
+    responses = post_concurrently(queue_server, "/generate", bodies)
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    for resp in responses:
+        if resp.status_code == 503:
+            assert_error(resp, 503)
+        else:
+            assert resp.status_code == 200 and len(resp.json()["output_ids"]) == 60
+
+
+def test_unknown_route_and_method(main_server: ServerProcess) -> None:
+    assert_error(main_server.post("/v1/nothing", {}), 404)
+    assert_error(main_server.get("/v1/completions"), 405)
+
+
+def test_huge_top_k_means_whole_vocabulary(main_server: ServerProcess) -> None:
+    body = {**COMPLETION, "top_k": 10**30, "temperature": 1.0, "seed": 5}
+    resp = main_server.post("/v1/completions", body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == main_server.post("/v1/completions", {**body, "top_k": -1}).json()["choices"][0]["text"]

@@ -68,6 +68,10 @@ class DecodeRole(EngineRole):
         self.prealloc: deque[tuple[Req, float]] = deque()
         self.rooms: dict[int, DecodeRoom] = {}
         self.peers: dict[str, PrefillPeer] = {}
+        # Pages of rooms aborted while P may still write into them: they are
+        # freed only when P acknowledges the abort (or its connection is gone),
+        # so a late WRITE can never land in a page that another request reuses.
+        self.quarantine: dict[int, tuple[PrefillPeer, list[int], float]] = {}
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -77,12 +81,15 @@ class DecodeRole(EngineRole):
         self.prealloc.append((req, time.monotonic() + self.timeout_s))
 
     def has_pending(self) -> bool:
-        return bool(self.prealloc or self.rooms)
+        return bool(self.prealloc or self.rooms or self.quarantine)
 
     def poll(self) -> None:
         self._drain_control()
         self._start_rooms()
         now = time.monotonic()
+        for room, (_, _, deadline) in list(self.quarantine.items()):
+            if now > deadline:
+                self._unquarantine(room)
         for room, ctx in list(self.rooms.items()):
             state = ctx.receiver.poll()
             if state == RoomState.FAILED:
@@ -104,13 +111,15 @@ class DecodeRole(EngineRole):
         return None
 
     def held_pages(self) -> set[int]:
-        return {p for ctx in self.rooms.values() for p in ctx.req.pages}
+        held = {p for ctx in self.rooms.values() for p in ctx.req.pages}
+        return held | {p for _, pages, _ in self.quarantine.values() for p in pages}
 
     def stats(self) -> dict:
         return {
             "instance_id": self.endpoint.instance_id,
             "num_prealloc_reqs": len(self.prealloc),
             "num_transferring_rooms": len(self.rooms),
+            "num_quarantined_rooms": len(self.quarantine),
         }
 
     def close(self) -> None:
@@ -179,6 +188,9 @@ class DecodeRole(EngineRole):
                 for room, ctx in list(self.rooms.items()):
                     if ctx.peer is peer:
                         self._fail_room(room, RoomFailed(f"lost the prefill instance: {peer.control.error}"), notify_peer=False)
+                for room, (q_peer, _, _) in list(self.quarantine.items()):
+                    if q_peer is peer:
+                        self._unquarantine(room)
                 self._forget_peer(instance_id)
 
     def _on_message(self, msg: object) -> None:
@@ -187,7 +199,9 @@ class DecodeRole(EngineRole):
             if ctx is not None:
                 ctx.done = msg
         elif isinstance(msg, RoomAbort):
-            if msg.room in self.rooms:
+            if msg.room in self.quarantine:  # P acknowledged our abort: nothing more will land
+                self._unquarantine(msg.room)
+            elif msg.room in self.rooms:
                 self._fail_room(msg.room, RoomFailed(f"prefill side aborted: {msg.reason}"), notify_peer=False)
         else:
             logger.warning("decode control channel ignores %s", type(msg).__name__)
@@ -221,13 +235,23 @@ class DecodeRole(EngineRole):
 
     def _end_room(self, room: int, notify_reason: str | None) -> None:
         ctx = self.rooms.pop(room)
+        landed = ctx.receiver.poll() == RoomState.SUCCESS
         ctx.receiver.abort()
         if notify_reason is not None and not ctx.peer.control.closed:
             try:
                 ctx.peer.control.send(RoomAbort(room, notify_reason))
             except ControlClosedError:
                 pass
+            else:
+                if not landed:
+                    self.quarantine[room] = (ctx.peer, ctx.req.pages, time.monotonic() + self.timeout_s)
+                    ctx.req.pages = []
+                    return
         self.engine.scheduler.release(ctx.req, cache=False)
+
+    def _unquarantine(self, room: int) -> None:
+        _, pages, _ = self.quarantine.pop(room)
+        self.engine.pool.release(pages)
 
 
 register_role("decode")(DecodeRole)

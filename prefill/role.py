@@ -52,11 +52,16 @@ class PrefillRole(EngineRole):
         self.waiting_pages: dict[int, tuple[int, KVPagesRequest, float]] = {}  # room -> (conn, msg, deadline)
         self.rooms: dict[int, PrefillRoom] = {}  # prefilling or transferring
         self.transferring: set[int] = set()
+        # Rooms D gave up before this side saw the request: fail it on arrival.
+        self.aborted_rooms: dict[int, float] = {}
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
         # The decode side samples from the second token on; this side samples one.
         req.params = replace(req.params, max_new_tokens=1)
+        if self.aborted_rooms.pop(req.room, None) is not None:
+            self.engine.fail(req, f"room {req.room} was aborted by the decode side", 502)
+            return
         self.waiting_reqs[req.room] = (req, time.monotonic() + self.timeout_s)
         self._try_pair(req.room)
 
@@ -134,6 +139,8 @@ class PrefillRole(EngineRole):
             self._try_pair(msg.room)
         elif isinstance(msg, RoomAbort):
             self._on_peer_abort(msg)
+            # Acknowledge: D keeps the room's pages until it knows no WRITE will follow.
+            self.control.send(conn_id, RoomAbort(msg.room, "abort acknowledged"))
         else:
             logger.warning("prefill control channel ignores %s", type(msg).__name__)
 
@@ -163,6 +170,9 @@ class PrefillRole(EngineRole):
 
     def _expire(self) -> None:
         now = time.monotonic()
+        for room, expiry in list(self.aborted_rooms.items()):
+            if now > expiry:
+                del self.aborted_rooms[room]
         for room, (req, deadline) in list(self.waiting_reqs.items()):
             if now > deadline:
                 del self.waiting_reqs[room]
@@ -205,6 +215,8 @@ class PrefillRole(EngineRole):
         elif msg.room in self.waiting_reqs:
             req, _ = self.waiting_reqs.pop(msg.room)
             self.engine.fail(req, f"decode side aborted: {msg.reason}", 502)
+        else:
+            self.aborted_rooms[msg.room] = time.monotonic() + self.timeout_s
 
     def _fail_room(self, room: int, reason: str, notify_peer: bool) -> None:
         ctx = self.rooms.get(room)

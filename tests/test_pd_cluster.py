@@ -215,3 +215,18 @@ def test_layout_mismatch_is_refused_at_startup(big_cluster: Cluster, tmp_path: P
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "page_size" in out and "8" in out and "4" in out, out[-2000:]
+
+
+def test_abort_during_prefill_transfer_frees_pages_on_both_sides(cluster: Cluster, oracle) -> None:
+    # A long prompt prefilled in 16-token chunks: the client leaves while P is
+    # still writing pages, so D must quarantine and then free them.
+    ids = _prompts(lengths=[900], seed=11)[0]
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "temperature": 0}, "stream": True}
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", f"{cluster.router_url}/generate", json=body, timeout=0.3, trust_env=False) as resp:
+            for _ in resp.iter_lines():
+                pass
+    assert_no_leaks(cluster, timeout_s=20)
+    # The pair still serves correctly afterwards.
+    short = _prompts(lengths=[6], seed=12)[0]
+    assert _generate(cluster.router_url, short)["output_ids"] == oracle.greedy(short, MAX_NEW)

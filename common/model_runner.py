@@ -1,7 +1,12 @@
 """Loads the model, sizes the KV pool, and runs one forward step.
 
-All device-specific choices (dtype, pool size, attention backend) are resolved
-here once at start and logged in SGLang's words.
+All device-specific choices (dtype, pool size, attention backend, CUDA graphs)
+are resolved here once at start and logged in SGLang's words.
+
+On GPU a step's inputs are built on the host with numpy (``step_inputs``), a
+decode step replays a CUDA graph when one fits, and, with the overlap schedule,
+the next decode step's inputs are predicted while the GPU runs this one, so
+the next ``forward`` only fills in the sampled tokens before launching.
 """
 
 from __future__ import annotations
@@ -9,10 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pdserve.common.attention.base import create_attention_backend
 from pdserve.common.config import ServerConfig
-from pdserve.common.forward_batch import build_forward_batch
+from pdserve.common.cuda_graph import CudaGraphRunner, capture_batch_sizes
+from pdserve.common.forward_batch import ForwardBatch, build_forward_batch
+from pdserve.common.kernels.ops import create_ops
+from pdserve.common.kernels.step_inputs import Prediction, StepInputs, build_step, predict_next
 from pdserve.common.kv_layout import KVLayout
 from pdserve.common.kv_pool import KVPool
 from pdserve.common.model_config import ModelConfig
@@ -46,6 +55,15 @@ class RunnerInfo:
     attention_backend: str
 
 
+def _register_kernel_backends() -> None:
+    """Import the backends that need GPU libraries, when those import."""
+    for module in ("flashinfer_backend", "triton_backend"):
+        try:
+            __import__(f"pdserve.common.attention.{module}")
+        except ImportError:
+            pass
+
+
 class ModelRunner:
     def __init__(self, cfg: ServerConfig, model_dir: str, model_cfg: ModelConfig):
         self.cfg = cfg
@@ -55,11 +73,15 @@ class ModelRunner:
         self.context_len = min(cfg.context_length or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         if cfg.context_length and cfg.context_length > model_cfg.max_position_embeddings:
             logger.warning("context_length %d exceeds the model's %d; using the model's", cfg.context_length, self.context_len)
+        # SGLang sizes the pool against the memory that was free before loading.
+        self._free_at_start = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
         torch.manual_seed(cfg.random_seed)
         self.model = load_model(model_cfg, model_dir, cfg.load_format, self.dtype, self.device, self.context_len + 1, cfg.random_seed)
+        self.model.ops = create_ops(self.device)
         self.layout = self._size_pool()
         self.pool = KVPool(self.layout, self.dtype, self.device)
         self.attn_backend_name = cfg.attention_backend or ("flashinfer" if self.device.type == "cuda" else "torch")
+        _register_kernel_backends()
         self.attn = create_attention_backend(
             self.attn_backend_name,
             num_heads=model_cfg.num_heads,
@@ -69,6 +91,25 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
         )
+        # The fast path: numpy-built step inputs handed to a kernel backend.
+        self._fast = self.device.type == "cuda" and getattr(self.attn, "accepts_stored_kv", False)
+        self.overlap = self._fast and not cfg.disable_overlap_schedule
+        self._prediction: Prediction | None = None
+        self.uses_cuda_graph = False
+        self.graphs = self._capture_graphs()
+
+    def _capture_graphs(self) -> CudaGraphRunner | None:
+        if not self._fast or self.cfg.disable_cuda_graph or not getattr(self.attn, "supports_cuda_graph", False):
+            return None
+        cfg = self.cfg
+        max_bs = cfg.cuda_graph_max_bs or min(cfg.max_running_requests or 256, 256)
+        sizes = capture_batch_sizes(max_bs, cfg.cuda_graph_bs)
+        pages_per_seq = -(-self.context_len // cfg.page_size)
+        max_pages = sizes[-1] * min(pages_per_seq, self.layout.num_pages) + sizes[-1]
+        runner = CudaGraphRunner(self.model, self.attn, self.pool.buffer, sizes, not cfg.disable_cuda_graph_padding,
+                                 max_pages, cfg.page_size, self.device)
+        runner.capture()
+        return runner
 
     def _bytes_per_token(self) -> int:
         m = self.model_cfg
@@ -87,11 +128,13 @@ class ModelRunner:
         per_token = self._bytes_per_token()
         if self.device.type == "cpu":
             return max(min(CPU_KV_BUDGET_BYTES // per_token, 1 << 17), self.cfg.page_size)
-        free, total = torch.cuda.mem_get_info(self.device)
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0]
         fraction = self.cfg.mem_fraction_static or DEFAULT_MEM_FRACTION_STATIC
-        # SGLang's rule: the static part (weights + pool) may fill `fraction` of the
-        # card; what the weights already took is gone from `free`.
-        budget = free - total * (1 - fraction)
+        # SGLang's rule: weights + pool may take `fraction` of the memory that was
+        # free at start (so instances sharing a GPU each size against their share);
+        # the rest is left for activations, CUDA graphs and workspaces.
+        budget = free - self._free_at_start * (1 - fraction)
         if budget <= per_token * self.cfg.page_size:
             raise ValueError(f"--mem-fraction-static {fraction} leaves no memory for the KV pool")
         return int(budget // per_token)
@@ -114,8 +157,40 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Float32 logits of each request's last fed token: [batch, vocab]."""
-        fb = build_forward_batch(
-            batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size, self.device
-        )
-        self.attn.prepare(fb)
-        return self.model(fb, self.attn, self.pool.buffer)
+        if not self._fast:
+            fb = build_forward_batch(
+                batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size, self.device
+            )
+            self.attn.prepare(fb)
+            return self.model(fb, self.attn, self.pool.buffer)
+        step = self._step_inputs(batch)
+        padded = self.graphs.padded_size(step.batch_size) if self.graphs and batch.is_decode else None
+        self.uses_cuda_graph = padded is not None
+        if padded is not None:
+            logits = self.graphs.replay(step, padded)
+        else:
+            fb = self._forward_batch(step, batch)
+            self.attn.prepare(fb)
+            logits = self.model(fb, self.attn, self.pool.buffer)
+        # The GPU is busy now: predict the next decode step meanwhile.
+        self._prediction = predict_next(step, batch.reqs, self.cfg.page_size) if self.overlap and batch.is_decode else None
+        return logits
+
+    def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        prediction, self._prediction = self._prediction, None
+        if prediction is not None and batch.is_decode:
+            step = prediction.resolve(batch.reqs, batch.chunks, batch.starts)
+            if step is not None:
+                return step
+        return build_step(batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size)
+
+    def _forward_batch(self, step: StepInputs, batch: ScheduledBatch) -> ForwardBatch:
+        """Device tensors of the step in one host-to-device copy; the host index
+        rides along in ``attn`` for the backend's ``prepare``."""
+        t, b = step.num_tokens, step.batch_size
+        host = np.concatenate([step.input_ids, step.positions, step.out_slots, step.logits_indices])
+        ids, positions, slots, last = torch.from_numpy(host).to(self.device).split([t, t, t, b])
+        fb = ForwardBatch(batch.is_decode, ids, positions, slots, step.seq_lens.tolist(),
+                          [len(c) for c in batch.chunks], [r.pages for r in batch.reqs], last)
+        fb.attn = step
+        return fb

@@ -37,14 +37,18 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
+    """Random weights ``N(0, 1/fan_in)``, norms at 1. On CPU the values come from a
+    CPU generator (reproducible everywhere); on GPU they are drawn on the device,
+    which is many times faster for billion-parameter shapes."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
                 continue
             fan_in = param.shape[-1]
-            values = torch.randn(param.shape, generator=gen) * fan_in**-0.5
+            values = torch.randn(param.shape, generator=gen, device=device) * fan_in**-0.5
             param.copy_(values.to(param.dtype))
 
 
@@ -53,12 +57,36 @@ def load_model(
 ) -> torch.nn.Module:
     cls = model_class(cfg.architecture)
     with torch.device("meta"):
-        model = cls(cfg, max_positions)
-    # Materialise on the target device, then fill: never a full-size CPU copy on GPU runs.
+        model = cls(cfg, max_positions).to(dtype)
+    # Materialise on the target device in the target dtype, then fill: never a
+    # full-size CPU or float32 copy on GPU runs.
     model = model.to_empty(device=device)
+    # The rotary tables are computed, not loaded, and stay float32.
     model.model.rotary = type(model.model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling).to(device)
     if load_format == "dummy":
         _init_dummy(model, seed)
     else:
         model.load_weights(iter_safetensors(model_dir))
-    return model.to(dtype).eval()
+    return model.eval()
+
+
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights under Hugging Face's names, fused projections split again
+    (what ``save_file`` needs to let transformers load the same model)."""
+    from pdserve.common.models.llama import _STACKED
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        fused = next((f for f, _, _ in _STACKED if f".{f}." in name), None)
+        if fused is None:
+            out[name] = tensor.contiguous()
+            continue
+        module = model.get_submodule(name.rsplit(".", 1)[0].rsplit(".", 1)[0])
+        start = 0
+        for f, hf_name, shard in _STACKED:
+            if f != fused:
+                continue
+            size = module.shard_sizes[shard]
+            out[name.replace(f".{fused}.", f".{hf_name}.")] = tensor[start : start + size].contiguous()
+            start += size
+    return out

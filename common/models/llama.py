@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from pdserve.common.attention.base import AttentionBackend
 from pdserve.common.forward_batch import ForwardBatch
+from pdserve.common.kernels.ops import TorchOps
 from pdserve.common.model_config import ModelConfig
 from pdserve.common.models.layers import RMSNorm, RotaryEmbedding
 from pdserve.common.models.registry import register_model
@@ -40,16 +41,30 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, batch: ForwardBatch, rotary: RotaryEmbedding, attn: AttentionBackend, kv_cache):
-        q, k, v = self.qkv_proj(x).split(self.shard_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(batch.positions, q, k)
-        out = attn.forward(batch, q, k, v, kv_cache[self.layer_id, 0], kv_cache[self.layer_id, 1])
-        return self.o_proj(out.reshape(-1, self.q_size))
+    def attend(self, qkv: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding, attn: AttentionBackend,
+               kv_cache: torch.Tensor, ops) -> torch.Tensor:
+        """Attention output ``[T, H * D]`` (before o_proj) of a fused qkv projection."""
+        k_cache, v_cache = kv_cache[self.layer_id, 0], kv_cache[self.layer_id, 1]
+        if ops.fuses_rope_store and getattr(attn, "accepts_stored_kv", False):
+            # Rotary, q/k norm and the K/V page store in one kernel; the backend only attends.
+            q = ops.rope_store(
+                qkv, batch.positions, rotary.cos_cache, rotary.sin_cache, self.num_heads, self.num_kv_heads,
+                k_cache, v_cache, batch.out_slots,
+                None if self.q_norm is None else self.q_norm.weight,
+                None if self.k_norm is None else self.k_norm.weight,
+                self.q_norm.eps if self.q_norm is not None else 1e-6,
+            )
+            out = attn.forward(batch, q, None, None, k_cache, v_cache)
+        else:
+            q, k, v = qkv.split(self.shard_sizes, dim=-1)
+            q = q.reshape(-1, self.num_heads, self.head_dim)
+            k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+            v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotary(batch.positions, q, k)
+            out = attn.forward(batch, q, k, v, k_cache, v_cache)
+        return out.reshape(-1, self.q_size)
 
 
 class MLP(nn.Module):
@@ -58,10 +73,6 @@ class MLP(nn.Module):
         self.shard_sizes = (cfg.intermediate_size, cfg.intermediate_size)
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -72,9 +83,29 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, batch, rotary, attn, kv_cache):
-        h = x + self.self_attn(self.input_layernorm(x), batch, rotary, attn, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, hidden, residual, batch, rotary, attn, kv_cache, ops):
+        """Many tokens: matmuls, with each residual add fused into the next norm.
+
+        ``hidden`` is the previous sub-layer's output and ``residual`` the sum so
+        far (None before the first layer); returns the same pair."""
+        norm_in, norm_post, a = self.input_layernorm, self.post_attention_layernorm, self.self_attn
+        if residual is None:
+            residual, h = hidden, ops.rmsnorm(hidden, norm_in.weight, norm_in.eps)
+        else:
+            h, residual = ops.add_rmsnorm(hidden, residual, norm_in.weight, norm_in.eps)
+        hidden = a.o_proj(a.attend(a.qkv_proj(h), batch, rotary, attn, kv_cache, ops))
+        h, residual = ops.add_rmsnorm(hidden, residual, norm_post.weight, norm_post.eps)
+        return self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h))), residual
+
+    def forward_one(self, x, batch, rotary, attn, kv_cache, ops):
+        """One token: four matrix-vector kernels, norms and residual adds fused in.
+
+        ``x`` is the residual stream ``[1, hidden]``; returns it updated."""
+        norm_in, norm_post, a = self.input_layernorm, self.post_attention_layernorm, self.self_attn
+        qkv = ops.gemv(x, a.qkv_proj.weight, norm_weight=norm_in.weight, eps=norm_in.eps, bias=a.qkv_proj.bias)
+        x = ops.gemv(a.attend(qkv, batch, rotary, attn, kv_cache, ops), a.o_proj.weight, residual=x)
+        act = ops.gemv(x, self.mlp.gate_up_proj.weight, norm_weight=norm_post.weight, eps=norm_post.eps, gated=True)
+        return ops.gemv(act, self.mlp.down_proj.weight, residual=x)
 
 
 class DecoderModel(nn.Module):
@@ -93,15 +124,27 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = DecoderModel(cfg, max_positions)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # The fused-operation implementations; the runner swaps in the Triton kernels on GPU.
+        self.ops = TorchOps()
+
+    @property
+    def lm_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         """Logits of each sequence's last new token: [batch, vocab] in float32."""
-        x = self.model.embed_tokens(batch.input_ids)
-        for layer in self.model.layers:
-            x = layer(x, batch, self.model.rotary, attn, kv_cache)
-        x = self.model.norm(x[batch.logits_indices])
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()
+        ops, m = self.ops, self.model
+        x = m.embed_tokens(batch.input_ids)
+        if ops.has_gemv and batch.num_tokens == 1:
+            for layer in m.layers:
+                x = layer.forward_one(x, batch, m.rotary, attn, kv_cache, ops)
+            return ops.gemv(x, self.lm_weight, norm_weight=m.norm.weight, eps=m.norm.eps, out_float=True)
+        residual = None
+        for layer in m.layers:
+            x, residual = layer(x, residual, batch, m.rotary, attn, kv_cache, ops)
+        idx = batch.logits_indices
+        x, _ = ops.add_rmsnorm(x[idx], residual[idx], m.norm.weight, m.norm.eps)
+        return F.linear(x, self.lm_weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())

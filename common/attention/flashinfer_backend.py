@@ -1,0 +1,87 @@
+"""FlashInfer paged attention: prefill (with cached prefixes) and decode, bf16.
+
+``prepare`` plans one wrapper per batch (prefill: causal, queries aligned to
+the end of each sequence's KV, so prefix-cache hits need nothing special;
+decode: the tensor-core decode kernels, which share the prefill module and so
+JIT-compile once per head configuration). For CUDA graphs each captured batch
+size gets its own decode wrapper over fixed index buffers; replaying re-plans
+it with the real (padded) batch before the graph runs.
+
+New K/V normally arrive already stored by the fused rotary kernel
+(``accepts_stored_kv``); when ``k``/``v`` are passed they are stored here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flashinfer
+import torch
+from pdserve.common.attention.base import AttentionBackend, register_attention_backend
+from pdserve.common.forward_batch import ForwardBatch
+from pdserve.common.kernels.step_inputs import StepInputs, step_of
+
+WORKSPACE_BYTES = 256 << 20
+
+
+@register_attention_backend("flashinfer")
+class FlashInferAttention(AttentionBackend):
+    accepts_stored_kv = True
+    supports_cuda_graph = True
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 device: torch.device, dtype: torch.dtype, **kwargs: Any):
+        super().__init__(num_heads, num_kv_heads, head_dim, page_size, **kwargs)
+        self.device, self.dtype = device, dtype
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self._graph_wrappers: dict[int, Any] = {}
+        self._graph_bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _plan(self, wrapper: Any, step: StepInputs) -> None:
+        as_t = torch.from_numpy
+        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        if step.is_decode:
+            wrapper.plan(as_t(step.kv_indptr), as_t(step.kv_indices), as_t(step.kv_last_page_len),
+                         self.num_heads, self.num_kv_heads, self.head_dim, self.page_size, **common)
+        else:
+            wrapper.plan(as_t(step.qo_indptr), as_t(step.kv_indptr), as_t(step.kv_indices),
+                         as_t(step.kv_last_page_len), self.num_heads, self.num_kv_heads, self.head_dim,
+                         self.page_size, causal=True, **common)
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        step = step_of(batch, self.page_size)
+        wrapper = self.decode if batch.is_decode else self.prefill
+        self._plan(wrapper, step)
+        batch.attn = wrapper
+
+    def forward(self, batch, q, k, v, k_cache, v_cache):
+        if k is not None:
+            from pdserve.common.kernels.rope_store import store_kv
+
+            store_kv(k, v, k_cache, v_cache, batch.out_slots)
+        return batch.attn.run(q.contiguous(), (k_cache, v_cache))
+
+    # ---- CUDA graphs ------------------------------------------------------------
+    def init_graph_state(self, max_batch_size: int, max_num_pages: int) -> None:
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self._graph_bufs = (
+            torch.zeros(max_batch_size + 1, **i32),
+            torch.zeros(max_num_pages, **i32),
+            torch.zeros(max_batch_size, **i32),
+        )
+
+    def graph_metadata(self, step: StepInputs, batch_size: int) -> Any:
+        """Plan the graph wrapper of ``batch_size`` for ``step`` (padded to it)."""
+        wrapper = self._graph_wrappers.get(batch_size)
+        if wrapper is None:
+            indptr, indices, last = self._graph_bufs
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=indptr[: batch_size + 1], paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last[:batch_size],
+            )
+            self._graph_wrappers[batch_size] = wrapper
+        self._plan(wrapper, step)
+        return wrapper

@@ -1,0 +1,107 @@
+"""CUDA graphs for decode batches: capture once per batch size, replay per step.
+
+A decode step of batch ``b`` replays the graph of the smallest captured size
+``>= b`` (or of exactly ``b`` with ``--disable-cuda-graph-padding``); padding
+rows are one-token sequences whose KV is never stored and whose logits are
+dropped. Inputs live in fixed buffers; the attention backend re-points its
+own fixed index buffers at the real batch (``graph_metadata``) before each
+replay. Graphs share one memory pool and are captured largest first.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from pdserve.common.forward_batch import ForwardBatch
+from pdserve.common.kernels.step_inputs import StepInputs, build_step
+
+logger = logging.getLogger("pdserve.cuda_graph")
+
+DEFAULT_MAX_BS = 256
+
+
+def capture_batch_sizes(max_bs: int | None, explicit: tuple[int, ...] | None) -> list[int]:
+    """Sizes to capture: ``explicit`` (clipped to ``max_bs``), else SGLang's ladder
+    1, 2, 4, 8, then every 8 to 64, then every 16 up to ``max_bs``."""
+    limit = max_bs or DEFAULT_MAX_BS
+    if explicit:
+        sizes = {b for b in explicit if 0 < b <= limit}
+    else:
+        sizes = {1, 2, 4, 8} | set(range(16, 65, 8)) | set(range(80, limit + 1, 16)) | {limit}
+        sizes = {b for b in sizes if b <= limit}
+    if not sizes:
+        raise ValueError(f"no CUDA graph batch sizes within --cuda-graph-max-bs {limit}")
+    return sorted(sizes)
+
+
+def padded_batch_size(batch_size: int, sizes: list[int], allow_padding: bool) -> int | None:
+    """The captured size a batch replays, or None when it must run eagerly."""
+    i = bisect.bisect_left(sizes, batch_size)
+    if i == len(sizes):
+        return None
+    if sizes[i] != batch_size and not allow_padding:
+        return None
+    return sizes[i]
+
+
+def _dummy_step(batch_size: int, page_size: int) -> StepInputs:
+    """One token per sequence on page 0 with no KV store: safe to run for real."""
+    step = build_step(True, [[0]] * batch_size, [0] * batch_size, [[0]] * batch_size, page_size)
+    step.out_slots[:] = -1
+    return step
+
+
+class CudaGraphRunner:
+    def __init__(self, model: torch.nn.Module, attn: Any, kv_buffer: torch.Tensor, sizes: list[int],
+                 allow_padding: bool, max_num_pages: int, page_size: int, device: torch.device):
+        self.model, self.attn, self.kv_buffer = model, attn, kv_buffer
+        self.sizes, self.allow_padding, self.page_size = sizes, allow_padding, page_size
+        max_bs = sizes[-1]
+        self._inputs = torch.zeros((3, max_bs), dtype=torch.long, device=device)  # ids, positions, slots
+        self._arange = torch.arange(max_bs, dtype=torch.long, device=device)
+        attn.init_graph_state(max_bs, max_num_pages)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._pool = None
+
+    def padded_size(self, batch_size: int) -> int | None:
+        return padded_batch_size(batch_size, self.sizes, self.allow_padding)
+
+    def _batch(self, batch_size: int) -> ForwardBatch:
+        ids, positions, slots = self._inputs[:, :batch_size]
+        return ForwardBatch(True, ids, positions, slots, [1] * batch_size, [1] * batch_size,
+                            [[0]] * batch_size, self._arange[:batch_size])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        stream = torch.cuda.Stream()
+        for bs in reversed(self.sizes):
+            fb = self._batch(bs)
+            self._inputs[:, :bs].copy_(torch.tensor([[0], [0], [-1]]).expand(3, bs))
+            fb.attn = self.attn.graph_metadata(_dummy_step(bs, self.page_size), bs)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile kernels, create handles: nothing may do that inside capture
+                    self.model(fb, self.attn, self.kv_buffer)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                out = self.model(fb, self.attn, self.kv_buffer)
+            self._pool = graph.pool()
+            self._graphs[bs], self._outputs[bs] = graph, out
+        torch.cuda.synchronize()
+        logger.info("Captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def replay(self, step: StepInputs, padded_bs: int) -> torch.Tensor:
+        """Float32 logits ``[step.batch_size, vocab]`` of a decode step."""
+        bs = step.batch_size
+        padded = step.padded(padded_bs)
+        host = np.stack([padded.input_ids, padded.positions, padded.out_slots])
+        self._inputs[:, :padded_bs].copy_(torch.from_numpy(host))
+        self.attn.graph_metadata(padded, padded_bs)
+        self._graphs[padded_bs].replay()
+        return self._outputs[padded_bs][:bs]

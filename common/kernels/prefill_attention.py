@@ -1,0 +1,92 @@
+"""Paged prefill (extend) attention with a causal mask over cached prefixes.
+
+Program ``(sequence, query block, query head)``: the new tokens of a sequence
+sit at positions ``prefix .. seq_len - 1`` and attend every cached key up to
+their own position, read from the pages (the new K/V are already stored). One
+online-softmax pass, FlashAttention style; blocks beyond a sequence's new
+tokens exit at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, seq_lens_ptr,
+    scale, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    mb = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(qo_indptr_ptr + b)
+    q_len = tl.load(qo_indptr_ptr + b + 1) - q_start
+    if mb * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    prefix = seq_len - q_len
+    page_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
+    kvh = h // GROUP
+    num_heads = NUM_KV_HEADS * GROUP
+    d = tl.arange(0, HEAD_DIM)
+    m_idx = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m_idx < q_len
+    tok = (q_start + m_idx).to(tl.int64)
+    q_off = (tok * num_heads + h)[:, None] * HEAD_DIM + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=m_mask[:, None], other=0.0)
+    q_pos = prefix + m_idx
+
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    row = NUM_KV_HEADS * HEAD_DIM
+    end = tl.minimum(seq_len, prefix + (mb + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        page = tl.load(kv_indices_ptr + page_start + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_off = (page * PAGE_SIZE + n % PAGE_SIZE)[:, None] * row + kvh * HEAD_DIM + d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_off, mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(out_ptr + q_off, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def extend_attention(
+    q: torch.Tensor,  # [T, H, D], sequences back to back
+    k_cache: torch.Tensor,  # [pages, page_size, Hkv, D]
+    v_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,  # [B + 1] int32
+    kv_indptr: torch.Tensor,  # [B + 1] int32, in pages
+    kv_indices: torch.Tensor,
+    seq_lens: torch.Tensor,  # [B] int32
+    max_extend_len: int,
+    scale: float,
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    batch = seq_lens.shape[0]
+    if num_tokens == 0:
+        return out
+    block_m = 64 if head_dim <= 64 else 32
+    grid = (batch, triton.cdiv(max_extend_len, block_m), num_heads)
+    _extend_kernel[grid](
+        q.contiguous(), out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, seq_lens, scale,
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2,
+    )
+    return out

@@ -1,0 +1,125 @@
+"""Request parsing: the three API dialects into one form, and a 400 naming the bad field."""
+
+from __future__ import annotations
+
+import pytest
+from pdserve.common.errors import APIError, error_body
+from pdserve.common.protocol import parse_chat, parse_completion, parse_generate
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def rejects(parse, body: dict, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        parse(body)
+    assert info.value.status == 400 and info.value.param == param, info.value.message
+
+
+def test_completion_defaults() -> None:
+    gen = parse_completion({"prompt": "hello"})
+    assert gen.prompts == ["hello"] and gen.n == 1 and not gen.stream and gen.model is None
+    p = gen.params
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.logprobs) == (16, 1.0, 1.0, -1, None, False)
+
+
+def test_completion_prompt_forms() -> None:
+    assert parse_completion({"prompt": [1, 2, 3]}).prompts == [[1, 2, 3]]
+    assert parse_completion({"prompt": ["a", "b"]}).prompts == ["a", "b"]
+    assert parse_completion({"prompt": [[1], [2, 3]]}).prompts == [[1], [2, 3]]
+    for bad in (None, "", [], [""], [1, "a"], [[]], [True], [[1, False]], 3, {"a": 1}):
+        rejects(parse_completion, {"prompt": bad}, "prompt")
+
+
+def test_completion_options() -> None:
+    gen = parse_completion(
+        {"prompt": "x", "max_tokens": 5, "temperature": 0, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "seed": 9,
+         "stop": ["a", ""], "stop_token_ids": [7], "ignore_eos": True, "logprobs": 2, "n": 3, "stream": True,
+         "stream_options": {"include_usage": True}, "model": "tiny", "frequency_penalty": 1, "repetition_penalty": 1.5}
+    )
+    p = gen.params
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (5, 0.0, 0.5, 3, 0.1, 9)
+    assert (p.stop_token_ids, p.ignore_eos, p.logprobs, p.top_logprobs) == ((7,), True, True, 2)
+    assert (p.frequency_penalty, p.repetition_penalty) == (1.0, 1.5)
+    assert gen.stop == ("a",) and gen.n == 3 and gen.stream and gen.include_usage and gen.model == "tiny"
+    assert not parse_completion({"prompt": "x", "stream_options": {"include_usage": True}}).include_usage
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", "5"), ("max_tokens", 1.5), ("max_tokens", True),
+        ("temperature", -0.1), ("temperature", "1"), ("top_p", 0), ("top_p", 1.5), ("top_k", 0), ("top_k", -2),
+        ("min_p", 1.5), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
+        ("n", 0), ("n", 17), ("logprobs", 21), ("logprobs", -1), ("stop", 5), ("stop", ["a"] * 17),
+        ("stop_token_ids", "1"), ("stop_token_ids", [-1]), ("stop_token_ids", [2**40]), ("seed", 2**64),
+        ("seed", "x"), ("stream", "true"), ("ignore_eos", 1), ("model", 3), ("echo", True), ("suffix", "x"),
+        ("stream_options", []), ("bootstrap_room", -1), ("bootstrap_room", 2**63),
+    ],
+)
+def test_completion_rejects(field: str, value: object) -> None:
+    rejects(parse_completion, {"prompt": "x", field: value}, field)
+
+
+def test_chat_messages() -> None:
+    gen = parse_chat(
+        {"messages": [
+            {"role": "developer", "content": "rules"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None},
+        ]}
+    )
+    assert gen.prompts == [[
+        {"role": "system", "content": "rules"}, {"role": "user", "content": "ab"}, {"role": "assistant", "content": ""},
+    ]]
+    assert gen.params.max_new_tokens == 4096
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([], "messages"), (None, "messages"), ("hi", "messages"), (["hi"], "messages[0]"),
+        ([{"role": "bot", "content": "x"}], "messages[0].role"), ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content"),
+    ],
+)
+def test_chat_rejects_messages(messages: object, param: str) -> None:
+    rejects(parse_chat, {"messages": messages}, param)
+
+
+def test_chat_max_tokens_names() -> None:
+    assert parse_chat({"messages": MESSAGES, "max_tokens": 7}).params.max_new_tokens == 7
+    assert parse_chat({"messages": MESSAGES, "max_completion_tokens": 5, "max_tokens": 7}).params.max_new_tokens == 5
+    rejects(parse_chat, {"messages": MESSAGES, "max_tokens": 0}, "max_tokens")
+    rejects(parse_chat, {"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens")
+
+
+def test_chat_logprobs() -> None:
+    p = parse_chat({"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}).params
+    assert (p.logprobs, p.top_logprobs) == (True, 2)
+    assert not parse_chat({"messages": MESSAGES, "top_logprobs": 2}).params.logprobs
+    rejects(parse_chat, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs")
+    rejects(parse_chat, {"messages": MESSAGES, "logprobs": 1}, "logprobs")
+    rejects(parse_chat, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools")
+
+
+def test_generate() -> None:
+    gen = parse_generate(
+        {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3, "temperature": 0, "stop": "x", "sampling_seed": 4},
+         "return_logprob": True, "top_logprobs_num": 2, "stream": True}
+    )
+    p = gen.params
+    assert gen.prompts == [[1, 2]] and gen.stop == ("x",) and gen.stream
+    assert (p.max_new_tokens, p.temperature, p.seed, p.logprobs, p.top_logprobs) == (3, 0.0, 4, True, 2)
+    assert parse_generate({"text": "hi"}).params.max_new_tokens == 128
+    rejects(parse_generate, {}, "text")
+    rejects(parse_generate, {"text": "a", "input_ids": [1]}, "text")
+    rejects(parse_generate, {"text": "a", "sampling_params": []}, "sampling_params")
+    rejects(parse_generate, {"text": "a", "sampling_params": {"sampling_seed": 2**70}}, "sampling_seed")
+    rejects(parse_generate, {"text": "a", "return_logprob": True, "top_logprobs_num": 99}, "top_logprobs_num")
+
+
+def test_error_body_shape() -> None:
+    body = APIError(404, "no such model", "model", "model_not_found").body()
+    assert body["error"] == {"message": "no such model", "type": "NotFoundError", "param": "model", "code": "model_not_found"}
+    assert error_body(400, "bad")["error"]["code"] == 400
+    assert error_body(503, "busy")["error"]["type"] == "ServiceUnavailableError"

@@ -1,0 +1,132 @@
+"""The page-granular prefix cache: match, insert, LRU eviction and reset, with exact refcounts."""
+
+from __future__ import annotations
+
+import pytest
+from pdserve.common.kv_pool import KVPool
+from pdserve.common.radix_cache import RadixCache
+from pdserve.tests.test_kv_pool import make_pool
+
+PAGE = 4
+
+
+@pytest.fixture
+def pool() -> KVPool:
+    return make_pool(num_pages=16, page_size=PAGE)
+
+
+@pytest.fixture
+def cache(pool: KVPool) -> RadixCache:
+    return RadixCache(pool)
+
+
+def finish(pool: KVPool, cache: RadixCache, tokens: list[int]) -> list[int]:
+    """A request that computed ``tokens`` ends: its full pages go to the cache, it lets go of all."""
+    pages = pool.alloc(-(-len(tokens) // PAGE))
+    cache.insert(tokens, pages)
+    pool.release(pages)
+    return pages
+
+
+def test_insert_caches_full_pages_only(pool: KVPool, cache: RadixCache) -> None:
+    pages = finish(pool, cache, list(range(10)))  # two full pages and a partial one
+    assert cache.num_cached_pages == 2
+    assert [pool.ref_count(p) for p in pages] == [1, 1, 0]
+    assert pool.num_free_pages == 16 - 2
+
+
+def test_match_longest_page_aligned_prefix(pool: KVPool, cache: RadixCache) -> None:
+    pages = finish(pool, cache, list(range(12)))
+    assert cache.match(list(range(12))) == pages
+    assert cache.match(list(range(11))) == pages[:2]
+    assert cache.match(list(range(3))) == []
+    assert cache.match([0, 1, 2, 3, 99, 5, 6, 7]) == pages[:1]
+    assert cache.match_len(list(range(9))) == 8
+    assert cache.match([7, 7, 7, 7]) == []
+
+
+def test_shared_prefix_is_stored_once(pool: KVPool, cache: RadixCache) -> None:
+    first = finish(pool, cache, list(range(8)))
+    second = finish(pool, cache, list(range(4)) + [50, 51, 52, 53])
+    assert cache.num_cached_pages == 3
+    # The second request's copy of the shared page was not cached, so it was freed.
+    assert pool.ref_count(second[0]) == 0 and pool.ref_count(first[0]) == 1
+    assert cache.match(list(range(4)) + [50, 51, 52, 53]) == [first[0], second[1]]
+
+
+def test_evict_lru_leaves_first(pool: KVPool, cache: RadixCache) -> None:
+    old = finish(pool, cache, [1] * 8)
+    new = finish(pool, cache, [2] * 8)
+    cache.match([1] * 8)  # touching the old branch makes the other one the LRU
+    assert cache.evict(1) == 1
+    assert pool.ref_count(new[1]) == 0 and pool.ref_count(new[0]) == 1  # leaf before its parent
+    assert cache.evict(1) == 1
+    assert pool.ref_count(new[0]) == 0
+    assert cache.match([1] * 8) == old
+    assert cache.evict(10) == 2 and cache.num_cached_pages == 0
+    assert pool.num_free_pages == 16
+
+
+def test_pages_in_use_are_not_evicted(pool: KVPool, cache: RadixCache) -> None:
+    pages = finish(pool, cache, list(range(8)))
+    held = cache.match(list(range(8)))
+    pool.ref(held)  # a running request shares the cached prefix
+    assert cache.evict(5) == 0
+    assert cache.num_cached_pages == 2
+    pool.release(held)
+    assert cache.evict(5) == 2
+    assert [pool.ref_count(p) for p in pages] == [0, 0]
+
+
+def test_parent_in_use_child_evictable(pool: KVPool, cache: RadixCache) -> None:
+    pages = finish(pool, cache, list(range(8)))
+    pool.ref(pages[:1])
+    assert cache.evict(5) == 1
+    assert pool.ref_count(pages[0]) == 2 and pool.ref_count(pages[1]) == 0
+    pool.release(pages[:1])
+
+
+def test_reset_drops_only_the_cache_references(pool: KVPool, cache: RadixCache) -> None:
+    pages = finish(pool, cache, list(range(12)))
+    held = cache.match(list(range(4)))
+    pool.ref(held)
+    cache.reset()
+    assert cache.num_cached_pages == 0 and cache.match(list(range(12))) == []
+    assert pool.ref_count(held[0]) == 1  # still the request's
+    assert [pool.ref_count(p) for p in pages[1:]] == [0, 0]
+    pool.release(held)
+    assert pool.num_free_pages == 16
+    cache.reset()  # nothing left: must not free anything twice
+    assert pool.num_free_pages == 16
+
+
+def test_disabled_cache_keeps_nothing(pool: KVPool) -> None:
+    cache = RadixCache(pool, enabled=False)
+    pages = finish(pool, cache, list(range(8)))
+    assert cache.num_cached_pages == 0 and cache.match(list(range(8))) == [] and cache.match_len(list(range(8))) == 0
+    assert [pool.ref_count(p) for p in pages] == [0, 0]
+
+
+def test_no_page_freed_twice_under_churn(pool: KVPool, cache: RadixCache) -> None:
+    """Many overlapping requests, evictions and a reset: the pool's own checks never fire."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 13))]
+        matched = cache.match(tokens)
+        pool.ref(matched)
+        need = -(-len(tokens) // PAGE) - len(matched)
+        if need > pool.num_free_pages:
+            cache.evict(need - pool.num_free_pages)
+        if need > pool.num_free_pages:
+            pool.release(matched)
+            continue
+        pages = matched + pool.alloc(need)
+        cache.insert(tokens, pages)
+        pool.release(pages)
+        if rng.random() < 0.05:
+            cache.reset()
+    assert pool.num_free_pages + cache.num_cached_pages == 16
+    cache.reset()
+    assert pool.num_free_pages == 16

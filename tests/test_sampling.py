@@ -1,0 +1,126 @@
+"""The sampler: greedy, filters, penalties, seeds and logprobs, each as defined."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pdserve.common.sampling import Sampler, SamplingParams, _filtered_probs
+
+CPU = torch.device("cpu")
+LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], histories=None, seed: int = 0):
+    histories = histories or [([1], []) for _ in params]
+    return Sampler(seed, CPU).sample(logits, params, histories)
+
+
+def test_greedy_takes_argmax() -> None:
+    logits = torch.tensor([[0.1, 3.0, 2.9, -1.0], [5.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=1)]
+    for seed in range(5):
+        assert sample(logits, params, seed=seed).token_ids == [1, 0]
+    assert all(p.is_greedy for p in params)
+
+
+def test_temperature_scales_logits() -> None:
+    probs = _filtered_probs(LOGITS.view(1, -1), [SamplingParams(temperature=2.0)])
+    assert torch.allclose(probs[0], torch.softmax(LOGITS / 2.0, dim=-1))
+
+
+def test_top_k_keeps_k_best() -> None:
+    probs = _filtered_probs(LOGITS.view(1, -1), [SamplingParams(top_k=2)])[0]
+    assert probs[2:].sum() == 0
+    assert torch.allclose(probs[:2], torch.tensor([0.5, 0.3]) / 0.8)
+
+
+@pytest.mark.parametrize(("top_p", "kept"), [(1.0, 4), (0.9, 3), (0.7, 2), (0.5, 1), (0.01, 1)])
+def test_top_p_keeps_smallest_set_reaching_p(top_p: float, kept: int) -> None:
+    probs = _filtered_probs(LOGITS.view(1, -1), [SamplingParams(top_p=top_p)])[0]
+    assert (probs > 0).sum().item() == kept
+    assert (probs[:kept] > 0).all() and math.isclose(probs.sum().item(), 1.0, rel_tol=1e-6)
+
+
+def test_min_p_drops_tokens_below_fraction_of_best() -> None:
+    probs = _filtered_probs(LOGITS.view(1, -1), [SamplingParams(min_p=0.35)])[0]
+    # threshold 0.35 * 0.5 = 0.175: 0.3 stays, 0.15 and 0.05 go
+    assert (probs > 0).tolist() == [True, True, False, False]
+
+
+def test_filters_apply_per_row() -> None:
+    logits = LOGITS.repeat(2, 1)
+    probs = _filtered_probs(logits, [SamplingParams(top_k=1), SamplingParams()])
+    assert (probs[0] > 0).sum() == 1 and (probs[1] > 0).sum() == 4
+
+
+def test_draws_follow_the_distribution() -> None:
+    rows = 4000
+    result = sample(LOGITS.repeat(rows, 1), [SamplingParams()] * rows)
+    freq = torch.bincount(torch.tensor(result.token_ids), minlength=4).float() / rows
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04), freq
+
+
+def test_draws_respect_filters() -> None:
+    rows = 500
+    result = sample(LOGITS.repeat(rows, 1), [SamplingParams(top_k=2, temperature=5.0)] * rows)
+    assert set(result.token_ids) == {0, 1}
+
+
+def test_frequency_and_presence_penalties() -> None:
+    logits = torch.zeros(1, 4)
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, temperature=0.0)
+    sampler = Sampler(0, CPU)
+    out = sampler._apply_penalties(logits, [params], [([3], [1, 1, 2])])
+    # token 1: 2 * 0.5 + 0.25; token 2: 0.5 + 0.25; the prompt's token 3 is not penalised.
+    assert out[0].tolist() == [0.0, -1.25, -0.75, 0.0]
+    assert logits.abs().sum() == 0  # the caller's logits are untouched
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative() -> None:
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    params = SamplingParams(repetition_penalty=2.0, temperature=0.0)
+    out = Sampler(0, CPU)._apply_penalties(logits, [params], [([0], [1])])
+    assert out[0].tolist() == [1.0, -4.0, 2.0, -2.0]
+
+
+def test_penalty_changes_the_greedy_choice() -> None:
+    logits = torch.tensor([[3.0, 2.5, 0.0]])
+    plain = sample(logits, [SamplingParams(temperature=0.0)], [([5], [0, 0])])
+    penalised = sample(logits, [SamplingParams(temperature=0.0, frequency_penalty=0.5)], [([5], [0, 0])])
+    assert (plain.token_ids, penalised.token_ids) == ([0], [1])
+
+
+def test_seeded_draws_are_reproducible_and_batch_independent() -> None:
+    logits = torch.zeros(3, 50)
+    seeded = SamplingParams(seed=42)
+    history = ([1], [4, 5])
+    alone = sample(logits[:1], [seeded], [history], seed=1).token_ids[0]
+    batched = sample(logits, [SamplingParams(), seeded, SamplingParams(seed=7)], [([1], [])] + [history] * 2, seed=2)
+    assert batched.token_ids[1] == alone
+    # The step (number of outputs so far) is part of the seed, so a run is not one repeated token.
+    steps = {sample(logits[:1], [seeded], [([1], [0] * n)]).token_ids[0] for n in range(20)}
+    assert len(steps) > 5
+    seeds = {sample(logits[:1], [SamplingParams(seed=s)], [history]).token_ids[0] for s in range(20)}
+    assert len(seeds) > 5
+
+
+def test_logprobs_are_raw_log_softmax() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
+    params = [SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2, repetition_penalty=2.0)]
+    result = sample(logits, params, [([2], [])])
+    raw = torch.log_softmax(logits[0], dim=-1)
+    # The penalty moved the choice from 2 to 1; the reported numbers are still the model's own.
+    assert result.token_ids == [1]
+    assert math.isclose(result.logprobs[0], raw[1].item(), rel_tol=1e-6)
+    assert [t for t, _ in result.top_logprobs[0]] == [2, 1]
+    assert math.isclose(result.top_logprobs[0][0][1], raw[2].item(), rel_tol=1e-6)
+
+
+def test_top_logprobs_count_per_request() -> None:
+    logits = torch.randn(2, 10)
+    params = [SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3), SamplingParams(temperature=0.0, logprobs=True)]
+    result = sample(logits, params)
+    assert [len(t) for t in result.top_logprobs] == [3, 0]
+    assert sample(logits, [SamplingParams(), SamplingParams()]).logprobs is None

@@ -16,7 +16,7 @@ from pdserve.common.messages import GenerateRequest
 from pdserve.common.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
 from pdserve.common.sampling import SamplingParams
 from pdserve.common.serving import Serving, SubRequest
-from pdserve.common.text_stream import ChoiceState
+from pdserve.common.text_stream import ChoiceState, TextDelta
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 if TYPE_CHECKING:
@@ -149,7 +149,13 @@ async def _handle(request: Request, state: AppState, parser, kind: str):
         await _until_disconnect(request, serving.collect_all(subs))
         return {"bootstrap_room": gen.bootstrap_room, "status": "ok"}
     if gen.stream:
-        return StreamingResponse(_stream(state, serving, gen, subs, rid, kind), media_type="text/event-stream")
+        states = [ChoiceState(s.index) for s in subs]
+        events = serving.merged(subs, states)
+        # Wait for the first delta before answering: a request the engine rejects
+        # (queue full, pool too small) then gets its real status, not a 200 stream.
+        first = await _until_disconnect(request, _first_event(events))
+        body = _stream(state, gen, subs, states, rid, kind, first, events)
+        return StreamingResponse(body, media_type="text/event-stream")
     start_s = time.monotonic()
     choices = await _until_disconnect(request, serving.collect_all(subs))
     return _body(state, gen, kind, rid, choices, time.monotonic() - start_s)
@@ -177,15 +183,37 @@ def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: l
     return bodies[0] if len(bodies) == 1 else bodies
 
 
-async def _stream(state: AppState, serving: Serving, gen: GenerationInput, subs: list[SubRequest], rid: str, kind: str) -> AsyncIterator[bytes]:
-    states = [ChoiceState(s.index) for s in subs]
+async def _first_event(events: AsyncIterator[tuple[int, TextDelta]]) -> tuple[int, TextDelta] | None:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(first: tuple[int, TextDelta] | None, rest: AsyncIterator[tuple[int, TextDelta]]):
+    if first is not None:
+        yield first
+        async for event in rest:
+            yield event
+
+
+async def _stream(
+    state: AppState,
+    gen: GenerationInput,
+    subs: list[SubRequest],
+    states: list[ChoiceState],
+    rid: str,
+    kind: str,
+    first: tuple[int, TextDelta] | None,
+    rest: AsyncIterator[tuple[int, TextDelta]],
+) -> AsyncIterator[bytes]:
     want_lp, model = gen.params.logprobs, state.model_name
     start_s = time.monotonic()
     if kind == "chat":
         for s in subs:
             yield _sse(fmt.chat_chunk(rid, model, s.index, None, state.tokenizer, False))
     try:
-        async for i, delta in serving.merged(subs, states):
+        async for i, delta in _chain(first, rest):
             if kind == "chat":
                 yield _sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
             elif kind == "completion":

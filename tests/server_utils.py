@@ -46,6 +46,9 @@ class ServerProcess:
     log_path: Path
     api_key: str | None = None
     flags: tuple[str, ...] = field(default_factory=tuple)
+    # What /health said while the engine was still starting (None if never seen).
+    not_ready_status: int | None = None
+    not_ready_body: dict | None = None
 
     @property
     def url(self) -> str:
@@ -142,8 +145,11 @@ def _wait_healthy(server: ServerProcess, timeout_s: float) -> None:
         if not server.alive():
             raise RuntimeError(f"pdserve serve exited with {server.proc.returncode}:\n{server.log_text()[-4000:]}")
         try:
-            if httpx.get(server.url + "/health", timeout=2.0).status_code == 200:
+            resp = httpx.get(server.url + "/health", timeout=2.0)
+            if resp.status_code == 200:
                 return
+            if server.not_ready_status is None:
+                server.not_ready_status, server.not_ready_body = resp.status_code, resp.json()
         except httpx.HTTPError:
             pass
         time.sleep(HEALTH_POLL_S)

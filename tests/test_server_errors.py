@@ -11,6 +11,7 @@ from pdserve.tests.server_utils import (
     post_concurrently,
     prompt_ids,
     served,
+    sse_events,
 )
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -122,6 +123,19 @@ def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
             assert_error(resp, 503)
         else:
             assert resp.status_code == 200 and len(resp.json()["output_ids"]) == 60
+
+
+def test_too_many_queued_streaming_requests(queue_server: ServerProcess) -> None:
+    """A rejected stream gets the 503 status itself, not a 200 stream carrying an error."""
+    bodies = [{"prompt": prompt_ids(8, seed=i), "max_tokens": 30, "ignore_eos": True, "stream": True} for i in range(4)]
+    responses = post_concurrently(queue_server, "/v1/completions", bodies)
+    assert sorted(r.status_code for r in responses)[-1] == 503, [r.text[:200] for r in responses]
+    for resp in responses:
+        if resp.status_code == 503:
+            assert_error(resp, 503)
+        else:
+            assert resp.status_code == 200
+            assert sse_events(resp)[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_unknown_route_and_method(main_server: ServerProcess) -> None:

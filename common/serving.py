@@ -24,6 +24,11 @@ from pdserve.common.tokenizer import IncrementalDetokenizer, apply_chat_template
 ROOM_SPACE = 2**63
 
 
+def _sample_seed(seed: int, sample: int) -> int:
+    """Seed of the ``sample``-th of n choices, kept in int64 (the engine pipe's width)."""
+    return (seed + sample + 2**63) % 2**64 - 2**63
+
+
 @dataclass(frozen=True)
 class SubRequest:
     index: int
@@ -61,7 +66,7 @@ class Serving:
                 index = p_idx * gen.n + j
                 # Every sub-request needs its own room; both PD sides derive the same ones.
                 room = None if gen.bootstrap_room is None else (gen.bootstrap_room + index) % ROOM_SPACE
-                sub_params = params if params.seed is None or gen.n == 1 else replace(params, seed=params.seed + j)
+                sub_params = params if params.seed is None or gen.n == 1 else replace(params, seed=_sample_seed(params.seed, j))
                 subs.append(SubRequest(index, f"{base}-{index}", ids, sub_params, gen.stop, room, gen.prefill_instance_id))
         return subs
 
@@ -94,9 +99,13 @@ class Serving:
                     "max_tokens" if len(ids) < ctx else "prompt",
                     "context_length_exceeded",
                 )
-            # SGLang keeps the head of an over-long prompt.
-            max_new = min(params.max_new_tokens, max(ctx - 1, 1))
-            ids = ids[: max(ctx - max_new, 1)]
+            if len(ids) < ctx:
+                # The prompt fits: keep all of it and shorten the answer instead.
+                max_new = ctx - len(ids)
+            else:
+                # SGLang keeps the head of an over-long prompt.
+                max_new = min(params.max_new_tokens, max(ctx - 1, 1))
+                ids = ids[: max(ctx - max_new, 1)]
             params = replace(params, max_new_tokens=max_new)
         if len(ids) + 1 > self.limits.max_total_tokens:
             raise APIError(400, f"prompt of {len(ids)} tokens does not fit the KV pool ({self.limits.max_total_tokens} tokens)", "prompt")
@@ -133,7 +142,13 @@ class Serving:
         return state
 
     async def collect_all(self, subs: list[SubRequest]) -> list[ChoiceState]:
-        return list(await asyncio.gather(*(self.collect(s) for s in subs)))
+        tasks = [asyncio.ensure_future(self.collect(s)) for s in subs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            # One failed choice fails the call: stop (and abort) its siblings too.
+            for task in tasks:
+                task.cancel()
 
     async def merged(self, subs: list[SubRequest], states: list[ChoiceState]) -> AsyncIterator[tuple[int, TextDelta]]:
         """Interleave the deltas of several sub-requests as they come."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from pdserve.tests.server_utils import (
+    HFOracle,
     ServerProcess,
     assert_error,
     generate_body,
@@ -113,6 +114,15 @@ def test_auto_truncate_serves_long_prompts(small_server: ServerProcess) -> None:
     assert text.status_code == 200, text.text
 
 
+def test_auto_truncate_keeps_a_fitting_prompt_whole(small_server: ServerProcess, oracle: HFOracle) -> None:
+    ids = prompt_ids(40, seed=5)
+    resp = small_server.post("/generate", generate_body(ids, 50))
+    assert resp.status_code == 200, resp.text
+    # The answer is shortened to the context, the prompt is not cut.
+    assert resp.json()["meta_info"]["prompt_tokens"] == 40
+    assert resp.json()["output_ids"] == oracle.greedy(ids, 24)
+
+
 def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
     bodies = [generate_body(prompt_ids(8, seed=i), 60) for i in range(4)]
     responses = post_concurrently(queue_server, "/generate", bodies)
@@ -123,6 +133,22 @@ def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
             assert_error(resp, 503)
         else:
             assert resp.status_code == 200 and len(resp.json()["output_ids"]) == 60
+
+
+def test_failed_choice_cancels_its_siblings(queue_server: ServerProcess) -> None:
+    before = queue_server.server_info()["num_generated_tokens"]
+    body = {"prompt": prompt_ids(8, seed=9), "n": 3, "max_tokens": 1500, "ignore_eos": True}
+    assert_error(queue_server.post("/v1/completions", body), 503)
+    info = queue_server.wait_idle(3.0)
+    assert info["kv_pool"]["used_pages"] == 0 and info["num_running_reqs"] == 0, info
+    assert info["num_generated_tokens"] - before < 1500
+
+
+def test_n_choices_with_the_largest_seed(main_server: ServerProcess) -> None:
+    body = {"prompt": "hi", "n": 2, "max_tokens": 3, "temperature": 1.0, "seed": 2**63 - 1}
+    resp = main_server.post("/v1/completions", body)
+    assert resp.status_code == 200, resp.text
+    assert [c["index"] for c in resp.json()["choices"]] == [0, 1]
 
 
 def test_too_many_queued_streaming_requests(queue_server: ServerProcess) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from pdserve.common.text_stream import ChoiceState, TextDelta
+from pdserve.common.tokenizer import token_bytes
 
 
 def usage(choices: list[ChoiceState], n: int) -> dict:
@@ -41,13 +42,13 @@ def chat_logprobs(tokenizer, token_ids, logprobs, top_logprobs) -> dict | None:
         return None
     content = []
     for i, (t, lp) in enumerate(zip(token_ids, logprobs)):
-        tok = _token_str(tokenizer, t)
-        tops = [
-            {"token": _token_str(tokenizer, int(tt)), "logprob": tlp, "bytes": list(_token_str(tokenizer, int(tt)).encode())}
-            for tt, tlp in (top_logprobs[i] if top_logprobs else [])
-        ]
-        content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": tops})
+        tops = [_chat_token(tokenizer, int(tt), tlp) for tt, tlp in (top_logprobs[i] if top_logprobs else [])]
+        content.append({**_chat_token(tokenizer, t, lp), "top_logprobs": tops})
     return {"content": content}
+
+
+def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
+    return {"token": _token_str(tokenizer, token_id), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token_id))}
 
 
 def completion_body(rid: str, model: str, choices: list[ChoiceState], tokenizer, want_lp: bool, n: int) -> dict:

@@ -29,6 +29,34 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-ins for raw bytes, reversed (byte-level BPE vocabularies)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+_BYTE_DECODER = _byte_level_decoder()
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
+    """The raw bytes of one token, which may be part of a UTF-8 character.
+
+    ``decode([id])`` turns such a fragment into U+FFFD; clients rebuild characters
+    from the bytes OpenAI logprobs report, so they must be the real ones.
+    """
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if type(decoder).__name__ == "ByteLevel" and piece and all(c in _BYTE_DECODER for c in piece):
+        return bytes(_BYTE_DECODER[c] for c in piece)
+    return tokenizer.decode([token_id]).encode()
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas."""
 

@@ -7,7 +7,12 @@ import random
 import pytest
 from pdserve.common.messages import TokenOutput
 from pdserve.common.text_stream import TextStream
-from pdserve.common.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
+from pdserve.common.tokenizer import (
+    IncrementalDetokenizer,
+    apply_chat_template,
+    load_tokenizer,
+    token_bytes,
+)
 
 REPLACEMENT = "\ufffd"
 TEXTS = [
@@ -44,6 +49,23 @@ def test_random_ids_concatenate_to_the_full_decode(tokenizer) -> None:
     for _ in range(50):
         ids = [rng.randrange(4, tokenizer.vocab_size) for _ in range(rng.randrange(1, 30))]
         assert "".join(stream_deltas(tokenizer, ids)) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_are_the_raw_utf8(tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [token_bytes(tokenizer, t) for t in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(not _is_utf8(p) for p in pieces)  # fragments of characters, not U+FFFD
+    assert token_bytes(tokenizer, tokenizer.eos_token_id) == tokenizer.eos_token.encode()
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def test_special_tokens_are_skipped(tokenizer) -> None:

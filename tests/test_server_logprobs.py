@@ -76,4 +76,17 @@ def test_chat_logprobs(main_server: ServerProcess, oracle: HFOracle) -> None:
         assert len(entry["top_logprobs"]) == 2
         assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([lp for _, lp in oracle_top[step]], abs=TOL)
         assert entry["top_logprobs"][0]["token"] == entry["token"]
-        assert bytes(entry["bytes"]).decode(errors="replace") == entry["token"]
+
+
+def test_chat_logprob_bytes_rebuild_the_text(main_server: ServerProcess) -> None:
+    """Tokens may end inside a UTF-8 character; their bytes still add up to the text."""
+    body = {
+        "messages": [{"role": "user", "content": "Emoji: 🙂 😀 😂"}], "max_tokens": 24, "temperature": 0,
+        "ignore_eos": True, "logprobs": True, "top_logprobs": 1,
+    }
+    choice = main_server.post("/v1/chat/completions", body).json()["choices"][0]
+    special = {"<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"}
+    pieces = [bytes(e["bytes"]) for e in choice["logprobs"]["content"] if e["token"] not in special]
+    assert any(p.decode("utf-8", errors="replace") != p.decode("utf-8", errors="ignore") for p in pieces)
+    raw = b"".join(pieces)
+    assert raw.decode("utf-8", errors="replace") == choice["message"]["content"]

@@ -197,3 +197,35 @@ def test_stream_equals_non_stream_chat(main_server: ServerProcess, oracle: HFOra
     assert plain[0] == oracle.decode(oracle.greedy(oracle.chat_ids(messages), 20))
     sampled = {**body, "temperature": 1.5, "seed": 3}
     assert _chat(main_server, False, **sampled) == _chat(main_server, True, **sampled)
+
+
+def test_generate_stream_is_cumulative(main_server: ServerProcess, oracle: HFOracle) -> None:
+    ids = prompt_ids(18, seed=19)
+    resp = main_server.post("/generate", {**generate_body(ids, MAX_NEW), "stream": True})
+    events = sse_events(resp)
+    assert len(events) > 1
+    lengths = [len(e["output_ids"]) for e in events]
+    assert lengths == sorted(lengths) and events[-1]["output_ids"] == oracle.greedy(ids, MAX_NEW)
+    assert events[-1]["text"] == oracle.decode(events[-1]["output_ids"])
+    assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_n_choices_and_usage(main_server: ServerProcess) -> None:
+    body = {"prompt": ["The quick brown fox", "Call me Ishmael."], "n": 2, "max_tokens": 6, "temperature": 1.5,
+            "seed": 8, "ignore_eos": True}
+    plain = main_server.post("/v1/completions", body).json()
+    assert [c["index"] for c in plain["choices"]] == [0, 1, 2, 3]
+    texts = [c["text"] for c in plain["choices"]]
+    assert len(set(texts)) > 1  # the samples of one prompt get different seeds
+    usage = plain["usage"]
+    assert usage["completion_tokens"] == 4 * 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    streamed = main_server.post("/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    events = sse_events(streamed)
+    # The same counts; only the prompt's cached part differs, the second time round.
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert {k: v for k, v in events[-1]["usage"].items() if k != "prompt_tokens_details"} == {
+        k: v for k, v in usage.items() if k != "prompt_tokens_details"
+    }
+    joined = ["".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i) for i in range(4)]
+    assert joined == texts

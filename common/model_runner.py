@@ -55,13 +55,24 @@ class RunnerInfo:
     attention_backend: str
 
 
-def _register_kernel_backends() -> None:
-    """Import the backends that need GPU libraries, when those import."""
-    for module in ("flashinfer_backend", "triton_backend"):
+def _register_kernel_backends() -> dict[str, str]:
+    """Import the backends that need GPU libraries; why each that failed did."""
+    failed = {}
+    for name in ("flashinfer", "triton"):
         try:
-            __import__(f"pdserve.common.attention.{module}")
-        except ImportError:
-            pass
+            __import__(f"pdserve.common.attention.{name}_backend")
+        except Exception as exc:  # a broken GPU library must not stop CPU or other backends
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return failed
+
+
+def _default_backend(device: torch.device, failed: dict[str, str]) -> str:
+    if device.type != "cuda":
+        return "torch"
+    if "flashinfer" in failed:
+        logger.warning("flashinfer is unavailable (%s); using the triton attention backend", failed["flashinfer"])
+        return "triton" if "triton" not in failed else "torch"
+    return "flashinfer"
 
 
 class ModelRunner:
@@ -74,14 +85,19 @@ class ModelRunner:
         if cfg.context_length and cfg.context_length > model_cfg.max_position_embeddings:
             logger.warning("context_length %d exceeds the model's %d; using the model's", cfg.context_length, self.context_len)
         # SGLang sizes the pool against the memory that was free before loading.
-        self._free_at_start = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        self._free_at_start = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self._free_at_start = torch.cuda.mem_get_info(self.device)[0]
         torch.manual_seed(cfg.random_seed)
         self.model = load_model(model_cfg, model_dir, cfg.load_format, self.dtype, self.device, self.context_len + 1, cfg.random_seed)
         self.model.ops = create_ops(self.device)
         self.layout = self._size_pool()
         self.pool = KVPool(self.layout, self.dtype, self.device)
-        self.attn_backend_name = cfg.attention_backend or ("flashinfer" if self.device.type == "cuda" else "torch")
-        _register_kernel_backends()
+        failed = _register_kernel_backends()
+        self.attn_backend_name = cfg.attention_backend or _default_backend(self.device, failed)
+        if self.attn_backend_name in failed:
+            raise ValueError(f"attention backend {self.attn_backend_name!r} is unavailable: {failed[self.attn_backend_name]}")
         self.attn = create_attention_backend(
             self.attn_backend_name,
             num_heads=model_cfg.num_heads,

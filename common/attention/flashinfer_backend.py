@@ -37,7 +37,7 @@ class FlashInferAttention(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
         self._graph_wrappers: dict[int, Any] = {}
-        self._graph_bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._graph_inputs: Any = None
 
     def _plan(self, wrapper: Any, step: StepInputs) -> None:
         as_t = torch.from_numpy
@@ -64,24 +64,23 @@ class FlashInferAttention(AttentionBackend):
         return batch.attn.run(q.contiguous(), (k_cache, v_cache))
 
     # ---- CUDA graphs ------------------------------------------------------------
-    def init_graph_state(self, max_batch_size: int, max_num_pages: int) -> None:
-        i32 = dict(dtype=torch.int32, device=self.device)
-        self._graph_bufs = (
-            torch.zeros(max_batch_size + 1, **i32),
-            torch.zeros(max_num_pages, **i32),
-            torch.zeros(max_batch_size, **i32),
-        )
+    def init_graph_state(self, inputs: Any) -> None:
+        """``inputs``: the graph runner's :class:`GraphInputs` (fixed index buffers)."""
+        self._graph_inputs = inputs
 
     def graph_metadata(self, step: StepInputs, batch_size: int) -> Any:
-        """Plan the graph wrapper of ``batch_size`` for ``step`` (padded to it)."""
+        """Plan the ``batch_size`` graph wrapper for the step the runner just loaded."""
+        g = self._graph_inputs
         wrapper = self._graph_wrappers.get(batch_size)
         if wrapper is None:
-            indptr, indices, last = self._graph_bufs
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-                paged_kv_indptr_buffer=indptr[: batch_size + 1], paged_kv_indices_buffer=indices,
-                paged_kv_last_page_len_buffer=last[:batch_size],
+                paged_kv_indptr_buffer=g.device_view("kv_indptr", batch_size + 1),
+                paged_kv_indices_buffer=g.device_view("kv_indices", g.max_pages),
+                paged_kv_last_page_len_buffer=g.device_view("kv_last_page_len", batch_size),
             )
             self._graph_wrappers[batch_size] = wrapper
-        self._plan(wrapper, step)
+        wrapper.plan(g.host_view("kv_indptr", batch_size + 1), g.device_view("kv_indices", g.num_indices(batch_size)),
+                     g.host_view("kv_last_page_len", batch_size), self.num_heads, self.num_kv_heads, self.head_dim,
+                     self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
         return wrapper

@@ -45,7 +45,7 @@ class TritonAttention(AttentionBackend):
         self._splits_for = decode_attention.num_kv_splits
         self.device = device
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-        self._graph: dict[str, torch.Tensor] | None = None
+        self._graph_inputs: Any = None
 
     def _splits(self, batch_size: int) -> int:
         return self._splits_for(batch_size, self.num_kv_heads, self.num_sms)
@@ -69,23 +69,16 @@ class TritonAttention(AttentionBackend):
                             meta.seq_lens, meta.max_extend_len, self.scale)
 
     # ---- CUDA graphs ------------------------------------------------------------
-    def init_graph_state(self, max_batch_size: int, max_num_pages: int) -> None:
-        i32 = dict(dtype=torch.int32, device=self.device)
-        mid = max(b * self._splits(b) for b in range(1, max_batch_size + 1)) * self.num_heads
-        self._graph = {
-            "kv_indptr": torch.zeros(max_batch_size + 1, **i32),
-            "kv_indices": torch.zeros(max_num_pages, **i32),
-            "seq_lens": torch.ones(max_batch_size, **i32),
-            "mid_o": torch.empty(mid * self.head_dim, dtype=torch.float32, device=self.device),
-            "mid_lse": torch.empty(mid, dtype=torch.float32, device=self.device),
-        }
+    def init_graph_state(self, inputs: Any) -> None:
+        """``inputs``: the graph runner's :class:`GraphInputs`; the kernels read
+        the index straight from its device buffer, so a replay needs no copy here."""
+        self._graph_inputs = inputs
+        mid = max(b * self._splits(b) for b in range(1, inputs.max_bs + 1)) * self.num_heads
+        self._mid_o = torch.empty(mid * self.head_dim, dtype=torch.float32, device=self.device)
+        self._mid_lse = torch.empty(mid, dtype=torch.float32, device=self.device)
 
     def graph_metadata(self, step: StepInputs, batch_size: int) -> TritonMeta:
-        g = self._graph
-        nnz = step.kv_indices.shape[0]
-        packed = torch.from_numpy(np.concatenate([step.kv_indptr, step.seq_lens, step.kv_indices])).to(self.device)
-        g["kv_indptr"][: batch_size + 1].copy_(packed[: batch_size + 1])
-        g["seq_lens"][:batch_size].copy_(packed[batch_size + 1 : 2 * batch_size + 1])
-        g["kv_indices"][:nnz].copy_(packed[2 * batch_size + 1 :])
-        return TritonMeta(g["kv_indptr"][: batch_size + 1], g["kv_indptr"][: batch_size + 1], g["kv_indices"],
-                          g["seq_lens"][:batch_size], 1, self._splits(batch_size), g["mid_o"], g["mid_lse"])
+        g = self._graph_inputs
+        indptr = g.device_view("kv_indptr", batch_size + 1)
+        return TritonMeta(indptr, indptr, g.device_view("kv_indices", g.max_pages), g.device_view("seq_lens", batch_size),
+                          1, self._splits(batch_size), self._mid_o, self._mid_lse)

@@ -27,22 +27,44 @@ class GemvConfig:
     block_n: int
     block_k: int
     num_warps: int
+    acc_2d: bool = False  # keep a [BLOCK_N, BLOCK_K] accumulator, reduce once at the end
 
 
-# Measured on an H100 (benchmarks/roofline.py --gemv-sweep); keys are (N, K, gated).
-_TUNED: dict[tuple[int, int, bool], GemvConfig] = {}
+# Fastest tilings measured on an H100 (benchmarks/roofline.py --gemv-sweep) for
+# the benchmark shapes; keys are (N, K, gated). Other shapes use the heuristic.
+_TUNED: dict[tuple[int, int, bool], GemvConfig] = {
+    (3072, 2048, False): GemvConfig(2, 2048, 8, True),
+    (2048, 2048, False): GemvConfig(2, 2048, 8, True),
+    (8192, 2048, True): GemvConfig(4, 1024, 4, True),
+    (2048, 8192, False): GemvConfig(2, 1024, 4, True),
+    (128256, 2048, False): GemvConfig(2, 2048, 8, True),
+    (4096, 1024, False): GemvConfig(8, 1024, 4, True),
+    (1024, 2048, False): GemvConfig(4, 2048, 8, True),
+    (3072, 1024, True): GemvConfig(4, 512, 4, True),
+    (1024, 3072, False): GemvConfig(2, 1024, 4, True),
+    (151936, 1024, False): GemvConfig(2, 1024, 4, True),
+}
+
+
+def sweep_candidates(k: int) -> list[GemvConfig]:
+    """The tilings the tuner tries for a reduction length ``k``."""
+    whole = min(triton.next_power_of_2(k), 8192)
+    out = [GemvConfig(bn, bk, w, True) for bn, bk, w in ((2, 1024, 4), (4, 1024, 4), (2, 2048, 8), (4, 512, 4), (8, 1024, 4))]
+    out += [GemvConfig(bn, whole, w, False) for bn in (1, 2, 4, 8) for w in (4, 8)]
+    out += [GemvConfig(bn, min(whole, 2048), 4, False) for bn in (2, 4, 8)]
+    return list(dict.fromkeys(c for c in out if c.block_k <= max(triton.next_power_of_2(k), 512)))
 
 
 def gemv_config(n: int, k: int, gated: bool) -> GemvConfig:
     tuned = _TUNED.get((n, k, gated))
     if tuned is not None:
         return tuned
-    block_k = min(triton.next_power_of_2(k), 1024 if gated else 2048)
-    block_n = 4 if gated else 8
-    # Keep several waves of programs on the chip so that the tail wave is short.
+    # One tile per row block (no loop-carried load latency), reduced at once.
+    block_k = min(triton.next_power_of_2(k), 4096 if gated else 8192)
+    block_n = 2 if gated else 4
     while block_n > 1 and triton.cdiv(n, block_n) < 1024:
         block_n //= 2
-    return GemvConfig(block_n, block_k, 4)
+    return GemvConfig(block_n, block_k, 8 if block_k * block_n >= 8192 else 4)
 
 
 @triton.jit
@@ -50,6 +72,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, bias_ptr, N, K, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
     RESIDUAL: tl.constexpr, BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, EVEN_K: tl.constexpr,
+    ACC_2D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dt = w_ptr.dtype.element_ty
@@ -64,8 +87,12 @@ def _gemv_kernel(
             xv = tl.load(x_ptr + k0 + cols0, mask=(k0 + cols0) < K, other=0.0).to(tl.float32)
             sq += xv * xv
         rstd = tl.math.rsqrt(tl.sum(sq, axis=0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if ACC_2D:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + cols0
         if EVEN_K:
@@ -81,19 +108,30 @@ def _gemv_kernel(
             w = tl.load(w_ptr + w_off)
         else:
             w = tl.load(w_ptr + w_off, mask=(cols < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * xf
+        if ACC_2D:
+            acc += w.to(tl.float32) * xf
+        else:
+            acc += tl.sum(w.to(tl.float32) * xf, axis=1)
         if GATED:
             if EVEN_K:
                 w_up = tl.load(w_ptr + w_off + N * K)
             else:
                 w_up = tl.load(w_ptr + w_off + N * K, mask=(cols < K)[None, :], other=0.0)
-            acc_up += w_up.to(tl.float32) * xf
-    y = tl.sum(acc, axis=1)
+            if ACC_2D:
+                acc_up += w_up.to(tl.float32) * xf
+            else:
+                acc_up += tl.sum(w_up.to(tl.float32) * xf, axis=1)
+    if ACC_2D:
+        y = tl.sum(acc, axis=1)
+        y_up = tl.sum(acc_up, axis=1)
+    else:
+        y = acc
+        y_up = acc_up
     if BIAS:
         y += tl.load(bias_ptr + rows_safe).to(tl.float32)
     if GATED:
         gate = y.to(dt).to(tl.float32)
-        up = tl.sum(acc_up, axis=1).to(dt).to(tl.float32)
+        up = y_up.to(dt).to(tl.float32)
         y = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up
     if RESIDUAL:
         y = y.to(dt).to(tl.float32) + tl.load(res_ptr + rows_safe).to(tl.float32)
@@ -128,6 +166,6 @@ def gemv(
         bias if bias is not None else x, n, k, eps,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM=norm_weight is not None, GATED=gated,
         RESIDUAL=residual is not None, BIAS=bias is not None, OUT_FLOAT=out_float,
-        EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps,
+        EVEN_K=k % cfg.block_k == 0, ACC_2D=cfg.acc_2d, num_warps=cfg.num_warps,
     )
     return out

@@ -1,0 +1,456 @@
+"""The GPU fast path against the machine's own roofline, in one process.
+
+1. The machine: device copy bandwidth (bytes read + written) and the bf16
+   8192^3 matmul rate, measured here and now.
+2. Per model shape (dummy bf16 weights): decode steps at several batch sizes
+   with ``--decode-context`` tokens of context each, and single-prompt
+   prefills. Each time is compared with its floor, ``max(bytes / bandwidth,
+   FLOPs / matmul rate)``; the fraction printed is floor / measured.
+3. KV transfer of one prompt's pages from this process (P) into a second
+   process (D) on the same GPU through the transfer layer, against a device
+   copy of the same bytes, and as a share of that prompt's prefill + transfer.
+
+``--merge-itl BENCH.json --into RESULT.json`` adds a ``pdserve bench`` ITL
+median (batch 1, through HTTP) to a result, as a ratio to the decode step.
+
+    python -m pdserve.benchmarks.roofline --output-json benchmarks/results/roofline-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DECODE_BATCHES = (1, 8, 64, 256)
+PREFILL_LENGTHS = (512, 2048, 8192)
+MODELS = ("llama-3.2-1b", "qwen3-0.6b")
+_CONFIGS = Path(__file__).resolve().parent / "configs"
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class RooflineConfig:
+    models: tuple[str, ...] = MODELS
+    decode_batches: tuple[int, ...] = DECODE_BATCHES
+    decode_context: int = 1024
+    decode_steps: int = 64
+    prefill_lengths: tuple[int, ...] = PREFILL_LENGTHS
+    transfer_tokens: int = 2048
+    transfer_repeats: int = 20
+    attention_backend: str | None = None
+    page_size: int = 16
+    skip_transfer: bool = False
+    gemv_sweep: bool = False
+    output_json: str | None = None
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpu: str
+    copy_bytes_per_s: float  # bytes read + written
+    matmul_flops_per_s: float
+
+    def floor_s(self, num_bytes: float, flops: float) -> float:
+        return max(num_bytes / self.copy_bytes_per_s, flops / self.matmul_flops_per_s)
+
+
+def _bench_ms(fn, rep_ms: int = 200) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def _copy_s() -> float:
+    import torch
+
+    src = torch.randn(_GIB // 2, dtype=torch.float16, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    return _bench_ms(lambda: dst.copy_(src)) / 1e3
+
+
+def _matmul_s(n: int) -> float:
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    return _bench_ms(lambda: a @ b) / 1e3
+
+
+def measure_machine() -> Machine:
+    import torch
+
+    copy_s, mm_s = _copy_s(), _matmul_s(8192)
+    torch.cuda.empty_cache()
+    return Machine(torch.cuda.get_device_name(), 2 * _GIB / copy_s, 2 * 8192**3 / mm_s)
+
+
+# ---- model costs ----------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelCost:
+    linear_params: int  # all layers' projections
+    lm_params: int
+    kv_bytes_per_token: int
+    hidden: int
+    vocab: int
+    attn_width: int  # num_heads * head_dim * num_layers
+
+    @classmethod
+    def of(cls, m) -> ModelCost:
+        q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+        per_layer = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * m.intermediate_size
+        return cls(m.num_layers * per_layer, m.vocab_size * m.hidden_size, m.num_layers * 2 * kv * 2,
+                   m.hidden_size, m.vocab_size, q * m.num_layers)
+
+    def decode(self, batch: int, context: int) -> tuple[float, float]:
+        """(bytes, FLOPs) of one decode step: weights once, every sequence's KV."""
+        weights = 2 * (self.linear_params + self.lm_params)
+        num_bytes = weights + batch * (context + 1) * self.kv_bytes_per_token + batch * self.vocab * 4
+        flops = 2 * batch * (self.linear_params + self.lm_params) + 4 * batch * context * self.attn_width
+        return num_bytes, flops
+
+    def prefill(self, tokens: int) -> tuple[float, float]:
+        num_bytes = 2 * (self.linear_params + self.lm_params) + tokens * self.kv_bytes_per_token
+        # causal attention: QK^T and PV over T^2/2 pairs each
+        flops = 2 * tokens * self.linear_params + 2 * self.lm_params + 2 * tokens * tokens * self.attn_width
+        return num_bytes, flops
+
+
+# ---- model timings ------------------------------------------------------------------
+def _runner(cfg: RooflineConfig, name: str, pool_tokens: int):
+    from pdserve.common.builtin_models import config_dir_for
+    from pdserve.common.config import ServerConfig
+    from pdserve.common.model_config import ModelConfig
+    from pdserve.common.model_runner import ModelRunner
+
+    model_dir = config_dir_for(_CONFIGS / f"{name}.json")
+    server = ServerConfig(model_path=model_dir, load_format="dummy", dtype="bfloat16", page_size=cfg.page_size,
+                          max_total_tokens=pool_tokens, attention_backend=cfg.attention_backend,
+                          cuda_graph_max_bs=max(cfg.decode_batches), max_running_requests=max(cfg.decode_batches))
+    runner = ModelRunner(server, model_dir, ModelConfig.from_dir(model_dir))
+    runner.pool.buffer.normal_()  # time attention on data, not zeros
+    return runner
+
+
+def _reqs(runner, batch: int, context: int, extra: int, seed: int):
+    import random
+
+    from pdserve.common.request import Req
+    from pdserve.common.sampling import SamplingParams
+
+    rng = random.Random(seed)
+    vocab = runner.model_cfg.vocab_size
+    reqs = []
+    for i in range(batch):
+        req = Req(f"r{i}", [rng.randrange(vocab) for _ in range(context)], SamplingParams(temperature=0))
+        req.pages = runner.pool.alloc(-(-(context + extra) // runner.cfg.page_size))
+        req.num_computed = context
+        reqs.append(req)
+    return reqs
+
+
+def time_decode(runner, batch: int, context: int, steps: int) -> dict:
+    """Engine-like loop (forward, argmax, host sync, next batch) and graph replay alone."""
+    import torch
+    from pdserve.common.scheduler import ScheduledBatch
+
+    reqs = _reqs(runner, batch, context - 1, steps + 8, seed=batch)
+    for r in reqs:
+        r.output_ids.append(1)
+
+    def step() -> None:
+        b = ScheduledBatch(True, reqs, [[r.output_ids[-1]] for r in reqs], [r.seq_len - 1 for r in reqs])
+        tokens = runner.forward(b).argmax(-1).tolist()
+        for r, t in zip(reqs, tokens):
+            r.output_ids.append(t)
+
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    loop_s = (time.perf_counter() - start) / steps
+    graph = runner.graphs._graphs.get(runner.graphs.padded_size(batch)) if runner.graphs else None
+    replay_s = _bench_ms(graph.replay) / 1e3 if graph is not None else None
+    used_graph = runner.uses_cuda_graph
+    for r in reqs:
+        runner.pool.release(r.pages)
+    return {"step_s": loop_s, "graph_replay_s": replay_s, "cuda_graph": used_graph}
+
+
+def time_prefill(runner, tokens: int) -> float:
+    from pdserve.common.scheduler import ScheduledBatch
+
+    (req,) = _reqs(runner, 1, tokens, 1, seed=tokens)
+    batch = ScheduledBatch(False, [req], [req.prompt_ids], [0])
+    seconds = _bench_ms(lambda: runner.forward(batch), rep_ms=500) / 1e3
+    runner.pool.release(req.pages)
+    return seconds
+
+
+def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
+    import gc
+
+    import torch
+
+    pool = max(cfg.decode_batches) * (cfg.decode_context + cfg.decode_steps + 32) + max(cfg.prefill_lengths) + 64
+    runner = _runner(cfg, name, pool)
+    cost = ModelCost.of(runner.model_cfg)
+    rows = []
+    for batch in cfg.decode_batches:
+        timing = time_decode(runner, batch, cfg.decode_context, cfg.decode_steps)
+        floor = machine.floor_s(*cost.decode(batch, cfg.decode_context + cfg.decode_steps // 2))
+        rows.append({"kind": "decode", "batch": batch, "context": cfg.decode_context, **timing, "floor_s": floor,
+                     "fraction": floor / timing["step_s"],
+                     "fraction_graph": floor / timing["graph_replay_s"] if timing["graph_replay_s"] else None})
+        _print_row(name, rows[-1])
+    for tokens in cfg.prefill_lengths:
+        seconds = time_prefill(runner, tokens)
+        num_bytes, flops = cost.prefill(tokens)
+        floor = machine.floor_s(num_bytes, flops)
+        rows.append({"kind": "prefill", "tokens": tokens, "step_s": seconds, "floor_s": floor,
+                     "fraction": floor / seconds, "tflops": flops / seconds / 1e12})
+        _print_row(name, rows[-1])
+    info = {"model": name, "attention_backend": runner.attn_backend_name, "rows": rows}
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return info
+
+
+def _print_row(model: str, row: dict) -> None:
+    what = f"decode bs={row['batch']}" if row["kind"] == "decode" else f"prefill {row['tokens']}"
+    extra = f" graph {row['graph_replay_s'] * 1e3:8.3f} ms" if row.get("graph_replay_s") else ""
+    print(f"{model:<14}{what:<16}{row['step_s'] * 1e3:9.3f} ms  floor {row['floor_s'] * 1e3:8.3f} ms  "
+          f"fraction {row['fraction']:.2f}{extra}", flush=True)
+
+
+# ---- KV transfer, P (here) -> D (child process) -------------------------------------
+def _decode_side(conn, layout_dict: dict) -> None:
+    import torch
+    from pdserve.common.kv_layout import KVLayout
+    from pdserve.transfer.base import KVMemory, TransferConfig, create_transfer_agent
+
+    layout = KVLayout.from_dict(layout_dict)
+    buf = torch.zeros(layout.total_bytes // layout.itemsize, dtype=getattr(torch, layout.dtype), device="cuda")
+    agent = create_transfer_agent(TransferConfig(instance_name="roofline-D"), KVMemory.from_tensor(buf, layout))
+    conn.send(agent.peer_info())
+    peer = agent.add_peer(conn.recv())
+    while True:
+        msg = conn.recv()
+        if msg[0] == "exit":
+            agent.close()
+            return
+        if msg[0] == "checksum":
+            conn.send(float(buf.view(layout.num_regions, layout.num_pages, -1)[:, : msg[1]].double().sum()))
+            continue
+        receiver = agent.create_receiver(msg[1], peer)
+        conn.send("ready")
+        while not (state := receiver.poll()).is_terminal:
+            pass
+        conn.send((int(state), time.monotonic()))
+
+
+def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str) -> dict:
+    import random
+
+    import torch
+    from pdserve.common.kv_layout import KVLayout
+    from pdserve.common.model_config import ModelConfig
+    from pdserve.transfer.base import KVMemory, RoomState, TransferConfig, create_transfer_agent
+
+    m = ModelConfig.from_dict(json.loads((_CONFIGS / f"{model}.json").read_text()))
+    num_pages = -(-cfg.transfer_tokens // cfg.page_size)
+    layout = KVLayout(m.num_layers, num_pages, cfg.page_size, m.num_kv_heads, m.head_dim, "bfloat16")
+    buf = torch.randn(layout.total_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    agent = create_transfer_agent(TransferConfig(instance_name="roofline-P"), KVMemory.from_tensor(buf, layout))
+    conn, child_conn = mp.get_context("spawn").Pipe()
+    child = mp.get_context("spawn").Process(target=_decode_side, args=(child_conn, layout.to_dict()), daemon=True)
+    child.start()
+    try:
+        peer = agent.add_peer(conn.recv())
+        conn.send(agent.peer_info())
+        pages = list(range(num_pages))
+        times = []
+        for i in range(cfg.transfer_repeats + 3):
+            room = random.getrandbits(63)
+            conn.send(("room", room))
+            conn.recv()
+            sender = agent.create_sender(room, peer, pages)
+            start = time.monotonic()
+            sender.send(pages, 0, True)
+            while not sender.poll().is_terminal:
+                pass
+            state, done = conn.recv()
+            if state != RoomState.SUCCESS:
+                raise RuntimeError(f"transfer room ended {RoomState(state).name}")
+            if i >= 3:  # the first transfers map the peer's memory
+                times.append(done - start)
+        conn.send(("checksum", num_pages))
+        if not math.isclose(conn.recv(), float(buf.double().sum()), rel_tol=1e-9, abs_tol=1e-3):
+            raise RuntimeError("decode side's pages differ from the prefill side's")
+        conn.send(("exit",))
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        agent.close()
+    seconds = statistics.median(times)
+    floor = 2 * layout.total_bytes / machine.copy_bytes_per_s
+    return {"kind": "transfer", "model": model, "tokens": cfg.transfer_tokens, "bytes": layout.total_bytes,
+            "step_s": seconds, "floor_s": floor, "fraction": floor / seconds, "times_s": times}
+
+
+# ---- GEMV tuning ------------------------------------------------------------------------
+def gemv_sweep(models: tuple[str, ...]) -> list[dict]:
+    """Time each single-token product of the models' shapes under several tilings."""
+    import torch
+    from pdserve.common.kernels.gemv import gemv, sweep_candidates
+    from pdserve.common.model_config import ModelConfig
+
+    results = []
+    for name in models:
+        m = ModelConfig.from_dict(json.loads((_CONFIGS / f"{name}.json").read_text()))
+        q, kv, h, i = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.hidden_size, m.intermediate_size
+        for label, n, k, gated in [("qkv", q + 2 * kv, h, False), ("o", h, q, False), ("gate_up", i, h, True),
+                                   ("down", h, i, False), ("lm", m.vocab_size, h, False)]:
+            w = torch.randn((2 * n if gated else n, k), dtype=torch.bfloat16, device="cuda") / k**0.5
+            x = torch.randn((1, k), dtype=torch.bfloat16, device="cuda")
+            best = None
+            for c in sweep_candidates(k):
+                ms = _bench_ms(lambda c=c, x=x, w=w, g=gated: gemv(x, w, gated=g, config=c), rep_ms=50)
+                if best is None or ms < best[0]:
+                    best = (ms, c)
+            gbps = w.numel() * 2 / best[0] / 1e6
+            results.append({"model": name, "op": label, "n": n, "k": k, "gated": gated, "ms": best[0],
+                            "config": asdict(best[1]), "gb_per_s": gbps})
+            c = best[1]
+            print(f"gemv {name:<14}{label:<8} {best[0] * 1e3:8.1f} us {gbps:6.0f} GB/s    "
+                  f"({n}, {k}, {gated}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.acc_2d}),", flush=True)
+    return results
+
+
+# ---- targets, report, entry point ---------------------------------------------------------
+def _row(results: dict, model: str, kind: str, key: str, value: int) -> dict | None:
+    for entry in results["models"]:
+        if entry["model"] == model:
+            return next((r for r in entry["rows"] if r["kind"] == kind and r.get(key) == value), None)
+    return None
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The issue's targets, as (name, value, limit, met) rows."""
+    out = []
+
+    def add(name: str, value: float | None, limit: float, at_least: bool = True) -> None:
+        if value is not None:
+            out.append({"target": name, "value": round(value, 4), "limit": limit,
+                        "met": value >= limit if at_least else value <= limit})
+
+    lead = results["models"][0]["model"] if results["models"] else None
+    if lead:
+        bs1, bs256, pf = (_row(results, lead, "decode", "batch", 1), _row(results, lead, "decode", "batch", 256),
+                          _row(results, lead, "prefill", "tokens", 2048))
+        add(f"{lead} decode bs=1 fraction", bs1 and bs1["fraction"], 0.75)
+        add(f"{lead} decode bs=256 fraction", bs256 and bs256["fraction"], 0.60)
+        add(f"{lead} prefill 2048 fraction", pf and pf["fraction"], 0.60)
+    transfer = results.get("transfer")
+    if transfer:
+        add("transfer 2048 fraction of copy", transfer["fraction"], 0.50)
+        add("transfer share of TTFT", transfer.get("ttft_share"), 0.03, at_least=False)
+    http = results.get("http")
+    if http:
+        add("HTTP ITL median / decode step", http["ratio"], 1.3, at_least=False)
+    return out
+
+
+def merge_itl(bench_json: str, result_json: str) -> dict:
+    results = json.loads(Path(result_json).read_text())
+    itl_ms = json.loads(Path(bench_json).read_text())["runs"][0]["metrics"]["itl_ms"]["median"]
+    lead = results["models"][0]["model"]
+    step_s = _row(results, lead, "decode", "batch", 1)["step_s"]
+    results["http"] = {"model": lead, "itl_median_ms": itl_ms, "decode_step_ms": step_s * 1e3,
+                       "ratio": itl_ms / (step_s * 1e3), "bench_json": bench_json}
+    results["targets"] = check_targets(results)
+    Path(result_json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def run(cfg: RooflineConfig, argv: list[str]) -> dict:
+    import torch
+
+    machine = measure_machine()
+    print(f"{machine.gpu}: copy {machine.copy_bytes_per_s / 1e12:.2f} TB/s (read + written), "
+          f"bf16 matmul {machine.matmul_flops_per_s / 1e12:.0f} TFLOP/s", flush=True)
+    results: dict = {"gpu": machine.gpu, "command": "python -m pdserve.benchmarks.roofline " + " ".join(argv),
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "torch": torch.__version__, "machine": asdict(machine), "config": asdict(cfg), "models": []}
+    if cfg.gemv_sweep:
+        results["gemv_sweep"] = gemv_sweep(cfg.models)
+    for name in cfg.models:
+        results["models"].append(bench_model(cfg, name, machine))
+    if not cfg.skip_transfer and cfg.models:
+        transfer = bench_transfer(cfg, machine, cfg.models[0])
+        prefill = _row(results, cfg.models[0], "prefill", "tokens", cfg.transfer_tokens)
+        if prefill:
+            transfer["ttft_share"] = transfer["step_s"] / (prefill["step_s"] + transfer["step_s"])
+        results["transfer"] = transfer
+        print(f"transfer {transfer['tokens']} tokens {transfer['bytes'] / 2**20:.0f} MiB: "
+              f"{transfer['step_s'] * 1e3:.3f} ms, fraction of copy {transfer['fraction']:.2f}", flush=True)
+    results["targets"] = check_targets(results)
+    return results
+
+
+def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
+    d = RooflineConfig()
+    ap = argparse.ArgumentParser(prog="roofline", description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(d.models), help="benchmark config names")
+    ap.add_argument("--decode-batches", nargs="+", type=int, default=list(d.decode_batches))
+    ap.add_argument("--decode-context", type=int, default=d.decode_context)
+    ap.add_argument("--decode-steps", type=int, default=d.decode_steps)
+    ap.add_argument("--prefill-lengths", nargs="+", type=int, default=list(d.prefill_lengths))
+    ap.add_argument("--transfer-tokens", type=int, default=d.transfer_tokens)
+    ap.add_argument("--transfer-repeats", type=int, default=d.transfer_repeats)
+    ap.add_argument("--attention-backend", default=d.attention_backend, choices=("flashinfer", "triton", "torch"))
+    ap.add_argument("--page-size", type=int, default=d.page_size)
+    ap.add_argument("--skip-transfer", action="store_true")
+    ap.add_argument("--gemv-sweep", action="store_true", help="also tune the single-token product kernels")
+    ap.add_argument("--output-json", default=d.output_json)
+    ap.add_argument("--merge-itl", metavar="BENCH_JSON", help="add a pdserve bench ITL to --into and exit")
+    ap.add_argument("--into", metavar="RESULT_JSON")
+    ns = ap.parse_args(argv)
+    cfg = RooflineConfig(
+        models=tuple(ns.models), decode_batches=tuple(ns.decode_batches), decode_context=ns.decode_context,
+        decode_steps=ns.decode_steps, prefill_lengths=tuple(ns.prefill_lengths), transfer_tokens=ns.transfer_tokens,
+        transfer_repeats=ns.transfer_repeats, attention_backend=ns.attention_backend, page_size=ns.page_size,
+        skip_transfer=ns.skip_transfer, gemv_sweep=ns.gemv_sweep, output_json=ns.output_json,
+    )
+    return cfg, ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, ns = parse_args(argv)
+    if ns.merge_itl:
+        results = merge_itl(ns.merge_itl, ns.into)
+    else:
+        results = run(cfg, argv)
+        out = Path(cfg.output_json or f"benchmarks/results/roofline-{datetime.date.today().isoformat()}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")
+    for t in results["targets"]:
+        print(f"{'MET ' if t['met'] else 'MISS'} {t['target']:<40} {t['value']:>8} (limit {t['limit']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

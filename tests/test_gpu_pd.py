@@ -1,0 +1,69 @@
+"""A prefill and a decode instance on ONE GPU, KV pages moving VRAM to VRAM
+over NIXL: greedy outputs through the router equal a colocated instance's.
+
+Each instance sizes its pool with ``--mem-fraction-static`` from the memory
+that was free when it started, so three instances share the card.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SMALL_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
+SERVE_ARGS = ("--load-format", "dummy", "--dtype", "bfloat16", "--mem-fraction-static", "0.1", "--base-gpu-id", "0",
+              "--page-size", "16", "--cuda-graph-max-bs", "8", "--decode-log-interval", "1")
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    from pdserve.common.builtin_models import config_dir_for
+    from pdserve.common.launcher import Cluster, ClusterConfig
+    from pdserve.tests.server_utils import free_port
+
+    root = tmp_path_factory.mktemp("gpu-pd")
+    (root / "small-llama.json").write_text(json.dumps(SMALL_LLAMA))
+    model = config_dir_for(root / "small-llama.json")
+
+    def config(name: str, **roles) -> ClusterConfig:
+        return ClusterConfig(model_path=model, port=free_port(), bootstrap_port=free_port(),
+                             base_port=random.randint(20000, 50000), transfer_backend="nixl", policy="round_robin",
+                             startup_timeout_s=600, log_dir=str(root / name), serve_args=SERVE_ARGS, **roles)
+
+    with Cluster(config("pd", num_prefill=1, num_decode=1)) as pd, \
+            Cluster(config("colocated", num_prefill=0, num_decode=0, num_colocated=1)) as colocated:
+        yield pd, colocated, root
+
+
+def _generate(base: str, ids: list[int]) -> list[int]:
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
+    resp = httpx.post(f"{base}/generate", json=body, timeout=120, trust_env=False)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["output_ids"]
+
+
+def test_pd_on_one_gpu_equals_colocated(clusters) -> None:
+    pd, colocated, root = clusters
+    rng = random.Random(5)
+    for n in (3, 16, 17, 100, 700):
+        ids = [rng.randrange(4, 1000) for _ in range(n)]
+        assert _generate(pd.router_url, ids) == _generate(colocated.router_url, ids), f"prompt of {n} tokens"
+    for url in pd.instance_urls("prefill") + pd.instance_urls("decode"):
+        info = httpx.get(f"{url}/get_server_info", timeout=10, trust_env=False).json()
+        assert info["device"] == "cuda:0" and info["attention_backend"] == "flashinfer"
+    decode_log = Path(root, "pd", "decode-0.log").read_text()
+    assert "cuda graph: True" in decode_log
+    assert "available_gpu_mem=" in decode_log

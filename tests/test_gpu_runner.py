@@ -1,0 +1,143 @@
+"""The model runner on the GPU: CUDA graphs (padding, flags), overlap
+prediction, backends, and pool sizing from free memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pdserve.common.config import ServerConfig
+from pdserve.common.model_config import ModelConfig
+from pdserve.common.model_runner import ModelRunner
+from pdserve.common.request import Req
+from pdserve.common.sampling import SamplingParams
+from pdserve.common.scheduler import ScheduledBatch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+# A small Llama with the benchmark models' head size (64), so flashinfer's kernels are shared.
+SMALL_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from pdserve.common.builtin_models import config_dir_for
+
+    path = tmp_path_factory.mktemp("cfg") / "small-llama.json"
+    path.write_text(json.dumps(SMALL_LLAMA))
+    return config_dir_for(path)
+
+
+def _runner(model_dir: str, **flags) -> ModelRunner:
+    base = dict(model_path=model_dir, load_format="dummy", dtype="bfloat16", max_total_tokens=8192,
+                cuda_graph_bs=(1, 2, 4, 8))
+    cfg = ServerConfig(**{**base, **flags})
+    return ModelRunner(cfg, model_dir, ModelConfig.from_dir(model_dir))
+
+
+def _requests(runner: ModelRunner, lengths: list[int], steps: int) -> list[Req]:
+    g = torch.Generator().manual_seed(sum(lengths))
+    reqs = []
+    for i, n in enumerate(lengths):
+        req = Req(str(i), torch.randint(0, 1000, (n,), generator=g).tolist(), SamplingParams(temperature=0))
+        req.pages = runner.pool.alloc(-(-(n + steps + 1) // runner.cfg.page_size))
+        reqs.append(req)
+    return reqs
+
+
+def _teacher_forced(runners: list[ModelRunner], lengths: list[int], steps: int, subsets: list[list[int]]):
+    """Prefill, then decode steps over ``subsets`` of the requests with the
+    first runner's greedy tokens fed to all; per step, every runner's logits
+    and whether it replayed a graph."""
+    per_runner = [_requests(r, lengths, steps) for r in runners]
+    history = []
+    prefill = [r.forward(ScheduledBatch(False, q, [x.prompt_ids for x in q], [0] * len(q)))
+               for r, q in zip(runners, per_runner)]
+    tokens = prefill[0].argmax(-1).tolist()
+    for reqs in per_runner:
+        for req, t in zip(reqs, tokens):
+            req.output_ids.append(t)
+    for step in range(steps):
+        rows = subsets[step % len(subsets)]
+        outs = []
+        for runner, reqs in zip(runners, per_runner):
+            live = [reqs[i] for i in rows]
+            batch = ScheduledBatch(True, live, [[q.output_ids[-1]] for q in live], [q.seq_len - 1 for q in live])
+            outs.append((runner.forward(batch).clone(), runner.uses_cuda_graph))
+        history.append(outs)
+        for i, t in zip(rows, outs[0][0].argmax(-1).tolist()):
+            for reqs in per_runner:
+                reqs[i].output_ids.append(t)
+    return history
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-2) -> bool:
+    return float((a - b).norm() / b.norm()) < tol
+
+
+def test_graph_replay_matches_eager_and_pads(model_dir: str) -> None:
+    graphs, eager = _runner(model_dir), _runner(model_dir, disable_cuda_graph=True)
+    assert graphs.graphs is not None and eager.graphs is None
+    subsets = [[0, 1, 2, 3, 4], [1], [0, 2, 4], list(range(9))]  # 5 and 3 pad to 8 and 4; 9 runs eagerly
+    history = _teacher_forced([graphs, eager], [5, 17, 40, 16, 33, 8, 1, 64, 20], 8, subsets)
+    for step, ((g_logits, g_used), (e_logits, e_used)) in enumerate(history):
+        assert g_used == (len(subsets[step % 4]) <= 8) and not e_used
+        assert g_logits.shape == e_logits.shape and _close(g_logits, e_logits), step
+
+
+def test_without_padding_only_captured_sizes_replay(model_dir: str) -> None:
+    runner = _runner(model_dir, cuda_graph_bs=(1, 4), disable_cuda_graph_padding=True)
+    history = _teacher_forced([runner], [9, 9, 9, 9], 4, [[0, 1, 2], [0, 1, 2, 3], [3], [0, 1]])
+    assert [h[0][1] for h in history] == [False, True, True, False]
+
+
+def test_overlap_prediction_is_used_and_exact(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve.common.kernels import step_inputs
+
+    resolved = []
+    original = step_inputs.Prediction.resolve
+    monkeypatch.setattr(step_inputs.Prediction, "resolve",
+                        lambda self, *a: resolved.append(original(self, *a)) or resolved[-1])
+    overlap, plain = _runner(model_dir), _runner(model_dir, disable_overlap_schedule=True)
+    assert overlap.overlap and not plain.overlap
+    subsets = [[0, 1, 2, 3], [0, 1, 2, 3], [0, 2, 3], [0, 2, 3]]  # a request finishes, one crosses pages
+    history = _teacher_forced([overlap, plain], [15, 16, 31, 3], 8, subsets)
+    for (a, _), (b, _) in history:
+        assert torch.equal(a, b)
+    assert sum(r is not None for r in resolved) >= 6
+
+
+def test_triton_backend_agrees_with_flashinfer(model_dir: str) -> None:
+    pytest.importorskip("flashinfer")
+    runners = [_runner(model_dir), _runner(model_dir, attention_backend="triton")]
+    assert [r.attn_backend_name for r in runners] == ["flashinfer", "triton"]
+    history = _teacher_forced(runners, [7, 100, 33], 6, [[0, 1, 2], [1]])
+    for (a, _), (b, _) in history:
+        assert _close(a, b)
+
+
+def test_pool_is_sized_from_free_memory(model_dir: str) -> None:
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    free_before = torch.cuda.mem_get_info()[0]
+    runner = _runner(model_dir, max_total_tokens=None, mem_fraction_static=0.1, cuda_graph_bs=(1,))
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    pool_bytes = runner.layout.total_bytes
+    budget = 0.1 * free_before
+    assert budget - weights - (1 << 30) < pool_bytes + weights <= budget * 1.01
+    assert abs(runner.info().available_gpu_mem_gb - torch.cuda.mem_get_info()[0] / (1 << 30)) < 0.5
+
+
+def test_weights_export_path_unused_on_gpu_is_dtype_clean(model_dir: str) -> None:
+    runner = _runner(model_dir, cuda_graph_bs=(1,))
+    assert {p.dtype for p in runner.model.parameters()} == {torch.bfloat16}
+    assert runner.model.model.rotary.cos_cache.dtype == torch.float32
+    assert Path(model_dir, "config.json").exists()

@@ -36,7 +36,6 @@ from pdserve.common.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 
 logger = logging.getLogger("pdserve.engine")
 
-IDLE_WAIT_S = 0.05
 PD_POLL_WAIT_S = 0.002
 
 
@@ -122,7 +121,7 @@ class Engine:
 
     def _receive(self) -> bool:
         busy = self.scheduler.running or self.scheduler.waiting or self.scheduler.chunked
-        wait_s = 0.0 if busy else (PD_POLL_WAIT_S if self.role.has_pending() else IDLE_WAIT_S)
+        wait_s = 0.0 if busy else (PD_POLL_WAIT_S if self.role.has_pending() else self.role.idle_wait_s)
         try:
             while self.conn.poll(wait_s):
                 self._handle(codec.decode(self.conn.recv_bytes()))

@@ -35,6 +35,9 @@ def create_role(name: str, engine: Engine) -> EngineRole:
 
 
 class EngineRole:
+    # How long an idle engine blocks on its front pipe before polling the role again.
+    idle_wait_s = 0.05
+
     def __init__(self, engine: Engine):
         self.engine = engine
 

@@ -41,6 +41,10 @@ class PrefillRoom:
 
 
 class PrefillRole(EngineRole):
+    # A decode side's page list arrives on the control channel, not the pipe:
+    # an idle prefill engine must look at it promptly.
+    idle_wait_s = 0.005
+
     def __init__(self, engine):
         super().__init__(engine)
         cfg = engine.cfg

@@ -58,6 +58,7 @@ class TransferConfig:
     port: int = 0  # listener port for backends that listen; 0 = ephemeral
     ib_device: str | None = None  # e.g. "mlx5_0:1"; None lets UCX choose
     timeout_s: float = 120.0  # a room that is not done by then is FAILED
+    progress_delay_us: int = 200  # nixl progress-thread sleep between polls (0 spins a core)
     notice_ttl_s: float = 120.0  # how long news for unknown/finished rooms is kept
 
 

@@ -124,16 +124,37 @@ class NixlReceiver(KVReceiver):
             self._agent.notify(self.peer, RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=abort_reason))
 
 
+def _create_nixl_agent(name: str, progress_delay_us: int):
+    """A nixl agent whose progress thread sleeps ``progress_delay_us`` between polls.
+
+    nixl's Python wrapper hard-codes a delay of 0, which makes the progress
+    thread spin a whole core per instance; on a shared host that starves the
+    engines. The wrapper offers no knob, so the config it builds is adjusted on
+    its way into the native agent.
+    """
+    import nixl._api as api
+
+    native_agent = api.nixlBind.nixlAgent
+
+    def with_delay(agent_name, agent_config):
+        agent_config.pthrDelay = progress_delay_us
+        return native_agent(agent_name, agent_config)
+
+    api.nixlBind.nixlAgent = with_delay
+    try:
+        return api.nixl_agent(name, api.nixl_agent_config(backends=[]))
+    finally:
+        api.nixlBind.nixlAgent = native_agent
+
+
 @register_backend("nixl")
 class NixlAgent(TransferAgent):
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)
-        from nixl._api import nixl_agent, nixl_agent_config
-
         # A random suffix keeps a restarted instance distinct from its old self
         # in peers that still hold the previous metadata.
         self._name = f"{config.instance_name}-{secrets.token_hex(4)}"
-        self.nixl = nixl_agent(self._name, nixl_agent_config(backends=[]))
+        self.nixl = _create_nixl_agent(self._name, config.progress_delay_us)
         params = {"ucx_devices": config.ib_device} if config.ib_device else {}
         self.nixl.create_backend(_UCX, params)
         self._mem_type = _mem_type(memory)

@@ -56,6 +56,7 @@ class ClusterConfig:
     serve_args: tuple[str, ...] = ()  # extra engine flags for every instance
     router_args: tuple[str, ...] = ()
     serve_command: tuple[str, ...] | None = None  # None: this Python's `pdserve serve`
+    gpu_ids: tuple[int, ...] = ()  # instance i runs on gpu_ids[i % len]; () leaves the device alone
 
     def __post_init__(self) -> None:
         if self.num_colocated and (self.num_prefill or self.num_decode):
@@ -163,7 +164,13 @@ class Cluster:
         return command + [
             "--model-path", cfg.model_path, "--host", cfg.host, "--port", str(port),
             "--disaggregation-mode", role, "--disaggregation-bootstrap-url", self.bootstrap_url,
-            "--disaggregation-transfer-backend", cfg.transfer_backend, *cfg.serve_args]
+            "--disaggregation-transfer-backend", cfg.transfer_backend, *self._gpu_args(port), *cfg.serve_args]
+
+    def _gpu_args(self, port: int) -> list[str]:
+        if not self.config.gpu_ids:
+            return []
+        index = port - self.config.base_port
+        return ["--base-gpu-id", str(self.config.gpu_ids[index % len(self.config.gpu_ids)])]
 
     def _router_argv(self) -> list[str]:
         cfg = self.config
@@ -292,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-args", default="", help="extra router flags, one shell-quoted string")
     p.add_argument("--serve-command", default=None,
                    help="command that starts one instance (default: this Python's pdserve serve)")
+    p.add_argument("--gpu-ids", type=int, nargs="+", default=list(d.gpu_ids),
+                   help="one GPU per instance, in launch order (prefill, decode, colocated); reused cyclically")
     p.add_argument("--smoke", action="store_true",
                    help="send one completion once up, print it, shut down")
     return p
@@ -316,7 +325,8 @@ def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
             startup_timeout_s=a.startup_timeout_s, stop_grace_s=a.stop_grace_s,
             log_dir=a.log_dir, serve_args=tuple(serve_args),
             router_args=tuple(shlex.split(a.router_args)),
-            serve_command=tuple(shlex.split(a.serve_command)) if a.serve_command else None)
+            serve_command=tuple(shlex.split(a.serve_command)) if a.serve_command else None,
+            gpu_ids=tuple(a.gpu_ids))
     except ValueError as exc:
         parser.error(str(exc))
     return config, a.smoke

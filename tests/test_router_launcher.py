@@ -150,3 +150,15 @@ def test_up_flags() -> None:
     assert (config.num_prefill, config.num_decode, smoke) == (1, 3, True)
     with pytest.raises(SystemExit):
         parse_args(["--num-colocated", "1", "--num-prefill", "1"])
+
+
+def test_gpu_ids_give_each_instance_its_own_device() -> None:
+    from pdserve.common.launcher import Cluster, parse_args
+
+    config, _ = parse_args(["--num-prefill", "2", "--num-decode", "2", "--gpu-ids", "0", "1", "2", "3"])
+    cluster = Cluster(config)
+    roles = ["prefill", "prefill", "decode", "decode"]
+    devices = [cluster._serve_argv(r, config.base_port + i) for i, r in enumerate(roles)]
+    assert [argv[argv.index("--base-gpu-id") + 1] for argv in devices] == ["0", "1", "2", "3"]
+    plain, _ = parse_args(["--num-prefill", "1", "--num-decode", "1"])
+    assert "--base-gpu-id" not in Cluster(plain)._serve_argv("prefill", plain.base_port)

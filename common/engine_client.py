@@ -78,9 +78,13 @@ class EngineClient:
             while True:
                 msg = codec.decode(self._conn.recv_bytes())
                 self._loop.call_soon_threadsafe(self._dispatch, msg)
-        except (EOFError, OSError):
+        except (EOFError, OSError, TypeError):
+            # TypeError: shutdown() closed the pipe under a blocked recv_bytes().
             if not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._on_death)
+                try:
+                    self._loop.call_soon_threadsafe(self._on_death)
+                except RuntimeError:  # the loop closed in between
+                    pass
 
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, TokenBatch):

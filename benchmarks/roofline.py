@@ -49,6 +49,7 @@ class RooflineConfig:
     page_size: int = 16
     skip_transfer: bool = False
     gemv_sweep: bool = False
+    compare_pdl: bool = False
     output_json: str | None = None
 
 
@@ -109,6 +110,12 @@ class ModelCost:
         return cls(m.num_layers * per_layer, m.vocab_size * m.hidden_size, m.num_layers * 2 * kv * 2,
                    m.hidden_size, m.vocab_size, q * m.num_layers)
 
+    @classmethod
+    def of_name(cls, name: str) -> ModelCost:
+        from pdserve.common.model_config import ModelConfig
+
+        return cls.of(ModelConfig.from_dict(json.loads((_CONFIGS / f"{name}.json").read_text())))
+
     def decode(self, batch: int, context: int) -> tuple[float, float]:
         """(bytes, FLOPs) of one decode step: weights once, every sequence's KV."""
         weights = 2 * (self.linear_params + self.lm_params)
@@ -156,44 +163,105 @@ def _reqs(runner, batch: int, context: int, extra: int, seed: int):
     return reqs
 
 
+class _PhaseTimer:
+    """Wall time spent in chosen methods, by wrapping them for the duration."""
+
+    def __init__(self) -> None:
+        self.totals_s: dict[str, float] = {}
+        self._restore: list = []
+
+    def wrap(self, owner, attr: str, label: str) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.totals_s[label] = self.totals_s.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+        self._restore.append((owner, attr, original))
+
+    def restore(self) -> None:
+        for owner, attr, original in reversed(self._restore):
+            setattr(owner, attr, original)
+
+
 def time_decode(runner, batch: int, context: int, steps: int) -> dict:
-    """Engine-like loop (forward, argmax, host sync, next batch) and graph replay alone."""
+    """Engine-like loop (forward, argmax, host sync, next batch), its host-side
+    phases, and the graph replay alone."""
     import torch
+    from pdserve.common import model_runner
     from pdserve.common.scheduler import ScheduledBatch
 
     reqs = _reqs(runner, batch, context - 1, steps + 8, seed=batch)
     for r in reqs:
         r.output_ids.append(1)
+    timer = _PhaseTimer()
 
     def step() -> None:
         b = ScheduledBatch(True, reqs, [[r.output_ids[-1]] for r in reqs], [r.seq_len - 1 for r in reqs])
-        tokens = runner.forward(b).argmax(-1).tolist()
+        tokens = timer_call("forward (host)", runner.forward, b).argmax(-1).tolist()
         for r, t in zip(reqs, tokens):
             r.output_ids.append(t)
 
+    def timer_call(label, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        timer.totals_s[label] = timer.totals_s.get(label, 0.0) + time.perf_counter() - start
+        return out
+
     for _ in range(4):
         step()
+    timer.totals_s.clear()
+    timer.wrap(runner, "_step_inputs", "step inputs")
+    timer.wrap(model_runner, "predict_next", "predict next")
+    if runner.graphs is not None:
+        timer.wrap(runner.graphs.inputs, "load", "graph inputs copy")
+        timer.wrap(runner.attn, "graph_metadata", "attention metadata")
+        graph = runner.graphs._graphs.get(runner.graphs.padded_size(batch))
+        if graph is not None:
+            timer.wrap(graph, "replay", "graph launch")
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     loop_s = (time.perf_counter() - start) / steps
+    timer.restore()
     graph = runner.graphs._graphs.get(runner.graphs.padded_size(batch)) if runner.graphs else None
     replay_s = _bench_ms(graph.replay) / 1e3 if graph is not None else None
     used_graph = runner.uses_cuda_graph
     for r in reqs:
         runner.pool.release(r.pages)
-    return {"step_s": loop_s, "graph_replay_s": replay_s, "cuda_graph": used_graph}
+    host_us = {k: round(v / steps * 1e6, 1) for k, v in timer.totals_s.items()}
+    return {"step_s": loop_s, "graph_replay_s": replay_s, "cuda_graph": used_graph, "host_us": host_us}
 
 
-def time_prefill(runner, tokens: int) -> float:
+def time_prefill(runner, tokens: int, repeats: int = 10) -> dict:
+    """Per forward, medians of: wall time to the result (what an engine waits),
+    host time to launch it, and the GPU's span from first to last kernel."""
+    import torch
     from pdserve.common.scheduler import ScheduledBatch
 
     (req,) = _reqs(runner, 1, tokens, 1, seed=tokens)
     batch = ScheduledBatch(False, [req], [req.prompt_ids], [0])
-    seconds = _bench_ms(lambda: runner.forward(batch), rep_ms=500) / 1e3
+    runner.forward(batch)
+    walls, launches, spans = [], [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = time.perf_counter()
+        begin.record()
+        runner.forward(batch)
+        launches.append(time.perf_counter() - start)
+        end.record()
+        end.synchronize()
+        walls.append(time.perf_counter() - start)
+        spans.append(begin.elapsed_time(end) / 1e3)
     runner.pool.release(req.pages)
-    return seconds
+    return {"step_s": statistics.median(walls), "host_launch_s": statistics.median(launches),
+            "gpu_span_s": statistics.median(spans)}
 
 
 def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
@@ -213,11 +281,11 @@ def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
                      "fraction_graph": floor / timing["graph_replay_s"] if timing["graph_replay_s"] else None})
         _print_row(name, rows[-1])
     for tokens in cfg.prefill_lengths:
-        seconds = time_prefill(runner, tokens)
+        timing = time_prefill(runner, tokens)
         num_bytes, flops = cost.prefill(tokens)
         floor = machine.floor_s(num_bytes, flops)
-        rows.append({"kind": "prefill", "tokens": tokens, "step_s": seconds, "floor_s": floor,
-                     "fraction": floor / seconds, "tflops": flops / seconds / 1e12})
+        rows.append({"kind": "prefill", "tokens": tokens, **timing, "floor_s": floor,
+                     "fraction": floor / timing["step_s"], "tflops": flops / timing["step_s"] / 1e12})
         _print_row(name, rows[-1])
     info = {"model": name, "attention_backend": runner.attn_backend_name, "rows": rows}
     del runner
@@ -226,9 +294,37 @@ def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
     return info
 
 
+def decode_without_pdl(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
+    """Decode at batch 1 with programmatic dependent launch off (``PDSERVE_PDL=0``)."""
+    import gc
+    import os
+    from dataclasses import replace
+
+    import torch
+
+    os.environ["PDSERVE_PDL"] = "0"
+    try:
+        small = replace(cfg, decode_batches=(1,), prefill_lengths=())
+        runner = _runner(small, name, cfg.decode_context + cfg.decode_steps + 64)
+        timing = time_decode(runner, 1, cfg.decode_context, cfg.decode_steps)
+        del runner
+        gc.collect()
+        torch.cuda.empty_cache()
+    finally:
+        del os.environ["PDSERVE_PDL"]
+    floor = machine.floor_s(*ModelCost.of_name(name).decode(1, cfg.decode_context + cfg.decode_steps // 2))
+    row = {"kind": "decode", "batch": 1, "pdl": False, **timing, "floor_s": floor, "fraction": floor / timing["step_s"]}
+    _print_row(f"{name} no PDL", row)
+    return row
+
+
 def _print_row(model: str, row: dict) -> None:
     what = f"decode bs={row['batch']}" if row["kind"] == "decode" else f"prefill {row['tokens']}"
     extra = f" graph {row['graph_replay_s'] * 1e3:8.3f} ms" if row.get("graph_replay_s") else ""
+    if row.get("host_us"):
+        extra += f" host us {row['host_us']}"
+    if row.get("host_launch_s"):
+        extra += f" host launch {row['host_launch_s'] * 1e3:.3f} ms, gpu span {row['gpu_span_s'] * 1e3:.3f} ms"
     print(f"{model:<14}{what:<16}{row['step_s'] * 1e3:9.3f} ms  floor {row['floor_s'] * 1e3:8.3f} ms  "
           f"fraction {row['fraction']:.2f}{extra}", flush=True)
 
@@ -259,7 +355,9 @@ def _decode_side(conn, layout_dict: dict) -> None:
         conn.send((int(state), time.monotonic()))
 
 
-def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str) -> dict:
+def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, merge_layers: bool = False) -> dict:
+    """``merge_layers``: the same bytes as ONE layer (two regions), to show what
+    the per-region descriptors cost."""
     import random
 
     import torch
@@ -269,7 +367,8 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str) -> dict:
 
     m = ModelConfig.from_dict(json.loads((_CONFIGS / f"{model}.json").read_text()))
     num_pages = -(-cfg.transfer_tokens // cfg.page_size)
-    layout = KVLayout(m.num_layers, num_pages, cfg.page_size, m.num_kv_heads, m.head_dim, "bfloat16")
+    layers, heads = (1, m.num_kv_heads * m.num_layers) if merge_layers else (m.num_layers, m.num_kv_heads)
+    layout = KVLayout(layers, num_pages, cfg.page_size, heads, m.head_dim, "bfloat16")
     buf = torch.randn(layout.total_bytes // 2, dtype=torch.bfloat16, device="cuda")
     agent = create_transfer_agent(TransferConfig(instance_name="roofline-P"), KVMemory.from_tensor(buf, layout))
     conn, child_conn = mp.get_context("spawn").Pipe()
@@ -279,7 +378,7 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str) -> dict:
         peer = agent.add_peer(conn.recv())
         conn.send(agent.peer_info())
         pages = list(range(num_pages))
-        times = []
+        times, sender_times = [], []
         for i in range(cfg.transfer_repeats + 3):
             room = random.getrandbits(63)
             conn.send(("room", room))
@@ -289,11 +388,13 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str) -> dict:
             sender.send(pages, 0, True)
             while not sender.poll().is_terminal:
                 pass
+            sent = time.monotonic()
             state, done = conn.recv()
             if state != RoomState.SUCCESS:
                 raise RuntimeError(f"transfer room ended {RoomState(state).name}")
             if i >= 3:  # the first transfers map the peer's memory
                 times.append(done - start)
+                sender_times.append(sent - start)
         conn.send(("checksum", num_pages))
         if not math.isclose(conn.recv(), float(buf.double().sum()), rel_tol=1e-9, abs_tol=1e-3):
             raise RuntimeError("decode side's pages differ from the prefill side's")
@@ -306,7 +407,8 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str) -> dict:
     seconds = statistics.median(times)
     floor = 2 * layout.total_bytes / machine.copy_bytes_per_s
     return {"kind": "transfer", "model": model, "tokens": cfg.transfer_tokens, "bytes": layout.total_bytes,
-            "step_s": seconds, "floor_s": floor, "fraction": floor / seconds, "times_s": times}
+            "regions": layout.num_regions, "step_s": seconds, "sender_done_s": statistics.median(sender_times),
+            "floor_s": floor, "fraction": floor / seconds, "times_s": times}
 
 
 # ---- GEMV tuning ------------------------------------------------------------------------
@@ -394,17 +496,22 @@ def run(cfg: RooflineConfig, argv: list[str]) -> dict:
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "torch": torch.__version__, "machine": asdict(machine), "config": asdict(cfg), "models": []}
     if cfg.gemv_sweep:
-        results["gemv_sweep"] = gemv_sweep(cfg.models)
+        results["gemv_sweep"] = gemv_sweep(cfg.models[:1])
     for name in cfg.models:
         results["models"].append(bench_model(cfg, name, machine))
+    if cfg.compare_pdl and cfg.models:
+        results["without_pdl"] = decode_without_pdl(cfg, cfg.models[0], machine)
     if not cfg.skip_transfer and cfg.models:
         transfer = bench_transfer(cfg, machine, cfg.models[0])
         prefill = _row(results, cfg.models[0], "prefill", "tokens", cfg.transfer_tokens)
         if prefill:
             transfer["ttft_share"] = transfer["step_s"] / (prefill["step_s"] + transfer["step_s"])
         results["transfer"] = transfer
-        print(f"transfer {transfer['tokens']} tokens {transfer['bytes'] / 2**20:.0f} MiB: "
-              f"{transfer['step_s'] * 1e3:.3f} ms, fraction of copy {transfer['fraction']:.2f}", flush=True)
+        results["transfer_one_layer"] = bench_transfer(cfg, machine, cfg.models[0], merge_layers=True)
+        for t in (transfer, results["transfer_one_layer"]):
+            print(f"transfer {t['tokens']} tokens {t['bytes'] / 2**20:.0f} MiB in {t['regions']} regions: "
+                  f"{t['step_s'] * 1e3:.3f} ms (sender done {t['sender_done_s'] * 1e3:.3f} ms), "
+                  f"fraction of copy {t['fraction']:.2f}", flush=True)
     results["targets"] = check_targets(results)
     return results
 
@@ -423,6 +530,7 @@ def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
     ap.add_argument("--page-size", type=int, default=d.page_size)
     ap.add_argument("--skip-transfer", action="store_true")
     ap.add_argument("--gemv-sweep", action="store_true", help="also tune the single-token product kernels")
+    ap.add_argument("--compare-pdl", action="store_true", help="also time decode at batch 1 without PDL")
     ap.add_argument("--output-json", default=d.output_json)
     ap.add_argument("--merge-itl", metavar="BENCH_JSON", help="add a pdserve bench ITL to --into and exit")
     ap.add_argument("--into", metavar="RESULT_JSON")
@@ -431,7 +539,8 @@ def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
         models=tuple(ns.models), decode_batches=tuple(ns.decode_batches), decode_context=ns.decode_context,
         decode_steps=ns.decode_steps, prefill_lengths=tuple(ns.prefill_lengths), transfer_tokens=ns.transfer_tokens,
         transfer_repeats=ns.transfer_repeats, attention_backend=ns.attention_backend, page_size=ns.page_size,
-        skip_transfer=ns.skip_transfer, gemv_sweep=ns.gemv_sweep, output_json=ns.output_json,
+        skip_transfer=ns.skip_transfer, gemv_sweep=ns.gemv_sweep, compare_pdl=ns.compare_pdl,
+        output_json=ns.output_json,
     )
     return cfg, ns
 

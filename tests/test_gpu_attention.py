@@ -18,7 +18,7 @@ def _backends() -> list[str]:
     try:
         import flashinfer  # noqa: F401
 
-        names.append("flashinfer")
+        names += ["flashinfer", "flashinfer_decode"]
     except ImportError:
         pass
     return names

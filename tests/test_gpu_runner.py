@@ -113,13 +113,15 @@ def test_overlap_prediction_is_used_and_exact(model_dir: str, monkeypatch: pytes
     assert sum(r is not None for r in resolved) >= 6
 
 
-def test_triton_backend_agrees_with_flashinfer(model_dir: str) -> None:
+def test_backends_agree(model_dir: str) -> None:
     pytest.importorskip("flashinfer")
-    runners = [_runner(model_dir), _runner(model_dir, attention_backend="triton")]
-    assert [r.attn_backend_name for r in runners] == ["flashinfer", "triton"]
+    names = ["flashinfer", "triton", "flashinfer_decode"]
+    runners = [_runner(model_dir, attention_backend=n) for n in names]
     history = _teacher_forced(runners, [7, 100, 33], 6, [[0, 1, 2], [1]])
-    for (a, _), (b, _) in history:
-        assert _close(a, b)
+    for outs in history:
+        assert all(used for _, used in outs)
+        for logits, _ in outs[1:]:
+            assert _close(logits, outs[0][0])
 
 
 def test_pool_is_sized_from_free_memory(model_dir: str) -> None:

@@ -42,8 +42,11 @@ class TritonAttention(AttentionBackend):
         self._decode, self._extend, self._store = (
             decode_attention.decode_attention, prefill_attention.extend_attention, rope_store.store_kv
         )
+        from pdserve.common.kernels.ops import pdl_enabled
+
         self._splits_for = decode_attention.num_kv_splits
         self.device = device
+        self.pdl = pdl_enabled(device)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         self._graph_inputs: Any = None
 
@@ -64,7 +67,7 @@ class TritonAttention(AttentionBackend):
         meta: TritonMeta = batch.attn
         if batch.is_decode:
             return self._decode(q, k_cache, v_cache, meta.kv_indptr, meta.kv_indices, meta.seq_lens,
-                                self.scale, meta.num_splits, meta.mid_o, meta.mid_lse)
+                                self.scale, meta.num_splits, meta.mid_o, meta.mid_lse, pdl=self.pdl)
         return self._extend(q, k_cache, v_cache, meta.qo_indptr, meta.kv_indptr, meta.kv_indices,
                             meta.seq_lens, meta.max_extend_len, self.scale)
 

@@ -29,13 +29,17 @@ def _decode_stage1(
     q_ptr, k_cache_ptr, v_cache_ptr, kv_indptr_ptr, kv_indices_ptr, seq_lens_ptr,
     out_ptr, mid_o_ptr, mid_lse_ptr, scale,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     page_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
+    if PDL:  # q and the newest K/V slot come from the previous kernel
+        tl.extra.cuda.gdc_wait()
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -82,7 +86,11 @@ def _decode_stage1(
 
 
 @triton.jit
-def _decode_stage2(mid_o_ptr, mid_lse_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _decode_stage2(mid_o_ptr, mid_lse_ptr, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM)
@@ -105,6 +113,7 @@ def decode_attention(
     num_splits: int,
     mid_o: torch.Tensor | None = None,  # [B * H * num_splits * D] float32 scratch
     mid_lse: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -123,8 +132,9 @@ def decode_attention(
         q.contiguous(), k_cache, v_cache, kv_indptr, kv_indices, seq_lens, out, mid_o, mid_lse, scale,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_BLOCK=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=32 if head_dim > 64 else 64,
-        NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, PDL=pdl, num_warps=4, num_stages=2, launch_pdl=pdl,
     )
     if num_splits > 1:
-        _decode_stage2[(batch * num_heads,)](mid_o, mid_lse, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=2)
+        _decode_stage2[(batch * num_heads,)](mid_o, mid_lse, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+                                             PDL=pdl, num_warps=2, launch_pdl=pdl)
     return out

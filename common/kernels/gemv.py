@@ -33,10 +33,10 @@ class GemvConfig:
 # Fastest tilings measured on an H100 (benchmarks/roofline.py --gemv-sweep) for
 # the benchmark shapes; keys are (N, K, gated). Other shapes use the heuristic.
 _TUNED: dict[tuple[int, int, bool], GemvConfig] = {
-    (3072, 2048, False): GemvConfig(2, 2048, 8, True),
-    (2048, 2048, False): GemvConfig(2, 2048, 8, True),
-    (8192, 2048, True): GemvConfig(4, 1024, 4, True),
-    (2048, 8192, False): GemvConfig(2, 1024, 4, True),
+    (3072, 2048, False): GemvConfig(4, 2048, 8, False),
+    (2048, 2048, False): GemvConfig(1, 2048, 4, False),
+    (8192, 2048, True): GemvConfig(1, 2048, 4, False),
+    (2048, 8192, False): GemvConfig(1, 8192, 4, False),
     (128256, 2048, False): GemvConfig(2, 2048, 8, True),
     (4096, 1024, False): GemvConfig(8, 1024, 4, True),
     (1024, 2048, False): GemvConfig(4, 2048, 8, True),
@@ -72,7 +72,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, bias_ptr, N, K, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
     RESIDUAL: tl.constexpr, BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, EVEN_K: tl.constexpr,
-    ACC_2D: tl.constexpr,
+    ACC_2D: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dt = w_ptr.dtype.element_ty
@@ -80,6 +80,24 @@ def _gemv_kernel(
     row_mask = rows < N
     rows_safe = tl.where(row_mask, rows, 0).to(tl.int64)
     cols0 = tl.arange(0, BLOCK_K)
+    w_off = rows_safe[:, None] * K + cols0[None, :]
+    k_mask = (cols0 < K)[None, :]
+    # The first weight tile does not depend on the previous kernel: with PDL it
+    # streams in while that kernel finishes.
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    if EVEN_K:
+        w = tl.load(w_ptr + w_off)
+    else:
+        w = tl.load(w_ptr + w_off, mask=k_mask, other=0.0)
+    w_up = w
+    if GATED:
+        if EVEN_K:
+            w_up = tl.load(w_ptr + w_off + N * K)
+        else:
+            w_up = tl.load(w_ptr + w_off + N * K, mask=k_mask, other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     rstd = 1.0
     if NORM:
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -95,6 +113,16 @@ def _gemv_kernel(
         acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + cols0
+        if k0 > 0:
+            if EVEN_K:
+                w = tl.load(w_ptr + w_off + k0)
+            else:
+                w = tl.load(w_ptr + w_off + k0, mask=(cols < K)[None, :], other=0.0)
+            if GATED:
+                if EVEN_K:
+                    w_up = tl.load(w_ptr + w_off + k0 + N * K)
+                else:
+                    w_up = tl.load(w_ptr + w_off + k0 + N * K, mask=(cols < K)[None, :], other=0.0)
         if EVEN_K:
             xv = tl.load(x_ptr + cols)
         else:
@@ -103,23 +131,13 @@ def _gemv_kernel(
             nw = tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             xv = ((xv.to(tl.float32) * rstd).to(dt).to(tl.float32) * nw).to(dt)
         xf = xv.to(tl.float32)[None, :]
-        w_off = rows_safe[:, None] * K + cols[None, :]
-        if EVEN_K:
-            w = tl.load(w_ptr + w_off)
-        else:
-            w = tl.load(w_ptr + w_off, mask=(cols < K)[None, :], other=0.0)
         if ACC_2D:
             acc += w.to(tl.float32) * xf
+            if GATED:
+                acc_up += w_up.to(tl.float32) * xf
         else:
             acc += tl.sum(w.to(tl.float32) * xf, axis=1)
-        if GATED:
-            if EVEN_K:
-                w_up = tl.load(w_ptr + w_off + N * K)
-            else:
-                w_up = tl.load(w_ptr + w_off + N * K, mask=(cols < K)[None, :], other=0.0)
-            if ACC_2D:
-                acc_up += w_up.to(tl.float32) * xf
-            else:
+            if GATED:
                 acc_up += tl.sum(w_up.to(tl.float32) * xf, axis=1)
     if ACC_2D:
         y = tl.sum(acc, axis=1)
@@ -152,8 +170,12 @@ def gemv(
     gated: bool = False,
     out_float: bool = False,
     config: GemvConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """``x [1, K]`` times ``weight [N, K]^T`` (``[2I, K]`` when gated) -> ``[1, N]`` (``[1, I]``)."""
+    """``x [1, K]`` times ``weight [N, K]^T`` (``[2I, K]`` when gated) -> ``[1, N]`` (``[1, I]``).
+
+    ``pdl``: launch as a programmatic dependent of the previous kernel (Hopper):
+    the first weight tile is read before waiting for that kernel's output."""
     if x.shape[0] != 1 or not weight.is_contiguous():
         raise ValueError("gemv takes one contiguous input row and a contiguous weight")
     x = x.contiguous()
@@ -166,6 +188,6 @@ def gemv(
         bias if bias is not None else x, n, k, eps,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM=norm_weight is not None, GATED=gated,
         RESIDUAL=residual is not None, BIAS=bias is not None, OUT_FLOAT=out_float,
-        EVEN_K=k % cfg.block_k == 0, ACC_2D=cfg.acc_2d, num_warps=cfg.num_warps,
+        EVEN_K=k % cfg.block_k == 0, ACC_2D=cfg.acc_2d, PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
     )
     return out

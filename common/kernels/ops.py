@@ -7,7 +7,9 @@ every fused operation, so both paths share one forward.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from pdserve.common.kernels import reference
@@ -30,15 +32,24 @@ class TritonOps:
     fuses_rope_store = True
     has_gemv = True
 
-    def __init__(self) -> None:
+    def __init__(self, pdl: bool = False) -> None:
         from pdserve.common.kernels import elementwise, gemv, rope_store
 
+        self.pdl = pdl
         self.rmsnorm: Callable = elementwise.rmsnorm
         self.add_rmsnorm: Callable = elementwise.add_rmsnorm
         self.silu_mul: Callable = elementwise.silu_mul
-        self.rope_store: Callable = rope_store.rope_store
+        self.rope_store: Callable = partial(rope_store.rope_store, pdl=pdl)
         self.store_kv: Callable = rope_store.store_kv
-        self.gemv: Callable = gemv.gemv
+        self.gemv: Callable = partial(gemv.gemv, pdl=pdl)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch between our kernels: Hopper and newer.
+    ``PDSERVE_PDL=0`` turns it off (for A/B measurements)."""
+    if device.type != "cuda" or os.environ.get("PDSERVE_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def create_ops(device: torch.device) -> TorchOps | TritonOps:
@@ -46,6 +57,6 @@ def create_ops(device: torch.device) -> TorchOps | TritonOps:
     if device.type != "cuda":
         return TorchOps()
     try:
-        return TritonOps()
+        return TritonOps(pdl=pdl_enabled(device))
     except ImportError:
         return TorchOps()

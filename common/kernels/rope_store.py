@@ -45,9 +45,11 @@ def _rope_store_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, q_out_ptr,
     q_norm_ptr, k_norm_ptr, stride_qkv, eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr, QK_NORM: tl.constexpr,
+    HEADS_BLOCK: tl.constexpr, KV_HEADS_BLOCK: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     dt = qkv_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -64,6 +66,8 @@ def _rope_store_kernel(
         qw2 = tl.load(q_norm_ptr + HALF + d).to(tl.float32)
         kw1 = tl.load(k_norm_ptr + d).to(tl.float32)
         kw2 = tl.load(k_norm_ptr + HALF + d).to(tl.float32)
+    if PDL:  # everything above is static; the qkv row comes from the previous kernel
+        tl.extra.cuda.gdc_wait()
     row = qkv_ptr + t * stride_qkv
     # q heads -> q_out
     h = tl.arange(0, HEADS_BLOCK)
@@ -104,8 +108,10 @@ def rope_store(
     q_norm: torch.Tensor | None = None,
     k_norm: torch.Tensor | None = None,
     eps: float = 1e-6,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """Same contract as :func:`pdserve.common.kernels.reference.rope_store`."""
+    """Same contract as :func:`pdserve.common.kernels.reference.rope_store`;
+    ``pdl``: launch as a programmatic dependent of the previous kernel."""
     head_dim = k_cache.shape[-1]
     num_tokens = qkv.shape[0]
     q = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -117,7 +123,7 @@ def rope_store(
         q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, qkv.stride(0), eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_BLOCK=triton.next_power_of_2(num_heads), KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads),
-        QK_NORM=qk_norm, num_warps=4,
+        QK_NORM=qk_norm, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return q
 

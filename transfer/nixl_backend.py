@@ -16,25 +16,19 @@
 from __future__ import annotations
 
 import logging
-import secrets
 
 import numpy as np
 from pdserve.common.codec import CodecError, encode
 from pdserve.transfer.base import (
-    AgentStats,
     KVMemory,
-    KVReceiver,
-    KVSender,
     RoomState,
-    TransferAgent,
     TransferConfig,
     TransferError,
-    check_layouts,
     register_backend,
 )
 from pdserve.transfer.descriptors import build_descriptors
-from pdserve.transfer.messages import NOTICE_ABORT, NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
-from pdserve.transfer.rooms import ChunkTracker, RoomTable
+from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
+from pdserve.transfer.rooms import ChunkTracker, RoomAgent, RoomReceiver, RoomSender
 
 logger = logging.getLogger("pdserve.transfer.nixl")
 
@@ -45,10 +39,11 @@ def _mem_type(memory: KVMemory) -> str:
     return "DRAM" if memory.device == "cpu" else "VRAM"
 
 
-class NixlSender(KVSender):
+class NixlSender(RoomSender):
+    _agent: NixlAgent
+
     def __init__(self, agent: NixlAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float):
-        super().__init__(room, peer, dst_pages, timeout_s)
-        self._agent = agent
+        super().__init__(agent, room, peer, dst_pages, timeout_s)
         self._handles: list = []
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
@@ -81,47 +76,28 @@ class NixlSender(KVSender):
         self._handles = pending
         return not pending
 
-    def _cancel(self, reason: str | None) -> None:
+    def _release(self) -> None:
         for handle in self._handles:
             self._agent.release(handle)
         self._handles = []
-        if reason is not None:
-            self._agent.notify(self.peer, RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=reason))
-
-    def _finish(self) -> None:
-        self._agent.rooms.close(self.room)
-
-    def on_notice(self, notice: RoomNotice) -> None:
-        if notice.kind == NOTICE_ABORT:
-            self.on_peer_abort(notice.reason)
 
 
-class NixlReceiver(KVReceiver):
+class NixlReceiver(RoomReceiver):
+    _agent: NixlAgent
+
     def __init__(self, agent: NixlAgent, room: int, peer: str, timeout_s: float):
-        super().__init__(room, peer, timeout_s)
-        self._agent = agent
+        super().__init__(agent, room, peer, timeout_s)
         self._chunks = ChunkTracker()
 
-    def on_notice(self, notice: RoomNotice) -> None:
-        if self._state.is_terminal:
-            return
-        if notice.sender != self.peer:
-            logger.warning("room %d: notice from %s, expected %s; ignored", self.room, notice.sender, self.peer)
-        elif notice.kind == NOTICE_ABORT:
-            self._fail(f"peer aborted: {notice.reason}", notify=False)
-        elif notice.kind == NOTICE_CHUNK:
-            self._chunks.add(notice.chunk_index, notice.is_last)
+    def _on_data(self, news: object) -> None:
+        if isinstance(news, RoomNotice) and news.kind == NOTICE_CHUNK:
+            self._chunks.add(news.chunk_index, news.is_last)
             self._state = RoomState.TRANSFERRING
             if self._chunks.complete:
                 self._succeed()
 
     def _refresh(self) -> None:
         self._agent.progress()
-
-    def _close(self, abort_reason: str | None) -> None:
-        self._agent.rooms.close(self.room)
-        if abort_reason is not None:
-            self._agent.notify(self.peer, RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=abort_reason))
 
 
 def _create_nixl_agent(name: str, progress_delay_us: int):
@@ -148,12 +124,13 @@ def _create_nixl_agent(name: str, progress_delay_us: int):
 
 
 @register_backend("nixl")
-class NixlAgent(TransferAgent):
+class NixlAgent(RoomAgent):
+    backend = "nixl"
+    sender_class = NixlSender
+    receiver_class = NixlReceiver
+
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)
-        # A random suffix keeps a restarted instance distinct from its old self
-        # in peers that still hold the previous metadata.
-        self._name = f"{config.instance_name}-{secrets.token_hex(4)}"
         self.nixl = _create_nixl_agent(self._name, config.progress_delay_us)
         params = {"ucx_devices": config.ib_device} if config.ib_device else {}
         self.nixl.create_backend(_UCX, params)
@@ -161,57 +138,17 @@ class NixlAgent(TransferAgent):
         self._reg = self.nixl.register_memory(
             [(memory.base_ptr, memory.num_bytes, memory.device_id, "")], self._mem_type
         )
-        self._peers: dict[str, AgentInfo] = {}
-        self.rooms: RoomTable[NixlSender | NixlReceiver] = RoomTable(config.notice_ttl_s)
         self._zombies: list = []  # handles whose release failed while in flight
         self._num_handles = 0
-        self._closed = False
 
-    @property
-    def name(self) -> str:
-        return self._name
+    def _backend_metadata(self) -> bytes:
+        return self.nixl.get_agent_metadata()
 
-    def peer_info(self) -> bytes:
-        m = self.memory
-        return encode(
-            AgentInfo(self._name, "nixl", self.nixl.get_agent_metadata(), m.base_ptr, m.num_bytes,
-                      m.device, m.device_id, m.layout.to_dict())
-        )
-
-    def add_peer(self, peer_info: bytes) -> str:
-        info = decode_as(peer_info, AgentInfo)
-        assert isinstance(info, AgentInfo)
-        if info.name in self._peers:
-            return info.name
-        if info.backend != "nixl":
-            raise ValueError(f"peer {info.name} uses transfer backend {info.backend!r}, this agent 'nixl'")
-        check_layouts(self.memory.layout, info.kv_layout, self._name, info.name)
+    def _connect(self, info: AgentInfo) -> None:
         loaded = self.nixl.add_remote_agent(info.backend_metadata)
         loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
         if loaded != info.name:
             raise ValueError(f"peer metadata names {loaded!r} but peer info names {info.name!r}")
-        self._peers[info.name] = info
-        return info.name
-
-    def peer(self, name: str) -> AgentInfo:
-        try:
-            return self._peers[name]
-        except KeyError:
-            raise KeyError(f"unknown transfer peer {name!r}; call add_peer first") from None
-
-    def create_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> NixlSender:
-        self.peer(peer)
-        sender = NixlSender(self, room, peer, dst_pages, self._timeout_s(timeout_s))
-        for notice in self.rooms.open(room, sender):
-            sender.on_notice(notice)
-        return sender
-
-    def create_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> NixlReceiver:
-        self.peer(peer)
-        receiver = NixlReceiver(self, room, peer, self._timeout_s(timeout_s))
-        for notice in self.rooms.open(room, receiver):
-            receiver.on_notice(notice)
-        return receiver
 
     def write(self, descs, peer: AgentInfo, notif: bytes):
         dev = np.uint64(self.memory.device_id)
@@ -266,7 +203,7 @@ class NixlAgent(TransferAgent):
         for remote, messages in self.nixl.get_new_notifs().items():
             for raw in messages:
                 self._deliver(remote, raw)
-        self.rooms.expire()
+        self.expire_rooms()
         zombies, self._zombies = self._zombies, []
         for handle in zombies:
             if self.xfer_state(handle) != "PROC":
@@ -281,21 +218,12 @@ class NixlAgent(TransferAgent):
             logger.warning("dropping malformed notification from %s: %s", remote, exc)
             return
         assert isinstance(notice, RoomNotice)
-        handler = self.rooms.get(notice.room)
-        if handler is not None:
-            handler.on_notice(notice)
-        elif not self.rooms.is_closed(notice.room):
-            self.rooms.buffer(notice.room, notice)
+        self.route(notice.room, notice)
 
-    def stats(self) -> AgentStats:
-        return AgentStats(self.rooms.num_active, self.rooms.num_buffered, self._num_handles)
+    def _num_inflight(self) -> int:
+        return self._num_handles
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for handler in self.rooms.handlers():
-            handler.abort()
+    def _shutdown(self) -> None:
         for name in list(self._peers):
             try:
                 self.nixl.remove_remote_agent(name)

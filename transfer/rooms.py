@@ -5,12 +5,33 @@ engine created the room's sender/receiver, or after it finished or aborted it.
 Early news is buffered until the room opens; late news for a closed room is
 dropped. Both are forgotten after ``ttl_s``, so a peer that never follows up
 cannot make an agent grow.
+
+:class:`RoomAgent`, :class:`RoomSender` and :class:`RoomReceiver` hold what
+every backend does the same way (peers, opening a room and replaying its early
+news, aborts, shutdown order); a backend adds only its data path.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
-from typing import Any, Generic, TypeVar
+from abc import abstractmethod
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pdserve.common.codec import encode
+from pdserve.transfer.base import (
+    AgentStats,
+    KVMemory,
+    KVReceiver,
+    KVSender,
+    TransferAgent,
+    TransferConfig,
+    check_layouts,
+)
+from pdserve.transfer.messages import NOTICE_ABORT, AgentInfo, RoomNotice, decode_as
+
+logger = logging.getLogger("pdserve.transfer")
 
 H = TypeVar("H")
 
@@ -98,3 +119,181 @@ class ChunkTracker:
     @property
     def complete(self) -> bool:
         return self._last is not None and len(self._seen) == self._last + 1
+
+
+class RoomSender(KVSender):
+    """A sender that lives in its agent's room table until it is finished."""
+
+    def __init__(self, agent: RoomAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float) -> None:
+        super().__init__(room, peer, dst_pages, timeout_s)
+        self._agent = agent
+
+    def on_news(self, news: object) -> None:
+        if isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
+            self.on_peer_abort(news.reason)
+        else:  # data addressed to a sending room is nonsense
+            self._agent.discard(news)
+
+    def _cancel(self, reason: str | None) -> None:
+        self._release()
+        if reason is not None:
+            self._agent.notify_abort(self.peer, self.room, reason)
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Let go of the WRITEs still in flight."""
+
+    def _finish(self) -> None:
+        self._agent.rooms.close(self.room)
+
+
+class RoomReceiver(KVReceiver):
+    """A receiver that takes its peer's news; subclasses handle the data."""
+
+    def __init__(self, agent: RoomAgent, room: int, peer: str, timeout_s: float) -> None:
+        super().__init__(room, peer, timeout_s)
+        self._agent = agent
+
+    def on_news(self, news: object) -> None:
+        sender = getattr(news, "sender", None)
+        if self._state.is_terminal:
+            # Only news replayed from the buffer can follow a terminal state:
+            # a finished room is closed, so the agent drops its live news.
+            self._agent.discard(news)
+        elif sender != self.peer:
+            logger.warning("room %d: news from %s, expected %s; ignored", self.room, sender, self.peer)
+            self._agent.discard(news)
+        elif isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
+            self._fail(f"peer aborted: {news.reason}", notify=False)
+        else:
+            self._on_data(news)
+
+    @abstractmethod
+    def _on_data(self, news: object) -> None:
+        """News that some of the room's data has landed (or is landing)."""
+
+    def _close(self, abort_reason: str | None) -> None:
+        self._agent.rooms.close(self.room)
+        self._release()
+        if abort_reason is not None:
+            self._agent.notify_abort(self.peer, self.room, abort_reason)
+
+    def _release(self) -> None:
+        """Let go of in-flight work when the room closes."""
+
+
+_Handler = TypeVar("_Handler", bound="RoomSender | RoomReceiver")
+
+
+class RoomAgent(TransferAgent):
+    """What every backend's agent shares: its name, the peers it loaded, the
+    room table that pairs news with senders/receivers, and shutdown order.
+
+    A backend names its ``backend`` and its ``sender_class``/``receiver_class``
+    and implements connecting a peer, sending a notice and the data path.
+    """
+
+    backend: ClassVar[str]
+    sender_class: ClassVar[type[RoomSender]]
+    receiver_class: ClassVar[type[RoomReceiver]]
+
+    def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
+        super().__init__(config, memory)
+        # A random suffix keeps a restarted instance distinct from its old self
+        # in peers that still hold the previous metadata.
+        self._name = f"{config.instance_name}-{secrets.token_hex(4)}"
+        self._peers: dict[str, AgentInfo] = {}
+        self.rooms: RoomTable[RoomSender | RoomReceiver] = RoomTable(config.notice_ttl_s)
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def peer_info(self) -> bytes:
+        m = self.memory
+        return encode(AgentInfo(self._name, self.backend, self._backend_metadata(), m.base_ptr,
+                                m.num_bytes, m.device, m.device_id, m.layout.to_dict()))
+
+    def add_peer(self, peer_info: bytes) -> str:
+        info = decode_as(peer_info, AgentInfo)
+        assert isinstance(info, AgentInfo)
+        if info.name in self._peers:
+            return info.name
+        if info.backend != self.backend:
+            raise ValueError(
+                f"peer {info.name} uses transfer backend {info.backend!r}, this agent {self.backend!r}"
+            )
+        check_layouts(self.memory.layout, info.kv_layout, self._name, info.name)
+        self._connect(info)
+        self._peers[info.name] = info
+        return info.name
+
+    def peer(self, name: str) -> AgentInfo:
+        try:
+            return self._peers[name]
+        except KeyError:
+            raise KeyError(f"unknown transfer peer {name!r}; call add_peer first") from None
+
+    def create_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> KVSender:
+        self.peer(peer)
+        return self._open(room, self.sender_class(self, room, peer, dst_pages, self._timeout_s(timeout_s)))
+
+    def create_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> KVReceiver:
+        self.peer(peer)
+        return self._open(room, self.receiver_class(self, room, peer, self._timeout_s(timeout_s)))
+
+    def _open(self, room: int, handler: _Handler) -> _Handler:
+        for news in self.rooms.open(room, handler):
+            handler.on_news(news)
+        return handler
+
+    def route(self, room: int, news: object) -> None:
+        """Hand news to its room, keep it for a room not open yet, or drop it."""
+        handler = self.rooms.get(room)
+        if handler is not None:
+            handler.on_news(news)
+        elif self.rooms.is_closed(room):
+            self.discard(news)
+        else:
+            self.rooms.buffer(room, news)
+
+    def expire_rooms(self) -> None:
+        for news in self.rooms.expire():
+            self.discard(news)
+
+    def discard(self, news: object) -> None:
+        """News nobody will take; release whatever it holds."""
+
+    def notify_abort(self, peer: str, room: int, reason: str) -> None:
+        self.notify(peer, RoomNotice(room, NOTICE_ABORT, self._name, reason=reason))
+
+    @abstractmethod
+    def notify(self, peer: str, notice: RoomNotice) -> None:
+        """Send a notice, best effort: a dead peer times the room out on its own."""
+
+    @abstractmethod
+    def _backend_metadata(self) -> bytes:
+        """What a peer's backend needs to reach this agent."""
+
+    @abstractmethod
+    def _connect(self, info: AgentInfo) -> None:
+        """Make a peer whose layout pairs with ours reachable."""
+
+    @abstractmethod
+    def _num_inflight(self) -> int: ...
+
+    @abstractmethod
+    def _shutdown(self) -> None:
+        """Release the backend once every open room is aborted."""
+
+    def stats(self) -> AgentStats:
+        return AgentStats(self.rooms.num_active, self.rooms.num_buffered, self._num_inflight())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handler in self.rooms.handlers():
+            handler.abort()
+        self._shutdown()

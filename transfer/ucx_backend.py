@@ -31,20 +31,15 @@ import secrets
 import numpy as np
 from pdserve.common.codec import decode, encode
 from pdserve.transfer.base import (
-    AgentStats,
     KVMemory,
-    KVReceiver,
-    KVSender,
     RoomState,
-    TransferAgent,
     TransferConfig,
     TransferError,
-    check_layouts,
     register_backend,
 )
 from pdserve.transfer.descriptors import build_descriptors
-from pdserve.transfer.messages import NOTICE_ABORT, AgentInfo, RoomNotice, decode_as
-from pdserve.transfer.rooms import ChunkTracker, RoomTable
+from pdserve.transfer.messages import AgentInfo, RoomNotice
+from pdserve.transfer.rooms import ChunkTracker, RoomAgent, RoomReceiver, RoomSender
 from pdserve.transfer.ucx_wire import (
     Flight,
     InboundChunk,
@@ -56,10 +51,11 @@ from pdserve.transfer.ucx_wire import (
 logger = logging.getLogger("pdserve.transfer.ucx")
 
 
-class UcxSender(KVSender):
+class UcxSender(RoomSender):
+    _agent: UcxAgent
+
     def __init__(self, agent: UcxAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float):
-        super().__init__(room, peer, dst_pages, timeout_s)
-        self._agent = agent
+        super().__init__(agent, room, peer, dst_pages, timeout_s)
         self._flight = Flight()
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
@@ -86,39 +82,21 @@ class UcxSender(KVSender):
             raise TransferError(f"room {self.room}: {error}")
         return len(self._flight) == 0
 
-    def _cancel(self, reason: str | None) -> None:
+    def _release(self) -> None:
         self._agent.drain(self._flight)
         self._flight = Flight()
-        if reason is not None:
-            notice = RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=reason)
-            self._agent.send_message_quietly(self.peer, notice)
-
-    def _finish(self) -> None:
-        self._agent.rooms.close(self.room)
-
-    def on_news(self, news: object) -> None:
-        if isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
-            self.on_peer_abort(news.reason)
-        elif isinstance(news, InboundChunk):  # data sent to a sending room: nonsense
-            self._agent.drain(news.flight)
 
 
-class UcxReceiver(KVReceiver):
+class UcxReceiver(RoomReceiver):
+    _agent: UcxAgent
+
     def __init__(self, agent: UcxAgent, room: int, peer: str, timeout_s: float):
-        super().__init__(room, peer, timeout_s)
-        self._agent = agent
+        super().__init__(agent, room, peer, timeout_s)
         self._chunks: list[InboundChunk] = []
         self._landed = ChunkTracker()
 
-    def on_news(self, news: object) -> None:
-        sender = getattr(news, "sender", None)
-        if sender != self.peer:
-            logger.warning("room %d: news from %s, expected %s; ignored", self.room, sender, self.peer)
-            if isinstance(news, InboundChunk):
-                self._agent.drain(news.flight)
-        elif isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
-            self._fail(f"peer aborted: {news.reason}", notify=False)
-        elif isinstance(news, InboundChunk):
+    def _on_data(self, news: object) -> None:
+        if isinstance(news, InboundChunk):
             self._chunks.append(news)
             self._state = RoomState.TRANSFERRING
 
@@ -141,24 +119,23 @@ class UcxReceiver(KVReceiver):
         if self._landed.complete:
             self._succeed()
 
-    def _close(self, abort_reason: str | None) -> None:
-        self._agent.rooms.close(self.room)
+    def _release(self) -> None:
         for chunk in self._chunks:
             self._agent.drain(chunk.flight)
         self._chunks = []
-        if abort_reason is not None:
-            notice = RoomNotice(self.room, NOTICE_ABORT, self._agent.name, reason=abort_reason)
-            self._agent.send_message_quietly(self.peer, notice)
 
 
 @register_backend("ucx")
-class UcxAgent(TransferAgent):
+class UcxAgent(RoomAgent):
+    backend = "ucx"
+    sender_class = UcxSender
+    receiver_class = UcxReceiver
+
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)
         import ucxx._lib.libucxx as ucx_api
 
         self._api = ucx_api
-        self._name = f"{config.instance_name}-{secrets.token_hex(4)}"
         options = {"NET_DEVICES": config.ib_device} if config.ib_device else {}
         features = (ucx_api.Feature.TAG, ucx_api.Feature.AM, ucx_api.Feature.RMA, ucx_api.Feature.WAKEUP)
         self._context = ucx_api.UCXContext(options, feature_flags=features)
@@ -168,68 +145,29 @@ class UcxAgent(TransferAgent):
 
             self._worker.set_progress_thread_start_callback(ensure_cuda_context, cb_args=(memory.device_id,))
         self._worker.start_progress_thread(polling_mode=False)
-        self.rooms: RoomTable[UcxSender | UcxReceiver] = RoomTable(config.notice_ttl_s)
         # RoomTable.is_closed is a plain dict lookup: safe from the service thread.
         self._inbound = InboundService(self._worker, memory, self.rooms.is_closed)
         self._listener = ucx_api.UCXListener.create(self._worker, config.port, self._on_connect)
         self._endpoints: dict[str, object] = {}
-        self._peers: dict[str, AgentInfo] = {}
         self._tag_prefix = secrets.randbits(32) << 32
         self._tag_seq = 0
         self._draining: list[Flight] = []
-        self._closed = False
 
     def _on_connect(self, conn_request) -> None:
         self._inbound.adopt(self._listener.create_endpoint_from_conn_request(conn_request, True))
 
     @property
-    def name(self) -> str:
-        return self._name
-
-    @property
     def port(self) -> int:
         return self._listener.port
 
-    def peer_info(self) -> bytes:
-        m = self.memory
-        address = encode({"host": self.config.host, "port": self._listener.port})
-        return encode(AgentInfo(self._name, "ucx", address, m.base_ptr, m.num_bytes, m.device,
-                                m.device_id, m.layout.to_dict()))
+    def _backend_metadata(self) -> bytes:
+        return encode({"host": self.config.host, "port": self._listener.port})
 
-    def add_peer(self, peer_info: bytes) -> str:
-        info = decode_as(peer_info, AgentInfo)
-        assert isinstance(info, AgentInfo)
-        if info.name in self._peers:
-            return info.name
-        if info.backend != "ucx":
-            raise ValueError(f"peer {info.name} uses transfer backend {info.backend!r}, this agent 'ucx'")
-        check_layouts(self.memory.layout, info.kv_layout, self._name, info.name)
+    def _connect(self, info: AgentInfo) -> None:
         address = decode(info.backend_metadata)
         self._endpoints[info.name] = self._api.UCXEndpoint.create(
             self._worker, address["host"], int(address["port"]), True
         )
-        self._peers[info.name] = info
-        return info.name
-
-    def peer(self, name: str) -> AgentInfo:
-        try:
-            return self._peers[name]
-        except KeyError:
-            raise KeyError(f"unknown transfer peer {name!r}; call add_peer first") from None
-
-    def create_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> UcxSender:
-        self.peer(peer)
-        sender = UcxSender(self, room, peer, dst_pages, self._timeout_s(timeout_s))
-        for news in self.rooms.open(room, sender):
-            sender.on_news(news)
-        return sender
-
-    def create_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> UcxReceiver:
-        self.peer(peer)
-        receiver = UcxReceiver(self, room, peer, self._timeout_s(timeout_s))
-        for news in self.rooms.open(room, receiver):
-            receiver.on_news(news)
-        return receiver
 
     def next_tag(self) -> int:
         self._tag_seq = (self._tag_seq + 1) & 0xFFFFFFFF
@@ -244,11 +182,10 @@ class UcxAgent(TransferAgent):
         except Exception as exc:  # ucxx raises one class per UCS status
             raise TransferError(f"cannot message {peer}: {exc}") from exc
 
-    def send_message_quietly(self, peer: str, msg: object) -> None:
-        """Best effort (aborts): a dead peer times the room out on its own."""
+    def notify(self, peer: str, notice: RoomNotice) -> None:
         flight = Flight()
         try:
-            self.send_message(peer, msg, flight)
+            self.send_message(peer, notice, flight)
         except TransferError as exc:
             logger.warning("%s", exc)
         self.drain(flight)
@@ -270,35 +207,21 @@ class UcxAgent(TransferAgent):
     def progress(self) -> None:
         """Route the news the inbound service gathered; retire finished state."""
         for news in self._inbound.take_news():
-            self._route(news)
-        for dropped in self.rooms.expire():
-            if isinstance(dropped, InboundChunk):
-                self.drain(dropped.flight)
+            self.route(news.room, news)
+        self.expire_rooms()
         for flight in self._draining:
             flight.collect()
         self._draining = [f for f in self._draining if len(f)]
 
-    def _route(self, news: RoomNotice | InboundChunk) -> None:
-        handler = self.rooms.get(news.room)
-        if handler is not None:
-            handler.on_news(news)
-        elif self.rooms.is_closed(news.room):
-            if isinstance(news, InboundChunk):
-                self.drain(news.flight)
-        else:
-            self.rooms.buffer(news.room, news)
+    def discard(self, news: object) -> None:
+        if isinstance(news, InboundChunk):
+            self.drain(news.flight)
 
-    def stats(self) -> AgentStats:
+    def _num_inflight(self) -> int:
         inflight = sum(len(f) for f in self._draining)
-        inflight += sum(h.num_inflight for h in self.rooms.handlers())
-        return AgentStats(self.rooms.num_active, self.rooms.num_buffered, inflight)
+        return inflight + sum(h.num_inflight for h in self.rooms.handlers())
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for handler in self.rooms.handlers():
-            handler.abort()
+    def _shutdown(self) -> None:
         self._inbound.stop()
         for endpoint in list(self._endpoints.values()) + self._inbound.endpoints():
             try:

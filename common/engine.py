@@ -239,11 +239,12 @@ class Engine:
             self.outputs = []
 
     def abort(self, rid: str, reason: str = "abort") -> None:
-        req = self.scheduler.remove(rid)
-        if req is not None:
-            self.scheduler.release(req, cache=False)
-        else:
-            req = self.role.abort(rid)
+        # The role first: a PD room must end on both sides, not just leave the scheduler.
+        req = self.role.abort(rid)
+        if req is None:
+            req = self.scheduler.remove(rid)
+            if req is not None:
+                self.scheduler.release(req, cache=False)
         if req is not None:
             req.finish_reason = "abort"
             self.emit(req)

@@ -156,8 +156,10 @@ class Scheduler:
             # No room even after eviction: give back what it holds and wait for
             # running requests to finish (holding pages while waiting can deadlock).
             self.chunked = None
-            self.pool.release(req.pages)
-            req.pages, req.num_computed = [], 0
+            if req.room is None:
+                self.pool.release(req.pages)
+                req.pages, req.num_computed = [], 0
+            # else: WRITEs of its earlier chunks may still read these pages; it keeps them.
             self.waiting.insert(0, req)
             return 0
         start = req.num_computed

@@ -11,8 +11,11 @@ Lifecycle of a room on the decode side:
    P's ``PrefillDone`` with the first token.
 4. With both, the request joins the running decode batch as if it had been
    prefilled here, and its first token is streamed.
-5. FAILED, timeout, abort, ``RoomAbort`` from P or a lost P connection end the
-   room: its pages are released exactly once and the client gets an error.
+5. FAILED, timeout, a client abort, ``RoomAbort`` from P or a lost P connection
+   end the room early. Its pages are quarantined: freed only once the receiver
+   is quiescent and P has confirmed it writes no more (its ``RoomAbort`` or the
+   acknowledgement of ours) or the room's deadline passed, so a late WRITE can
+   never land in a page another request reuses. Pages are freed exactly once.
 
 A request without a room (sent to this instance directly) is prefilled locally.
 """
@@ -57,6 +60,15 @@ class DecodeRoom:
     done: PrefillDone | None = None
 
 
+@dataclass
+class QuarantinedRoom:
+    peer: PrefillPeer
+    receiver: KVReceiver
+    pages: list[int]
+    deadline_s: float
+    confirmed: bool  # P said it writes no more
+
+
 class DecodeRole(EngineRole):
     def __init__(self, engine):
         super().__init__(engine)
@@ -65,13 +77,11 @@ class DecodeRole(EngineRole):
         self.timeout_s = cfg.disaggregation_timeout_s
         # D listens nowhere: it dials each prefill instance's control server.
         self.endpoint = PDEndpoint(cfg, engine.pool, control_address=f"{cfg.disaggregation_control_host}:0")
+        self.agent = self.endpoint.agent
         self.prealloc: deque[tuple[Req, float]] = deque()
         self.rooms: dict[int, DecodeRoom] = {}
         self.peers: dict[str, PrefillPeer] = {}
-        # Pages of rooms aborted while P may still write into them: they are
-        # freed only when P acknowledges the abort (or its connection is gone),
-        # so a late WRITE can never land in a page that another request reuses.
-        self.quarantine: dict[int, tuple[PrefillPeer, list[int], float]] = {}
+        self.quarantine: dict[int, QuarantinedRoom] = {}
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -86,18 +96,19 @@ class DecodeRole(EngineRole):
     def poll(self) -> None:
         self._drain_control()
         self._start_rooms()
+        self.agent.progress()
         now = time.monotonic()
-        for room, (_, _, deadline) in list(self.quarantine.items()):
-            if now > deadline:
-                self._unquarantine(room)
         for room, ctx in list(self.rooms.items()):
-            state = ctx.receiver.poll()
+            state = ctx.receiver.poll(progress=False)
             if state == RoomState.FAILED:
                 self._fail_room(room, RoomFailed(f"KV transfer failed: {ctx.receiver.failure}"), notify_peer=True)
             elif state == RoomState.SUCCESS and ctx.done is not None:
                 self._start_decoding(room)
             elif now > ctx.deadline_s:
                 self._fail_room(room, RoomFailed(f"room {room} timed out after {self.timeout_s}s", 504), notify_peer=True)
+        for room, q in list(self.quarantine.items()):
+            if (q.confirmed and q.receiver.quiescent()) or now > q.deadline_s:
+                self._unquarantine(room)
 
     def abort(self, rid: str) -> Req | None:
         for item in list(self.prealloc):
@@ -112,7 +123,7 @@ class DecodeRole(EngineRole):
 
     def held_pages(self) -> set[int]:
         held = {p for ctx in self.rooms.values() for p in ctx.req.pages}
-        return held | {p for _, pages, _ in self.quarantine.values() for p in pages}
+        return held | {p for q in self.quarantine.values() for p in q.pages}
 
     def stats(self) -> dict:
         return {
@@ -146,14 +157,18 @@ class DecodeRole(EngineRole):
                 self.engine.fail(req, str(exc), exc.status)
 
     def _open_room(self, req: Req) -> None:
+        if req.room in self.rooms or req.room in self.quarantine:
+            raise RoomFailed(f"room {req.room} is already in use", 409)
         peer = self._peer(req.prefill_instance_id)
-        receiver = self.endpoint.agent.create_receiver(req.room, peer.peer_name, self.timeout_s)
+        try:
+            receiver = self.agent.create_receiver(req.room, peer.peer_name, self.timeout_s)
+        except Exception as exc:  # e.g. a room id the agent still remembers
+            raise RoomFailed(f"cannot open room {req.room}: {exc}") from exc
         msg = KVPagesRequest(req.room, self.endpoint.instance_id, self.endpoint.peer_info, list(req.pages), len(req.prompt_ids))
         try:
             peer.control.send(msg)
         except ControlClosedError as exc:
             receiver.abort()
-            self._forget_peer(req.prefill_instance_id)
             raise RoomFailed(f"prefill instance unreachable: {exc}") from exc
         self.rooms[req.room] = DecodeRoom(req, peer, receiver, time.monotonic() + self.timeout_s)
 
@@ -163,21 +178,32 @@ class DecodeRole(EngineRole):
         peer = self.peers.get(instance_id)
         if peer is not None and not peer.control.closed:
             return peer
-        info = self.endpoint.bootstrap.lookup(instance_id)
-        if info is None or info.role != "prefill":
-            raise RoomFailed(f"prefill instance {instance_id!r} is not registered at the bootstrap service")
+        if peer is not None:
+            self._drop_peer(instance_id)
         try:
-            name = self.endpoint.agent.add_peer(info.peer_info_bytes)
+            # Once per prefill instance; later rooms use the cached peer.
+            info = self.endpoint.bootstrap.lookup(instance_id)
+            if info is None or info.role != "prefill":
+                raise RoomFailed(f"prefill instance {instance_id!r} is not registered at the bootstrap service")
+            name = self.agent.add_peer(info.peer_info_bytes)
         except LayoutMismatchError as exc:
             raise RoomFailed(str(exc), 500) from exc
+        except RoomFailed:
+            raise
+        except Exception as exc:  # bootstrap down, bad metadata, unreachable agent
+            raise RoomFailed(f"cannot reach prefill instance {instance_id!r}: {exc}") from exc
         peer = PrefillPeer(info, name, ControlClient(info.control_address))
         self.peers[instance_id] = peer
         return peer
 
-    def _forget_peer(self, instance_id: str | None) -> None:
-        peer = self.peers.pop(instance_id, None)
-        if peer is not None:
-            peer.control.close()
+    def _drop_peer(self, instance_id: str) -> None:
+        """Fail every room of a prefill instance whose control channel is gone."""
+        peer = self.peers.pop(instance_id)
+        reason = f"lost the prefill instance: {peer.control.error}"
+        for room, ctx in list(self.rooms.items()):
+            if ctx.peer is peer:
+                self._fail_room(room, RoomFailed(reason), notify_peer=False)
+        peer.control.close()
 
     # ---- control channel --------------------------------------------------------------
     def _drain_control(self) -> None:
@@ -185,13 +211,7 @@ class DecodeRole(EngineRole):
             for msg in peer.control.recv_nowait():
                 self._on_message(msg)
             if peer.control.closed:
-                for room, ctx in list(self.rooms.items()):
-                    if ctx.peer is peer:
-                        self._fail_room(room, RoomFailed(f"lost the prefill instance: {peer.control.error}"), notify_peer=False)
-                for room, (q_peer, _, _) in list(self.quarantine.items()):
-                    if q_peer is peer:
-                        self._unquarantine(room)
-                self._forget_peer(instance_id)
+                self._drop_peer(instance_id)
 
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, PrefillDone):
@@ -199,10 +219,11 @@ class DecodeRole(EngineRole):
             if ctx is not None:
                 ctx.done = msg
         elif isinstance(msg, RoomAbort):
-            if msg.room in self.quarantine:  # P acknowledged our abort: nothing more will land
-                self._unquarantine(msg.room)
+            if msg.room in self.quarantine:  # P confirmed: nothing more will land
+                self.quarantine[msg.room].confirmed = True
             elif msg.room in self.rooms:
-                self._fail_room(msg.room, RoomFailed(f"prefill side aborted: {msg.reason}"), notify_peer=False)
+                # P sends its own abort only after its writes drained.
+                self._fail_room(msg.room, RoomFailed(f"prefill side aborted: {msg.reason}"), notify_peer=False, confirmed=True)
         else:
             logger.warning("decode control channel ignores %s", type(msg).__name__)
 
@@ -216,8 +237,7 @@ class DecodeRole(EngineRole):
         if req.params.logprobs and done.logprob is not None:
             req.logprobs.append(done.logprob)
             req.top_logprobs.append([tuple(t) for t in (done.top_logprobs or [])])
-        now = time.monotonic()
-        req.first_token_s = req.last_token_s = now
+        req.first_token_s = req.last_token_s = time.monotonic()
         self.engine.check_finish(req, done.first_token_id)
         if req.finished:
             self.engine.scheduler.release(req)
@@ -225,33 +245,31 @@ class DecodeRole(EngineRole):
             self.engine.scheduler.add_prefilled(req)
         self.engine.emit(req)
 
-    def _fail_room(self, room: int, exc: RoomFailed, notify_peer: bool) -> None:
+    def _fail_room(self, room: int, exc: RoomFailed, notify_peer: bool, confirmed: bool = False) -> None:
         ctx = self.rooms.get(room)
         if ctx is None:
             return
-        self._end_room(room, notify_reason=str(exc) if notify_peer else None)
+        self._end_room(room, notify_reason=str(exc) if notify_peer else None, confirmed=confirmed)
         logger.warning("room %d failed: %s", room, exc)
         self.engine.fail(ctx.req, str(exc), exc.status)
 
-    def _end_room(self, room: int, notify_reason: str | None) -> None:
+    def _end_room(self, room: int, notify_reason: str | None, confirmed: bool = False) -> None:
         ctx = self.rooms.pop(room)
-        landed = ctx.receiver.poll() == RoomState.SUCCESS
+        landed = ctx.receiver.poll(progress=False) == RoomState.SUCCESS
         ctx.receiver.abort()
         if notify_reason is not None and not ctx.peer.control.closed:
             try:
                 ctx.peer.control.send(RoomAbort(room, notify_reason))
             except ControlClosedError:
                 pass
-            else:
-                if not landed:
-                    self.quarantine[room] = (ctx.peer, ctx.req.pages, time.monotonic() + self.timeout_s)
-                    ctx.req.pages = []
-                    return
-        self.engine.scheduler.release(ctx.req, cache=False)
+        if landed:  # every WRITE completed: nothing more can land
+            self.engine.scheduler.release(ctx.req, cache=False)
+            return
+        self.quarantine[room] = QuarantinedRoom(ctx.peer, ctx.receiver, ctx.req.pages, time.monotonic() + self.timeout_s, confirmed)
+        ctx.req.pages = []
 
     def _unquarantine(self, room: int) -> None:
-        _, pages, _ = self.quarantine.pop(room)
-        self.engine.pool.release(pages)
+        self.engine.pool.release(self.quarantine.pop(room).pages)
 
 
 register_role("decode")(DecodeRole)

@@ -10,8 +10,11 @@ Lifecycle of a room on the prefill side:
 4. When prefill samples the first token, the last pages are written and D gets
    ``PrefillDone``; the request waits in the transfer queue holding its pages.
 5. When the sender reports SUCCESS the pages go to the prefix cache and the front
-   is told the room is done. FAILED, timeout, abort or a lost D connection end
-   the room: pages are released exactly once and the other side is told.
+   is told the room is done.
+6. FAILED, timeout, a client abort, ``RoomAbort`` from D or a lost D connection
+   end the room early. Its pages drain first: they are released, and D is sent
+   ``RoomAbort`` (or the acknowledgement of D's), only once no posted WRITE can
+   still read or write them. Pages are released exactly once on every path.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pdserve.common.pd_protocol import KVPagesRequest, PrefillDone, RoomAbort
 from pdserve.common.request import Req
 from pdserve.common.scheduler import ScheduledBatch
 from pdserve.transfer.base import KVSender, LayoutMismatchError, RoomState
-from pdserve.transfer.control import ControlServer
+from pdserve.transfer.control import ControlClosedError, ControlServer
 
 logger = logging.getLogger("pdserve.prefill")
 
@@ -38,6 +41,16 @@ class PrefillRoom:
     sender: KVSender
     num_pages_sent: int = 0
     last_sent: bool = False
+
+
+@dataclass
+class DrainingRoom:
+    """An ended room whose WRITEs may still be in flight."""
+
+    sender: KVSender
+    pages: list[int]
+    conn_id: int
+    notice: RoomAbort | None  # sent to D once drained
 
 
 class PrefillRole(EngineRole):
@@ -52,10 +65,12 @@ class PrefillRole(EngineRole):
         self.timeout_s = cfg.disaggregation_timeout_s
         self.control = ControlServer(cfg.disaggregation_control_host, cfg.disaggregation_control_port)
         self.endpoint = PDEndpoint(cfg, engine.pool, self.control.address)
+        self.agent = self.endpoint.agent
         self.waiting_reqs: dict[int, tuple[Req, float]] = {}  # room -> (request, deadline)
         self.waiting_pages: dict[int, tuple[int, KVPagesRequest, float]] = {}  # room -> (conn, msg, deadline)
         self.rooms: dict[int, PrefillRoom] = {}  # prefilling or transferring
         self.transferring: set[int] = set()
+        self.draining: dict[int, DrainingRoom] = {}
         # Rooms D gave up before this side saw the request: fail it on arrival.
         self.aborted_rooms: dict[int, float] = {}
 
@@ -66,25 +81,31 @@ class PrefillRole(EngineRole):
         if self.aborted_rooms.pop(req.room, None) is not None:
             self.engine.fail(req, f"room {req.room} was aborted by the decode side", 502)
             return
+        if req.room in self.waiting_reqs or req.room in self.rooms:
+            self.engine.fail(req, f"room {req.room} is already in use", 409)
+            return
         self.waiting_reqs[req.room] = (req, time.monotonic() + self.timeout_s)
         self._try_pair(req.room)
 
     def has_pending(self) -> bool:
-        return bool(self.waiting_reqs or self.waiting_pages or self.rooms)
+        return bool(self.waiting_reqs or self.waiting_pages or self.rooms or self.draining)
 
     def poll(self) -> None:
         for conn_id, msg in self.control.recv_nowait():
             self._on_message(conn_id, msg)
         for conn_id in self.control.closed_connections():
-            for room, ctx in list(self.rooms.items()):
-                if ctx.conn_id == conn_id:
-                    self._fail_room(room, "decode instance disconnected", notify_peer=False)
+            self._on_disconnect(conn_id)
         self._expire()
-        for room in list(self.transferring):
-            self._poll_transfer(room)
+        self.agent.progress()
         for room, ctx in list(self.rooms.items()):
-            if room not in self.transferring and ctx.sender.poll() == RoomState.FAILED:
+            state = ctx.sender.poll(progress=False)
+            if state == RoomState.SUCCESS and room in self.transferring:
+                self._finish_room(room)
+            elif state == RoomState.FAILED:
                 self._fail_room(room, ctx.sender.failure or "transfer failed", notify_peer=False)
+        for room, drain in list(self.draining.items()):
+            if drain.sender.quiescent():
+                self._drained(room)
 
     def after_step(self, batch: ScheduledBatch) -> None:
         if batch.is_decode:
@@ -106,8 +127,9 @@ class PrefillRole(EngineRole):
             top_logprobs=[list(t) for t in req.top_logprobs[0]] if req.top_logprobs else None,
             cached_tokens=req.num_cached_tokens,
         )
-        self.control.send(ctx.conn_id, first)
         self.transferring.add(req.room)
+        if not self._send(ctx.conn_id, first):
+            self._fail_room(req.room, "decode instance disconnected", notify_peer=False)
         return True
 
     def abort(self, rid: str) -> Req | None:
@@ -117,12 +139,13 @@ class PrefillRole(EngineRole):
                 return req
         for room, ctx in list(self.rooms.items()):
             if ctx.req.rid == rid:
-                self._end_room(room, abort_reason="aborted by client")
+                self._end_room(room, notice=RoomAbort(room, "aborted by client"))
                 return ctx.req
         return None
 
     def held_pages(self) -> set[int]:
-        return {p for room in self.transferring for p in self.rooms[room].req.pages}
+        held = {p for room in self.transferring for p in self.rooms[room].req.pages}
+        return held | {p for d in self.draining.values() for p in d.pages}
 
     def stats(self) -> dict:
         return {
@@ -130,47 +153,73 @@ class PrefillRole(EngineRole):
             "num_bootstrapping_rooms": len(self.waiting_reqs) + len(self.waiting_pages),
             "num_transferring_rooms": len(self.transferring),
             "num_prefill_rooms": len(self.rooms),
+            "num_draining_rooms": len(self.draining),
         }
 
     def close(self) -> None:
         self.control.close()
         self.endpoint.close()
 
-    # ---- pairing ------------------------------------------------------------------
+    # ---- control channel ------------------------------------------------------------
+    def _send(self, conn_id: int, msg: object) -> bool:
+        """Send to a decode instance; a connection that is gone is not an error here."""
+        try:
+            self.control.send(conn_id, msg)
+            return True
+        except (ControlClosedError, KeyError, OSError):
+            return False
+
     def _on_message(self, conn_id: int, msg: object) -> None:
         if isinstance(msg, KVPagesRequest):
+            if msg.room in self.waiting_pages or msg.room in self.rooms:
+                self._send(conn_id, RoomAbort(msg.room, f"room {msg.room} is already in use"))
+                return
             self.waiting_pages[msg.room] = (conn_id, msg, time.monotonic() + self.timeout_s)
             self._try_pair(msg.room)
         elif isinstance(msg, RoomAbort):
-            self._on_peer_abort(msg)
-            # Acknowledge: D keeps the room's pages until it knows no WRITE will follow.
-            self.control.send(conn_id, RoomAbort(msg.room, "abort acknowledged"))
+            self._on_peer_abort(conn_id, msg)
         else:
             logger.warning("prefill control channel ignores %s", type(msg).__name__)
 
+    def _on_disconnect(self, conn_id: int) -> None:
+        for room, (c, _, _) in list(self.waiting_pages.items()):
+            if c == conn_id:
+                del self.waiting_pages[room]
+        for room, ctx in list(self.rooms.items()):
+            if ctx.conn_id == conn_id:
+                self._fail_room(room, "decode instance disconnected", notify_peer=False)
+
+    # ---- pairing ------------------------------------------------------------------
     def _try_pair(self, room: int) -> None:
         if room not in self.waiting_reqs or room not in self.waiting_pages:
             return
         req, _ = self.waiting_reqs.pop(room)
         conn_id, msg, _ = self.waiting_pages.pop(room)
-        expected = -(-len(req.prompt_ids) // self.page_size)
-        problem = None
-        if len(msg.dst_pages) != expected or msg.num_prompt_tokens != len(req.prompt_ids):
-            problem = (
-                f"decode side expects {msg.num_prompt_tokens} prompt tokens in {len(msg.dst_pages)} pages, "
-                f"prefill side has {len(req.prompt_ids)} tokens in {expected} pages"
-            )
-        try:
-            peer = self.endpoint.agent.add_peer(msg.peer_info)
-        except LayoutMismatchError as exc:
-            problem = str(exc)
+        problem = self._pairing_problem(req, msg)
+        sender = None
+        if problem is None:
+            try:
+                peer = self.agent.add_peer(msg.peer_info)
+                sender = self.agent.create_sender(room, peer, msg.dst_pages, self.timeout_s)
+            except LayoutMismatchError as exc:
+                problem = str(exc)
+            except Exception as exc:  # a peer that cannot be loaded fails this room only
+                problem = f"cannot reach the decode instance's transfer agent: {exc}"
         if problem is not None:
-            self.control.send(conn_id, RoomAbort(room, problem))
+            self._send(conn_id, RoomAbort(room, problem))
             self.engine.fail(req, problem, 500)
             return
-        sender = self.endpoint.agent.create_sender(room, peer, msg.dst_pages, self.timeout_s)
         self.rooms[room] = PrefillRoom(req, conn_id, sender)
         self.engine.scheduler.add(req)
+
+    def _pairing_problem(self, req: Req, msg: KVPagesRequest) -> str | None:
+        expected = -(-len(req.prompt_ids) // self.page_size)
+        if len(msg.dst_pages) == expected and msg.num_prompt_tokens == len(req.prompt_ids):
+            return None
+        return (
+            f"decode side expects {msg.num_prompt_tokens} prompt tokens in {len(msg.dst_pages)} pages, "
+            f"prefill side has {len(req.prompt_ids)} tokens in {expected} pages"
+        )
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -184,7 +233,7 @@ class PrefillRole(EngineRole):
         for room, (conn_id, _, deadline) in list(self.waiting_pages.items()):
             if now > deadline:
                 del self.waiting_pages[room]
-                self.control.send(conn_id, RoomAbort(room, "the prefill side never received this request"))
+                self._send(conn_id, RoomAbort(room, "the prefill side never received this request"))
 
     # ---- transfer ------------------------------------------------------------------
     def _send_ready_pages(self, ctx: PrefillRoom) -> None:
@@ -200,46 +249,53 @@ class PrefillRole(EngineRole):
             ctx.num_pages_sent = ready
             ctx.last_sent = done
 
-    def _poll_transfer(self, room: int) -> None:
-        ctx = self.rooms[room]
-        state = ctx.sender.poll()
-        if state == RoomState.SUCCESS:
-            self._end_room(room, abort_reason=None)
-            ctx.req.finish_reason = ctx.req.finish_reason or "length"
-            self.engine.emit(ctx.req)
-        elif state == RoomState.FAILED:
-            self._fail_room(room, ctx.sender.failure or "transfer failed", notify_peer=False)
+    def _finish_room(self, room: int) -> None:
+        ctx = self.rooms.pop(room)
+        self.transferring.discard(room)
+        self.engine.scheduler.release(ctx.req)  # into the prefix cache
+        ctx.req.finish_reason = ctx.req.finish_reason or "length"
+        self.engine.emit(ctx.req)
 
-    def _on_peer_abort(self, msg: RoomAbort) -> None:
-        if msg.room in self.waiting_pages:
-            del self.waiting_pages[msg.room]
+    def _on_peer_abort(self, conn_id: int, msg: RoomAbort) -> None:
+        ack = RoomAbort(msg.room, "abort acknowledged")
+        self.waiting_pages.pop(msg.room, None)
         if msg.room in self.rooms:
             self.rooms[msg.room].sender.on_peer_abort(msg.reason)
-            self._fail_room(msg.room, f"decode side aborted: {msg.reason}", notify_peer=False)
-        elif msg.room in self.waiting_reqs:
+            self._fail_room(msg.room, f"decode side aborted: {msg.reason}", notify_peer=False, ack=ack)
+            return
+        if msg.room in self.waiting_reqs:
             req, _ = self.waiting_reqs.pop(msg.room)
             self.engine.fail(req, f"decode side aborted: {msg.reason}", 502)
-        else:
+        elif msg.room not in self.draining:
             self.aborted_rooms[msg.room] = time.monotonic() + self.timeout_s
+        if msg.room in self.draining:
+            self.draining[msg.room].notice = ack  # acknowledged once drained
+        else:
+            self._send(conn_id, ack)
 
-    def _fail_room(self, room: int, reason: str, notify_peer: bool) -> None:
+    def _fail_room(self, room: int, reason: str, notify_peer: bool, ack: RoomAbort | None = None) -> None:
         ctx = self.rooms.get(room)
         if ctx is None:
             return
-        self._end_room(room, abort_reason=reason if notify_peer else None)
+        self._end_room(room, notice=RoomAbort(room, reason) if notify_peer else ack)
         logger.warning("room %d failed: %s", room, reason)
         self.engine.fail(ctx.req, reason, 502)
 
-    def _end_room(self, room: int, abort_reason: str | None) -> None:
-        """Release the room's pages exactly once, wherever the request is."""
+    def _end_room(self, room: int, notice: RoomAbort | None) -> None:
+        """End a room early: stop its sender, take the request out of the
+        scheduler, and hold its pages until no WRITE can touch them."""
         ctx = self.rooms.pop(room)
         self.transferring.discard(room)
-        if abort_reason is not None:
-            ctx.sender.abort()
-            self.control.send(ctx.conn_id, RoomAbort(room, abort_reason))
-        in_scheduler = self.engine.scheduler.remove(ctx.req.rid) is not None
-        if ctx.req.pages:
-            self.engine.scheduler.release(ctx.req, cache=abort_reason is None and not in_scheduler)
+        ctx.sender.abort()
+        self.engine.scheduler.remove(ctx.req.rid)
+        self.draining[room] = DrainingRoom(ctx.sender, ctx.req.pages, ctx.conn_id, notice)
+        ctx.req.pages = []
+
+    def _drained(self, room: int) -> None:
+        drain = self.draining.pop(room)
+        self.engine.pool.release(drain.pages)
+        if drain.notice is not None:
+            self._send(drain.conn_id, drain.notice)
 
 
 register_role("prefill")(PrefillRole)

@@ -275,3 +275,60 @@ def test_bad_destination_range_is_rejected(cluster):
     with pytest.raises(ValueError):
         cluster.p.call("send", room=room, src_pages=[0, 1], dst_start=0, is_last=True)
     cluster.p.call("abort", room=room)
+
+
+QUIESCE_S = 10.0  # above QuiescenceClock.GRACE_MAX_S
+
+
+def test_success_leaves_both_sides_quiescent(cluster):
+    room, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, [0, 1, 2], [5, 6, 7])
+    assert (sent, got) == (SUCCESS, SUCCESS)
+    assert cluster.p.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
+    assert cluster.d1.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
+
+
+def test_open_receiver_is_not_quiescent(cluster):
+    room = _room()
+    cluster.d2.call("open_receiver", room=room, peer=cluster.p_name)
+    assert cluster.d2.call("quiescent", room=room) is False
+    cluster.d2.call("abort", room=room)
+    assert cluster.d2.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
+
+
+@pytest.mark.parametrize("aborter", ["prefill", "decode"])
+def test_abort_mid_transfer_quiesces_and_nothing_lands_after(cluster, aborter):
+    """Once both sides are quiescent the destination pages stay as they are:
+    each page holds either the sentinel or its whole source page."""
+    room = _room()
+    src, dst = list(range(15, 3, -1)), list(range(12))  # reversed: one descriptor per page
+    cluster.d1.call("open_receiver", room=room, peer=cluster.p_name)
+    cluster.p.call("open_sender", room=room, peer=cluster.d1_name, dst_pages=dst)
+    cluster.p.call("send", room=room, src_pages=src[:6], dst_start=0, is_last=False)
+    cluster.p.call("send", room=room, src_pages=src[6:10], dst_start=6, is_last=False)
+    (cluster.p if aborter == "prefill" else cluster.d1).call("abort", room=room)
+    assert cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
+    assert cluster.d1.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
+    assert cluster.p.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
+    assert cluster.d1.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
+    at_quiescence = cluster.d1.call("read")
+    time.sleep(0.3)
+    after = cluster.d1.call("read")
+    np.testing.assert_array_equal(after, at_quiescence)
+    source = cluster.p.call("read")
+    np.testing.assert_array_equal(after[:, 12:], SENTINEL)
+    for s, d in zip(src, dst, strict=True):
+        page = after[:, d]
+        assert (page == SENTINEL).all() or np.array_equal(page, source[:, s]), f"page {d} is torn"
+
+
+def test_poll_without_progress_reads_only_gathered_state(cluster):
+    room = _room()
+    cluster.d2.call("open_receiver", room=room, peer=cluster.p_name)
+    cluster.p.call("open_sender", room=room, peer=cluster.d2_name, dst_pages=[2, 3])
+    cluster.p.call("send", room=room, src_pages=[9, 10], dst_start=0, is_last=True)
+    assert cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S, progress=False)[room][0] == SUCCESS
+    time.sleep(0.2)
+    # D's agent has not run progress() since: the news waits there, unseen.
+    assert cluster.d2.call("poll", room=room, progress=False) == int(RoomState.WAITING_FOR_INPUT)
+    assert cluster.d2.call("wait", rooms=[room], timeout_s=WAIT_S, progress=False)[room][0] == SUCCESS
+    _check_pages(cluster, cluster.d2, [9, 10], [2, 3])

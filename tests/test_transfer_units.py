@@ -18,7 +18,7 @@ from pdserve.transfer.base import (
     create_transfer_agent,
 )
 from pdserve.transfer.descriptors import PageRun, build_descriptors, merge_page_runs
-from pdserve.transfer.rooms import ChunkTracker, RoomTable
+from pdserve.transfer.rooms import ChunkTracker, QuiescenceClock, RoomTable
 
 LAYOUT = KVLayout(num_layers=2, num_pages=16, page_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
 
@@ -124,3 +124,27 @@ def test_room_table_expiry_keeps_recent_entries_in_order():
     assert table.expire() == ["old"]
     assert table.num_buffered == 1 and table.is_closed(4) and not table.is_closed(2)
     assert table.open(3, "late") == ["new"]
+
+
+def test_quiescence_clock_grace_is_bounded():
+    clock = QuiescenceClock(cap_s=60)
+    assert not clock.in_grace()
+    clock.released_unreported(inflight_s=0.0)
+    assert clock.in_grace()  # at least GRACE_MIN_S, however short the flight
+    time.sleep(QuiescenceClock.GRACE_MIN_S + 0.01)
+    assert not clock.in_grace()
+    clock.GRACE_MAX_S = 0.02
+    clock.observe(100.0)  # a long flight seen earlier: the grace stops at the cap
+    clock.released_unreported(inflight_s=0.0)
+    assert clock.in_grace()
+    time.sleep(0.03)
+    assert not clock.in_grace()
+
+
+def test_quiescence_clock_caps_reported_work():
+    clock = QuiescenceClock(cap_s=0.02)
+    assert not clock.capped(1, "work")  # nothing released yet
+    clock.released_reported()
+    assert not clock.capped(1, "work")
+    time.sleep(0.03)
+    assert clock.capped(1, "work") and clock.capped(1, "work")

@@ -10,6 +10,19 @@ landed the decode side is notified.
 Everything here is non-blocking and driven by ONE engine thread that polls each
 step. Every wait has a deadline and ends in ``FAILED``; nothing can hang.
 
+Polling: ``poll()`` first runs the agent's ``progress()`` (peers' news, expiry,
+retiring finished backend work), then reads the room's state. An engine with
+many rooms calls ``agent.progress()`` once per step and ``poll(progress=False)``
+per room, which only reads what that ``progress()`` (or the backend's own
+progress thread) gathered.
+
+Quiescence: a room that ended early may still have bytes moving. Its pages may be
+reused only once ``quiescent()`` is True on the side that owns them: the sender's
+posted WRITEs can no longer touch either side's memory, the receiver's posted
+receives can no longer land. ``quiescent()`` reads the state gathered by the last
+``agent.progress()`` and becomes True on every path; where a backend cannot tell,
+it waits a bounded grace (each backend documents how long).
+
 Backends register by name with :func:`register_backend` and are built with
 :func:`create_transfer_agent`.
 """
@@ -157,9 +170,14 @@ class KVSender(ABC):
         self._num_chunks += 1
         self._state = RoomState.TRANSFERRING
 
-    def poll(self) -> RoomState:
+    def poll(self, progress: bool = True) -> RoomState:
+        """The room's state; ``progress=False`` skips the agent's ``progress()``."""
         if self._state.is_terminal:
             return self._state
+        if progress:
+            self._pump()
+            if self._state.is_terminal:  # the peer aborted meanwhile
+                return self._state
         try:
             done = self._progress()
         except TransferError as exc:
@@ -198,8 +216,18 @@ class KVSender(ABC):
         """Start the WRITE of one chunk; raise TransferError on failure."""
 
     @abstractmethod
+    def quiescent(self) -> bool:
+        """True when no WRITE this sender posted can still touch either side's
+        memory (as of the last ``agent.progress()``); becomes True on every path."""
+
+    @abstractmethod
+    def _pump(self) -> None:
+        """Run the agent's ``progress()``."""
+
+    @abstractmethod
     def _progress(self) -> bool:
-        """True when everything posted so far is complete (and notified)."""
+        """True when everything posted so far is complete (and notified), as of
+        the last ``agent.progress()``; raise TransferError on failure."""
 
     @abstractmethod
     def _cancel(self, reason: str | None) -> None:
@@ -220,10 +248,14 @@ class KVReceiver(ABC):
         self._state = RoomState.WAITING_FOR_INPUT
         self._deadline = _Deadline(timeout_s)
 
-    def poll(self) -> RoomState:
+    def poll(self, progress: bool = True) -> RoomState:
+        """The room's state; ``progress=False`` skips the agent's ``progress()``."""
         if self._state.is_terminal:
             return self._state
-        self._refresh()
+        if progress:
+            self._pump()
+        if not self._state.is_terminal:
+            self._refresh()
         if not self._state.is_terminal and self._deadline.expired():
             self._fail(f"timed out after {self._deadline.timeout_s}s", notify=True)
         return self._state
@@ -242,8 +274,17 @@ class KVReceiver(ABC):
         self._close(None)
 
     @abstractmethod
+    def quiescent(self) -> bool:
+        """True when no receive posted into this room's pages can still land
+        (as of the last ``agent.progress()``); becomes True on every path."""
+
+    @abstractmethod
+    def _pump(self) -> None:
+        """Run the agent's ``progress()``."""
+
+    @abstractmethod
     def _refresh(self) -> None:
-        """Pull the agent's news for this room; may call _succeed/_fail."""
+        """Look at the news the agent gathered for this room; may call _succeed/_fail."""
 
     @abstractmethod
     def _close(self, abort_reason: str | None) -> None:
@@ -284,8 +325,9 @@ class TransferAgent(ABC):
     def progress(self) -> None:
         """Take in the peers' news and retire finished backend work.
 
-        Every poll() does this; an engine may also call it once per step so that
-        work nobody polls any more (aborted rooms) is released promptly."""
+        ``poll()`` does this unless called with ``progress=False``; an engine
+        calls it once per step, which also releases work nobody polls any more
+        (aborted rooms) and advances ``quiescent()``."""
 
     @abstractmethod
     def stats(self) -> AgentStats: ...

@@ -83,20 +83,41 @@ class _Worker:
     def cmd_abort(self, room: int) -> None:
         self.rooms[room].abort()
 
-    def cmd_wait(self, rooms: list[int], timeout_s: float) -> dict[int, tuple[int, float]]:
-        """Poll until every room is terminal; (state, monotonic time it got there)."""
+    def cmd_wait(self, rooms: list[int], timeout_s: float, progress: bool = True) -> dict[int, tuple[int, float]]:
+        """Poll until every room is terminal; (state, monotonic time it got there).
+
+        ``progress=False`` drives the agent the way an engine does: one
+        ``agent.progress()`` per round, then ``poll(progress=False)`` per room."""
         done: dict[int, tuple[int, float]] = {}
         deadline = time.monotonic() + timeout_s
         while len(done) < len(rooms) and time.monotonic() < deadline:
+            if not progress:
+                self.agent.progress()
             for room in rooms:
                 if room not in done:
-                    state = self.rooms[room].poll()
+                    state = self.rooms[room].poll(progress=progress)
                     if state.is_terminal:
                         done[room] = (int(state), time.monotonic())
             time.sleep(_POLL_SLEEP_S)
         for room in rooms:
             done.setdefault(room, (int(self.rooms[room].poll()), time.monotonic()))
         return done
+
+    def cmd_poll(self, room: int, progress: bool = True) -> int:
+        return int(self.rooms[room].poll(progress=progress))
+
+    def cmd_quiescent(self, room: int) -> bool:
+        return self.rooms[room].quiescent()
+
+    def cmd_wait_quiescent(self, room: int, timeout_s: float) -> float | None:
+        """Drive the agent until the room is quiescent; seconds it took, or None."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            self.agent.progress()
+            if self.rooms[room].quiescent():
+                return time.monotonic() - start
+            time.sleep(_POLL_SLEEP_S)
+        return None
 
     def cmd_failure(self, room: int) -> str | None:
         return self.rooms[room].failure

@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 import numpy as np
 from pdserve.common.codec import CodecError, encode
@@ -28,7 +30,13 @@ from pdserve.transfer.base import (
 )
 from pdserve.transfer.descriptors import build_descriptors
 from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
-from pdserve.transfer.rooms import ChunkTracker, RoomAgent, RoomReceiver, RoomSender
+from pdserve.transfer.rooms import (
+    ChunkTracker,
+    QuiescenceClock,
+    RoomAgent,
+    RoomReceiver,
+    RoomSender,
+)
 
 logger = logging.getLogger("pdserve.transfer.nixl")
 
@@ -40,11 +48,19 @@ def _mem_type(memory: KVMemory) -> str:
 
 
 class NixlSender(RoomSender):
+    """Quiescence: every WRITE reported DONE/ERR and released; a WRITE released
+    while still in flight gets the grace of :class:`QuiescenceClock` (UCX cannot
+    recall bytes already handed to the transport); a zombie (release refused)
+    counts until the agent retires it, capped at the room's ``timeout_s``."""
+
     _agent: NixlAgent
 
     def __init__(self, agent: NixlAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float):
         super().__init__(agent, room, peer, dst_pages, timeout_s)
-        self._handles: list = []
+        self._handles: list[tuple[Any, float]] = []  # (handle, monotonic time posted)
+        self._error: str | None = None
+        self._zombies: list = []
+        self._clock = QuiescenceClock(cap_s=timeout_s)
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
         notice = RoomNotice(self.room, NOTICE_CHUNK, self._agent.name, chunk_index, is_last)
@@ -56,30 +72,47 @@ class NixlSender(RoomSender):
             self._agent.notify(self.peer, notice)
             return
         handle = self._agent.write(descs, peer, encode(notice))
-        self._handles.append(handle)
+        self._handles.append((handle, time.monotonic()))
         self.num_descriptors += len(descs)
         self.num_bytes += descs.num_bytes
 
-    def _progress(self) -> bool:
-        self._agent.progress()
-        if self._state.is_terminal:  # a peer abort arrived meanwhile
-            return False
+    def collect(self) -> None:
+        """Retire finished WRITEs; the agent's progress() calls this."""
         pending = []
-        for handle in self._handles:
+        now = time.monotonic()
+        for handle, posted_at in self._handles:
             state = self._agent.xfer_state(handle)
-            if state == "ERR":
-                raise TransferError(f"room {self.room}: NIXL transfer failed")
-            if state == "DONE":
-                self._agent.release(handle)
-            else:
-                pending.append(handle)
+            if state == "PROC":
+                pending.append((handle, posted_at))
+                continue
+            self._clock.observe(now - posted_at)
+            if state == "ERR" and self._error is None:
+                self._error = f"room {self.room}: NIXL transfer failed"
+            self._agent.release(handle)
         self._handles = pending
-        return not pending
+
+    def _progress(self) -> bool:
+        if self._error is not None:
+            raise TransferError(self._error)
+        return not self._handles
 
     def _release(self) -> None:
-        for handle in self._handles:
-            self._agent.release(handle)
+        now = time.monotonic()
+        for handle, posted_at in self._handles:
+            in_flight = self._agent.xfer_state(handle) == "PROC"
+            released = self._agent.release(handle)
+            if not released:
+                self._zombies.append(handle)
+                self._clock.released_reported()
+            elif in_flight:
+                self._clock.released_unreported(now - posted_at)
         self._handles = []
+
+    def quiescent(self) -> bool:
+        if self._handles or self._clock.in_grace():
+            return False
+        self._zombies = [h for h in self._zombies if self._agent.is_zombie(h)]
+        return not self._zombies or self._clock.capped(self.room, f"{len(self._zombies)} NIXL zombie handle(s)")
 
 
 class NixlReceiver(RoomReceiver):
@@ -97,7 +130,12 @@ class NixlReceiver(RoomReceiver):
                 self._succeed()
 
     def _refresh(self) -> None:
-        self._agent.progress()
+        """Notices are routed by the agent's progress(); nothing to look at here."""
+
+    def quiescent(self) -> bool:
+        # P writes into our pages; the receiver posts nothing of its own. P's
+        # sender.quiescent() is what tells that its WRITEs ended.
+        return self._state.is_terminal
 
 
 def _create_nixl_agent(name: str, progress_delay_us: int):
@@ -184,13 +222,19 @@ class NixlAgent(RoomAgent):
             logger.warning("NIXL transfer state: %s", exc)
             return "ERR"
 
-    def release(self, handle) -> None:
+    def release(self, handle) -> bool:
+        """Release a handle; False when it is kept as a zombie (still in flight)."""
         try:
             handle.release()
             self._num_handles -= 1
+            return True
         except Exception:
             # Still in flight and not cancellable yet: retry on later progress() calls.
             self._zombies.append(handle)
+            return False
+
+    def is_zombie(self, handle) -> bool:
+        return any(z is handle for z in self._zombies)
 
     def notify(self, peer: str, notice: RoomNotice) -> None:
         try:
@@ -203,6 +247,9 @@ class NixlAgent(RoomAgent):
         for remote, messages in self.nixl.get_new_notifs().items():
             for raw in messages:
                 self._deliver(remote, raw)
+        for handler in self.rooms.handlers():
+            if isinstance(handler, NixlSender):
+                handler.collect()
         self.expire_rooms()
         zombies, self._zombies = self._zombies, []
         for handle in zombies:

@@ -121,12 +121,64 @@ class ChunkTracker:
         return self._last is not None and len(self._seen) == self._last + 1
 
 
+class QuiescenceClock:
+    """Bounds how long a room waits for work it let go of.
+
+    Work released while in flight whose end the backend cannot report gets a
+    grace of twice the longest in-flight time the room observed, within
+    [``GRACE_MIN_S``, ``GRACE_MAX_S``]. Work the backend does report (zombie
+    handles, drained requests) is waited for, but at most ``cap_s`` after the
+    room let it go, so that quiescence comes on every path even if a dead peer
+    leaves a request pending forever.
+    """
+
+    GRACE_MIN_S = 0.05
+    GRACE_MAX_S = 3.0
+
+    def __init__(self, cap_s: float) -> None:
+        self.cap_s = cap_s
+        self.longest_inflight_s = 0.0
+        self._grace_end: float | None = None
+        self._cap_end: float | None = None
+        self._cap_logged = False
+
+    def observe(self, inflight_s: float) -> None:
+        self.longest_inflight_s = max(self.longest_inflight_s, inflight_s)
+
+    def released_unreported(self, inflight_s: float) -> None:
+        """Work was let go of in flight and nobody will say when it ends."""
+        self.observe(inflight_s)
+        grace_s = min(self.GRACE_MAX_S, max(self.GRACE_MIN_S, 2 * self.longest_inflight_s))
+        end = time.monotonic() + grace_s
+        self._grace_end = end if self._grace_end is None else max(self._grace_end, end)
+
+    def released_reported(self) -> None:
+        """Work was let go of and its completion is tracked elsewhere."""
+        if self._cap_end is None:
+            self._cap_end = time.monotonic() + self.cap_s
+
+    def in_grace(self) -> bool:
+        return self._grace_end is not None and time.monotonic() < self._grace_end
+
+    def capped(self, room: int, what: str) -> bool:
+        """True when the cap for reported work has passed (logged once)."""
+        if self._cap_end is None or time.monotonic() < self._cap_end:
+            return False
+        if not self._cap_logged:
+            self._cap_logged = True
+            logger.warning("room %d: %s still pending after %.1fs; taken as quiescent", room, what, self.cap_s)
+        return True
+
+
 class RoomSender(KVSender):
     """A sender that lives in its agent's room table until it is finished."""
 
     def __init__(self, agent: RoomAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float) -> None:
         super().__init__(room, peer, dst_pages, timeout_s)
         self._agent = agent
+
+    def _pump(self) -> None:
+        self._agent.progress()
 
     def on_news(self, news: object) -> None:
         if isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
@@ -153,6 +205,9 @@ class RoomReceiver(KVReceiver):
     def __init__(self, agent: RoomAgent, room: int, peer: str, timeout_s: float) -> None:
         super().__init__(room, peer, timeout_s)
         self._agent = agent
+
+    def _pump(self) -> None:
+        self._agent.progress()
 
     def on_news(self, news: object) -> None:
         sender = getattr(news, "sender", None)

@@ -21,6 +21,15 @@ ends:
    buffers, so a late chunk never writes pages the decode side freed.
    Receives posted before an abort still complete into their pages.
 5. Aborts are active messages carrying a ``RoomNotice``.
+6. Quiescence. A sender is quiescent once its tagged sends (its own and those
+   drained at an abort) completed: the source pages are no longer read, and
+   any bytes still travelling land through the decode side's receives. A
+   receiver is quiescent once the receives it posted (its own and those of late
+   chunks for its closed room) completed, and the inbound service has finished
+   two turns since the room closed (a turn that began before the close may have
+   posted receives into the pages) whose news the agent has taken in. ucxx
+   cannot cancel single requests, so requests a dead peer leaves pending count
+   at most the room's ``timeout_s`` after the room let them go.
 """
 
 from __future__ import annotations
@@ -39,7 +48,13 @@ from pdserve.transfer.base import (
 )
 from pdserve.transfer.descriptors import build_descriptors
 from pdserve.transfer.messages import AgentInfo, RoomNotice
-from pdserve.transfer.rooms import ChunkTracker, RoomAgent, RoomReceiver, RoomSender
+from pdserve.transfer.rooms import (
+    ChunkTracker,
+    QuiescenceClock,
+    RoomAgent,
+    RoomReceiver,
+    RoomSender,
+)
 from pdserve.transfer.ucx_wire import (
     Flight,
     InboundChunk,
@@ -57,6 +72,8 @@ class UcxSender(RoomSender):
     def __init__(self, agent: UcxAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float):
         super().__init__(agent, room, peer, dst_pages, timeout_s)
         self._flight = Flight()
+        self._drained: list[Flight] = []
+        self._clock = QuiescenceClock(cap_s=timeout_s)
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
         peer = self._agent.peer(self.peer)
@@ -74,17 +91,25 @@ class UcxSender(RoomSender):
         return len(self._flight)
 
     def _progress(self) -> bool:
-        self._agent.progress()
-        if self._state.is_terminal:
-            return False
+        # ``completed`` is kept current by the ucxx progress thread.
         error = self._flight.collect()
         if error is not None:
             raise TransferError(f"room {self.room}: {error}")
         return len(self._flight) == 0
 
     def _release(self) -> None:
-        self._agent.drain(self._flight)
+        if len(self._flight):
+            self._agent.drain(self._flight)
+            self._drained.append(self._flight)
+            self._clock.released_reported()
         self._flight = Flight()
+
+    def quiescent(self) -> bool:
+        # Read the requests without collecting them: _progress() reports their errors.
+        if any(not request.completed for request, _ in self._flight.items):
+            return False
+        self._drained = [f for f in self._drained if len(f)]
+        return not self._drained or self._clock.capped(self.room, "drained sends")
 
 
 class UcxReceiver(RoomReceiver):
@@ -94,6 +119,9 @@ class UcxReceiver(RoomReceiver):
         super().__init__(agent, room, peer, timeout_s)
         self._chunks: list[InboundChunk] = []
         self._landed = ChunkTracker()
+        self._drained: list[Flight] = []
+        self._inbound_mark: int | None = None  # inbound turns to wait for after closing
+        self._clock = QuiescenceClock(cap_s=timeout_s)
 
     def _on_data(self, news: object) -> None:
         if isinstance(news, InboundChunk):
@@ -105,9 +133,6 @@ class UcxReceiver(RoomReceiver):
         return sum(len(c.flight) for c in self._chunks)
 
     def _refresh(self) -> None:
-        self._agent.progress()
-        if self._state.is_terminal:
-            return
         for chunk in self._chunks:
             error = chunk.error or chunk.flight.collect()
             if error is not None:
@@ -120,9 +145,23 @@ class UcxReceiver(RoomReceiver):
             self._succeed()
 
     def _release(self) -> None:
+        self._inbound_mark = self._agent.inbound_turns + 2
+        self._clock.released_reported()
         for chunk in self._chunks:
-            self._agent.drain(chunk.flight)
+            self._agent.drain(chunk.flight, self.room)
+            self._drained.append(chunk.flight)
         self._chunks = []
+
+    def quiescent(self) -> bool:
+        if not self._state.is_terminal or self._inbound_mark is None:
+            return False
+        self._drained = [f for f in self._drained if len(f)]
+        settled = (
+            not self._drained
+            and self._agent.inbound_turns_routed >= self._inbound_mark
+            and not self._agent.is_draining(self.room)
+        )
+        return settled or self._clock.capped(self.room, "posted receives")
 
 
 @register_backend("ucx")
@@ -151,7 +190,8 @@ class UcxAgent(RoomAgent):
         self._endpoints: dict[str, object] = {}
         self._tag_prefix = secrets.randbits(32) << 32
         self._tag_seq = 0
-        self._draining: list[Flight] = []
+        self._draining: list[tuple[int | None, Flight]] = []  # (room, requests)
+        self.inbound_turns_routed = 0  # inbound turns whose news progress() took in
 
     def _on_connect(self, conn_request) -> None:
         self._inbound.adopt(self._listener.create_endpoint_from_conn_request(conn_request, True))
@@ -199,26 +239,36 @@ class UcxAgent(RoomAgent):
         except Exception as exc:
             raise TransferError(f"cannot send to {peer}: {exc}") from exc
 
-    def drain(self, flight: Flight) -> None:
-        """Keep requests nobody waits for alive until UCX is done with them."""
+    def drain(self, flight: Flight, room: int | None = None) -> None:
+        """Keep requests nobody waits for alive until UCX is done with them;
+        ``room`` names the room whose pages they receive into."""
         if len(flight):
-            self._draining.append(flight)
+            self._draining.append((room, flight))
+
+    def is_draining(self, room: int) -> bool:
+        return any(r == room for r, _ in self._draining)
+
+    @property
+    def inbound_turns(self) -> int:
+        return self._inbound.turns_done
 
     def progress(self) -> None:
         """Route the news the inbound service gathered; retire finished state."""
+        turns = self._inbound.turns_done  # read first: every news of these turns is queued
         for news in self._inbound.take_news():
             self.route(news.room, news)
+        self.inbound_turns_routed = turns
         self.expire_rooms()
-        for flight in self._draining:
+        for _, flight in self._draining:
             flight.collect()
-        self._draining = [f for f in self._draining if len(f)]
+        self._draining = [(r, f) for r, f in self._draining if len(f)]
 
     def discard(self, news: object) -> None:
         if isinstance(news, InboundChunk):
-            self.drain(news.flight)
+            self.drain(news.flight, news.room)
 
     def _num_inflight(self) -> int:
-        inflight = sum(len(f) for f in self._draining)
+        inflight = sum(len(f) for _, f in self._draining)
         return inflight + sum(h.num_inflight for h in self.rooms.handlers())
 
     def _shutdown(self) -> None:

@@ -151,6 +151,7 @@ class InboundService:
         self._inboxes: list[Inbox] = []
         self._news: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
+        self.turns_done = 0  # only this service's thread writes it
         self._thread = threading.Thread(target=self._run, name="pdserve-ucx-inbound", daemon=True)
         self._thread.start()
 
@@ -183,6 +184,7 @@ class InboundService:
             except Exception:  # keep serving the other endpoints
                 logger.exception("ucx inbound service turn failed")
                 busy = False
+            self.turns_done += 1
             # Back off while idle so an idle agent costs (almost) no CPU.
             sleep_s = _IDLE_SLEEP_MIN_S if busy else min(sleep_s * 2, _IDLE_SLEEP_MAX_S)
             self._stop.wait(sleep_s)

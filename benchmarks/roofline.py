@@ -474,13 +474,41 @@ def check_targets(results: dict) -> list[dict]:
     return out
 
 
-def merge_itl(bench_json: str, result_json: str) -> dict:
+def http_itl_ms(base_url: str, num_prompts: int = 8, input_len: int = 1024, output_len: int = 128) -> float:
+    """Median inter-token latency of streamed ``/generate`` requests, one at a
+    time (batch 1), measured with httpx: the gap between chunks divided over
+    the tokens each chunk adds."""
+    import random
+
+    import httpx
+
+    rng = random.Random(0)
+    gaps = []
+    with httpx.Client(timeout=120, trust_env=False) as http:
+        for i in range(num_prompts + 1):  # the first request warms up
+            body = {"input_ids": [rng.randrange(4, 1000) for _ in range(input_len)], "stream": True,
+                    "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}}
+            last_t, last_n, mine = None, 0, []
+            with http.stream("POST", f"{base_url}/generate", json=body) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    now, n = time.perf_counter(), len(json.loads(line[6:])["output_ids"])
+                    if last_t is not None and n > last_n:
+                        mine += [(now - last_t) / (n - last_n)] * (n - last_n)
+                    last_t, last_n = now, n
+            if mine and i > 0:
+                gaps += mine
+    return statistics.median(gaps) * 1e3
+
+
+def merge_itl(itl_ms: float, source: str, result_json: str) -> dict:
     results = json.loads(Path(result_json).read_text())
-    itl_ms = json.loads(Path(bench_json).read_text())["runs"][0]["metrics"]["itl_ms"]["median"]
     lead = results["models"][0]["model"]
     step_s = _row(results, lead, "decode", "batch", 1)["step_s"]
     results["http"] = {"model": lead, "itl_median_ms": itl_ms, "decode_step_ms": step_s * 1e3,
-                       "ratio": itl_ms / (step_s * 1e3), "bench_json": bench_json}
+                       "ratio": itl_ms / (step_s * 1e3), "source": source}
     results["targets"] = check_targets(results)
     Path(result_json).write_text(json.dumps(results, indent=2))
     return results
@@ -533,6 +561,7 @@ def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
     ap.add_argument("--compare-pdl", action="store_true", help="also time decode at batch 1 without PDL")
     ap.add_argument("--output-json", default=d.output_json)
     ap.add_argument("--merge-itl", metavar="BENCH_JSON", help="add a pdserve bench ITL to --into and exit")
+    ap.add_argument("--http-itl", metavar="URL", help="measure the batch-1 ITL of a server, add it to --into, exit")
     ap.add_argument("--into", metavar="RESULT_JSON")
     ns = ap.parse_args(argv)
     cfg = RooflineConfig(
@@ -549,7 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, ns = parse_args(argv)
     if ns.merge_itl:
-        results = merge_itl(ns.merge_itl, ns.into)
+        itl = json.loads(Path(ns.merge_itl).read_text())["runs"][0]["metrics"]["itl_ms"]["median"]
+        results = merge_itl(itl, f"pdserve bench ({ns.merge_itl})", ns.into)
+    elif ns.http_itl:
+        results = merge_itl(http_itl_ms(ns.http_itl), "httpx /generate stream, 8 x (1024 in, 128 out)", ns.into)
     else:
         results = run(cfg, argv)
         out = Path(cfg.output_json or f"benchmarks/results/roofline-{datetime.date.today().isoformat()}.json")

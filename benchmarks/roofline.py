@@ -514,7 +514,14 @@ def merge_itl(itl_ms: float, source: str, result_json: str) -> dict:
     return results
 
 
-def run(cfg: RooflineConfig, argv: list[str]) -> dict:
+def _save(results: dict, out: Path) -> None:
+    """Write what is measured so far: a run cut short still leaves its rows."""
+    results["targets"] = check_targets(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+
+
+def run(cfg: RooflineConfig, argv: list[str], out: Path) -> dict:
     import torch
 
     machine = measure_machine()
@@ -527,8 +534,7 @@ def run(cfg: RooflineConfig, argv: list[str]) -> dict:
         results["gemv_sweep"] = gemv_sweep(cfg.models[:1])
     for name in cfg.models:
         results["models"].append(bench_model(cfg, name, machine))
-    if cfg.compare_pdl and cfg.models:
-        results["without_pdl"] = decode_without_pdl(cfg, cfg.models[0], machine)
+        _save(results, out)
     if not cfg.skip_transfer and cfg.models:
         transfer = bench_transfer(cfg, machine, cfg.models[0])
         prefill = _row(results, cfg.models[0], "prefill", "tokens", cfg.transfer_tokens)
@@ -540,7 +546,10 @@ def run(cfg: RooflineConfig, argv: list[str]) -> dict:
             print(f"transfer {t['tokens']} tokens {t['bytes'] / 2**20:.0f} MiB in {t['regions']} regions: "
                   f"{t['step_s'] * 1e3:.3f} ms (sender done {t['sender_done_s'] * 1e3:.3f} ms), "
                   f"fraction of copy {t['fraction']:.2f}", flush=True)
-    results["targets"] = check_targets(results)
+        _save(results, out)
+    if cfg.compare_pdl and cfg.models:
+        results["without_pdl"] = decode_without_pdl(cfg, cfg.models[0], machine)
+    _save(results, out)
     return results
 
 
@@ -583,10 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     elif ns.http_itl:
         results = merge_itl(http_itl_ms(ns.http_itl), "httpx /generate stream, 8 x (1024 in, 128 out)", ns.into)
     else:
-        results = run(cfg, argv)
         out = Path(cfg.output_json or f"benchmarks/results/roofline-{datetime.date.today().isoformat()}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+        results = run(cfg, argv, out)
         print(f"wrote {out}")
     for t in results["targets"]:
         print(f"{'MET ' if t['met'] else 'MISS'} {t['target']:<40} {t['value']:>8} (limit {t['limit']})")

@@ -172,8 +172,9 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         if not self.running:
             return None
-        self.running.sort(key=lambda r: (len(r.output_ids), -len(r.prompt_ids)), reverse=True)
         while not all(self.reserve(r, r.seq_len) for r in self.running):
+            # Sorted only when someone must go: the tail has the least progress.
+            self.running.sort(key=lambda r: (len(r.output_ids), -len(r.prompt_ids)), reverse=True)
             if len(self.running) == 1:
                 # A lone request that cannot grow is cut short rather than looping forever.
                 self.running[0].finish_reason = "length"

@@ -46,7 +46,7 @@ class RequestRejected(ValueError):
 
 
 class Engine:
-    def __init__(self, cfg: ServerConfig, model_dir: str, conn: Connection):
+    def __init__(self, cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None):
         self.cfg = cfg
         self.conn = conn
         self.model_cfg = ModelConfig.from_dir(model_dir)
@@ -56,6 +56,9 @@ class Engine:
         self.scheduler = Scheduler(self._scheduler_config(), self.pool, self.cache)
         self.sampler = Sampler(cfg.random_seed, self.runner.device)
         self.eos_ids = set(self.model_cfg.eos_token_ids)
+        # Rows of the LM head past the tokenizer (padding, or a dummy config's
+        # vocabulary paired with a smaller tokenizer) can never become text.
+        self.num_text_tokens = min(num_text_tokens or self.model_cfg.vocab_size, self.model_cfg.vocab_size)
         self.outputs: list[TokenOutput] = []
         self.num_decode_steps = 0
         self.num_generated_tokens = 0
@@ -166,7 +169,7 @@ class Engine:
         if ready:
             index = {id(r): i for i, r in enumerate(batch.reqs)}
             rows = torch.tensor([index[id(r)] for r in ready], device=logits.device)
-            self._sample(ready, logits[rows])
+            self._sample(ready, logits[rows, : self.num_text_tokens])
         self.role.after_step(batch)
         self._step_started_s = None
         if batch.is_decode:
@@ -331,13 +334,13 @@ class Engine:
         threading.Thread(target=watch, name="watchdog", daemon=True).start()
 
 
-def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection) -> None:
+def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None) -> None:
     """Entry point of the engine process."""
     logging.basicConfig(level=cfg.log_level.upper(), format="[%(asctime)s engine] %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     try:
-        engine = Engine(cfg, model_dir, conn)
+        engine = Engine(cfg, model_dir, conn, num_text_tokens)
     except Exception as exc:
         logger.exception("engine failed to start")
         conn.send_bytes(codec.encode(EngineFailed(f"{type(exc).__name__}: {exc}")))

@@ -34,10 +34,10 @@ class EngineDied(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, cfg: ServerConfig, model_dir: str):
+    def __init__(self, cfg: ServerConfig, model_dir: str, num_text_tokens: int | None = None):
         ctx = mp.get_context("spawn")
         self._conn, self._child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=engine_main, args=(cfg, model_dir, self._child_conn), name="pdserve-engine", daemon=True)
+        self.process = ctx.Process(target=engine_main, args=(cfg, model_dir, self._child_conn, num_text_tokens), name="pdserve-engine", daemon=True)
         self.info: dict = {}
         self._queues: dict[str, asyncio.Queue] = {}
         self._control: dict[int, asyncio.Future] = {}

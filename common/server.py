@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model_dir(cfg.model_path)
     tokenizer = load_tokenizer(cfg.tokenizer_path or model_dir, cfg.chat_template)
     model_name = served_model_name(cfg)
-    state = AppState(cfg, model_dir, model_name, tokenizer, EngineClient(cfg, model_dir), ServerMetrics(cfg.enable_metrics, model_name))
+    state = AppState(cfg, model_dir, model_name, tokenizer, EngineClient(cfg, model_dir, len(tokenizer)), ServerMetrics(cfg.enable_metrics, model_name))
     app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))
     state.server = server

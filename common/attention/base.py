@@ -6,6 +6,7 @@ new K/V into the paged pool and attends over each sequence's pages.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -34,10 +35,11 @@ def _import_builtin_backends() -> None:
     # Imported here, not at module load, so a CPU install never imports flashinfer.
     from pdserve.common.attention import torch_backend  # noqa: F401
 
-    try:
-        from pdserve.common.attention import flashinfer_backend  # noqa: F401
-    except ImportError:
-        pass
+    for module in ("flashinfer_backend", "triton_backend"):
+        try:
+            importlib.import_module(f"pdserve.common.attention.{module}")
+        except ImportError:  # GPU-only dependencies missing on this machine
+            pass
 
 
 class AttentionBackend(ABC):

@@ -14,15 +14,14 @@ one heartbeat because heartbeats of unknown instances answer 404.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pdserve.bootstrap.errors import APIError, install_error_handlers
 from pdserve.bootstrap.protocol import ROLES, InstanceInfo, InvalidInstanceInfo
 from pdserve.bootstrap.registry import InstanceRegistry, PairingConflict
+from pdserve.common.errors import APIError, install_error_handlers, read_json_object
 
 logger = logging.getLogger("pdserve.bootstrap")
 
@@ -33,17 +32,6 @@ class BootstrapConfig:
     port: int = 8998
     ttl_s: float = 10.0
     log_level: str = "info"
-
-
-async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return data
 
 
 def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None) -> FastAPI:
@@ -60,7 +48,7 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
     @app.post("/register")
     async def register(request: Request) -> dict[str, Any]:
         try:
-            info = InstanceInfo.from_json(await _json_object(request))
+            info = InstanceInfo.from_json(await read_json_object(request))
         except InvalidInstanceInfo as exc:
             raise APIError(400, str(exc), exc.param) from None
         try:
@@ -73,7 +61,7 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
 
     @app.post("/heartbeat")
     async def heartbeat(request: Request) -> dict[str, Any]:
-        instance_id = (await _json_object(request)).get("instance_id")
+        instance_id = (await read_json_object(request)).get("instance_id")
         if not isinstance(instance_id, str) or not instance_id:
             raise APIError(400, "field 'instance_id' must be a non-empty string", "instance_id")
         if not registry.heartbeat(instance_id):

@@ -38,3 +38,50 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
             "code": code if code is not None else status,
         },
     }
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+async def read_json_object(request) -> dict:
+    """The request body as a JSON object, or a 400 that says what is wrong."""
+    import json
+
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def install_error_handlers(app) -> None:
+    """Every HTTP service of pdserve (instance, router, bootstrap) answers every
+    failure with an OpenAI error object, never FastAPI's ``{"detail": ...}``."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return error_response(400, f"invalid request body: {first.get('msg', 'invalid value')}", param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, exc: HTTPException):
+        # Unknown routes and methods included.
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def _internal(_, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")

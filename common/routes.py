@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.common import openai_format as fmt
-from pdserve.common.errors import APIError, error_body
+from pdserve.common.errors import APIError, error_body, install_error_handlers, read_json_object
 from pdserve.common.messages import GenerateRequest
 from pdserve.common.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
 from pdserve.common.sampling import SamplingParams
 from pdserve.common.serving import Serving, SubRequest
 from pdserve.common.text_stream import ChoiceState, TextDelta
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 if TYPE_CHECKING:
     from pdserve.common.server import AppState
@@ -31,16 +30,6 @@ def _sse(data: dict | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def read_json(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"invalid JSON body: {exc}") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
-
-
 def install_routes(app: FastAPI, state: AppState) -> None:
     _install_middleware(app, state)
     _install_api(app, state)
@@ -48,19 +37,7 @@ def install_routes(app: FastAPI, state: AppState) -> None:
 
 
 def _install_middleware(app: FastAPI, state: AppState) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Unknown routes and methods: an OpenAI error object like every other failure.
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
-
+    install_error_handlers(app)
     if state.cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.cfg.api_key)
 
@@ -140,7 +117,7 @@ def _model_card(state: AppState) -> dict:
 
 async def _handle(request: Request, state: AppState, parser, kind: str):
     serving = _serving(state)
-    gen = parser(await read_json(request))
+    gen = parser(await read_json_object(request))
     _check_model(state, gen)
     _check_role(state, gen)
     subs = serving.build(gen)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pdserve.bootstrap.errors import APIError, error_response, install_error_handlers
+from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.router.config import CacheAwareConfig, RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import Policy, make_policy, policy_names
@@ -71,17 +70,6 @@ def _build_state(config: RouterConfig) -> RouterState:
     return RouterState(config, http, workers, policies, forwarder, metrics)
 
 
-async def _read_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
-
-
 async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
     """Run ``work``; cancel it (closing upstream requests) if the client leaves first."""
 
@@ -121,7 +109,7 @@ def _generation_routes(api: APIRouter) -> None:
         path = request.url.path
         state.metrics.requests.labels(path).inc()
         try:
-            body = await _read_body(request)
+            body = await read_json_object(request)
         except APIError as exc:
             state.metrics.errors.labels(path, str(exc.status)).inc()
             raise

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import anyio
 import httpx
 from fastapi.responses import Response, StreamingResponse
-from pdserve.bootstrap.errors import error_body, error_response
+from pdserve.common.errors import error_body, error_response
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, routing_text

@@ -7,8 +7,10 @@
    prefills. Each time is compared with its floor, ``max(bytes / bandwidth,
    FLOPs / matmul rate)``; the fraction printed is floor / measured.
 3. KV transfer of one prompt's pages from this process (P) into a second
-   process (D) on the same GPU through the transfer layer, against a device
-   copy of the same bytes, and as a share of that prompt's prefill + transfer.
+   process (D) on the same GPU through each of ``--transfer-backends``
+   (NIXL's UCX cuda_ipc path, and the cuda_ipc backend's own page copy),
+   against a device copy of the same bytes, and as a share of that prompt's
+   prefill + transfer.
 
 ``--merge-itl BENCH.json --into RESULT.json`` adds a ``pdserve bench`` ITL
 median (batch 1, through HTTP) to a result, as a ratio to the decode step.
@@ -29,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pdserve.transfer.base import TransferConfig
+
 DECODE_BATCHES = (1, 8, 64, 256)
 PREFILL_LENGTHS = (512, 2048, 8192)
 MODELS = ("llama-3.2-1b", "qwen3-0.6b")
@@ -45,6 +49,8 @@ class RooflineConfig:
     prefill_lengths: tuple[int, ...] = PREFILL_LENGTHS
     transfer_tokens: int = 2048
     transfer_repeats: int = 20
+    transfer_backends: tuple[str, ...] = ("nixl", "cuda_ipc")
+    progress_delay_us: int = TransferConfig.progress_delay_us  # the nixl progress thread's sleep
     attention_backend: str | None = None
     page_size: int = 16
     skip_transfer: bool = False
@@ -330,14 +336,20 @@ def _print_row(model: str, row: dict) -> None:
 
 
 # ---- KV transfer, P (here) -> D (child process) -------------------------------------
-def _decode_side(conn, layout_dict: dict) -> None:
+def _transfer_config(cfg_dict: dict, backend: str, name: str):
+    from pdserve.transfer.base import TransferConfig
+
+    return TransferConfig(backend=backend, instance_name=name, progress_delay_us=cfg_dict["progress_delay_us"])
+
+
+def _decode_side(conn, layout_dict: dict, cfg_dict: dict, backend: str) -> None:
     import torch
     from pdserve.common.kv_layout import KVLayout
-    from pdserve.transfer.base import KVMemory, TransferConfig, create_transfer_agent
+    from pdserve.transfer.base import KVMemory, create_transfer_agent
 
     layout = KVLayout.from_dict(layout_dict)
     buf = torch.zeros(layout.total_bytes // layout.itemsize, dtype=getattr(torch, layout.dtype), device="cuda")
-    agent = create_transfer_agent(TransferConfig(instance_name="roofline-D"), KVMemory.from_tensor(buf, layout))
+    agent = create_transfer_agent(_transfer_config(cfg_dict, backend, "roofline-D"), KVMemory.from_tensor(buf, layout))
     conn.send(agent.peer_info())
     peer = agent.add_peer(conn.recv())
     while True:
@@ -355,30 +367,35 @@ def _decode_side(conn, layout_dict: dict) -> None:
         conn.send((int(state), time.monotonic()))
 
 
-def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, merge_layers: bool = False) -> dict:
-    """``merge_layers``: the same bytes as ONE layer (two regions), to show what
-    the per-region descriptors cost."""
+def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: str) -> dict:
+    """One prompt's pages P (this process) -> D (a child process on this GPU).
+
+    ``step_s``: from posting to D seeing the room done (the data and its
+    notice); ``sender_done_s``: to P seeing its copy/WRITE complete, i.e. the
+    bytes in D's pool."""
     import random
 
     import torch
     from pdserve.common.kv_layout import KVLayout
     from pdserve.common.model_config import ModelConfig
-    from pdserve.transfer.base import KVMemory, RoomState, TransferConfig, create_transfer_agent
+    from pdserve.transfer.base import KVMemory, RoomState, create_transfer_agent
 
     m = ModelConfig.from_dict(json.loads((_CONFIGS / f"{model}.json").read_text()))
     num_pages = -(-cfg.transfer_tokens // cfg.page_size)
-    layers, heads = (1, m.num_kv_heads * m.num_layers) if merge_layers else (m.num_layers, m.num_kv_heads)
-    layout = KVLayout(layers, num_pages, cfg.page_size, heads, m.head_dim, "bfloat16")
+    layout = KVLayout(m.num_layers, num_pages, cfg.page_size, m.num_kv_heads, m.head_dim, "bfloat16")
     buf = torch.randn(layout.total_bytes // 2, dtype=torch.bfloat16, device="cuda")
-    agent = create_transfer_agent(TransferConfig(instance_name="roofline-P"), KVMemory.from_tensor(buf, layout))
+    cfg_dict = asdict(cfg)
+    agent = create_transfer_agent(_transfer_config(cfg_dict, backend, "roofline-P"), KVMemory.from_tensor(buf, layout))
     conn, child_conn = mp.get_context("spawn").Pipe()
-    child = mp.get_context("spawn").Process(target=_decode_side, args=(child_conn, layout.to_dict()), daemon=True)
+    child = mp.get_context("spawn").Process(target=_decode_side, args=(child_conn, layout.to_dict(), cfg_dict, backend),
+                                            daemon=True)
     child.start()
     try:
         peer = agent.add_peer(conn.recv())
         conn.send(agent.peer_info())
         pages = list(range(num_pages))
-        times, sender_times = [], []
+        timer = _posting_timer(backend)
+        times, sender_times, post_times = [], [], []
         for i in range(cfg.transfer_repeats + 3):
             room = random.getrandbits(63)
             conn.send(("room", room))
@@ -386,29 +403,72 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, merge_laye
             sender = agent.create_sender(room, peer, pages)
             start = time.monotonic()
             sender.send(pages, 0, True)
+            posted = time.monotonic()
             while not sender.poll().is_terminal:
                 pass
             sent = time.monotonic()
             state, done = conn.recv()
             if state != RoomState.SUCCESS:
                 raise RuntimeError(f"transfer room ended {RoomState(state).name}")
+            if i == 2:
+                timer.totals_s.clear()
             if i >= 3:  # the first transfers map the peer's memory
                 times.append(done - start)
                 sender_times.append(sent - start)
+                post_times.append(posted - start)
         conn.send(("checksum", num_pages))
         if not math.isclose(conn.recv(), float(buf.double().sum()), rel_tol=1e-9, abs_tol=1e-3):
             raise RuntimeError("decode side's pages differ from the prefill side's")
         conn.send(("exit",))
     finally:
+        timer.restore()
         child.join(30)
         if child.is_alive():
             child.kill()
         agent.close()
     seconds = statistics.median(times)
     floor = 2 * layout.total_bytes / machine.copy_bytes_per_s
-    return {"kind": "transfer", "model": model, "tokens": cfg.transfer_tokens, "bytes": layout.total_bytes,
-            "regions": layout.num_regions, "step_s": seconds, "sender_done_s": statistics.median(sender_times),
-            "floor_s": floor, "fraction": floor / seconds, "times_s": times}
+    landed = statistics.median(sender_times)
+    row = {"kind": "transfer", "backend": backend, "model": model, "tokens": cfg.transfer_tokens,
+           "bytes": layout.total_bytes, "regions": layout.num_regions, "step_s": seconds, "sender_done_s": landed,
+           "post_s": statistics.median(post_times), "floor_s": floor, "fraction": floor / seconds,
+           "fraction_landed": floor / landed, "times_s": times,
+           "posting_us": {k: round(v / len(times) * 1e6, 1) for k, v in timer.totals_s.items()}}
+    if backend == "cuda_ipc":
+        row["kernel_s"] = _page_copy_s(buf, layout, num_pages)
+        row["fraction_kernel"] = floor / row["kernel_s"]
+    return row
+
+
+def _posting_timer(backend: str) -> _PhaseTimer:
+    """Where a sender's ``send()`` spends its host time, per transfer."""
+    from pdserve.transfer import descriptors, nixl_backend
+
+    timer = _PhaseTimer()
+    if backend == "cuda_ipc":
+        from pdserve.transfer import cuda_ipc_backend as ipc
+
+        timer.wrap(ipc, "page_runs", "page runs")
+        timer.wrap(ipc, "descriptors_of", "descriptors")
+        timer.wrap(ipc.CudaIpcAgent, "copy", "copy launch")
+        timer.wrap(ipc.CudaIpcAgent, "mapped", "peer lookup")
+    elif backend == "nixl":
+        timer.wrap(nixl_backend, "build_descriptors", "descriptors")
+        timer.wrap(nixl_backend.NixlAgent, "write", "nixl write (prep + post)")
+        timer.wrap(descriptors, "page_runs", "page runs")
+    return timer
+
+
+def _page_copy_s(buf, layout, num_pages: int) -> float:
+    """The cuda_ipc backend's page-copy kernel alone, between two local pools."""
+    import torch
+    from pdserve.common.kernels.page_copy import copy_pages
+
+    src = buf.view(torch.int64)
+    dst = torch.empty_like(src)
+    pages = torch.arange(num_pages, dtype=torch.int32, device="cuda")
+    region, page = layout.region_bytes // 8, layout.page_bytes // 8
+    return _bench_ms(lambda: copy_pages(src, dst, pages, pages, layout.num_regions, region, region, page)) / 1e3
 
 
 # ---- GEMV tuning ------------------------------------------------------------------------
@@ -466,8 +526,9 @@ def check_targets(results: dict) -> list[dict]:
         add(f"{lead} prefill 2048 fraction", pf and pf["fraction"], 0.60)
     transfer = results.get("transfer")
     if transfer:
-        add("transfer 2048 fraction of copy", transfer["fraction"], 0.50)
-        add("transfer share of TTFT", transfer.get("ttft_share"), 0.03, at_least=False)
+        via = f" ({transfer.get('backend', 'nixl')})"
+        add("transfer 2048 fraction of copy" + via, transfer["fraction"], 0.50)
+        add("transfer share of TTFT" + via, transfer.get("ttft_share"), 0.03, at_least=False)
     http = results.get("http")
     if http:
         add("HTTP ITL median / decode step", http["ratio"], 1.3, at_least=False)
@@ -536,16 +597,20 @@ def run(cfg: RooflineConfig, argv: list[str], out: Path) -> dict:
         results["models"].append(bench_model(cfg, name, machine))
         _save(results, out)
     if not cfg.skip_transfer and cfg.models:
-        transfer = bench_transfer(cfg, machine, cfg.models[0])
         prefill = _row(results, cfg.models[0], "prefill", "tokens", cfg.transfer_tokens)
-        if prefill:
-            transfer["ttft_share"] = transfer["step_s"] / (prefill["step_s"] + transfer["step_s"])
-        results["transfer"] = transfer
-        results["transfer_one_layer"] = bench_transfer(cfg, machine, cfg.models[0], merge_layers=True)
-        for t in (transfer, results["transfer_one_layer"]):
-            print(f"transfer {t['tokens']} tokens {t['bytes'] / 2**20:.0f} MiB in {t['regions']} regions: "
-                  f"{t['step_s'] * 1e3:.3f} ms (sender done {t['sender_done_s'] * 1e3:.3f} ms), "
-                  f"fraction of copy {t['fraction']:.2f}", flush=True)
+        results["transfers"] = []
+        for backend in cfg.transfer_backends:
+            t = bench_transfer(cfg, machine, cfg.models[0], backend)
+            if prefill:
+                t["ttft_share"] = t["step_s"] / (prefill["step_s"] + t["step_s"])
+            results["transfers"].append(t)
+            print(f"transfer {backend:<9}{t['tokens']} tokens {t['bytes'] / 2**20:.0f} MiB: {t['step_s'] * 1e3:.3f} ms "
+                  f"(landed {t['sender_done_s'] * 1e3:.3f} ms), fraction of copy {t['fraction']:.2f} "
+                  f"(landed {t['fraction_landed']:.2f}); posting {t['post_s'] * 1e3:.3f} ms {t['posting_us']}"
+                  + (f"; copy kernel alone {t['kernel_s'] * 1e3:.3f} ms, fraction {t['fraction_kernel']:.2f}"
+                     if "kernel_s" in t else ""), flush=True)
+            _save(results, out)
+        results["transfer"] = min(results["transfers"], key=lambda t: t["step_s"])
         _save(results, out)
     if cfg.compare_pdl and cfg.models:
         results["without_pdl"] = decode_without_pdl(cfg, cfg.models[0], machine)
@@ -566,6 +631,10 @@ def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
     ap.add_argument("--attention-backend", default=d.attention_backend, choices=("flashinfer", "triton", "torch"))
     ap.add_argument("--page-size", type=int, default=d.page_size)
     ap.add_argument("--skip-transfer", action="store_true")
+    ap.add_argument("--transfer-backends", nargs="+", default=list(d.transfer_backends),
+                    choices=("nixl", "ucx", "cuda_ipc"))
+    ap.add_argument("--progress-delay-us", type=int, default=d.progress_delay_us,
+                    help="nixl progress-thread sleep on both sides")
     ap.add_argument("--gemv-sweep", action="store_true", help="also tune the single-token product kernels")
     ap.add_argument("--compare-pdl", action="store_true", help="also time decode at batch 1 without PDL")
     ap.add_argument("--output-json", default=d.output_json)
@@ -576,7 +645,8 @@ def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
     cfg = RooflineConfig(
         models=tuple(ns.models), decode_batches=tuple(ns.decode_batches), decode_context=ns.decode_context,
         decode_steps=ns.decode_steps, prefill_lengths=tuple(ns.prefill_lengths), transfer_tokens=ns.transfer_tokens,
-        transfer_repeats=ns.transfer_repeats, attention_backend=ns.attention_backend, page_size=ns.page_size,
+        transfer_repeats=ns.transfer_repeats, transfer_backends=tuple(ns.transfer_backends),
+        progress_delay_us=ns.progress_delay_us, attention_backend=ns.attention_backend, page_size=ns.page_size,
         skip_transfer=ns.skip_transfer, gemv_sweep=ns.gemv_sweep, compare_pdl=ns.compare_pdl,
         output_json=ns.output_json,
     )

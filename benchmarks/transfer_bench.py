@@ -154,7 +154,7 @@ def parse_args(argv: list[str]) -> TransferBenchConfig:
     ap.add_argument("--model-config", default=d.model_config, help="Hugging Face config.json for the KV shape")
     ap.add_argument("--page-size", type=int, default=d.page_size)
     ap.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
-    ap.add_argument("--backend", nargs="+", default=list(d.backends), choices=("nixl", "ucx"))
+    ap.add_argument("--backend", nargs="+", default=list(d.backends), choices=("nixl", "ucx", "cuda_ipc"))
     ap.add_argument("--min-tokens", type=int, default=d.min_tokens)
     ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
     ap.add_argument("--num-layers", type=int, default=d.num_layers, help="override the model's layer count")

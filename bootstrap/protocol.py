@@ -42,7 +42,7 @@ class InstanceInfo:
     role: str  # one of ROLES; "null" is a colocated instance
     http_url: str  # e.g. "http://10.0.0.2:31000", no trailing slash
     control_address: str  # "host:port" of the PD control channel
-    transfer_backend: str  # "nixl" | "ucx"
+    transfer_backend: str  # "nixl" | "ucx" | "cuda_ipc"
     peer_info: str  # base64 of the transfer agent's metadata
     kv_layout: KVLayout
     model: str  # served model name

@@ -64,7 +64,9 @@ class ServerConfig:
     # Disaggregation.
     disaggregation_mode: str = field(default="null", metadata=_flag("instance role", choices=DISAGG_MODES))
     disaggregation_bootstrap_url: str | None = field(default=None, metadata=_flag("bootstrap service URL, e.g. http://127.0.0.1:8998"))
-    disaggregation_transfer_backend: str = field(default="nixl", metadata=_flag("KV transfer backend", choices=("nixl", "ucx")))
+    disaggregation_transfer_backend: str = field(default="nixl", metadata=_flag(
+        "KV transfer backend; cuda_ipc = nixl plus direct copies to a decode instance on the same GPU",
+        choices=("nixl", "ucx", "cuda_ipc")))
     disaggregation_ib_device: str | None = field(default=None, metadata=_flag("RDMA device(s) for UCX, e.g. mlx5_0"))
     disaggregation_control_host: str | None = field(default=None, metadata=_flag("address the PD control channel binds (default: --host)"))
     disaggregation_control_port: int = field(default=0, metadata=_flag("PD control channel port (0: pick a free one)"))

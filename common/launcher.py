@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--bootstrap-port", type=int, default=d.bootstrap_port)
     p.add_argument("--base-port", type=int, default=d.base_port)
-    p.add_argument("--transfer-backend", default=d.transfer_backend)
+    p.add_argument("--transfer-backend", default=d.transfer_backend, choices=("nixl", "ucx", "cuda_ipc"))
     p.add_argument("--policy", default=d.policy)
     p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
     p.add_argument("--stop-grace-s", type=float, default=d.stop_grace_s)

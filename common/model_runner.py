@@ -149,8 +149,10 @@ class ModelRunner:
         fraction = self.cfg.mem_fraction_static or DEFAULT_MEM_FRACTION_STATIC
         # SGLang's rule: weights + pool may take `fraction` of the memory that was
         # free at start (so instances sharing a GPU each size against their share);
-        # the rest is left for activations, CUDA graphs and workspaces.
-        budget = free - self._free_at_start * (1 - fraction)
+        # the rest is left for activations, CUDA graphs and workspaces. What this
+        # process holds is read from its own allocator, not from the free memory
+        # now, so a neighbour starting at the same time is not charged to us.
+        budget = min(self._free_at_start * fraction - torch.cuda.memory_reserved(self.device), free)
         if budget <= per_token * self.cfg.page_size:
             raise ValueError(f"--mem-fraction-static {fraction} leaves no memory for the KV pool")
         return int(budget // per_token)

@@ -21,7 +21,6 @@ from pdserve.common.text_stream import ChoiceState, TextDelta
 if TYPE_CHECKING:
     from pdserve.common.server import AppState
 
-DISCONNECT_POLL_S = 0.25
 HEALTH_GENERATE_TIMEOUT_S = 30.0
 
 
@@ -139,15 +138,27 @@ async def _handle(request: Request, state: AppState, parser, kind: str):
 
 
 async def _until_disconnect(request: Request, work):
-    """Run ``work``; if the client goes away first, cancel it (which aborts it in the engine)."""
+    """Run ``work``; if the client goes away first, cancel it (which aborts it in the engine).
+
+    The body is already read, so the next ASGI message is ``http.disconnect``:
+    waiting on it wakes us the moment the client leaves, where polling would
+    keep decoding for a whole poll interval.
+    """
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            raise APIError(499, "client disconnected")
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise APIError(499, "client disconnected")
+
+
+async def _client_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: list[ChoiceState], e2e_s: float):

@@ -154,3 +154,18 @@ def test_extend_attention_with_cached_prefixes(heads: int, kv_heads: int, dim: i
     out = extend_attention(q, k_cache, v_cache, qo, indptr, indices, lens, max(ext_lens), dim**-0.5)
     ref = _attention_ref(q, k_cache, v_cache, tables, seq_lens, ext_lens, dim**-0.5)
     assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_page_copy_moves_exactly_the_listed_pages(dtype: torch.dtype) -> None:
+    from pdserve.common.kernels.page_copy import copy_pages
+
+    regions, page_elems = 3, 3000  # not a multiple of the block: the tail is masked
+    src = torch.randint(0, 100, (regions, 7, page_elems), device="cuda").to(dtype)
+    dst = torch.full((regions, 11, page_elems), 101, device="cuda").to(dtype)
+    src_pages, dst_pages = [0, 3, 4, 6], [10, 2, 3, 0]
+    pages = torch.tensor([src_pages, dst_pages], dtype=torch.int32, device="cuda")
+    copy_pages(src.view(-1), dst.view(-1), pages[0], pages[1], regions, 7 * page_elems, 11 * page_elems, page_elems)
+    want = torch.full_like(dst, 101)
+    want[:, dst_pages] = src[:, src_pages]
+    assert torch.equal(dst, want)

@@ -1,5 +1,6 @@
 """A prefill and a decode instance on ONE GPU, KV pages moving VRAM to VRAM
-over NIXL: greedy outputs through the router equal a colocated instance's.
+over NIXL and over the cuda_ipc backend's direct copies: greedy outputs through
+the router equal a colocated instance's.
 
 Each instance sizes its pool with ``--mem-fraction-static`` from the memory
 that was free when it started, so three instances share the card.
@@ -28,24 +29,34 @@ SERVE_ARGS = ("--load-format", "dummy", "--dtype", "bfloat16", "--mem-fraction-s
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module")
-def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+def _config(root: Path, name: str, transfer_backend: str = "nixl", **roles):
     from pdserve.common.builtin_models import config_dir_for
-    from pdserve.common.launcher import Cluster, ClusterConfig
+    from pdserve.common.launcher import ClusterConfig
     from pdserve.tests.server_utils import free_port
 
-    root = tmp_path_factory.mktemp("gpu-pd")
     (root / "small-llama.json").write_text(json.dumps(SMALL_LLAMA))
-    model = config_dir_for(root / "small-llama.json")
+    return ClusterConfig(model_path=config_dir_for(root / "small-llama.json"), port=free_port(),
+                         bootstrap_port=free_port(), base_port=random.randint(20000, 50000),
+                         transfer_backend=transfer_backend, policy="round_robin", startup_timeout_s=600,
+                         log_dir=str(root / name), serve_args=SERVE_ARGS, **roles)
 
-    def config(name: str, **roles) -> ClusterConfig:
-        return ClusterConfig(model_path=model, port=free_port(), bootstrap_port=free_port(),
-                             base_port=random.randint(20000, 50000), transfer_backend="nixl", policy="round_robin",
-                             startup_timeout_s=600, log_dir=str(root / name), serve_args=SERVE_ARGS, **roles)
 
-    with Cluster(config("pd", num_prefill=1, num_decode=1)) as pd, \
-            Cluster(config("colocated", num_prefill=0, num_decode=0, num_colocated=1)) as colocated:
-        yield pd, colocated, root
+@pytest.fixture(scope="module")
+def colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    from pdserve.common.launcher import Cluster
+
+    root = tmp_path_factory.mktemp("gpu-colocated")
+    with Cluster(_config(root, "colocated", num_prefill=0, num_decode=0, num_colocated=1)) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module", params=["nixl", "cuda_ipc"])
+def clusters(request: pytest.FixtureRequest, colocated, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    from pdserve.common.launcher import Cluster
+
+    root = tmp_path_factory.mktemp(f"gpu-pd-{request.param}")
+    with Cluster(_config(root, "pd", request.param, num_prefill=1, num_decode=1)) as pd:
+        yield pd, colocated, root, request.param
 
 
 def _generate(base: str, ids: list[int]) -> list[int]:
@@ -56,7 +67,7 @@ def _generate(base: str, ids: list[int]) -> list[int]:
 
 
 def test_pd_on_one_gpu_equals_colocated(clusters) -> None:
-    pd, colocated, root = clusters
+    pd, colocated, root, backend = clusters
     rng = random.Random(5)
     for n in (3, 16, 17, 100, 700):
         ids = [rng.randrange(4, 1000) for _ in range(n)]
@@ -67,3 +78,5 @@ def test_pd_on_one_gpu_equals_colocated(clusters) -> None:
     decode_log = Path(root, "pd", "decode-0.log").read_text()
     assert "cuda graph: True" in decode_log
     assert "available_gpu_mem=" in decode_log
+    prefill_log = Path(root, "pd", "prefill-0.log").read_text()
+    assert ("go through CUDA IPC" in prefill_log) == (backend == "cuda_ipc")

@@ -27,9 +27,11 @@ def _wait_busy(server: ServerProcess, timeout_s: float = 10.0) -> dict:
 def _assert_aborted(server: ServerProcess, generated_before: int) -> None:
     info = server.wait_idle(ABORT_TIMEOUT_S)
     assert info["kv_pool"]["used_pages"] == 0 and info["num_running_reqs"] == 0, info
-    # Settled: no further tokens, and far fewer than the request asked for.
+    # Settled: no further tokens, and fewer than the request asked for (a request
+    # that ran to its end makes exactly HUGE_MAX_TOKENS; how many fewer depends on
+    # how busy the machine is when the disconnect lands).
     generated = server.server_info()["num_generated_tokens"] - generated_before
-    assert generated < HUGE_MAX_TOKENS // 2, generated
+    assert generated < HUGE_MAX_TOKENS, generated
     time.sleep(0.3)
     assert server.server_info()["num_generated_tokens"] - generated_before == generated
 

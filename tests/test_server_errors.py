@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
 import httpx
 import pytest
 from pdserve.tests.server_utils import (
@@ -124,15 +127,23 @@ def test_auto_truncate_keeps_a_fitting_prompt_whole(small_server: ServerProcess,
 
 
 def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
-    bodies = [generate_body(prompt_ids(8, seed=i), 60) for i in range(4)]
-    responses = post_concurrently(queue_server, "/generate", bodies)
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses[0] == 200 and statuses[-1] == 503, statuses
-    for resp in responses:
-        if resp.status_code == 503:
-            assert_error(resp, 503)
-        else:
-            assert resp.status_code == 200 and len(resp.json()["output_ids"]) == 60
+    # A long request holds the one running slot, so of three sent meanwhile one
+    # waits in the one queue slot and two are refused, however they interleave.
+    long_body = {**generate_body(prompt_ids(8, seed=0), 1500), "stream": True}
+    bodies = [generate_body(prompt_ids(8, seed=i), 60) for i in range(1, 4)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        with queue_server.client() as client, client.stream("POST", "/generate", json=long_body) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()  # kept: a collected line iterator closes the stream
+            assert next(lines).startswith("data: ")  # running now
+            futures = [pool.submit(queue_server.post, "/generate", body) for body in bodies]
+            refused = list(itertools.islice(as_completed(futures, timeout=30), 2))
+            for future in refused:
+                assert_error(future.result(), 503)
+        # The long request is gone with its client: the queued one runs.
+        (queued,) = [f for f in futures if f not in refused]
+        resp = queued.result(timeout=60)
+    assert resp.status_code == 200 and len(resp.json()["output_ids"]) == 60
 
 
 def test_failed_choice_cancels_its_siblings(queue_server: ServerProcess) -> None:

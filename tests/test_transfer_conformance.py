@@ -36,6 +36,8 @@ class Cluster:
     d1_name: str
     d2_name: str
     d1_info: bytes
+    backend: str
+    device: str
 
 
 def _has_cuda() -> bool:
@@ -52,8 +54,10 @@ _GPU = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs CUDA"
     params=[
         ("nixl", "cpu"),
         ("ucx", "cpu"),
+        ("cuda_ipc", "cpu"),  # no GPU: every room takes the NIXL path it falls back to
         pytest.param(("nixl", "cuda"), marks=_GPU, id="nixl-cuda"),
         pytest.param(("ucx", "cuda"), marks=_GPU, id="ucx-cuda"),
+        pytest.param(("cuda_ipc", "cuda"), marks=_GPU, id="cuda_ipc-cuda"),
     ],
     ids=lambda p: "-".join(p) if isinstance(p, tuple) else p,
 )
@@ -66,7 +70,7 @@ def cluster(request):
         d1_name, d2_name = p.call("add_peer", info=d1_info), p.call("add_peer", info=d2_info)
         p_name = d1.call("add_peer", info=p_info)
         assert d2.call("add_peer", info=p_info) == p_name
-        yield Cluster(p, d1, d2, p_name, d1_name, d2_name, d1_info)
+        yield Cluster(p, d1, d2, p_name, d1_name, d2_name, d1_info, backend, device)
     finally:
         for proc in procs:
             proc.close()
@@ -131,6 +135,17 @@ def test_contiguous_pages_one_descriptor_per_region(cluster):
     assert (sent, got) == (SUCCESS, SUCCESS)
     assert cluster.p.call("counters", room=room) == (LAYOUT.num_regions, 6 * LAYOUT.page_bytes * LAYOUT.num_regions)
     _check_pages(cluster, cluster.d1, src, dst)
+
+
+@pytest.mark.parametrize("src, dst", [([0, 1, 5], [3, 4, 10]), ([0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11])],
+                         ids=["runs", "scattered"])
+def test_cuda_ipc_copies_exactly_when_the_pool_is_on_the_shared_gpu(cluster, src, dst):
+    if cluster.backend != "cuda_ipc":
+        pytest.skip("cuda_ipc only")
+    room, sent, got = _transfer(cluster, cluster.d2, cluster.d2_name, src, dst)
+    assert (sent, got) == (SUCCESS, SUCCESS)
+    assert cluster.p.call("ipc_copies", room=room) == (1 if cluster.device == "cuda" else 0)
+    _check_pages(cluster, cluster.d2, src, dst)
 
 
 def test_scattered_pages_merge_runs(cluster):

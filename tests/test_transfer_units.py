@@ -17,19 +17,25 @@ from pdserve.transfer.base import (
     check_layouts,
     create_transfer_agent,
 )
-from pdserve.transfer.descriptors import PageRun, build_descriptors, merge_page_runs
+from pdserve.transfer.descriptors import build_descriptors, page_runs
 from pdserve.transfer.rooms import ChunkTracker, QuiescenceClock, RoomTable
 
 LAYOUT = KVLayout(num_layers=2, num_pages=16, page_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
 
 
+def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    runs = page_runs(src, dst)
+    return list(zip(runs.src_starts.tolist(), runs.dst_starts.tolist(), runs.lengths.tolist()))
+
+
 def test_merge_runs_needs_both_sides_consecutive():
-    assert merge_page_runs([1, 2, 3, 7], [4, 5, 6, 9]) == [PageRun(1, 4, 3), PageRun(7, 9, 1)]
+    assert _runs([1, 2, 3, 7], [4, 5, 6, 9]) == [(1, 4, 3), (7, 9, 1)]
     # src consecutive but dst not: no merge
-    assert merge_page_runs([1, 2], [5, 3]) == [PageRun(1, 5, 1), PageRun(2, 3, 1)]
-    assert merge_page_runs([], []) == []
+    assert _runs([1, 2], [5, 3]) == [(1, 5, 1), (2, 3, 1)]
+    assert _runs([5, 6, 7], [2, 3, 4]) == [(5, 2, 3)]
+    assert _runs([], []) == []
     with pytest.raises(ValueError):
-        merge_page_runs([1, 2], [3])
+        page_runs([1, 2], [3])
 
 
 def test_descriptors_cover_every_region_with_each_sides_offsets():
@@ -148,3 +154,19 @@ def test_quiescence_clock_caps_reported_work():
     assert not clock.capped(1, "work")
     time.sleep(0.03)
     assert clock.capped(1, "work") and clock.capped(1, "work")
+
+
+def test_cuda_ipc_metadata_of_a_cpu_pool_offers_no_handle():
+    from pdserve.transfer.base import TransferConfig, create_transfer_agent
+    from pdserve.transfer.cuda_ipc_backend import CudaIpcMetadata
+    from pdserve.transfer.messages import AgentInfo, decode_as
+
+    layout = KVLayout(num_layers=1, num_pages=4, page_size=2, num_kv_heads=1, head_dim=4, dtype="float32")
+    buf = torch.zeros(layout.total_bytes // 4)
+    agent = create_transfer_agent(TransferConfig(backend="cuda_ipc", instance_name="t"), KVMemory.from_tensor(buf, layout))
+    try:
+        info = decode_as(agent.peer_info(), AgentInfo)
+        meta = decode_as(info.backend_metadata, CudaIpcMetadata)
+        assert info.backend == "cuda_ipc" and meta.nixl and meta.gpu_uuid == "" and meta.storage == []
+    finally:
+        agent.close()

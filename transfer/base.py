@@ -33,7 +33,7 @@ import importlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +84,8 @@ class KVMemory:
     device: str  # "cpu" | "cuda"
     device_id: int
     layout: KVLayout
+    # The tensor behind base_ptr, for backends that share it by handle (CUDA IPC).
+    tensor: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -105,6 +107,7 @@ class KVMemory:
             device=device,
             device_id=(tensor.device.index or 0) if device == "cuda" else 0,
             layout=layout,
+            tensor=tensor,
         )
 
 
@@ -346,6 +349,7 @@ _BACKENDS: dict[str, AgentFactory] = {}
 _BACKEND_MODULES = {
     "nixl": "pdserve.transfer.nixl_backend",
     "ucx": "pdserve.transfer.ucx_backend",
+    "cuda_ipc": "pdserve.transfer.cuda_ipc_backend",
 }
 
 

@@ -126,6 +126,10 @@ class _Worker:
         sender = self.rooms[room]
         return sender.num_descriptors, sender.num_bytes
 
+    def cmd_ipc_copies(self, room: int) -> int:
+        """Chunks a cuda_ipc sender copied itself rather than handing to NIXL."""
+        return getattr(self.rooms[room], "num_ipc_copies", 0)
+
     def cmd_stats(self) -> dict:
         self.agent.progress()
         return asdict(self.agent.stats())

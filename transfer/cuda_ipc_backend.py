@@ -1,0 +1,203 @@
+"""Same-GPU fast path: pages copied straight into the decode pool through CUDA IPC.
+
+When a prefill and a decode instance share one GPU, UCX's cuda_ipc transport
+moves a prompt's pages at a few percent of the card's copy bandwidth. This
+backend maps the decode pool into the prefill process once and copies each
+chunk's pages with one kernel. It is the NIXL backend in every other respect:
+notices, aborts, CPU pools, and peers on another GPU or host all go through
+NIXL, so choosing it never loses a pairing the NIXL backend could make.
+
+1. Each agent publishes, next to its NIXL metadata, its GPU's UUID and a CUDA
+   IPC handle of its pool (torch's ``_share_cuda_`` of the pool's storage).
+2. ``add_peer`` maps the peer's pool when the peer sits on the same physical
+   GPU (same UUID); otherwise the peer is served by NIXL WRITEs.
+3. A chunk to a mapped peer: a side stream waits for the compute stream (the
+   kernels that wrote the pages), runs the page-copy kernel, records an event.
+4. ``progress()`` sends a chunk's notice (over NIXL) once its event completed,
+   which means the bytes are in the decode pool; the decode side is the plain
+   NIXL receiver counting notices.
+5. Quiescence is exact: a launched copy cannot be recalled, so an aborted room
+   waits for its events, which complete on their own within microseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+from pdserve.common.codec import encode, message
+from pdserve.transfer.base import KVMemory, TransferConfig, register_backend
+from pdserve.transfer.descriptors import PageRuns, descriptors_of, page_runs
+from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
+from pdserve.transfer.nixl_backend import NixlAgent, NixlReceiver, NixlSender
+
+logger = logging.getLogger("pdserve.transfer.cuda_ipc")
+
+_MAX_STRIDED_RUNS = 4  # more runs than this go to the one-launch page-copy kernel
+
+
+@message
+@dataclass(frozen=True)
+class CudaIpcMetadata:
+    nixl: bytes  # the NIXL agent metadata
+    gpu_uuid: str = ""  # "" when the pool is not on a GPU
+    storage: list = field(default_factory=list)  # torch's _share_cuda_() of the pool's storage
+    offset_bytes: int = 0  # where the pool starts in that storage
+
+
+def gpu_uuid(device_index: int) -> str:
+    return str(torch.cuda.get_device_properties(device_index).uuid)
+
+
+def _word_dtype(page_bytes: int) -> torch.dtype:
+    """The widest integer that divides a page: the copy moves words, not bf16 values."""
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        if page_bytes % dtype.itemsize == 0:
+            return dtype
+    return torch.uint8
+
+
+def _words(flat_bytes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return flat_bytes.view(dtype)
+
+
+class _MappedPool:
+    """A peer's pool opened in this process: a flat tensor over its bytes."""
+
+    def __init__(self, meta: CudaIpcMetadata, device_index: int, num_bytes: int, dtype: torch.dtype) -> None:
+        args = list(meta.storage)
+        args[0] = device_index  # the peer's index may differ from ours for the same GPU
+        storage = torch.UntypedStorage._new_shared_cuda(*args)
+        flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device_index}")
+        flat.set_(storage, meta.offset_bytes, (num_bytes,))
+        self.words = _words(flat, dtype)
+
+
+class CudaIpcSender(NixlSender):
+    """Chunks to a mapped peer are copies with an event; others are NIXL WRITEs."""
+
+    _agent: CudaIpcAgent
+
+    def __init__(self, agent: CudaIpcAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float):
+        super().__init__(agent, room, peer, dst_pages, timeout_s)
+        self._copies: list[tuple[torch.cuda.Event, RoomNotice]] = []  # landed once the event completes
+        self._abandoned: list[torch.cuda.Event] = []  # copies of an aborted room, still running
+        self.num_ipc_copies = 0
+
+    def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
+        pool = self._agent.mapped(self.peer)
+        if pool is None:
+            super()._post(src, dst, chunk_index, is_last)
+            return
+        notice = RoomNotice(self.room, NOTICE_CHUNK, self._agent.name, chunk_index, is_last)
+        runs = page_runs(src, dst)
+        descs = descriptors_of(runs, self._agent.memory.layout, self._agent.peer(self.peer).kv_layout)
+        if len(descs) == 0:
+            self._agent.notify(self.peer, notice)
+            return
+        self._copies.append((self._agent.copy(runs, src, dst, self.peer, pool), notice))
+        self.num_ipc_copies += 1
+        self.num_descriptors += len(descs)
+        self.num_bytes += descs.num_bytes
+
+    def collect(self) -> None:
+        super().collect()
+        while self._copies and self._copies[0][0].query():
+            _, notice = self._copies.pop(0)
+            self._agent.notify(self.peer, notice)
+
+    def _progress(self) -> bool:
+        return super()._progress() and not self._copies
+
+    def _release(self) -> None:
+        super()._release()
+        self._abandoned.extend(event for event, _ in self._copies)
+        self._copies = []
+
+    def quiescent(self) -> bool:
+        self._abandoned = [e for e in self._abandoned if not e.query()]
+        return not self._copies and not self._abandoned and super().quiescent()
+
+
+@register_backend("cuda_ipc")
+class CudaIpcAgent(NixlAgent):
+    backend = "cuda_ipc"
+    sender_class = CudaIpcSender
+    receiver_class = NixlReceiver
+
+    def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
+        super().__init__(config, memory)
+        self._shareable: dict[str, CudaIpcMetadata] = {}  # same-GPU peers not mapped yet
+        self._mapped: dict[str, _MappedPool] = {}
+        self._on_gpu = memory.device == "cuda" and memory.tensor is not None
+        self._uuid = gpu_uuid(memory.device_id) if self._on_gpu else ""
+        self._word = _word_dtype(memory.layout.page_bytes)
+        if self._on_gpu:
+            device = torch.device("cuda", memory.device_id)
+            self._stream = torch.cuda.Stream(device)
+            self._src = _words(memory.tensor.view(-1).view(torch.uint8)[: memory.layout.total_bytes], self._word)
+
+    def _backend_metadata(self) -> bytes:
+        storage, offset = [], 0
+        if self._on_gpu:
+            shared = self.memory.tensor.untyped_storage()
+            storage, offset = list(shared._share_cuda_()), self.memory.base_ptr - shared.data_ptr()
+        return encode(CudaIpcMetadata(super()._backend_metadata(), self._uuid, storage, offset))
+
+    def _connect(self, info: AgentInfo) -> None:
+        meta = decode_as(info.backend_metadata, CudaIpcMetadata)
+        assert isinstance(meta, CudaIpcMetadata)
+        super()._connect(replace(info, backend_metadata=meta.nixl))
+        if self._on_gpu and meta.storage and meta.gpu_uuid == self._uuid:
+            self._shareable[info.name] = meta
+
+    def mapped(self, peer: str) -> _MappedPool | None:
+        """The peer's pool mapped here, or None when NIXL serves that peer.
+
+        Mapped on first send: a decode agent, which only receives, never maps
+        its prefill peers' pools."""
+        meta = self._shareable.pop(peer, None)
+        if meta is not None:
+            try:
+                self._mapped[peer] = _MappedPool(meta, self.memory.device_id, self.peer(peer).kv_layout.total_bytes,
+                                                 self._word)
+                logger.info("peer %s shares this GPU: KV pages go through CUDA IPC", peer)
+            except RuntimeError as exc:  # e.g. both agents in one process: CUDA refuses its own handles
+                logger.warning("cannot map %s's pool through CUDA IPC (%s); using NIXL for it", peer, exc)
+        return self._mapped.get(peer)
+
+    def copy(self, runs: PageRuns, src_pages: list[int], dst_pages: list[int], peer: str,
+             pool: _MappedPool) -> torch.cuda.Event:
+        """Launch the copy of whole pages into ``pool`` (every region); its completion event.
+
+        A few runs of consecutive pages (the usual case: both pools hand out
+        pages in order) are one strided ``copy_`` each, which launches faster
+        than a Triton kernel; scattered pages take the page-copy kernel."""
+        mine, theirs = self.memory.layout, self.peer(peer).kv_layout
+        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))  # the kernels that wrote the pages
+        with torch.cuda.stream(self._stream):
+            if len(runs) <= _MAX_STRIDED_RUNS:
+                src = self._src.view(mine.num_regions, mine.num_pages, -1)
+                dst = pool.words.view(theirs.num_regions, theirs.num_pages, -1)
+                for s, d, n in zip(runs.src_starts.tolist(), runs.dst_starts.tolist(), runs.lengths.tolist()):
+                    dst[:, d : d + n].copy_(src[:, s : s + n])
+            else:
+                self._copy_scattered(src_pages, dst_pages, theirs, pool)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return event
+
+    def _copy_scattered(self, src_pages: list[int], dst_pages: list[int], theirs, pool: _MappedPool) -> None:
+        from pdserve.common.kernels.page_copy import copy_pages
+
+        mine, word = self.memory.layout, self._word.itemsize
+        pages = torch.tensor([src_pages, dst_pages], dtype=torch.int32).to(self._stream.device, non_blocking=True)
+        copy_pages(self._src, pool.words, pages[0], pages[1], mine.num_regions, mine.region_bytes // word,
+                   theirs.region_bytes // word, mine.page_bytes // word)
+
+    def _shutdown(self) -> None:
+        if self._on_gpu:
+            self._stream.synchronize()  # no copy may outlive the mappings
+        self._mapped.clear()
+        super()._shutdown()

@@ -449,7 +449,6 @@ def _posting_timer(backend: str) -> _PhaseTimer:
         from pdserve.transfer import cuda_ipc_backend as ipc
 
         timer.wrap(ipc, "page_runs", "page runs")
-        timer.wrap(ipc, "descriptors_of", "descriptors")
         timer.wrap(ipc.CudaIpcAgent, "copy", "copy launch")
         timer.wrap(ipc.CudaIpcAgent, "mapped", "peer lookup")
     elif backend == "nixl":

@@ -82,6 +82,9 @@ class DecodeRole(EngineRole):
         self.rooms: dict[int, DecodeRoom] = {}
         self.peers: dict[str, PrefillPeer] = {}
         self.quarantine: dict[int, QuarantinedRoom] = {}
+        # Transfer peers of prefill instances whose control channel is gone,
+        # removed from the agent once no room or quarantine refers to them.
+        self.retiring_peers: set[str] = set()
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -109,6 +112,7 @@ class DecodeRole(EngineRole):
         for room, q in list(self.quarantine.items()):
             if (q.confirmed and q.receiver.quiescent()) or now > q.deadline_s:
                 self._unquarantine(room)
+        self._retire_peers()
 
     def abort(self, rid: str) -> Req | None:
         for item in list(self.prealloc):
@@ -131,6 +135,7 @@ class DecodeRole(EngineRole):
             "num_prealloc_reqs": len(self.prealloc),
             "num_transferring_rooms": len(self.rooms),
             "num_quarantined_rooms": len(self.quarantine),
+            "num_transfer_peers": self.agent.stats().num_peers,
         }
 
     def close(self) -> None:
@@ -186,6 +191,7 @@ class DecodeRole(EngineRole):
             if info is None or info.role != "prefill":
                 raise RoomFailed(f"prefill instance {instance_id!r} is not registered at the bootstrap service")
             name = self.agent.add_peer(info.peer_info_bytes)
+            self.retiring_peers.discard(name)
         except LayoutMismatchError as exc:
             raise RoomFailed(str(exc), 500) from exc
         except RoomFailed:
@@ -204,6 +210,15 @@ class DecodeRole(EngineRole):
             if ctx.peer is peer:
                 self._fail_room(room, RoomFailed(reason), notify_peer=False)
         peer.control.close()
+        self.retiring_peers.add(peer.peer_name)
+
+    def _retire_peers(self) -> None:
+        if not self.retiring_peers:
+            return
+        busy = {ctx.peer.peer_name for ctx in self.rooms.values()} | {q.peer.peer_name for q in self.quarantine.values()}
+        for name in self.retiring_peers - busy:
+            self.agent.remove_peer(name)
+        self.retiring_peers &= busy
 
     # ---- control channel --------------------------------------------------------------
     def _drain_control(self) -> None:

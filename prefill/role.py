@@ -73,6 +73,11 @@ class PrefillRole(EngineRole):
         self.draining: dict[int, DrainingRoom] = {}
         # Rooms D gave up before this side saw the request: fail it on arrival.
         self.aborted_rooms: dict[int, float] = {}
+        # Transfer peers by the control connections that used them; a peer none
+        # of whose connections is open is removed once its rooms have drained,
+        # so a decode instance that died or restarted leaves nothing held here.
+        self.peer_conns: dict[str, set[int]] = {}
+        self.retiring_peers: set[str] = set()
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -106,6 +111,7 @@ class PrefillRole(EngineRole):
         for room, drain in list(self.draining.items()):
             if drain.sender.quiescent():
                 self._drained(room)
+        self._retire_peers()
 
     def after_step(self, batch: ScheduledBatch) -> None:
         if batch.is_decode:
@@ -154,6 +160,7 @@ class PrefillRole(EngineRole):
             "num_transferring_rooms": len(self.transferring),
             "num_prefill_rooms": len(self.rooms),
             "num_draining_rooms": len(self.draining),
+            "num_transfer_peers": self.agent.stats().num_peers,
         }
 
     def close(self) -> None:
@@ -188,6 +195,19 @@ class PrefillRole(EngineRole):
         for room, ctx in list(self.rooms.items()):
             if ctx.conn_id == conn_id:
                 self._fail_room(room, "decode instance disconnected", notify_peer=False)
+        for name, conns in self.peer_conns.items():
+            conns.discard(conn_id)
+            if not conns:
+                self.retiring_peers.add(name)
+
+    def _retire_peers(self) -> None:
+        if not self.retiring_peers:
+            return
+        busy = {ctx.sender.peer for ctx in self.rooms.values()} | {d.sender.peer for d in self.draining.values()}
+        for name in self.retiring_peers - busy:
+            self.agent.remove_peer(name)
+            del self.peer_conns[name]
+        self.retiring_peers &= busy
 
     # ---- pairing ------------------------------------------------------------------
     def _try_pair(self, room: int) -> None:
@@ -200,6 +220,8 @@ class PrefillRole(EngineRole):
         if problem is None:
             try:
                 peer = self.agent.add_peer(msg.peer_info)
+                self.peer_conns.setdefault(peer, set()).add(conn_id)
+                self.retiring_peers.discard(peer)
                 sender = self.agent.create_sender(room, peer, msg.dst_pages, self.timeout_s)
             except LayoutMismatchError as exc:
                 problem = str(exc)

@@ -60,6 +60,15 @@ def _wait_used_zero(url: str, timeout_s: float = 20.0) -> None:
         time.sleep(0.2)
 
 
+def _wait_transfer_peers(url: str, count: int, timeout_s: float = 10.0) -> None:
+    """Until ``url`` holds ``count`` transfer peers; after a peer died, 0 says
+    nothing of it is held once its rooms drained."""
+    deadline = time.monotonic() + timeout_s
+    while _info(url)["num_transfer_peers"] != count:
+        assert time.monotonic() < deadline, _info(url)
+        time.sleep(0.1)
+
+
 def _start_room(prefill: str, decode: str, ids: list[int], max_new: int) -> tuple[dict, threading.Thread]:
     room = random.getrandbits(63)
     body = _room_body(ids, room, _info(prefill)["instance_id"], max_new)
@@ -83,12 +92,13 @@ def test_decode_survives_a_dead_prefill(cluster: Cluster) -> None:
     prefill, decode = cluster.instance_urls("prefill")[0], cluster.instance_urls("decode")[0]
     ids = [random.Random(1).randrange(4, 1000) for _ in range(1500)]
     result, joiner = _start_room(prefill, decode, ids, max_new=4)
-    time.sleep(0.2)
+    _wait_transfer_peers(decode, 1)  # the room is open: D loaded P
     _kill(cluster, "prefill-0")
     joiner.join(timeout=60)
     assert not joiner.is_alive(), "a request hung after its prefill instance died"
     assert result["d"] in (200, 502, 504), result
     _wait_used_zero(decode)
+    _wait_transfer_peers(decode, 0)
     # The decode instance still serves (a request without a room is prefilled locally).
     ok = httpx.post(f"{decode}/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3}},
                     timeout=30, trust_env=False)
@@ -101,17 +111,19 @@ def test_prefill_survives_a_dead_decode(cluster: Cluster, oracle) -> None:
     dead, alive = cluster.instance_urls("decode")
     ids = [random.Random(2).randrange(4, 1000) for _ in range(1500)]
     result, joiner = _start_room(prefill, dead, ids, max_new=200)
-    time.sleep(0.2)
+    _wait_transfer_peers(prefill, 1)  # the room is paired: P loaded D
     _kill(cluster, "decode-0")
     joiner.join(timeout=60)
     assert not joiner.is_alive(), "a request hung after its decode instance died"
     _wait_used_zero(prefill)
+    _wait_transfer_peers(prefill, 0)
     assert httpx.get(f"{prefill}/health", timeout=5, trust_env=False).status_code == 200
     # The prefill instance pairs with the surviving decode instance and answers exactly.
     short = [9, 8, 7, 6, 5, 4, 10, 11, 12]
     result, joiner = _start_room(prefill, alive, short, max_new=6)
     joiner.join(timeout=60)
     assert result == {"p": 200, "d": 200}, result
+    assert _info(prefill)["num_transfer_peers"] == 1
     body = _room_body(short, random.getrandbits(63), _info(prefill)["instance_id"], 6)
     with httpx.Client(timeout=60, trust_env=False) as http:
         p = threading.Thread(target=lambda: http.post(f"{prefill}/generate", json=body))

@@ -148,6 +148,19 @@ def test_cuda_ipc_copies_exactly_when_the_pool_is_on_the_shared_gpu(cluster, src
     _check_pages(cluster, cluster.d2, src, dst)
 
 
+def test_a_removed_peer_is_let_go_and_can_be_loaded_again(cluster):
+    peers = cluster.p.call("stats")["num_peers"]
+    cluster.p.call("remove_peer", peer=cluster.d1_name)
+    assert cluster.p.call("stats")["num_peers"] == peers - 1
+    with pytest.raises(KeyError):
+        cluster.p.call("open_sender", room=_room(), peer=cluster.d1_name, dst_pages=[0])
+    assert cluster.p.call("add_peer", info=cluster.d1_info) == cluster.d1_name
+    src, dst = [2, 3], [6, 7]
+    _, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, src, dst)
+    assert (sent, got) == (SUCCESS, SUCCESS)
+    _check_pages(cluster, cluster.d1, src, dst)
+
+
 def test_scattered_pages_merge_runs(cluster):
     src, dst = [1, 2, 3, 7], [4, 5, 6, 9]
     room, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, src, dst)

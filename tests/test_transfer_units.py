@@ -170,3 +170,15 @@ def test_cuda_ipc_metadata_of_a_cpu_pool_offers_no_handle():
         assert info.backend == "cuda_ipc" and meta.nixl and meta.gpu_uuid == "" and meta.storage == []
     finally:
         agent.close()
+
+
+def test_cuda_ipc_run_copy_moves_exactly_the_listed_pages():
+    from pdserve.transfer.cuda_ipc_backend import copy_runs
+
+    src = torch.arange(3 * 8 * 5, dtype=torch.int64).view(3, 8, 5)
+    dst = torch.full((3, 12, 5), -1, dtype=torch.int64)
+    src_pages, dst_pages = [0, 1, 2, 6, 3], [9, 10, 11, 0, 4]
+    copy_runs(src, dst, page_runs(src_pages, dst_pages))
+    want = torch.full_like(dst, -1)
+    want[:, dst_pages] = src[:, src_pages]
+    assert torch.equal(dst, want)

@@ -118,6 +118,7 @@ class AgentStats:
     num_rooms: int  # senders/receivers not yet finished
     num_buffered_rooms: int  # rooms with notices but no sender/receiver yet
     num_inflight_requests: int  # backend requests/handles not yet released
+    num_peers: int = 0  # peers loaded and not removed
 
 
 def check_layouts(mine: KVLayout, theirs: KVLayout, my_name: str, peer_name: str) -> None:
@@ -315,6 +316,12 @@ class TransferAgent(ABC):
         """Load a remote agent (idempotent); return its name.
 
         Raises LayoutMismatchError when the two KV layouts cannot pair."""
+
+    @abstractmethod
+    def remove_peer(self, name: str) -> None:
+        """Forget a peer once none of its rooms is open or draining: what the
+        backend holds for it (loaded metadata, endpoints, mapped memory) is
+        let go. Unknown names are ignored; a later ``add_peer`` loads it anew."""
 
     @abstractmethod
     def create_sender(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from pdserve.common.codec import encode, message
 from pdserve.transfer.base import KVMemory, TransferConfig, register_backend
-from pdserve.transfer.descriptors import PageRuns, descriptors_of, page_runs
+from pdserve.transfer.descriptors import PageRuns, check_pages, page_runs
 from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
 from pdserve.transfer.nixl_backend import NixlAgent, NixlReceiver, NixlSender
 
@@ -62,6 +62,13 @@ def _words(flat_bytes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return flat_bytes.view(dtype)
 
 
+def copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: PageRuns) -> None:
+    """Copy each run of pages, every region at once: ``src``/``dst`` are
+    [regions, pages, words] views of the two pools."""
+    for s, d, n in zip(runs.src_starts.tolist(), runs.dst_starts.tolist(), runs.lengths.tolist()):
+        dst[:, d : d + n].copy_(src[:, s : s + n])
+
+
 class _MappedPool:
     """A peer's pool opened in this process: a flat tensor over its bytes."""
 
@@ -91,15 +98,18 @@ class CudaIpcSender(NixlSender):
             super()._post(src, dst, chunk_index, is_last)
             return
         notice = RoomNotice(self.room, NOTICE_CHUNK, self._agent.name, chunk_index, is_last)
+        # No descriptor arrays here: the copy needs only the runs, and this is
+        # host time on the engine thread before the bytes start moving.
+        mine, theirs = self._agent.memory.layout, self._agent.peer(self.peer).kv_layout
         runs = page_runs(src, dst)
-        descs = descriptors_of(runs, self._agent.memory.layout, self._agent.peer(self.peer).kv_layout)
-        if len(descs) == 0:
+        check_pages(runs, mine, theirs)
+        if not len(runs):
             self._agent.notify(self.peer, notice)
             return
         self._copies.append((self._agent.copy(runs, src, dst, self.peer, pool), notice))
         self.num_ipc_copies += 1
-        self.num_descriptors += len(descs)
-        self.num_bytes += descs.num_bytes
+        self.num_descriptors += len(runs) * mine.num_regions  # what NIXL would have posted
+        self.num_bytes += len(src) * mine.page_bytes * mine.num_regions
 
     def collect(self) -> None:
         super().collect()
@@ -167,6 +177,14 @@ class CudaIpcAgent(NixlAgent):
                 logger.warning("cannot map %s's pool through CUDA IPC (%s); using NIXL for it", peer, exc)
         return self._mapped.get(peer)
 
+    def _disconnect(self, name: str) -> None:
+        self._shareable.pop(name, None)
+        pool = self._mapped.pop(name, None)
+        if pool is not None:
+            self._stream.synchronize()  # no copy may outlive the mapping it writes through
+            del pool  # closes the IPC mapping: the peer's memory can go back to the GPU
+        super()._disconnect(name)
+
     def copy(self, runs: PageRuns, src_pages: list[int], dst_pages: list[int], peer: str,
              pool: _MappedPool) -> torch.cuda.Event:
         """Launch the copy of whole pages into ``pool`` (every region); its completion event.
@@ -178,10 +196,8 @@ class CudaIpcAgent(NixlAgent):
         self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))  # the kernels that wrote the pages
         with torch.cuda.stream(self._stream):
             if len(runs) <= _MAX_STRIDED_RUNS:
-                src = self._src.view(mine.num_regions, mine.num_pages, -1)
-                dst = pool.words.view(theirs.num_regions, theirs.num_pages, -1)
-                for s, d, n in zip(runs.src_starts.tolist(), runs.dst_starts.tolist(), runs.lengths.tolist()):
-                    dst[:, d : d + n].copy_(src[:, s : s + n])
+                copy_runs(self._src.view(mine.num_regions, mine.num_pages, -1),
+                          pool.words.view(theirs.num_regions, theirs.num_pages, -1), runs)
             else:
                 self._copy_scattered(src_pages, dst_pages, theirs, pool)
             event = torch.cuda.Event()

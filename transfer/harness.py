@@ -51,6 +51,9 @@ class _Worker:
     def cmd_add_peer(self, info: bytes) -> str:
         return self.agent.add_peer(info)
 
+    def cmd_remove_peer(self, peer: str) -> None:
+        self.agent.remove_peer(peer)
+
     def cmd_fill(self, sentinel: float | None = None) -> None:
         """Sentinel everywhere, or value ``region * 1000 + page + 1`` per page."""
         import torch

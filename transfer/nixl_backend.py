@@ -188,6 +188,12 @@ class NixlAgent(RoomAgent):
         if loaded != info.name:
             raise ValueError(f"peer metadata names {loaded!r} but peer info names {info.name!r}")
 
+    def _disconnect(self, name: str) -> None:
+        try:
+            self.nixl.remove_remote_agent(name)
+        except Exception as exc:  # nixl raises its own binding error types
+            logger.warning("removing NIXL peer %s: %s", name, exc)
+
     def write(self, descs, peer: AgentInfo, notif: bytes):
         dev = np.uint64(self.memory.device_id)
         local = np.stack([descs.src_offsets + np.uint64(self.memory.base_ptr), descs.lengths,

@@ -284,6 +284,14 @@ class RoomAgent(TransferAgent):
         self._peers[info.name] = info
         return info.name
 
+    def remove_peer(self, name: str) -> None:
+        if self._peers.pop(name, None) is None:
+            return
+        for handler in self.rooms.handlers():
+            if handler.peer == name:  # the caller should have ended these; never leave one dangling
+                handler.abort()
+        self._disconnect(name)
+
     def peer(self, name: str) -> AgentInfo:
         try:
             return self._peers[name]
@@ -336,6 +344,10 @@ class RoomAgent(TransferAgent):
         """Make a peer whose layout pairs with ours reachable."""
 
     @abstractmethod
+    def _disconnect(self, name: str) -> None:
+        """Let go of what the backend holds for a removed peer."""
+
+    @abstractmethod
     def _num_inflight(self) -> int: ...
 
     @abstractmethod
@@ -343,7 +355,7 @@ class RoomAgent(TransferAgent):
         """Release the backend once every open room is aborted."""
 
     def stats(self) -> AgentStats:
-        return AgentStats(self.rooms.num_active, self.rooms.num_buffered, self._num_inflight())
+        return AgentStats(self.rooms.num_active, self.rooms.num_buffered, self._num_inflight(), len(self._peers))
 
     def close(self) -> None:
         if self._closed:

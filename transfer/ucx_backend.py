@@ -209,6 +209,14 @@ class UcxAgent(RoomAgent):
             self._worker, address["host"], int(address["port"]), True
         )
 
+    def _disconnect(self, name: str) -> None:
+        endpoint = self._endpoints.pop(name, None)
+        if endpoint is not None:
+            try:
+                endpoint.close()
+            except Exception as exc:  # ucxx raises one class per UCS status
+                logger.warning("closing the endpoint of %s: %s", name, exc)
+
     def next_tag(self) -> int:
         self._tag_seq = (self._tag_seq + 1) & 0xFFFFFFFF
         return self._tag_prefix | self._tag_seq

@@ -1,0 +1,48 @@
+"""The roofline benchmark's arithmetic (the GPU timings themselves run on the device)."""
+
+from __future__ import annotations
+
+from pdserve.benchmarks.roofline import Machine, ModelCost, check_targets
+
+
+def test_llama_1b_costs_count_every_projection_and_the_kv_cache():
+    cost = ModelCost.of_name("llama-3.2-1b")
+    # Llama-3.2-1B: 16 layers, hidden 2048, 32 q / 8 kv heads of 64, MLP 8192, vocab 128256.
+    per_layer = 2048 * (2048 + 2 * 512) + 2048 * 2048 + 3 * 2048 * 8192
+    assert cost.linear_params == 16 * per_layer
+    assert cost.lm_params == 128256 * 2048
+    assert cost.kv_bytes_per_token == 16 * 2 * 512 * 2  # layers x (K, V) x kv width x bf16
+    num_bytes, flops = cost.decode(batch=1, context=1024)
+    assert num_bytes == 2 * (cost.linear_params + cost.lm_params) + 1025 * cost.kv_bytes_per_token + 128256 * 4
+    assert flops == 2 * (cost.linear_params + cost.lm_params) + 4 * 1024 * 2048 * 16
+    _, prefill_flops = cost.prefill(2048)
+    # One token's LM head only: the prompt's other logits are never computed.
+    assert prefill_flops == 2 * 2048 * cost.linear_params + 2 * cost.lm_params + 2 * 2048**2 * 2048 * 16
+
+
+def test_floor_is_the_slower_of_bandwidth_and_compute():
+    machine = Machine("gpu", copy_bytes_per_s=1e12, matmul_flops_per_s=1e15)
+    assert machine.floor_s(2e9, 1e12) == 2e-3
+    assert machine.floor_s(1e9, 5e12) == 5e-3
+
+
+def test_targets_use_the_lead_model_and_the_best_transfer():
+    rows = [
+        {"kind": "decode", "batch": 1, "fraction": 0.8},
+        {"kind": "decode", "batch": 256, "fraction": 0.5},
+        {"kind": "prefill", "tokens": 2048, "fraction": 0.6},
+    ]
+    results = {
+        "models": [{"model": "m", "rows": rows}],
+        "transfer": {"backend": "cuda_ipc", "fraction": 0.55, "ttft_share": 0.04},
+        "http": {"ratio": 1.2},
+    }
+    got = {t["target"]: t["met"] for t in check_targets(results)}
+    assert got == {
+        "m decode bs=1 fraction": True,
+        "m decode bs=256 fraction": False,
+        "m prefill 2048 fraction": True,
+        "transfer 2048 fraction of copy (cuda_ipc)": True,
+        "transfer share of TTFT (cuda_ipc)": False,
+        "HTTP ITL median / decode step": True,
+    }

@@ -1,23 +1,27 @@
-"""Same-GPU fast path: pages copied straight into the decode pool through CUDA IPC.
+"""Same-GPU data path: pages copied straight into the decode pool through CUDA IPC.
 
-When a prefill and a decode instance share one GPU, UCX's cuda_ipc transport
-moves a prompt's pages at a few percent of the card's copy bandwidth. This
-backend maps the decode pool into the prefill process once and copies each
-chunk's pages with one kernel. It is the NIXL backend in every other respect:
-notices, aborts, CPU pools, and peers on another GPU or host all go through
-NIXL, so choosing it never loses a pairing the NIXL backend could make.
+When a prefill and a decode instance share one GPU, this backend maps the
+decode pool into the prefill process once and copies each chunk's pages on a
+side stream: no UCX request per region, no UCX progress in the data path, and
+a completion that is a CUDA event (so quiescence is exact). It is the NIXL
+backend in every other respect: notices, aborts, CPU pools, and peers on
+another GPU or host all go through NIXL, so choosing it never loses a pairing
+the NIXL backend could make.
 
 1. Each agent publishes, next to its NIXL metadata, its GPU's UUID and a CUDA
    IPC handle of its pool (torch's ``_share_cuda_`` of the pool's storage).
-2. ``add_peer`` maps the peer's pool when the peer sits on the same physical
-   GPU (same UUID); otherwise the peer is served by NIXL WRITEs.
+2. ``add_peer`` notes a peer that sits on the same physical GPU (same UUID);
+   its pool is mapped at the first send. Other peers get NIXL WRITEs.
 3. A chunk to a mapped peer: a side stream waits for the compute stream (the
-   kernels that wrote the pages), runs the page-copy kernel, records an event.
+   kernels that wrote the pages), then one strided copy per run of
+   consecutive pages, or one page-copy kernel launch for scattered pages;
+   an event is recorded after it.
 4. ``progress()`` sends a chunk's notice (over NIXL) once its event completed,
    which means the bytes are in the decode pool; the decode side is the plain
    NIXL receiver counting notices.
 5. Quiescence is exact: a launched copy cannot be recalled, so an aborted room
    waits for its events, which complete on their own within microseconds.
+6. ``remove_peer`` waits for the side stream before it unmaps the peer's pool.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.common import openai_format as fmt
+from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_body, install_error_handlers, read_json_object
 from pdserve.common.messages import GenerateRequest
 from pdserve.common.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
@@ -122,43 +123,19 @@ async def _handle(request: Request, state: AppState, parser, kind: str):
     subs = serving.build(gen)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{subs[0].rid.split('-')[0]}"
     if state.cfg.disaggregation_mode == "prefill":
-        await _until_disconnect(request, serving.collect_all(subs))
+        await until_client_leaves(request, serving.collect_all(subs))
         return {"bootstrap_room": gen.bootstrap_room, "status": "ok"}
     if gen.stream:
         states = [ChoiceState(s.index) for s in subs]
         events = serving.merged(subs, states)
         # Wait for the first delta before answering: a request the engine rejects
         # (queue full, pool too small) then gets its real status, not a 200 stream.
-        first = await _until_disconnect(request, _first_event(events))
+        first = await until_client_leaves(request, _first_event(events))
         body = _stream(state, gen, subs, states, rid, kind, first, events)
         return StreamingResponse(body, media_type="text/event-stream")
     start_s = time.monotonic()
-    choices = await _until_disconnect(request, serving.collect_all(subs))
+    choices = await until_client_leaves(request, serving.collect_all(subs))
     return _body(state, gen, kind, rid, choices, time.monotonic() - start_s)
-
-
-async def _until_disconnect(request: Request, work):
-    """Run ``work``; if the client goes away first, cancel it (which aborts it in the engine).
-
-    The body is already read, so the next ASGI message is ``http.disconnect``:
-    waiting on it wakes us the moment the client leaves, where polling would
-    keep decoding for a whole poll interval.
-    """
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    raise APIError(499, "client disconnected")
-
-
-async def _client_gone(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: list[ChoiceState], e2e_s: float):

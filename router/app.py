@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.router.config import CacheAwareConfig, RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
@@ -70,27 +71,6 @@ def _build_state(config: RouterConfig) -> RouterState:
     return RouterState(config, http, workers, policies, forwarder, metrics)
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """Run ``work``; cancel it (closing upstream requests) if the client leaves first."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch_task.cancel()
-        if not work_task.done():
-            work_task.cancel()
-            await asyncio.gather(work_task, return_exceptions=True)
-    if work_task.cancelled():
-        return Response(status_code=499)  # nobody is listening any more
-    return work_task.result()
-
-
 def _api_key_guard(config: RouterConfig):
     async def check(request: Request) -> None:
         if config.api_key is None:
@@ -113,7 +93,11 @@ def _generation_routes(api: APIRouter) -> None:
         except APIError as exc:
             state.metrics.errors.labels(path, str(exc.status)).inc()
             raise
-        response = await _unless_disconnected(request, state.forwarder.forward(path, body))
+        try:
+            response = await until_client_leaves(request, state.forwarder.forward(path, body))
+        except APIError as exc:  # the client left: nobody reads this, but it is counted
+            state.metrics.errors.labels(path, str(exc.status)).inc()
+            raise
         if response.status_code >= 400:
             state.metrics.errors.labels(path, str(response.status_code)).inc()
         return response

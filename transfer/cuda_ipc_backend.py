@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from pdserve.common.codec import encode, message
+from pdserve.common.kv_layout import KVLayout
 from pdserve.transfer.base import KVMemory, TransferConfig, register_backend
 from pdserve.transfer.descriptors import PageRuns, check_pages, page_runs
 from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
@@ -62,10 +63,6 @@ def _word_dtype(page_bytes: int) -> torch.dtype:
     return torch.uint8
 
 
-def _words(flat_bytes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return flat_bytes.view(dtype)
-
-
 def copy_runs(src: torch.Tensor, dst: torch.Tensor, runs: PageRuns) -> None:
     """Copy each run of pages, every region at once: ``src``/``dst`` are
     [regions, pages, words] views of the two pools."""
@@ -82,7 +79,7 @@ class _MappedPool:
         storage = torch.UntypedStorage._new_shared_cuda(*args)
         flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device_index}")
         flat.set_(storage, meta.offset_bytes, (num_bytes,))
-        self.words = _words(flat, dtype)
+        self.words = flat.view(dtype)
 
 
 class CudaIpcSender(NixlSender):
@@ -110,7 +107,7 @@ class CudaIpcSender(NixlSender):
         if not len(runs):
             self._agent.notify(self.peer, notice)
             return
-        self._copies.append((self._agent.copy(runs, src, dst, self.peer, pool), notice))
+        self._copies.append((self._agent.copy(runs, src, dst, theirs, pool), notice))
         self.num_ipc_copies += 1
         self.num_descriptors += len(runs) * mine.num_regions  # what NIXL would have posted
         self.num_bytes += len(src) * mine.page_bytes * mine.num_regions
@@ -150,7 +147,7 @@ class CudaIpcAgent(NixlAgent):
         if self._on_gpu:
             device = torch.device("cuda", memory.device_id)
             self._stream = torch.cuda.Stream(device)
-            self._src = _words(memory.tensor.view(-1).view(torch.uint8)[: memory.layout.total_bytes], self._word)
+            self._src = memory.tensor.view(-1).view(torch.uint8)[: memory.layout.total_bytes].view(self._word)
 
     def _backend_metadata(self) -> bytes:
         storage, offset = [], 0
@@ -189,14 +186,14 @@ class CudaIpcAgent(NixlAgent):
             del pool  # closes the IPC mapping: the peer's memory can go back to the GPU
         super()._disconnect(name)
 
-    def copy(self, runs: PageRuns, src_pages: list[int], dst_pages: list[int], peer: str,
+    def copy(self, runs: PageRuns, src_pages: list[int], dst_pages: list[int], theirs: KVLayout,
              pool: _MappedPool) -> torch.cuda.Event:
         """Launch the copy of whole pages into ``pool`` (every region); its completion event.
 
         A few runs of consecutive pages (the usual case: both pools hand out
         pages in order) are one strided ``copy_`` each, which launches faster
         than a Triton kernel; scattered pages take the page-copy kernel."""
-        mine, theirs = self.memory.layout, self.peer(peer).kv_layout
+        mine = self.memory.layout
         self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))  # the kernels that wrote the pages
         with torch.cuda.stream(self._stream):
             if len(runs) <= _MAX_STRIDED_RUNS:
@@ -208,7 +205,7 @@ class CudaIpcAgent(NixlAgent):
             event.record(self._stream)
         return event
 
-    def _copy_scattered(self, src_pages: list[int], dst_pages: list[int], theirs, pool: _MappedPool) -> None:
+    def _copy_scattered(self, src_pages: list[int], dst_pages: list[int], theirs: KVLayout, pool: _MappedPool) -> None:
         from pdserve.common.kernels.page_copy import copy_pages
 
         mine, word = self.memory.layout, self._word.itemsize

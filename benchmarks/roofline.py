@@ -367,18 +367,25 @@ def _decode_side(conn, layout_dict: dict, cfg_dict: dict, backend: str) -> None:
         conn.send((int(state), time.monotonic()))
 
 
+_FORWARD_TAIL_CYCLES = 20_000_000  # ~10 ms of GPU time standing in for the prefill forward
+
+
 def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: str) -> dict:
     """One prompt's pages P (this process) -> D (a child process on this GPU).
 
-    ``step_s``: from posting to D seeing the room done (the data and its
-    notice); ``sender_done_s``: to P seeing its copy/WRITE complete, i.e. the
-    bytes in D's pool."""
-    import random
+    Cold, with an idle GPU: ``step_s`` from posting to D seeing the room done
+    (the data and its notice), ``sender_done_s`` to P seeing its copy/WRITE
+    complete (the bytes in D's pool), ``post_s`` the host time of ``send()``.
 
+    As the engine posts: the chunk is posted right after the forward that
+    writes it is launched (here a GPU sleep stands in for that forward), and
+    ``exposed_s`` runs from the moment the forward's last kernel completed
+    (P spinning on its event) to D seeing the room done: the time a decode
+    instance waits on the transfer beyond the prefill itself."""
     import torch
     from pdserve.common.kv_layout import KVLayout
     from pdserve.common.model_config import ModelConfig
-    from pdserve.transfer.base import KVMemory, RoomState, create_transfer_agent
+    from pdserve.transfer.base import KVMemory, create_transfer_agent
 
     m = ModelConfig.from_dict(json.loads((_CONFIGS / f"{model}.json").read_text()))
     num_pages = -(-cfg.transfer_tokens // cfg.page_size)
@@ -395,27 +402,18 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: s
         conn.send(agent.peer_info())
         pages = list(range(num_pages))
         timer = _posting_timer(backend)
-        times, sender_times, post_times = [], [], []
+        times, sender_times, post_times, exposed_times = [], [], [], []
         for i in range(cfg.transfer_repeats + 3):
-            room = random.getrandbits(63)
-            conn.send(("room", room))
-            conn.recv()
-            sender = agent.create_sender(room, peer, pages)
-            start = time.monotonic()
-            sender.send(pages, 0, True)
-            posted = time.monotonic()
-            while not sender.poll().is_terminal:
-                pass
-            sent = time.monotonic()
-            state, done = conn.recv()
-            if state != RoomState.SUCCESS:
-                raise RuntimeError(f"transfer room ended {RoomState(state).name}")
+            start, posted, sent, done = _one_transfer(agent, conn, peer, pages, behind_forward=False)
             if i == 2:
                 timer.totals_s.clear()
             if i >= 3:  # the first transfers map the peer's memory
                 times.append(done - start)
                 sender_times.append(sent - start)
                 post_times.append(posted - start)
+        for _ in range(cfg.transfer_repeats):
+            ready, _, _, done = _one_transfer(agent, conn, peer, pages, behind_forward=True)
+            exposed_times.append(done - ready)
         conn.send(("checksum", num_pages))
         if not math.isclose(conn.recv(), float(buf.double().sum()), rel_tol=1e-9, abs_tol=1e-3):
             raise RuntimeError("decode side's pages differ from the prefill side's")
@@ -433,11 +431,46 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: s
            "bytes": layout.total_bytes, "regions": layout.num_regions, "step_s": seconds, "sender_done_s": landed,
            "post_s": statistics.median(post_times), "floor_s": floor, "fraction": floor / seconds,
            "fraction_landed": floor / landed, "times_s": times,
+           "exposed_s": statistics.median(exposed_times), "fraction_exposed": floor / statistics.median(exposed_times),
+           "exposed_times_s": exposed_times,
            "posting_us": {k: round(v / len(times) * 1e6, 1) for k, v in timer.totals_s.items()}}
     if backend == "cuda_ipc":
         row["kernel_s"] = _page_copy_s(buf, layout, num_pages)
         row["fraction_kernel"] = floor / row["kernel_s"]
     return row
+
+
+def _one_transfer(agent, conn, peer: str, pages: list[int], behind_forward: bool) -> tuple[float, float, float, float]:
+    """(start, posted, landed on P, done on D) in host monotonic seconds; with
+    ``behind_forward`` the start is when the stand-in forward completed."""
+    import random
+
+    import torch
+    from pdserve.transfer.base import RoomState
+
+    room = random.getrandbits(63)
+    conn.send(("room", room))
+    conn.recv()
+    sender = agent.create_sender(room, peer, pages)
+    forward_done = None
+    if behind_forward:
+        torch.cuda._sleep(_FORWARD_TAIL_CYCLES)
+        forward_done = torch.cuda.Event()
+        forward_done.record()
+    start = time.monotonic()
+    sender.send(pages, 0, True)
+    posted = time.monotonic()
+    if forward_done is not None:
+        while not forward_done.query():
+            pass
+        start = time.monotonic()
+    while not sender.poll().is_terminal:
+        pass
+    sent = time.monotonic()
+    state, done = conn.recv()
+    if state != RoomState.SUCCESS:
+        raise RuntimeError(f"transfer room ended {RoomState(state).name}")
+    return start, posted, sent, done
 
 
 def _posting_timer(backend: str) -> _PhaseTimer:
@@ -526,7 +559,9 @@ def check_targets(results: dict) -> list[dict]:
     transfer = results.get("transfer")
     if transfer:
         via = f" ({transfer.get('backend', 'nixl')})"
-        add("transfer 2048 fraction of copy" + via, transfer["fraction"], 0.50)
+        # As the engine posts (behind the forward that writes the pages); older
+        # result files have only the cold figure.
+        add("transfer 2048 fraction of copy" + via, transfer.get("fraction_exposed", transfer["fraction"]), 0.50)
         add("transfer share of TTFT" + via, transfer.get("ttft_share"), 0.03, at_least=False)
     http = results.get("http")
     if http:
@@ -601,15 +636,17 @@ def run(cfg: RooflineConfig, argv: list[str], out: Path) -> dict:
         for backend in cfg.transfer_backends:
             t = bench_transfer(cfg, machine, cfg.models[0], backend)
             if prefill:
-                t["ttft_share"] = t["step_s"] / (prefill["step_s"] + t["step_s"])
+                t["ttft_share"] = t["exposed_s"] / (prefill["step_s"] + t["exposed_s"])
+                t["ttft_share_cold"] = t["step_s"] / (prefill["step_s"] + t["step_s"])
             results["transfers"].append(t)
             print(f"transfer {backend:<9}{t['tokens']} tokens {t['bytes'] / 2**20:.0f} MiB: {t['step_s'] * 1e3:.3f} ms "
                   f"(landed {t['sender_done_s'] * 1e3:.3f} ms), fraction of copy {t['fraction']:.2f} "
-                  f"(landed {t['fraction_landed']:.2f}); posting {t['post_s'] * 1e3:.3f} ms {t['posting_us']}"
+                  f"(landed {t['fraction_landed']:.2f}); posting {t['post_s'] * 1e3:.3f} ms {t['posting_us']}; "
+                  f"behind a forward: exposed {t['exposed_s'] * 1e3:.3f} ms, fraction {t['fraction_exposed']:.2f}"
                   + (f"; copy kernel alone {t['kernel_s'] * 1e3:.3f} ms, fraction {t['fraction_kernel']:.2f}"
                      if "kernel_s" in t else ""), flush=True)
             _save(results, out)
-        results["transfer"] = min(results["transfers"], key=lambda t: t["step_s"])
+        results["transfer"] = min(results["transfers"], key=lambda t: t["exposed_s"])
         _save(results, out)
     if cfg.compare_pdl and cfg.models:
         results["without_pdl"] = decode_without_pdl(cfg, cfg.models[0], machine)

@@ -166,11 +166,14 @@ class Engine:
         self._step_started_s = time.monotonic()
         logits = self.runner.forward(batch)
         ready = self.scheduler.advance(batch)
+        # Before sampling waits for the GPU: a prefill instance posts the pages
+        # this forward writes now, so a stream-ordered copy leaves with the
+        # forward's last kernel instead of after the host has seen the logits.
+        self.role.after_step(batch)
         if ready:
             index = {id(r): i for i, r in enumerate(batch.reqs)}
             rows = torch.tensor([index[id(r)] for r in ready], device=logits.device)
             self._sample(ready, logits[rows, : self.num_text_tokens])
-        self.role.after_step(batch)
         self._step_started_s = None
         if batch.is_decode:
             self._log_decode(batch)

@@ -80,3 +80,5 @@ def test_pd_on_one_gpu_equals_colocated(clusters) -> None:
     assert "available_gpu_mem=" in decode_log
     prefill_log = Path(root, "pd", "prefill-0.log").read_text()
     assert ("go through CUDA IPC" in prefill_log) == (backend == "cuda_ipc")
+    # ... and the chunk notices came through the notice ring, written by P's copy stream
+    assert ("writes its chunk notices into a ring" in decode_log) == (backend == "cuda_ipc")

@@ -46,3 +46,11 @@ def test_targets_use_the_lead_model_and_the_best_transfer():
         "transfer share of TTFT (cuda_ipc)": False,
         "HTTP ITL median / decode step": True,
     }
+
+
+def test_transfer_targets_use_the_exposed_time_when_measured():
+    results = {"models": [], "transfer": {"backend": "cuda_ipc", "fraction": 0.1, "fraction_exposed": 0.7,
+                                          "ttft_share": 0.01}}
+    got = {t["target"]: (t["value"], t["met"]) for t in check_targets(results)}
+    assert got == {"transfer 2048 fraction of copy (cuda_ipc)": (0.7, True),
+                   "transfer share of TTFT (cuda_ipc)": (0.01, True)}

@@ -8,6 +8,7 @@ cases; each case uses fresh random room ids and refills the buffers.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import time
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ def _has_cuda() -> bool:
 
 
 _GPU = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs CUDA")]
+# The GPU machine carries nixl but not ucxx; CI (CPU) has both.
+_UCXX = [pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="needs ucxx")]
 
 
 @pytest.fixture(
@@ -56,7 +59,7 @@ _GPU = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs CUDA"
         ("ucx", "cpu"),
         ("cuda_ipc", "cpu"),  # no GPU: every room takes the NIXL path it falls back to
         pytest.param(("nixl", "cuda"), marks=_GPU, id="nixl-cuda"),
-        pytest.param(("ucx", "cuda"), marks=_GPU, id="ucx-cuda"),
+        pytest.param(("ucx", "cuda"), marks=_GPU + _UCXX, id="ucx-cuda"),
         pytest.param(("cuda_ipc", "cuda"), marks=_GPU, id="cuda_ipc-cuda"),
     ],
     ids=lambda p: "-".join(p) if isinstance(p, tuple) else p,
@@ -144,7 +147,10 @@ def test_cuda_ipc_copies_exactly_when_the_pool_is_on_the_shared_gpu(cluster, src
         pytest.skip("cuda_ipc only")
     room, sent, got = _transfer(cluster, cluster.d2, cluster.d2_name, src, dst)
     assert (sent, got) == (SUCCESS, SUCCESS)
-    assert cluster.p.call("ipc_copies", room=room) == (1 if cluster.device == "cuda" else 0)
+    on_gpu = cluster.device == "cuda"
+    assert cluster.p.call("ipc_copies", room=room) == (1 if on_gpu else 0)
+    # ... and the chunk's notice went through the notice ring, not NIXL
+    assert cluster.p.call("ring_notices", room=room) == (1 if on_gpu else 0)
     _check_pages(cluster, cluster.d2, src, dst)
 
 

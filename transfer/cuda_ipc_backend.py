@@ -16,12 +16,17 @@ the NIXL backend could make.
    kernels that wrote the pages), then one strided copy per run of
    consecutive pages, or one page-copy kernel launch for scattered pages;
    an event is recorded after it.
-4. ``progress()`` sends a chunk's notice (over NIXL) once its event completed,
-   which means the bytes are in the decode pool; the decode side is the plain
-   NIXL receiver counting notices.
+4. The chunk's notice: the side stream writes it into the peer's notice ring
+   (``notice_ring``: shared memory the decode agent reads on every poll)
+   right after the copy, so no host on the prefill side stands between the
+   bytes landing and the decode side knowing. Without a ring (it could not be
+   registered, or it is full) ``progress()`` sends the notice over NIXL once
+   the copy's event completed. Either way the decode side is the plain NIXL
+   receiver counting chunk notices.
 5. Quiescence is exact: a launched copy cannot be recalled, so an aborted room
    waits for its events, which complete on their own within microseconds.
-6. ``remove_peer`` waits for the side stream before it unmaps the peer's pool.
+6. ``remove_peer`` waits for the side stream before it unmaps the peer's pool
+   and closes the rings shared with it.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from pdserve.common.codec import encode, message
 from pdserve.common.kv_layout import KVLayout
 from pdserve.transfer.base import KVMemory, TransferConfig, register_backend
 from pdserve.transfer.descriptors import PageRuns, check_pages, page_runs
-from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
+from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RingOffer, RoomNotice, decode_as
 from pdserve.transfer.nixl_backend import NixlAgent, NixlReceiver, NixlSender
+from pdserve.transfer.notice_ring import RingReader, RingWriter
 
 logger = logging.getLogger("pdserve.transfer.cuda_ipc")
 
@@ -89,9 +95,11 @@ class CudaIpcSender(NixlSender):
 
     def __init__(self, agent: CudaIpcAgent, room: int, peer: str, dst_pages: list[int], timeout_s: float):
         super().__init__(agent, room, peer, dst_pages, timeout_s)
-        self._copies: list[tuple[torch.cuda.Event, RoomNotice]] = []  # landed once the event completes
+        # Landed once the event completes; the notice is None when the ring carries it.
+        self._copies: list[tuple[torch.cuda.Event, RoomNotice | None]] = []
         self._abandoned: list[torch.cuda.Event] = []  # copies of an aborted room, still running
         self.num_ipc_copies = 0
+        self.num_ring_notices = 0
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
         pool = self._agent.mapped(self.peer)
@@ -107,8 +115,10 @@ class CudaIpcSender(NixlSender):
         if not len(runs):
             self._agent.notify(self.peer, notice)
             return
-        self._copies.append((self._agent.copy(runs, src, dst, theirs, pool), notice))
+        event, in_ring = self._agent.copy(runs, src, dst, theirs, self.peer, pool, notice)
+        self._copies.append((event, None if in_ring else notice))
         self.num_ipc_copies += 1
+        self.num_ring_notices += in_ring
         self.num_descriptors += len(runs) * mine.num_regions  # what NIXL would have posted
         self.num_bytes += len(src) * mine.page_bytes * mine.num_regions
 
@@ -116,7 +126,8 @@ class CudaIpcSender(NixlSender):
         super().collect()
         while self._copies and self._copies[0][0].query():
             _, notice = self._copies.pop(0)
-            self._agent.notify(self.peer, notice)
+            if notice is not None:
+                self._agent.notify(self.peer, notice)
 
     def _progress(self) -> bool:
         return super()._progress() and not self._copies
@@ -141,6 +152,8 @@ class CudaIpcAgent(NixlAgent):
         super().__init__(config, memory)
         self._shareable: dict[str, CudaIpcMetadata] = {}  # same-GPU peers not mapped yet
         self._mapped: dict[str, _MappedPool] = {}
+        self._rings_out: dict[str, RingWriter] = {}  # notices to mapped peers
+        self._rings_in: dict[str, RingReader] = {}  # notices from peers that mapped us
         self._on_gpu = memory.device == "cuda" and memory.tensor is not None
         self._uuid = gpu_uuid(memory.device_id) if self._on_gpu else ""
         self._word = _word_dtype(memory.layout.page_bytes)
@@ -176,7 +189,48 @@ class CudaIpcAgent(NixlAgent):
                 logger.info("peer %s shares this GPU: KV pages go through CUDA IPC", peer)
             except RuntimeError as exc:  # e.g. both agents in one process: CUDA refuses its own handles
                 logger.warning("cannot map %s's pool through CUDA IPC (%s); using NIXL for it", peer, exc)
+            else:
+                self._offer_ring(peer)
         return self._mapped.get(peer)
+
+    def _offer_ring(self, peer: str) -> None:
+        """Open a notice ring to a mapped peer; without one, notices take NIXL."""
+        try:
+            ring = RingWriter(self.name, peer, device=self._stream.device)
+        except (OSError, RuntimeError) as exc:
+            logger.warning("no notice ring to %s (%s); chunk notices go over NIXL", peer, exc)
+            return
+        try:
+            self.nixl.send_notif(peer, encode(RingOffer(self.name, ring.path, ring.num_records)))
+        except Exception as exc:  # nixl raises its own binding error types
+            logger.warning("cannot offer a notice ring to %s: %s", peer, exc)
+            ring.close()
+            return
+        self._rings_out[peer] = ring
+
+    def _on_other(self, remote: str, msg: object) -> None:
+        if not isinstance(msg, RingOffer):
+            super()._on_other(remote, msg)
+            return
+        if msg.sender != remote or remote not in self._peers:
+            logger.warning("ignoring a notice ring offered by %s for %s", remote, msg.sender)
+            return
+        try:
+            ring = RingReader(msg.path, msg.num_records)
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot open %s's notice ring (%s); its notices come over NIXL", remote, exc)
+            return
+        old = self._rings_in.pop(remote, None)
+        if old is not None:
+            old.close()
+        self._rings_in[remote] = ring
+        logger.info("peer %s shares this GPU and writes its chunk notices into a ring", remote)
+
+    def progress(self) -> None:
+        super().progress()
+        for peer, ring in self._rings_in.items():
+            for room, chunk_index, is_last in ring.poll():
+                self.route(room, RoomNotice(room, NOTICE_CHUNK, peer, chunk_index, is_last))
 
     def _disconnect(self, name: str) -> None:
         self._shareable.pop(name, None)
@@ -184,11 +238,21 @@ class CudaIpcAgent(NixlAgent):
         if pool is not None:
             self._stream.synchronize()  # no copy may outlive the mapping it writes through
             del pool  # closes the IPC mapping: the peer's memory can go back to the GPU
+        self._close_rings(name)
         super()._disconnect(name)
 
+    def _close_rings(self, name: str) -> None:
+        """After the side stream drained: nothing queued writes to these rings."""
+        for rings in (self._rings_out, self._rings_in):
+            ring = rings.pop(name, None)
+            if ring is not None:
+                ring.close()
+
     def copy(self, runs: PageRuns, src_pages: list[int], dst_pages: list[int], theirs: KVLayout,
-             pool: _MappedPool) -> torch.cuda.Event:
-        """Launch the copy of whole pages into ``pool`` (every region); its completion event.
+             peer: str, pool: _MappedPool, notice: RoomNotice) -> tuple[torch.cuda.Event, bool]:
+        """Launch the copy of whole pages into ``pool`` (every region), then the
+        chunk's notice into the peer's ring; (the completion event, whether the
+        ring took the notice).
 
         A few runs of consecutive pages (the usual case: both pools hand out
         pages in order) are one strided ``copy_`` each, which launches faster
@@ -201,9 +265,11 @@ class CudaIpcAgent(NixlAgent):
                           pool.words.view(theirs.num_regions, theirs.num_pages, -1), runs)
             else:
                 self._copy_scattered(src_pages, dst_pages, theirs, pool)
+            ring = self._rings_out.get(peer)
+            in_ring = ring is not None and ring.post(notice.room, notice.chunk_index, notice.is_last, self._stream)
             event = torch.cuda.Event()
             event.record(self._stream)
-        return event
+        return event, in_ring
 
     def _copy_scattered(self, src_pages: list[int], dst_pages: list[int], theirs: KVLayout, pool: _MappedPool) -> None:
         from pdserve.common.kernels.page_copy import copy_pages
@@ -217,4 +283,6 @@ class CudaIpcAgent(NixlAgent):
         if self._on_gpu:
             self._stream.synchronize()  # no copy may outlive the mappings
         self._mapped.clear()
+        for name in set(self._rings_out) | set(self._rings_in):
+            self._close_rings(name)
         super()._shutdown()

@@ -133,6 +133,10 @@ class _Worker:
         """Chunks a cuda_ipc sender copied itself rather than handing to NIXL."""
         return getattr(self.rooms[room], "num_ipc_copies", 0)
 
+    def cmd_ring_notices(self, room: int) -> int:
+        """Chunk notices a cuda_ipc sender's copy stream wrote into the peer's ring."""
+        return getattr(self.rooms[room], "num_ring_notices", 0)
+
     def cmd_stats(self) -> dict:
         self.agent.progress()
         return asdict(self.agent.stats())

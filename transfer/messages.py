@@ -41,6 +41,16 @@ class RoomNotice:
     reason: str = ""
 
 
+@message
+@dataclass(frozen=True)
+class RingOffer:
+    """A prefill agent offers its decode peer a notice ring (``notice_ring``)."""
+
+    sender: str
+    path: str
+    num_records: int
+
+
 def decode_as(data: bytes, cls: type) -> object:
     """Decode and insist on the expected message type."""
     msg = decode(data)

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import numpy as np
-from pdserve.common.codec import CodecError, encode
+from pdserve.common.codec import CodecError, decode, encode
 from pdserve.transfer.base import (
     KVMemory,
     RoomState,
@@ -29,7 +29,7 @@ from pdserve.transfer.base import (
     register_backend,
 )
 from pdserve.transfer.descriptors import build_descriptors
-from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice, decode_as
+from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice
 from pdserve.transfer.rooms import (
     ChunkTracker,
     QuiescenceClock,
@@ -63,6 +63,7 @@ class NixlSender(RoomSender):
         self._clock = QuiescenceClock(cap_s=timeout_s)
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
+        self._wait_for_pages()
         notice = RoomNotice(self.room, NOTICE_CHUNK, self._agent.name, chunk_index, is_last)
         peer = self._agent.peer(self.peer)
         descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
@@ -266,12 +267,18 @@ class NixlAgent(RoomAgent):
 
     def _deliver(self, remote: str, raw: bytes) -> None:
         try:
-            notice = decode_as(raw, RoomNotice)
+            msg = decode(raw)
         except CodecError as exc:
             logger.warning("dropping malformed notification from %s: %s", remote, exc)
             return
-        assert isinstance(notice, RoomNotice)
-        self.route(notice.room, notice)
+        if isinstance(msg, RoomNotice):
+            self.route(msg.room, msg)
+        else:
+            self._on_other(remote, msg)
+
+    def _on_other(self, remote: str, msg: object) -> None:
+        """A notification that is not a room notice; backends that extend NIXL take theirs."""
+        logger.warning("dropping unexpected %s notification from %s", type(msg).__name__, remote)
 
     def _num_inflight(self) -> int:
         return self._num_handles

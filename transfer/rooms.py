@@ -19,6 +19,7 @@ import time
 from abc import abstractmethod
 from typing import Any, ClassVar, Generic, TypeVar
 
+import torch
 from pdserve.common.codec import encode
 from pdserve.transfer.base import (
     AgentStats,
@@ -179,6 +180,14 @@ class RoomSender(KVSender):
 
     def _pump(self) -> None:
         self._agent.progress()
+
+    def _wait_for_pages(self) -> None:
+        """The engine posts a chunk right after launching the forward that writes
+        its pages. A data path outside CUDA's stream order (NIXL, UCX) must let
+        that forward finish first; a stream-ordered copy does not wait."""
+        memory = self._agent.memory
+        if memory.device == "cuda" and memory.tensor is not None:
+            torch.cuda.current_stream(memory.tensor.device).synchronize()
 
     def on_news(self, news: object) -> None:
         if isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:

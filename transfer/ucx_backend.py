@@ -76,6 +76,7 @@ class UcxSender(RoomSender):
         self._clock = QuiescenceClock(cap_s=timeout_s)
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
+        self._wait_for_pages()
         peer = self._agent.peer(self.peer)
         descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
         tags = [self._agent.next_tag() for _ in range(len(descs))]

@@ -72,6 +72,8 @@ class ServerConfig:
     disaggregation_control_port: int = field(default=0, metadata=_flag("PD control channel port (0: pick a free one)"))
     disaggregation_timeout_s: float = field(default=60.0, metadata=_flag("seconds a room may wait for its peer before it fails"))
     disaggregation_heartbeat_s: float = field(default=2.0, metadata=_flag("seconds between bootstrap heartbeats"))
+    disaggregation_poll_interval_ms: float | None = field(default=None, metadata=_flag(
+        "how often an instance with nothing to run checks its rooms in flight (default: 0.1 on GPU, 2 on CPU)"))
     instance_id: str | None = field(default=None, metadata=_flag("instance id in the bootstrap registry (default: random)"))
 
     def resolve(self) -> ServerConfig:
@@ -92,6 +94,8 @@ class ServerConfig:
             raise ValueError("--stream-interval must be >= 1")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ValueError("--chunked-prefill-size must be positive or -1")
+        if self.disaggregation_poll_interval_ms is not None and self.disaggregation_poll_interval_ms <= 0:
+            raise ValueError("--disaggregation-poll-interval-ms must be positive")
 
 
 def served_model_name(cfg: ServerConfig) -> str:

@@ -150,6 +150,8 @@ class EngineClient:
             self._conn.close()
         except OSError:
             pass
+        if self.process.pid is None:  # the server failed before the engine was started
+            return
         self.process.join(timeout=5)
         if self.process.is_alive():
             self.process.kill()

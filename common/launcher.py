@@ -142,7 +142,11 @@ class Cluster:
     def start(self, stop_event: threading.Event | None = None) -> None:
         """Start everything and wait until the router is healthy; raises ClusterError."""
         cfg = self.config
-        for port in [cfg.bootstrap_port, cfg.port] + [cfg.base_port + i for i in range(len(self._roles))]:
+        ports = [cfg.bootstrap_port, cfg.port] + [cfg.base_port + i for i in range(len(self._roles))]
+        if len(set(ports)) != len(ports):
+            raise ClusterError(f"the router ({cfg.port}), bootstrap ({cfg.bootstrap_port}) and instance ports "
+                               f"(from {cfg.base_port}) overlap; choose --port/--bootstrap-port/--base-port apart")
+        for port in ports:
             _check_port_free(cfg.host, port)
         deadline = time.monotonic() + cfg.startup_timeout_s
         try:

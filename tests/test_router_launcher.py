@@ -106,6 +106,15 @@ def test_busy_port_is_refused_before_starting_anything(tmp_path: Path) -> None:
             Cluster(config).start()
 
 
+def test_overlapping_ports_are_refused_before_starting_anything(tmp_path: Path) -> None:
+    base = fake_config(tmp_path)
+    config = replace(base, base_port=base.port)
+    cluster = Cluster(config)
+    with pytest.raises(ClusterError, match="overlap"):
+        cluster.start()
+    assert cluster.children == []
+
+
 def _up_argv(config: ClusterConfig, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pdserve.common.cli", "up", "--num-colocated", "1",
             "--port", str(config.port), "--bootstrap-port", str(config.bootstrap_port),

@@ -212,7 +212,9 @@ class CudaIpcAgent(NixlAgent):
         if not isinstance(msg, RingOffer):
             super()._on_other(remote, msg)
             return
-        if msg.sender != remote or remote not in self._peers:
+        # Taken even from a peer not loaded (yet): the offering side writes its
+        # notices only there from now on, and receivers check each notice's sender.
+        if msg.sender != remote:
             logger.warning("ignoring a notice ring offered by %s for %s", remote, msg.sender)
             return
         try:

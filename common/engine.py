@@ -69,7 +69,7 @@ class Engine:
         self._log_window = (time.monotonic(), 0)
         self._step_started_s: float | None = None
         poll_ms = cfg.disaggregation_poll_interval_ms
-        self.pd_poll_wait_s = poll_ms / 1e3 if poll_ms is not None else PD_POLL_WAIT_S.get(self.runner.device.type, 2e-3)
+        self.pd_poll_wait_s = poll_ms / 1e3 if poll_ms is not None else PD_POLL_WAIT_S.get(self.runner.device.type, PD_POLL_WAIT_S["cpu"])
         self.role = create_role(cfg.disaggregation_mode, self)
         self._log_startup()
 

@@ -107,7 +107,9 @@ class RingWriter:
     """The prefill side of one peer's ring.
 
     ``post`` enqueues a record on a CUDA stream (after the work already queued
-    there); ``post_host`` writes it at once (pools not on a GPU, and tests)."""
+    there); ``post_host`` writes it at once from this host, the same record in
+    the same order (what a reader's tests drive it with: the backend only maps
+    GPU pools, so its rings are always written by a stream)."""
 
     def __init__(self, writer_name: str, reader_name: str, num_records: int = NUM_RECORDS,
                  device=None) -> None:

@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from pdserve.transfer.base import TransferConfig
@@ -195,21 +196,30 @@ class _PhaseTimer:
 
 
 def time_decode(runner, batch: int, context: int, steps: int) -> dict:
-    """Engine-like loop (forward, argmax, host sync, next batch), its host-side
-    phases, and the graph replay alone."""
+    """The engine's decode loop (forward or the step launched ahead, sampling,
+    the next step launched ahead, host sync), its host-side phases, and the
+    graph replay alone."""
+    import numpy as np
     import torch
-    from pdserve.common import model_runner
+    from pdserve.common.sampling import Sampler
     from pdserve.common.scheduler import ScheduledBatch
 
     reqs = _reqs(runner, batch, context - 1, steps + 8, seed=batch)
     for r in reqs:
         r.output_ids.append(1)
+    sampler = Sampler(0, runner.device)
     timer = _PhaseTimer()
+    every_row = np.arange(batch, dtype=np.int64)
 
     def step() -> None:
         b = ScheduledBatch(True, reqs, [[r.output_ids[-1]] for r in reqs], [r.seq_len - 1 for r in reqs])
-        tokens = timer_call("forward (host)", runner.forward, b).argmax(-1).tolist()
-        for r, t in zip(reqs, tokens):
+        taken = runner.take_ahead(b)
+        logits = taken[1] if taken is not None else timer_call("forward (host)", runner.forward, b)
+        pending = sampler.sample_async(logits, [r.params for r in reqs], [(r.prompt_ids, r.output_ids) for r in reqs])
+        if runner.lookahead:
+            timer_call("launch ahead (host)", runner.launch_ahead, reqs, [[0]] * batch, [r.seq_len for r in reqs],
+                       every_row, pending.token_ids)
+        for r, t in zip(reqs, timer_call("wait for tokens", pending.wait).token_ids):
             r.output_ids.append(t)
 
     def timer_call(label, fn, *args):
@@ -222,7 +232,6 @@ def time_decode(runner, batch: int, context: int, steps: int) -> dict:
         step()
     timer.totals_s.clear()
     timer.wrap(runner, "_step_inputs", "step inputs")
-    timer.wrap(model_runner, "predict_next", "predict next")
     if runner.graphs is not None:
         timer.wrap(runner.graphs.inputs, "load", "graph inputs copy")
         timer.wrap(runner.attn, "graph_metadata", "attention metadata")
@@ -235,13 +244,16 @@ def time_decode(runner, batch: int, context: int, steps: int) -> dict:
         step()
     loop_s = (time.perf_counter() - start) / steps
     timer.restore()
+    runner.drop_ahead()
     graph = runner.graphs._graphs.get(runner.graphs.padded_size(batch)) if runner.graphs else None
     replay_s = _bench_ms(graph.replay) / 1e3 if graph is not None else None
     used_graph = runner.uses_cuda_graph
+    runner.pool.reclaim()
     for r in reqs:
         runner.pool.release(r.pages)
     host_us = {k: round(v / steps * 1e6, 1) for k, v in timer.totals_s.items()}
-    return {"step_s": loop_s, "graph_replay_s": replay_s, "cuda_graph": used_graph, "host_us": host_us}
+    return {"step_s": loop_s, "graph_replay_s": replay_s, "cuda_graph": used_graph, "overlap": runner.lookahead,
+            "host_us": host_us}
 
 
 def time_prefill(runner, tokens: int, repeats: int = 10) -> dict:
@@ -285,6 +297,12 @@ def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
         rows.append({"kind": "decode", "batch": batch, "context": cfg.decode_context, **timing, "floor_s": floor,
                      "fraction": floor / timing["step_s"],
                      "fraction_graph": floor / timing["graph_replay_s"] if timing["graph_replay_s"] else None})
+        if runner.lookahead:  # the same loop without the overlap schedule, for the ratio
+            runner.lookahead = False
+            serial = time_decode(runner, batch, cfg.decode_context, cfg.decode_steps)
+            runner.lookahead = True
+            rows[-1].update(step_s_serial=serial["step_s"], host_us_serial=serial["host_us"],
+                            fraction_serial=floor / serial["step_s"])
         _print_row(name, rows[-1])
     for tokens in cfg.prefill_lengths:
         timing = time_prefill(runner, tokens)
@@ -329,6 +347,8 @@ def _print_row(model: str, row: dict) -> None:
     extra = f" graph {row['graph_replay_s'] * 1e3:8.3f} ms" if row.get("graph_replay_s") else ""
     if row.get("host_us"):
         extra += f" host us {row['host_us']}"
+    if row.get("step_s_serial"):
+        extra += f"; without overlap {row['step_s_serial'] * 1e3:.3f} ms (fraction {row['fraction_serial']:.2f})"
     if row.get("host_launch_s"):
         extra += f" host launch {row['host_launch_s'] * 1e3:.3f} ms, gpu span {row['gpu_span_s'] * 1e3:.3f} ms"
     print(f"{model:<14}{what:<16}{row['step_s'] * 1e3:9.3f} ms  floor {row['floor_s'] * 1e3:8.3f} ms  "
@@ -504,32 +524,71 @@ def _page_copy_s(buf, layout, num_pages: int) -> float:
 
 
 # ---- GEMV tuning ------------------------------------------------------------------------
-def gemv_sweep(models: tuple[str, ...]) -> list[dict]:
-    """Time each single-token product of the models' shapes under several tilings."""
+def gemv_sweep(models: tuple[str, ...], chain: int = 20) -> list[dict]:
+    """Time each single-token product of the models' shapes under every
+    candidate tiling, the way the decode graph runs them: ``chain`` launches
+    captured in one CUDA graph with PDL, each on its own weight (together far
+    larger than L2, as the model's layers are)."""
     import torch
-    from pdserve.common.kernels.gemv import gemv, sweep_candidates
+    from pdserve.common.kernels.gemv import gemv, gemv_config, sweep_candidates
     from pdserve.common.model_config import ModelConfig
 
     results = []
     for name in models:
         m = ModelConfig.from_dict(json.loads((_CONFIGS / f"{name}.json").read_text()))
         q, kv, h, i = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.hidden_size, m.intermediate_size
-        for label, n, k, gated in [("qkv", q + 2 * kv, h, False), ("o", h, q, False), ("gate_up", i, h, True),
-                                   ("down", h, i, False), ("lm", m.vocab_size, h, False)]:
-            w = torch.randn((2 * n if gated else n, k), dtype=torch.bfloat16, device="cuda") / k**0.5
+        for label, n, k, flags in [("qkv", q + 2 * kv, h, {"norm": True}), ("o", h, q, {"residual": True}),
+                                   ("gate_up", i, h, {"norm": True, "gated": True}), ("down", h, i, {"residual": True}),
+                                   ("lm", m.vocab_size, h, {"norm": True, "out_float": True})]:
+            gated = flags.get("gated", False)
+            weights = [torch.randn((2 * n if gated else n, k), dtype=torch.bfloat16, device="cuda") / k**0.5
+                       for _ in range(chain)]
             x = torch.randn((1, k), dtype=torch.bfloat16, device="cuda")
-            best = None
+            norm = torch.ones(k, dtype=torch.bfloat16, device="cuda") if flags.get("norm") else None
+            residual = torch.randn((1, n), dtype=torch.bfloat16, device="cuda") if flags.get("residual") else None
+            timed = []
             for c in sweep_candidates(k):
-                ms = _bench_ms(lambda c=c, x=x, w=w, g=gated: gemv(x, w, gated=g, config=c), rep_ms=50)
-                if best is None or ms < best[0]:
-                    best = (ms, c)
-            gbps = w.numel() * 2 / best[0] / 1e6
-            results.append({"model": name, "op": label, "n": n, "k": k, "gated": gated, "ms": best[0],
-                            "config": asdict(best[1]), "gb_per_s": gbps})
-            c = best[1]
-            print(f"gemv {name:<14}{label:<8} {best[0] * 1e3:8.1f} us {gbps:6.0f} GB/s    "
-                  f"({n}, {k}, {gated}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.acc_2d}),", flush=True)
+                launch = partial(gemv, x, norm_weight=norm, residual=residual, gated=gated,
+                                 out_float=flags.get("out_float", False), config=c, pdl=True)
+                timed.append((_chained_graph_s(launch, weights) / chain, c))
+            timed.sort(key=lambda t: t[0])
+            best_s, best = timed[0]
+            current = gemv_config(n, k, gated)
+            current_s = next((s for s, c in timed if c == current), None)
+            nbytes = weights[0].numel() * 2
+            results.append({"model": name, "op": label, "n": n, "k": k, "gated": gated, "us": best_s * 1e6,
+                            "config": asdict(best), "gb_per_s": nbytes / best_s / 1e9,
+                            "current_config": asdict(current), "current_us": None if current_s is None else current_s * 1e6})
+            print(f"gemv {name:<14}{label:<8} {best_s * 1e6:7.2f} us {nbytes / best_s / 1e9:6.0f} GB/s  "
+                  f"({n}, {k}, {gated}): GemvConfig({best.block_n}, {best.block_k}, {best.num_warps}, {best.acc_2d}); "
+                  f"in use: {current} {'' if current_s is None else f'{current_s * 1e6:.2f} us'}", flush=True)
+            del weights
+            torch.cuda.empty_cache()
     return results
+
+
+def _chained_graph_s(launch, weights: list) -> float:
+    """Best of five timings of one replay of a graph that calls ``launch(w)`` for each weight."""
+    import torch
+
+    launch(weights[0])  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            launch(w)
+    graph.replay()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        begin.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, begin.elapsed_time(end) / 1e3 / 10)
+    return best
 
 
 # ---- targets, report, entry point ---------------------------------------------------------
@@ -626,7 +685,7 @@ def run(cfg: RooflineConfig, argv: list[str], out: Path) -> dict:
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "torch": torch.__version__, "machine": asdict(machine), "config": asdict(cfg), "models": []}
     if cfg.gemv_sweep:
-        results["gemv_sweep"] = gemv_sweep(cfg.models[:1])
+        results["gemv_sweep"] = gemv_sweep(cfg.models)
     for name in cfg.models:
         results["models"].append(bench_model(cfg, name, machine))
         _save(results, out)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from pdserve.common.forward_batch import ForwardBatch
-from pdserve.common.kernels.step_inputs import StepInputs, build_step
+from pdserve.common.kernels.step_inputs import StepInputs, build_step, feed_tokens
 
 logger = logging.getLogger("pdserve.cuda_graph")
 
@@ -59,11 +59,13 @@ class GraphInputs:
     """Every input of a graph replay in one int32 device buffer, filled from one
     pinned host buffer of the same layout with a single copy per step.
 
-    Layout: ids, positions, out_slots, kv_indptr, kv_last_page_len, seq_lens
-    (``max_bs`` each, indptr one more), then kv_indices (``max_pages``) last,
-    so a step copies only the prefix it uses."""
+    Layout: ids, positions, out_slots, kv_indptr, kv_last_page_len, seq_lens,
+    token_src (``max_bs`` each, indptr one more), then kv_indices
+    (``max_pages``) last, so a step copies only the prefix it uses.
+    ``token_src[i] >= 0`` says row ``i``'s token is still on the device, at
+    that index of the previous step's sampled tokens (see ``ModelRunner.launch_ahead``)."""
 
-    FIELDS = ("input_ids", "positions", "out_slots", "kv_indptr", "kv_last_page_len", "seq_lens")
+    FIELDS = ("input_ids", "positions", "out_slots", "kv_indptr", "kv_last_page_len", "seq_lens", "token_src")
 
     def __init__(self, max_bs: int, max_pages: int, device: torch.device):
         self.max_bs, self.max_pages = max_bs, max_pages
@@ -89,11 +91,14 @@ class GraphInputs:
         """Page ids in use after :meth:`load` of a ``padded_bs`` step."""
         return int(self.host_np[self.offsets["kv_indptr"] + padded_bs])
 
-    def load(self, step: StepInputs, padded_bs: int) -> None:
-        """Write ``step`` padded to ``padded_bs`` rows and copy it to the device."""
+    def load(self, step: StepInputs, padded_bs: int, token_src: np.ndarray | None = None) -> None:
+        """Write ``step`` padded to ``padded_bs`` rows and copy it to the device.
+        The caller calls :meth:`mark_copied` once everything that reads the
+        host buffer (this copy, an attention plan) has been enqueued."""
         if self._copied is not None:
-            self._copied.synchronize()  # the previous copy has read the host buffer
+            self._copied.synchronize()  # the previous step's copies have read the host buffer
         h, o, bs = self.host_np, self.offsets, step.batch_size
+        h[o["token_src"] : o["token_src"] + bs] = -1 if token_src is None else token_src
         nnz = int(step.kv_indptr[-1])
         for name, values, pad in (("input_ids", step.input_ids, 0), ("positions", step.positions, 0),
                                   ("out_slots", step.out_slots, -1), ("kv_last_page_len", step.kv_last_page_len, 1),
@@ -106,6 +111,8 @@ class GraphInputs:
         h[o["kv_indices"] : o["kv_indices"] + nnz] = step.kv_indices
         h[o["kv_indices"] + nnz : end] = 0
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
+
+    def mark_copied(self) -> None:
         if self._copied is not None:
             self._copied.record()
 
@@ -140,6 +147,7 @@ class CudaGraphRunner:
             step = _dummy_step(bs, self.page_size)
             self.inputs.load(step, bs)
             fb.attn = self.attn.graph_metadata(step, bs)
+            self.inputs.mark_copied()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile kernels, create handles: nothing may do that inside capture
@@ -153,9 +161,16 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         logger.info("Captured CUDA graphs for decode batch sizes %s", self.sizes)
 
-    def replay(self, step: StepInputs, padded_bs: int) -> torch.Tensor:
-        """Float32 logits ``[step.batch_size, vocab]`` of a decode step."""
-        self.inputs.load(step, padded_bs)
+    def replay(self, step: StepInputs, padded_bs: int, fed: tuple[np.ndarray, torch.Tensor] | None = None) -> torch.Tensor:
+        """Float32 logits ``[step.batch_size, vocab]`` of a decode step.
+
+        ``fed``: (token_src, tokens): rows with ``token_src >= 0`` take their
+        input id from ``tokens`` on the device (the host does not know it yet)."""
+        self.inputs.load(step, padded_bs, None if fed is None else fed[0])
         self.attn.graph_metadata(step, padded_bs)
+        self.inputs.mark_copied()
+        if fed is not None:
+            bs = step.batch_size
+            feed_tokens(self.inputs.device_view("input_ids", bs), self.inputs.device_view("token_src", bs), *fed)
         self._graphs[padded_bs].replay()
         return self._outputs[padded_bs][: step.batch_size]

@@ -13,6 +13,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+import numpy as np
 import torch
 from pdserve.common import codec
 from pdserve.common.config import ServerConfig
@@ -31,7 +32,7 @@ from pdserve.common.model_config import ModelConfig
 from pdserve.common.model_runner import ModelRunner
 from pdserve.common.radix_cache import RadixCache
 from pdserve.common.request import Req
-from pdserve.common.sampling import Sampler
+from pdserve.common.sampling import Sampler, SampleResult
 from pdserve.common.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 
 logger = logging.getLogger("pdserve.engine")
@@ -120,6 +121,7 @@ class Engine:
         while True:
             if not self._receive():
                 break
+            self.pool.reclaim()
             self.role.poll()
             batch = self.scheduler.schedule()
             if batch is not None:
@@ -130,6 +132,9 @@ class Engine:
 
     def _receive(self) -> bool:
         busy = self.scheduler.running or self.scheduler.waiting or self.scheduler.chunked
+        if not busy:  # nobody will take an ahead step now; let its fenced pages go
+            self.runner.drop_ahead()
+            self.pool.reclaim()
         wait_s = 0.0 if busy else (self.pd_poll_wait_s if self.role.has_pending() else self.role.idle_wait_s)
         try:
             while self.conn.poll(wait_s):
@@ -170,25 +175,77 @@ class Engine:
     # ---- one step -------------------------------------------------------------
     def _step(self, batch: ScheduledBatch) -> None:
         self._step_started_s = time.monotonic()
-        logits = self.runner.forward(batch)
+        logits, batch = self._forward(batch)
         ready = self.scheduler.advance(batch)
         # Before sampling waits for the GPU: a prefill instance posts the pages
         # this forward writes now, so a stream-ordered copy leaves with the
         # forward's last kernel instead of after the host has seen the logits.
         self.role.after_step(batch)
         if ready:
-            index = {id(r): i for i, r in enumerate(batch.reqs)}
-            rows = torch.tensor([index[id(r)] for r in ready], device=logits.device)
-            self._sample(ready, logits[rows, : self.num_text_tokens])
+            pending = self.sampler.sample_async(
+                self._ready_logits(batch, ready, logits), [r.params for r in ready],
+                [(r.prompt_ids, r.output_ids) for r in ready],
+            )
+            if batch.is_decode:
+                self._launch_ahead(ready, pending.token_ids)
+            self._record(ready, pending.wait())
         self._step_started_s = None
         if batch.is_decode:
             self._log_decode(batch)
         else:
             self._log_prefill(batch)
 
-    def _sample(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        params = [r.params for r in reqs]
-        result = self.sampler.sample(logits, params, [(r.prompt_ids, r.output_ids) for r in reqs])
+    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ScheduledBatch]:
+        """Logits of ``batch``, or of the part of it an ahead step already computed.
+        Requests the ahead step did not include (joined since) wait one step:
+        the next ahead step includes them."""
+        taken = self.runner.take_ahead(batch)
+        if taken is None:
+            return self.runner.forward(batch), batch
+        positions, logits = taken
+        if len(positions) < len(batch.reqs):
+            batch = ScheduledBatch(True, [batch.reqs[j] for j in positions], [batch.chunks[j] for j in positions],
+                                   [batch.starts[j] for j in positions])
+        return logits, batch
+
+    def _ready_logits(self, batch: ScheduledBatch, ready: list[Req], logits: torch.Tensor) -> torch.Tensor:
+        if len(ready) == len(batch.reqs):  # every row, in order (always so in decode)
+            return logits[:, : self.num_text_tokens]
+        index = {id(r): i for i, r in enumerate(batch.reqs)}
+        rows = torch.tensor([index[id(r)] for r in ready], device=logits.device)
+        return logits[rows, : self.num_text_tokens]
+
+    def _launch_ahead(self, sampled: list[Req], tokens: torch.Tensor) -> None:
+        """Overlap schedule: enqueue the next decode step of every running
+        request before this step's tokens reach the host. Requests sampled
+        now feed their token from ``tokens`` on the device; those that joined
+        since the batch was formed feed their last token from here."""
+        if not self.runner.lookahead:
+            return
+        row_of = {id(r): i for i, r in enumerate(sampled)}
+        reqs, chunks, starts, src = [], [], [], []
+        for req in self.scheduler.running:
+            i = row_of.get(id(req))
+            if req.finished or (i is None and req.num_pending != 1) or (i is not None and self._finishes_now(req)):
+                continue
+            if i is None:
+                feed, start, need = [req.all_ids[-1]], req.seq_len - 1, req.seq_len
+            else:  # its token lands at position seq_len once sampled
+                feed, start, need = [0], req.seq_len, req.seq_len + 1
+            if not self.scheduler.reserve(req, need):
+                return  # the pool is short: the scheduler decides who goes, with the tokens known
+            reqs.append(req)
+            chunks.append(feed)
+            starts.append(start)
+            src.append(-1 if i is None else i)
+        if reqs:
+            self.runner.launch_ahead(reqs, chunks, starts, np.asarray(src, dtype=np.int64), tokens)
+
+    def _finishes_now(self, req: Req) -> bool:
+        """Whether the token being sampled ends ``req`` whatever it is."""
+        return len(req.output_ids) + 1 >= req.params.max_new_tokens or req.seq_len + 1 >= self.runner.context_len
+
+    def _record(self, reqs: list[Req], result: SampleResult) -> None:
         now = time.monotonic()
         for i, req in enumerate(reqs):
             token = result.token_ids[i]

@@ -3,11 +3,17 @@
 A page is referenced by every live request that uses it and by the prefix
 cache while it is cached. A page returns to the free list when its count drops
 to zero, exactly once; freeing a free page is a bug and raises.
+
+A page can be fenced behind a GPU step still in flight (the overlap schedule
+launches decode step N+1 before the host knows who finished at step N): if
+it is released meanwhile, it waits outside the free list until the step is
+done, so no new owner (or a peer's RDMA write) can touch it under that step.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 import torch
 from pdserve.common.kv_layout import KVLayout
@@ -15,6 +21,12 @@ from pdserve.common.kv_layout import KVLayout
 
 class OutOfPages(RuntimeError):
     pass
+
+
+class Guard(Protocol):
+    def query(self) -> bool:
+        """True once the work it guards has finished (``torch.cuda.Event`` has this)."""
+        ...
 
 
 class KVPool:
@@ -28,6 +40,8 @@ class KVPool:
         )
         self._refs = [0] * layout.num_pages
         self._free: deque[int] = deque(range(layout.num_pages))
+        self._fences: dict[int, Guard] = {}  # page -> the in-flight step that writes it
+        self._parked: set[int] = set()  # released while fenced
 
     @property
     def num_pages(self) -> int:
@@ -57,7 +71,31 @@ class KVPool:
                 raise RuntimeError(f"page {p} released more often than referenced")
             self._refs[p] -= 1
             if self._refs[p] == 0:
+                if p in self._fences:
+                    self._parked.add(p)
+                else:
+                    self._free.append(p)
+
+    def fence(self, pages: list[int], guard: Guard) -> None:
+        """Keep ``pages`` from being reused until ``guard`` completes."""
+        for p in pages:
+            self._fences[p] = guard
+
+    def reclaim(self) -> None:
+        """Lift the fences whose step has finished; free what was released under them."""
+        if not self._fences:
+            return
+        guards = {id(g): g for g in self._fences.values()}
+        done = {key for key, g in guards.items() if g.query()}
+        for p in [p for p, g in self._fences.items() if id(g) in done]:
+            del self._fences[p]
+            if p in self._parked:
+                self._parked.discard(p)
                 self._free.append(p)
+
+    @property
+    def num_parked_pages(self) -> int:
+        return len(self._parked)
 
     def ref_count(self, page: int) -> int:
         return self._refs[page]

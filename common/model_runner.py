@@ -3,10 +3,17 @@
 All device-specific choices (dtype, pool size, attention backend, CUDA graphs)
 are resolved here once at start and logged in SGLang's words.
 
-On GPU a step's inputs are built on the host with numpy (``step_inputs``), a
-decode step replays a CUDA graph when one fits, and, with the overlap schedule,
-the next decode step's inputs are predicted while the GPU runs this one, so
-the next ``forward`` only fills in the sampled tokens before launching.
+On GPU a step's inputs are built on the host with numpy (``step_inputs``) and
+a decode step replays a CUDA graph when one fits.
+
+The overlap schedule (GPU default; ``--disable-overlap-schedule``) keeps the
+GPU from waiting on the host between decode steps. Once step N's tokens are
+sampled on the device, the engine calls :meth:`ModelRunner.launch_ahead`,
+which enqueues step N+1 with those tokens as its input ids, and only then
+waits for step N's tokens on the host. The next ``take_ahead`` hands over
+step N+1's logits for the requests still running: one that finished at step
+N is simply not asked for, and the page its extra token was written to is
+fenced in the pool until that step is done.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pdserve.common.config import ServerConfig
 from pdserve.common.cuda_graph import CudaGraphRunner, capture_batch_sizes
 from pdserve.common.forward_batch import ForwardBatch, build_forward_batch
 from pdserve.common.kernels.ops import create_ops
-from pdserve.common.kernels.step_inputs import Prediction, StepInputs, build_step, predict_next
+from pdserve.common.kernels.step_inputs import StepInputs, build_step, feed_tokens
 from pdserve.common.kv_layout import KVLayout
 from pdserve.common.kv_pool import KVPool
 from pdserve.common.model_config import ModelConfig
@@ -43,6 +50,27 @@ def resolve_device(requested: str, base_gpu_id: int) -> torch.device:
         torch.cuda.set_device(base_gpu_id)
         return torch.device("cuda", base_gpu_id)
     return torch.device("cpu")
+
+
+class _Done:
+    """The guard of a step that ran synchronously (CPU)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched before the host knew its input tokens."""
+
+    reqs: list
+    starts: np.ndarray  # position of each row's token
+    logits: torch.Tensor
+    done: torch.cuda.Event | _Done
+    used_graph: bool
 
 
 @dataclass(frozen=True)
@@ -109,8 +137,9 @@ class ModelRunner:
         )
         # The fast path: numpy-built step inputs handed to a kernel backend.
         self._fast = self.device.type == "cuda" and getattr(self.attn, "accepts_stored_kv", False)
-        self.overlap = self._fast and not cfg.disable_overlap_schedule
-        self._prediction: Prediction | None = None
+        # Launching decode steps ahead pays off where launches are asynchronous.
+        self.lookahead = self.device.type == "cuda" and not cfg.disable_overlap_schedule
+        self._ahead: _Ahead | None = None
         self.uses_cuda_graph = False
         self.graphs = self._capture_graphs()
 
@@ -190,24 +219,88 @@ class ModelRunner:
             fb = self._forward_batch(step, batch)
             self.attn.prepare(fb)
             logits = self.model(fb, self.attn, self.pool.buffer)
-        # The GPU is busy now: predict the next decode step meanwhile.
-        self._prediction = predict_next(step, batch.reqs, self.cfg.page_size) if self.overlap and batch.is_decode else None
         return logits
 
+    # ---- overlap schedule: decode steps launched ahead ----------------------------
+    @torch.inference_mode()
+    def launch_ahead(self, reqs: list, chunks: list[list[int]], starts: list[int], token_src: np.ndarray,
+                     tokens: torch.Tensor) -> None:
+        """Enqueue a decode step of ``reqs`` feeding ``chunks`` at ``starts``;
+        rows with ``token_src[i] >= 0`` feed ``tokens[token_src[i]]`` instead,
+        a token sampled on the device that the host has not seen yet. Each
+        request's pages must already cover its position."""
+        batch = ScheduledBatch(True, reqs, chunks, starts)
+        if not self._fast:
+            fb = build_forward_batch(True, chunks, starts, [r.pages for r in reqs], self.cfg.page_size, self.device)
+            feed_tokens(fb.input_ids, torch.from_numpy(token_src).to(self.device), token_src, tokens)
+            self.attn.prepare(fb)
+            logits, slots, used_graph = self.model(fb, self.attn, self.pool.buffer), fb.out_slots.tolist(), False
+        else:
+            step = build_step(True, chunks, starts, [r.pages for r in reqs], self.cfg.page_size)
+            padded = self.graphs.padded_size(step.batch_size) if self.graphs else None
+            if padded is not None:
+                logits = self.graphs.replay(step, padded, (token_src, tokens))
+            else:
+                fb = self._forward_batch(step, batch, (token_src, tokens))
+                self.attn.prepare(fb)
+                logits = self.model(fb, self.attn, self.pool.buffer)
+            slots, used_graph = step.out_slots.tolist(), padded is not None
+        done = _Done() if self.device.type != "cuda" else torch.cuda.Event()
+        if isinstance(done, torch.cuda.Event):
+            done.record()
+        self.pool.fence(sorted({s // self.cfg.page_size for s in slots}), done)
+        self._ahead = _Ahead(list(reqs), np.asarray(starts, dtype=np.int64), logits, done, used_graph)
+
+    def take_ahead(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor] | None:
+        """For a decode batch: (positions in ``batch`` of the requests the ahead
+        step computed, their logits), or None. The ahead step is used up."""
+        ahead = self._ahead
+        if ahead is None or not batch.is_decode:
+            return None
+        self._ahead = None
+        row_of = {id(r): i for i, r in enumerate(ahead.reqs)}
+        positions, rows = [], []
+        for j, (req, start) in enumerate(zip(batch.reqs, batch.starts)):
+            i = row_of.get(id(req))
+            if i is not None and ahead.starts[i] == start:
+                positions.append(j)
+                rows.append(i)
+        if not rows:
+            return None
+        self.uses_cuda_graph = ahead.used_graph
+        if rows == list(range(len(ahead.reqs))):
+            return positions, ahead.logits
+        return positions, ahead.logits.index_select(0, self._index_tensor(rows))
+
+    def drop_ahead(self) -> None:
+        """Forget an ahead step nobody will ask for, once it has finished."""
+        if self._ahead is not None:
+            self._ahead.done.synchronize()
+            self._ahead = None
+
+    def _index_tensor(self, rows: list[int]) -> torch.Tensor:
+        return self._to_device(torch.tensor(rows, dtype=torch.long))
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return host
+        # From pinned memory the copy is queued; from pageable memory it would wait for the GPU.
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        prediction, self._prediction = self._prediction, None
-        if prediction is not None and batch.is_decode:
-            step = prediction.resolve(batch.reqs, batch.chunks, batch.starts)
-            if step is not None:
-                return step
         return build_step(batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size)
 
-    def _forward_batch(self, step: StepInputs, batch: ScheduledBatch) -> ForwardBatch:
+    def _forward_batch(self, step: StepInputs, batch: ScheduledBatch,
+                       fed: tuple[np.ndarray, torch.Tensor] | None = None) -> ForwardBatch:
         """Device tensors of the step in one host-to-device copy; the host index
-        rides along in ``attn`` for the backend's ``prepare``."""
+        rides along in ``attn`` for the backend's ``prepare``. ``fed``: see
+        :meth:`launch_ahead` (its token_src rides in the same copy)."""
         t, b = step.num_tokens, step.batch_size
-        host = np.concatenate([step.input_ids, step.positions, step.out_slots, step.logits_indices])
-        ids, positions, slots, last = torch.from_numpy(host).to(self.device).split([t, t, t, b])
+        src = np.empty(0, np.int64) if fed is None else fed[0].astype(np.int64)
+        host = np.concatenate([step.input_ids, step.positions, step.out_slots, step.logits_indices, src])
+        ids, positions, slots, last, src_dev = self._to_device(torch.from_numpy(host)).split([t, t, t, b, len(src)])
+        if fed is not None:
+            feed_tokens(ids, src_dev, fed[0], fed[1])
         fb = ForwardBatch(batch.is_decode, ids, positions, slots, step.seq_lens.tolist(),
                           [len(c) for c in batch.chunks], [r.pages for r in batch.reqs], last)
         fb.attn = step

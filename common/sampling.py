@@ -50,6 +50,29 @@ class SampleResult:
     top_logprobs: list[list[tuple[int, float]]] | None = field(default=None)
 
 
+@dataclass
+class PendingSample:
+    """Tokens drawn on the device whose copies to the host are in flight."""
+
+    token_ids: torch.Tensor  # [batch] on the device
+    host: list[torch.Tensor]  # token ids, then (with logprobs) chosen logprobs, top-k values and ids
+    done: torch.cuda.Event | None  # None: the copies were synchronous (CPU)
+    params: list[SamplingParams]
+
+    def wait(self) -> SampleResult:
+        if self.done is not None:
+            self.done.synchronize()
+        result = SampleResult(token_ids=self.host[0].tolist())
+        if len(self.host) > 1:
+            result.logprobs = self.host[1].tolist()
+            result.top_logprobs = [[] for _ in self.params]
+        if len(self.host) > 3:
+            vals, ids = self.host[2].tolist(), self.host[3].tolist()
+            result.top_logprobs = [list(zip(ids[i][: p.top_logprobs], vals[i][: p.top_logprobs]))
+                                   for i, p in enumerate(self.params)]
+        return result
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device):
         self.device = device
@@ -59,14 +82,30 @@ class Sampler:
         self, logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
     ) -> SampleResult:
         """``histories``: (prompt ids, output ids so far) per row, for penalties and seeds."""
-        want_logprobs = any(p.logprobs for p in params)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        return self.sample_async(logits, params, histories).wait()
+
+    def sample_async(
+        self, logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+    ) -> PendingSample:
+        """Draw on the device and start copying the results to the host; the
+        tokens stay usable on the device (the overlap schedule feeds them to
+        the next step) before :meth:`PendingSample.wait` returns them."""
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs for p in params) else None
         logits = self._apply_penalties(logits, params, histories)
         token_ids = self._draw(logits, params, histories)
-        result = SampleResult(token_ids=token_ids.tolist())
+        parts = [token_ids]
         if raw_logprobs is not None:
-            self._fill_logprobs(result, raw_logprobs, token_ids, params)
-        return result
+            parts.append(raw_logprobs.gather(1, token_ids.view(-1, 1)).squeeze(1))
+            k = max((p.top_logprobs for p in params), default=0)
+            if k > 0:
+                parts.extend(raw_logprobs.topk(k, dim=-1))
+        on_gpu = token_ids.is_cuda
+        host = [t.to("cpu", non_blocking=on_gpu) for t in parts]  # non-blocking copies land in pinned memory
+        done = None
+        if on_gpu:
+            done = torch.cuda.Event()
+            done.record()
+        return PendingSample(token_ids, host, done, list(params))
 
     def _apply_penalties(self, logits, params, histories):
         rows = [i for i, p in enumerate(params) if p.has_penalty]
@@ -101,19 +140,6 @@ class Sampler:
         # Exponential race: argmax p/E is a draw from p, one kernel for the batch.
         out[idx] = (probs / noise).argmax(dim=-1)
         return out
-
-    def _fill_logprobs(self, result, raw_logprobs, token_ids, params) -> None:
-        chosen = raw_logprobs.gather(1, token_ids.view(-1, 1)).squeeze(1).tolist()
-        result.logprobs = chosen
-        k = max((p.top_logprobs for p in params), default=0)
-        if k <= 0:
-            result.top_logprobs = [[] for _ in params]
-            return
-        vals, ids = raw_logprobs.topk(k, dim=-1)
-        vals, ids = vals.tolist(), ids.tolist()
-        result.top_logprobs = [
-            list(zip(ids[i][: p.top_logprobs], vals[i][: p.top_logprobs])) for i, p in enumerate(params)
-        ]
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:

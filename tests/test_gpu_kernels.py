@@ -72,6 +72,8 @@ def test_rope_store(heads: int, kv_heads: int, dim: int, qk_norm: bool) -> None:
 @pytest.mark.parametrize("n, k, kind", [
     (3072, 2048, "norm"), (2048, 2048, "residual"), (8192, 2048, "gated"), (2048, 8192, "residual"),
     (128256, 2048, "logits"), (4096, 1024, "bias"), (1000, 300, "plain"),
+    (1024, 2048, "residual"), (3072, 1024, "gated"), (1024, 3072, "residual"), (151936, 1024, "logits"),
+    (5000, 6000, "residual"),  # untuned: the heuristic, tiles shorter than the row
 ])
 def test_gemv(n: int, k: int, kind: str) -> None:
     from pdserve.common.kernels.gemv import gemv

@@ -1,5 +1,5 @@
-"""The model runner on the GPU: CUDA graphs (padding, flags), overlap
-prediction, backends, and pool sizing from free memory."""
+"""The model runner on the GPU: CUDA graphs (padding, flags), backends, and
+pool sizing from free memory (the overlap schedule: test_overlap_schedule.py)."""
 
 from __future__ import annotations
 
@@ -95,22 +95,6 @@ def test_without_padding_only_captured_sizes_replay(model_dir: str) -> None:
     runner = _runner(model_dir, cuda_graph_bs=(1, 4), disable_cuda_graph_padding=True)
     history = _teacher_forced([runner], [9, 9, 9, 9], 4, [[0, 1, 2], [0, 1, 2, 3], [3], [0, 1]])
     assert [h[0][1] for h in history] == [False, True, True, False]
-
-
-def test_overlap_prediction_is_used_and_exact(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pdserve.common.kernels import step_inputs
-
-    resolved = []
-    original = step_inputs.Prediction.resolve
-    monkeypatch.setattr(step_inputs.Prediction, "resolve",
-                        lambda self, *a: resolved.append(original(self, *a)) or resolved[-1])
-    overlap, plain = _runner(model_dir), _runner(model_dir, disable_overlap_schedule=True)
-    assert overlap.overlap and not plain.overlap
-    subsets = [[0, 1, 2, 3], [0, 1, 2, 3], [0, 2, 3], [0, 2, 3]]  # a request finishes, one crosses pages
-    history = _teacher_forced([overlap, plain], [15, 16, 31, 3], 8, subsets)
-    for (a, _), (b, _) in history:
-        assert torch.equal(a, b)
-    assert sum(r is not None for r in resolved) >= 6
 
 
 def test_backends_agree(model_dir: str) -> None:

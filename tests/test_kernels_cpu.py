@@ -14,7 +14,7 @@ from pdserve.common.config import ServerConfig
 from pdserve.common.cuda_graph import capture_batch_sizes, padded_batch_size
 from pdserve.common.forward_batch import build_forward_batch
 from pdserve.common.kernels import reference
-from pdserve.common.kernels.step_inputs import build_step, predict_next
+from pdserve.common.kernels.step_inputs import build_step
 from pdserve.common.model_config import ModelConfig
 from pdserve.common.model_runner import ModelRunner
 from pdserve.common.request import Req
@@ -98,42 +98,6 @@ def _decode_batch(seqs: list[_Seq]):
 def _assert_same(a, b) -> None:
     for name in ("input_ids", "positions", "out_slots", "kv_indptr", "kv_indices", "kv_last_page_len", "seq_lens"):
         assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
-
-
-def test_prediction_fills_new_pages_and_drops_finished_rows() -> None:
-    next_page = iter(range(100, 200))
-    # seq_len 4 -> next token starts page 1 (not reserved yet); 6 -> same page; 8 -> reserved ahead
-    seqs = [_Seq([1], 4), _Seq([2, 3], 6), _Seq([4, 5, 6], 8)]
-    step = build_step(True, *_decode_batch(seqs), PAGE)
-    prediction = predict_next(step, seqs, PAGE)
-    for s in seqs:  # what the scheduler does before the next step
-        s.seq_len += 1
-        while len(s.pages) * PAGE < s.seq_len:
-            s.pages.append(next(next_page))
-    chunks, starts, tables = _decode_batch(seqs)
-    _assert_same(prediction.resolve(seqs, chunks, starts), build_step(True, chunks, starts, tables, PAGE))
-    # the same prediction, with the middle request finished meanwhile
-    kept = [seqs[0], seqs[2]]
-    chunks, starts, tables = _decode_batch(kept)
-    _assert_same(prediction.resolve(kept, chunks, starts), build_step(True, chunks, starts, tables, PAGE))
-
-
-def test_prediction_refuses_other_batches() -> None:
-    seqs = [_Seq([1], 3), _Seq([2], 1)]
-    prediction = predict_next(build_step(True, *_decode_batch(seqs), PAGE), seqs, PAGE)
-    for s in seqs:
-        s.seq_len += 1
-    newcomer = _Seq([9], 2)
-    chunks, starts, _ = _decode_batch(seqs + [newcomer])
-    assert prediction.resolve(seqs + [newcomer], chunks, starts) is None
-    chunks, starts, _ = _decode_batch(seqs[::-1])
-    assert prediction.resolve(seqs[::-1], chunks, starts) is None  # reordered
-    chunks, starts, _ = _decode_batch(seqs)
-    assert prediction.resolve(seqs, chunks, [s + 1 for s in starts]) is None  # other positions
-    seqs[0].seq_len += 1  # seq 0 now needs page 1, which nobody reserved
-    chunks, starts, _ = _decode_batch(seqs)
-    assert predict_next(build_step(True, [[0], [0]], [2, 0], [[1], [2]], PAGE), seqs, PAGE).resolve(
-        seqs, chunks, starts) is None
 
 
 def test_reference_rope_store_skips_negative_slots() -> None:

@@ -171,3 +171,13 @@ def test_page_copy_moves_exactly_the_listed_pages(dtype: torch.dtype) -> None:
     want = torch.full_like(dst, 101)
     want[:, dst_pages] = src[:, src_pages]
     assert torch.equal(dst, want)
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 128256), (8, 151936), (3, 32000), (2, 20011)])
+def test_argmax_rows_matches_torch(rows: int, vocab: int) -> None:
+    from pdserve.common.sampling import argmax_rows
+
+    logits = torch.randn(rows, vocab, device="cuda")
+    logits[0, 5] = logits[0, vocab - 3] = 1e4  # the first of two maxima in different chunks
+    assert torch.equal(argmax_rows(logits), logits.argmax(-1))
+    assert torch.equal(argmax_rows(logits[:, : vocab - 1]), logits[:, : vocab - 1].argmax(-1))

@@ -124,3 +124,18 @@ def test_top_logprobs_count_per_request() -> None:
     result = sample(logits, params)
     assert [len(t) for t in result.top_logprobs] == [3, 0]
     assert sample(logits, [SamplingParams(), SamplingParams()]).logprobs is None
+
+
+def test_two_pass_argmax_matches_torch_including_ties_and_nan() -> None:
+    from pdserve.common.sampling import two_pass_argmax
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1200, generator=g)
+    logits[1, 7] = logits[1, 900] = 50.0  # a tie across chunks: the first wins
+    logits[2, 310] = logits[2, 305] = 60.0  # a tie inside a chunk
+    logits[3, :] = -1.0  # every value tied
+    logits[4, 640] = float("nan")  # torch treats NaN as the maximum
+    for chunks in (4, 12, 100):
+        assert two_pass_argmax(logits, chunks).tolist() == logits.argmax(-1).tolist()
+    sliced = torch.randn(3, 1300, generator=g)[:, :1200]  # a vocabulary cut to the tokenizer's
+    assert two_pass_argmax(sliced, 8).tolist() == sliced.argmax(-1).tolist()

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     import aiohttp
     from pdserve.benchmarks.client import Sender
 
+KEEPALIVE_TIMEOUT_S = 4.0  # below uvicorn's default keep-alive of 5 s
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -167,7 +169,11 @@ async def run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     from pdserve.benchmarks import client
 
     headers = _headers(cfg)
-    connector = aiohttp.TCPConnector(limit=0)  # the default pool of 100 would cap concurrency
+    # limit=0: the default pool of 100 would cap concurrency. An idle connection
+    # is dropped after 4 s, before servers close theirs (uvicorn: 5 s): building a
+    # large dataset blocks the loop for seconds, and a connection the server
+    # closed meanwhile would fail the first request with "Server disconnected".
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, read_bufsize=client.READ_BUFSIZE_BYTES

@@ -164,13 +164,14 @@ def create_app(state: FakeState) -> FastAPI:
 class FakeServer:
     """Context manager: the fake server on 127.0.0.1 and a free port, in a thread."""
 
-    def __init__(self, behavior: FakeBehavior | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, behavior: FakeBehavior | None = None, host: str = "127.0.0.1", keep_alive_s: float = 5.0) -> None:
         self.state = FakeState(behavior or FakeBehavior())
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, 0))
         self.base_url = f"http://{host}:{self._sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(self.state), log_level="warning", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(create_app(self.state), log_level="warning", timeout_graceful_shutdown=1,
+                                timeout_keep_alive=keep_alive_s)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 

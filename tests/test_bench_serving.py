@@ -204,3 +204,29 @@ def test_config_defaults_match_parser() -> None:
     from pdserve.benchmarks.bench_serving import config_from_argv
 
     assert config_from_argv([]) == BenchConfig()
+
+
+@pytest.mark.parametrize("client_keepalive_s, failures", [(0.3, 0), (30.0, 1)])
+def test_a_connection_the_server_closed_while_the_loop_was_blocked_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch, client_keepalive_s: float, failures: int
+) -> None:
+    """Building a large dataset blocks the event loop for seconds; a keep-alive
+    connection the server closed meanwhile must not carry the next request
+    (with a client keep-alive longer than the server's, it does, and fails)."""
+    import time
+
+    from pdserve.benchmarks import bench_serving, client
+
+    send, blocked = client.Sender.send, []
+
+    async def send_after_a_blocked_loop(self, *args):
+        if not blocked:  # the loop does not run while the dataset is built
+            blocked.append(True)
+            time.sleep(1.0)  # longer than the server's keep-alive: it closes the idle connection
+        return await send(self, *args)
+
+    monkeypatch.setattr(client.Sender, "send", send_after_a_blocked_loop)
+    monkeypatch.setattr(bench_serving, "KEEPALIVE_TIMEOUT_S", client_keepalive_s)
+    with FakeServer(FakeBehavior(ttft_s=0.01, chunk_interval_s=0.01), keep_alive_s=0.5) as server:
+        outcome = _bench(server, num_prompts=3, random_output_len=2)
+    assert outcome.results[0].metrics.failed == failures

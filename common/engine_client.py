@@ -29,8 +29,17 @@ from pdserve.common.messages import (
 )
 
 
-class EngineDied(RuntimeError):
+class EngineUnavailable(RuntimeError):
+    """The engine cannot answer: HTTP 503."""
+
+
+class EngineDied(EngineUnavailable):
     pass
+
+
+class EngineBusy(EngineUnavailable):
+    """Alive, but it did not answer a control request in time (a step that long
+    is one the watchdog is about to end)."""
 
 
 class EngineClient:
@@ -138,6 +147,8 @@ class EngineClient:
         self._send(ControlRequest(req_id, kind))
         try:
             return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise EngineBusy(f"the engine did not answer {kind!r} within {timeout_s:g} s") from exc
         finally:
             self._control.pop(req_id, None)
 

@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.common import openai_format as fmt
 from pdserve.common.disconnect import until_client_leaves
+from pdserve.common.engine_client import EngineUnavailable
 from pdserve.common.errors import APIError, error_body, install_error_handlers, read_json_object
-from pdserve.common.messages import GenerateRequest
+from pdserve.common.messages import ControlResponse, GenerateRequest
 from pdserve.common.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
 from pdserve.common.sampling import SamplingParams
 from pdserve.common.serving import Serving, SubRequest
@@ -193,6 +194,14 @@ async def _stream(
     yield _sse("[DONE]")
 
 
+async def _control(state: AppState, kind: str) -> ControlResponse:
+    """A control round trip; an engine that died or does not answer is a 503."""
+    try:
+        return await state.engine.control(kind)
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc)) from exc
+
+
 def _install_ops(app: FastAPI, state: AppState) -> None:
     @app.get("/health")
     async def health():
@@ -231,13 +240,13 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
     async def server_info():
         info = state.server_info()
         if state.ready and state.engine.alive():
-            info.update((await state.engine.control("stats")).data)
+            info.update((await _control(state, "stats")).data)
         return info
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
         _serving(state)
-        resp = await state.engine.control("flush_cache")
+        resp = await _control(state, "flush_cache")
         if not resp.ok:
             raise APIError(400, f"Cache not flushed: {resp.message}")
         return Response("Cache flushed.\n", status_code=200)
@@ -247,5 +256,5 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
         if not state.cfg.enable_metrics:
             raise APIError(404, "metrics are disabled; start with --enable-metrics")
         if state.ready and state.engine.alive():
-            state.metrics.update_engine((await state.engine.control("stats")).data)
+            state.metrics.update_engine((await _control(state, "stats")).data)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from pdserve.common.engine_client import EngineClient, EngineDied
+from pdserve.common.engine_client import EngineClient, EngineUnavailable
 from pdserve.common.errors import APIError
 from pdserve.common.messages import GenerateRequest
 from pdserve.common.metrics import ServerMetrics
@@ -130,7 +130,7 @@ class Serving:
                     # A stop string may end the stream before the engine does;
                     # leaving the generator aborts the engine request.
                     break
-        except EngineDied as exc:
+        except EngineUnavailable as exc:
             raise APIError(503, str(exc)) from exc
         finally:
             timer.finish(state.finish_reason)

@@ -18,6 +18,7 @@ import torch
 from pdserve.common import codec
 from pdserve.common.config import ServerConfig
 from pdserve.common.engine_role import create_role
+from pdserve.common.kernels.step_inputs import to_device
 from pdserve.common.messages import (
     AbortRequest,
     ControlRequest,
@@ -212,7 +213,7 @@ class Engine:
         if len(ready) == len(batch.reqs):  # every row, in order (always so in decode)
             return logits[:, : self.num_text_tokens]
         index = {id(r): i for i, r in enumerate(batch.reqs)}
-        rows = torch.tensor([index[id(r)] for r in ready], device=logits.device)
+        rows = to_device(torch.tensor([index[id(r)] for r in ready]), logits.device)
         return logits[rows, : self.num_text_tokens]
 
     def _launch_ahead(self, sampled: list[Req], tokens: torch.Tensor) -> None:
@@ -343,6 +344,7 @@ class Engine:
                 "page_size": self.pool.page_size,
                 "total_pages": total,
                 "free_pages": self.pool.num_free_pages,
+                "parked_pages": self.pool.num_parked_pages,  # free once the decode step in flight ends
                 "cached_pages": self.cache.num_cached_pages,
                 "used_pages": used,
             },

@@ -24,8 +24,14 @@ class OutOfPages(RuntimeError):
 
 
 class Guard(Protocol):
+    """The in-flight work a fence waits for (``torch.cuda.Event`` is one)."""
+
     def query(self) -> bool:
-        """True once the work it guards has finished (``torch.cuda.Event`` has this)."""
+        """True once the work has finished."""
+        ...
+
+    def synchronize(self) -> None:
+        """Block until the work has finished."""
         ...
 
 
@@ -81,12 +87,16 @@ class KVPool:
         for p in pages:
             self._fences[p] = guard
 
-    def reclaim(self) -> None:
-        """Lift the fences whose step has finished; free what was released under them."""
+    def reclaim(self, wait: bool = False) -> None:
+        """Lift the fences whose step has finished (``wait``: all of them, once
+        their steps finish); free what was released under them."""
         if not self._fences:
             return
         guards = {id(g): g for g in self._fences.values()}
-        done = {key for key, g in guards.items() if g.query()}
+        if wait:
+            for g in guards.values():
+                g.synchronize()
+        done = {key for key, g in guards.items() if wait or g.query()}
         for p in [p for p, g in self._fences.items() if id(g) in done]:
             del self._fences[p]
             if p in self._parked:

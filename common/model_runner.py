@@ -28,7 +28,7 @@ from pdserve.common.config import ServerConfig
 from pdserve.common.cuda_graph import CudaGraphRunner, capture_batch_sizes
 from pdserve.common.forward_batch import ForwardBatch, build_forward_batch
 from pdserve.common.kernels.ops import create_ops
-from pdserve.common.kernels.step_inputs import StepInputs, build_step, feed_tokens
+from pdserve.common.kernels.step_inputs import StepInputs, build_step, feed_tokens, to_device
 from pdserve.common.kv_layout import KVLayout
 from pdserve.common.kv_pool import KVPool
 from pdserve.common.model_config import ModelConfig
@@ -279,13 +279,7 @@ class ModelRunner:
             self._ahead = None
 
     def _index_tensor(self, rows: list[int]) -> torch.Tensor:
-        return self._to_device(torch.tensor(rows, dtype=torch.long))
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return host
-        # From pinned memory the copy is queued; from pageable memory it would wait for the GPU.
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return to_device(torch.tensor(rows, dtype=torch.long), self.device)
 
     def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
         return build_step(batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size)
@@ -298,7 +292,7 @@ class ModelRunner:
         t, b = step.num_tokens, step.batch_size
         src = np.empty(0, np.int64) if fed is None else fed[0].astype(np.int64)
         host = np.concatenate([step.input_ids, step.positions, step.out_slots, step.logits_indices, src])
-        ids, positions, slots, last, src_dev = self._to_device(torch.from_numpy(host)).split([t, t, t, b, len(src)])
+        ids, positions, slots, last, src_dev = to_device(torch.from_numpy(host), self.device).split([t, t, t, b, len(src)])
         if fed is not None:
             feed_tokens(ids, src_dev, fed[0], fed[1])
         fb = ForwardBatch(batch.is_decode, ids, positions, slots, step.seq_lens.tolist(),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from pdserve.common.codec import message
+from pdserve.common.kernels.step_inputs import to_device
 
 _GREEDY_EPS = 1e-5
 
@@ -117,10 +118,10 @@ class Sampler:
             p, (prompt, output) = params[i], histories[i]
             row = logits[i]
             if output and (p.presence_penalty or p.frequency_penalty):
-                counts = torch.bincount(torch.tensor(output, device=row.device), minlength=vocab)[:vocab]
+                counts = torch.bincount(_on(row.device, output, torch.long), minlength=vocab)[:vocab]
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
             if p.repetition_penalty != 1:
-                seen = torch.tensor(sorted(set(prompt) | set(output)), device=row.device, dtype=torch.long)
+                seen = _on(row.device, sorted(set(prompt) | set(output)), torch.long)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         return logits
@@ -130,7 +131,7 @@ class Sampler:
         rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if not rows:
             return out
-        idx = torch.tensor(rows, device=logits.device)
+        idx = _on(logits.device, rows, torch.long)
         probs = _filtered_probs(logits[idx], [params[i] for i in rows])
         noise = torch.empty_like(probs)
         for j, i in enumerate(rows):
@@ -147,24 +148,32 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     row is reduced in two passes: a one-pass argmax reduces each row in one
     thread block, about 37 us for a 128k vocabulary on an H100 at batch 1,
     where two passes take a few."""
-    num_chunks = _num_chunks(logits.shape[-1]) if logits.is_cuda else None
-    return logits.argmax(dim=-1) if num_chunks is None else two_pass_argmax(logits, num_chunks)
+    if not logits.is_cuda or logits.shape[-1] < _TWO_PASS_MIN_VOCAB:
+        return logits.argmax(dim=-1)
+    return two_pass_argmax(logits, _TWO_PASS_CHUNKS)
 
 
-def _num_chunks(n: int) -> int | None:
-    if n < 16384:
-        return None
-    return next((c for c in range(256, 31, -1) if n % c == 0), None)
+_TWO_PASS_MIN_VOCAB = 16384
+_TWO_PASS_CHUNKS = 128
 
 
 def two_pass_argmax(logits: torch.Tensor, num_chunks: int) -> torch.Tensor:
-    """Argmax of each row of ``[B, n]`` via the maxima of ``num_chunks`` equal
-    chunks (``n % num_chunks == 0``); ties go to the lowest index, as in torch."""
+    """Argmax of each row of ``[B, n]`` from the maxima of ``num_chunks`` equal
+    chunks and of the remainder; the first maximum wins, and a NaN counts as
+    the maximum, as in ``torch.argmax``."""
     rows, n = logits.shape
     width = n // num_chunks
-    values, within = logits.reshape(rows, num_chunks, width).max(dim=-1)
+    covered = width * num_chunks
+    values, within = logits[:, :covered].reshape(rows, num_chunks, width).max(dim=-1)
     chunk = values.argmax(dim=-1, keepdim=True)  # the first chunk that holds the maximum
-    return (chunk * width + within.gather(1, chunk)).squeeze(1)
+    best = (chunk * width + within.gather(1, chunk)).squeeze(1)
+    if covered == n:
+        return best
+    best_value = values.gather(1, chunk).squeeze(1)
+    tail_value, tail_index = logits[:, covered:].max(dim=-1)
+    # The remainder comes last: it wins only with a strictly larger value, or a NaN against none.
+    tail_wins = (tail_value > best_value) | (tail_value.isnan() & ~best_value.isnan())
+    return torch.where(tail_wins, tail_index + covered, best)
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -174,7 +183,7 @@ def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generat
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     dev = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+    temps = _on(dev, [p.temperature for p in params], logits.dtype)
     logits = logits / temps.view(-1, 1)
     vocab = logits.shape[-1]
     top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -182,15 +191,20 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         kth = torch.stack([logits[i].topk(k).values[-1] for i, k in enumerate(top_ks)])
         logits = logits.masked_fill(logits < kth.view(-1, 1), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    top_ps = torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype)
-    if bool((top_ps < 1).any()):
+    if any(p.top_p < 1 for p in params):  # decided from the host's params: no device read
+        top_ps = _on(dev, [p.top_p for p in params], probs.dtype)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Keep a token while the mass before it is below top_p (the first always stays).
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_ps.view(-1, 1)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    min_ps = torch.tensor([p.min_p for p in params], device=dev, dtype=probs.dtype)
-    if bool((min_ps > 0).any()):
+    if any(p.min_p > 0 for p in params):
+        min_ps = _on(dev, [p.min_p for p in params], probs.dtype)
         threshold = probs.max(dim=-1, keepdim=True).values * min_ps.view(-1, 1)
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    # The overlap schedule samples before it launches the next step: nothing here may wait for the GPU.
+    return to_device(torch.tensor(values, dtype=dtype), device)

@@ -95,7 +95,8 @@ class Scheduler:
 
     def _available_pages(self) -> int:
         evictable = self.cache.num_cached_pages  # upper bound; evict() settles the truth
-        return self.pool.num_free_pages + evictable
+        # Parked pages wait only for the decode step in flight (see KVPool.fence).
+        return self.pool.num_free_pages + self.pool.num_parked_pages + evictable
 
     def _reserved_tokens(self) -> int:
         return sum(int(r.remaining_new_tokens() * self.new_token_ratio) for r in self.running)
@@ -104,6 +105,8 @@ class Scheduler:
         need = -(-upto_tokens // self.cfg.page_size) - len(req.pages)
         if need <= 0:
             return True
+        if self.pool.num_free_pages < need and self.pool.num_parked_pages:
+            self.pool.reclaim(wait=True)  # one step's wait beats evicting, retracting or cutting short
         if self.pool.num_free_pages < need:
             self.cache.evict(need - self.pool.num_free_pages)
         if self.pool.num_free_pages < need:

@@ -173,11 +173,12 @@ def test_page_copy_moves_exactly_the_listed_pages(dtype: torch.dtype) -> None:
     assert torch.equal(dst, want)
 
 
-@pytest.mark.parametrize("rows, vocab", [(1, 128256), (8, 151936), (3, 32000), (2, 20011)])
+@pytest.mark.parametrize("rows, vocab", [(1, 128256), (8, 151936), (3, 32000), (2, 20011), (1, 151665), (4, 50257)])
 def test_argmax_rows_matches_torch(rows: int, vocab: int) -> None:
     from pdserve.common.sampling import argmax_rows
 
     logits = torch.randn(rows, vocab, device="cuda")
     logits[0, 5] = logits[0, vocab - 3] = 1e4  # the first of two maxima in different chunks
+    logits[-1, vocab - 1] = 2e4  # the maximum in the last chunk or the remainder
     assert torch.equal(argmax_rows(logits), logits.argmax(-1))
     assert torch.equal(argmax_rows(logits[:, : vocab - 1]), logits[:, : vocab - 1].argmax(-1))

@@ -27,9 +27,13 @@ from pdserve.common.sampling import SamplingParams
 class _Guard:
     def __init__(self) -> None:
         self.done = False
+        self.waited = False
 
     def query(self) -> bool:
         return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
 
 
 def _pool(num_pages: int = 8) -> KVPool:
@@ -66,6 +70,26 @@ def test_a_page_fenced_again_waits_for_the_newer_step() -> None:
     second.done = True
     pool.reclaim()
     assert pool.num_parked_pages == 0 and pool.num_free_pages == 8
+
+
+def test_a_reservation_short_of_pages_waits_for_parked_ones() -> None:
+    """Pages parked behind the step in flight count as available: a request
+    that needs them waits for that step rather than being retracted."""
+    from pdserve.common.radix_cache import RadixCache
+    from pdserve.common.request import Req
+    from pdserve.common.scheduler import Scheduler, SchedulerConfig
+
+    pool = _pool(4)
+    cfg = SchedulerConfig(page_size=4, max_running_requests=8, chunked_prefill_size=None, max_prefill_tokens=64,
+                          schedule_policy="fcfs", schedule_conservativeness=1.0, context_len=64)
+    scheduler = Scheduler(cfg, pool, RadixCache(pool, enabled=False))
+    held = pool.alloc(4)
+    guard = _Guard()
+    pool.fence(held[:2], guard)
+    pool.release(held)
+    assert (pool.num_free_pages, pool.num_parked_pages, scheduler._available_pages()) == (2, 2, 4)
+    req = Req("r", [1] * 12, SamplingParams())
+    assert scheduler.reserve(req, 16) and guard.waited and len(req.pages) == 4
 
 
 def test_feed_tokens_takes_device_rows_and_keeps_host_rows() -> None:
@@ -264,3 +288,30 @@ def test_on_the_gpu_outputs_match_the_serial_schedule(tmp_path) -> None:
     got = _drive(overlapped, {0: late[:2], 5: late[2:]})
     assert all(len(got[r.rid][0]) == 16 for r in late) and counts.partial >= 1
     _assert_pool_empty(overlapped)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_on_the_gpu_does_not_wait_for_queued_work() -> None:
+    """The overlap schedule samples step N before it launches step N+1: every
+    sampling option must queue its work, not wait for the GPU to drain."""
+    import time
+
+    from pdserve.common.sampling import Sampler
+
+    sampler = Sampler(0, torch.device("cuda"))
+    logits = torch.randn(4, 128256, device="cuda")
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.9, top_k=50),
+              SamplingParams(temperature=0.7, min_p=0.05, seed=3),
+              SamplingParams(temperature=0, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.1)]
+    histories = [([1, 2, 3], [4, 5])] * 4
+    sampler.sample(logits, params, histories)  # warm up kernels and allocators
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time queued ahead of the sampling
+    start = time.perf_counter()
+    pending = sampler.sample_async(logits, params, histories)
+    queued_s = time.perf_counter() - start
+    result = pending.wait()
+    waited_s = time.perf_counter() - start
+    assert queued_s < 0.1 < waited_s, (queued_s, waited_s)
+    assert len(result.token_ids) == 4

@@ -130,12 +130,15 @@ def test_two_pass_argmax_matches_torch_including_ties_and_nan() -> None:
     from pdserve.common.sampling import two_pass_argmax
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(5, 1200, generator=g)
+    logits = torch.randn(8, 1203, generator=g)
     logits[1, 7] = logits[1, 900] = 50.0  # a tie across chunks: the first wins
     logits[2, 310] = logits[2, 305] = 60.0  # a tie inside a chunk
     logits[3, :] = -1.0  # every value tied
     logits[4, 640] = float("nan")  # torch treats NaN as the maximum
-    for chunks in (4, 12, 100):
-        assert two_pass_argmax(logits, chunks).tolist() == logits.argmax(-1).tolist()
-    sliced = torch.randn(3, 1300, generator=g)[:, :1200]  # a vocabulary cut to the tokenizer's
+    logits[5, 1201] = 70.0  # the maximum in the remainder past the last whole chunk
+    logits[6, 20] = logits[6, 1202] = 80.0  # tied with the remainder: the chunk (lower index) wins
+    logits[7, 1200] = float("nan")  # NaN only in the remainder
+    for chunks in (4, 12, 100, 401):  # 1203 = 3 x 401: some leave a remainder, one does not
+        assert two_pass_argmax(logits, chunks).tolist() == logits.argmax(-1).tolist(), chunks
+    sliced = torch.randn(3, 1300, generator=g)[:, :1201]  # a vocabulary cut to the tokenizer's
     assert two_pass_argmax(sliced, 8).tolist() == sliced.argmax(-1).tolist()

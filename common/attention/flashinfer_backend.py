@@ -50,8 +50,14 @@ class FlashInferAttention(AttentionBackend):
             self._decoder = TritonAttention(num_heads, num_kv_heads, head_dim, page_size, device=device)
         self._graph_wrappers: dict[int, Any] = {}
         self._graph_inputs: Any = None
+        self._planned: torch.cuda.Event | None = None  # after the last eager plan's copies
 
     def _plan(self, wrapper: Any, step: StepInputs) -> None:
+        # plan() queues a copy out of FlashInfer's page-locked buffer; with a
+        # decode step launched ahead, the previous plan's copy may still wait
+        # behind it, and must read that buffer before this plan rewrites it.
+        if self._planned is not None:
+            self._planned.synchronize()
         as_t = torch.from_numpy
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
         if step.is_decode:
@@ -61,6 +67,8 @@ class FlashInferAttention(AttentionBackend):
             wrapper.plan(as_t(step.qo_indptr), as_t(step.kv_indptr), as_t(step.kv_indices),
                          as_t(step.kv_last_page_len), self.num_heads, self.num_kv_heads, self.head_dim,
                          self.page_size, causal=True, **common)
+        self._planned = torch.cuda.Event()
+        self._planned.record()
 
     def prepare(self, batch: ForwardBatch) -> None:
         if batch.is_decode and self._decoder is not None:

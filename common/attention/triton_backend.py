@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pdserve.common.attention.base import AttentionBackend, register_attention_backend
 from pdserve.common.forward_batch import ForwardBatch
-from pdserve.common.kernels.step_inputs import StepInputs, step_of
+from pdserve.common.kernels.step_inputs import StepInputs, step_of, to_device
 
 
 @dataclass
@@ -57,7 +57,7 @@ class TritonAttention(AttentionBackend):
         step = step_of(batch, self.page_size)
         bs = step.batch_size
         packed = np.concatenate([step.qo_indptr, step.kv_indptr, step.seq_lens, step.kv_indices])
-        dev = torch.from_numpy(packed).to(self.device)
+        dev = to_device(torch.from_numpy(packed), self.device)
         qo, kv, lens, indices = torch.split(dev, [bs + 1, bs + 1, bs, step.kv_indices.shape[0]])
         batch.attn = TritonMeta(qo, kv, indices, lens, step.max_extend_len, self._splits(bs))
 

@@ -107,6 +107,15 @@ def build_step(
     )
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without waiting for the GPU: a copy from pageable
+    memory first waits for all queued work, which would undo the overlap
+    schedule; from pinned memory it is queued like a kernel."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def feed_tokens(ids: torch.Tensor, src: torch.Tensor, src_host: np.ndarray, tokens: torch.Tensor) -> None:
     """``ids[i] = tokens[src[i]]`` wherever ``src[i] >= 0``, on the device.
 

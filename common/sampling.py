@@ -118,7 +118,10 @@ class Sampler:
             p, (prompt, output) = params[i], histories[i]
             row = logits[i]
             if output and (p.presence_penalty or p.frequency_penalty):
-                counts = torch.bincount(_on(row.device, output, torch.long), minlength=vocab)[:vocab]
+                ids = _on(row.device, output, torch.long)
+                # Not bincount: on a GPU it reads the largest id back to size its output.
+                counts = torch.zeros(vocab, dtype=row.dtype, device=row.device).index_add_(
+                    0, ids, torch.ones(ids.shape[0], dtype=row.dtype, device=row.device))
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
             if p.repetition_penalty != 1:
                 seen = _on(row.device, sorted(set(prompt) | set(output)), torch.long)

@@ -119,17 +119,20 @@ class Engine:
     def run_forever(self) -> None:
         self._start_watchdog()
         self.conn.send_bytes(codec.encode(EngineReady(self.ready_info())))
-        while True:
-            if not self._receive():
-                break
-            self.pool.reclaim()
-            self.role.poll()
-            batch = self.scheduler.schedule()
-            if batch is not None:
-                self._step(batch)
-            self._finish_done()
-            self._flush()
+        while self._receive():
+            self.run_once()
         self.role.close()
+
+    def run_once(self) -> None:
+        """One turn of the loop once the front's messages are in: rooms,
+        scheduling, one step, finished requests, outputs to the front."""
+        self.pool.reclaim()
+        self.role.poll()
+        batch = self.scheduler.schedule()
+        if batch is not None:
+            self._step(batch)
+        self._finish_done()
+        self._flush()
 
     def _receive(self) -> bool:
         busy = self.scheduler.running or self.scheduler.waiting or self.scheduler.chunked

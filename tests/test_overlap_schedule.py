@@ -15,6 +15,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from pdserve.common import codec
 from pdserve.common.config import ServerConfig
 from pdserve.common.engine import Engine
 from pdserve.common.kernels.step_inputs import feed_tokens
@@ -139,26 +140,22 @@ class _Counts:
 
 
 def _drive(engine: Engine, arrivals: dict[int, list[GenerateRequest]], aborts: dict[int, str] | None = None):
-    """Run the engine loop; ``arrivals[i]`` are admitted before iteration ``i``.
+    """Run the engine loop; ``arrivals[i]`` are admitted before turn ``i``.
     Returns {rid: (token ids, finish reason, logprobs)}."""
     tokens, reasons, logprobs = defaultdict(list), {}, defaultdict(list)
+    front = engine._test_pipe_end
     for i in range(2000):
         for msg in arrivals.get(i, []):
             engine._admit(msg)
         if aborts and i in aborts:
             engine.abort(aborts[i])
-        engine.pool.reclaim()
-        engine.role.poll()
-        batch = engine.scheduler.schedule()
-        if batch is not None:
-            engine._step(batch)
-        engine._finish_done()
-        for out in engine.outputs:
-            tokens[out.rid] += out.token_ids
-            logprobs[out.rid] += out.logprobs or []
-            if out.finish_reason:
-                reasons[out.rid] = out.finish_reason
-        engine.outputs = []
+        engine.run_once()
+        while front.poll():
+            for out in codec.decode(front.recv_bytes()).outputs:
+                tokens[out.rid] += out.token_ids
+                logprobs[out.rid] += out.logprobs or []
+                if out.finish_reason:
+                    reasons[out.rid] = out.finish_reason
         if i > max(arrivals) and not engine.scheduler.num_live:
             break
     assert engine._receive()  # idle: the engine lets the last ahead step's pages go

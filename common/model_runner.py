@@ -202,21 +202,25 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Float32 logits of each request's last fed token: [batch, vocab]."""
+    def forward(self, batch: ScheduledBatch, fed: tuple[np.ndarray, torch.Tensor] | None = None) -> torch.Tensor:
+        """Float32 logits of each request's last fed token: [batch, vocab].
+        ``fed``: (token_src, tokens); rows with ``token_src[i] >= 0`` feed
+        ``tokens[token_src[i]]``, a token still on the device (see :meth:`launch_ahead`)."""
         if not self._fast:
             fb = build_forward_batch(
                 batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size, self.device
             )
+            if fed is not None:
+                feed_tokens(fb.input_ids, torch.from_numpy(fed[0]).to(self.device), *fed)
             self.attn.prepare(fb)
             return self.model(fb, self.attn, self.pool.buffer)
         step = self._step_inputs(batch)
         padded = self.graphs.padded_size(step.batch_size) if self.graphs and batch.is_decode else None
         self.uses_cuda_graph = padded is not None
         if padded is not None:
-            logits = self.graphs.replay(step, padded)
+            logits = self.graphs.replay(step, padded, fed)
         else:
-            fb = self._forward_batch(step, batch)
+            fb = self._forward_batch(step, batch, fed)
             self.attn.prepare(fb)
             logits = self.model(fb, self.attn, self.pool.buffer)
         return logits
@@ -229,27 +233,14 @@ class ModelRunner:
         rows with ``token_src[i] >= 0`` feed ``tokens[token_src[i]]`` instead,
         a token sampled on the device that the host has not seen yet. Each
         request's pages must already cover its position."""
-        batch = ScheduledBatch(True, reqs, chunks, starts)
-        if not self._fast:
-            fb = build_forward_batch(True, chunks, starts, [r.pages for r in reqs], self.cfg.page_size, self.device)
-            feed_tokens(fb.input_ids, torch.from_numpy(token_src).to(self.device), token_src, tokens)
-            self.attn.prepare(fb)
-            logits, slots, used_graph = self.model(fb, self.attn, self.pool.buffer), fb.out_slots.tolist(), False
-        else:
-            step = build_step(True, chunks, starts, [r.pages for r in reqs], self.cfg.page_size)
-            padded = self.graphs.padded_size(step.batch_size) if self.graphs else None
-            if padded is not None:
-                logits = self.graphs.replay(step, padded, (token_src, tokens))
-            else:
-                fb = self._forward_batch(step, batch, (token_src, tokens))
-                self.attn.prepare(fb)
-                logits = self.model(fb, self.attn, self.pool.buffer)
-            slots, used_graph = step.out_slots.tolist(), padded is not None
-        done = _Done() if self.device.type != "cuda" else torch.cuda.Event()
-        if isinstance(done, torch.cuda.Event):
+        logits = self.forward(ScheduledBatch(True, reqs, chunks, starts), (token_src, tokens))
+        done = _Done()
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
             done.record()
-        self.pool.fence(sorted({s // self.cfg.page_size for s in slots}), done)
-        self._ahead = _Ahead(list(reqs), np.asarray(starts, dtype=np.int64), logits, done, used_graph)
+        page_size = self.cfg.page_size
+        self.pool.fence(sorted({r.pages[start // page_size] for r, start in zip(reqs, starts)}), done)
+        self._ahead = _Ahead(list(reqs), np.asarray(starts, dtype=np.int64), logits, done, self.uses_cuda_graph)
 
     def take_ahead(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor] | None:
         """For a decode batch: (positions in ``batch`` of the requests the ahead

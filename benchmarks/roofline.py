@@ -382,9 +382,11 @@ def _decode_side(conn, layout_dict: dict, cfg_dict: dict, backend: str) -> None:
             continue
         receiver = agent.create_receiver(msg[1], peer)
         conn.send("ready")
+        polls, start = 0, time.monotonic()
         while not (state := receiver.poll()).is_terminal:
-            pass
-        conn.send((int(state), time.monotonic()))
+            polls += 1
+        done = time.monotonic()
+        conn.send((int(state), done, (done - start) / max(polls, 1)))
 
 
 _FORWARD_TAIL_CYCLES = 20_000_000  # ~10 ms of GPU time standing in for the prefill forward
@@ -422,9 +424,10 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: s
         conn.send(agent.peer_info())
         pages = list(range(num_pages))
         timer = _posting_timer(backend)
-        times, sender_times, post_times, exposed_times = [], [], [], []
+        times, sender_times, post_times, exposed_times, poll_times = [], [], [], [], []
+        exposed_landed = []  # behind a forward: until P saw its copy/WRITE complete
         for i in range(cfg.transfer_repeats + 3):
-            start, posted, sent, done = _one_transfer(agent, conn, peer, pages, behind_forward=False)
+            start, posted, sent, done, _ = _one_transfer(agent, conn, peer, pages, behind_forward=False)
             if i == 2:
                 timer.totals_s.clear()
             if i >= 3:  # the first transfers map the peer's memory
@@ -432,8 +435,10 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: s
                 sender_times.append(sent - start)
                 post_times.append(posted - start)
         for _ in range(cfg.transfer_repeats):
-            ready, _, _, done = _one_transfer(agent, conn, peer, pages, behind_forward=True)
+            ready, _, sent, done, poll_s = _one_transfer(agent, conn, peer, pages, behind_forward=True)
             exposed_times.append(done - ready)
+            exposed_landed.append(sent - ready)
+            poll_times.append(poll_s)
         conn.send(("checksum", num_pages))
         if not math.isclose(conn.recv(), float(buf.double().sum()), rel_tol=1e-9, abs_tol=1e-3):
             raise RuntimeError("decode side's pages differ from the prefill side's")
@@ -452,7 +457,8 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: s
            "post_s": statistics.median(post_times), "floor_s": floor, "fraction": floor / seconds,
            "fraction_landed": floor / landed, "times_s": times,
            "exposed_s": statistics.median(exposed_times), "fraction_exposed": floor / statistics.median(exposed_times),
-           "exposed_times_s": exposed_times,
+           "exposed_times_s": exposed_times, "exposed_landed_s": statistics.median(exposed_landed),
+           "decode_poll_us": statistics.median(poll_times) * 1e6,
            "posting_us": {k: round(v / len(times) * 1e6, 1) for k, v in timer.totals_s.items()}}
     if backend == "cuda_ipc":
         row["kernel_s"] = _page_copy_s(buf, layout, num_pages)
@@ -460,9 +466,10 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: s
     return row
 
 
-def _one_transfer(agent, conn, peer: str, pages: list[int], behind_forward: bool) -> tuple[float, float, float, float]:
-    """(start, posted, landed on P, done on D) in host monotonic seconds; with
-    ``behind_forward`` the start is when the stand-in forward completed."""
+def _one_transfer(agent, conn, peer: str, pages: list[int], behind_forward: bool) -> tuple[float, float, float, float, float]:
+    """(start, posted, landed on P, done on D) in host monotonic seconds, and
+    the decode side's mean time per receiver poll; with ``behind_forward`` the
+    start is when the stand-in forward completed."""
     import random
 
     import torch
@@ -487,10 +494,10 @@ def _one_transfer(agent, conn, peer: str, pages: list[int], behind_forward: bool
     while not sender.poll().is_terminal:
         pass
     sent = time.monotonic()
-    state, done = conn.recv()
+    state, done, poll_s = conn.recv()
     if state != RoomState.SUCCESS:
         raise RuntimeError(f"transfer room ended {RoomState(state).name}")
-    return start, posted, sent, done
+    return start, posted, sent, done, poll_s
 
 
 def _posting_timer(backend: str) -> _PhaseTimer:
@@ -701,7 +708,8 @@ def run(cfg: RooflineConfig, argv: list[str], out: Path) -> dict:
             print(f"transfer {backend:<9}{t['tokens']} tokens {t['bytes'] / 2**20:.0f} MiB: {t['step_s'] * 1e3:.3f} ms "
                   f"(landed {t['sender_done_s'] * 1e3:.3f} ms), fraction of copy {t['fraction']:.2f} "
                   f"(landed {t['fraction_landed']:.2f}); posting {t['post_s'] * 1e3:.3f} ms {t['posting_us']}; "
-                  f"behind a forward: exposed {t['exposed_s'] * 1e3:.3f} ms, fraction {t['fraction_exposed']:.2f}"
+                  f"behind a forward: exposed {t['exposed_s'] * 1e3:.3f} ms, fraction {t['fraction_exposed']:.2f} "
+                  f"(landed on P {t['exposed_landed_s'] * 1e3:.3f} ms; decode side polls every {t['decode_poll_us']:.1f} us)"
                   + (f"; copy kernel alone {t['kernel_s'] * 1e3:.3f} ms, fraction {t['fraction_kernel']:.2f}"
                      if "kernel_s" in t else ""), flush=True)
             _save(results, out)

@@ -18,11 +18,11 @@ the NIXL backend could make.
    an event is recorded after it.
 4. The chunk's notice: the side stream writes it into the peer's notice ring
    (``notice_ring``: shared memory the decode agent reads on every poll)
-   right after the copy, so no host on the prefill side stands between the
-   bytes landing and the decode side knowing. Without a ring (it could not be
-   registered, or it is full) ``progress()`` sends the notice over NIXL once
-   the copy's event completed. Either way the decode side is the plain NIXL
-   receiver counting chunk notices.
+   right after the copy, with one small kernel, so no host on the prefill
+   side stands between the bytes landing and the decode side knowing.
+   Without a ring (it could not be registered, or it is full) ``progress()``
+   sends the notice over NIXL once the copy's event completed. Either way
+   the decode side is the plain NIXL receiver counting chunk notices.
 5. Quiescence is exact: a launched copy cannot be recalled, so an aborted room
    waits for its events, which complete on their own within microseconds.
 6. ``remove_peer`` waits for the side stream before it unmaps the peer's pool
@@ -161,6 +161,9 @@ class CudaIpcAgent(NixlAgent):
             device = torch.device("cuda", memory.device_id)
             self._stream = torch.cuda.Stream(device)
             self._src = memory.tensor.view(-1).view(torch.uint8)[: memory.layout.total_bytes].view(self._word)
+            from pdserve.common.kernels.ring_record import warm_up  # Triton: GPU only
+
+            warm_up(device)  # compiled here, not when the first chunk's notice is due
 
     def _backend_metadata(self) -> bytes:
         storage, offset = [], 0

@@ -10,9 +10,9 @@ and the decode agent reads new records on every poll.
 1. The prefill agent creates one ring per decode peer it maps (a file under
    ``/dev/shm``), registers it with CUDA (``cudaHostRegister``) so its copy
    stream can write there, and offers it to the peer in a NIXL notice.
-2. Per chunk, the host fills a pinned staging record; the copy stream, after
-   the page copy, moves it to the device and from there into the ring slot
-   (two 32-byte copies, ordered after the pages).
+2. Per chunk, a one-program kernel on the copy stream, ordered after the
+   page copy, stores the record into the ring slot through the segment's
+   device mapping (``kernels/ring_record``).
 3. The decode agent opens the ring when the offer arrives (and unlinks its
    name: from then on the segment lives exactly as long as the two mappings),
    reads records in order and routes each as the chunk's notice.
@@ -38,6 +38,7 @@ NUM_RECORDS = 4096
 _WORDS = 4  # int64 words per record
 _HEADER_WORDS = 8  # word 0: how many records the reader has taken
 _MAGIC = 0x5044_5345_5256_4531  # mixed into the check word
+_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped: the segment gets a device address
 _MASK = (1 << 64) - 1
 _PREFIX = "pdserve-ring-"
 
@@ -133,17 +134,22 @@ class RingWriter:
         return self._registered
 
     def _register(self, device) -> None:
+        from pdserve.common.kernels.ring_record import device_view, store_record  # Triton: GPU only
+
         host = torch.frombuffer(self._seg.mm, dtype=torch.int64)
         self._base_ptr = host.data_ptr()
-        rc = torch.cuda.cudart().cudaHostRegister(self._base_ptr, host.numel() * 8, 0)
+        rc = torch.cuda.cudart().cudaHostRegister(self._base_ptr, host.numel() * 8, _HOST_REGISTER_MAPPED)
         if int(rc) != 0:
             raise RuntimeError(f"cudaHostRegister of {self.path} failed ({rc})")
         self._registered = True
-        # Page-locked now, so a non-blocking copy into it is a DMA ordered on the stream.
-        self._host = host[_HEADER_WORDS : _HEADER_WORDS + self.num_records * _WORDS].view(self.num_records, _WORDS)
-        self._staging = torch.empty((self.num_records, _WORDS), dtype=torch.int64, pin_memory=True)
-        self._staging_np = self._staging.numpy()
-        self._scratch = torch.empty((_WORDS,), dtype=torch.int64, device=device)
+        # The segment's device mapping: a kernel on the copy stream stores records there.
+        view = device_view(self._base_ptr, host.numel() * 2, torch.device(device))
+        if view is None:
+            self.close()
+            raise RuntimeError(f"no device address for {self.path}")
+        self._device_records = view[2 * _HEADER_WORDS : 2 * (_HEADER_WORDS + self.num_records * _WORDS)].view(
+            self.num_records, 2 * _WORDS)
+        self._store_record = store_record
 
     def _claim(self) -> int | None:
         """The next sequence number, or None while the reader is a full ring behind."""
@@ -159,13 +165,8 @@ class RingWriter:
         seq = self._claim()
         if seq is None:
             return False
-        slot = seq % self.num_records
-        # One staging row per slot: the stream reads it later, and the slot is
-        # reused only after the reader took the record, i.e. after that read.
-        self._staging_np[slot] = encode_record(seq, room, chunk_index, is_last)
-        with torch.cuda.stream(stream):
-            self._scratch.copy_(self._staging[slot], non_blocking=True)
-            self._host[slot].copy_(self._scratch, non_blocking=True)
+        record = encode_record(seq, room, chunk_index, is_last)
+        self._store_record(self._device_records[seq % self.num_records], record, stream)
         return True
 
     def post_host(self, room: int, chunk_index: int, is_last: bool) -> bool:
@@ -181,9 +182,9 @@ class RingWriter:
     def close(self) -> None:
         """Call once nothing queued on the stream can still write here."""
         if self._registered:
+            self._device_records = None
             torch.cuda.cudart().cudaHostUnregister(self._base_ptr)
             self._registered = False
-            self._host = None
         self._seg.unlink()
         self._seg.close()
 

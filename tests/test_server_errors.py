@@ -12,7 +12,6 @@ from pdserve.tests.server_utils import (
     ServerProcess,
     assert_error,
     generate_body,
-    post_concurrently,
     prompt_ids,
     served,
     sse_events,
@@ -163,16 +162,25 @@ def test_n_choices_with_the_largest_seed(main_server: ServerProcess) -> None:
 
 
 def test_too_many_queued_streaming_requests(queue_server: ServerProcess) -> None:
-    """A rejected stream gets the 503 status itself, not a 200 stream carrying an error."""
-    bodies = [{"prompt": prompt_ids(8, seed=i), "max_tokens": 30, "ignore_eos": True, "stream": True} for i in range(4)]
-    responses = post_concurrently(queue_server, "/v1/completions", bodies)
-    assert sorted(r.status_code for r in responses)[-1] == 503, [r.text[:200] for r in responses]
-    for resp in responses:
-        if resp.status_code == 503:
-            assert_error(resp, 503)
-        else:
-            assert resp.status_code == 200
-            assert sse_events(resp)[-1]["choices"][0]["finish_reason"] == "length"
+    """A rejected stream gets the 503 status itself, not a 200 stream carrying an error.
+
+    As above, a long request holds the one running slot while three streams
+    are sent, so two are refused whatever the host's speed."""
+    long_body = {**generate_body(prompt_ids(8, seed=0), 1500), "stream": True}
+    bodies = [{"prompt": prompt_ids(8, seed=i), "max_tokens": 30, "ignore_eos": True, "stream": True} for i in range(1, 4)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        with queue_server.client() as client, client.stream("POST", "/generate", json=long_body) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()  # kept: a collected line iterator closes the stream
+            assert next(lines).startswith("data: ")  # running now
+            futures = [pool.submit(queue_server.post, "/v1/completions", body) for body in bodies]
+            refused = list(itertools.islice(as_completed(futures, timeout=30), 2))
+            for future in refused:
+                assert_error(future.result(), 503)
+        (queued,) = [f for f in futures if f not in refused]
+        resp = queued.result(timeout=60)
+    assert resp.status_code == 200
+    assert sse_events(resp)[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_unknown_route_and_method(main_server: ServerProcess) -> None:

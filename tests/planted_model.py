@@ -28,7 +28,8 @@ property with the smallest circuit that still exercises the whole prefill path:
   fraction (0.5-0.9), not 1, so the log-probability comparison is not trivially
   zero. The planted head decides the token, so one wrong later layer moves the
   chosen token's log-probability by only 0.005-0.04; plain random weights,
-  where every layer changes the first token, are the check for those.
+  where dropping one middle MLP changes 13-28 of 64 first tokens on these
+  shapes, are the check for those.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pdserve.common.models.layers import RotaryEmbedding
 
 # Defaults measured on the Llama-3.2-1B and Qwen3-0.6B shapes (float32 against
 # bf16 in transformers): the previous token is chosen with a lead of 8+ nats over
-# the runner-up, at a median probability of 0.5-0.6.
+# the runner-up, at probabilities of 0.5-0.9.
 COPY_GAIN = 10.0
 FINAL_NORM_GAIN = 0.7
 # |q_p|^2 of each rotary pair used; with head_dim / 8 of the fastest pairs the

@@ -24,7 +24,7 @@ Two kinds of dummy weights:
   (eager against SDPA, bf16 against float32), so strict counts are printed,
   not asserted. pdserve's first token must lie within two bf16 steps of
   transformers' top logit on all but two prompts, with the same log-probability
-  bound. Every layer moves the first token here, so a broken pdserve with one
+  bound. One layer moves many first tokens here, so a broken pdserve with one
   middle MLP dropped must fail that count by a wide margin, and its logits must
   stray from transformers' more than twice as far as pdserve's do.
 """

@@ -125,23 +125,28 @@ def test_auto_truncate_keeps_a_fitting_prompt_whole(small_server: ServerProcess,
     assert resp.json()["output_ids"] == oracle.greedy(ids, 24)
 
 
-def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
-    # A long request holds the one running slot, so of three sent meanwhile one
-    # waits in the one queue slot and two are refused, however they interleave.
+def _two_refused_while_busy(server: ServerProcess, path: str, bodies: list[dict]) -> httpx.Response:
+    """A long request holds the one running slot while the three ``bodies`` are
+    sent, so one waits in the one queue slot and two are refused (each a 503
+    error), however they interleave; returns the queued one's response."""
     long_body = {**generate_body(prompt_ids(8, seed=0), 1500), "stream": True}
-    bodies = [generate_body(prompt_ids(8, seed=i), 60) for i in range(1, 4)]
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        with queue_server.client() as client, client.stream("POST", "/generate", json=long_body) as stream:
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        with server.client() as client, client.stream("POST", "/generate", json=long_body) as stream:
             assert stream.status_code == 200
             lines = stream.iter_lines()  # kept: a collected line iterator closes the stream
             assert next(lines).startswith("data: ")  # running now
-            futures = [pool.submit(queue_server.post, "/generate", body) for body in bodies]
+            futures = [pool.submit(server.post, path, body) for body in bodies]
             refused = list(itertools.islice(as_completed(futures, timeout=30), 2))
             for future in refused:
                 assert_error(future.result(), 503)
         # The long request is gone with its client: the queued one runs.
         (queued,) = [f for f in futures if f not in refused]
-        resp = queued.result(timeout=60)
+        return queued.result(timeout=60)
+
+
+def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
+    bodies = [generate_body(prompt_ids(8, seed=i), 60) for i in range(1, 4)]
+    resp = _two_refused_while_busy(queue_server, "/generate", bodies)
     assert resp.status_code == 200 and len(resp.json()["output_ids"]) == 60
 
 
@@ -162,23 +167,9 @@ def test_n_choices_with_the_largest_seed(main_server: ServerProcess) -> None:
 
 
 def test_too_many_queued_streaming_requests(queue_server: ServerProcess) -> None:
-    """A rejected stream gets the 503 status itself, not a 200 stream carrying an error.
-
-    As above, a long request holds the one running slot while three streams
-    are sent, so two are refused whatever the host's speed."""
-    long_body = {**generate_body(prompt_ids(8, seed=0), 1500), "stream": True}
+    """A rejected stream gets the 503 status itself, not a 200 stream carrying an error."""
     bodies = [{"prompt": prompt_ids(8, seed=i), "max_tokens": 30, "ignore_eos": True, "stream": True} for i in range(1, 4)]
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        with queue_server.client() as client, client.stream("POST", "/generate", json=long_body) as stream:
-            assert stream.status_code == 200
-            lines = stream.iter_lines()  # kept: a collected line iterator closes the stream
-            assert next(lines).startswith("data: ")  # running now
-            futures = [pool.submit(queue_server.post, "/v1/completions", body) for body in bodies]
-            refused = list(itertools.islice(as_completed(futures, timeout=30), 2))
-            for future in refused:
-                assert_error(future.result(), 503)
-        (queued,) = [f for f in futures if f not in refused]
-        resp = queued.result(timeout=60)
+    resp = _two_refused_while_busy(queue_server, "/v1/completions", bodies)
     assert resp.status_code == 200
     assert sse_events(resp)[-1]["choices"][0]["finish_reason"] == "length"
 

@@ -21,11 +21,11 @@ healthy() {
 
 one() {  # $1: label; the rest: pdserve up flags (serve flags after --)
   local label=$1; shift
-  python3 -m pdserve.common.cli up --model-path "$MODEL" --gpu-ids 0 --port "$PORT" --log-dir "$OUT/logs-$label" "$@" \
+  python3 -m pdserve.cli up --model-path "$MODEL" --gpu-ids 0 --port "$PORT" --log-dir "$OUT/logs-$label" "$@" \
     > "$OUT/up-$label.log" 2>&1 &
   local up=$!
   for _ in $(seq 1 300); do healthy && break; sleep 1; done
-  python3 -m pdserve.common.cli bench --base-url "http://127.0.0.1:$PORT" --backend pdserve --dataset random-ids \
+  python3 -m pdserve.cli bench --base-url "http://127.0.0.1:$PORT" --backend pdserve --dataset random-ids \
     --random-input-len 2048 --random-output-len 4 --num-prompts 32 --max-concurrency 1 --warmup-requests 0 \
     --output-json "$OUT/ttft-$label.json" | grep -E "^(TTFT|ITL)" | sed "s/^/$label /"
   kill -INT "$up"; wait "$up" 2>/dev/null || true

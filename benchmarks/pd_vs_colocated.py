@@ -53,7 +53,7 @@ from pdserve.benchmarks.study_report import (
     study_rows,
 )
 
-DEFAULT_LAUNCHER = f"{shlex.quote(sys.executable)} -m pdserve.common.cli up"
+DEFAULT_LAUNCHER = f"{shlex.quote(sys.executable)} -m pdserve.cli up"
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ class ModelCost:
 
     @classmethod
     def of_name(cls, name: str) -> ModelCost:
-        from pdserve.common.model_config import ModelConfig
+        from pdserve.model.config import ModelConfig
 
         return cls.of(ModelConfig.from_dict(json.loads((_CONFIGS / f"{name}.json").read_text())))
 
@@ -138,16 +138,17 @@ class ModelCost:
 
 
 # ---- model timings ------------------------------------------------------------------
-def _runner(cfg: RooflineConfig, name: str, pool_tokens: int):
-    from pdserve.common.builtin_models import config_dir_for
+def _runner(cfg: RooflineConfig, name: str, pool_tokens: int, disable_pdl: bool = False):
     from pdserve.common.config import ServerConfig
-    from pdserve.common.model_config import ModelConfig
-    from pdserve.common.model_runner import ModelRunner
+    from pdserve.model.builtin import config_dir_for
+    from pdserve.model.config import ModelConfig
+    from pdserve.model.runner import ModelRunner
 
     model_dir = config_dir_for(_CONFIGS / f"{name}.json")
     server = ServerConfig(model_path=model_dir, load_format="dummy", dtype="bfloat16", page_size=cfg.page_size,
                           max_total_tokens=pool_tokens, attention_backend=cfg.attention_backend,
-                          cuda_graph_max_bs=max(cfg.decode_batches), max_running_requests=max(cfg.decode_batches))
+                          cuda_graph_max_bs=max(cfg.decode_batches), max_running_requests=max(cfg.decode_batches),
+                          disable_pdl=disable_pdl)
     runner = ModelRunner(server, model_dir, ModelConfig.from_dir(model_dir))
     runner.pool.buffer.normal_()  # time attention on data, not zeros
     return runner
@@ -156,8 +157,8 @@ def _runner(cfg: RooflineConfig, name: str, pool_tokens: int):
 def _reqs(runner, batch: int, context: int, extra: int, seed: int):
     import random
 
-    from pdserve.common.request import Req
-    from pdserve.common.sampling import SamplingParams
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.engine.request import Req
 
     rng = random.Random(seed)
     vocab = runner.model_cfg.vocab_size
@@ -201,8 +202,8 @@ def time_decode(runner, batch: int, context: int, steps: int) -> dict:
     graph replay alone."""
     import numpy as np
     import torch
-    from pdserve.common.sampling import Sampler
-    from pdserve.common.scheduler import ScheduledBatch
+    from pdserve.engine.sampler import Sampler
+    from pdserve.model.batch import ScheduledBatch
 
     reqs = _reqs(runner, batch, context - 1, steps + 8, seed=batch)
     for r in reqs:
@@ -260,7 +261,7 @@ def time_prefill(runner, tokens: int, repeats: int = 10) -> dict:
     """Per forward, medians of: wall time to the result (what an engine waits),
     host time to launch it, and the GPU's span from first to last kernel."""
     import torch
-    from pdserve.common.scheduler import ScheduledBatch
+    from pdserve.model.batch import ScheduledBatch
 
     (req,) = _reqs(runner, 1, tokens, 1, seed=tokens)
     batch = ScheduledBatch(False, [req], [req.prompt_ids], [0])
@@ -319,23 +320,18 @@ def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
 
 
 def decode_without_pdl(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
-    """Decode at batch 1 with programmatic dependent launch off (``PDSERVE_PDL=0``)."""
+    """Decode at batch 1 with programmatic dependent launch off (``--disable-pdl``)."""
     import gc
-    import os
     from dataclasses import replace
 
     import torch
 
-    os.environ["PDSERVE_PDL"] = "0"
-    try:
-        small = replace(cfg, decode_batches=(1,), prefill_lengths=())
-        runner = _runner(small, name, cfg.decode_context + cfg.decode_steps + 64)
-        timing = time_decode(runner, 1, cfg.decode_context, cfg.decode_steps)
-        del runner
-        gc.collect()
-        torch.cuda.empty_cache()
-    finally:
-        del os.environ["PDSERVE_PDL"]
+    small = replace(cfg, decode_batches=(1,), prefill_lengths=())
+    runner = _runner(small, name, cfg.decode_context + cfg.decode_steps + 64, disable_pdl=True)
+    timing = time_decode(runner, 1, cfg.decode_context, cfg.decode_steps)
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
     floor = machine.floor_s(*ModelCost.of_name(name).decode(1, cfg.decode_context + cfg.decode_steps // 2))
     row = {"kind": "decode", "batch": 1, "pdl": False, **timing, "floor_s": floor, "fraction": floor / timing["step_s"]}
     _print_row(f"{name} no PDL", row)
@@ -406,7 +402,7 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: s
     instance waits on the transfer beyond the prefill itself."""
     import torch
     from pdserve.common.kv_layout import KVLayout
-    from pdserve.common.model_config import ModelConfig
+    from pdserve.model.config import ModelConfig
     from pdserve.transfer.base import KVMemory, create_transfer_agent
 
     m = ModelConfig.from_dict(json.loads((_CONFIGS / f"{model}.json").read_text()))
@@ -521,7 +517,7 @@ def _posting_timer(backend: str) -> _PhaseTimer:
 def _page_copy_s(buf, layout, num_pages: int) -> float:
     """The cuda_ipc backend's page-copy kernel alone, between two local pools."""
     import torch
-    from pdserve.common.kernels.page_copy import copy_pages
+    from pdserve.transfer.kernels.page_copy import copy_pages
 
     src = buf.view(torch.int64)
     dst = torch.empty_like(src)
@@ -537,8 +533,8 @@ def gemv_sweep(models: tuple[str, ...], chain: int = 20) -> list[dict]:
     captured in one CUDA graph with PDL, each on its own weight (together far
     larger than L2, as the model's layers are)."""
     import torch
-    from pdserve.common.kernels.gemv import gemv, gemv_config, sweep_candidates
-    from pdserve.common.model_config import ModelConfig
+    from pdserve.model.config import ModelConfig
+    from pdserve.model.kernels.gemv import gemv, gemv_config, sweep_candidates
 
     results = []
     for name in models:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pdserve.common.kv_layout import KVLayout
-from pdserve.common.model_config import ModelConfig
+from pdserve.model.config import ModelConfig
 from pdserve.transfer.base import RoomState
 from pdserve.transfer.harness import AgentProcess, WorkerSpec, start_agents
 

@@ -14,9 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.common.kv_layout import KVLayout
+from pdserve.common.roles import Role
 
-ROLES = ("prefill", "decode", "null")
-PD_ROLES = ("prefill", "decode")
+# The version of everything a prefill and a decode instance exchange: the
+# control-channel messages (transfer/pd_messages.py), the transfer notices and
+# agent metadata (transfer/messages.py) and the page layout. Bump it when any
+# of them changes shape or meaning; the bootstrap service refuses to let two
+# versions pair, naming both.
+PD_PROTOCOL_VERSION = 2
 
 _STR_FIELDS = ("instance_id", "role", "http_url", "control_address", "transfer_backend",
                "peer_info", "model")
@@ -36,16 +41,17 @@ def encode_peer_info(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InstanceInfo:
     instance_id: str
-    role: str  # one of ROLES; "null" is a colocated instance
+    role: str  # a Role value; "null" is a colocated instance
     http_url: str  # e.g. "http://10.0.0.2:31000", no trailing slash
     control_address: str  # "host:port" of the PD control channel
     transfer_backend: str  # "nixl" | "ucx" | "cuda_ipc"
     peer_info: str  # base64 of the transfer agent's metadata
     kv_layout: KVLayout
     model: str  # served model name
+    pd_protocol_version: int = PD_PROTOCOL_VERSION
 
     @property
     def peer_info_bytes(self) -> bytes:
@@ -59,6 +65,7 @@ class InstanceInfo:
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {name: getattr(self, name) for name in _STR_FIELDS}
         data["kv_layout"] = self.kv_layout.to_dict()
+        data["pd_protocol_version"] = self.pd_protocol_version
         return data
 
     @classmethod
@@ -69,7 +76,7 @@ class InstanceInfo:
         fields = {name: _require_str(data, name) for name in _STR_FIELDS}
         _check_fields(fields)
         layout = _parse_layout(data.get("kv_layout"))
-        return cls(kv_layout=layout, **fields)
+        return cls(kv_layout=layout, pd_protocol_version=_protocol_version(data), **fields)
 
 
 def _require_str(data: dict[str, Any], name: str) -> str:
@@ -80,12 +87,21 @@ def _require_str(data: dict[str, Any], name: str) -> str:
     return value
 
 
+def _protocol_version(data: dict[str, Any]) -> int:
+    """A record without the field predates versioning: version 1."""
+    value = data.get("pd_protocol_version", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInstanceInfo(
+            f"field 'pd_protocol_version' must be a positive integer, got {value!r}", "pd_protocol_version")
+    return value
+
+
 def _check_fields(fields: dict[str, str]) -> None:
     if not fields["instance_id"]:
         raise InvalidInstanceInfo("field 'instance_id' must not be empty", "instance_id")
-    if fields["role"] not in ROLES:
+    if fields["role"] not in Role.names():
         raise InvalidInstanceInfo(
-            f"field 'role' must be one of {', '.join(ROLES)}, got '{fields['role']}'", "role")
+            f"field 'role' must be one of {', '.join(Role.names())}, got '{fields['role']}'", "role")
     if not fields["http_url"].startswith(("http://", "https://")):
         raise InvalidInstanceInfo(
             f"field 'http_url' must start with http:// or https://, got '{fields['http_url']}'",

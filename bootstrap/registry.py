@@ -2,8 +2,8 @@
 
 An entry lives ``ttl_s`` after its last registration or heartbeat. Pairing is
 checked when an instance registers, never at request time: a prefill and a
-decode instance of the same model must agree on the KV page layout and the
-transfer backend, so a mismatch is refused with both values named. Colocated
+decode instance of the same model must agree on the PD protocol version, the
+KV page layout and the transfer backend, so a mismatch is refused with both values named. Colocated
 (``null``) instances never transfer KV and are not checked.
 """
 
@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdserve.bootstrap.protocol import PD_ROLES, InstanceInfo
+from pdserve.bootstrap.protocol import InstanceInfo
+from pdserve.common.roles import Role
 
 
 class PairingConflict(Exception):
@@ -83,11 +84,14 @@ class InstanceRegistry:
 
 def pairing_problem(new: InstanceInfo, live: InstanceInfo) -> str | None:
     """Why ``new`` may not join next to ``live``, or None when they can pair."""
-    if new.model != live.model or new.role not in PD_ROLES or live.role not in PD_ROLES:
+    if new.model != live.model or not Role(new.role).is_pd or not Role(live.role).is_pd:
         return None
     new_name = f"{new.role} '{new.instance_id}'"
     live_name = f"{live.role} '{live.instance_id}'"
     context = f"cannot register {new_name} of model '{new.model}' next to live {live_name}"
+    if new.pd_protocol_version != live.pd_protocol_version:
+        return (f"{context}: pd_protocol_version mismatch ({new_name}={new.pd_protocol_version} "
+                f"vs {live_name}={live.pd_protocol_version}); run one pdserve version on both sides")
     if new.transfer_backend != live.transfer_backend:
         return (f"{context}: transfer_backend mismatch ({new_name}={new.transfer_backend} "
                 f"vs {live_name}={live.transfer_backend})")

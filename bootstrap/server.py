@@ -15,23 +15,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pdserve.bootstrap.protocol import ROLES, InstanceInfo, InvalidInstanceInfo
+from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
 from pdserve.bootstrap.registry import InstanceRegistry, PairingConflict
+from pdserve.common.args import add_dataclass_args, config_from_args, flag
 from pdserve.common.errors import APIError, install_error_handlers, read_json_object
+from pdserve.common.roles import Role
 
 logger = logging.getLogger("pdserve.bootstrap")
 
 
 @dataclass(frozen=True)
 class BootstrapConfig:
-    host: str = "127.0.0.1"
-    port: int = 8998
-    ttl_s: float = 10.0
-    log_level: str = "info"
+    host: str = field(default="127.0.0.1", metadata=flag("HTTP bind address"))
+    port: int = field(default=8998, metadata=flag("HTTP port"))
+    ttl_s: float = field(default=10.0, metadata=flag("forget an instance this many seconds after its last heartbeat"))
+    log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
 
 
 def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None) -> FastAPI:
@@ -79,8 +81,8 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
 def _lookup_routes(app: FastAPI, registry: InstanceRegistry) -> None:
     @app.get("/instances")
     async def list_instances(role: str | None = None) -> list[dict[str, Any]]:
-        if role is not None and role not in ROLES:
-            raise APIError(400, f"role must be one of {', '.join(ROLES)}, got '{role}'", "role")
+        if role is not None and role not in Role.names():
+            raise APIError(400, f"role must be one of {', '.join(Role.names())}, got '{role}'", "role")
         return [info.to_json() for info in registry.list(role)]
 
     @app.get("/instances/{instance_id}")
@@ -96,16 +98,10 @@ def _lookup_routes(app: FastAPI, registry: InstanceRegistry) -> None:
 
 
 def parse_args(argv: list[str]) -> BootstrapConfig:
-    defaults = BootstrapConfig()
-    parser = argparse.ArgumentParser(prog="pdserve bootstrap", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default=defaults.host)
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--ttl-s", type=float, default=defaults.ttl_s,
-                        help="forget an instance this long after its last heartbeat")
-    parser.add_argument("--log-level", default=defaults.log_level)
-    args = parser.parse_args(argv)
-    return BootstrapConfig(host=args.host, port=args.port, ttl_s=args.ttl_s,
-                           log_level=args.log_level)
+    parser = argparse.ArgumentParser(prog="pdserve bootstrap",
+                                     description="Run the bootstrap registry every PD instance registers with.")
+    add_dataclass_args(parser, BootstrapConfig)
+    return config_from_args(BootstrapConfig, parser.parse_args(argv))
 
 
 def main(argv: list[str]) -> int:

@@ -2,7 +2,8 @@
 
 Flags are the field names with dashes; help, choices and types come from the
 field metadata, defaults from the dataclass itself, so no default is written
-twice.
+twice. Every CLI of pdserve (serve, router, up, bootstrap, bench) is built
+this way.
 """
 
 from __future__ import annotations
@@ -10,9 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 _C = TypeVar("_C")
+
+
+def flag(help_text: str, **extra: object) -> dict[str, object]:
+    """Field metadata of one flag: its help and any argparse keyword (choices, nargs, ...)."""
+    return {"help": help_text, **extra}
 
 
 def _scalar_type(hint: object) -> type:
@@ -24,25 +31,61 @@ def _scalar_type(hint: object) -> type:
     return str
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+def _help(text: str, default: object) -> str:
+    """The help with its default, said once."""
+    if "default" in text:
+        return text
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{text} (default: {shown})"
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    choices: Mapping[str, Sequence[str]] | None = None,
+    skip: Sequence[str] = (),
+) -> None:
+    """One flag per field of ``cls``; ``choices`` overrides a field's (registry names).
+
+    Metadata may rename the flag (``flag="--worker"``) or mark a field whose
+    type is itself a config dataclass (``nested=True``): its fields become flags.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name in skip or not f.init:
+            continue
         meta = dict(f.metadata)
-        help_text = meta.pop("help", "")
+        if meta.pop("skip", False):
+            continue
+        if meta.pop("nested", False):
+            add_dataclass_args(parser, hints[f.name], choices, skip)
+            continue
+        flag_name = str(meta.pop("flag", "--" + f.name.replace("_", "-")))
+        help_text = str(meta.pop("help", ""))
         default = f.default
         if hints[f.name] is bool:
-            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+            parser.add_argument(flag_name, dest=f.name, action="store_true", default=default, help=help_text)
             continue
-        kwargs: dict[str, Any] = {"default": default, "help": f"{help_text} (default: {default})"}
+        # argparse appends to a list default ("extend"); the config gets a tuple back.
+        parsed_default = list(default) if isinstance(default, tuple) else default
+        kwargs: dict[str, Any] = {"dest": f.name, "default": parsed_default, "help": _help(help_text, default)}
         kwargs["type"] = meta.pop("type", _scalar_type(hints[f.name]))
         kwargs.update(meta)
-        parser.add_argument(flag, **kwargs)
+        if choices and f.name in choices:
+            kwargs["choices"] = tuple(choices[f.name])
+        parser.add_argument(flag_name, **kwargs)
 
 
 def config_from_args(cls: type[_C], ns: argparse.Namespace) -> _C:
-    values = {}
+    """The config ``add_dataclass_args`` described, filled from parsed flags."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, object] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.metadata.get("nested"):
+            values[f.name] = config_from_args(hints[f.name], ns)
+            continue
+        if not f.init or not hasattr(ns, f.name):
+            continue
         value = getattr(ns, f.name)
         if isinstance(value, list):
             value = tuple(value)

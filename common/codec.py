@@ -30,6 +30,8 @@ class MessageRegistry:
     def register(self, cls: type[_T]) -> type[_T]:
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"{cls.__name__} must be a dataclass")
+        if not all(f.kw_only for f in dataclasses.fields(cls)):
+            raise TypeError(f"{cls.__name__} must be a kw_only dataclass: messages are built by field name")
         name = cls.__name__
         if name in self._by_name and self._by_name[name] is not cls:
             raise TypeError(f"message type {name} registered twice")

@@ -11,11 +11,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field, replace
 
-DISAGG_MODES = ("null", "prefill", "decode")
-
-
-def _flag(help_text: str, **extra: object) -> dict[str, object]:
-    return {"help": help_text, **extra}
+from pdserve.common.args import flag as _flag
+from pdserve.common.roles import Role
 
 
 @dataclass(frozen=True)
@@ -61,12 +58,13 @@ class ServerConfig:
     cuda_graph_bs: tuple[int, ...] | None = field(default=None, metadata=_flag("decode batch sizes to capture", nargs="+", type=int))
     disable_cuda_graph_padding: bool = field(default=False, metadata=_flag("only replay graphs for exactly captured batch sizes"))
     disable_overlap_schedule: bool = field(default=False, metadata=_flag("do not prepare the next batch while the GPU runs"))
+    disable_pdl: bool = field(default=False, metadata=_flag("launch our GPU kernels without programmatic dependent launch (Hopper and newer chain them by default)"))
     # Disaggregation.
-    disaggregation_mode: str = field(default="null", metadata=_flag("instance role", choices=DISAGG_MODES))
+    disaggregation_mode: str = field(default=Role.COLOCATED.value, metadata=_flag("instance role: null (colocated), prefill or decode"))
     disaggregation_bootstrap_url: str | None = field(default=None, metadata=_flag("bootstrap service URL, e.g. http://127.0.0.1:8998"))
     disaggregation_transfer_backend: str = field(default="nixl", metadata=_flag(
         "KV transfer backend; cuda_ipc = nixl plus direct copies to a decode instance on the same GPU",
-        choices=("nixl", "ucx", "cuda_ipc")))
+))
     disaggregation_ib_device: str | None = field(default=None, metadata=_flag("RDMA device(s) for UCX, e.g. mlx5_0"))
     disaggregation_control_host: str | None = field(default=None, metadata=_flag("address the PD control channel binds (default: --host)"))
     disaggregation_control_port: int = field(default=0, metadata=_flag("PD control channel port (0: pick a free one)"))
@@ -88,7 +86,7 @@ class ServerConfig:
     def validate(self) -> None:
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
-        if self.disaggregation_mode != "null" and not self.disaggregation_bootstrap_url:
+        if Role(self.disaggregation_mode).is_pd and not self.disaggregation_bootstrap_url:
             raise ValueError("--disaggregation-bootstrap-url is required in prefill and decode mode")
         if self.stream_interval < 1:
             raise ValueError("--stream-interval must be >= 1")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.common.codec import message
-from pdserve.common.sampling import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerateRequest:
     rid: str
     input_ids: list[int]
@@ -19,14 +19,14 @@ class GenerateRequest:
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AbortRequest:
     rid: str
     reason: str = "abort"
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ControlRequest:
     """Ask the engine something: ``kind`` is "stats" or "flush_cache"."""
 
@@ -35,7 +35,7 @@ class ControlRequest:
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ControlResponse:
     req_id: int
     ok: bool
@@ -44,7 +44,7 @@ class ControlResponse:
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenOutput:
     rid: str
     token_ids: list[int]
@@ -59,18 +59,18 @@ class TokenOutput:
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenBatch:
     outputs: list[TokenOutput]
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineReady:
     info: dict
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineFailed:
     error: str

@@ -28,12 +28,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.bootstrap.protocol import InstanceInfo
-from pdserve.common.engine_role import EngineRole, register_role
-from pdserve.common.pd_endpoint import PDEndpoint
-from pdserve.common.pd_protocol import KVPagesRequest, PrefillDone, RoomAbort
-from pdserve.common.request import Req
-from pdserve.transfer.base import KVReceiver, LayoutMismatchError, RoomState
+from pdserve.common.roles import Role
+from pdserve.engine.request import Req
+from pdserve.engine.role import EngineHandle, EngineRole
+from pdserve.transfer.base import KVMemory, KVReceiver, LayoutMismatchError, RoomState
 from pdserve.transfer.control import ControlClient, ControlClosedError
+from pdserve.transfer.endpoint import PDEndpoint
+from pdserve.transfer.pd_messages import KVPagesRequest, PrefillDone, RoomAbort
 
 logger = logging.getLogger("pdserve.decode")
 
@@ -70,21 +71,19 @@ class QuarantinedRoom:
 
 
 class DecodeRole(EngineRole):
-    def __init__(self, engine):
+    def __init__(self, engine: EngineHandle):
         super().__init__(engine)
         cfg = engine.cfg
         self.page_size = cfg.page_size
         self.timeout_s = cfg.disaggregation_timeout_s
         # D listens nowhere: it dials each prefill instance's control server.
-        self.endpoint = PDEndpoint(cfg, engine.pool, control_address=f"{cfg.disaggregation_control_host}:0")
+        memory = KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout)
+        self.endpoint = PDEndpoint(cfg, memory, control_address=f"{cfg.disaggregation_control_host}:0")
         self.agent = self.endpoint.agent
         self.prealloc: deque[tuple[Req, float]] = deque()
         self.rooms: dict[int, DecodeRoom] = {}
         self.peers: dict[str, PrefillPeer] = {}
         self.quarantine: dict[int, QuarantinedRoom] = {}
-        # Transfer peers of prefill instances whose control channel is gone,
-        # removed from the agent once no room or quarantine refers to them.
-        self.retiring_peers: set[str] = set()
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -169,7 +168,7 @@ class DecodeRole(EngineRole):
             receiver = self.agent.create_receiver(req.room, peer.peer_name, self.timeout_s)
         except Exception as exc:  # e.g. a room id the agent still remembers
             raise RoomFailed(f"cannot open room {req.room}: {exc}") from exc
-        msg = KVPagesRequest(req.room, self.endpoint.instance_id, self.endpoint.peer_info, list(req.pages), len(req.prompt_ids))
+        msg = KVPagesRequest(room=req.room, decode_instance_id=self.endpoint.instance_id, peer_info=self.endpoint.peer_info, dst_pages=list(req.pages), num_prompt_tokens=len(req.prompt_ids))
         try:
             peer.control.send(msg)
         except ControlClosedError as exc:
@@ -188,10 +187,9 @@ class DecodeRole(EngineRole):
         try:
             # Once per prefill instance; later rooms use the cached peer.
             info = self.endpoint.bootstrap.lookup(instance_id)
-            if info is None or info.role != "prefill":
+            if info is None or info.role != Role.PREFILL:
                 raise RoomFailed(f"prefill instance {instance_id!r} is not registered at the bootstrap service")
-            name = self.agent.add_peer(info.peer_info_bytes)
-            self.retiring_peers.discard(name)
+            name = self.endpoint.add_peer(info.peer_info_bytes)
         except LayoutMismatchError as exc:
             raise RoomFailed(str(exc), 500) from exc
         except RoomFailed:
@@ -210,15 +208,11 @@ class DecodeRole(EngineRole):
             if ctx.peer is peer:
                 self._fail_room(room, RoomFailed(reason), notify_peer=False)
         peer.control.close()
-        self.retiring_peers.add(peer.peer_name)
+        self.endpoint.retire_peer(peer.peer_name)
 
     def _retire_peers(self) -> None:
-        if not self.retiring_peers:
-            return
-        busy = {ctx.peer.peer_name for ctx in self.rooms.values()} | {q.peer.peer_name for q in self.quarantine.values()}
-        for name in self.retiring_peers - busy:
-            self.agent.remove_peer(name)
-        self.retiring_peers &= busy
+        self.endpoint.retire_idle_peers(
+            {ctx.peer.peer_name for ctx in self.rooms.values()} | {q.peer.peer_name for q in self.quarantine.values()})
 
     # ---- control channel --------------------------------------------------------------
     def _drain_control(self) -> None:
@@ -274,7 +268,7 @@ class DecodeRole(EngineRole):
         ctx.receiver.abort()
         if notify_reason is not None and not ctx.peer.control.closed:
             try:
-                ctx.peer.control.send(RoomAbort(room, notify_reason))
+                ctx.peer.control.send(RoomAbort(room=room, reason=notify_reason))
             except ControlClosedError:
                 pass
         if landed:  # every WRITE completed: nothing more can land
@@ -285,6 +279,3 @@ class DecodeRole(EngineRole):
 
     def _unquarantine(self, room: int) -> None:
         self.engine.pool.release(self.quarantine.pop(room).pages)
-
-
-register_role("decode")(DecodeRole)

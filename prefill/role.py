@@ -23,13 +23,13 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from pdserve.common.engine_role import EngineRole, register_role
-from pdserve.common.pd_endpoint import PDEndpoint
-from pdserve.common.pd_protocol import KVPagesRequest, PrefillDone, RoomAbort
-from pdserve.common.request import Req
-from pdserve.common.scheduler import ScheduledBatch
-from pdserve.transfer.base import KVSender, LayoutMismatchError, RoomState
+from pdserve.engine.request import Req
+from pdserve.engine.role import EngineHandle, EngineRole
+from pdserve.model.batch import ScheduledBatch
+from pdserve.transfer.base import KVMemory, KVSender, LayoutMismatchError, RoomState
 from pdserve.transfer.control import ControlClosedError, ControlServer
+from pdserve.transfer.endpoint import PDEndpoint
+from pdserve.transfer.pd_messages import KVPagesRequest, PrefillDone, RoomAbort
 
 logger = logging.getLogger("pdserve.prefill")
 
@@ -58,13 +58,13 @@ class PrefillRole(EngineRole):
     # an idle prefill engine must look at it promptly.
     idle_wait_s = 0.005
 
-    def __init__(self, engine):
+    def __init__(self, engine: EngineHandle):
         super().__init__(engine)
         cfg = engine.cfg
         self.page_size = cfg.page_size
         self.timeout_s = cfg.disaggregation_timeout_s
         self.control = ControlServer(cfg.disaggregation_control_host, cfg.disaggregation_control_port)
-        self.endpoint = PDEndpoint(cfg, engine.pool, self.control.address)
+        self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address)
         self.agent = self.endpoint.agent
         self.waiting_reqs: dict[int, tuple[Req, float]] = {}  # room -> (request, deadline)
         self.waiting_pages: dict[int, tuple[int, KVPagesRequest, float]] = {}  # room -> (conn, msg, deadline)
@@ -77,7 +77,6 @@ class PrefillRole(EngineRole):
         # of whose connections is open is removed once its rooms have drained,
         # so a decode instance that died or restarted leaves nothing held here.
         self.peer_conns: dict[str, set[int]] = {}
-        self.retiring_peers: set[str] = set()
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -145,7 +144,7 @@ class PrefillRole(EngineRole):
                 return req
         for room, ctx in list(self.rooms.items()):
             if ctx.req.rid == rid:
-                self._end_room(room, notice=RoomAbort(room, "aborted by client"))
+                self._end_room(room, notice=RoomAbort(room=room, reason="aborted by client"))
                 return ctx.req
         return None
 
@@ -179,7 +178,7 @@ class PrefillRole(EngineRole):
     def _on_message(self, conn_id: int, msg: object) -> None:
         if isinstance(msg, KVPagesRequest):
             if msg.room in self.waiting_pages or msg.room in self.rooms:
-                self._send(conn_id, RoomAbort(msg.room, f"room {msg.room} is already in use"))
+                self._send(conn_id, RoomAbort(room=msg.room, reason=f"room {msg.room} is already in use"))
                 return
             self.waiting_pages[msg.room] = (conn_id, msg, time.monotonic() + self.timeout_s)
             self._try_pair(msg.room)
@@ -198,16 +197,12 @@ class PrefillRole(EngineRole):
         for name, conns in self.peer_conns.items():
             conns.discard(conn_id)
             if not conns:
-                self.retiring_peers.add(name)
+                self.endpoint.retire_peer(name)
 
     def _retire_peers(self) -> None:
-        if not self.retiring_peers:
-            return
         busy = {ctx.sender.peer for ctx in self.rooms.values()} | {d.sender.peer for d in self.draining.values()}
-        for name in self.retiring_peers - busy:
-            self.agent.remove_peer(name)
+        for name in self.endpoint.retire_idle_peers(busy):
             del self.peer_conns[name]
-        self.retiring_peers &= busy
 
     # ---- pairing ------------------------------------------------------------------
     def _try_pair(self, room: int) -> None:
@@ -219,16 +214,15 @@ class PrefillRole(EngineRole):
         sender = None
         if problem is None:
             try:
-                peer = self.agent.add_peer(msg.peer_info)
+                peer = self.endpoint.add_peer(msg.peer_info)
                 self.peer_conns.setdefault(peer, set()).add(conn_id)
-                self.retiring_peers.discard(peer)
                 sender = self.agent.create_sender(room, peer, msg.dst_pages, self.timeout_s)
             except LayoutMismatchError as exc:
                 problem = str(exc)
             except Exception as exc:  # a peer that cannot be loaded fails this room only
                 problem = f"cannot reach the decode instance's transfer agent: {exc}"
         if problem is not None:
-            self._send(conn_id, RoomAbort(room, problem))
+            self._send(conn_id, RoomAbort(room=room, reason=problem))
             self.engine.fail(req, problem, 500)
             return
         self.rooms[room] = PrefillRoom(req, conn_id, sender)
@@ -255,7 +249,7 @@ class PrefillRole(EngineRole):
         for room, (conn_id, _, deadline) in list(self.waiting_pages.items()):
             if now > deadline:
                 del self.waiting_pages[room]
-                self._send(conn_id, RoomAbort(room, "the prefill side never received this request"))
+                self._send(conn_id, RoomAbort(room=room, reason="the prefill side never received this request"))
 
     # ---- transfer ------------------------------------------------------------------
     def _send_ready_pages(self, ctx: PrefillRoom) -> None:
@@ -279,7 +273,7 @@ class PrefillRole(EngineRole):
         self.engine.emit(ctx.req)
 
     def _on_peer_abort(self, conn_id: int, msg: RoomAbort) -> None:
-        ack = RoomAbort(msg.room, "abort acknowledged")
+        ack = RoomAbort(room=msg.room, reason="abort acknowledged")
         self.waiting_pages.pop(msg.room, None)
         if msg.room in self.rooms:
             self.rooms[msg.room].sender.on_peer_abort(msg.reason)
@@ -299,7 +293,7 @@ class PrefillRole(EngineRole):
         ctx = self.rooms.get(room)
         if ctx is None:
             return
-        self._end_room(room, notice=RoomAbort(room, reason) if notify_peer else ack)
+        self._end_room(room, notice=RoomAbort(room=room, reason=reason) if notify_peer else ack)
         logger.warning("room %d failed: %s", room, reason)
         self.engine.fail(ctx.req, reason, 502)
 
@@ -318,6 +312,3 @@ class PrefillRole(EngineRole):
         self.engine.pool.release(drain.pages)
         if drain.notice is not None:
             self._send(drain.conn_id, drain.notice)
-
-
-register_role("prefill")(PrefillRole)

@@ -22,11 +22,12 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
-from pdserve.router.config import CacheAwareConfig, RouterConfig
+from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
-from pdserve.router.policies import Policy, make_policy, policy_names
+from pdserve.router.policies import POLICIES, Policy, make_policy
 from pdserve.router.proxy import Forwarder
 from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
 
@@ -214,54 +215,17 @@ def create_app(config: RouterConfig) -> FastAPI:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = RouterConfig()
-    ca = CacheAwareConfig()
-    p = argparse.ArgumentParser(prog="pdserve router", description=__doc__.split("\n")[0])
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL",
-                   help="prefill instance URL(s)")
-    p.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL",
-                   help="decode instance URL(s)")
-    p.add_argument("--worker", nargs="+", action="extend", default=[], metavar="URL",
-                   help="colocated instance URL(s); selects colocated mode")
-    p.add_argument("--bootstrap-url", default=d.bootstrap_url,
-                   help="discover instances from this bootstrap service")
-    p.add_argument("--mode", choices=("auto", "pd", "colocated"), default="auto",
-                   help="auto: colocated when --worker is given, else pd")
-    p.add_argument("--policy", choices=policy_names(), default=d.policy)
-    p.add_argument("--prefill-policy", choices=policy_names(), default=d.prefill_policy)
-    p.add_argument("--decode-policy", choices=policy_names(), default=d.decode_policy)
-    p.add_argument("--cache-threshold", type=float, default=ca.cache_threshold)
-    p.add_argument("--balance-abs-threshold", type=int, default=ca.balance_abs_threshold)
-    p.add_argument("--balance-rel-threshold", type=float, default=ca.balance_rel_threshold)
-    p.add_argument("--max-tree-chars", type=int, default=ca.max_tree_chars)
-    p.add_argument("--api-key", default=d.api_key)
-    p.add_argument("--health-check-interval-s", type=float, default=d.health_check_interval_s)
-    p.add_argument("--health-check-timeout-s", type=float, default=d.health_check_timeout_s)
-    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
-    p.add_argument("--max-retries", type=int, default=d.max_retries)
-    p.add_argument("--log-level", default=d.log_level)
-    return p
+    parser = argparse.ArgumentParser(prog="pdserve router",
+                                     description="Run the PD load balancer and OpenAI-compatible front door.")
+    names = POLICIES.names()
+    add_dataclass_args(parser, RouterConfig, choices={"policy": names, "prefill_policy": names, "decode_policy": names})
+    return parser
 
 
 def parse_args(argv: list[str]) -> RouterConfig:
     parser = build_parser()
-    a = parser.parse_args(argv)
-    mode = a.mode if a.mode != "auto" else ("colocated" if a.worker else "pd")
-    cache_aware = CacheAwareConfig(
-        cache_threshold=a.cache_threshold, balance_abs_threshold=a.balance_abs_threshold,
-        balance_rel_threshold=a.balance_rel_threshold, max_tree_chars=a.max_tree_chars)
     try:
-        return RouterConfig(
-            host=a.host, port=a.port, prefill_urls=tuple(a.prefill), decode_urls=tuple(a.decode),
-            worker_urls=tuple(a.worker), bootstrap_url=a.bootstrap_url, mode=mode,
-            policy=a.policy, prefill_policy=a.prefill_policy, decode_policy=a.decode_policy,
-            cache_aware=cache_aware, api_key=a.api_key,
-            health_check_interval_s=a.health_check_interval_s,
-            health_check_timeout_s=a.health_check_timeout_s,
-            request_timeout_s=a.request_timeout_s, max_retries=a.max_retries,
-            log_level=a.log_level)
+        return config_from_args(RouterConfig, parser.parse_args(argv))
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

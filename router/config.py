@@ -1,45 +1,53 @@
-"""The router's configuration: one frozen dataclass, filled by ``pdserve router``."""
+"""The router's configuration: frozen dataclasses that are also ``pdserve router``'s flags."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-MODES = ("pd", "colocated")
+from pdserve.common.args import flag
+
+MODES = ("auto", "pd", "colocated")
 
 
 @dataclass(frozen=True)
 class CacheAwareConfig:
     """Knobs of the cache_aware policy (SGLang's names and defaults)."""
 
-    cache_threshold: float = 0.3  # route by prefix only above this match ratio
-    balance_abs_threshold: int = 64  # load gap that counts as imbalanced ...
-    balance_rel_threshold: float = 1.5  # ... when also this many times the minimum
-    max_tree_chars: int = 4_000_000  # per worker; least recently used leaves go first
+    cache_threshold: float = field(default=0.3, metadata=flag("cache_aware: route by prefix only above this match ratio"))
+    balance_abs_threshold: int = field(default=64, metadata=flag("cache_aware: a load gap this large counts as imbalanced ..."))
+    balance_rel_threshold: float = field(default=1.5, metadata=flag("... when it is also this many times the smallest load"))
+    max_tree_chars: int = field(default=4_000_000, metadata=flag("cache_aware: prefix-tree characters kept per worker (LRU)"))
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    host: str = "127.0.0.1"
-    port: int = 30000
-    prefill_urls: tuple[str, ...] = ()
-    decode_urls: tuple[str, ...] = ()
-    worker_urls: tuple[str, ...] = ()  # colocated instances
-    bootstrap_url: str | None = None  # discover instances from the bootstrap service
-    mode: str = "pd"  # "pd" | "colocated"; the CLI resolves "auto" from the URLs given
-    policy: str = "cache_aware"
-    prefill_policy: str | None = None  # None: same as ``policy``
-    decode_policy: str | None = None
-    cache_aware: CacheAwareConfig = CacheAwareConfig()
-    api_key: str | None = None
-    health_check_interval_s: float = 5.0
-    health_check_timeout_s: float = 5.0
-    request_timeout_s: float = 600.0
-    max_retries: int = 2
-    log_level: str = "info"
+    host: str = field(default="127.0.0.1", metadata=flag("HTTP bind address"))
+    port: int = field(default=30000, metadata=flag("HTTP port"))
+    prefill_urls: tuple[str, ...] = field(default=(), metadata=flag(
+        "prefill instance URL(s)", flag="--prefill", nargs="+", action="extend", metavar="URL"))
+    decode_urls: tuple[str, ...] = field(default=(), metadata=flag(
+        "decode instance URL(s)", flag="--decode", nargs="+", action="extend", metavar="URL"))
+    worker_urls: tuple[str, ...] = field(default=(), metadata=flag(
+        "colocated instance URL(s); selects colocated mode", flag="--worker", nargs="+", action="extend", metavar="URL"))
+    bootstrap_url: str | None = field(default=None, metadata=flag("discover instances from this bootstrap service"))
+    mode: str = field(default="auto", metadata=flag(
+        "auto: colocated when --worker is given, else pd", choices=MODES))
+    policy: str = field(default="cache_aware", metadata=flag("load-balancing policy of both roles"))
+    prefill_policy: str | None = field(default=None, metadata=flag("prefill policy (default: --policy)"))
+    decode_policy: str | None = field(default=None, metadata=flag("decode policy (default: --policy)"))
+    cache_aware: CacheAwareConfig = field(default=CacheAwareConfig(), metadata=flag("", nested=True))
+    api_key: str | None = field(default=None, metadata=flag("require Authorization: Bearer KEY on every endpoint but /health"))
+    health_check_interval_s: float = field(default=5.0, metadata=flag("seconds between health checks of each worker"))
+    health_check_timeout_s: float = field(default=5.0, metadata=flag("seconds a health check may take"))
+    request_timeout_s: float = field(default=600.0, metadata=flag("seconds one upstream request may take"))
+    max_retries: int = field(default=2, metadata=flag("retries on another worker pair while no byte reached the client"))
+    log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "auto":  # resolved once, here: every reader sees pd or colocated
+            object.__setattr__(self, "mode", "colocated" if self.worker_urls else "pd")
         if self.mode == "colocated" and (self.prefill_urls or self.decode_urls):
             raise ValueError("--worker (colocated) cannot be mixed with --prefill/--decode")
         if self.mode == "pd" and self.worker_urls:

@@ -1,6 +1,6 @@
 """Load-balancing policies: how the router picks one worker among the healthy ones.
 
-Policies register by name with :func:`register_policy`; the router builds one
+Policies are named in ``POLICIES`` (they add themselves with :func:`register_policy`); the router builds one
 instance per role (prefill and decode may use different policies). ``select``
 gets the healthy candidates (never empty) and the routing text of the request.
 """
@@ -12,32 +12,25 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pdserve.common.registry import Registry
 from pdserve.router.config import CacheAwareConfig
 from pdserve.router.radix_tree import RadixTree
 from pdserve.router.workers import Worker
 
-_POLICIES: dict[str, type[Policy]] = {}
+POLICIES: Registry[type[Policy]] = Registry("policy")
 
 
 def register_policy(name: str) -> Callable[[type[Policy]], type[Policy]]:
     def wrap(cls: type[Policy]) -> type[Policy]:
-        if name in _POLICIES:
-            raise ValueError(f"policy {name!r} registered twice")
         cls.name = name
-        _POLICIES[name] = cls
+        POLICIES.add(name, cls)
         return cls
 
     return wrap
 
 
-def policy_names() -> list[str]:
-    return sorted(_POLICIES)
-
-
 def make_policy(name: str, cache_aware: CacheAwareConfig, seed: int | None = None) -> Policy:
-    if name not in _POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(policy_names())}")
-    return _POLICIES[name](cache_aware=cache_aware, seed=seed)
+    return POLICIES.get(name)(cache_aware=cache_aware, seed=seed)
 
 
 class Policy(ABC):

@@ -18,14 +18,12 @@ from typing import Any
 
 import httpx
 from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
+from pdserve.common.roles import Role
 from pdserve.router.config import RouterConfig
 
 logger = logging.getLogger("pdserve.router.workers")
 
-PREFILL, DECODE, COLOCATED = "prefill", "decode", "worker"
-# The disaggregation_mode each router role expects the instance to report.
-_MODE_OF_ROLE = {PREFILL: "prefill", DECODE: "decode", COLOCATED: "null"}
-_ROLE_OF_MODE = {mode: role for role, mode in _MODE_OF_ROLE.items()}
+PREFILL, DECODE, COLOCATED = Role.PREFILL, Role.DECODE, Role.COLOCATED
 
 
 @dataclass(eq=False)
@@ -33,7 +31,7 @@ class Worker:
     """Mutable state of one worker; identity is the object itself."""
 
     url: str
-    role: str  # PREFILL | DECODE | COLOCATED
+    role: Role  # the disaggregation_mode the instance must report
     discovered: bool = False
     instance_id: str | None = None
     healthy: bool = False
@@ -48,7 +46,7 @@ class Worker:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "role": self.role, "url": self.url, "instance_id": self.instance_id,
+            "role": self.role.value, "url": self.url, "instance_id": self.instance_id,
             "healthy": self.healthy, "load": self.load, "in_flight": self.in_flight,
             "num_running_reqs": self.num_running_reqs, "num_queued_reqs": self.num_queued_reqs,
             "source": "bootstrap" if self.discovered else "static", "last_error": self.last_error,
@@ -124,7 +122,7 @@ class WorkerRegistry:
             return
         seen = set()
         for info in infos:
-            role = _ROLE_OF_MODE.get(info.role) if info else None
+            role = Role(info.role) if info else None
             if role in self._roles:
                 key = (role, info.http_url.rstrip("/"))
                 seen.add(key)
@@ -160,7 +158,7 @@ class WorkerRegistry:
         if not isinstance(info, dict):
             return "/get_server_info is not a JSON object"
         mode = info.get("disaggregation_mode")
-        if mode is not None and mode != _MODE_OF_ROLE[worker.role]:
+        if mode is not None and mode != worker.role.value:
             return f"instance serves disaggregation_mode={mode}, router expects {worker.role}"
         instance_id = info.get("instance_id")
         if worker.role == PREFILL and not instance_id:

@@ -26,7 +26,7 @@ IDLE_TIMEOUT_S = 5.0
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    from pdserve.common.builtin_models import ensure_builtin_model
+    from pdserve.model.builtin import ensure_builtin_model
 
     return ensure_builtin_model("tiny")
 

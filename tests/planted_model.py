@@ -37,9 +37,9 @@ from __future__ import annotations
 import math
 
 import torch
-from pdserve.common.kernels.reference import apply_rotary
-from pdserve.common.model_config import ModelConfig
-from pdserve.common.models.layers import RotaryEmbedding
+from pdserve.model.config import ModelConfig
+from pdserve.model.kernels.reference import apply_rotary
+from pdserve.model.models.layers import RotaryEmbedding
 
 # Defaults measured on the Llama-3.2-1B and Qwen3-0.6B shapes (float32 against
 # bf16 in transformers): the previous token is chosen with a lead of 8+ nats over
@@ -136,7 +136,7 @@ def write_dummy_checkpoint(
     import shutil
     from pathlib import Path
 
-    from pdserve.common.weights import hf_state_dict, load_model
+    from pdserve.model.weights import hf_state_dict, load_model
     from safetensors.torch import save_file
 
     cfg = ModelConfig.from_dir(config_dir)

@@ -112,7 +112,7 @@ def start_server(
 ) -> ServerProcess:
     """Start ``pdserve serve`` with ``flags`` on a free port and wait until it is healthy."""
     port = free_port()
-    argv = [sys.executable, "-m", "pdserve.common.cli", "serve", "--port", str(port), *flags]
+    argv = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), *flags]
     if api_key:
         argv += ["--api-key", api_key]
     log = open(log_path, "wb")  # the child inherits the descriptor and keeps writing

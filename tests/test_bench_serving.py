@@ -112,7 +112,7 @@ def test_chat_backend_streams_deltas() -> None:
 
 
 def test_server_tokenizer_gives_exact_prompt_lengths() -> None:
-    from pdserve.common.builtin_models import ensure_builtin_model
+    from pdserve.model.builtin import ensure_builtin_model
     from transformers import AutoTokenizer
 
     tok_dir = ensure_builtin_model("tiny")
@@ -192,7 +192,7 @@ def test_bad_input_and_unreachable_server(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_help_works(capsys: pytest.CaptureFixture[str]) -> None:
-    from pdserve.common.cli import main as cli_main
+    from pdserve.cli import main as cli_main
 
     with pytest.raises(SystemExit) as exc:
         cli_main(["bench", "--help"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pdserve.common import builtin_models as bm
+from pdserve.model import builtin as bm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 SUBPROCESS_TIMEOUT_S = 120
@@ -163,7 +163,7 @@ def test_publish_loser_uses_winner(tmp_path: Path) -> None:
 
 
 def test_concurrent_creation_yields_one_valid_directory(tmp_path: Path, tiny_dir: str) -> None:
-    code = "from pdserve.common.builtin_models import ensure_builtin_model as e; print(e('tiny'))"
+    code = "from pdserve.model.builtin import ensure_builtin_model as e; print(e('tiny'))"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], env=_env_with_root(tmp_path),
@@ -200,7 +200,7 @@ def test_cli_model_path_in_process(tiny_dir: str, capsys: pytest.CaptureFixture[
 
 def test_cli_model_path_subprocess(model_root: Path, tiny_dir: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pdserve.common.cli", "model", "path", "tiny"],
+        [sys.executable, "-m", "pdserve.cli", "model", "path", "tiny"],
         env=_env_with_root(model_root), capture_output=True, text=True,
         timeout=SUBPROCESS_TIMEOUT_S, check=True,
     )

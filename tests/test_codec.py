@@ -17,7 +17,7 @@ from pdserve.common.messages import (
     TokenBatch,
     TokenOutput,
 )
-from pdserve.common.sampling import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(
     max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.1,
@@ -25,16 +25,16 @@ PARAMS = SamplingParams(
     logprobs=True, top_logprobs=2,
 )
 MESSAGES = [
-    GenerateRequest("rid-1", [0, 5, 999], PARAMS, bootstrap_room=2**63 - 1, prefill_instance_id="p-1"),
-    GenerateRequest("rid-2", [1], SamplingParams()),
-    AbortRequest("rid-1"),
-    ControlRequest(3, "stats"),
-    ControlResponse(3, True, {"kv_pool": {"used_pages": 0}, "pid": 12, "ratio": 0.25}, ""),
-    TokenOutput("rid-1", [4, 5], [-0.5, -1.25], [[[4, -0.5], [6, -2.0]], [[5, -1.25]]], "stop", 5, 3, 2),
-    TokenOutput("rid-2", [], finish_reason="abort", error="too many queued requests", error_status=503),
-    TokenBatch([TokenOutput("a", [1]), TokenOutput("b", [2], finish_reason="length")]),
-    EngineReady({"context_len": 2048, "dtype": "float32"}),
-    EngineFailed("ValueError: boom"),
+    GenerateRequest(rid="rid-1", input_ids=[0, 5, 999], params=PARAMS, bootstrap_room=2**63 - 1, prefill_instance_id="p-1"),
+    GenerateRequest(rid="rid-2", input_ids=[1], params=SamplingParams()),
+    AbortRequest(rid="rid-1"),
+    ControlRequest(req_id=3, kind="stats"),
+    ControlResponse(req_id=3, ok=True, data={"kv_pool": {"used_pages": 0}, "pid": 12, "ratio": 0.25}, message=""),
+    TokenOutput(rid="rid-1", token_ids=[4, 5], logprobs=[-0.5, -1.25], top_logprobs=[[[4, -0.5], [6, -2.0]], [[5, -1.25]]], finish_reason="stop", matched_stop=5, prompt_tokens=3, cached_tokens=2),
+    TokenOutput(rid="rid-2", token_ids=[], finish_reason="abort", error="too many queued requests", error_status=503),
+    TokenBatch(outputs=[TokenOutput(rid="a", token_ids=[1]), TokenOutput(rid="b", token_ids=[2], finish_reason="length")]),
+    EngineReady(info={"context_len": 2048, "dtype": "float32"}),
+    EngineFailed(error="ValueError: boom"),
 ]
 
 
@@ -68,7 +68,7 @@ def test_garbage_is_an_error() -> None:
 
 def test_unknown_fields_are_ignored_missing_ones_fail() -> None:
     newer = msgpack.packb({"t": "AbortRequest", "f": {"rid": "r", "reason": "abort", "added_later": 1}})
-    assert codec.decode(newer) == AbortRequest("r")
+    assert codec.decode(newer) == AbortRequest(rid="r")
     with pytest.raises(codec.CodecError):
         codec.decode(msgpack.packb({"t": "AbortRequest", "f": {}}))
 
@@ -88,4 +88,4 @@ def test_registering_a_second_class_of_the_same_name_fails() -> None:
 def test_ints_wider_than_64_bits_do_not_encode() -> None:
     # Why the HTTP front bounds seeds and token ids before they reach the pipe.
     with pytest.raises(OverflowError):
-        codec.encode(AbortRequest("r", reason=2**64))
+        codec.encode(AbortRequest(rid="r", reason=2**64))

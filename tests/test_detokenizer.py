@@ -6,8 +6,8 @@ import random
 
 import pytest
 from pdserve.common.messages import TokenOutput
-from pdserve.common.text_stream import TextStream
-from pdserve.common.tokenizer import (
+from pdserve.server.text_stream import TextStream
+from pdserve.server.tokenizer import (
     IncrementalDetokenizer,
     apply_chat_template,
     load_tokenizer,
@@ -87,7 +87,7 @@ def feed_all(tokenizer, ids: list[int], stop: tuple[str, ...], chunk: int = 1) -
     deltas = []
     for i in range(0, len(ids), chunk):
         last = i + chunk >= len(ids)
-        delta = stream.feed(TokenOutput("r", ids[i : i + chunk], finish_reason="length" if last else None))
+        delta = stream.feed(TokenOutput(rid="r", token_ids=ids[i : i + chunk], finish_reason="length" if last else None))
         deltas.append(delta.text)
         if delta.finish_reason is not None:
             return deltas, delta.finish_reason, delta.matched_stop

@@ -6,7 +6,7 @@ import multiprocessing as mp
 
 import pytest
 from pdserve.common.config import ServerConfig
-from pdserve.common.engine import PD_POLL_WAIT_S, Engine
+from pdserve.engine.engine import PD_POLL_WAIT_S, Engine
 
 
 @pytest.mark.parametrize("interval_ms, wait_s", [(None, PD_POLL_WAIT_S["cpu"]), (0.25, 0.25e-3)])

@@ -10,14 +10,14 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pdserve.common.config import ServerConfig
-from pdserve.common.engine_client import EngineBusy, EngineClient, EngineDied
-from pdserve.common.metrics import ServerMetrics
-from pdserve.common.routes import install_routes
-from pdserve.common.server import AppState
+from pdserve.server.state import AppState
+from pdserve.server.engine_client import EngineBusy, EngineClient, EngineDied
+from pdserve.server.metrics import ServerMetrics
+from pdserve.server.routes import install_routes
 
 
 def test_a_control_request_nobody_answers_raises_engine_busy(monkeypatch: pytest.MonkeyPatch) -> None:
-    client = EngineClient(ServerConfig(device="cpu"), "unused")  # never started: nobody reads the pipe
+    client = EngineClient(ServerConfig(device="cpu"), "unused", engine_main=print)  # never started: nobody reads the pipe
     monkeypatch.setattr(client, "alive", lambda: True)
 
     async def ask() -> None:

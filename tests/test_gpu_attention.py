@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pdserve.common.attention.base import create_attention_backend
-from pdserve.common.forward_batch import build_forward_batch
+from pdserve.model.attention.base import create_attention_backend
+from pdserve.model.forward_batch import build_forward_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -26,7 +26,7 @@ def _backends() -> list[str]:
 
 def _make(name: str, heads: int, kv_heads: int, dim: int):
     if name == "triton":
-        from pdserve.common.attention import triton_backend  # noqa: F401  (registers it)
+        from pdserve.model.attention import triton_backend  # noqa: F401  (registers it)
     return create_attention_backend(name, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, page_size=PAGE,
                                     device=torch.device("cuda"), dtype=torch.bfloat16)
 

@@ -54,7 +54,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 
 def _checkpoint(model: str, tmp_path: Path, planted: bool) -> str:
-    from pdserve.common.builtin_models import config_dir_for
+    from pdserve.model.builtin import config_dir_for
     from pdserve.tests.planted_model import write_dummy_checkpoint
 
     write_dummy_checkpoint(config_dir_for(CONFIGS / f"{model}.json"), str(tmp_path), torch.device("cuda"),
@@ -64,16 +64,16 @@ def _checkpoint(model: str, tmp_path: Path, planted: bool) -> str:
 
 def _runner(model_dir: str):
     from pdserve.common.config import ServerConfig
-    from pdserve.common.model_config import ModelConfig
-    from pdserve.common.model_runner import ModelRunner
+    from pdserve.model.config import ModelConfig
+    from pdserve.model.runner import ModelRunner
 
     cfg = ServerConfig(model_path=model_dir, dtype="bfloat16", max_total_tokens=65536, cuda_graph_bs=(1, 64))
     return ModelRunner(cfg, model_dir, ModelConfig.from_dir(model_dir))
 
 
 def _requests(runner, prompts: list[list[int]], steps: int):
-    from pdserve.common.request import Req
-    from pdserve.common.sampling import SamplingParams
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.engine.request import Req
 
     reqs = [Req(str(i), p, SamplingParams(temperature=0)) for i, p in enumerate(prompts)]
     for req in reqs:
@@ -84,7 +84,7 @@ def _requests(runner, prompts: list[list[int]], steps: int):
 def _pdserve_run(runner, prompts: list[list[int]], steps: int = 0) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Float32 logits (bf16 values) of each prompt's next token, prefilled in
     batches, and the greedy tokens: that one and ``steps`` more, decoded."""
-    from pdserve.common.scheduler import ScheduledBatch
+    from pdserve.model.batch import ScheduledBatch
 
     reqs = _requests(runner, prompts, steps)
     first = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pdserve.common.kernels import reference
+from pdserve.model.kernels import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -30,7 +30,7 @@ def _seed() -> None:
 
 @pytest.mark.parametrize("hidden", [1024, 2048, 3000])
 def test_norms_and_silu_mul(hidden: int) -> None:
-    from pdserve.common.kernels import elementwise
+    from pdserve.model.kernels import elementwise
 
     x, r = torch.randn(7, hidden, dtype=BF16, device="cuda"), torch.randn(7, hidden, dtype=BF16, device="cuda")
     w = (torch.rand(hidden, device="cuda") + 0.5).to(BF16)
@@ -45,7 +45,7 @@ def test_norms_and_silu_mul(hidden: int) -> None:
 
 @pytest.mark.parametrize("heads, kv_heads, dim, qk_norm", [(32, 8, 64, False), (16, 8, 128, True), (4, 4, 64, False)])
 def test_rope_store(heads: int, kv_heads: int, dim: int, qk_norm: bool) -> None:
-    from pdserve.common.kernels import rope_store
+    from pdserve.model.kernels import rope_store
 
     tokens, pages, page = 37, 20, 16
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=BF16, device="cuda")
@@ -76,7 +76,7 @@ def test_rope_store(heads: int, kv_heads: int, dim: int, qk_norm: bool) -> None:
     (5000, 6000, "residual"),  # untuned: the heuristic, tiles shorter than the row
 ])
 def test_gemv(n: int, k: int, kind: str) -> None:
-    from pdserve.common.kernels.gemv import gemv
+    from pdserve.model.kernels.gemv import gemv
 
     x = torch.randn(1, k, dtype=BF16, device="cuda")
     w = (torch.randn(2 * n if kind == "gated" else n, k, device="cuda") / k**0.5).to(BF16)
@@ -133,7 +133,7 @@ def _attention_ref(q, k_cache, v_cache, tables, seq_lens, ext_lens, scale):
 @pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (16, 8, 128)])
 @pytest.mark.parametrize("splits", [1, 4, 32])
 def test_decode_attention(heads: int, kv_heads: int, dim: int, splits: int) -> None:
-    from pdserve.common.kernels.decode_attention import decode_attention
+    from pdserve.model.kernels.decode_attention import decode_attention
 
     seq_lens = [1, 17, 1024, 300, 64]
     k_cache, v_cache, tables, indptr, indices = _paged(kv_heads, dim, seq_lens)
@@ -146,7 +146,7 @@ def test_decode_attention(heads: int, kv_heads: int, dim: int, splits: int) -> N
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (16, 8, 128)])
 def test_extend_attention_with_cached_prefixes(heads: int, kv_heads: int, dim: int) -> None:
-    from pdserve.common.kernels.prefill_attention import extend_attention
+    from pdserve.model.kernels.prefill_attention import extend_attention
 
     seq_lens, ext_lens = [100, 33, 512, 7], [100, 1, 200, 7]  # prefixes of 0, 32, 312, 0
     k_cache, v_cache, tables, indptr, indices = _paged(kv_heads, dim, seq_lens)
@@ -160,7 +160,7 @@ def test_extend_attention_with_cached_prefixes(heads: int, kv_heads: int, dim: i
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
 def test_page_copy_moves_exactly_the_listed_pages(dtype: torch.dtype) -> None:
-    from pdserve.common.kernels.page_copy import copy_pages
+    from pdserve.transfer.kernels.page_copy import copy_pages
 
     regions, page_elems = 3, 3000  # not a multiple of the block: the tail is masked
     src = torch.randint(0, 100, (regions, 7, page_elems), device="cuda").to(dtype)
@@ -175,7 +175,7 @@ def test_page_copy_moves_exactly_the_listed_pages(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("rows, vocab", [(1, 128256), (8, 151936), (3, 32000), (2, 20011), (1, 151665), (4, 50257)])
 def test_argmax_rows_matches_torch(rows: int, vocab: int) -> None:
-    from pdserve.common.sampling import argmax_rows
+    from pdserve.engine.sampler import argmax_rows
 
     logits = torch.randn(rows, vocab, device="cuda")
     logits[0, 5] = logits[0, vocab - 3] = 1e4  # the first of two maxima in different chunks

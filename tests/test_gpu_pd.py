@@ -30,8 +30,8 @@ MAX_NEW = 12
 
 
 def _config(root: Path, name: str, transfer_backend: str = "nixl", **roles):
-    from pdserve.common.builtin_models import config_dir_for
-    from pdserve.common.launcher import ClusterConfig
+    from pdserve.launcher import ClusterConfig
+    from pdserve.model.builtin import config_dir_for
     from pdserve.tests.server_utils import free_port
 
     (root / "small-llama.json").write_text(json.dumps(SMALL_LLAMA))
@@ -43,7 +43,7 @@ def _config(root: Path, name: str, transfer_backend: str = "nixl", **roles):
 
 @pytest.fixture(scope="module")
 def colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from pdserve.common.launcher import Cluster
+    from pdserve.launcher import Cluster
 
     root = tmp_path_factory.mktemp("gpu-colocated")
     with Cluster(_config(root, "colocated", num_prefill=0, num_decode=0, num_colocated=1)) as cluster:
@@ -52,7 +52,7 @@ def colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
 @pytest.fixture(scope="module", params=["nixl", "cuda_ipc"])
 def clusters(request: pytest.FixtureRequest, colocated, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    from pdserve.common.launcher import Cluster
+    from pdserve.launcher import Cluster
 
     root = tmp_path_factory.mktemp(f"gpu-pd-{request.param}")
     with Cluster(_config(root, "pd", request.param, num_prefill=1, num_decode=1)) as pd:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from pdserve.common.config import ServerConfig
-from pdserve.common.model_config import ModelConfig
-from pdserve.common.model_runner import ModelRunner
-from pdserve.common.request import Req
-from pdserve.common.sampling import SamplingParams
-from pdserve.common.scheduler import ScheduledBatch
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.request import Req
+from pdserve.model.batch import ScheduledBatch
+from pdserve.model.config import ModelConfig
+from pdserve.model.runner import ModelRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -27,7 +27,7 @@ SMALL_LLAMA = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from pdserve.common.builtin_models import config_dir_for
+    from pdserve.model.builtin import config_dir_for
 
     path = tmp_path_factory.mktemp("cfg") / "small-llama.json"
     path.write_text(json.dumps(SMALL_LLAMA))

@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pdserve.common import builtin_models as bm
 from pdserve.common.config import ServerConfig
-from pdserve.common.cuda_graph import capture_batch_sizes, padded_batch_size
-from pdserve.common.forward_batch import build_forward_batch
-from pdserve.common.kernels import reference
-from pdserve.common.kernels.step_inputs import build_step
-from pdserve.common.model_config import ModelConfig
-from pdserve.common.model_runner import ModelRunner
-from pdserve.common.request import Req
-from pdserve.common.sampling import SamplingParams
-from pdserve.common.scheduler import ScheduledBatch
-from pdserve.common.weights import hf_state_dict
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.request import Req
+from pdserve.model import builtin as bm
+from pdserve.model.batch import ScheduledBatch
+from pdserve.model.config import ModelConfig
+from pdserve.model.cuda_graph import capture_batch_sizes, padded_batch_size
+from pdserve.model.forward_batch import build_forward_batch
+from pdserve.model.kernels import reference
+from pdserve.model.kernels.step_inputs import build_step
+from pdserve.model.runner import ModelRunner
+from pdserve.model.weights import hf_state_dict
 
 PAGE = 4
 

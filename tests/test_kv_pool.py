@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pdserve.common.kv_layout import KVLayout
-from pdserve.common.kv_pool import KVPool, OutOfPages
+from pdserve.model.kv_pool import KVPool, OutOfPages
 
 
 def make_pool(num_pages: int = 8, page_size: int = 4) -> KVPool:

@@ -107,7 +107,7 @@ def test_post_needs_a_registered_ring(pair):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_stream_writes_the_record_after_the_work_before_it():
-    from pdserve.common.kernels.ring_record import warm_up
+    from pdserve.transfer.kernels.ring_record import warm_up
 
     warm_up(torch.device("cuda"))  # as the agent does at start: no compile while the sleep below runs
     writer = RingWriter("P", "D", num_records=8, device=torch.device("cuda"))

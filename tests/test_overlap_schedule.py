@@ -17,12 +17,12 @@ import pytest
 import torch
 from pdserve.common import codec
 from pdserve.common.config import ServerConfig
-from pdserve.common.engine import Engine
-from pdserve.common.kernels.step_inputs import feed_tokens
 from pdserve.common.kv_layout import KVLayout
-from pdserve.common.kv_pool import KVPool
 from pdserve.common.messages import GenerateRequest
-from pdserve.common.sampling import SamplingParams
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.engine import Engine
+from pdserve.model.kernels.step_inputs import feed_tokens
+from pdserve.model.kv_pool import KVPool
 
 
 class _Guard:
@@ -76,9 +76,9 @@ def test_a_page_fenced_again_waits_for_the_newer_step() -> None:
 def test_a_reservation_short_of_pages_waits_for_parked_ones() -> None:
     """Pages parked behind the step in flight count as available: a request
     that needs them waits for that step rather than being retracted."""
-    from pdserve.common.radix_cache import RadixCache
-    from pdserve.common.request import Req
-    from pdserve.common.scheduler import Scheduler, SchedulerConfig
+    from pdserve.engine.radix_cache import RadixCache
+    from pdserve.engine.request import Req
+    from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 
     pool = _pool(4)
     cfg = SchedulerConfig(page_size=4, max_running_requests=8, chunked_prefill_size=None, max_prefill_tokens=64,
@@ -163,7 +163,7 @@ def _drive(engine: Engine, arrivals: dict[int, list[GenerateRequest]], aborts: d
 
 
 def _requests(prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerateRequest]:
-    return [GenerateRequest(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    return [GenerateRequest(rid=f"r{i}", input_ids=p, params=sp) for i, (p, sp) in enumerate(zip(prompts, params))]
 
 
 def _prompts(n: int, seed: int = 3) -> list[list[int]]:
@@ -231,12 +231,12 @@ def test_a_pool_too_small_for_everyone_still_finishes_everyone(model_dir: str) -
 
 
 def test_an_ahead_step_is_not_handed_to_a_request_at_another_position(model_dir: str) -> None:
-    from pdserve.common.scheduler import ScheduledBatch
+    from pdserve.model.batch import ScheduledBatch
 
     engine = _engine(model_dir, lookahead=True)
     runner = engine.runner
     (req,) = [r for r in _requests(_prompts(1), [SamplingParams(temperature=0)])]
-    from pdserve.common.request import Req
+    from pdserve.engine.request import Req
 
     r = Req(req.rid, req.input_ids, req.params)
     r.pages = runner.pool.alloc(4)
@@ -253,7 +253,7 @@ def test_an_ahead_step_is_not_handed_to_a_request_at_another_position(model_dir:
 def test_on_the_gpu_outputs_match_the_serial_schedule(tmp_path) -> None:
     import json
 
-    from pdserve.common.builtin_models import config_dir_for
+    from pdserve.model.builtin import config_dir_for
 
     from .test_gpu_runner import SMALL_LLAMA
 
@@ -294,7 +294,7 @@ def test_sampling_on_the_gpu_does_not_wait_for_queued_work() -> None:
     sampling option must queue its work, not wait for the GPU to drain."""
     import time
 
-    from pdserve.common.sampling import Sampler
+    from pdserve.engine.sampler import Sampler
 
     sampler = Sampler(0, torch.device("cuda"))
     logits = torch.randn(4, 128256, device="cuda")

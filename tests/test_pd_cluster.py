@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from pdserve.common.launcher import Cluster, ClusterConfig
+from pdserve.launcher import Cluster, ClusterConfig
 from pdserve.tests.server_utils import free_port
 
 SERVE_ARGS = ("--page-size", "4", "--chunked-prefill-size", "16", "--max-total-tokens", "4096", "--skip-server-warmup")
@@ -176,7 +176,7 @@ def big_cluster(tmp_path_factory) -> Iterator[Cluster]:
 @pytest.mark.parametrize("policy", ["round_robin", "random", "power_of_two", "cache_aware"])
 def test_two_by_two_with_each_policy(big_cluster: Cluster, oracle, policy: str, tmp_path: Path) -> None:
     port = free_port()
-    argv = [sys.executable, "-m", "pdserve.common.cli", "router", "--port", str(port), "--policy", policy,
+    argv = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), "--policy", policy,
             "--prefill", *big_cluster.instance_urls("prefill"), "--decode", *big_cluster.instance_urls("decode")]
     log = (tmp_path / "router.log").open("wb")
     router = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -208,7 +208,7 @@ def _wait_ok(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
 
 def test_layout_mismatch_is_refused_at_startup(big_cluster: Cluster, tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "pdserve.common.cli", "serve", "--port", str(free_port()), "--skip-server-warmup",
+    argv = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(free_port()), "--skip-server-warmup",
             "--disaggregation-mode", "decode", "--disaggregation-bootstrap-url", big_cluster.bootstrap_url,
             "--page-size", "8", "--max-total-tokens", "1024"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

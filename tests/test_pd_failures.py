@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from pdserve.common.launcher import Cluster, ClusterConfig
+from pdserve.launcher import Cluster, ClusterConfig
 from pdserve.tests.server_utils import free_port
 from pdserve.tests.test_pd_cluster import _ports
 

@@ -35,7 +35,7 @@ def _prompts(vocab: int, count: int = 16) -> list[list[int]]:
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def planted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    from pdserve.common.builtin_models import config_dir_for
+    from pdserve.model.builtin import config_dir_for
 
     root = tmp_path_factory.mktemp(request.param)
     (root / "config.json").write_text(json.dumps(SHAPES[request.param]))
@@ -57,8 +57,8 @@ def _hf_logits(model_dir: str, prompts: list[list[int]], rotary: bool = True) ->
 
 
 def test_query_and_key_attend_to_the_previous_position(planted) -> None:
-    from pdserve.common.kernels.reference import apply_rotary
-    from pdserve.common.models.layers import RotaryEmbedding
+    from pdserve.model.kernels.reference import apply_rotary
+    from pdserve.model.models.layers import RotaryEmbedding
 
     cfg, _ = planted
     q, k = previous_token_query_key(cfg)
@@ -88,10 +88,10 @@ def test_transformers_predicts_the_previous_token_through_rotary(planted) -> Non
 
 def test_pdserve_prefill_agrees_with_transformers(planted) -> None:
     from pdserve.common.config import ServerConfig
-    from pdserve.common.model_runner import ModelRunner
-    from pdserve.common.request import Req
-    from pdserve.common.sampling import SamplingParams
-    from pdserve.common.scheduler import ScheduledBatch
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.engine.request import Req
+    from pdserve.model.batch import ScheduledBatch
+    from pdserve.model.runner import ModelRunner
 
     cfg, model_dir = planted
     prompts = _prompts(cfg.vocab_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pdserve.common.errors import APIError, error_body
-from pdserve.common.protocol import parse_chat, parse_completion, parse_generate
+from pdserve.server.protocol import parse_chat, parse_completion, parse_generate
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

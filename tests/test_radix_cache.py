@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pdserve.common.kv_pool import KVPool
-from pdserve.common.radix_cache import RadixCache
+from pdserve.engine.radix_cache import RadixCache
+from pdserve.model.kv_pool import KVPool
 from pdserve.tests.test_kv_pool import make_pool
 
 PAGE = 4

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pdserve.common.launcher import Cluster, ClusterConfig, ClusterError, parse_args
+from pdserve.launcher import Cluster, ClusterConfig, ClusterError, parse_args
 
 FAKE_SERVE = (sys.executable, "-m", "pdserve.tests.fake_worker")
 
@@ -116,7 +116,7 @@ def test_overlapping_ports_are_refused_before_starting_anything(tmp_path: Path) 
 
 
 def _up_argv(config: ClusterConfig, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pdserve.common.cli", "up", "--num-colocated", "1",
+    return [sys.executable, "-m", "pdserve.cli", "up", "--num-colocated", "1",
             "--port", str(config.port), "--bootstrap-port", str(config.bootstrap_port),
             "--base-port", str(config.base_port), "--serve-command", " ".join(FAKE_SERVE),
             "--startup-timeout-s", "30", "--router-args", "--health-check-interval-s 0.2",
@@ -162,7 +162,7 @@ def test_up_flags() -> None:
 
 
 def test_gpu_ids_give_each_instance_its_own_device() -> None:
-    from pdserve.common.launcher import Cluster, parse_args
+    from pdserve.launcher import Cluster, parse_args
 
     config, _ = parse_args(["--num-prefill", "2", "--num-decode", "2", "--gpu-ids", "0", "1", "2", "3"])
     cluster = Cluster(config)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 from pdserve.router.config import CacheAwareConfig
-from pdserve.router.policies import make_policy, policy_names, routing_text
+from pdserve.router.policies import POLICIES, make_policy, routing_text
 from pdserve.router.radix_tree import RadixTree
 from pdserve.router.workers import DECODE, Worker
 
@@ -17,7 +17,7 @@ def workers(*loads: int) -> list[Worker]:
 
 
 def test_registry_knows_every_policy() -> None:
-    assert policy_names() == ["cache_aware", "power_of_two", "random", "round_robin"]
+    assert POLICIES.names() == ("cache_aware", "power_of_two", "random", "round_robin")
     with pytest.raises(ValueError, match="unknown policy 'fastest'"):
         make_policy("fastest", CacheAwareConfig())
 

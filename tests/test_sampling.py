@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from pdserve.common.sampling import Sampler, SamplingParams, _filtered_probs
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.sampler import Sampler, _filtered_probs
 
 CPU = torch.device("cpu")
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
@@ -127,7 +128,7 @@ def test_top_logprobs_count_per_request() -> None:
 
 
 def test_two_pass_argmax_matches_torch_including_ties_and_nan() -> None:
-    from pdserve.common.sampling import two_pass_argmax
+    from pdserve.engine.sampler import two_pass_argmax
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 1203, generator=g)

@@ -6,10 +6,11 @@ import logging
 from dataclasses import replace
 
 import pytest
-from pdserve.common.radix_cache import RadixCache
-from pdserve.common.request import Req
-from pdserve.common.sampling import SamplingParams
-from pdserve.common.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.radix_cache import RadixCache
+from pdserve.engine.request import Req
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.model.batch import ScheduledBatch
 from pdserve.tests.test_kv_pool import make_pool
 
 PAGE = 4

@@ -12,7 +12,7 @@ from pdserve.transfer.control import ControlClient, ControlClosedError, ControlS
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Ping:
     seq: int
     payload: bytes = b""
@@ -47,30 +47,30 @@ def test_round_trip_in_order_with_large_frames(server):
     try:
         big = bytes(range(256)) * 8192  # 2 MiB: many partial socket writes
         for i in range(50):
-            client.send(_Ping(i, big if i == 25 else b""))
+            client.send(_Ping(seq=i, payload=big if i == 25 else b""))
         got = _wait_for(server.recv_nowait, 50)
         assert [m.seq for _, m in got] == list(range(50))
         assert got[25][1].payload == big
         conn_id = got[0][0]
-        server.send(conn_id, _Ping(999))
-        assert _wait_for(client.recv_nowait, 1) == [_Ping(999)]
+        server.send(conn_id, _Ping(seq=999))
+        assert _wait_for(client.recv_nowait, 1) == [_Ping(seq=999)]
     finally:
         client.close()
 
 
 def test_server_tells_clients_apart_and_reports_closed(server):
     a, b = ControlClient(server.address), ControlClient(server.address)
-    a.send(_Ping(1))
-    b.send(_Ping(2))
+    a.send(_Ping(seq=1))
+    b.send(_Ping(seq=2))
     got = dict((m.seq, cid) for cid, m in _wait_for(server.recv_nowait, 2))
     assert set(got) == {1, 2} and got[1] != got[2]
-    server.send(got[2], _Ping(20))
-    assert _wait_for(b.recv_nowait, 1) == [_Ping(20)]
+    server.send(got[2], _Ping(seq=20))
+    assert _wait_for(b.recv_nowait, 1) == [_Ping(seq=20)]
     assert a.recv_nowait() == []
     a.close()
     assert _wait_for(server.closed_connections, 1) == [got[1]]
     with pytest.raises(ControlClosedError):
-        server.send(got[1], _Ping(3))
+        server.send(got[1], _Ping(seq=3))
     b.close()
 
 
@@ -82,7 +82,7 @@ def test_client_gives_up_on_dead_address_without_hanging():
             time.sleep(0.01)
         assert client.closed and "cannot connect" in client.error
         with pytest.raises(ControlClosedError):
-            client.send(_Ping(1))
+            client.send(_Ping(seq=1))
     finally:
         client.close()
 
@@ -92,13 +92,13 @@ def test_client_reconnects_after_server_restart():
     first = ControlServer("127.0.0.1", port)
     client = ControlClient(f"127.0.0.1:{port}", max_retries=50, retry_interval_s=0.02)
     try:
-        client.send(_Ping(1))
+        client.send(_Ping(seq=1))
         assert len(_wait_for(first.recv_nowait, 1)) == 1
         first.close()
         time.sleep(0.1)  # the client notices the drop
         second = ControlServer("127.0.0.1", port)
         try:
-            client.send(_Ping(2))
+            client.send(_Ping(seq=2))
             got = _wait_for(second.recv_nowait, 1)
             assert [m.seq for _, m in got] == [2]
             assert not client.closed
@@ -115,7 +115,7 @@ def test_garbage_frame_drops_only_that_connection(server):
         assert len(_wait_for(server.closed_connections, 1)) == 1
     good = ControlClient(server.address)
     try:
-        good.send(_Ping(7))
+        good.send(_Ping(seq=7))
         assert [m.seq for _, m in _wait_for(server.recv_nowait, 1)] == [7]
     finally:
         good.close()

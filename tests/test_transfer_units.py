@@ -13,7 +13,7 @@ from pdserve.transfer.base import (
     LayoutMismatchError,
     RoomState,
     TransferConfig,
-    available_backends,
+    TRANSFER_BACKENDS,
     check_layouts,
     create_transfer_agent,
 )
@@ -111,7 +111,7 @@ def test_unknown_backend_lists_known_ones():
     memory = KVMemory.from_tensor(torch.zeros(LAYOUT.total_bytes // 4), LAYOUT)
     with pytest.raises(ValueError, match="nixl, ucx"):
         create_transfer_agent(TransferConfig(backend="carrier-pigeon"), memory)
-    assert {"nixl", "ucx"} <= set(available_backends())
+    assert {"nixl", "ucx", "cuda_ipc"} <= set(TRANSFER_BACKENDS.names())
 
 
 def test_room_state_terminality():

@@ -23,13 +23,12 @@ receives can no longer land. ``quiescent()`` reads the state gathered by the las
 ``agent.progress()`` and becomes True on every path; where a backend cannot tell,
 it waits a bounded grace (each backend documents how long).
 
-Backends register by name with :func:`register_backend` and are built with
+Backends are named in ``TRANSFER_BACKENDS`` (lazy entries) and built with
 :func:`create_transfer_agent`.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from pdserve.common.kv_layout import KVLayout
+from pdserve.common.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -350,37 +350,13 @@ class TransferAgent(ABC):
 
 
 AgentFactory = Callable[[TransferConfig, KVMemory], TransferAgent]
-_BACKENDS: dict[str, AgentFactory] = {}
-# Backend modules are imported on first use so that choosing one backend never
-# pays for (or requires) another's native library.
-_BACKEND_MODULES = {
-    "nixl": "pdserve.transfer.nixl_backend",
-    "ucx": "pdserve.transfer.ucx_backend",
-    "cuda_ipc": "pdserve.transfer.cuda_ipc_backend",
-}
-
-
-def register_backend(name: str) -> Callable[[Any], Any]:
-    def wrap(factory: Any) -> Any:
-        if name in _BACKENDS and _BACKENDS[name] is not factory:
-            raise TypeError(f"transfer backend {name!r} registered twice")
-        _BACKENDS[name] = factory
-        return factory
-
-    return wrap
-
-
-def available_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | set(_BACKEND_MODULES))
+# Lazy entries: choosing one backend never pays for (or requires) another's native library.
+TRANSFER_BACKENDS: Registry[AgentFactory] = Registry("transfer backend", {
+    "nixl": "pdserve.transfer.nixl_backend:NixlAgent",
+    "ucx": "pdserve.transfer.ucx_backend:UcxAgent",
+    "cuda_ipc": "pdserve.transfer.cuda_ipc_backend:CudaIpcAgent",
+})
 
 
 def create_transfer_agent(config: TransferConfig, memory: KVMemory) -> TransferAgent:
-    if config.backend not in _BACKENDS and config.backend in _BACKEND_MODULES:
-        importlib.import_module(_BACKEND_MODULES[config.backend])
-    try:
-        factory = _BACKENDS[config.backend]
-    except KeyError:
-        raise ValueError(
-            f"unknown transfer backend {config.backend!r}; known: {', '.join(available_backends())}"
-        ) from None
-    return factory(config, memory)
+    return TRANSFER_BACKENDS.get(config.backend)(config, memory)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from pdserve.common.codec import encode, message
 from pdserve.common.kv_layout import KVLayout
-from pdserve.transfer.base import KVMemory, TransferConfig, register_backend
+from pdserve.transfer.base import KVMemory, TransferConfig
 from pdserve.transfer.descriptors import PageRuns, check_pages, page_runs
 from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RingOffer, RoomNotice, decode_as
 from pdserve.transfer.nixl_backend import NixlAgent, NixlReceiver, NixlSender
@@ -49,7 +49,7 @@ _MAX_STRIDED_RUNS = 4  # more runs than this go to the one-launch page-copy kern
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CudaIpcMetadata:
     nixl: bytes  # the NIXL agent metadata
     gpu_uuid: str = ""  # "" when the pool is not on a GPU
@@ -106,7 +106,7 @@ class CudaIpcSender(NixlSender):
         if pool is None:
             super()._post(src, dst, chunk_index, is_last)
             return
-        notice = RoomNotice(self.room, NOTICE_CHUNK, self._agent.name, chunk_index, is_last)
+        notice = RoomNotice(room=self.room, kind=NOTICE_CHUNK, sender=self._agent.name, chunk_index=chunk_index, is_last=is_last)
         # No descriptor arrays here: the copy needs only the runs, and this is
         # host time on the engine thread before the bytes start moving.
         mine, theirs = self._agent.memory.layout, self._agent.peer(self.peer).kv_layout
@@ -142,7 +142,6 @@ class CudaIpcSender(NixlSender):
         return not self._copies and not self._abandoned and super().quiescent()
 
 
-@register_backend("cuda_ipc")
 class CudaIpcAgent(NixlAgent):
     backend = "cuda_ipc"
     sender_class = CudaIpcSender
@@ -161,7 +160,7 @@ class CudaIpcAgent(NixlAgent):
             device = torch.device("cuda", memory.device_id)
             self._stream = torch.cuda.Stream(device)
             self._src = memory.tensor.view(-1).view(torch.uint8)[: memory.layout.total_bytes].view(self._word)
-            from pdserve.common.kernels.ring_record import warm_up  # Triton: GPU only
+            from pdserve.transfer.kernels.ring_record import warm_up  # Triton: GPU only
 
             warm_up(device)  # compiled here, not when the first chunk's notice is due
 
@@ -170,7 +169,7 @@ class CudaIpcAgent(NixlAgent):
         if self._on_gpu:
             shared = self.memory.tensor.untyped_storage()
             storage, offset = list(shared._share_cuda_()), self.memory.base_ptr - shared.data_ptr()
-        return encode(CudaIpcMetadata(super()._backend_metadata(), self._uuid, storage, offset))
+        return encode(CudaIpcMetadata(nixl=super()._backend_metadata(), gpu_uuid=self._uuid, storage=storage, offset_bytes=offset))
 
     def _connect(self, info: AgentInfo) -> None:
         meta = decode_as(info.backend_metadata, CudaIpcMetadata)
@@ -204,7 +203,7 @@ class CudaIpcAgent(NixlAgent):
             logger.warning("no notice ring to %s (%s); chunk notices go over NIXL", peer, exc)
             return
         try:
-            self.nixl.send_notif(peer, encode(RingOffer(self.name, ring.path, ring.num_records)))
+            self.nixl.send_notif(peer, encode(RingOffer(sender=self.name, path=ring.path, num_records=ring.num_records)))
         except Exception as exc:  # nixl raises its own binding error types
             logger.warning("cannot offer a notice ring to %s: %s", peer, exc)
             ring.close()
@@ -235,7 +234,7 @@ class CudaIpcAgent(NixlAgent):
         super().progress()
         for peer, ring in self._rings_in.items():
             for room, chunk_index, is_last in ring.poll():
-                self.route(room, RoomNotice(room, NOTICE_CHUNK, peer, chunk_index, is_last))
+                self.route(room, RoomNotice(room=room, kind=NOTICE_CHUNK, sender=peer, chunk_index=chunk_index, is_last=is_last))
 
     def _disconnect(self, name: str) -> None:
         self._shareable.pop(name, None)
@@ -277,7 +276,7 @@ class CudaIpcAgent(NixlAgent):
         return event, in_ring
 
     def _copy_scattered(self, src_pages: list[int], dst_pages: list[int], theirs: KVLayout, pool: _MappedPool) -> None:
-        from pdserve.common.kernels.page_copy import copy_pages
+        from pdserve.transfer.kernels.page_copy import copy_pages
 
         mine, word = self.memory.layout, self._word.itemsize
         pages = torch.tensor([src_pages, dst_pages], dtype=torch.int32).to(self._stream.device, non_blocking=True)

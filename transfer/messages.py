@@ -12,7 +12,7 @@ NOTICE_ABORT = "abort"  # the sending side gave the room up
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentInfo:
     """Published by every agent: how to reach it and what its pages look like."""
 
@@ -31,7 +31,7 @@ class AgentInfo:
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RoomNotice:
     room: int
     kind: str  # NOTICE_CHUNK | NOTICE_ABORT
@@ -42,7 +42,7 @@ class RoomNotice:
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RingOffer:
     """A prefill agent offers its decode peer a notice ring (``notice_ring``)."""
 

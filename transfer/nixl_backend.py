@@ -26,8 +26,7 @@ from pdserve.transfer.base import (
     RoomState,
     TransferConfig,
     TransferError,
-    register_backend,
-)
+    )
 from pdserve.transfer.descriptors import build_descriptors
 from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice
 from pdserve.transfer.rooms import (
@@ -64,7 +63,7 @@ class NixlSender(RoomSender):
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
         self._wait_for_pages()
-        notice = RoomNotice(self.room, NOTICE_CHUNK, self._agent.name, chunk_index, is_last)
+        notice = RoomNotice(room=self.room, kind=NOTICE_CHUNK, sender=self._agent.name, chunk_index=chunk_index, is_last=is_last)
         peer = self._agent.peer(self.peer)
         descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
         if len(descs) == 0:
@@ -162,7 +161,6 @@ def _create_nixl_agent(name: str, progress_delay_us: int):
         api.nixlBind.nixlAgent = native_agent
 
 
-@register_backend("nixl")
 class NixlAgent(RoomAgent):
     backend = "nixl"
     sender_class = NixlSender

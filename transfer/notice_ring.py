@@ -134,7 +134,10 @@ class RingWriter:
         return self._registered
 
     def _register(self, device) -> None:
-        from pdserve.common.kernels.ring_record import device_view, store_record  # Triton: GPU only
+        from pdserve.transfer.kernels.ring_record import (  # Triton: GPU only
+            device_view,
+            store_record,
+        )
 
         host = torch.frombuffer(self._seg.mm, dtype=torch.int64)
         self._base_ptr = host.data_ptr()

@@ -276,8 +276,8 @@ class RoomAgent(TransferAgent):
 
     def peer_info(self) -> bytes:
         m = self.memory
-        return encode(AgentInfo(self._name, self.backend, self._backend_metadata(), m.base_ptr,
-                                m.num_bytes, m.device, m.device_id, m.layout.to_dict()))
+        return encode(AgentInfo(name=self._name, backend=self.backend, backend_metadata=self._backend_metadata(), base_ptr=m.base_ptr,
+                                num_bytes=m.num_bytes, device=m.device, device_id=m.device_id, layout=m.layout.to_dict()))
 
     def add_peer(self, peer_info: bytes) -> str:
         info = decode_as(peer_info, AgentInfo)
@@ -338,7 +338,7 @@ class RoomAgent(TransferAgent):
         """News nobody will take; release whatever it holds."""
 
     def notify_abort(self, peer: str, room: int, reason: str) -> None:
-        self.notify(peer, RoomNotice(room, NOTICE_ABORT, self._name, reason=reason))
+        self.notify(peer, RoomNotice(room=room, kind=NOTICE_ABORT, sender=self._name, reason=reason))
 
     @abstractmethod
     def notify(self, peer: str, notice: RoomNotice) -> None:

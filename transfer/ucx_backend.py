@@ -44,8 +44,7 @@ from pdserve.transfer.base import (
     RoomState,
     TransferConfig,
     TransferError,
-    register_backend,
-)
+    )
 from pdserve.transfer.descriptors import build_descriptors
 from pdserve.transfer.messages import AgentInfo, RoomNotice
 from pdserve.transfer.rooms import (
@@ -80,8 +79,8 @@ class UcxSender(RoomSender):
         peer = self._agent.peer(self.peer)
         descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
         tags = [self._agent.next_tag() for _ in range(len(descs))]
-        header = UcxChunkHeader(self.room, self._agent.name, chunk_index, is_last, tags,
-                                descs.dst_offsets.tolist(), descs.lengths.tolist())
+        header = UcxChunkHeader(room=self.room, sender=self._agent.name, chunk_index=chunk_index, is_last=is_last, tags=tags,
+                                dst_offsets=descs.dst_offsets.tolist(), lengths=descs.lengths.tolist())
         self._agent.send_message(self.peer, header, self._flight)
         self._agent.send_tagged(self.peer, descs.src_offsets.tolist(), descs.lengths.tolist(), tags, self._flight)
         self.num_descriptors += len(descs)
@@ -165,7 +164,6 @@ class UcxReceiver(RoomReceiver):
         return settled or self._clock.capped(self.room, "posted receives")
 
 
-@register_backend("ucx")
 class UcxAgent(RoomAgent):
     backend = "ucx"
     sender_class = UcxSender

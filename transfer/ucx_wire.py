@@ -23,7 +23,7 @@ _IDLE_SLEEP_MAX_S = 2e-3
 
 
 @message
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UcxChunkHeader:
     room: int
     sender: str

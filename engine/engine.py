@@ -1,0 +1,419 @@
+"""The engine process: one loop of receive, schedule, forward, sample, emit.
+
+It owns the model, the KV pool, the scheduler and (in PD roles) the transfer
+agent. It talks to the HTTP front only through msgpack messages on a pipe, so
+nothing the front does in Python can stall a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from multiprocessing.connection import Connection
+
+import numpy as np
+import torch
+from pdserve.common import codec
+from pdserve.common.config import ServerConfig
+from pdserve.common.messages import (
+    AbortRequest,
+    ControlRequest,
+    ControlResponse,
+    EngineFailed,
+    EngineReady,
+    GenerateRequest,
+    TokenBatch,
+    TokenOutput,
+)
+from pdserve.engine.radix_cache import RadixCache
+from pdserve.engine.request import Req
+from pdserve.engine.role import create_role
+from pdserve.engine.sampler import Sampler, SampleResult
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.model.batch import ScheduledBatch
+from pdserve.model.config import ModelConfig
+from pdserve.model.kernels.step_inputs import to_device
+from pdserve.model.runner import ModelRunner
+
+logger = logging.getLogger("pdserve.engine")
+
+# How long an idle engine with rooms in flight waits on its front before it
+# checks them again. On a GPU a transfer lands in tens of microseconds, so the
+# wait is what decode would lose on every request; on a CPU host the engines
+# share a few cores with each other, so it polls less often.
+PD_POLL_WAIT_S = {"cuda": 1e-4, "cpu": 2e-3}
+
+
+class RequestRejected(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class Engine:
+    def __init__(self, cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None):
+        self.cfg = cfg
+        self.conn = conn
+        self.model_cfg = ModelConfig.from_dir(model_dir)
+        self.runner = ModelRunner(cfg, model_dir, self.model_cfg)
+        self.pool = self.runner.pool
+        self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
+        self.scheduler = Scheduler(self._scheduler_config(), self.pool, self.cache)
+        self.sampler = Sampler(cfg.random_seed, self.runner.device)
+        self.eos_ids = set(self.model_cfg.eos_token_ids)
+        # Rows of the LM head past the tokenizer (padding, or a dummy config's
+        # vocabulary paired with a smaller tokenizer) can never become text.
+        self.num_text_tokens = min(num_text_tokens or self.model_cfg.vocab_size, self.model_cfg.vocab_size)
+        self.outputs: list[TokenOutput] = []
+        self.num_decode_steps = 0
+        self.num_generated_tokens = 0
+        self._log_window = (time.monotonic(), 0)
+        self._step_started_s: float | None = None
+        poll_ms = cfg.disaggregation_poll_interval_ms
+        self.pd_poll_wait_s = poll_ms / 1e3 if poll_ms is not None else PD_POLL_WAIT_S.get(self.runner.device.type, PD_POLL_WAIT_S["cpu"])
+        self.role = create_role(cfg.disaggregation_mode, self)
+        self._log_startup()
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        cfg = self.cfg
+        default_running = 256 if self.runner.device.type == "cuda" else 64
+        return SchedulerConfig(
+            page_size=cfg.page_size,
+            max_running_requests=cfg.max_running_requests or default_running,
+            chunked_prefill_size=None if cfg.chunked_prefill_size == -1 else cfg.chunked_prefill_size,
+            max_prefill_tokens=cfg.max_prefill_tokens,
+            schedule_policy=cfg.schedule_policy,
+            schedule_conservativeness=cfg.schedule_conservativeness,
+            context_len=self.runner.context_len,
+        )
+
+    def _log_startup(self) -> None:
+        info, sc = self.runner.info(), self.scheduler.cfg
+        logger.info(
+            "max_total_num_tokens=%d, chunked_prefill_size=%s, max_prefill_tokens=%d, "
+            "max_running_requests=%d, context_len=%d, available_gpu_mem=%.2f GB",
+            info.max_total_num_tokens,
+            self.cfg.chunked_prefill_size,
+            sc.max_prefill_tokens,
+            sc.max_running_requests,
+            info.context_len,
+            info.available_gpu_mem_gb,
+        )
+
+    def ready_info(self) -> dict:
+        info = self.runner.info()
+        return {
+            "max_total_num_tokens": info.max_total_num_tokens,
+            "context_len": info.context_len,
+            "max_running_requests": self.scheduler.cfg.max_running_requests,
+            "dtype": info.dtype,
+            "device": info.device,
+            "attention_backend": info.attention_backend,
+            "vocab_size": self.model_cfg.vocab_size,
+            "page_size": self.cfg.page_size,
+            **self.role.stats(),
+        }
+
+    # ---- loop ---------------------------------------------------------------
+    def run_forever(self) -> None:
+        self._start_watchdog()
+        self.conn.send_bytes(codec.encode(EngineReady(info=self.ready_info())))
+        while self._receive():
+            self.run_once()
+        self.role.close()
+
+    def run_once(self) -> None:
+        """One turn of the loop once the front's messages are in: rooms,
+        scheduling, one step, finished requests, outputs to the front."""
+        self.pool.reclaim()
+        self.role.poll()
+        batch = self.scheduler.schedule()
+        if batch is not None:
+            self._step(batch)
+        self._finish_done()
+        self._flush()
+
+    def _receive(self) -> bool:
+        busy = self.scheduler.running or self.scheduler.waiting or self.scheduler.chunked
+        if not busy:  # nobody will take an ahead step now; let its fenced pages go
+            self.runner.drop_ahead()
+            self.pool.reclaim()
+        wait_s = 0.0 if busy else (self.pd_poll_wait_s if self.role.has_pending() else self.role.idle_wait_s)
+        try:
+            while self.conn.poll(wait_s):
+                self._handle(codec.decode(self.conn.recv_bytes()))
+                wait_s = 0.0
+        except (EOFError, OSError):
+            logger.info("front closed the pipe; engine exits")
+            return False
+        return True
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, GenerateRequest):
+            self._admit(msg)
+        elif isinstance(msg, AbortRequest):
+            self.abort(msg.rid, msg.reason)
+        elif isinstance(msg, ControlRequest):
+            self.conn.send_bytes(codec.encode(self._control(msg)))
+        else:
+            logger.warning("engine ignores unexpected message %r", type(msg).__name__)
+
+    def _admit(self, msg: GenerateRequest) -> None:
+        req = Req(msg.rid, list(msg.input_ids), msg.params, room=msg.bootstrap_room, prefill_instance_id=msg.prefill_instance_id)
+        try:
+            self._check_admissible(req)
+        except RequestRejected as exc:
+            self.outputs.append(TokenOutput(rid=req.rid, token_ids=[], finish_reason="abort", error=str(exc), error_status=exc.status))
+            return
+        self.role.admit(req)
+
+    def _check_admissible(self, req: Req) -> None:
+        limit = self.cfg.max_queued_requests
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            raise RequestRejected(f"too many queued requests (max_queued_requests={limit})", 503)
+        capacity = self.pool.num_pages * self.pool.page_size
+        if len(req.prompt_ids) + 1 > capacity:
+            raise RequestRejected(f"prompt of {len(req.prompt_ids)} tokens exceeds the KV pool ({capacity} tokens)")
+
+    # ---- one step -------------------------------------------------------------
+    def _step(self, batch: ScheduledBatch) -> None:
+        self._step_started_s = time.monotonic()
+        logits, batch = self._forward(batch)
+        ready = self.scheduler.advance(batch)
+        # Before sampling waits for the GPU: a prefill instance posts the pages
+        # this forward writes now, so a stream-ordered copy leaves with the
+        # forward's last kernel instead of after the host has seen the logits.
+        self.role.after_step(batch)
+        if ready:
+            pending = self.sampler.sample_async(
+                self._ready_logits(batch, ready, logits), [r.params for r in ready],
+                [(r.prompt_ids, r.output_ids) for r in ready],
+            )
+            if batch.is_decode:
+                self._launch_ahead(ready, pending.token_ids)
+            self._record(ready, pending.wait())
+        self._step_started_s = None
+        if batch.is_decode:
+            self._log_decode(batch)
+        else:
+            self._log_prefill(batch)
+
+    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ScheduledBatch]:
+        """Logits of ``batch``, or of the part of it an ahead step already computed.
+        Requests the ahead step did not include (joined since) wait one step:
+        the next ahead step includes them."""
+        taken = self.runner.take_ahead(batch)
+        if taken is None:
+            return self.runner.forward(batch), batch
+        positions, logits = taken
+        if len(positions) < len(batch.reqs):
+            batch = ScheduledBatch(True, [batch.reqs[j] for j in positions], [batch.chunks[j] for j in positions],
+                                   [batch.starts[j] for j in positions])
+        return logits, batch
+
+    def _ready_logits(self, batch: ScheduledBatch, ready: list[Req], logits: torch.Tensor) -> torch.Tensor:
+        if len(ready) == len(batch.reqs):  # every row, in order (always so in decode)
+            return logits[:, : self.num_text_tokens]
+        index = {id(r): i for i, r in enumerate(batch.reqs)}
+        rows = to_device(torch.tensor([index[id(r)] for r in ready]), logits.device)
+        return logits[rows, : self.num_text_tokens]
+
+    def _launch_ahead(self, sampled: list[Req], tokens: torch.Tensor) -> None:
+        """Overlap schedule: enqueue the next decode step of every running
+        request before this step's tokens reach the host. Requests sampled
+        now feed their token from ``tokens`` on the device; those that joined
+        since the batch was formed feed their last token from here."""
+        if not self.runner.lookahead:
+            return
+        row_of = {id(r): i for i, r in enumerate(sampled)}
+        reqs, chunks, starts, src = [], [], [], []
+        for req in self.scheduler.running:
+            i = row_of.get(id(req))
+            if req.finished or (i is None and req.num_pending != 1) or (i is not None and self._finishes_now(req)):
+                continue
+            if i is None:
+                feed, start, need = [req.all_ids[-1]], req.seq_len - 1, req.seq_len
+            else:  # its token lands at position seq_len once sampled
+                feed, start, need = [0], req.seq_len, req.seq_len + 1
+            if not self.scheduler.reserve(req, need):
+                return  # the pool is short: the scheduler decides who goes, with the tokens known
+            reqs.append(req)
+            chunks.append(feed)
+            starts.append(start)
+            src.append(-1 if i is None else i)
+        if reqs:
+            self.runner.launch_ahead(reqs, chunks, starts, np.asarray(src, dtype=np.int64), tokens)
+
+    def _finishes_now(self, req: Req) -> bool:
+        """Whether the token being sampled ends ``req`` whatever it is."""
+        return len(req.output_ids) + 1 >= req.params.max_new_tokens or req.seq_len + 1 >= self.runner.context_len
+
+    def _record(self, reqs: list[Req], result: SampleResult) -> None:
+        now = time.monotonic()
+        for i, req in enumerate(reqs):
+            token = result.token_ids[i]
+            req.output_ids.append(token)
+            if result.logprobs is not None:
+                req.logprobs.append(result.logprobs[i])
+                req.top_logprobs.append(result.top_logprobs[i])
+            req.first_token_s = req.first_token_s or now
+            req.last_token_s = now
+            self.check_finish(req, token)
+        self.num_generated_tokens += len(reqs)
+
+    def check_finish(self, req: Req, token: int) -> None:
+        p = req.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            req.finish_reason, req.matched_stop = "stop", token
+        elif len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.runner.context_len:
+            req.finish_reason = "length"
+
+    def _finish_done(self) -> None:
+        for req in self.scheduler.pop_finished():
+            if not self.role.on_finished(req):
+                self.scheduler.release(req)
+                self.emit(req)
+        for req in self.scheduler.running:
+            self.emit(req)
+
+    # ---- outputs --------------------------------------------------------------
+    def emit(self, req: Req, error: str | None = None, error_status: int | None = None) -> None:
+        """Queue the tokens the front has not seen yet (every stream_interval tokens)."""
+        new = len(req.output_ids) - req.num_sent
+        due = req.finished or error or req.num_sent == 0 or new >= self.cfg.stream_interval
+        if (new <= 0 and not req.finished and not error) or not due:
+            return
+        start = req.num_sent
+        req.num_sent = len(req.output_ids)
+        want_lp = req.params.logprobs
+        self.outputs.append(
+            TokenOutput(
+                rid=req.rid,
+                token_ids=req.output_ids[start:],
+                logprobs=req.logprobs[start:] if want_lp else None,
+                top_logprobs=[[list(t) for t in tl] for tl in req.top_logprobs[start:]] if want_lp else None,
+                finish_reason=req.finish_reason,
+                matched_stop=req.matched_stop,
+                prompt_tokens=len(req.prompt_ids),
+                cached_tokens=req.num_cached_tokens,
+                error=error,
+                error_status=error_status,
+            )
+        )
+
+    def fail(self, req: Req, error: str, status: int = 500) -> None:
+        req.finish_reason = "abort"
+        self.emit(req, error=error, error_status=status)
+
+    def _flush(self) -> None:
+        if self.outputs:
+            self.conn.send_bytes(codec.encode(TokenBatch(outputs=self.outputs)))
+            self.outputs = []
+
+    def abort(self, rid: str, reason: str = "abort") -> None:
+        # The role first: a PD room must end on both sides, not just leave the scheduler.
+        req = self.role.abort(rid)
+        if req is None:
+            req = self.scheduler.remove(rid)
+            if req is not None:
+                self.scheduler.release(req, cache=False)
+        if req is not None:
+            req.finish_reason = "abort"
+            self.emit(req)
+
+    # ---- control ----------------------------------------------------------------
+    def _control(self, msg: ControlRequest) -> ControlResponse:
+        if msg.kind == "stats":
+            return ControlResponse(req_id=msg.req_id, ok=True, data=self.stats())
+        if msg.kind == "flush_cache":
+            if self.scheduler.num_live:
+                return ControlResponse(req_id=msg.req_id, ok=False, message="cannot flush the cache while requests are running")
+            self.cache.reset()
+            return ControlResponse(req_id=msg.req_id, ok=True)
+        return ControlResponse(req_id=msg.req_id, ok=False, message=f"unknown control request {msg.kind!r}")
+
+    def stats(self) -> dict:
+        used = len(self.scheduler.live_pages() | self.role_held_pages())
+        total = self.pool.num_pages
+        return {
+            "pid": os.getpid(),
+            "num_running_reqs": len(self.scheduler.running),
+            "num_queued_reqs": len(self.scheduler.waiting) + (self.scheduler.chunked is not None),
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_retracted_reqs": self.scheduler.num_retracted_total,
+            "token_usage": round(self._token_usage(), 4),
+            "kv_pool": {
+                "page_size": self.pool.page_size,
+                "total_pages": total,
+                "free_pages": self.pool.num_free_pages,
+                "parked_pages": self.pool.num_parked_pages,  # free once the decode step in flight ends
+                "cached_pages": self.cache.num_cached_pages,
+                "used_pages": used,
+            },
+            **self.role.stats(),
+        }
+
+    def role_held_pages(self) -> set[int]:
+        return self.role.held_pages()
+
+    def _token_usage(self) -> float:
+        total = self.pool.num_pages
+        return (total - self.pool.num_free_pages - self.cache.num_cached_pages) / max(total, 1)
+
+    # ---- logs and watchdog ------------------------------------------------------------
+    def _log_prefill(self, batch: ScheduledBatch) -> None:
+        logger.info(
+            "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, #running-req: %d, #queue-req: %d,",
+            len(batch.reqs),
+            batch.num_tokens,
+            sum(s for s, r in zip(batch.starts, batch.reqs) if s == r.num_cached_tokens),  # first chunks only
+            self._token_usage(),
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+        )
+
+    def _log_decode(self, batch: ScheduledBatch) -> None:
+        self.num_decode_steps += 1
+        if self.num_decode_steps % self.cfg.decode_log_interval:
+            return
+        start_s, start_tokens = self._log_window
+        now = time.monotonic()
+        throughput = (self.num_generated_tokens - start_tokens) / max(now - start_s, 1e-9)
+        self._log_window = (now, self.num_generated_tokens)
+        num_tokens = sum(r.seq_len for r in self.scheduler.running)
+        logger.info(
+            "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, cuda graph: %s, gen throughput (token/s): %.2f, #queue-req: %d,",
+            len(batch.reqs),
+            num_tokens,
+            self._token_usage(),
+            getattr(self.runner, "uses_cuda_graph", False),
+            throughput,
+            len(self.scheduler.waiting),
+        )
+
+    def _start_watchdog(self) -> None:
+        def watch() -> None:
+            while True:
+                time.sleep(min(self.cfg.watchdog_timeout / 4, 5.0))
+                started = self._step_started_s
+                if started is not None and time.monotonic() - started > self.cfg.watchdog_timeout:
+                    logger.error("engine step exceeded --watchdog-timeout %.0fs; exiting", self.cfg.watchdog_timeout)
+                    os._exit(1)
+
+        threading.Thread(target=watch, name="watchdog", daemon=True).start()
+
+
+def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None) -> None:
+    """Entry point of the engine process."""
+    logging.basicConfig(level=cfg.log_level.upper(), format="[%(asctime)s engine] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    try:
+        engine = Engine(cfg, model_dir, conn, num_text_tokens)
+    except Exception as exc:
+        logger.exception("engine failed to start")
+        conn.send_bytes(codec.encode(EngineFailed(error=f"{type(exc).__name__}: {exc}")))
+        return
+    engine.run_forever()

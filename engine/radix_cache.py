@@ -1,0 +1,124 @@
+"""Prefix cache: a radix tree whose edges are whole pages of tokens.
+
+Each node owns one page of KV for one page-sized run of tokens, reached by the
+tokens before it. The cache holds one pool reference per node; a node whose page
+nobody else references is evictable once it is a leaf, least recently used
+first. Matching works at page granularity, so a hit never shares a partly
+written page.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from pdserve.model.kv_pool import KVPool
+
+
+class _Node:
+    __slots__ = ("key", "page", "children", "parent", "last_access")
+
+    def __init__(self, key: tuple[int, ...], page: int, parent: _Node | None):
+        self.key = key
+        self.page = page
+        self.children: dict[tuple[int, ...], _Node] = {}
+        self.parent = parent
+        self.last_access = 0
+
+
+class RadixCache:
+    def __init__(self, pool: KVPool, enabled: bool = True):
+        self.pool = pool
+        self.enabled = enabled
+        self.page_size = pool.page_size
+        self._root = _Node((), -1, None)
+        self._num_nodes = 0
+        self._clock = itertools.count(1)
+
+    @property
+    def num_cached_pages(self) -> int:
+        return self._num_nodes
+
+    def _keys(self, tokens: list[int]) -> list[tuple[int, ...]]:
+        n = len(tokens) // self.page_size
+        return [tuple(tokens[i * self.page_size : (i + 1) * self.page_size]) for i in range(n)]
+
+    def match_len(self, tokens: list[int]) -> int:
+        """Tokens of ``tokens`` covered by cached pages, without touching LRU order."""
+        node, matched = self._root, 0
+        for key in self._keys(tokens) if self.enabled else []:
+            node = node.children.get(key)
+            if node is None:
+                break
+            matched += self.page_size
+        return matched
+
+    def match(self, tokens: list[int]) -> list[int]:
+        """Pages caching the longest page-aligned prefix of ``tokens``; the caller
+        takes a pool reference on them before anything can be evicted."""
+        pages: list[int] = []
+        if not self.enabled:
+            return pages
+        node, now = self._root, next(self._clock)
+        for key in self._keys(tokens):
+            node = node.children.get(key)
+            if node is None:
+                break
+            node.last_access = now
+            pages.append(node.page)
+        return pages
+
+    def insert(self, tokens: list[int], pages: list[int]) -> None:
+        """Cache the full pages of a sequence whose KV is in ``pages``."""
+        if not self.enabled:
+            return
+        node, now = self._root, next(self._clock)
+        for key, page in zip(self._keys(tokens), pages):
+            child = node.children.get(key)
+            if child is None:
+                child = _Node(key, page, node)
+                node.children[key] = child
+                self.pool.ref([page])
+                self._num_nodes += 1
+            child.last_access = now
+            node = child
+
+    def evict(self, num_pages: int) -> int:
+        """Free up to ``num_pages`` pages that only the cache holds; returns how many."""
+        heap = [(n.last_access, id(n), n) for n in self._leaves() if self._evictable(n)]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < num_pages:
+            _, _, node = heapq.heappop(heap)
+            parent = self._remove(node)
+            freed += 1
+            if parent is not self._root and not parent.children and self._evictable(parent):
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return freed
+
+    def reset(self) -> None:
+        """Drop every node (``/flush_cache``); pages in use by requests stay theirs."""
+        for node in list(self._walk()):
+            self.pool.release([node.page])
+        self._root = _Node((), -1, None)
+        self._num_nodes = 0
+
+    def _evictable(self, node: _Node) -> bool:
+        return self.pool.ref_count(node.page) == 1
+
+    def _remove(self, node: _Node) -> _Node:
+        parent = node.parent
+        del parent.children[node.key]
+        self.pool.release([node.page])
+        self._num_nodes -= 1
+        return parent
+
+    def _walk(self):
+        stack = list(self._root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def _leaves(self):
+        return (n for n in self._walk() if not n.children)

@@ -1,0 +1,93 @@
+"""What differs between colocated, prefill and decode instances, as engine hooks.
+
+The engine loop is the same for every role; a role decides where a new request
+goes, what happens after each step, and who releases a finished request's pages.
+Roles are found by ``--disaggregation-mode`` in ``ROLES``, whose PD entries are
+lazy names: the engine never imports ``prefill/`` or ``decode/``.
+
+``EngineHandle`` is everything a role may use of the engine that runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pdserve.common.config import ServerConfig
+from pdserve.common.registry import Registry
+from pdserve.common.roles import Role
+from pdserve.engine.request import Req
+from pdserve.engine.scheduler import Scheduler
+from pdserve.model.batch import ScheduledBatch
+from pdserve.model.kv_pool import KVPool
+
+
+class EngineHandle(Protocol):
+    """The engine as its role sees it."""
+
+    cfg: ServerConfig
+    pool: KVPool
+    scheduler: Scheduler
+
+    def check_finish(self, req: Req, token: int) -> None:
+        """Mark ``req`` finished if ``token`` (just appended) ends it."""
+
+    def emit(self, req: Req, error: str | None = None, error_status: int | None = None) -> None:
+        """Queue ``req``'s new tokens (or its error) for the front."""
+
+    def fail(self, req: Req, error: str, status: int = 500) -> None:
+        """End ``req`` with an error the client sees."""
+
+
+class EngineRole:
+    # How long an idle engine blocks on its front pipe before polling the role again.
+    idle_wait_s = 0.05
+
+    def __init__(self, engine: EngineHandle):
+        self.engine = engine
+
+    def admit(self, req: Req) -> None:
+        """A new request arrived from the front."""
+        self.engine.scheduler.add(req)
+
+    def poll(self) -> None:
+        """Called once per loop iteration: control messages, transfers, timeouts."""
+
+    def has_pending(self) -> bool:
+        """True while the role waits on something that needs frequent polling."""
+        return False
+
+    def after_step(self, batch: ScheduledBatch) -> None:
+        """Called after every forward step with the batch it ran."""
+
+    def on_finished(self, req: Req) -> bool:
+        """A request finished; return True to take over releasing its pages."""
+        return False
+
+    def abort(self, rid: str) -> Req | None:
+        """Drop a request held by the role outside the scheduler, if any."""
+        return None
+
+    def held_pages(self) -> set[int]:
+        """Pages the role holds outside the scheduler (rooms in flight, draining, quarantined)."""
+        return set()
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class ColocatedRole(EngineRole):
+    """Prefill and decode in one instance: the scheduler does everything."""
+
+
+ROLES: Registry[type[EngineRole]] = Registry("disaggregation mode", {
+    Role.COLOCATED.value: ColocatedRole,
+    Role.PREFILL.value: "pdserve.prefill.role:PrefillRole",
+    Role.DECODE.value: "pdserve.decode.role:DecodeRole",
+})
+
+
+def create_role(mode: str, engine: EngineHandle) -> EngineRole:
+    return ROLES.get(mode)(engine)

@@ -1,0 +1,338 @@
+"""``pdserve up``: a whole local cluster from one command, and the same as a Python API.
+
+Start order: bootstrap service, then every instance (prefill, decode or
+colocated, each ``pdserve serve`` on its own port from ``base_port``), then the
+router pointed at them. Every child is a separate process in its own process
+group, so stopping a child also stops whatever it spawned. The cluster is up
+when the router's ``/health`` answers 200, which needs every role healthy.
+
+On Ctrl-C or SIGTERM, or when any child dies, every child is stopped (SIGTERM,
+then SIGKILL after a grace period); a dead child makes the exit status non-zero.
+
+    with Cluster(ClusterConfig(num_prefill=1, num_decode=1)) as cluster:
+        openai.OpenAI(base_url=cluster.base_url, api_key="none")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+from pdserve.common.args import add_dataclass_args, config_from_args, flag
+from pdserve.common.roles import Role
+from pdserve.router.policies import POLICIES
+from pdserve.transfer.base import TRANSFER_BACKENDS
+
+POLL_INTERVAL_S = 0.2
+SMOKE_PROMPT = "The capital of France is"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start, or a child died."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_prefill: int | None = field(default=None, metadata=flag("prefill instances (default: 1, or 0 with --num-colocated)"))
+    num_decode: int | None = field(default=None, metadata=flag("decode instances (default: 1, or 0 with --num-colocated)"))
+    num_colocated: int = field(default=0, metadata=flag("colocated instances behind the router (instead of prefill/decode)"))
+    model_path: str = field(default="tiny", metadata=flag("model of every instance: HF directory, built-in preset or config.json"))
+    host: str = field(default="127.0.0.1", metadata=flag("bind address of every child"))
+    port: int = field(default=30000, metadata=flag("the router's port, i.e. the OpenAI endpoint"))
+    bootstrap_port: int = field(default=8998, metadata=flag("the bootstrap service's port"))
+    base_port: int = field(default=31000, metadata=flag("instance i listens on base_port + i"))
+    transfer_backend: str = field(default="nixl", metadata=flag("KV transfer backend of every PD instance"))
+    policy: str = field(default="cache_aware", metadata=flag("the router's load-balancing policy"))
+    startup_timeout_s: float = field(default=300.0, metadata=flag("seconds the whole cluster may take to become healthy"))
+    stop_grace_s: float = field(default=10.0, metadata=flag("seconds between SIGTERM and SIGKILL when stopping a child"))
+    log_dir: str | None = field(default=None, metadata=flag("write each child's log here (default: this terminal)"))
+    serve_args: tuple[str, ...] = field(default=(), metadata=flag("", skip=True))  # the flags after --
+    router_args: tuple[str, ...] = field(default=(), metadata=flag(
+        "extra router flags, one shell-quoted string", type=shlex.split))
+    serve_command: tuple[str, ...] | None = field(default=None, metadata=flag(
+        "command that starts one instance, one shell-quoted string (default: this Python's pdserve serve)",
+        type=shlex.split))
+    gpu_ids: tuple[int, ...] = field(default=(), metadata=flag(
+        "one GPU per instance, in launch order (prefill, decode, colocated), reused cyclically; "
+        "none given leaves the device alone", type=int, nargs="+"))
+
+    def __post_init__(self) -> None:
+        pd_default = 0 if self.num_colocated else 1
+        for name in ("num_prefill", "num_decode"):  # resolved once: readers see ints
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, pd_default)
+        if self.num_colocated and (self.num_prefill or self.num_decode):
+            raise ValueError("colocated instances cannot be mixed with prefill/decode ones")
+        if not self.num_colocated and not (self.num_prefill and self.num_decode):
+            raise ValueError("need at least one prefill and one decode instance "
+                             "(or --num-colocated N)")
+
+    @property
+    def connect_host(self) -> str:
+        # A wildcard bind address is not something to connect to.
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen
+    log_path: Path | None = None
+    log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    def log_tail(self, num_chars: int = 2000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-num_chars:]
+
+
+def _pdserve_command(subcommand: str) -> list[str]:
+    return [sys.executable, "-m", "pdserve.cli", subcommand]
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ClusterError(f"port {port} on {host} is not free: {exc}") from None
+
+
+def _signal_group(child: Child, sig: signal.Signals) -> None:
+    try:
+        os.killpg(child.process.pid, sig)  # the child leads its own group
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Cluster:
+    """Bootstrap + instances + router as child processes; a context manager."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self._roles = ([Role.PREFILL] * config.num_prefill + [Role.DECODE] * config.num_decode
+                       + [Role.COLOCATED] * config.num_colocated)
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.config.connect_host}:{self.config.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, e.g. for ``openai.OpenAI(base_url=...)``."""
+        return self.router_url + "/v1"
+
+    @property
+    def bootstrap_url(self) -> str:
+        return f"http://{self.config.connect_host}:{self.config.bootstrap_port}"
+
+    def instance_urls(self, role: Role) -> list[str]:
+        """URLs of the instances of ``role``."""
+        host, base = self.config.connect_host, self.config.base_port
+        return [f"http://{host}:{base + i}" for i, r in enumerate(self._roles) if r == role]
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, stop_event: threading.Event | None = None) -> None:
+        """Start everything and wait until the router is healthy; raises ClusterError."""
+        cfg = self.config
+        ports = [cfg.bootstrap_port, cfg.port] + [cfg.base_port + i for i in range(len(self._roles))]
+        if len(set(ports)) != len(ports):
+            raise ClusterError(f"the router ({cfg.port}), bootstrap ({cfg.bootstrap_port}) and instance ports "
+                               f"(from {cfg.base_port}) overlap; choose --port/--bootstrap-port/--base-port apart")
+        for port in ports:
+            _check_port_free(cfg.host, port)
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        try:
+            self._spawn("bootstrap", _pdserve_command("bootstrap") + [
+                "--host", cfg.host, "--port", str(cfg.bootstrap_port)])
+            self._wait_healthy(self.bootstrap_url, deadline, stop_event)
+            for i, role in enumerate(self._roles):
+                index = self._roles[:i].count(role)
+                self._spawn(f"{role}-{index}", self._serve_argv(role, cfg.base_port + i))
+            self._spawn("router", self._router_argv())
+            self._wait_healthy(self.router_url, deadline, stop_event)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _serve_argv(self, role: Role, port: int) -> list[str]:
+        cfg = self.config
+        command = list(cfg.serve_command) if cfg.serve_command else _pdserve_command("serve")
+        return command + [
+            "--model-path", cfg.model_path, "--host", cfg.host, "--port", str(port),
+            "--disaggregation-mode", Role(role).value, "--disaggregation-bootstrap-url", self.bootstrap_url,
+            "--disaggregation-transfer-backend", cfg.transfer_backend, *self._gpu_args(port), *cfg.serve_args]
+
+    def _gpu_args(self, port: int) -> list[str]:
+        if not self.config.gpu_ids:
+            return []
+        index = port - self.config.base_port
+        return ["--base-gpu-id", str(self.config.gpu_ids[index % len(self.config.gpu_ids)])]
+
+    def _router_argv(self) -> list[str]:
+        cfg = self.config
+        argv = _pdserve_command("router") + [
+            "--host", cfg.host, "--port", str(cfg.port), "--policy", cfg.policy]
+        if cfg.num_colocated:
+            argv += ["--worker", *self.instance_urls(Role.COLOCATED)]
+        else:
+            argv += ["--prefill", *self.instance_urls(Role.PREFILL),
+                     "--decode", *self.instance_urls(Role.DECODE)]
+        return argv + list(cfg.router_args)
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        log_path, log_file = None, None
+        if self.config.log_dir:
+            log_path = Path(self.config.log_dir) / f"{name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = log_path.open("ab")
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT if log_file else None,
+                                   start_new_session=True)
+        child = Child(name, argv, process, log_path, log_file)
+        self.children.append(child)
+        return child
+
+    def dead_child(self) -> Child | None:
+        """The first child that has exited, if any."""
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def _wait_healthy(self, url: str, deadline: float, stop_event: threading.Event | None) -> None:
+        with httpx.Client(timeout=2.0, trust_env=False) as http:
+            while True:
+                dead = self.dead_child()
+                if dead is not None:
+                    raise ClusterError(self._death_message(dead))
+                if stop_event is not None and stop_event.is_set():
+                    raise ClusterError("interrupted before the cluster was up")
+                try:
+                    if http.get(url + "/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{url} not healthy after {self.config.startup_timeout_s}s;"
+                                       f" {self._unhealthy_instances(http)}")
+                time.sleep(POLL_INTERVAL_S)
+
+    def _unhealthy_instances(self, http: httpx.Client) -> str:
+        bad = []
+        for role in dict.fromkeys(self._roles):
+            for url in self.instance_urls(role):
+                try:
+                    healthy = http.get(url + "/health").status_code == 200
+                except httpx.HTTPError:
+                    healthy = False
+                if not healthy:
+                    bad.append(f"{role} {url}")
+        return f"not healthy: {', '.join(bad)}" if bad else "every instance is healthy"
+
+    @staticmethod
+    def _death_message(child: Child) -> str:
+        message = f"{child.name} exited with code {child.process.returncode}"
+        tail = child.log_tail()
+        return f"{message}; end of {child.log_path}:\n{tail}" if tail else message
+
+    def wait(self, stop_event: threading.Event) -> int:
+        """Block until ``stop_event`` (0) or until a child dies (1)."""
+        while not stop_event.wait(POLL_INTERVAL_S):
+            dead = self.dead_child()
+            if dead is not None:
+                print(f"pdserve up: {self._death_message(dead)}", file=sys.stderr, flush=True)
+                return 1
+        return 0
+
+    def stop(self) -> None:
+        """SIGTERM every child's group, SIGKILL what is left after the grace period."""
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                _signal_group(child, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_grace_s
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            _signal_group(child, signal.SIGKILL)  # also whatever the child spawned
+            child.process.wait()
+            if child.log_file is not None:
+                child.log_file.close()
+        self.children.clear()
+
+
+def _smoke(cluster: Cluster) -> int:
+    """One completion through the router; prints the answer."""
+    with httpx.Client(timeout=cluster.config.startup_timeout_s, trust_env=False) as http:
+        models = http.get(cluster.base_url + "/models").json().get("data") or []
+        model = models[0]["id"] if models else cluster.config.model_path
+        body = {"model": model, "prompt": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0}
+        response = http.post(cluster.base_url + "/completions", json=body)
+    if response.status_code != 200:
+        print(f"smoke test failed ({response.status_code}): {response.text}", file=sys.stderr)
+        return 1
+    text = response.json()["choices"][0]["text"]
+    print(f"smoke test: {SMOKE_PROMPT!r} -> {text!r}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve up", description="Start a whole local PD cluster: bootstrap, instances, router.",
+                                     epilog="Arguments after -- go to every `pdserve serve`.")
+    add_dataclass_args(parser, ClusterConfig, skip=("serve_args",),
+                       choices={"transfer_backend": TRANSFER_BACKENDS.names(), "policy": POLICIES.names()})
+    parser.add_argument("--smoke", action="store_true", help="send one completion once up, print it, shut down")
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
+    """Returns the config and whether ``--smoke`` was given."""
+    serve_args: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, serve_args = argv[:at], argv[at + 1:]
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    ns.serve_args = tuple(serve_args)
+    try:
+        config = config_from_args(ClusterConfig, ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config, ns.smoke
+
+
+def main(argv: list[str]) -> int:
+    config, smoke = parse_args(argv)
+    stop_event = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_event.set())
+    cluster = Cluster(config)
+    try:
+        cluster.start(stop_event)
+        print(f"pdserve is up: OpenAI base URL {cluster.base_url}", flush=True)
+        return _smoke(cluster) if smoke else cluster.wait(stop_event)
+    except ClusterError as exc:
+        print(f"pdserve up failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        cluster.stop()

@@ -1,0 +1,194 @@
+"""Dense decoder family: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Parameter names follow Hugging Face's, except q/k/v and gate/up, which are fused
+into ``qkv_proj`` and ``gate_up_proj`` at load time (one matmul instead of three).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from pdserve.model.attention.base import AttentionBackend
+from pdserve.model.config import ModelConfig
+from pdserve.model.forward_batch import ForwardBatch
+from pdserve.model.kernels.ops import TorchOps
+from pdserve.model.models.layers import RMSNorm, RotaryEmbedding
+from torch import nn
+
+# (fused parameter, HF parameter, shard index)
+_STACKED = (
+    ("qkv_proj", "q_proj", 0),
+    ("qkv_proj", "k_proj", 1),
+    ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def attend(self, qkv: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding, attn: AttentionBackend,
+               kv_cache: torch.Tensor, ops) -> torch.Tensor:
+        """Attention output ``[T, H * D]`` (before o_proj) of a fused qkv projection."""
+        k_cache, v_cache = kv_cache[self.layer_id, 0], kv_cache[self.layer_id, 1]
+        if ops.fuses_rope_store and getattr(attn, "accepts_stored_kv", False):
+            # Rotary, q/k norm and the K/V page store in one kernel; the backend only attends.
+            q = ops.rope_store(
+                qkv, batch.positions, rotary.cos_cache, rotary.sin_cache, self.num_heads, self.num_kv_heads,
+                k_cache, v_cache, batch.out_slots,
+                None if self.q_norm is None else self.q_norm.weight,
+                None if self.k_norm is None else self.k_norm.weight,
+                self.q_norm.eps if self.q_norm is not None else 1e-6,
+            )
+            out = attn.forward(batch, q, None, None, k_cache, v_cache)
+        else:
+            q, k, v = qkv.split(self.shard_sizes, dim=-1)
+            q = q.reshape(-1, self.num_heads, self.head_dim)
+            k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+            v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotary(batch.positions, q, k)
+            out = attn.forward(batch, q, k, v, k_cache, v_cache)
+        return out.reshape(-1, self.q_size)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.shard_sizes = (cfg.intermediate_size, cfg.intermediate_size)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_id)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, hidden, residual, batch, rotary, attn, kv_cache, ops):
+        """Many tokens: matmuls, with each residual add fused into the next norm.
+
+        ``hidden`` is the previous sub-layer's output and ``residual`` the sum so
+        far (None before the first layer); returns the same pair."""
+        norm_in, norm_post, a = self.input_layernorm, self.post_attention_layernorm, self.self_attn
+        if residual is None:
+            residual, h = hidden, ops.rmsnorm(hidden, norm_in.weight, norm_in.eps)
+        else:
+            h, residual = ops.add_rmsnorm(hidden, residual, norm_in.weight, norm_in.eps)
+        hidden = a.o_proj(a.attend(a.qkv_proj(h), batch, rotary, attn, kv_cache, ops))
+        h, residual = ops.add_rmsnorm(hidden, residual, norm_post.weight, norm_post.eps)
+        return self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h))), residual
+
+    def forward_one(self, x, batch, rotary, attn, kv_cache, ops):
+        """One token: four matrix-vector kernels, norms and residual adds fused in.
+
+        ``x`` is the residual stream ``[1, hidden]``; returns it updated."""
+        norm_in, norm_post, a = self.input_layernorm, self.post_attention_layernorm, self.self_attn
+        qkv = ops.gemv(x, a.qkv_proj.weight, norm_weight=norm_in.weight, eps=norm_in.eps, bias=a.qkv_proj.bias)
+        x = ops.gemv(a.attend(qkv, batch, rotary, attn, kv_cache, ops), a.o_proj.weight, residual=x)
+        act = ops.gemv(x, self.mlp.gate_up_proj.weight, norm_weight=norm_post.weight, eps=norm_post.eps, gated=True)
+        return ops.gemv(act, self.mlp.down_proj.weight, residual=x)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, max_positions)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # The fused-operation implementations; the runner swaps in the Triton kernels on GPU.
+        self.ops = TorchOps()
+
+    @property
+    def lm_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, batch: ForwardBatch, attn: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Logits of each sequence's last new token: [batch, vocab] in float32."""
+        ops, m = self.ops, self.model
+        x = m.embed_tokens(batch.input_ids)
+        if ops.has_gemv and batch.num_tokens == 1:
+            for layer in m.layers:
+                x = layer.forward_one(x, batch, m.rotary, attn, kv_cache, ops)
+            return ops.gemv(x, self.lm_weight, norm_weight=m.norm.weight, eps=m.norm.eps, out_float=True)
+        residual = None
+        for layer in m.layers:
+            x, residual = layer(x, residual, batch, m.rotary, attn, kv_cache, ops)
+        idx = batch.logits_indices
+        x, _ = ops.add_rmsnorm(x[idx], residual[idx], m.norm.weight, m.norm.eps)
+        return F.linear(x, self.lm_weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            target, shard = _fused_target(name)
+            if target not in params:
+                raise ValueError(f"unexpected weight {name}")
+            _copy_into(params[target], tensor, shard, self._shard_sizes(target))
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        missing = self._expected_names() - loaded
+        if missing:
+            raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}")
+
+    def _shard_sizes(self, target: str) -> tuple[int, ...]:
+        module = self.get_submodule(target.rsplit(".", 2)[0])
+        return module.shard_sizes if hasattr(module, "shard_sizes") else ()
+
+    def _expected_names(self) -> set[str]:
+        names = set()
+        for name, _ in self.named_parameters():
+            fused = next((f for f, _, _ in _STACKED if f".{f}." in name), None)
+            if fused is None:
+                names.add(name)
+                continue
+            shards = 3 if fused == "qkv_proj" else 2
+            if name.endswith("bias") or name.endswith("weight"):
+                names.update(f"{name}#{i}" for i in range(shards))
+        return names
+
+
+def _fused_target(name: str) -> tuple[str, int | None]:
+    for fused, hf_name, shard in _STACKED:
+        if f".{hf_name}." in name:
+            return name.replace(f".{hf_name}.", f".{fused}."), shard
+    return name, None
+
+
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, shard: int | None, sizes: tuple[int, ...]) -> None:
+    with torch.no_grad():
+        if shard is None:
+            if param.shape != tensor.shape:
+                raise ValueError(f"shape mismatch: {tuple(param.shape)} vs {tuple(tensor.shape)}")
+            param.copy_(tensor)
+            return
+        start = sum(sizes[:shard])
+        param[start : start + sizes[shard]].copy_(tensor)

@@ -1,0 +1,294 @@
+"""Loads the model, sizes the KV pool, and runs one forward step.
+
+All device-specific choices (dtype, pool size, attention backend, CUDA graphs)
+are resolved here once at start and logged in SGLang's words.
+
+On GPU a step's inputs are built on the host with numpy (``step_inputs``) and
+a decode step replays a CUDA graph when one fits.
+
+The overlap schedule (GPU default; ``--disable-overlap-schedule``) keeps the
+GPU from waiting on the host between decode steps. Once step N's tokens are
+sampled on the device, the engine calls :meth:`ModelRunner.launch_ahead`,
+which enqueues step N+1 with those tokens as its input ids, and only then
+waits for step N's tokens on the host. The next ``take_ahead`` hands over
+step N+1's logits for the requests still running: one that finished at step
+N is simply not asked for, and the page its extra token was written to is
+fenced in the pool until that step is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pdserve.common.config import ServerConfig
+from pdserve.common.kv_layout import KVLayout
+from pdserve.model.attention.base import ATTENTION_BACKENDS, create_attention_backend
+from pdserve.model.batch import ScheduledBatch
+from pdserve.model.config import ModelConfig
+from pdserve.model.cuda_graph import CudaGraphRunner, capture_batch_sizes
+from pdserve.model.forward_batch import ForwardBatch, build_forward_batch
+from pdserve.model.kernels.ops import create_ops, pdl_enabled
+from pdserve.model.kernels.step_inputs import StepInputs, build_step, feed_tokens, to_device
+from pdserve.model.kv_pool import KVPool
+from pdserve.model.weights import load_model, resolve_dtype
+
+logger = logging.getLogger("pdserve.model_runner")
+
+CPU_KV_BUDGET_BYTES = 512 << 20  # default CPU pool: 512 MiB of KV
+DEFAULT_MEM_FRACTION_STATIC = 0.85
+
+
+def resolve_device(requested: str, base_gpu_id: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available")
+        torch.cuda.set_device(base_gpu_id)
+        return torch.device("cuda", base_gpu_id)
+    return torch.device("cpu")
+
+
+class _Done:
+    """The guard of a step that ran synchronously (CPU)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched before the host knew its input tokens."""
+
+    reqs: list
+    starts: np.ndarray  # position of each row's token
+    logits: torch.Tensor
+    done: torch.cuda.Event | _Done
+    used_graph: bool
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    max_total_num_tokens: int
+    context_len: int
+    dtype: str
+    device: str
+    available_gpu_mem_gb: float
+    attention_backend: str
+
+
+def _register_kernel_backends() -> dict[str, str]:
+    """Load the backends that need GPU libraries; why each that failed did."""
+    failed = {}
+    for name in ("flashinfer", "triton"):
+        try:
+            ATTENTION_BACKENDS.get(name)
+        except Exception as exc:  # a broken GPU library must not stop CPU or other backends
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return failed
+
+
+def _default_backend(device: torch.device, failed: dict[str, str]) -> str:
+    if device.type != "cuda":
+        return "torch"
+    if "flashinfer" in failed:
+        logger.warning("flashinfer is unavailable (%s); using the triton attention backend", failed["flashinfer"])
+        return "triton" if "triton" not in failed else "torch"
+    return "flashinfer"
+
+
+class ModelRunner:
+    def __init__(self, cfg: ServerConfig, model_dir: str, model_cfg: ModelConfig):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = resolve_device(cfg.device, cfg.base_gpu_id)
+        self.dtype = resolve_dtype(cfg.dtype, model_cfg, self.device)
+        self.context_len = min(cfg.context_length or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+        if cfg.context_length and cfg.context_length > model_cfg.max_position_embeddings:
+            logger.warning("context_length %d exceeds the model's %d; using the model's", cfg.context_length, self.context_len)
+        # SGLang sizes the pool against the memory that was free before loading.
+        self._free_at_start = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self._free_at_start = torch.cuda.mem_get_info(self.device)[0]
+        torch.manual_seed(cfg.random_seed)
+        self.model = load_model(model_cfg, model_dir, cfg.load_format, self.dtype, self.device, self.context_len + 1, cfg.random_seed)
+        self.pdl = pdl_enabled(self.device, cfg.disable_pdl)
+        self.model.ops = create_ops(self.device, self.pdl)
+        self.layout = self._size_pool()
+        self.pool = KVPool(self.layout, self.dtype, self.device)
+        failed = _register_kernel_backends()
+        self.attn_backend_name = cfg.attention_backend or _default_backend(self.device, failed)
+        if self.attn_backend_name in failed:
+            raise ValueError(f"attention backend {self.attn_backend_name!r} is unavailable: {failed[self.attn_backend_name]}")
+        self.attn = create_attention_backend(
+            self.attn_backend_name,
+            num_heads=model_cfg.num_heads,
+            num_kv_heads=model_cfg.num_kv_heads,
+            head_dim=model_cfg.head_dim,
+            page_size=cfg.page_size,
+            device=self.device,
+            dtype=self.dtype,
+            pdl=self.pdl,
+        )
+        # The fast path: numpy-built step inputs handed to a kernel backend.
+        self._fast = self.device.type == "cuda" and getattr(self.attn, "accepts_stored_kv", False)
+        # Launching decode steps ahead pays off where launches are asynchronous.
+        self.lookahead = self.device.type == "cuda" and not cfg.disable_overlap_schedule
+        self._ahead: _Ahead | None = None
+        self.uses_cuda_graph = False
+        self.graphs = self._capture_graphs()
+
+    def _capture_graphs(self) -> CudaGraphRunner | None:
+        if not self._fast or self.cfg.disable_cuda_graph or not getattr(self.attn, "supports_cuda_graph", False):
+            return None
+        cfg = self.cfg
+        max_bs = cfg.cuda_graph_max_bs or min(cfg.max_running_requests or 256, 256)
+        sizes = capture_batch_sizes(max_bs, cfg.cuda_graph_bs)
+        pages_per_seq = -(-self.context_len // cfg.page_size)
+        max_pages = sizes[-1] * min(pages_per_seq, self.layout.num_pages) + sizes[-1]
+        runner = CudaGraphRunner(self.model, self.attn, self.pool.buffer, sizes, not cfg.disable_cuda_graph_padding,
+                                 max_pages, cfg.page_size, self.device)
+        runner.capture()
+        return runner
+
+    def _bytes_per_token(self) -> int:
+        m = self.model_cfg
+        return m.num_layers * 2 * m.num_kv_heads * m.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+    def _size_pool(self) -> KVLayout:
+        tokens = self.cfg.max_total_tokens
+        if tokens is None:
+            tokens = self._auto_pool_tokens()
+        num_pages = max(tokens // self.cfg.page_size, 1)
+        m = self.model_cfg
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        return KVLayout(m.num_layers, num_pages, self.cfg.page_size, m.num_kv_heads, m.head_dim, dtype_name)
+
+    def _auto_pool_tokens(self) -> int:
+        per_token = self._bytes_per_token()
+        if self.device.type == "cpu":
+            return max(min(CPU_KV_BUDGET_BYTES // per_token, 1 << 17), self.cfg.page_size)
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0]
+        fraction = self.cfg.mem_fraction_static or DEFAULT_MEM_FRACTION_STATIC
+        # SGLang's rule: weights + pool may take `fraction` of the memory that was
+        # free at start (so instances sharing a GPU each size against their share);
+        # the rest is left for activations, CUDA graphs and workspaces. What this
+        # process holds is read from its own allocator, not from the free memory
+        # now, so a neighbour starting at the same time is not charged to us.
+        budget = min(self._free_at_start * fraction - torch.cuda.memory_reserved(self.device), free)
+        if budget <= per_token * self.cfg.page_size:
+            raise ValueError(f"--mem-fraction-static {fraction} leaves no memory for the KV pool")
+        return int(budget // per_token)
+
+    def available_gpu_mem_gb(self) -> float:
+        if self.device.type != "cuda":
+            return 0.0
+        return torch.cuda.mem_get_info(self.device)[0] / (1 << 30)
+
+    def info(self) -> RunnerInfo:
+        return RunnerInfo(
+            max_total_num_tokens=self.layout.num_pages * self.layout.page_size,
+            context_len=self.context_len,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            available_gpu_mem_gb=round(self.available_gpu_mem_gb(), 2),
+            attention_backend=self.attn_backend_name,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch, fed: tuple[np.ndarray, torch.Tensor] | None = None) -> torch.Tensor:
+        """Float32 logits of each request's last fed token: [batch, vocab].
+        ``fed``: (token_src, tokens); rows with ``token_src[i] >= 0`` feed
+        ``tokens[token_src[i]]``, a token still on the device (see :meth:`launch_ahead`)."""
+        if not self._fast:
+            fb = build_forward_batch(
+                batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size, self.device
+            )
+            if fed is not None:
+                feed_tokens(fb.input_ids, torch.from_numpy(fed[0]).to(self.device), *fed)
+            self.attn.prepare(fb)
+            return self.model(fb, self.attn, self.pool.buffer)
+        step = self._step_inputs(batch)
+        padded = self.graphs.padded_size(step.batch_size) if self.graphs and batch.is_decode else None
+        self.uses_cuda_graph = padded is not None
+        if padded is not None:
+            logits = self.graphs.replay(step, padded, fed)
+        else:
+            fb = self._forward_batch(step, batch, fed)
+            self.attn.prepare(fb)
+            logits = self.model(fb, self.attn, self.pool.buffer)
+        return logits
+
+    # ---- overlap schedule: decode steps launched ahead ----------------------------
+    @torch.inference_mode()
+    def launch_ahead(self, reqs: list, chunks: list[list[int]], starts: list[int], token_src: np.ndarray,
+                     tokens: torch.Tensor) -> None:
+        """Enqueue a decode step of ``reqs`` feeding ``chunks`` at ``starts``;
+        rows with ``token_src[i] >= 0`` feed ``tokens[token_src[i]]`` instead,
+        a token sampled on the device that the host has not seen yet. Each
+        request's pages must already cover its position."""
+        logits = self.forward(ScheduledBatch(True, reqs, chunks, starts), (token_src, tokens))
+        done = _Done()
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        page_size = self.cfg.page_size
+        self.pool.fence(sorted({r.pages[start // page_size] for r, start in zip(reqs, starts)}), done)
+        self._ahead = _Ahead(list(reqs), np.asarray(starts, dtype=np.int64), logits, done, self.uses_cuda_graph)
+
+    def take_ahead(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor] | None:
+        """For a decode batch: (positions in ``batch`` of the requests the ahead
+        step computed, their logits), or None. The ahead step is used up."""
+        ahead = self._ahead
+        if ahead is None or not batch.is_decode:
+            return None
+        self._ahead = None
+        row_of = {id(r): i for i, r in enumerate(ahead.reqs)}
+        positions, rows = [], []
+        for j, (req, start) in enumerate(zip(batch.reqs, batch.starts)):
+            i = row_of.get(id(req))
+            if i is not None and ahead.starts[i] == start:
+                positions.append(j)
+                rows.append(i)
+        if not rows:
+            return None
+        self.uses_cuda_graph = ahead.used_graph
+        if rows == list(range(len(ahead.reqs))):
+            return positions, ahead.logits
+        return positions, ahead.logits.index_select(0, self._index_tensor(rows))
+
+    def drop_ahead(self) -> None:
+        """Forget an ahead step nobody will ask for, once it has finished."""
+        if self._ahead is not None:
+            self._ahead.done.synchronize()
+            self._ahead = None
+
+    def _index_tensor(self, rows: list[int]) -> torch.Tensor:
+        return to_device(torch.tensor(rows, dtype=torch.long), self.device)
+
+    def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        return build_step(batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size)
+
+    def _forward_batch(self, step: StepInputs, batch: ScheduledBatch,
+                       fed: tuple[np.ndarray, torch.Tensor] | None = None) -> ForwardBatch:
+        """Device tensors of the step in one host-to-device copy; the host index
+        rides along in ``attn`` for the backend's ``prepare``. ``fed``: see
+        :meth:`launch_ahead` (its token_src rides in the same copy)."""
+        t, b = step.num_tokens, step.batch_size
+        src = np.empty(0, np.int64) if fed is None else fed[0].astype(np.int64)
+        host = np.concatenate([step.input_ids, step.positions, step.out_slots, step.logits_indices, src])
+        ids, positions, slots, last, src_dev = to_device(torch.from_numpy(host), self.device).split([t, t, t, b, len(src)])
+        if fed is not None:
+            feed_tokens(ids, src_dev, fed[0], fed[1])
+        fb = ForwardBatch(batch.is_decode, ids, positions, slots, step.seq_lens.tolist(),
+                          [len(c) for c in batch.chunks], [r.pages for r in batch.reqs], last)
+        fb.attn = step
+        return fb

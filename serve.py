@@ -1,0 +1,67 @@
+"""``pdserve serve``: parse the instance's flags, resolve its model, run its front.
+
+It sits at the package root because it assembles the parts: the front
+(``server/``) is handed the engine's entry point (``engine/``), and the flags'
+choices come from the registries of roles, attention and transfer backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pdserve.common.args import add_dataclass_args, config_from_args
+from pdserve.common.config import ServerConfig
+
+
+def flag_choices() -> dict[str, tuple[str, ...]]:
+    """``choices`` of the flags whose values name registry entries."""
+    from pdserve.engine.role import ROLES
+    from pdserve.model.attention.base import ATTENTION_BACKENDS
+    from pdserve.transfer.base import TRANSFER_BACKENDS
+
+    return {
+        "disaggregation_mode": ROLES.names(),
+        "attention_backend": ATTENTION_BACKENDS.names(),
+        "disaggregation_transfer_backend": TRANSFER_BACKENDS.names(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve serve", description="Serve one pdserve instance: prefill, decode or colocated.")
+    add_dataclass_args(parser, ServerConfig, choices=flag_choices())
+    return parser
+
+
+def parse_config(argv: list[str]) -> ServerConfig:
+    parser = build_parser()
+    cfg = config_from_args(ServerConfig, parser.parse_args(argv)).resolve()
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg
+
+
+def resolve_model_dir(model_path: str | None) -> str:
+    """An HF directory for a directory, a built-in preset name, or a ``config.json`` of real shapes."""
+    from pdserve.model.builtin import config_dir_for, resolve_model_path
+
+    if model_path and model_path.endswith(".json") and os.path.isfile(model_path):
+        return config_dir_for(model_path)
+    return resolve_model_path(model_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=cfg.log_level.upper(), format=f"[%(asctime)s {cfg.disaggregation_mode}] %(message)s")
+    from pdserve.engine.engine import engine_main
+    from pdserve.server.app import run
+
+    return run(cfg, resolve_model_dir(cfg.model_path), engine_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""One instance's HTTP front (OpenAI + SGLang native API), as ``pdserve serve`` runs it.
+
+The front starts listening at once and answers ``/health`` with 503 until the
+engine process has loaded the model and, unless ``--skip-server-warmup``, served
+one warmup request. If the engine dies, ``/health`` turns 503 and the server exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import uvicorn
+from fastapi import FastAPI
+from pdserve.common.config import ServerConfig, served_model_name
+from pdserve.common.messages import GenerateRequest
+from pdserve.common.roles import Role
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.server.engine_client import EngineClient, EngineMain
+from pdserve.server.metrics import ServerMetrics
+from pdserve.server.routes import install_routes
+from pdserve.server.serving import ModelLimits, Serving
+from pdserve.server.state import AppState, version
+
+logger = logging.getLogger("pdserve.server")
+ENGINE_START_TIMEOUT_S = 1800.0
+ENGINE_CHECK_INTERVAL_S = 1.0
+
+
+def _start_engine(state: AppState, loop: asyncio.AbstractEventLoop) -> None:
+    """Runs in a thread: start the engine, warm it up, then report healthy."""
+    try:
+        state.info = state.engine.start(ENGINE_START_TIMEOUT_S)
+        state.engine.attach(loop)
+        limits = ModelLimits(state.info["context_len"], state.info["vocab_size"], state.info["max_total_num_tokens"])
+        state.serving = Serving(state.engine, state.tokenizer, limits, state.metrics, state.cfg.allow_auto_truncate, state.cfg.log_requests)
+        if not state.cfg.skip_server_warmup:
+            asyncio.run_coroutine_threadsafe(_warmup(state), loop).result(timeout=600)
+        state.ready = True
+        logger.info("The server is fired up and ready to roll! (%s mode on http://%s:%d)", state.cfg.disaggregation_mode, state.cfg.host, state.cfg.port)
+    except Exception as exc:
+        state.failed = f"{type(exc).__name__}: {exc}"
+        logger.error("engine failed to start: %s", state.failed)
+        if state.server is not None:
+            state.server.should_exit = True
+
+
+async def _warmup(state: AppState) -> None:
+    ids = state.tokenizer.encode("The capital of France is")
+    req = GenerateRequest(rid="warmup", input_ids=ids, params=SamplingParams(max_new_tokens=4, temperature=0.0))
+    if state.cfg.disaggregation_mode == Role.PREFILL:
+        return  # a prefill instance only runs rooms paired with a decode instance
+    async for out in state.engine.generate(req):
+        if out.error:
+            raise RuntimeError(f"warmup failed: {out.error}")
+
+
+async def _watch_engine(state: AppState) -> None:
+    while True:
+        await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
+        if state.ready and not state.engine.alive():
+            state.ready = False
+            state.failed = "engine process died"
+            logger.error("engine process died; shutting down")
+            if state.server is not None:
+                state.server.should_exit = True
+            return
+
+
+def build_app(state: AppState) -> FastAPI:
+    app = FastAPI(title="pdserve", version=version())
+    app.state.pd = state
+
+    @app.on_event("startup")
+    async def _startup() -> None:
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=_start_engine, args=(state, loop), name="engine-start", daemon=True).start()
+        app.state.watcher = asyncio.create_task(_watch_engine(state))
+
+    @app.on_event("shutdown")
+    async def _shutdown() -> None:
+        state.engine.shutdown()
+
+    install_routes(app, state)
+    return app
+
+
+def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
+    """Serve until shut down; 1 if the engine failed."""
+    from pdserve.server.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path or model_dir, cfg.chat_template)
+    model_name = served_model_name(cfg)
+    engine = EngineClient(cfg, model_dir, engine_main, len(tokenizer))
+    state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name))
+    app = build_app(state)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))
+    state.server = server
+    server.run()
+    return 1 if state.failed else 0

@@ -1,0 +1,209 @@
+"""Parse and validate API request bodies into one internal form.
+
+Every check raises :class:`APIError` with the offending ``param``, so bad input
+becomes a 4xx OpenAI error and never reaches the engine. Three dialects are
+accepted: OpenAI completions, OpenAI chat completions, SGLang's ``/generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pdserve.common.errors import APIError
+from pdserve.common.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20
+_PENALTY_RANGE = (-2.0, 2.0)
+# Integers cross the engine pipe as msgpack int64: anything wider must be a 400, not a 500.
+_INT64 = (-(2**63), 2**63 - 1)
+_MAX_TOKEN_ID = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One API call, before tokenization: one or more prompts sharing parameters."""
+
+    prompts: list[str | list[int] | list[dict]]  # text, token ids, or chat messages
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    n: int = 1
+    model: str | None = None
+    bootstrap_room: int | None = None
+    prefill_instance_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _get(body: dict, name: str, types: tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in types:
+        raise APIError(400, f"'{name}' must be of type {'/'.join(t.__name__ for t in types)}", name)
+    if not isinstance(value, types):
+        raise APIError(400, f"'{name}' must be of type {'/'.join(t.__name__ for t in types)}", name)
+    return value
+
+
+def _check(cond: bool, message: str, param: str) -> None:
+    if not cond:
+        raise APIError(400, message, param)
+
+
+def _stop_strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        _check(len(value) <= 16, "at most 16 stop sequences", "stop")
+        return tuple(s for s in value if s)
+    raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _token_ids(value: Any, param: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(_is_int(x) and 0 <= x <= _MAX_TOKEN_ID for x in value):
+        return tuple(value)
+    raise APIError(400, f"'{param}' must be a list of token ids", param)
+
+
+def _seed(body: dict, name: str) -> int | None:
+    seed = _get(body, name, (int,))
+    _check(seed is None or _INT64[0] <= seed <= _INT64[1], f"'{name}' must be a 64-bit integer", name)
+    return seed
+
+
+def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -> SamplingParams:
+    max_tokens, max_name = default_max, max_tokens_names[0]
+    for name in max_tokens_names:
+        if body.get(name) is not None:
+            max_tokens, max_name = _get(body, name, (int,)), name
+            break
+    _check(max_tokens >= 1, f"'{max_name}' must be at least 1", max_name)
+    temperature = float(_get(body, "temperature", (int, float), 1.0))
+    _check(temperature >= 0, "'temperature' must be >= 0", "temperature")
+    top_p = float(_get(body, "top_p", (int, float), 1.0))
+    _check(0 < top_p <= 1, "'top_p' must be in (0, 1]", "top_p")
+    top_k = _get(body, "top_k", (int,), -1)
+    _check(top_k == -1 or top_k >= 1, "'top_k' must be -1 (disabled) or >= 1", "top_k")
+    top_k = min(top_k, _MAX_TOKEN_ID)  # any k beyond the vocabulary means all of it
+    min_p = float(_get(body, "min_p", (int, float), 0.0))
+    _check(0 <= min_p <= 1, "'min_p' must be in [0, 1]", "min_p")
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        penalties[name] = float(_get(body, name, (int, float), 0.0))
+        _check(_PENALTY_RANGE[0] <= penalties[name] <= _PENALTY_RANGE[1], f"'{name}' must be in [-2, 2]", name)
+    repetition = float(_get(body, "repetition_penalty", (int, float), 1.0))
+    _check(0 < repetition <= 2, "'repetition_penalty' must be in (0, 2]", "repetition_penalty")
+    seed = _seed(body, "seed")
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition,
+        stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
+        ignore_eos=bool(_get(body, "ignore_eos", (bool,), False)),
+        seed=seed,
+        **penalties,
+    )
+
+
+def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, ...]) -> GenerationInput:
+    n = _get(body, "n", (int,), 1)
+    _check(1 <= n <= 16, "'n' must be in [1, 16]", "n")
+    stream = bool(_get(body, "stream", (bool,), False))
+    options = _get(body, "stream_options", (dict,), {})
+    room = _get(body, "bootstrap_room", (int,))
+    _check(room is None or 0 <= room < 2**63, "'bootstrap_room' must be a 63-bit non-negative integer", "bootstrap_room")
+    return GenerationInput(
+        prompts=prompts,
+        params=params,
+        stop=stop,
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)) if stream else False,
+        n=n,
+        model=_get(body, "model", (str,)),
+        bootstrap_room=room,
+        prefill_instance_id=_get(body, "prefill_instance_id", (str,)),
+    )
+
+
+def parse_completion(body: dict) -> GenerationInput:
+    prompt = body.get("prompt")
+    prompts = _completion_prompts(prompt)
+    params = _sampling(body, ("max_tokens",), 16)
+    logprobs = _get(body, "logprobs", (int,))
+    if logprobs is not None:
+        _check(0 <= logprobs <= MAX_LOGPROBS, f"'logprobs' must be in [0, {MAX_LOGPROBS}]", "logprobs")
+        params = replace(params, logprobs=True, top_logprobs=logprobs)
+    _check(not _get(body, "echo", (bool,), False), "'echo' is not supported", "echo")
+    _check(body.get("suffix") is None, "'suffix' is not supported", "suffix")
+    return _common(body, prompts, params, _stop_strings(body.get("stop")))
+
+
+def _completion_prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        _check(prompt != "", "'prompt' must not be empty", "prompt")
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(_is_int(x) for x in prompt):
+            return [list(prompt)]
+        if all(isinstance(x, str) and x for x in prompt):
+            return list(prompt)
+        if all(isinstance(x, list) and x and all(_is_int(t) for t in x) for x in prompt):
+            return [list(x) for x in prompt]
+    raise APIError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids", "prompt")
+
+
+def parse_chat(body: dict) -> GenerationInput:
+    messages = body.get("messages")
+    _check(isinstance(messages, list) and len(messages) > 0, "'messages' must be a non-empty list", "messages")
+    clean = [_chat_message(m, i) for i, m in enumerate(messages)]
+    _check(not body.get("tools"), "'tools' are not supported by this server", "tools")
+    params = _sampling(body, ("max_completion_tokens", "max_tokens"), 4096)
+    if _get(body, "logprobs", (bool,), False):
+        top = _get(body, "top_logprobs", (int,), 0)
+        _check(0 <= top <= MAX_LOGPROBS, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}]", "top_logprobs")
+        params = replace(params, logprobs=True, top_logprobs=top)
+    return _common(body, [clean], params, _stop_strings(body.get("stop")))
+
+
+def _chat_message(message: Any, index: int) -> dict:
+    param = f"messages[{index}]"
+    _check(isinstance(message, dict), "each message must be an object", param)
+    role = message.get("role")
+    _check(role in ("system", "user", "assistant", "tool", "developer"), f"invalid role {role!r}", f"{param}.role")
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            _check(isinstance(part, dict) and part.get("type") == "text", "only text content parts are supported", f"{param}.content")
+            parts.append(str(part.get("text", "")))
+        content = "".join(parts)
+    _check(isinstance(content, str) or (content is None and role == "assistant"), "'content' must be a string", f"{param}.content")
+    return {"role": "system" if role == "developer" else role, "content": content or ""}
+
+
+def parse_generate(body: dict) -> GenerationInput:
+    text, ids = body.get("text"), body.get("input_ids")
+    _check((text is None) != (ids is None), "exactly one of 'text' and 'input_ids' is required", "text")
+    prompts = _completion_prompts(text if text is not None else ids)
+    sp = _get(body, "sampling_params", (dict,), {})
+    params = _sampling(sp, ("max_new_tokens",), 128)
+    if _get(body, "return_logprob", (bool,), False):
+        top = _get(body, "top_logprobs_num", (int,), 0)
+        _check(0 <= top <= MAX_LOGPROBS, f"'top_logprobs_num' must be in [0, {MAX_LOGPROBS}]", "top_logprobs_num")
+        params = replace(params, logprobs=True, top_logprobs=top)
+    if sp.get("sampling_seed") is not None:
+        params = replace(params, seed=_seed(sp, "sampling_seed"))
+    return _common(body, prompts, params, _stop_strings(sp.get("stop")))

@@ -1,0 +1,258 @@
+"""HTTP endpoints of an instance: OpenAI API, SGLang native API, operations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pdserve.common.disconnect import until_client_leaves
+from pdserve.common.errors import APIError, error_body, install_error_handlers, read_json_object
+from pdserve.common.messages import ControlResponse, GenerateRequest
+from pdserve.common.roles import Role
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.server import openai_format as fmt
+from pdserve.server.engine_client import EngineUnavailable
+from pdserve.server.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
+from pdserve.server.serving import Serving, SubRequest
+from pdserve.server.state import AppState
+from pdserve.server.text_stream import ChoiceState, TextDelta
+
+HEALTH_GENERATE_TIMEOUT_S = 30.0
+
+
+def _sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+def install_routes(app: FastAPI, state: AppState) -> None:
+    _install_middleware(app, state)
+    _install_api(app, state)
+    _install_ops(app, state)
+
+
+def _install_middleware(app: FastAPI, state: AppState) -> None:
+    install_error_handlers(app)
+    if state.cfg.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=state.cfg.api_key)
+
+
+class APIKeyMiddleware:
+    """``Authorization: Bearer KEY`` on every path but /health.
+
+    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``)
+    swallows the client's disconnect message, so a handler polling
+    ``request.is_disconnected()`` would never see a client leave.
+    """
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            auth = dict(scope["headers"]).get(b"authorization")
+            if auth != self.expected:
+                body = error_body(401, "invalid or missing API key", code="invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _serving(state: AppState) -> Serving:
+    if not state.ready or state.serving is None:
+        raise APIError(503, "the server is not ready yet" if not state.failed else f"the server failed: {state.failed}")
+    return state.serving
+
+
+def _check_model(state: AppState, gen: GenerationInput) -> None:
+    if gen.model is not None and gen.model not in (state.model_name, state.cfg.model_path):
+        raise APIError(404, f"The model `{gen.model}` does not exist.", "model", "model_not_found")
+
+
+def _check_role(state: AppState, gen: GenerationInput) -> None:
+    if state.cfg.disaggregation_mode == Role.PREFILL and gen.bootstrap_room is None:
+        raise APIError(400, "a prefill instance serves only PD requests (with bootstrap_room) sent by the router", "bootstrap_room")
+
+
+def _install_api(app: FastAPI, state: AppState) -> None:
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, state, parse_completion, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _handle(request, state, parse_chat, "chat")
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        return await _handle(request, state, parse_generate, "generate")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != state.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "model", "model_not_found")
+        return _model_card(state)
+
+
+def _model_card(state: AppState) -> dict:
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "pdserve",
+        "root": state.model_dir,
+        "max_model_len": state.info.get("context_len"),
+    }
+
+
+async def _handle(request: Request, state: AppState, parser, kind: str):
+    serving = _serving(state)
+    gen = parser(await read_json_object(request))
+    _check_model(state, gen)
+    _check_role(state, gen)
+    subs = serving.build(gen)
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{subs[0].rid.split('-')[0]}"
+    if state.cfg.disaggregation_mode == Role.PREFILL:
+        await until_client_leaves(request, serving.collect_all(subs))
+        return {"bootstrap_room": gen.bootstrap_room, "status": "ok"}
+    if gen.stream:
+        states = [ChoiceState(s.index) for s in subs]
+        events = serving.merged(subs, states)
+        # Wait for the first delta before answering: a request the engine rejects
+        # (queue full, pool too small) then gets its real status, not a 200 stream.
+        first = await until_client_leaves(request, _first_event(events))
+        body = _stream(state, gen, subs, states, rid, kind, first, events)
+        return StreamingResponse(body, media_type="text/event-stream")
+    start_s = time.monotonic()
+    choices = await until_client_leaves(request, serving.collect_all(subs))
+    return _body(state, gen, kind, rid, choices, time.monotonic() - start_s)
+
+
+def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: list[ChoiceState], e2e_s: float):
+    want_lp = gen.params.logprobs
+    if kind == "completion":
+        return fmt.completion_body(rid, state.model_name, choices, state.tokenizer, want_lp, gen.n)
+    if kind == "chat":
+        return fmt.chat_body(rid, state.model_name, choices, state.tokenizer, want_lp, gen.n)
+    bodies = [fmt.generate_body(rid, c, e2e_s) for c in choices]
+    return bodies[0] if len(bodies) == 1 else bodies
+
+
+async def _first_event(events: AsyncIterator[tuple[int, TextDelta]]) -> tuple[int, TextDelta] | None:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(first: tuple[int, TextDelta] | None, rest: AsyncIterator[tuple[int, TextDelta]]):
+    if first is not None:
+        yield first
+        async for event in rest:
+            yield event
+
+
+async def _stream(
+    state: AppState,
+    gen: GenerationInput,
+    subs: list[SubRequest],
+    states: list[ChoiceState],
+    rid: str,
+    kind: str,
+    first: tuple[int, TextDelta] | None,
+    rest: AsyncIterator[tuple[int, TextDelta]],
+) -> AsyncIterator[bytes]:
+    want_lp, model = gen.params.logprobs, state.model_name
+    start_s = time.monotonic()
+    if kind == "chat":
+        for s in subs:
+            yield _sse(fmt.chat_chunk(rid, model, s.index, None, state.tokenizer, False))
+    try:
+        async for i, delta in _chain(first, rest):
+            if kind == "chat":
+                yield _sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+            elif kind == "completion":
+                yield _sse(fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+            else:
+                yield _sse(fmt.generate_body(rid, states[i], time.monotonic() - start_s))
+    except APIError as exc:
+        yield _sse(exc.body())
+    if gen.include_usage and kind != "generate":
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        yield _sse(fmt.usage_chunk(rid, model, obj, states, gen.n))
+    yield _sse("[DONE]")
+
+
+async def _control(state: AppState, kind: str) -> ControlResponse:
+    """A control round trip; an engine that died or does not answer is a 503."""
+    try:
+        return await state.engine.control(kind)
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc)) from exc
+
+
+def _install_ops(app: FastAPI, state: AppState) -> None:
+    @app.get("/health")
+    async def health():
+        if state.ready and state.engine.alive():
+            return Response(status_code=200)
+        return JSONResponse(error_body(503, state.failed or "not ready"), status_code=503)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        if not state.ready or state.cfg.disaggregation_mode == Role.PREFILL:
+            # A prefill instance cannot generate alone; its engine liveness is the check.
+            return await health()
+        req = GenerateRequest(rid=f"health-{time.monotonic_ns()}", input_ids=[0], params=SamplingParams(max_new_tokens=1, temperature=0.0))
+
+        async def run() -> None:
+            async for out in state.engine.generate(req):
+                if out.error:
+                    raise APIError(503, out.error)
+
+        try:
+            await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT_S)
+        except (asyncio.TimeoutError, APIError) as exc:
+            return JSONResponse(error_body(503, f"generation check failed: {exc}"), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def model_info():
+        return {
+            "model_path": state.model_dir,
+            "tokenizer_path": state.cfg.tokenizer_path or state.model_dir,
+            "served_model_name": state.model_name,
+            "is_generation": True,
+        }
+
+    @app.get("/get_server_info")
+    async def server_info():
+        info = state.server_info()
+        if state.ready and state.engine.alive():
+            info.update((await _control(state, "stats")).data)
+        return info
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        _serving(state)
+        resp = await _control(state, "flush_cache")
+        if not resp.ok:
+            raise APIError(400, f"Cache not flushed: {resp.message}")
+        return Response("Cache flushed.\n", status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        if not state.cfg.enable_metrics:
+            raise APIError(404, "metrics are disabled; start with --enable-metrics")
+        if state.ready and state.engine.alive():
+            state.metrics.update_engine((await _control(state, "stats")).data)
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,184 @@
+"""From a parsed API call to engine requests and back to text, for one instance.
+
+Tokenizes (chat template included), checks token ids and lengths against the
+model, fans a call out into one engine request per prompt and sample, and turns
+each request's engine outputs into text deltas while recording metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from pdserve.common.errors import APIError
+from pdserve.common.messages import GenerateRequest
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.server.engine_client import EngineClient, EngineUnavailable
+from pdserve.server.metrics import ServerMetrics
+from pdserve.server.protocol import GenerationInput
+from pdserve.server.text_stream import ChoiceState, TextDelta, TextStream, apply_delta
+from pdserve.server.tokenizer import IncrementalDetokenizer, apply_chat_template
+
+ROOM_SPACE = 2**63
+
+
+def _sample_seed(seed: int, sample: int) -> int:
+    """Seed of the ``sample``-th of n choices, kept in int64 (the engine pipe's width)."""
+    return (seed + sample + 2**63) % 2**64 - 2**63
+
+
+@dataclass(frozen=True)
+class SubRequest:
+    index: int
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    stop: tuple[str, ...]
+    room: int | None
+    prefill_instance_id: str | None
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    context_len: int
+    vocab_size: int
+    max_total_tokens: int
+
+
+class Serving:
+    def __init__(self, engine: EngineClient, tokenizer, limits: ModelLimits, metrics: ServerMetrics, allow_auto_truncate: bool, log_requests: bool):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.metrics = metrics
+        self.allow_auto_truncate = allow_auto_truncate
+        self.log_requests = log_requests
+
+    # ---- request building --------------------------------------------------------
+    def build(self, gen: GenerationInput) -> list[SubRequest]:
+        base = uuid.uuid4().hex
+        subs = []
+        for p_idx, prompt in enumerate(gen.prompts):
+            ids, params = self._tokenize(prompt, gen.params)
+            for j in range(gen.n):
+                index = p_idx * gen.n + j
+                # Every sub-request needs its own room; both PD sides derive the same ones.
+                room = None if gen.bootstrap_room is None else (gen.bootstrap_room + index) % ROOM_SPACE
+                sub_params = params if params.seed is None or gen.n == 1 else replace(params, seed=_sample_seed(params.seed, j))
+                subs.append(SubRequest(index, f"{base}-{index}", ids, sub_params, gen.stop, room, gen.prefill_instance_id))
+        return subs
+
+    def _tokenize(self, prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif prompt and isinstance(prompt[0], dict):
+            try:
+                ids = apply_chat_template(self.tokenizer, prompt)
+            except Exception as exc:  # template errors are the caller's input problem
+                raise APIError(400, f"chat template failed: {exc}", "messages") from exc
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.limits.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.limits.vocab_size})", "prompt")
+        return self._fit_context(ids, params)
+
+    def _fit_context(self, ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        ctx = self.limits.context_len
+        if not ids:
+            raise APIError(400, "the prompt is empty after tokenization", "prompt")
+        if len(ids) + params.max_new_tokens > ctx:
+            if not self.allow_auto_truncate:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {ctx} tokens. However, you requested "
+                    f"{len(ids) + params.max_new_tokens} tokens ({len(ids)} in the prompt, "
+                    f"{params.max_new_tokens} for the completion).",
+                    "max_tokens" if len(ids) < ctx else "prompt",
+                    "context_length_exceeded",
+                )
+            if len(ids) < ctx:
+                # The prompt fits: keep all of it and shorten the answer instead.
+                max_new = ctx - len(ids)
+            else:
+                # SGLang keeps the head of an over-long prompt.
+                max_new = min(params.max_new_tokens, max(ctx - 1, 1))
+                ids = ids[: max(ctx - max_new, 1)]
+            params = replace(params, max_new_tokens=max_new)
+        if len(ids) + 1 > self.limits.max_total_tokens:
+            raise APIError(400, f"prompt of {len(ids)} tokens does not fit the KV pool ({self.limits.max_total_tokens} tokens)", "prompt")
+        return ids, params
+
+    # ---- running ---------------------------------------------------------------
+    async def stream(self, sub: SubRequest, state: ChoiceState) -> AsyncIterator[TextDelta]:
+        """Yield text deltas of one engine request; raises APIError on engine errors."""
+        text = TextStream(IncrementalDetokenizer(self.tokenizer), sub.stop)
+        req = GenerateRequest(rid=sub.rid, input_ids=sub.input_ids, params=sub.params, bootstrap_room=sub.room, prefill_instance_id=sub.prefill_instance_id)
+        timer = self.metrics.request_timer(len(sub.input_ids))
+        try:
+            async for out in self.engine.generate(req):
+                if out.error:
+                    timer.abort()
+                    raise APIError(out.error_status or 500, out.error)
+                delta = text.feed(out)
+                apply_delta(state, delta, out)
+                timer.tokens(len(delta.token_ids), state.cached_tokens)
+                yield delta
+                if delta.finish_reason is not None:
+                    # A stop string may end the stream before the engine does;
+                    # leaving the generator aborts the engine request.
+                    break
+        except EngineUnavailable as exc:
+            raise APIError(503, str(exc)) from exc
+        finally:
+            timer.finish(state.finish_reason)
+
+    async def collect(self, sub: SubRequest) -> ChoiceState:
+        state = ChoiceState(sub.index)
+        async for _ in self.stream(sub, state):
+            pass
+        return state
+
+    async def collect_all(self, subs: list[SubRequest]) -> list[ChoiceState]:
+        tasks = [asyncio.ensure_future(self.collect(s)) for s in subs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            # One failed choice fails the call: stop (and abort) its siblings too.
+            for task in tasks:
+                task.cancel()
+
+    async def merged(self, subs: list[SubRequest], states: list[ChoiceState]) -> AsyncIterator[tuple[int, TextDelta]]:
+        """Interleave the deltas of several sub-requests as they come."""
+        if len(subs) == 1:
+            async for delta in self.stream(subs[0], states[0]):
+                yield 0, delta
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for delta in self.stream(subs[i], states[i]):
+                    await queue.put((i, delta, None))
+            except Exception as exc:  # forwarded to the consumer below
+                await queue.put((i, None, exc))
+            await queue.put((i, None, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(subs))]
+        try:
+            remaining = len(subs)
+            while remaining:
+                i, delta, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                if delta is None:
+                    remaining -= 1
+                    continue
+                yield i, delta
+        finally:
+            for t in tasks:
+                t.cancel()
+
+

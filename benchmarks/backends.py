@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.benchmarks.datasets import BenchRequest
+from pdserve.common.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,12 @@ class Backend:
     new_parser: Callable[[], StreamParser]
 
 
-BACKENDS: dict[str, Backend] = {}
+BACKENDS: Registry[Backend] = Registry("benchmark backend")
 
 
 def register_backend(name: str, path: str, new_parser: Callable[[], StreamParser]) -> Callable:
     def wrap(build_body: Callable[[BenchRequest, RequestOptions], dict[str, Any]]) -> Callable:
-        BACKENDS[name] = Backend(name, path, build_body, new_parser)
+        BACKENDS.add(name, Backend(name, path, build_body, new_parser))
         return build_body
 
     return wrap

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from pdserve.benchmarks.datasets import DATASETS, BenchRequest, DatasetSpec, bui
 from pdserve.benchmarks.metrics import parse_slo
 from pdserve.benchmarks.runner import BenchError, RunPoint, RunResult, run_point, warm_up
 from pdserve.benchmarks.scenarios import ScenarioError, parse_scenario
+from pdserve.common.args import add_dataclass_args, config_from_args, flag
 
 if TYPE_CHECKING:
     import aiohttp
@@ -45,37 +46,64 @@ if TYPE_CHECKING:
 KEEPALIVE_TIMEOUT_S = 4.0  # below uvicorn's default keep-alive of 5 s
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("request rate must be positive (inf: all at once)")
+    return value
+
+
+def _concurrency(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("max concurrency must be >= 1")
+    return value
+
+
+_ROUTES = "openai: /v1/completions, openai-chat: /v1/chat/completions, pdserve: /generate"
+
+
 @dataclass(frozen=True)
 class BenchConfig:
-    base_url: str = "http://127.0.0.1:30000"
-    model: str | None = None
-    api_key: str | None = None
-    backend: str = "openai"
-    dataset: str = "random"
-    dataset_path: str | None = None
-    num_prompts: int = 100
-    random_input_len: int = 1024
-    random_output_len: int = 128
-    random_range_ratio: float = 0.0
-    shared_prefix_num_groups: int = 4
-    shared_prefix_len: int = 1024
-    shared_prefix_suffix_len: int = 64
-    sharegpt_output_len: int | None = None
-    traffic_scenarios: tuple[str, ...] = ()
-    request_rates: tuple[float, ...] = (math.inf,)
-    burstiness: float = 1.0
-    max_concurrency: tuple[int | None, ...] = (None,)
-    warmup_requests: int = 1
-    seed: int = 0
-    ignore_eos: bool = False
-    temperature: float = 0.0
-    tokenizer: str | None = None
-    slo: str | None = None
-    output_json: str | None = None
-    output_details: bool = False
-    plot: str | None = None
-    request_timeout_s: float = 600.0
-    disable_tqdm: bool = False
+    base_url: str = field(default="http://127.0.0.1:30000", metadata=flag("server root URL"))
+    model: str | None = field(default=None, metadata=flag("model name (default: first of GET /v1/models)"))
+    api_key: str | None = field(default=None, metadata=flag("bearer token (default: $OPENAI_API_KEY)"))
+    backend: str = field(default="openai", metadata=flag(_ROUTES))
+    dataset: str = field(default="random", metadata=flag("prompt source"))
+    dataset_path: str | None = field(default=None, metadata=flag("ShareGPT JSON file"))
+    num_prompts: int = field(default=100, metadata=flag("requests per run"))
+    random_input_len: int = field(default=1024, metadata=flag("prompt tokens"))
+    random_output_len: int = field(default=128, metadata=flag(
+        "output tokens (max_tokens); also the shared-prefix output length"))
+    random_range_ratio: float = field(default=0.0, metadata=flag("lengths uniform in [len*(1-r), len*(1+r)]"))
+    shared_prefix_num_groups: int = field(default=4, metadata=flag("distinct shared prefixes"))
+    shared_prefix_len: int = field(default=1024, metadata=flag("tokens of each group's shared system prefix"))
+    shared_prefix_suffix_len: int = field(default=64, metadata=flag("tokens of each prompt's own suffix"))
+    sharegpt_output_len: int | None = field(default=None, metadata=flag(
+        "output length for ShareGPT prompts (default: the reply's)"))
+    traffic_scenarios: tuple[str, ...] = field(default=(), metadata=flag(
+        "D(in,out) | N(mi,si)/(mo,so) | U(lo,hi)/(lo,hi); one run each (default: none)",
+        flag="--traffic-scenario", action="extend", nargs="+", metavar="SCENARIO"))
+    request_rates: tuple[float, ...] = field(default=(math.inf,), metadata=flag(
+        "requests/s, gamma arrivals (inf: all at once); one run each",
+        flag="--request-rate", action="extend", nargs="+", type=_rate, metavar="RATE"))
+    burstiness: float = field(default=1.0, metadata=flag("gamma shape of inter-arrival gaps; 1 is Poisson, < 1 burstier"))
+    max_concurrency: tuple[int | None, ...] = field(default=(None,), metadata=flag(
+        "most requests in flight; one run each (default: unlimited)",
+        action="extend", nargs="+", type=_concurrency, metavar="N"))
+    warmup_requests: int = field(default=1, metadata=flag("requests sent before each run and left out of its metrics"))
+    seed: int = field(default=0, metadata=flag("seed of prompts and arrival times"))
+    ignore_eos: bool = field(default=False, metadata=flag("send ignore_eos: true"))
+    temperature: float = field(default=0.0, metadata=flag("sampling temperature"))
+    tokenizer: str | None = field(default=None, metadata=flag(
+        "HF tokenizer directory (default: the server's /get_model_info paths)"))
+    slo: str | None = field(default=None, metadata=flag(
+        "e.g. ttft_ms=1000,itl_ms=25 (keys: ttft_ms, itl_ms, tpot_ms, e2e_ms) for goodput and SLO attainment"))
+    output_json: str | None = field(default=None, metadata=flag("write results to this file"))
+    output_details: bool = field(default=False, metadata=flag("every request in the JSON"))
+    plot: str | None = field(default=None, metadata=flag("PNG of TTFT/ITL p50/p99 over the sweep"))
+    request_timeout_s: float = field(default=600.0, metadata=flag("a request not finished by then counts as failed"))
+    disable_tqdm: bool = field(default=False, metadata=flag("no progress bar"))
 
 
 def _log(message: str) -> None:
@@ -181,7 +209,7 @@ async def run_benchmark(cfg: BenchConfig) -> BenchOutcome:
         model = await resolve_model(session, cfg, headers)
         tokenizer = await resolve_tokenizer(session, cfg, headers)
         options = RequestOptions(model=model, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature)
-        sender = client.Sender(session, cfg.base_url, BACKENDS[cfg.backend], options, tokenizer,
+        sender = client.Sender(session, cfg.base_url, BACKENDS.get(cfg.backend), options, tokenizer,
                                cfg.request_timeout_s, headers)
         results: list[RunResult] = []
         for scenario in cfg.traffic_scenarios or (None,):
@@ -190,103 +218,15 @@ async def run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     return BenchOutcome(results, model, tokenizer.name, tokenizer.exact)
 
 
-def _rate(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("request rate must be positive (inf: all at once)")
-    return value
-
-
-def _concurrency(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("max concurrency must be >= 1")
-    return value
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where it says something and the help has not said it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return str(super()._get_help_string(action))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    d = BenchConfig()
-    p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--base-url", default=d.base_url, help="server root URL")
-    p.add_argument("--model", default=d.model, help="model name (default: first of GET /v1/models)")
-    p.add_argument("--api-key", default=d.api_key, help="bearer token (default: $OPENAI_API_KEY)")
-    p.add_argument("--backend", default=d.backend, choices=sorted(BACKENDS),
-                   help="openai: /v1/completions, openai-chat: /v1/chat/completions, pdserve: /generate")
-    _add_dataset_args(p, d)
-    _add_load_args(p, d)
-    _add_output_args(p, d)
-    return p
-
-
-def _add_dataset_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
-    p.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS))
-    p.add_argument("--dataset-path", default=d.dataset_path, help="ShareGPT JSON file")
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests per run")
-    p.add_argument("--random-input-len", type=int, default=d.random_input_len, help="prompt tokens")
-    p.add_argument("--random-output-len", type=int, default=d.random_output_len,
-                   help="output tokens (max_tokens); also the shared-prefix output length")
-    p.add_argument("--random-range-ratio", type=float, default=d.random_range_ratio,
-                   help="lengths uniform in [len*(1-r), len*(1+r)]")
-    p.add_argument("--shared-prefix-num-groups", type=int, default=d.shared_prefix_num_groups,
-                   help="distinct shared prefixes")
-    p.add_argument("--shared-prefix-len", type=int, default=d.shared_prefix_len,
-                   help="tokens of each group's shared system prefix")
-    p.add_argument("--shared-prefix-suffix-len", type=int, default=d.shared_prefix_suffix_len,
-                   help="tokens of each prompt's own suffix")
-    p.add_argument("--sharegpt-output-len", type=int, default=d.sharegpt_output_len,
-                   help="output length for ShareGPT prompts (default: the reply's)")
-    p.add_argument("--traffic-scenario", dest="traffic_scenarios", action="extend", nargs="+",
-                   metavar="SCENARIO", default=None,
-                   help="D(in,out) | N(mi,si)/(mo,so) | U(lo,hi)/(lo,hi); one run each")
-
-
-def _add_load_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
-    p.add_argument("--request-rate", dest="request_rates", action="extend", nargs="+", type=_rate,
-                   metavar="RATE", default=None,
-                   help="requests/s, gamma arrivals (inf: all at once); one run each (default: inf)")
-    p.add_argument("--burstiness", type=float, default=d.burstiness,
-                   help="gamma shape of inter-arrival gaps; 1 is Poisson, < 1 burstier")
-    p.add_argument("--max-concurrency", action="extend", nargs="+", type=_concurrency, metavar="N",
-                   default=None, help="most requests in flight; one run each (default: unlimited)")
-    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests,
-                   help="requests sent before each run and left out of its metrics")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of prompts and arrival times")
-    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
-
-
-def _add_output_args(p: argparse.ArgumentParser, d: BenchConfig) -> None:
-    p.add_argument("--tokenizer", default=d.tokenizer,
-                   help="HF tokenizer directory (default: the server's /get_model_info paths)")
-    p.add_argument("--slo", default=d.slo, help="e.g. ttft_ms=1000,itl_ms=25 (keys: ttft_ms, "
-                   "itl_ms, tpot_ms, e2e_ms) for goodput and SLO attainment")
-    p.add_argument("--output-json", default=d.output_json, help="write results to this file")
-    p.add_argument("--output-details", action="store_true", help="every request in the JSON")
-    p.add_argument("--plot", default=d.plot, help="PNG of TTFT/ITL p50/p99 over the sweep")
-    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s,
-                   help="a request not finished by then counts as failed")
-    p.add_argument("--disable-tqdm", action="store_true")
+    parser = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0])
+    add_dataclass_args(parser, BenchConfig, choices={"backend": BACKENDS.names(), "dataset": sorted(DATASETS)})
+    return parser
 
 
 def config_from_argv(argv: list[str]) -> BenchConfig:
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    defaults = BenchConfig()
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(BenchConfig)}
-    for name in ("traffic_scenarios", "request_rates", "max_concurrency"):
-        values[name] = tuple(values[name]) if values[name] else getattr(defaults, name)
-    cfg = BenchConfig(**values)
+    cfg = config_from_args(BenchConfig, parser.parse_args(argv))
     try:
         validate(cfg)
     except ValueError as exc:

@@ -39,7 +39,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve.benchmarks.bench_serving import BenchConfig, HelpFormatter, run_benchmark
+from pdserve.benchmarks.bench_serving import BenchConfig, run_benchmark
 from pdserve.benchmarks.metrics import parse_slo
 from pdserve.benchmarks.report import bench_json
 from pdserve.benchmarks.scenarios import ScenarioError, parse_scenario
@@ -234,6 +234,16 @@ def run_study(cfg: StudyConfig) -> list[StudyRow]:
         rows += run_mode(cfg, mode, out_dir)
     write_outputs(cfg, rows, out_dir)
     return rows
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something and the help has not said it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return str(super()._get_help_string(action))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,8 +66,9 @@ def add_dataclass_args(
         if hints[f.name] is bool:
             parser.add_argument(flag_name, dest=f.name, action="store_true", default=default, help=help_text)
             continue
-        # argparse appends to a list default ("extend"); the config gets a tuple back.
-        parsed_default = list(default) if isinstance(default, tuple) else default
+        # "extend" would append to the default: it starts empty (None) and
+        # config_from_args takes the dataclass default when nothing was given.
+        parsed_default = None if meta.get("action") == "extend" else default
         kwargs: dict[str, Any] = {"dest": f.name, "default": parsed_default, "help": _help(help_text, default)}
         kwargs["type"] = meta.pop("type", _scalar_type(hints[f.name]))
         kwargs.update(meta)
@@ -87,6 +88,8 @@ def config_from_args(cls: type[_C], ns: argparse.Namespace) -> _C:
         if not f.init or not hasattr(ns, f.name):
             continue
         value = getattr(ns, f.name)
+        if value is None and f.metadata.get("action") == "extend":
+            continue
         if isinstance(value, list):
             value = tuple(value)
         values[f.name] = value

@@ -67,7 +67,17 @@ class TokenBatch:
 @message
 @dataclass(frozen=True, kw_only=True)
 class EngineReady:
-    info: dict
+    """The engine loaded its model and serves; what the front needs to know of it."""
+
+    context_len: int  # longest prompt + output, in tokens
+    vocab_size: int
+    max_total_num_tokens: int  # KV pool size
+    max_running_requests: int
+    page_size: int
+    dtype: str
+    device: str
+    attention_backend: str
+    instance_id: str | None = None  # PD roles: the id registered at the bootstrap service
 
 
 @message

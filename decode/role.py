@@ -128,6 +128,10 @@ class DecodeRole(EngineRole):
         held = {p for ctx in self.rooms.values() for p in ctx.req.pages}
         return held | {p for q in self.quarantine.values() for p in q.pages}
 
+    @property
+    def instance_id(self) -> str | None:
+        return self.endpoint.instance_id
+
     def stats(self) -> dict:
         return {
             "instance_id": self.endpoint.instance_id,

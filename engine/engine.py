@@ -102,24 +102,24 @@ class Engine:
             info.available_gpu_mem_gb,
         )
 
-    def ready_info(self) -> dict:
+    def ready_info(self) -> EngineReady:
         info = self.runner.info()
-        return {
-            "max_total_num_tokens": info.max_total_num_tokens,
-            "context_len": info.context_len,
-            "max_running_requests": self.scheduler.cfg.max_running_requests,
-            "dtype": info.dtype,
-            "device": info.device,
-            "attention_backend": info.attention_backend,
-            "vocab_size": self.model_cfg.vocab_size,
-            "page_size": self.cfg.page_size,
-            **self.role.stats(),
-        }
+        return EngineReady(
+            max_total_num_tokens=info.max_total_num_tokens,
+            context_len=info.context_len,
+            max_running_requests=self.scheduler.cfg.max_running_requests,
+            dtype=info.dtype,
+            device=info.device,
+            attention_backend=info.attention_backend,
+            vocab_size=self.model_cfg.vocab_size,
+            page_size=self.cfg.page_size,
+            instance_id=self.role.instance_id,
+        )
 
     # ---- loop ---------------------------------------------------------------
     def run_forever(self) -> None:
         self._start_watchdog()
-        self.conn.send_bytes(codec.encode(EngineReady(info=self.ready_info())))
+        self.conn.send_bytes(codec.encode(self.ready_info()))
         while self._receive():
             self.run_once()
         self.role.close()

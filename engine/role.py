@@ -71,6 +71,11 @@ class EngineRole:
         """Pages the role holds outside the scheduler (rooms in flight, draining, quarantined)."""
         return set()
 
+    @property
+    def instance_id(self) -> str | None:
+        """The id registered at the bootstrap service (PD roles)."""
+        return None
+
     def stats(self) -> dict:
         return {}
 

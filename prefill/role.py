@@ -152,6 +152,10 @@ class PrefillRole(EngineRole):
         held = {p for room in self.transferring for p in self.rooms[room].req.pages}
         return held | {p for d in self.draining.values() for p in d.pages}
 
+    @property
+    def instance_id(self) -> str | None:
+        return self.endpoint.instance_id
+
     def stats(self) -> dict:
         return {
             "instance_id": self.endpoint.instance_id,

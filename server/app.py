@@ -31,9 +31,10 @@ ENGINE_CHECK_INTERVAL_S = 1.0
 def _start_engine(state: AppState, loop: asyncio.AbstractEventLoop) -> None:
     """Runs in a thread: start the engine, warm it up, then report healthy."""
     try:
-        state.info = state.engine.start(ENGINE_START_TIMEOUT_S)
+        state.engine_ready = state.engine.start(ENGINE_START_TIMEOUT_S)
         state.engine.attach(loop)
-        limits = ModelLimits(state.info["context_len"], state.info["vocab_size"], state.info["max_total_num_tokens"])
+        ready = state.engine_ready
+        limits = ModelLimits(ready.context_len, ready.vocab_size, ready.max_total_num_tokens)
         state.serving = Serving(state.engine, state.tokenizer, limits, state.metrics, state.cfg.allow_auto_truncate, state.cfg.log_requests)
         if not state.cfg.skip_server_warmup:
             asyncio.run_coroutine_threadsafe(_warmup(state), loop).result(timeout=600)

@@ -52,7 +52,7 @@ class EngineClient:
         ctx = mp.get_context("spawn")
         self._conn, self._child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=engine_main, args=(cfg, model_dir, self._child_conn, num_text_tokens), name="pdserve-engine", daemon=True)
-        self.info: dict = {}
+        self.ready: EngineReady | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._control: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -60,7 +60,7 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dead = False
 
-    def start(self, timeout_s: float) -> dict:
+    def start(self, timeout_s: float) -> EngineReady:
         """Start the engine and block until it is ready; raise if it fails."""
         self.process.start()
         # Only the engine may hold its end: then closing ours is an EOF it sees at once.
@@ -72,8 +72,8 @@ class EngineClient:
         if isinstance(msg, EngineFailed):
             raise EngineDied(msg.error)
         assert isinstance(msg, EngineReady)
-        self.info = msg.info
-        return self.info
+        self.ready = msg
+        return msg
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

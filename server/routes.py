@@ -110,7 +110,7 @@ def _model_card(state: AppState) -> dict:
         "created": 0,
         "owned_by": "pdserve",
         "root": state.model_dir,
-        "max_model_len": state.info.get("context_len"),
+        "max_model_len": state.engine_ready.context_len if state.engine_ready else None,
     }
 
 

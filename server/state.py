@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import uvicorn
 from pdserve.common.config import ServerConfig
+from pdserve.common.messages import EngineReady
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.serving import Serving
@@ -23,11 +24,12 @@ class AppState:
     serving: Serving | None = None
     ready: bool = False
     failed: str | None = None
-    info: dict = field(default_factory=dict)
+    engine_ready: EngineReady | None = None
     server: uvicorn.Server | None = None
 
     def server_info(self) -> dict:
-        return {**dataclasses.asdict(self.cfg), **self.info, "model_dir": self.model_dir, "version": version()}
+        ready = dataclasses.asdict(self.engine_ready) if self.engine_ready else {}
+        return {**dataclasses.asdict(self.cfg), **ready, "model_dir": self.model_dir, "version": version()}
 
 
 def version() -> str:

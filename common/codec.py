@@ -9,6 +9,8 @@ fields. Nested registered messages and lists of them round-trip too.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import typing
 from typing import Any, TypeVar
 
@@ -53,15 +55,50 @@ def message(cls: type[_T]) -> type[_T]:
     return REGISTRY.register(cls)
 
 
+_PLAIN_NAMES = frozenset({"list", "tuple", "int", "str", "float", "bool", "bytes", "None"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    names: frozenset[str]
+    tuples: frozenset[str]  # declared as tuples: restored from msgpack arrays
+    plain: frozenset[str]  # scalars and lists of them: msgpack packs these as they are
+
+
+@functools.cache
+def _shape(cls: type) -> _Shape:
+    """The wire shape of a message class, computed once.
+
+    Resolving string annotations costs ~100 us a class, and every token the
+    engine streams crosses this codec; fields of plain types (``list[int]``,
+    ``list[list[int]]``, ``str | None``) skip the per-element walk, so columns
+    of token ids are packed and unpacked at C speed.
+    """
+    hints = typing.get_type_hints(cls)
+    names = frozenset(f.name for f in dataclasses.fields(cls))
+    kinds = {n: str(hints.get(n, "")) for n in names}
+    return _Shape(
+        names=names,
+        tuples=frozenset(n for n, k in kinds.items() if "tuple" in k),
+        plain=frozenset(n for n, k in kinds.items() if set(re.findall(r"[A-Za-z_]\w*", k)) <= _PLAIN_NAMES),
+    )
+
+
 def _to_wire(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {f.name: _to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        plain = _shape(type(obj)).plain
+        fields = {f.name: _field_to_wire(obj, f.name, plain) for f in dataclasses.fields(obj)}
         return {"t": type(obj).__name__, "f": fields}
     if isinstance(obj, (list, tuple)):
         return [_to_wire(x) for x in obj]
     if isinstance(obj, dict):
         return {k: _to_wire(v) for k, v in obj.items()}
     return obj
+
+
+def _field_to_wire(obj: Any, name: str, plain: frozenset[str]) -> Any:
+    value = getattr(obj, name)
+    return value if name in plain else _to_wire(value)
 
 
 def _from_wire(obj: Any) -> Any:
@@ -75,13 +112,11 @@ def _from_wire(obj: Any) -> Any:
 
 
 def _build(cls: type, fields: dict[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: _from_wire(v) for k, v in fields.items() if k in known}
-    hints = typing.get_type_hints(cls)
-    for name, value in kwargs.items():
-        # msgpack has no tuples; restore them where the class declares one.
-        if isinstance(value, list) and "tuple" in str(hints.get(name, "")):
-            kwargs[name] = tuple(value)
+    shape = _shape(cls)
+    kwargs = {k: v if k in shape.plain else _from_wire(v) for k, v in fields.items() if k in shape.names}
+    for name in shape.tuples.intersection(kwargs):
+        if isinstance(kwargs[name], list):
+            kwargs[name] = tuple(kwargs[name])
     try:
         return cls(**kwargs)
     except TypeError as exc:

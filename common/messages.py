@@ -61,7 +61,18 @@ class TokenOutput:
 @message
 @dataclass(frozen=True, kw_only=True)
 class TokenBatch:
-    outputs: list[TokenOutput]
+    """One engine step's news for the front.
+
+    Most news is only "these requests have new tokens": those travel as two
+    columns, ``rids[i]`` got ``token_ids[i]``, which msgpack packs at C speed
+    (no object per token on either side). Everything else (a first output with
+    its prompt counts, logprobs, a finish, an error) is a full ``TokenOutput``;
+    a request's full output precedes its plain tokens of the same batch.
+    """
+
+    outputs: list[TokenOutput] = field(default_factory=list)
+    rids: list[str] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
 
 
 @message

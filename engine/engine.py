@@ -66,7 +66,7 @@ class Engine:
         # Rows of the LM head past the tokenizer (padding, or a dummy config's
         # vocabulary paired with a smaller tokenizer) can never become text.
         self.num_text_tokens = min(num_text_tokens or self.model_cfg.vocab_size, self.model_cfg.vocab_size)
-        self.outputs: list[TokenOutput] = []
+        self.batch = TokenBatch()  # outputs of this loop turn, sent once at its end
         self.num_decode_steps = 0
         self.num_generated_tokens = 0
         self._log_window = (time.monotonic(), 0)
@@ -129,6 +129,9 @@ class Engine:
         scheduling, one step, finished requests, outputs to the front."""
         self.pool.reclaim()
         self.role.poll()
+        # What the role produced (a PD room's first token, a failed room) goes
+        # out now, not one forward step later.
+        self._flush()
         batch = self.scheduler.schedule()
         if batch is not None:
             self._step(batch)
@@ -165,7 +168,7 @@ class Engine:
         try:
             self._check_admissible(req)
         except RequestRejected as exc:
-            self.outputs.append(TokenOutput(rid=req.rid, token_ids=[], finish_reason="abort", error=str(exc), error_status=exc.status))
+            self.batch.outputs.append(TokenOutput(rid=req.rid, token_ids=[], finish_reason="abort", error=str(exc), error_status=exc.status))
             return
         self.role.admit(req)
 
@@ -288,7 +291,11 @@ class Engine:
         start = req.num_sent
         req.num_sent = len(req.output_ids)
         want_lp = req.params.logprobs
-        self.outputs.append(
+        if start and not want_lp and not req.finished and error is None:
+            self.batch.rids.append(req.rid)  # the common case: new tokens, nothing else
+            self.batch.token_ids.append(req.output_ids[start:])
+            return
+        self.batch.outputs.append(
             TokenOutput(
                 rid=req.rid,
                 token_ids=req.output_ids[start:],
@@ -308,9 +315,9 @@ class Engine:
         self.emit(req, error=error, error_status=status)
 
     def _flush(self) -> None:
-        if self.outputs:
-            self.conn.send_bytes(codec.encode(TokenBatch(outputs=self.outputs)))
-            self.outputs = []
+        if self.batch.outputs or self.batch.rids:
+            self.conn.send_bytes(codec.encode(self.batch))
+            self.batch = TokenBatch()
 
     def abort(self, rid: str, reason: str = "abort") -> None:
         # The role first: a PD room must end on both sides, not just leave the scheduler.

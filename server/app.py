@@ -32,7 +32,7 @@ def _start_engine(state: AppState, loop: asyncio.AbstractEventLoop) -> None:
     """Runs in a thread: start the engine, warm it up, then report healthy."""
     try:
         state.engine_ready = state.engine.start(ENGINE_START_TIMEOUT_S)
-        state.engine.attach(loop)
+        asyncio.run_coroutine_threadsafe(state.engine.attach(), loop).result(timeout=60)
         ready = state.engine_ready
         limits = ModelLimits(ready.context_len, ready.vocab_size, ready.max_total_num_tokens)
         state.serving = Serving(state.engine, state.tokenizer, limits, state.metrics, state.cfg.allow_auto_truncate, state.cfg.log_requests)
@@ -52,9 +52,9 @@ async def _warmup(state: AppState) -> None:
     req = GenerateRequest(rid="warmup", input_ids=ids, params=SamplingParams(max_new_tokens=4, temperature=0.0))
     if state.cfg.disaggregation_mode == Role.PREFILL:
         return  # a prefill instance only runs rooms paired with a decode instance
-    async for out in state.engine.generate(req):
-        if out.error:
-            raise RuntimeError(f"warmup failed: {out.error}")
+    out = await state.engine.finish(req)
+    if out.error:
+        raise RuntimeError(f"warmup failed: {out.error}")
 
 
 async def _watch_engine(state: AppState) -> None:

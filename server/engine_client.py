@@ -1,8 +1,10 @@
 """The HTTP front's handle on its engine process.
 
-Starts the engine in a spawned process, sends it typed messages over a pipe,
-and routes each output back to the asyncio queue of the request it belongs to.
-A reader thread blocks on the pipe so the event loop never does.
+Starts the engine in a spawned process and talks to it over a pipe of typed
+msgpack messages. Once the engine is ready the front's end of the pipe is read
+by the event loop itself (an asyncio protocol): an engine step's outputs are
+dispatched to the mailboxes of their requests in the callback that receives
+them, with no reader thread, no thread hand-off and no per-token queue objects.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing as mp
+import os
 import socket
-import threading
+import struct
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 
@@ -33,6 +37,10 @@ from pdserve.common.messages import (
 # never imports the engine.
 EngineMain = Callable[[ServerConfig, str, Connection, "int | None"], None]
 
+# What a request's mailbox holds: new token ids alone (the common case), or a
+# full output (first tokens with prompt counts, logprobs, a finish, an error).
+Update = list[int] | TokenOutput
+
 
 class EngineUnavailable(RuntimeError):
     """The engine cannot answer: HTTP 503."""
@@ -47,17 +55,86 @@ class EngineBusy(EngineUnavailable):
     is one the watchdog is about to end)."""
 
 
+class Mailbox:
+    """One request's updates, in order; the consumer takes all that are waiting.
+
+    Cheaper than an ``asyncio.Queue`` per request (no lock, one future only
+    while the consumer waits), and a consumer that fell behind by a few engine
+    steps gets them all in one go.
+    """
+
+    __slots__ = ("items", "_waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[Update] = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: Update) -> None:
+        self.items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def take(self) -> list[Update]:
+        while not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+
+class _PipeProtocol(asyncio.Protocol):
+    """Frames of ``multiprocessing.Connection``: a 4-byte big-endian length
+    (-1, then 8 bytes, for a frame of 2 GiB or more), then the payload."""
+
+    def __init__(self, on_message: Callable[[object], None], on_lost: Callable[[], None]) -> None:
+        self._buf = bytearray()
+        self._on_message = on_message
+        self._on_lost = on_lost
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        start = 0
+        while len(buf) - start >= 4:
+            (size,) = struct.unpack_from("!i", buf, start)
+            head = 4
+            if size == -1:
+                if len(buf) - start < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, start + 4)
+                head = 12
+            if len(buf) - start < head + size:
+                break
+            payload = bytes(buf[start + head : start + head + size])
+            start += head + size
+            self._on_message(codec.decode(payload))
+        del buf[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+
+def frame(payload: bytes) -> bytes:
+    """A payload framed as ``Connection.send_bytes`` frames it."""
+    size = len(payload)
+    head = struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+    return head + payload
+
+
 class EngineClient:
     def __init__(self, cfg: ServerConfig, model_dir: str, engine_main: EngineMain, num_text_tokens: int | None = None):
         ctx = mp.get_context("spawn")
         self._conn, self._child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=engine_main, args=(cfg, model_dir, self._child_conn, num_text_tokens), name="pdserve-engine", daemon=True)
         self.ready: EngineReady | None = None
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._boxes: dict[str, Mailbox] = {}
         self._control: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
-        self._send_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: asyncio.Transport | None = None
         self.dead = False
 
     def start(self, timeout_s: float) -> EngineReady:
@@ -75,37 +152,35 @@ class EngineClient:
         self.ready = msg
         return msg
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        threading.Thread(target=self._read_loop, name="engine-reader", daemon=True).start()
+    async def attach(self) -> None:
+        """From now on the event loop reads and writes the pipe (call it in the loop)."""
+        sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+        self._conn.close()
+        loop = asyncio.get_running_loop()
+        protocol = _PipeProtocol(self._dispatch, self._on_death)
+        self._transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
 
     def alive(self) -> bool:
-        return not self.dead and self.process.is_alive()
+        return not self.dead and self._transport is not None and self.process.is_alive()
 
     def _send(self, msg: object) -> None:
-        data = codec.encode(msg)
-        with self._send_lock:
-            self._conn.send_bytes(data)
-
-    def _read_loop(self) -> None:
-        try:
-            while True:
-                msg = codec.decode(self._conn.recv_bytes())
-                self._loop.call_soon_threadsafe(self._dispatch, msg)
-        except (EOFError, OSError, TypeError):
-            # TypeError: shutdown() closed the pipe under a blocked recv_bytes().
-            if not self._loop.is_closed():
-                try:
-                    self._loop.call_soon_threadsafe(self._on_death)
-                except RuntimeError:  # the loop closed in between
-                    pass
+        if self._transport is None or self._transport.is_closing():
+            raise EngineDied("engine is not running")
+        self._transport.write(frame(codec.encode(msg)))
 
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, TokenBatch):
+            # Within one engine turn a request's full output (its first tokens)
+            # precedes any plain tokens it got later in that turn.
+            boxes = self._boxes
             for out in msg.outputs:
-                queue = self._queues.get(out.rid)
-                if queue is not None:
-                    queue.put_nowait(out)
+                box = boxes.get(out.rid)
+                if box is not None:
+                    box.put(out)
+            for rid, ids in zip(msg.rids, msg.token_ids):
+                box = boxes.get(rid)
+                if box is not None:
+                    box.put(ids)
         elif isinstance(msg, ControlResponse):
             fut = self._control.pop(msg.req_id, None)
             if fut is not None and not fut.done():
@@ -113,35 +188,41 @@ class EngineClient:
 
     def _on_death(self) -> None:
         self.dead = True
-        for rid, queue in self._queues.items():
-            queue.put_nowait(TokenOutput(rid=rid, token_ids=[], finish_reason="abort", error="engine process died", error_status=503))
+        for rid, box in self._boxes.items():
+            box.put(TokenOutput(rid=rid, token_ids=[], finish_reason="abort", error="engine process died", error_status=503))
         for fut in self._control.values():
             if not fut.done():
                 fut.set_exception(EngineDied("engine process died"))
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
-        """Yield the engine's outputs for one request until it finishes.
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[Update]]:
+        """Yield the engine's updates for one request, a list at a time, until it finishes.
 
         Leaving the iteration early (client gone, stop string hit) aborts the
         request in the engine, which frees its pages.
         """
         if not self.alive():
             raise EngineDied("engine is not running")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[req.rid] = queue
+        box = self._boxes[req.rid] = Mailbox()
         finished = False
         try:
             self._send(req)
-            while True:
-                out: TokenOutput = await queue.get()
-                finished = out.finish_reason is not None
-                yield out
-                if finished:
-                    return
+            while not finished:
+                updates = await box.take()
+                last = updates[-1]
+                finished = isinstance(last, TokenOutput) and last.finish_reason is not None
+                yield updates
         finally:
-            self._queues.pop(req.rid, None)
+            self._boxes.pop(req.rid, None)
             if not finished and self.alive():
                 self._send(AbortRequest(rid=req.rid))
+
+    async def finish(self, req: GenerateRequest) -> TokenOutput:
+        """Run ``req`` to its end; its last output (which carries any error)."""
+        last: Update = []
+        async for updates in self.generate(req):
+            last = updates[-1]
+        assert isinstance(last, TokenOutput)
+        return last
 
     async def control(self, kind: str, timeout_s: float = 30.0) -> ControlResponse:
         if not self.alive():
@@ -158,14 +239,10 @@ class EngineClient:
             self._control.pop(req_id, None)
 
     def shutdown(self) -> None:
-        try:
-            # close() alone leaves the socket open while the reader thread blocks on
-            # it, so the engine would never see EOF; shutdown() wakes both sides.
-            with socket.fromfd(self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
+        if self._transport is not None:
+            self._transport.close()  # the engine sees EOF and exits
+        else:
             self._conn.close()
-        except OSError:
-            pass
         if self.process.pid is None:  # the server failed before the engine was started
             return
         self.process.join(timeout=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from pdserve.server.text_stream import ChoiceState, TextDelta
 from pdserve.server.tokenizer import token_bytes
 
@@ -109,6 +110,31 @@ def chat_chunk(rid: str, model: str, index: int, delta: TextDelta | None, tokeni
         lp = chat_logprobs(tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs) if want_lp else None
         choice = {"index": index, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": delta.finish_reason}
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+class TextChunks:
+    """SSE events of one streamed choice whose chunks carry text and nothing else.
+
+    Most chunks of a stream are exactly that; their bytes are one template made
+    when the stream starts with the text's JSON string in the middle, instead of
+    a dict per token serialized whole.
+    """
+
+    def __init__(self, rid: str, model: str, index: int, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = orjson.dumps({"id": rid, "object": obj, "created": int(time.time()), "model": model})[:-1]
+        field = b'"delta":{"content":' if chat else b'"text":'
+        self._prefix = b"data: " + head + b',"choices":[{"index":%d,' % index + field
+        self._suffix = (b"}" if chat else b"") + b',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def event(self, text: str) -> bytes:
+        return self._prefix + orjson.dumps(text) + self._suffix
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event: ``data: <json>`` (or a literal such as ``[DONE]``)."""
+    payload = data.encode() if isinstance(data, str) else orjson.dumps(data)
+    return b"data: " + payload + b"\n\n"
 
 
 def usage_chunk(rid: str, model: str, obj: str, choices: list[ChoiceState], n: int) -> dict:

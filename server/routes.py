@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -22,11 +21,6 @@ from pdserve.server.state import AppState
 from pdserve.server.text_stream import ChoiceState, TextDelta
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
-
-
-def _sse(data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n".encode()
 
 
 def install_routes(app: FastAPI, state: AppState) -> None:
@@ -175,21 +169,24 @@ async def _stream(
     start_s = time.monotonic()
     if kind == "chat":
         for s in subs:
-            yield _sse(fmt.chat_chunk(rid, model, s.index, None, state.tokenizer, False))
+            yield fmt.sse(fmt.chat_chunk(rid, model, s.index, None, state.tokenizer, False))
+    plain = [fmt.TextChunks(rid, model, s.index, kind == "chat") for s in subs] if kind != "generate" and not want_lp else None
     try:
         async for i, delta in _chain(first, rest):
-            if kind == "chat":
-                yield _sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+            if plain is not None and delta.finish_reason is None:
+                yield plain[i].event(delta.text)
+            elif kind == "chat":
+                yield fmt.sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
             elif kind == "completion":
-                yield _sse(fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+                yield fmt.sse(fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
             else:
-                yield _sse(fmt.generate_body(rid, states[i], time.monotonic() - start_s))
+                yield fmt.sse(fmt.generate_body(rid, states[i], time.monotonic() - start_s))
     except APIError as exc:
-        yield _sse(exc.body())
+        yield fmt.sse(exc.body())
     if gen.include_usage and kind != "generate":
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        yield _sse(fmt.usage_chunk(rid, model, obj, states, gen.n))
-    yield _sse("[DONE]")
+        yield fmt.sse(fmt.usage_chunk(rid, model, obj, states, gen.n))
+    yield fmt.sse("[DONE]")
 
 
 async def _control(state: AppState, kind: str) -> ControlResponse:
@@ -215,9 +212,9 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
         req = GenerateRequest(rid=f"health-{time.monotonic_ns()}", input_ids=[0], params=SamplingParams(max_new_tokens=1, temperature=0.0))
 
         async def run() -> None:
-            async for out in state.engine.generate(req):
-                if out.error:
-                    raise APIError(503, out.error)
+            out = await state.engine.finish(req)
+            if out.error:
+                raise APIError(503, out.error)
 
         try:
             await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT_S)

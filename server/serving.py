@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from pdserve.common.errors import APIError
-from pdserve.common.messages import GenerateRequest
+from pdserve.common.messages import GenerateRequest, TokenOutput
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.server.engine_client import EngineClient, EngineUnavailable
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.protocol import GenerationInput
 from pdserve.server.text_stream import ChoiceState, TextDelta, TextStream, apply_delta
-from pdserve.server.tokenizer import IncrementalDetokenizer, apply_chat_template
+from pdserve.server.tokenizer import IncrementalDetokenizer, apply_chat_template, ids_decoder
 
 ROOM_SPACE = 2**63
 
@@ -55,6 +55,7 @@ class Serving:
         self.metrics = metrics
         self.allow_auto_truncate = allow_auto_truncate
         self.log_requests = log_requests
+        self._decode = ids_decoder(tokenizer)  # built once: it probes the tokenizer
 
     # ---- request building --------------------------------------------------------
     def build(self, gen: GenerationInput) -> list[SubRequest]:
@@ -114,16 +115,17 @@ class Serving:
     # ---- running ---------------------------------------------------------------
     async def stream(self, sub: SubRequest, state: ChoiceState) -> AsyncIterator[TextDelta]:
         """Yield text deltas of one engine request; raises APIError on engine errors."""
-        text = TextStream(IncrementalDetokenizer(self.tokenizer), sub.stop)
+        text = TextStream(IncrementalDetokenizer(self.tokenizer, decode=self._decode), sub.stop)
         req = GenerateRequest(rid=sub.rid, input_ids=sub.input_ids, params=sub.params, bootstrap_room=sub.room, prefill_instance_id=sub.prefill_instance_id)
         timer = self.metrics.request_timer(len(sub.input_ids))
         try:
-            async for out in self.engine.generate(req):
-                if out.error:
+            async for updates in self.engine.generate(req):
+                last = updates[-1]
+                if isinstance(last, TokenOutput) and last.error:
                     timer.abort()
-                    raise APIError(out.error_status or 500, out.error)
-                delta = text.feed(out)
-                apply_delta(state, delta, out)
+                    raise APIError(last.error_status or 500, last.error)
+                delta = text.feed(updates)
+                apply_delta(state, delta, updates)
                 timer.tokens(len(delta.token_ids), state.cached_tokens)
                 yield delta
                 if delta.finish_reason is not None:

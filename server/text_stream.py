@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.common.messages import TokenOutput
+from pdserve.server.engine_client import Update
 from pdserve.server.tokenizer import IncrementalDetokenizer
 
 
@@ -58,30 +59,43 @@ class TextStream:
         hits = [(i, s) for s in self.stop if (i := self._text.find(s, start)) >= 0]
         return min(hits) if hits else None
 
-    def feed(self, out: TokenOutput) -> TextDelta:
-        """Consume one engine output; a stop-string hit ends the stream early."""
-        delta = TextDelta("", [], [] if out.logprobs is not None else None, [] if out.top_logprobs is not None else None)
-        for i, token in enumerate(out.token_ids):
-            self._text += self.detok.add(token)
-            delta.token_ids.append(token)
-            if out.logprobs is not None:
-                delta.logprobs.append(out.logprobs[i])
-                delta.top_logprobs.append(out.top_logprobs[i] if out.top_logprobs else [])
-            last = i == len(out.token_ids) - 1
-            if last and out.finish_reason is not None:
+    def feed(self, updates: list[Update]) -> TextDelta:
+        """Consume the engine's updates (one or several steps); a stop-string hit ends the stream early."""
+        delta = TextDelta("", [], None, None)
+        for update in updates:
+            out = update if isinstance(update, TokenOutput) else None
+            ids = update if out is None else out.token_ids
+            if out is not None and out.logprobs is not None and delta.logprobs is None:
+                delta.logprobs, delta.top_logprobs = [], []
+            for i, token in enumerate(ids):
+                self._text += self.detok.add(token)
+                delta.token_ids.append(token)
+                if delta.logprobs is not None and out is not None:
+                    delta.logprobs.append(out.logprobs[i])
+                    delta.top_logprobs.append(out.top_logprobs[i] if out.top_logprobs else [])
+                if self.stop and self._stopped(delta, out is not None and out.finish_reason is not None and i == len(ids) - 1):
+                    return delta
+            if out is not None and out.finish_reason is not None:
                 self._text += self.detok.flush()
-            hit = self._find_stop() if self.stop else None
-            if hit is not None:
-                self._text = self._text[: hit[0]]
+                if self.stop and self._stopped(delta, False):
+                    return delta
+                delta.finish_reason, delta.matched_stop = out.finish_reason, out.matched_stop
                 delta.text = self._take(len(self._text))
-                delta.finish_reason, delta.matched_stop = "stop", hit[1]
                 return delta
-        if out.finish_reason is not None:
-            delta.finish_reason, delta.matched_stop = out.finish_reason, out.matched_stop
-            delta.text = self._take(len(self._text))
-        else:
-            delta.text = self._take(len(self._text) - self._held_back())
+        delta.text = self._take(len(self._text) - self._held_back())
         return delta
+
+    def _stopped(self, delta: TextDelta, flush: bool) -> bool:
+        """Cut at the first stop string, if one is complete now."""
+        if flush:
+            self._text += self.detok.flush()
+        hit = self._find_stop()
+        if hit is None:
+            return False
+        self._text = self._text[: hit[0]]
+        delta.text = self._take(len(self._text))
+        delta.finish_reason, delta.matched_stop = "stop", hit[1]
+        return True
 
     def _take(self, end: int) -> str:
         chunk = self._text[self._sent : end]
@@ -89,13 +103,15 @@ class TextStream:
         return chunk
 
 
-def apply_delta(state: ChoiceState, delta: TextDelta, out: TokenOutput) -> None:
+def apply_delta(state: ChoiceState, delta: TextDelta, updates: list[Update]) -> None:
     state.text += delta.text
     state.token_ids += delta.token_ids
     if delta.logprobs is not None:
         state.logprobs += delta.logprobs
         state.top_logprobs += delta.top_logprobs or []
-    state.prompt_tokens = out.prompt_tokens or state.prompt_tokens
-    state.cached_tokens = out.cached_tokens or state.cached_tokens
+    for update in updates:
+        if isinstance(update, TokenOutput):
+            state.prompt_tokens = update.prompt_tokens or state.prompt_tokens
+            state.cached_tokens = update.cached_tokens or state.cached_tokens
     if delta.finish_reason is not None:
         state.finish_reason, state.matched_stop = delta.finish_reason, delta.matched_stop

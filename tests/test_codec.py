@@ -33,6 +33,7 @@ MESSAGES = [
     TokenOutput(rid="rid-1", token_ids=[4, 5], logprobs=[-0.5, -1.25], top_logprobs=[[[4, -0.5], [6, -2.0]], [[5, -1.25]]], finish_reason="stop", matched_stop=5, prompt_tokens=3, cached_tokens=2),
     TokenOutput(rid="rid-2", token_ids=[], finish_reason="abort", error="too many queued requests", error_status=503),
     TokenBatch(outputs=[TokenOutput(rid="a", token_ids=[1]), TokenOutput(rid="b", token_ids=[2], finish_reason="length")]),
+    TokenBatch(outputs=[], rids=["a", "b"], token_ids=[[1], [2, 3]]),
     EngineReady(context_len=2048, vocab_size=320, max_total_num_tokens=4096, max_running_requests=64, page_size=16,
                 dtype="float32", device="cpu", attention_backend="torch", instance_id="p-1"),
     EngineFailed(error="ValueError: boom"),

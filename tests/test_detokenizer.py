@@ -87,7 +87,7 @@ def feed_all(tokenizer, ids: list[int], stop: tuple[str, ...], chunk: int = 1) -
     deltas = []
     for i in range(0, len(ids), chunk):
         last = i + chunk >= len(ids)
-        delta = stream.feed(TokenOutput(rid="r", token_ids=ids[i : i + chunk], finish_reason="length" if last else None))
+        delta = stream.feed([TokenOutput(rid="r", token_ids=ids[i : i + chunk], finish_reason="length" if last else None)])
         deltas.append(delta.text)
         if delta.finish_reason is not None:
             return deltas, delta.finish_reason, delta.matched_stop

@@ -10,10 +10,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pdserve.common.config import ServerConfig
-from pdserve.server.state import AppState
 from pdserve.server.engine_client import EngineBusy, EngineClient, EngineDied
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.routes import install_routes
+from pdserve.server.state import AppState
+from pdserve.tests.support.openai_errors import assert_openai_error
 
 
 def test_a_control_request_nobody_answers_raises_engine_busy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -21,6 +22,7 @@ def test_a_control_request_nobody_answers_raises_engine_busy(monkeypatch: pytest
     monkeypatch.setattr(client, "alive", lambda: True)
 
     async def ask() -> None:
+        await client.attach()  # the loop owns the pipe; the other end is never read
         await client.control("stats", timeout_s=0.05)
 
     with pytest.raises(EngineBusy, match="did not answer 'stats' within 0.05 s"):
@@ -54,9 +56,5 @@ def test_routes_that_ask_the_engine_answer_503(error: Exception) -> None:
     install_routes(app, state)
     with TestClient(app) as http:
         for method, path in (("GET", "/get_server_info"), ("POST", "/flush_cache"), ("GET", "/metrics")):
-            resp = http.request(method, path)
-            assert resp.status_code == 503, (path, resp.text)
-            err = resp.json()["error"]
-            assert resp.json()["object"] == "error" and err["code"] == 503
-            assert str(error) in err["message"]
+            assert_openai_error(http.request(method, path), 503, str(error), code=503)
     assert engine.asked == ["stats", "flush_cache", "stats"]

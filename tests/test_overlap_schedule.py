@@ -151,11 +151,14 @@ def _drive(engine: Engine, arrivals: dict[int, list[GenerateRequest]], aborts: d
             engine.abort(aborts[i])
         engine.run_once()
         while front.poll():
-            for out in codec.decode(front.recv_bytes()).outputs:
+            batch = codec.decode(front.recv_bytes())
+            for out in batch.outputs:  # a request's full output precedes its plain tokens
                 tokens[out.rid] += out.token_ids
                 logprobs[out.rid] += out.logprobs or []
                 if out.finish_reason:
                     reasons[out.rid] = out.finish_reason
+            for rid, ids in zip(batch.rids, batch.token_ids):
+                tokens[rid] += ids
         if i > max(arrivals) and not engine.scheduler.num_live:
             break
     assert engine._receive()  # idle: the engine lets the last ahead step's pages go
@@ -251,15 +254,9 @@ def test_an_ahead_step_is_not_handed_to_a_request_at_another_position(model_dir:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_the_gpu_outputs_match_the_serial_schedule(tmp_path) -> None:
-    import json
+    from pdserve.tests.support.small_models import small_llama_dir
 
-    from pdserve.model.builtin import config_dir_for
-
-    from .test_gpu_runner import SMALL_LLAMA
-
-    path = tmp_path / "small-llama.json"
-    path.write_text(json.dumps(SMALL_LLAMA))
-    model_dir = config_dir_for(path)
+    model_dir = small_llama_dir(tmp_path)
     flags = dict(device="cuda", load_format="dummy", dtype="bfloat16", max_total_tokens=8192, cuda_graph_bs=(1, 2, 4, 8),
                  disable_radix_cache=True)  # prefills must not differ between the runs: no prefix hits
     serial = _engine(model_dir, None, disable_overlap_schedule=True, **flags)

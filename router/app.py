@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -41,7 +42,8 @@ class RouterState:
     """Everything one router owns; lives on ``app.state.router``."""
 
     config: RouterConfig
-    http: httpx.AsyncClient
+    http: httpx.AsyncClient  # health checks, discovery and admin calls
+    session: aiohttp.ClientSession  # generation requests: the relayed hot path
     workers: WorkerRegistry
     policies: dict[str, Policy]
     forwarder: Forwarder
@@ -68,8 +70,14 @@ def _build_state(config: RouterConfig) -> RouterState:
 
     workers = WorkerRegistry(config, http, on_removed=forget)
     metrics = RouterMetrics()
-    forwarder = Forwarder(config, workers, policies, http, metrics)
-    return RouterState(config, http, workers, policies, forwarder, metrics)
+    # No pool cap here either; internal traffic ignores proxies from the environment.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.health_check_timeout_s),
+        auto_decompress=False,
+    )
+    forwarder = Forwarder(config, workers, policies, session, metrics)
+    return RouterState(config, http, session, workers, policies, forwarder, metrics)
 
 
 def _api_key_guard(config: RouterConfig):
@@ -195,6 +203,7 @@ def create_app(config: RouterConfig) -> FastAPI:
             checker.cancel()
             await asyncio.gather(checker, return_exceptions=True)
             await state.http.aclose()
+            await state.session.close()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
     install_error_handlers(app)

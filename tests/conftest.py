@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pdserve.tests.server_utils import HFOracle, ServerProcess, served
+from pdserve.tests.support.hf_oracle import HFOracle
+from pdserve.tests.support.server_process import ServerProcess, served
 
 # Page size 4 and chunk 16 make short test prompts cross page and chunk borders.
 MAIN_FLAGS = ("--page-size", "4", "--chunked-prefill-size", "16", "--enable-metrics", "--max-total-tokens", "8192")

@@ -12,7 +12,7 @@ import pytest
 from pdserve.benchmarks.arrivals import arrival_offsets_s
 from pdserve.benchmarks.bench_serving import BenchConfig, BenchOutcome, main, run_benchmark
 from pdserve.benchmarks.report import JSON_SCHEMA_VERSION
-from pdserve.tests.bench_fake_server import FakeBehavior, FakeServer
+from pdserve.tests.support.bench_fake_server import FakeBehavior, FakeServer
 
 # The fake server sends chunk j at 200 ms + j * 50 ms after a request arrives, never
 # earlier, so those are hard lower bounds on what the client measures. Upper

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import socket
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from pdserve.benchmarks.study_report import (
     study_curves,
     study_rows,
 )
+from pdserve.tests.support.ports import free_port
 
 SLO = "ttft_ms=1000,itl_ms=25"
 
@@ -135,15 +135,9 @@ def test_cli_smoke_preset_and_extra_args() -> None:
         config_from_argv(["--num-gpus", "2", "--layout", "2:2"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_study_end_to_end_with_a_fake_cluster(tmp_path: Path) -> None:
-    fake = f"{shlex.quote(sys.executable)} -m pdserve.tests.bench_fake_server --ttft-s 0.05 --chunk-interval-s 0.01"
-    port = _free_port()
+    fake = f"{shlex.quote(sys.executable)} -m pdserve.tests.support.bench_fake_server --ttft-s 0.05 --chunk-interval-s 0.01"
+    port = free_port()
     cfg = StudyConfig(model_path="tiny", num_gpus=2, scenarios=("D(8,4)",), request_rates=(20.0, 40.0),
                       num_prompts=4, slo=SLO, port=port, launcher=fake, output_dir=str(tmp_path),
                       warmup_requests=1, startup_timeout_s=30.0, request_timeout_s=10.0)
@@ -164,7 +158,7 @@ def test_study_end_to_end_with_a_fake_cluster(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_study_smoke_on_real_clusters(tmp_path: Path) -> None:
     """Both modes of the built-in tiny model on CPU, one scenario (about 45 s)."""
-    ports = [_free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(4)]
     argv = ["--smoke", "--scenarios", "D(32,8)", "--num-prompts", "4", "--port", str(ports[0]),
             "--output-dir", str(tmp_path), "--request-timeout-s", "60",
             "--up-args", f"--bootstrap-port {ports[1]} --base-port {ports[2]}"]

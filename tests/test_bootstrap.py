@@ -7,17 +7,11 @@ from fastapi.testclient import TestClient
 from pdserve.bootstrap.protocol import InstanceInfo
 from pdserve.bootstrap.registry import InstanceRegistry
 from pdserve.bootstrap.server import BootstrapConfig, create_app, parse_args
-from pdserve.tests.fake_worker import FAKE_LAYOUT, make_info
+from pdserve.tests.support.clock import FakeClock
+from pdserve.tests.support.fake_worker import FAKE_LAYOUT, make_info
+from pdserve.tests.support.openai_errors import assert_openai_error
 
 LAYOUT = FAKE_LAYOUT
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 @pytest.fixture
@@ -31,15 +25,6 @@ def client(clock: FakeClock) -> TestClient:
     return TestClient(create_app(BootstrapConfig(ttl_s=10.0), registry))
 
 
-def assert_error(response, status: int, *fragments: str) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for fragment in fragments:
-        assert fragment in error["message"], error["message"]
-    return error["message"]
-
-
 def test_register_lookup_list_delete(client: TestClient) -> None:
     p, d = make_info("p1"), make_info("d1", role="decode")
     for info in (p, d):
@@ -50,38 +35,38 @@ def test_register_lookup_list_delete(client: TestClient) -> None:
     assert {i["instance_id"] for i in client.get("/instances").json()} == {"p1", "d1"}
     assert [i["instance_id"] for i in client.get("/instances?role=decode").json()] == ["d1"]
     assert client.delete("/instances/p1").status_code == 200
-    assert_error(client.get("/instances/p1"), 404, "p1")
-    assert_error(client.delete("/instances/p1"), 404, "p1")
+    assert_openai_error(client.get("/instances/p1"), 404, "p1")
+    assert_openai_error(client.delete("/instances/p1"), 404, "p1")
     assert client.get("/health").json()["num_instances"] == 1
 
 
 def test_heartbeat_keeps_entry_alive_and_ttl_expires_it(client: TestClient, clock: FakeClock) -> None:
     client.post("/register", json=make_info("p1").to_json())
-    clock.now_s += 8
+    clock.advance(8)
     assert client.post("/heartbeat", json={"instance_id": "p1"}).status_code == 200
-    clock.now_s += 8  # 16 s after registering, 8 s after the heartbeat
+    clock.advance(8)  # 16 s after registering, 8 s after the heartbeat
     assert client.get("/instances/p1").status_code == 200
-    clock.now_s += 3
-    assert_error(client.get("/instances/p1"), 404)
+    clock.advance(3)
+    assert_openai_error(client.get("/instances/p1"), 404)
     assert client.get("/instances").json() == []
-    assert_error(client.post("/heartbeat", json={"instance_id": "p1"}), 404, "register again")
+    assert_openai_error(client.post("/heartbeat", json={"instance_id": "p1"}), 404, "register again")
 
 
 def test_layout_mismatch_with_other_role_is_refused_naming_both_values(client: TestClient) -> None:
     assert client.post("/register", json=make_info("p1").to_json()).status_code == 200
     bad = make_info("d1", role="decode", page_size=32)
-    message = assert_error(client.post("/register", json=bad.to_json()), 409,
-                           "page_size", "16", "32", "'p1'", "'d1'")
-    assert "dtype" not in message  # only the fields that differ
-    assert_error(client.get("/instances/d1"), 404)
+    error = assert_openai_error(client.post("/register", json=bad.to_json()), 409,
+                                "page_size", "16", "32", "'p1'", "'d1'")
+    assert "dtype" not in error["message"]  # only the fields that differ
+    assert_openai_error(client.get("/instances/d1"), 404)
 
 
 def test_backend_and_same_role_mismatches_are_refused(client: TestClient) -> None:
     client.post("/register", json=make_info("p1").to_json())
     ucx = make_info("d1", role="decode", transfer_backend="ucx")
-    assert_error(client.post("/register", json=ucx.to_json()), 409, "transfer_backend", "nixl", "ucx")
+    assert_openai_error(client.post("/register", json=ucx.to_json()), 409, "transfer_backend", "nixl", "ucx")
     fp32 = make_info("p2", dtype="float32")
-    assert_error(client.post("/register", json=fp32.to_json()), 409, "dtype", "bfloat16", "float32")
+    assert_openai_error(client.post("/register", json=fp32.to_json()), 409, "dtype", "bfloat16", "float32")
 
 
 def test_pairing_rules_ignore_other_models_colocated_and_self(client: TestClient) -> None:
@@ -96,7 +81,7 @@ def test_pairing_rules_ignore_other_models_colocated_and_self(client: TestClient
 
 def test_expired_instance_no_longer_blocks_pairing(client: TestClient, clock: FakeClock) -> None:
     client.post("/register", json=make_info("p1").to_json())
-    clock.now_s += 11
+    clock.advance(11)
     bad = make_info("d1", role="decode", head_dim=128)
     assert client.post("/register", json=bad.to_json()).status_code == 200
 
@@ -111,7 +96,7 @@ def test_expired_instance_no_longer_blocks_pairing(client: TestClient, clock: Fa
 )
 def test_invalid_register_bodies_are_400(client: TestClient, body: bytes, fragment: str) -> None:
     response = client.post("/register", content=body, headers={"content-type": "application/json"})
-    assert_error(response, 400, fragment)
+    assert_openai_error(response, 400, fragment)
 
 
 @pytest.mark.parametrize(
@@ -128,15 +113,13 @@ def test_invalid_register_bodies_are_400(client: TestClient, body: bytes, fragme
 def test_invalid_instance_fields_are_400(client: TestClient, field: str, value: object,
                                          param: str) -> None:
     body = {**make_info("p1").to_json(), field: value}
-    response = client.post("/register", json=body)
-    assert_error(response, 400, field)
-    assert response.json()["error"]["param"] == param
+    assert_openai_error(client.post("/register", json=body), 400, field, param=param)
 
 
 def test_invalid_heartbeat_and_role_filter_are_400(client: TestClient) -> None:
-    assert_error(client.post("/heartbeat", json={}), 400, "instance_id")
-    assert_error(client.post("/heartbeat", content=b"x"), 400, "JSON")
-    assert_error(client.get("/instances?role=router"), 400, "role")
+    assert_openai_error(client.post("/heartbeat", json={}), 400, "instance_id")
+    assert_openai_error(client.post("/heartbeat", content=b"x"), 400, "JSON")
+    assert_openai_error(client.get("/instances?role=router"), 400, "role")
 
 
 def test_cli_defaults_come_from_config() -> None:

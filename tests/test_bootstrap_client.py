@@ -8,25 +8,15 @@ import time
 import pytest
 from pdserve.bootstrap.client import BootstrapClient, RegistrationRefused
 from pdserve.bootstrap.server import BootstrapConfig, create_app
-from pdserve.tests.fake_worker import ServerThread, make_info
-
-
-def wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+from pdserve.tests.support.fake_worker import make_info
+from pdserve.tests.support.server_thread import ServerThread
+from pdserve.tests.support.waiting import wait_until
 
 
 @pytest.fixture
 def service():
-    server = ServerThread(create_app(BootstrapConfig(ttl_s=5.0))).start()
-    try:
+    with ServerThread(create_app(BootstrapConfig(ttl_s=5.0))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_register_lookup_list_deregister(service: ServerThread) -> None:
@@ -64,9 +54,9 @@ def test_heartbeat_loop_reregisters_after_the_service_restarts(service: ServerTh
         restarted = ServerThread(create_app(BootstrapConfig()), port=service.port).start()
         try:
             with BootstrapClient(restarted.url) as probe:
-                assert wait_until(lambda: probe.lookup("p1") == info)
+                wait_until(lambda: probe.lookup("p1") == info, message="not re-registered after the restart")
                 probe.deregister("p1")  # forgotten again: the next heartbeat restores it
-                assert wait_until(lambda: probe.lookup("p1") == info)
+                wait_until(lambda: probe.lookup("p1") == info, message="not re-registered after deregister")
         finally:
             restarted.stop()
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pdserve.tests.server_utils import served
+from pdserve.tests.support.server_process import served
 
 
 def test_dummy_config_with_a_larger_vocabulary_yields_text(tmp_path: Path, model_dir: str) -> None:

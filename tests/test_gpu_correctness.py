@@ -9,7 +9,7 @@ transformers runs each prompt alone.
 
 Two kinds of dummy weights:
 
-- With a planted previous-token head (tests/planted_model.py) the model makes
+- With a planted previous-token head (tests/support/planted_model.py) the model makes
   confident predictions, as a trained one does. This is where the bar is
   asserted: the first token agrees on at least 63 of 64 prompts, the
   log-probability of transformers' choice differs by at most 0.05 on average,
@@ -55,7 +55,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 def _checkpoint(model: str, tmp_path: Path, planted: bool) -> str:
     from pdserve.model.builtin import config_dir_for
-    from pdserve.tests.planted_model import write_dummy_checkpoint
+    from pdserve.tests.support.planted_model import write_dummy_checkpoint
 
     write_dummy_checkpoint(config_dir_for(CONFIGS / f"{model}.json"), str(tmp_path), torch.device("cuda"),
                            torch.bfloat16, planted=planted)

@@ -8,7 +8,6 @@ that was free when it started, so three instances share the card.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,6 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SMALL_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
-    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-}
 SERVE_ARGS = ("--load-format", "dummy", "--dtype", "bfloat16", "--mem-fraction-static", "0.1", "--base-gpu-id", "0",
               "--page-size", "16", "--cuda-graph-max-bs", "8", "--decode-log-interval", "1")
 MAX_NEW = 12
@@ -31,12 +25,11 @@ MAX_NEW = 12
 
 def _config(root: Path, name: str, transfer_backend: str = "nixl", **roles):
     from pdserve.launcher import ClusterConfig
-    from pdserve.model.builtin import config_dir_for
-    from pdserve.tests.server_utils import free_port
+    from pdserve.tests.support.ports import free_port, free_port_block
+    from pdserve.tests.support.small_models import small_llama_dir
 
-    (root / "small-llama.json").write_text(json.dumps(SMALL_LLAMA))
-    return ClusterConfig(model_path=config_dir_for(root / "small-llama.json"), port=free_port(),
-                         bootstrap_port=free_port(), base_port=random.randint(20000, 50000),
+    return ClusterConfig(model_path=small_llama_dir(root), port=free_port(),
+                         bootstrap_port=free_port(), base_port=free_port_block(sum(roles.values())),
                          transfer_backend=transfer_backend, policy="round_robin", startup_timeout_s=600,
                          log_dir=str(root / name), serve_args=SERVE_ARGS, **roles)
 

@@ -3,7 +3,6 @@ pool sizing from free memory (the overlap schedule: test_overlap_schedule.py).""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,15 @@ from pdserve.engine.request import Req
 from pdserve.model.batch import ScheduledBatch
 from pdserve.model.config import ModelConfig
 from pdserve.model.runner import ModelRunner
+from pdserve.tests.support.small_models import small_llama_dir
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-# A small Llama with the benchmark models' head size (64), so flashinfer's kernels are shared.
-SMALL_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
-    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from pdserve.model.builtin import config_dir_for
-
-    path = tmp_path_factory.mktemp("cfg") / "small-llama.json"
-    path.write_text(json.dumps(SMALL_LLAMA))
-    return config_dir_for(path)
+    return small_llama_dir(tmp_path_factory.mktemp("cfg"))
 
 
 def _runner(model_dir: str, **flags) -> ModelRunner:

@@ -11,7 +11,6 @@ import asyncio
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,32 +18,14 @@ import httpx
 import openai
 import pytest
 from pdserve.launcher import Cluster, ClusterConfig
-from pdserve.tests.server_utils import free_port
+from pdserve.tests.support.payloads import generate_body
+from pdserve.tests.support.ports import free_port, free_port_block
+from pdserve.tests.support.waiting import wait_until
 
 SERVE_ARGS = ("--page-size", "4", "--chunked-prefill-size", "16", "--max-total-tokens", "4096", "--skip-server-warmup")
 # Shorter and longer than a page (4) and than a chunk (16).
 PROMPT_LENGTHS = (3, 9, 17, 40)
 MAX_NEW = 8
-
-
-def _ports(n: int) -> int:
-    """A base port with n free ports after it (best effort)."""
-    for _ in range(50):
-        base = random.randint(20000, 60000)
-        if all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _cluster(tmp: Path, backend: str, num_prefill: int = 1, num_decode: int = 1) -> Cluster:
@@ -53,7 +34,7 @@ def _cluster(tmp: Path, backend: str, num_prefill: int = 1, num_decode: int = 1)
         num_decode=num_decode,
         port=free_port(),
         bootstrap_port=free_port(),
-        base_port=_ports(num_prefill + num_decode),
+        base_port=free_port_block(num_prefill + num_decode),
         transfer_backend=backend,
         policy="round_robin",
         startup_timeout_s=180,
@@ -70,14 +51,13 @@ def _used_pages(url: str) -> int:
 
 def assert_no_leaks(cluster: Cluster, timeout_s: float = 10.0) -> None:
     urls = cluster.instance_urls("prefill") + cluster.instance_urls("decode")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        used = {u: _used_pages(u) for u in urls}
-        if all(v == 0 for v in used.values()):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"pages still in use after the run: {used}")
-        time.sleep(0.1)
+    used: dict[str, int] = {}
+
+    def no_pages_used() -> bool:
+        used.update({u: _used_pages(u) for u in urls})
+        return all(v == 0 for v in used.values())
+
+    wait_until(no_pages_used, timeout_s, 0.1, lambda: f"pages still in use after the run: {used}")
 
 
 @pytest.fixture(scope="module", params=["nixl", "ucx"])
@@ -93,8 +73,7 @@ def _prompts(lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
 
 
 def _generate(base: str, ids: list[int], max_new: int = MAX_NEW) -> dict:
-    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
-    resp = httpx.post(f"{base}/generate", json=body, timeout=60, trust_env=False)
+    resp = httpx.post(f"{base}/generate", json=generate_body(ids, max_new), timeout=60, trust_env=False)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -112,10 +91,7 @@ def test_sixteen_concurrent_requests(cluster: Cluster, oracle) -> None:
 
     async def run() -> list[dict]:
         async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
-            bodies = [
-                {"input_ids": ids, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}
-                for ids in prompts
-            ]
+            bodies = [generate_body(ids, MAX_NEW) for ids in prompts]
             resps = await asyncio.gather(*(http.post(f"{cluster.router_url}/generate", json=b) for b in bodies))
         return [r.json() for r in resps]
 
@@ -195,16 +171,14 @@ def test_two_by_two_with_each_policy(big_cluster: Cluster, oracle, policy: str, 
 
 
 def _wait_ok(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ok() -> bool:
         assert proc.poll() is None, "router exited"
         try:
-            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
-                return
+            return httpx.get(url, timeout=2, trust_env=False).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
+            return False
+
+    wait_until(ok, timeout_s, 0.2, f"{url} never answered 200")
 
 
 def test_layout_mismatch_is_refused_at_startup(big_cluster: Cluster, tmp_path: Path) -> None:

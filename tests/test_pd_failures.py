@@ -10,14 +10,14 @@ import os
 import random
 import signal
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from pdserve.launcher import Cluster, ClusterConfig
-from pdserve.tests.server_utils import free_port
-from pdserve.tests.test_pd_cluster import _ports
+from pdserve.tests.support.payloads import generate_body
+from pdserve.tests.support.ports import free_port, free_port_block
+from pdserve.tests.support.waiting import wait_until
 
 SERVE_ARGS = (
     "--page-size", "4", "--chunked-prefill-size", "16", "--max-total-tokens", "8192",
@@ -28,7 +28,7 @@ SERVE_ARGS = (
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     cfg = ClusterConfig(
-        num_prefill=2, num_decode=2, port=free_port(), bootstrap_port=free_port(), base_port=_ports(4),
+        num_prefill=2, num_decode=2, port=free_port(), bootstrap_port=free_port(), base_port=free_port_block(4),
         policy="round_robin", startup_timeout_s=180, log_dir=str(tmp_path_factory.mktemp("pd-fail")),
         serve_args=SERVE_ARGS,
     )
@@ -47,27 +47,20 @@ def _kill(cluster: Cluster, name: str) -> None:
 
 
 def _room_body(ids: list[int], room: int, prefill_id: str, max_new: int) -> dict:
-    return {
-        "input_ids": ids, "bootstrap_room": room, "prefill_instance_id": prefill_id,
-        "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True},
-    }
+    return {**generate_body(ids, max_new), "bootstrap_room": room, "prefill_instance_id": prefill_id}
 
 
 def _wait_used_zero(url: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _info(url)["kv_pool"]["used_pages"] != 0:
-        assert time.monotonic() < deadline, f"{url} still holds pages: {_info(url)['kv_pool']}"
-        time.sleep(0.2)
+    wait_until(lambda: _info(url)["kv_pool"]["used_pages"] == 0, timeout_s, 0.2,
+               lambda: f"{url} still holds pages: {_info(url)['kv_pool']}")
 
 
 def _wait_transfer_peers(url: str, count: int, timeout_s: float = 30.0) -> None:
     """Until ``url`` holds ``count`` transfer peers; after a peer died, 0 says
     nothing of it is held once its rooms drained. (Generous: on a loaded
     2-core machine four instances share the cores.)"""
-    deadline = time.monotonic() + timeout_s
-    while _info(url)["num_transfer_peers"] != count:
-        assert time.monotonic() < deadline, f"{url} never held {count} transfer peers: {_info(url)}"
-        time.sleep(0.1)
+    wait_until(lambda: _info(url)["num_transfer_peers"] == count, timeout_s, 0.1,
+               lambda: f"{url} never held {count} transfer peers: {_info(url)}")
 
 
 def _start_room(prefill: str, decode: str, ids: list[int], max_new: int) -> tuple[dict, threading.Thread]:
@@ -89,17 +82,24 @@ def _start_room(prefill: str, decode: str, ids: list[int], max_new: int) -> tupl
     return result, joiner
 
 
+def _kill_mid_room(cluster: Cluster, survivor: str, victim: str, joiner: threading.Thread) -> None:
+    """Kill ``victim`` once ``survivor`` loaded it for the open room; both of
+    the room's requests must end, and ``survivor`` must let go of its pages and
+    of the dead peer."""
+    _wait_transfer_peers(survivor, 1)  # the room is paired
+    _kill(cluster, victim)
+    joiner.join(timeout=60)
+    assert not joiner.is_alive(), f"a request hung after {victim} died"
+    _wait_used_zero(survivor)
+    _wait_transfer_peers(survivor, 0)
+
+
 def test_decode_survives_a_dead_prefill(cluster: Cluster) -> None:
     prefill, decode = cluster.instance_urls("prefill")[0], cluster.instance_urls("decode")[0]
     ids = [random.Random(1).randrange(4, 1000) for _ in range(1500)]
     result, joiner = _start_room(prefill, decode, ids, max_new=4)
-    _wait_transfer_peers(decode, 1)  # the room is open: D loaded P
-    _kill(cluster, "prefill-0")
-    joiner.join(timeout=60)
-    assert not joiner.is_alive(), "a request hung after its prefill instance died"
+    _kill_mid_room(cluster, decode, "prefill-0", joiner)
     assert result["d"] in (200, 502, 504), result
-    _wait_used_zero(decode)
-    _wait_transfer_peers(decode, 0)
     # The decode instance still serves (a request without a room is prefilled locally).
     ok = httpx.post(f"{decode}/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3}},
                     timeout=30, trust_env=False)
@@ -112,12 +112,7 @@ def test_prefill_survives_a_dead_decode(cluster: Cluster, oracle) -> None:
     dead, alive = cluster.instance_urls("decode")
     ids = [random.Random(2).randrange(4, 1000) for _ in range(1500)]
     result, joiner = _start_room(prefill, dead, ids, max_new=200)
-    _wait_transfer_peers(prefill, 1)  # the room is paired: P loaded D
-    _kill(cluster, "decode-0")
-    joiner.join(timeout=60)
-    assert not joiner.is_alive(), "a request hung after its decode instance died"
-    _wait_used_zero(prefill)
-    _wait_transfer_peers(prefill, 0)
+    _kill_mid_room(cluster, prefill, "decode-0", joiner)
     assert httpx.get(f"{prefill}/health", timeout=5, trust_env=False).status_code == 200
     # The prefill instance pairs with the surviving decode instance and answers exactly.
     short = [9, 8, 7, 6, 5, 4, 10, 11, 12]

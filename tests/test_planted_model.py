@@ -1,4 +1,4 @@
-"""The planted previous-token head (tests/planted_model.py) on small Llama and
+"""The planted previous-token head (tests/support/planted_model.py) on small Llama and
 Qwen3 shapes in float32 on the CPU: transformers predicts the previous prompt
 token with a wide margin and a probability short of 1, only because of the
 rotary embedding, and pdserve's prefill agrees with transformers on it."""
@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from pdserve.tests.planted_model import previous_token_query_key, write_dummy_checkpoint
+from pdserve.tests.support.planted_model import previous_token_query_key, write_dummy_checkpoint
 
 SHAPES = {
     "llama": {

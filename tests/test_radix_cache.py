@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.model.kv_pool import KVPool
-from pdserve.tests.test_kv_pool import make_pool
+from pdserve.tests.support.kv_pools import make_pool
 
 PAGE = 4
 

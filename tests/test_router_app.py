@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 
 import httpx
@@ -14,20 +13,14 @@ from pdserve.bootstrap.server import BootstrapConfig
 from pdserve.bootstrap.server import create_app as create_bootstrap_app
 from pdserve.router.app import create_app, parse_args
 from pdserve.router.config import RouterConfig
-from pdserve.tests.fake_worker import FakeWorker, ServerThread, make_info, start_fake
+from pdserve.tests.support.fake_worker import FakeWorker, make_info, start_fake
+from pdserve.tests.support.openai_errors import assert_openai_error
+from pdserve.tests.support.server_thread import ServerThread
+from pdserve.tests.support.waiting import wait_until
 
 FAST = RouterConfig(policy="round_robin", health_check_interval_s=0.05,
                     health_check_timeout_s=2.0, request_timeout_s=10.0)
 PROMPT = {"model": "fake-model", "prompt": "Hello there", "max_tokens": 4}
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class Stack:
@@ -50,8 +43,16 @@ class Stack:
         self.router = ServerThread(create_app(config)).start()
         self.servers.append(self.router)
         if wait_healthy:
-            assert wait_until(lambda: self.get("/health").status_code == 200), self.get("/workers")
+            self.wait_health(200)
         return self.router.url
+
+    def wait_health(self, status: int) -> None:
+        wait_until(lambda: self.get("/health").status_code == status,
+                   message=lambda: f"router /health never {status}: {self.get('/workers').json()}")
+
+    def wait_nothing_in_flight(self, timeout_s: float = 5.0) -> None:
+        wait_until(lambda: all(w["in_flight"] == 0 for w in self.get("/workers").json()), timeout_s,
+                   message=lambda: f"requests still in flight: {self.get('/workers').json()}")
 
     def get(self, path: str, **kw: object) -> httpx.Response:
         return self.http.get(self.router.url + path, **kw)
@@ -87,26 +88,13 @@ def pd(stack: Stack, num_prefill: int = 1, num_decode: int = 1, config: RouterCo
         decode_urls=tuple(stack.urls[f"d{i}"] for i in range(num_decode))))
 
 
-def sse_bytes(worker: FakeWorker, path: str = "/v1/completions") -> bytes:
-    from pdserve.tests.fake_worker import _chunk
-
-    events = [f"data: {json.dumps(_chunk(path, t))}\n\n" for t in worker.tokens()]
-    return ("".join(events) + "data: [DONE]\n\n").encode()
-
-
-def assert_error(response: httpx.Response, status: int, fragment: str = "") -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert fragment in error["message"]
-
-
 def test_pd_sends_same_body_with_room_and_prefill_id_to_both(stack: Stack) -> None:
     pd(stack)
     p, d = stack.fakes["p0"], stack.fakes["d0"]
     response = stack.post("/v1/completions", json=PROMPT)
     assert response.status_code == 200
     assert response.json()["choices"][0]["text"] == "[d0] tok1 tok2"
+    stack.wait_nothing_in_flight()
     (p_body,), (d_body,) = p.bodies(), d.bodies()
     assert p_body == d_body
     room = p_body.pop("bootstrap_room")
@@ -125,7 +113,8 @@ def test_pd_streams_decode_sse_through_unchanged(stack: Stack, path: str) -> Non
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         received = b"".join(r.iter_raw())
-    assert received == sse_bytes(stack.fakes["d0"], path)
+    assert received == stack.fakes["d0"].sse_bytes(path)
+    stack.wait_nothing_in_flight()  # a fake D may finish before the router's call to P arrived
     assert len(stack.fakes["p0"].bodies(path)) == 1
 
 
@@ -152,6 +141,7 @@ def test_cache_aware_keeps_a_prefix_on_one_prefill(stack: Stack) -> None:
     for suffix in ("a", "b", "c", "d"):
         prompt = {**PROMPT, "prompt": "A long shared system prompt. " * 3 + suffix}
         assert stack.post("/v1/completions", json=prompt).status_code == 200
+    stack.wait_nothing_in_flight()
     assert sorted(len(stack.fakes[n].requests) for n in ("p0", "p1")) == [0, 4]
 
 
@@ -163,8 +153,9 @@ def test_retries_on_another_decode_when_it_fails_before_the_first_byte(stack: St
     for _ in range(2):
         response = stack.post("/v1/completions", json={**PROMPT, "stream": True})
         assert response.status_code == 200
-        assert response.content == sse_bytes(stack.fakes["d1"])
+        assert response.content == stack.fakes["d1"].sse_bytes()
     assert len(stack.fakes["d0"].requests) >= 1
+    stack.wait_nothing_in_flight()
     assert len(stack.fakes["p0"].requests) == len(stack.fakes["d0"].requests) + 2
     assert 'pdserve:router_retries_total{endpoint="/v1/completions"}' in stack.get("/metrics").text
 
@@ -184,7 +175,7 @@ def test_prefill_error_before_decode_output_is_returned(stack: Stack) -> None:
     stack.fakes["p0"].behavior.fail_status = 400
     started = time.monotonic()
     response = stack.post("/v1/completions", json={**PROMPT, "stream": True})
-    assert_error(response, 400, "p0 failed on purpose")
+    assert_openai_error(response, 400, "p0 failed on purpose")
     assert time.monotonic() - started < 1.5  # did not wait for the decode side
     assert len(stack.fakes["p0"].requests) == 1  # a 4xx is not retried
 
@@ -209,11 +200,11 @@ def test_decode_error_goes_to_the_client_and_retries_are_bounded(stack: Stack) -
     pd(stack, num_decode=3, config=replace(FAST, max_retries=2))
     for name in ("d0", "d1", "d2"):
         stack.fakes[name].behavior.fail_status = 500
-    assert_error(stack.post("/v1/completions", json=PROMPT), 500, "failed on purpose")
+    assert_openai_error(stack.post("/v1/completions", json=PROMPT), 500, "failed on purpose")
     assert sum(len(stack.fakes[n].requests) for n in ("d0", "d1", "d2")) == 3
     for name in ("d0", "d1", "d2"):
         stack.fakes[name].behavior.fail_status = 422
-    assert_error(stack.post("/v1/completions", json=PROMPT), 422)
+    assert_openai_error(stack.post("/v1/completions", json=PROMPT), 422)
     assert sum(len(stack.fakes[n].requests) for n in ("d0", "d1", "d2")) == 4
 
 
@@ -239,7 +230,7 @@ def test_client_disconnect_closes_the_decode_stream(stack: Stack) -> None:
         first = next(r.iter_raw())
         assert b"[d0]" in first
     assert d.stream_aborted.wait(5.0)
-    assert wait_until(lambda: all(w["in_flight"] == 0 for w in stack.get("/workers").json()))
+    stack.wait_nothing_in_flight()
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -252,7 +243,7 @@ def test_client_disconnect_before_the_first_byte_cancels_upstream(stack: Stack, 
     # Both sides see their request go away long before their 5 s of work end.
     assert stack.fakes["d0"].cancelled.wait(2.0)
     assert stack.fakes["p0"].cancelled.wait(2.0)
-    assert wait_until(lambda: all(w["in_flight"] == 0 for w in stack.get("/workers").json()), 1.0)
+    stack.wait_nothing_in_flight(1.0)
 
 
 def test_health_needs_a_healthy_prefill_and_decode(stack: Stack) -> None:
@@ -260,12 +251,12 @@ def test_health_needs_a_healthy_prefill_and_decode(stack: Stack) -> None:
     stack.fake("decode", "d0", healthy=False)
     stack.start_router(replace(FAST, prefill_urls=(stack.urls["p0"],),
                                decode_urls=(stack.urls["d0"],)), wait_healthy=False)
-    assert_error(stack.get("/health"), 503, "decode")
-    assert_error(stack.post("/v1/completions", json=PROMPT), 503, "decode")
+    assert_openai_error(stack.get("/health"), 503, "decode")
+    assert_openai_error(stack.post("/v1/completions", json=PROMPT), 503, "decode")
     stack.fakes["d0"].behavior.healthy = True
-    assert wait_until(lambda: stack.get("/health").status_code == 200)
+    stack.wait_health(200)
     stack.fakes["p0"].behavior.healthy = False
-    assert wait_until(lambda: stack.get("/health").status_code == 503)
+    stack.wait_health(503)
 
 
 def test_colocated_mode_forwards_without_pd_fields(stack: Stack) -> None:
@@ -278,7 +269,7 @@ def test_colocated_mode_forwards_without_pd_fields(stack: Stack) -> None:
     assert stack.fakes["c0"].bodies() == stack.fakes["c1"].bodies() == [
         {"text": "hi", "sampling_params": {}}]
     stack.fakes["c0"].behavior.healthy = stack.fakes["c1"].behavior.healthy = False
-    assert wait_until(lambda: stack.get("/health").status_code == 503)
+    stack.wait_health(503)
 
 
 def test_workers_models_server_info_flush_and_metrics(stack: Stack) -> None:
@@ -303,9 +294,9 @@ def test_workers_models_server_info_flush_and_metrics(stack: Stack) -> None:
 def test_api_key_guards_everything_but_health(stack: Stack) -> None:
     pd(stack, config=replace(FAST, api_key="sekret"))
     assert stack.get("/health").status_code == 200
-    assert_error(stack.post("/v1/completions", json=PROMPT), 401, "API key")
-    assert_error(stack.get("/workers", headers={"Authorization": "Bearer wrong"}), 401)
-    assert_error(stack.get("/metrics"), 401)
+    assert_openai_error(stack.post("/v1/completions", json=PROMPT), 401, "API key")
+    assert_openai_error(stack.get("/workers", headers={"Authorization": "Bearer wrong"}), 401)
+    assert_openai_error(stack.get("/metrics"), 401)
     ok = stack.post("/v1/completions", json=PROMPT, headers={"Authorization": "Bearer sekret"})
     assert ok.status_code == 200
     assert len(stack.fakes["d0"].requests) == 1
@@ -318,14 +309,14 @@ def test_bad_input_is_400_without_contacting_workers(stack: Stack, content: byte
     pd(stack)
     response = stack.post("/v1/chat/completions", content=content,
                           headers={"content-type": "application/json"})
-    assert_error(response, 400, fragment)
+    assert_openai_error(response, 400, fragment)
     assert stack.fakes["p0"].requests == stack.fakes["d0"].requests == []
 
 
 def test_no_workers_at_all_is_503(stack: Stack) -> None:
     stack.start_router(FAST, wait_healthy=False)
-    assert_error(stack.post("/v1/completions", json=PROMPT), 503, "no healthy")
-    assert_error(stack.get("/v1/models"), 503)
+    assert_openai_error(stack.post("/v1/completions", json=PROMPT), 503, "no healthy")
+    assert_openai_error(stack.get("/v1/models"), 503)
 
 
 def test_router_discovers_and_forgets_instances(stack: Stack) -> None:
@@ -344,7 +335,7 @@ def test_router_discovers_and_forgets_instances(stack: Stack) -> None:
         assert stack.post("/v1/completions", json=PROMPT).status_code == 200
         assert d.bodies()[0]["prefill_instance_id"] == p.instance_id
         client.deregister(d.instance_id)
-        assert wait_until(lambda: stack.get("/health").status_code == 503)
+        stack.wait_health(503)
         assert [w["role"] for w in stack.get("/workers").json()] == ["prefill"]
 
 

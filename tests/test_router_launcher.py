@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import signal
 import socket
 import subprocess
@@ -15,27 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 from pdserve.launcher import Cluster, ClusterConfig, ClusterError, parse_args
+from pdserve.tests.support.ports import free_port_block
+from pdserve.tests.support.waiting import wait_until
 
-FAKE_SERVE = (sys.executable, "-m", "pdserve.tests.fake_worker")
-
-
-def free_port_block(count: int) -> int:
-    """First of ``count`` consecutive free ports."""
-    for _ in range(100):
-        first = random.randrange(20000, 60000 - count)
-        try:
-            socks = []
-            for port in range(first, first + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port block")
+FAKE_SERVE = (sys.executable, "-m", "pdserve.tests.support.fake_worker")
 
 
 def fake_config(tmp_path: Path, **changes: object) -> ClusterConfig:
@@ -136,11 +118,8 @@ def test_pdserve_up_stops_its_children_on_sigterm(tmp_path: Path) -> None:
     config = fake_config(tmp_path)
     launcher = subprocess.Popen(_up_argv(config), stdout=subprocess.PIPE, text=True)
     try:
-        line = ""
-        deadline = time.monotonic() + 30
-        while "pdserve is up" not in line and time.monotonic() < deadline:
-            line = launcher.stdout.readline()
-        assert "pdserve is up" in line
+        wait_until(lambda: "pdserve is up" in launcher.stdout.readline(), 30.0, 0.0,
+                   "`pdserve up` never said it was up")
         assert listening(config.base_port)
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=15) == 0

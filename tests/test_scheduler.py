@@ -11,7 +11,7 @@ from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.model.batch import ScheduledBatch
-from pdserve.tests.test_kv_pool import make_pool
+from pdserve.tests.support.kv_pools import make_pool
 
 PAGE = 4
 BASE = SchedulerConfig(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pdserve.tests.server_utils import ServerProcess, assert_error, served
+from pdserve.tests.support.openai_errors import assert_openai_error
+from pdserve.tests.support.server_process import ServerProcess, served
 
 API_KEY = "test-key-123"
 PROTECTED = [
@@ -39,7 +40,7 @@ def test_endpoint_requires_key(auth_server: ServerProcess, method: str, path: st
     url = auth_server.url + path
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
         resp = httpx.request(method, url, json=body, headers=headers, timeout=30)
-        assert assert_error(resp, 401)["code"] == "invalid_api_key"
+        assert_openai_error(resp, 401, code="invalid_api_key")
     ok = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     # /metrics is off on this server: past the key check it is a 404, not a 401.
     assert ok.status_code == (404 if path == "/metrics" else 200), ok.text

@@ -7,7 +7,9 @@ import socket
 import time
 
 import pytest
-from pdserve.tests.server_utils import ServerProcess, generate_body, prompt_ids
+from pdserve.tests.support.payloads import generate_body, prompt_ids
+from pdserve.tests.support.server_process import ServerProcess
+from pdserve.tests.support.waiting import wait_until
 
 HUGE_MAX_TOKENS = 1500  # minutes of CPU decoding: only an abort ends it within the test
 ABORT_TIMEOUT_S = 5.0
@@ -15,13 +17,11 @@ ABORT_TIMEOUT_S = 5.0
 
 def _wait_busy(server: ServerProcess, timeout_s: float = 10.0) -> dict:
     """Until a request holds pages and is decoding: the disconnect then hits a live request."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def busy_info() -> dict | None:
         info = server.server_info()
-        if info["num_running_reqs"] > 0 and info["kv_pool"]["used_pages"] > 0:
-            return info
-        time.sleep(0.05)
-    raise AssertionError(f"the request never started: {server.server_info()}")
+        return info if info["num_running_reqs"] > 0 and info["kv_pool"]["used_pages"] > 0 else None
+
+    return wait_until(busy_info, timeout_s, 0.05, lambda: f"the request never started: {server.server_info()}")
 
 
 def _assert_aborted(server: ServerProcess, generated_before: int) -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 
-from pdserve.tests.server_utils import ServerProcess, generate_body, prompt_ids
+from pdserve.tests.support.openai_errors import assert_openai_error
+from pdserve.tests.support.payloads import generate_body, prompt_ids
+from pdserve.tests.support.server_process import ServerProcess
 
 
 def test_health(main_server: ServerProcess) -> None:
     assert main_server.get("/health").status_code == 200
     # The front listens before the engine has loaded; meanwhile /health said 503.
     assert main_server.not_ready_status == 503
-    assert main_server.not_ready_body["error"]["code"] == 503
+    assert_openai_error(main_server.not_ready_body, 503, code=503)
 
 
 def test_health_generate(main_server: ServerProcess) -> None:
@@ -98,6 +100,4 @@ def test_metrics(main_server: ServerProcess) -> None:
 
 
 def test_metrics_disabled(small_server: ServerProcess) -> None:
-    resp = small_server.get("/metrics")
-    assert resp.status_code == 404
-    assert resp.json()["error"]["code"] == 404
+    assert_openai_error(small_server.get("/metrics"), 404, code=404)

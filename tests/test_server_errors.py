@@ -7,15 +7,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 import pytest
-from pdserve.tests.server_utils import (
-    HFOracle,
-    ServerProcess,
-    assert_error,
-    generate_body,
-    prompt_ids,
-    served,
-    sse_events,
-)
+from pdserve.tests.support.hf_oracle import HFOracle
+from pdserve.tests.support.openai_errors import assert_openai_error
+from pdserve.tests.support.payloads import generate_body, prompt_ids, sse_events
+from pdserve.tests.support.server_process import ServerProcess, served
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
@@ -31,9 +26,9 @@ def queue_server(server_logs) -> ServerProcess:
 def test_invalid_json(main_server: ServerProcess) -> None:
     for path in ("/v1/completions", "/v1/chat/completions", "/generate"):
         resp = httpx.post(main_server.url + path, content=b'{"prompt": "x",', headers={"Content-Type": "application/json"})
-        assert_error(resp, 400)
+        assert_openai_error(resp, 400)
     not_an_object = httpx.post(main_server.url + "/v1/completions", content=b"[1, 2]")
-    assert_error(not_an_object, 400)
+    assert_openai_error(not_an_object, 400)
 
 
 @pytest.mark.parametrize(
@@ -60,49 +55,48 @@ def test_invalid_json(main_server: ServerProcess) -> None:
     ],
 )
 def test_missing_or_wrong_typed_fields(main_server: ServerProcess, path: str, body: dict, param: str) -> None:
-    assert_error(main_server.post(path, body), 400, param)
+    assert_openai_error(main_server.post(path, body), 400, param=param)
 
 
 @pytest.mark.parametrize("max_tokens", [0, -5, 10**9])
 def test_bad_max_tokens(main_server: ServerProcess, max_tokens: int) -> None:
-    assert_error(main_server.post("/v1/completions", {**COMPLETION, "max_tokens": max_tokens}), 400, "max_tokens")
-    assert_error(main_server.post("/v1/chat/completions", {**CHAT, "max_tokens": max_tokens}), 400, "max_tokens")
+    assert_openai_error(main_server.post("/v1/completions", {**COMPLETION, "max_tokens": max_tokens}), 400, param="max_tokens")
+    assert_openai_error(main_server.post("/v1/chat/completions", {**CHAT, "max_tokens": max_tokens}), 400, param="max_tokens")
 
 
 def test_negative_temperature(main_server: ServerProcess) -> None:
-    assert_error(main_server.post("/v1/completions", {**COMPLETION, "temperature": -0.5}), 400, "temperature")
+    assert_openai_error(main_server.post("/v1/completions", {**COMPLETION, "temperature": -0.5}), 400, param="temperature")
 
 
 @pytest.mark.parametrize("top_p", [0, -0.1, 1.01])
 def test_top_p_out_of_range(main_server: ServerProcess, top_p: float) -> None:
-    assert_error(main_server.post("/v1/chat/completions", {**CHAT, "top_p": top_p}), 400, "top_p")
+    assert_openai_error(main_server.post("/v1/chat/completions", {**CHAT, "top_p": top_p}), 400, param="top_p")
 
 
 def test_unknown_model(main_server: ServerProcess) -> None:
-    error = assert_error(main_server.post("/v1/completions", {**COMPLETION, "model": "gpt-17"}), 404, "model")
-    assert error["code"] == "model_not_found"
-    assert_error(main_server.post("/v1/chat/completions", {**CHAT, "model": "gpt-17"}), 404, "model")
-    assert_error(main_server.get("/v1/models/gpt-17"), 404)
+    assert_openai_error(main_server.post("/v1/completions", {**COMPLETION, "model": "gpt-17"}), 404, param="model",
+                        code="model_not_found")
+    assert_openai_error(main_server.post("/v1/chat/completions", {**CHAT, "model": "gpt-17"}), 404, param="model")
+    assert_openai_error(main_server.get("/v1/models/gpt-17"), 404)
 
 
 def test_empty_messages(main_server: ServerProcess) -> None:
-    assert_error(main_server.post("/v1/chat/completions", {**CHAT, "messages": []}), 400, "messages")
+    assert_openai_error(main_server.post("/v1/chat/completions", {**CHAT, "messages": []}), 400, param="messages")
 
 
 @pytest.mark.parametrize("bad_id", [-1, 1000, 10**6])
 def test_token_ids_outside_vocabulary(main_server: ServerProcess, bad_id: int) -> None:
-    assert_error(main_server.post("/generate", generate_body([5, bad_id, 7], 2)), 400, "prompt")
-    assert_error(main_server.post("/v1/completions", {**COMPLETION, "prompt": [5, bad_id]}), 400, "prompt")
+    assert_openai_error(main_server.post("/generate", generate_body([5, bad_id, 7], 2)), 400, param="prompt")
+    assert_openai_error(main_server.post("/v1/completions", {**COMPLETION, "prompt": [5, bad_id]}), 400, param="prompt")
 
 
 def test_prompt_longer_than_context(main_server: ServerProcess) -> None:
     context_len = main_server.server_info()["context_len"]
     too_long = prompt_ids(context_len + 10, seed=3)
-    error = assert_error(main_server.post("/generate", generate_body(too_long, 4)), 400)
-    assert error["code"] == "context_length_exceeded"
+    assert_openai_error(main_server.post("/generate", generate_body(too_long, 4)), 400, code="context_length_exceeded")
     # The prompt fits, the prompt plus max_tokens does not.
     fits = prompt_ids(context_len - 10, seed=3)
-    assert_error(main_server.post("/v1/completions", {**COMPLETION, "prompt": fits, "max_tokens": 20}), 400, "max_tokens")
+    assert_openai_error(main_server.post("/v1/completions", {**COMPLETION, "prompt": fits, "max_tokens": 20}), 400, param="max_tokens")
 
 
 def test_auto_truncate_serves_long_prompts(small_server: ServerProcess) -> None:
@@ -138,7 +132,7 @@ def _two_refused_while_busy(server: ServerProcess, path: str, bodies: list[dict]
             futures = [pool.submit(server.post, path, body) for body in bodies]
             refused = list(itertools.islice(as_completed(futures, timeout=30), 2))
             for future in refused:
-                assert_error(future.result(), 503)
+                assert_openai_error(future.result(), 503)
         # The long request is gone with its client: the queued one runs.
         (queued,) = [f for f in futures if f not in refused]
         return queued.result(timeout=60)
@@ -153,7 +147,7 @@ def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
 def test_failed_choice_cancels_its_siblings(queue_server: ServerProcess) -> None:
     before = queue_server.server_info()["num_generated_tokens"]
     body = {"prompt": prompt_ids(8, seed=9), "n": 3, "max_tokens": 1500, "ignore_eos": True}
-    assert_error(queue_server.post("/v1/completions", body), 503)
+    assert_openai_error(queue_server.post("/v1/completions", body), 503)
     info = queue_server.wait_idle(3.0)
     assert info["kv_pool"]["used_pages"] == 0 and info["num_running_reqs"] == 0, info
     assert info["num_generated_tokens"] - before < 1500
@@ -175,8 +169,8 @@ def test_too_many_queued_streaming_requests(queue_server: ServerProcess) -> None
 
 
 def test_unknown_route_and_method(main_server: ServerProcess) -> None:
-    assert_error(main_server.post("/v1/nothing", {}), 404)
-    assert_error(main_server.get("/v1/completions"), 405)
+    assert_openai_error(main_server.post("/v1/nothing", {}), 404)
+    assert_openai_error(main_server.get("/v1/completions"), 405)
 
 
 def test_huge_top_k_means_whole_vocabulary(main_server: ServerProcess) -> None:

@@ -7,14 +7,9 @@ prompts below sit below, on and across page and chunk borders.
 from __future__ import annotations
 
 import pytest
-from pdserve.tests.server_utils import (
-    HFOracle,
-    ServerProcess,
-    generate_body,
-    post_concurrently,
-    prompt_ids,
-    sse_events,
-)
+from pdserve.tests.support.hf_oracle import HFOracle
+from pdserve.tests.support.payloads import generate_body, prompt_ids, sse_events
+from pdserve.tests.support.server_process import ServerProcess, post_concurrently
 
 PROMPT_LENS = (1, 3, 4, 5, 15, 16, 17, 33, 70)
 MAX_NEW = 12

@@ -5,13 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from pdserve.tests.server_utils import (
-    HFOracle,
-    ServerProcess,
-    generate_body,
-    prompt_ids,
-    sse_events,
-)
+from pdserve.tests.support.hf_oracle import HFOracle
+from pdserve.tests.support.payloads import generate_body, prompt_ids, sse_events
+from pdserve.tests.support.server_process import ServerProcess
 
 MAX_NEW = 8
 TOL = 1e-4

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from pdserve.tests.server_utils import HFOracle, ServerProcess
+from pdserve.tests.support.hf_oracle import HFOracle
+from pdserve.tests.support.server_process import ServerProcess
 
 MAX_TOKENS = 10
 MESSAGES = [{"role": "user", "content": "Where is the nearest train station?"}]

@@ -6,14 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pdserve.tests.server_utils import (
-    HFOracle,
-    ServerProcess,
-    generate_body,
-    post_concurrently,
-    prompt_ids,
-    served,
-)
+from pdserve.tests.support.hf_oracle import HFOracle
+from pdserve.tests.support.openai_errors import assert_openai_error
+from pdserve.tests.support.payloads import generate_body, prompt_ids
+from pdserve.tests.support.server_process import ServerProcess, post_concurrently, served
 
 RETRACT_LOG_LINE = "KV cache pool is full. Retract requests."
 
@@ -44,9 +40,7 @@ def test_retraction_keeps_outputs_exact(tiny_pool_server: ServerProcess, oracle:
 
 
 def test_tiny_pool_rejects_what_can_never_fit(tiny_pool_server: ServerProcess) -> None:
-    resp = tiny_pool_server.post("/generate", generate_body(prompt_ids(100, seed=1), 4))
-    assert resp.status_code == 400
-    assert resp.json()["error"]["param"] == "prompt"
+    assert_openai_error(tiny_pool_server.post("/generate", generate_body(prompt_ids(100, seed=1), 4)), 400, param="prompt")
 
 
 def test_lpm_policy_answers_correctly(lpm_server: ServerProcess, oracle: HFOracle) -> None:

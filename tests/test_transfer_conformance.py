@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from pdserve.common.codec import decode, encode
 from pdserve.common.kv_layout import KVLayout
+from pdserve.tests.support.waiting import wait_until
 from pdserve.transfer.base import LayoutMismatchError, RoomState
 from pdserve.transfer.harness import AgentProcess, WorkerSpec, start_agents
 from pdserve.transfer.messages import AgentInfo
@@ -99,14 +100,13 @@ def _expected(dst_before: np.ndarray, src: np.ndarray, src_pages: list[int], dst
 
 
 def _assert_no_leaks(c: Cluster) -> None:
-    deadline = time.monotonic() + 5
-    while True:
-        stats = [proc.call("stats") for proc in (c.p, c.d1, c.d2)]
-        clean = all(s["num_rooms"] == 0 and s["num_inflight_requests"] == 0 for s in stats)
-        if clean or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert clean, stats
+    stats: list[dict] = []
+
+    def clean() -> bool:
+        stats[:] = [proc.call("stats") for proc in (c.p, c.d1, c.d2)]
+        return all(s["num_rooms"] == 0 and s["num_inflight_requests"] == 0 for s in stats)
+
+    wait_until(clean, 5.0, 0.05, lambda: f"rooms or requests left over: {stats}")
 
 
 def _transfer(c: Cluster, d: AgentProcess, d_name: str, src_pages, dst_pages, chunks=None, receiver_first=True):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 from pdserve.common.codec import message
+from pdserve.tests.support.ports import free_port
+from pdserve.tests.support.waiting import wait_until
 from pdserve.transfer.control import ControlClient, ControlClosedError, ControlServer, split_address
 
 
@@ -18,18 +20,15 @@ class _Ping:
     payload: bytes = b""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(fetch, count: int, timeout_s: float = 5.0) -> list:
+    """What ``fetch`` hands out, gathered until there are ``count`` items."""
     got: list = []
-    deadline = time.monotonic() + timeout_s
-    while len(got) < count and time.monotonic() < deadline:
-        got += fetch()
-        time.sleep(0.005)
+
+    def enough() -> bool:
+        got.extend(fetch())
+        return len(got) >= count
+
+    wait_until(enough, timeout_s, 0.005, lambda: f"{len(got)} of {count} items: {got}")
     return got
 
 
@@ -75,11 +74,9 @@ def test_server_tells_clients_apart_and_reports_closed(server):
 
 
 def test_client_gives_up_on_dead_address_without_hanging():
-    client = ControlClient(f"127.0.0.1:{_free_port()}", max_retries=2, retry_interval_s=0.01)
+    client = ControlClient(f"127.0.0.1:{free_port()}", max_retries=2, retry_interval_s=0.01)
     try:
-        deadline = time.monotonic() + 5
-        while not client.closed and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: client.closed, 5.0, 0.01, "the client kept trying a dead address")
         assert client.closed and "cannot connect" in client.error
         with pytest.raises(ControlClosedError):
             client.send(_Ping(seq=1))
@@ -88,7 +85,7 @@ def test_client_gives_up_on_dead_address_without_hanging():
 
 
 def test_client_reconnects_after_server_restart():
-    port = _free_port()
+    port = free_port()
     first = ControlServer("127.0.0.1", port)
     client = ControlClient(f"127.0.0.1:{port}", max_retries=50, retry_interval_s=0.02)
     try:

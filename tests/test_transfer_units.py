@@ -3,17 +3,16 @@ the backend registry and KVMemory."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from pdserve.common.kv_layout import KVLayout
+from pdserve.tests.support.clock import FakeClock
 from pdserve.transfer.base import (
+    TRANSFER_BACKENDS,
     KVMemory,
     LayoutMismatchError,
     RoomState,
     TransferConfig,
-    TRANSFER_BACKENDS,
     check_layouts,
     create_transfer_agent,
 )
@@ -70,12 +69,18 @@ def test_room_table_buffers_early_news_and_drops_late_news():
         table.open(2, "b")
 
 
+def _news_and_tombstone(table: RoomTable[str], news_room: int, news: str, closed_room: int) -> None:
+    """News buffered for a room not open yet, and a room that opened and closed."""
+    table.buffer(news_room, news)
+    table.open(closed_room, "h")
+    table.close(closed_room)
+
+
 def test_room_table_expires_unclaimed_news():
-    table: RoomTable[str] = RoomTable(ttl_s=0.01)
-    table.buffer(5, "orphan")
-    table.open(6, "h")
-    table.close(6)
-    time.sleep(0.02)
+    clock = FakeClock()
+    table: RoomTable[str] = RoomTable(ttl_s=0.01, clock=clock)
+    _news_and_tombstone(table, 5, "orphan", 6)
+    clock.advance(0.02)
     assert table.expire() == ["orphan"]
     assert table.num_buffered == 0 and not table.is_closed(6)
 
@@ -119,40 +124,39 @@ def test_room_state_terminality():
 
 
 def test_room_table_expiry_keeps_recent_entries_in_order():
-    table: RoomTable[str] = RoomTable(ttl_s=0.05)
-    table.buffer(1, "old")
-    table.open(2, "h")
-    table.close(2)
-    time.sleep(0.06)
-    table.buffer(3, "new")
-    table.open(4, "h")
-    table.close(4)
+    clock = FakeClock()
+    table: RoomTable[str] = RoomTable(ttl_s=0.05, clock=clock)
+    _news_and_tombstone(table, 1, "old", 2)
+    clock.advance(0.06)
+    _news_and_tombstone(table, 3, "new", 4)
     assert table.expire() == ["old"]
     assert table.num_buffered == 1 and table.is_closed(4) and not table.is_closed(2)
     assert table.open(3, "late") == ["new"]
 
 
 def test_quiescence_clock_grace_is_bounded():
-    clock = QuiescenceClock(cap_s=60)
+    now = FakeClock()
+    clock = QuiescenceClock(cap_s=60, clock=now)
     assert not clock.in_grace()
     clock.released_unreported(inflight_s=0.0)
     assert clock.in_grace()  # at least GRACE_MIN_S, however short the flight
-    time.sleep(QuiescenceClock.GRACE_MIN_S + 0.01)
+    now.advance(QuiescenceClock.GRACE_MIN_S + 0.01)
     assert not clock.in_grace()
     clock.GRACE_MAX_S = 0.02
     clock.observe(100.0)  # a long flight seen earlier: the grace stops at the cap
     clock.released_unreported(inflight_s=0.0)
     assert clock.in_grace()
-    time.sleep(0.03)
+    now.advance(0.03)
     assert not clock.in_grace()
 
 
 def test_quiescence_clock_caps_reported_work():
-    clock = QuiescenceClock(cap_s=0.02)
+    now = FakeClock()
+    clock = QuiescenceClock(cap_s=0.02, clock=now)
     assert not clock.capped(1, "work")  # nothing released yet
     clock.released_reported()
     assert not clock.capped(1, "work")
-    time.sleep(0.03)
+    now.advance(0.03)
     assert clock.capped(1, "work") and clock.capped(1, "work")
 
 

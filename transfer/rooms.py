@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -38,8 +39,9 @@ H = TypeVar("H")
 
 
 class RoomTable(Generic[H]):
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
+        self._clock = clock
         self._active: dict[int, H] = {}
         self._buffered: dict[int, tuple[float, list[Any]]] = {}
         self._closed: dict[int, float] = {}
@@ -59,14 +61,14 @@ class RoomTable(Generic[H]):
     def close(self, room: int) -> None:
         if self._active.pop(room, None) is not None:
             self._closed.pop(room, None)  # re-insert: the dict stays ordered by time
-            self._closed[room] = time.monotonic()
+            self._closed[room] = self._clock()
 
     def is_closed(self, room: int) -> bool:
         return room in self._closed
 
     def buffer(self, room: int, item: Any) -> None:
         """Keep news for a room that is not open (yet)."""
-        entry = self._buffered.setdefault(room, (time.monotonic(), []))
+        entry = self._buffered.setdefault(room, (self._clock(), []))
         entry[1].append(item)
 
     def expire(self) -> list[Any]:
@@ -74,7 +76,7 @@ class RoomTable(Generic[H]):
 
         Both dicts are ordered by insertion time, so this only looks at the
         entries it drops (plus one): cheap enough to call on every poll."""
-        cutoff = time.monotonic() - self.ttl_s
+        cutoff = self._clock() - self.ttl_s
         dropped: list[Any] = []
         while self._buffered:
             room, (stamp, items) = next(iter(self._buffered.items()))
@@ -136,8 +138,9 @@ class QuiescenceClock:
     GRACE_MIN_S = 0.05
     GRACE_MAX_S = 3.0
 
-    def __init__(self, cap_s: float) -> None:
+    def __init__(self, cap_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.cap_s = cap_s
+        self._clock = clock
         self.longest_inflight_s = 0.0
         self._grace_end: float | None = None
         self._cap_end: float | None = None
@@ -150,20 +153,20 @@ class QuiescenceClock:
         """Work was let go of in flight and nobody will say when it ends."""
         self.observe(inflight_s)
         grace_s = min(self.GRACE_MAX_S, max(self.GRACE_MIN_S, 2 * self.longest_inflight_s))
-        end = time.monotonic() + grace_s
+        end = self._clock() + grace_s
         self._grace_end = end if self._grace_end is None else max(self._grace_end, end)
 
     def released_reported(self) -> None:
         """Work was let go of and its completion is tracked elsewhere."""
         if self._cap_end is None:
-            self._cap_end = time.monotonic() + self.cap_s
+            self._cap_end = self._clock() + self.cap_s
 
     def in_grace(self) -> bool:
-        return self._grace_end is not None and time.monotonic() < self._grace_end
+        return self._grace_end is not None and self._clock() < self._grace_end
 
     def capped(self, room: int, what: str) -> bool:
         """True when the cap for reported work has passed (logged once)."""
-        if self._cap_end is None or time.monotonic() < self._cap_end:
+        if self._cap_end is None or self._clock() < self._cap_end:
             return False
         if not self._cap_logged:
             self._cap_logged = True

@@ -19,9 +19,7 @@ import argparse
 import asyncio
 import json
 import re
-import socket
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +28,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pdserve.common.errors import error_body
+from pdserve.tests.support.server_thread import ServerThread
 
 TOKEN_WORD = "tok"
 
@@ -114,8 +114,7 @@ async def _generate_stream(body: dict[str, Any], b: FakeBehavior) -> AsyncIterat
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    err = {"message": message, "type": "server_error", "param": None, "code": status}
-    return JSONResponse({"error": err}, status_code=status)
+    return JSONResponse(error_body(status, message), status_code=status)
 
 
 def create_app(state: FakeState) -> FastAPI:
@@ -161,33 +160,13 @@ def create_app(state: FakeState) -> FastAPI:
     return app
 
 
-class FakeServer:
-    """Context manager: the fake server on 127.0.0.1 and a free port, in a thread."""
+class FakeServer(ServerThread):
+    """Context manager: the fake server on ``host`` and a free port, in a thread."""
 
     def __init__(self, behavior: FakeBehavior | None = None, host: str = "127.0.0.1", keep_alive_s: float = 5.0) -> None:
         self.state = FakeState(behavior or FakeBehavior())
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, 0))
-        self.base_url = f"http://{host}:{self._sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(self.state), log_level="warning", timeout_graceful_shutdown=1,
-                                timeout_keep_alive=keep_alive_s)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
-
-    def __enter__(self) -> FakeServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10.0
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10.0)
-        self._sock.close()
+        super().__init__(create_app(self.state), host, timeout_keep_alive=keep_alive_s)
+        self.base_url = self.url
 
 
 def main(argv: list[str] | None = None) -> int:

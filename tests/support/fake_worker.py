@@ -3,8 +3,8 @@
 It speaks the instance contract (``/health``, ``/get_server_info``, the three
 generation endpoints in SSE and JSON, a prefill side that answers with a small
 JSON) without a model, records every request it gets, and can be told to fail,
-slow down or break its stream. Run it in a thread with :class:`ServerThread`,
-or as ``python -m pdserve.tests.fake_worker`` with ``pdserve serve``'s flags.
+slow down or break its stream. Run it in a thread with :func:`start_fake`,
+or as ``python -m pdserve.tests.support.fake_worker`` with ``pdserve serve``'s flags.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import socket
 import threading
 import time
 import uuid
@@ -26,7 +25,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
+from pdserve.common.errors import error_body
 from pdserve.common.kv_layout import KVLayout
+from pdserve.tests.support.server_thread import ServerThread
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
 
@@ -80,10 +81,13 @@ class FakeWorker:
     def tokens(self) -> list[str]:
         return [f"[{self.name}]"] + [f" tok{i}" for i in range(1, self.behavior.num_chunks)]
 
+    def sse_bytes(self, path: str = "/v1/completions") -> bytes:
+        """The whole stream a streamed request to ``path`` gets, unbroken."""
+        return b"".join(_sse_event(path, token) for token in self.tokens()) + SSE_DONE
+
 
 def _error(status: int, message: str) -> JSONResponse:
-    body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(status, message), status_code=status)
 
 
 def _chunk(path: str, text: str) -> dict[str, Any]:
@@ -107,6 +111,13 @@ def _full(path: str, text: str) -> dict[str, Any]:
             "choices": [{"index": 0, "text": text, "finish_reason": "length"}]}
 
 
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _sse_event(path: str, text: str) -> bytes:
+    return f"data: {json.dumps(_chunk(path, text))}\n\n".encode()
+
+
 async def _sse(worker: FakeWorker, path: str) -> AsyncIterator[bytes]:
     finished = False
     try:
@@ -115,8 +126,8 @@ async def _sse(worker: FakeWorker, path: str) -> AsyncIterator[bytes]:
                 raise ConnectionAbortedError("fake stream broken on purpose")
             if i and worker.behavior.chunk_delay_s:
                 await asyncio.sleep(worker.behavior.chunk_delay_s)
-            yield f"data: {json.dumps(_chunk(path, token))}\n\n".encode()
-        yield b"data: [DONE]\n\n"
+            yield _sse_event(path, token)
+        yield SSE_DONE
         finished = True
     finally:
         if not finished:
@@ -180,52 +191,6 @@ def create_app(worker: FakeWorker) -> FastAPI:
     for path in GENERATE_PATHS:
         app.add_api_route(path, generate, methods=["POST"])
     return app
-
-
-def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A bound listening-ready socket; port 0 picks a free one."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
-
-
-class ServerThread:
-    """Serve an ASGI app with uvicorn in a daemon thread on a free port."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._sock = bind_socket(host, port)
-        self.port = self._sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        daemon=True)
-
-    def start(self, timeout_s: float = 10.0) -> ServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"server on {self.url} did not start")
-            time.sleep(0.01)
-        return self
-
-    def request_stop(self) -> None:
-        """Ask the server to exit without waiting (stop many servers at once)."""
-        self._server.should_exit = True
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self.request_stop()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-        self._sock.close()
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_fake(role: str, name: str, **behavior: Any) -> tuple[FakeWorker, ServerThread]:

@@ -19,7 +19,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,7 @@ from pdserve.benchmarks.datasets import DATASETS, BenchRequest, DatasetSpec, bui
 from pdserve.benchmarks.metrics import parse_slo
 from pdserve.benchmarks.runner import BenchError, RunPoint, RunResult, run_point, warm_up
 from pdserve.benchmarks.scenarios import ScenarioError, parse_scenario
+from pdserve.common import env
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def dataset_spec(cfg: BenchConfig, scenario: str | None) -> DatasetSpec:
 
 
 def _headers(cfg: BenchConfig) -> dict[str, str]:
-    key = cfg.api_key or os.environ.get("OPENAI_API_KEY")
+    key = cfg.api_key or env.OPENAI_API_KEY.get()
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 

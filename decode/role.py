@@ -80,6 +80,7 @@ class DecodeRole(EngineRole):
         memory = KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout)
         self.endpoint = PDEndpoint(cfg, memory, control_address=f"{cfg.disaggregation_control_host}:0")
         self.agent = self.endpoint.agent
+        self.instance_id = self.endpoint.instance_id
         self.prealloc: deque[tuple[Req, float]] = deque()
         self.rooms: dict[int, DecodeRoom] = {}
         self.peers: dict[str, PrefillPeer] = {}
@@ -128,13 +129,9 @@ class DecodeRole(EngineRole):
         held = {p for ctx in self.rooms.values() for p in ctx.req.pages}
         return held | {p for q in self.quarantine.values() for p in q.pages}
 
-    @property
-    def instance_id(self) -> str | None:
-        return self.endpoint.instance_id
-
     def stats(self) -> dict:
         return {
-            "instance_id": self.endpoint.instance_id,
+            "instance_id": self.instance_id,
             "num_prealloc_reqs": len(self.prealloc),
             "num_transferring_rooms": len(self.rooms),
             "num_quarantined_rooms": len(self.quarantine),

@@ -41,6 +41,8 @@ class EngineHandle(Protocol):
 class EngineRole:
     # How long an idle engine blocks on its front pipe before polling the role again.
     idle_wait_s = 0.05
+    # The id registered at the bootstrap service (PD roles set it).
+    instance_id: str | None = None
 
     def __init__(self, engine: EngineHandle):
         self.engine = engine
@@ -70,11 +72,6 @@ class EngineRole:
     def held_pages(self) -> set[int]:
         """Pages the role holds outside the scheduler (rooms in flight, draining, quarantined)."""
         return set()
-
-    @property
-    def instance_id(self) -> str | None:
-        """The id registered at the bootstrap service (PD roles)."""
-        return None
 
     def stats(self) -> dict:
         return {}

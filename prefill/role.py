@@ -66,6 +66,7 @@ class PrefillRole(EngineRole):
         self.control = ControlServer(cfg.disaggregation_control_host, cfg.disaggregation_control_port)
         self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address)
         self.agent = self.endpoint.agent
+        self.instance_id = self.endpoint.instance_id
         self.waiting_reqs: dict[int, tuple[Req, float]] = {}  # room -> (request, deadline)
         self.waiting_pages: dict[int, tuple[int, KVPagesRequest, float]] = {}  # room -> (conn, msg, deadline)
         self.rooms: dict[int, PrefillRoom] = {}  # prefilling or transferring
@@ -152,13 +153,9 @@ class PrefillRole(EngineRole):
         held = {p for room in self.transferring for p in self.rooms[room].req.pages}
         return held | {p for d in self.draining.values() for p in d.pages}
 
-    @property
-    def instance_id(self) -> str | None:
-        return self.endpoint.instance_id
-
     def stats(self) -> dict:
         return {
-            "instance_id": self.endpoint.instance_id,
+            "instance_id": self.instance_id,
             "num_bootstrapping_rooms": len(self.waiting_reqs) + len(self.waiting_pages),
             "num_transferring_rooms": len(self.transferring),
             "num_prefill_rooms": len(self.rooms),

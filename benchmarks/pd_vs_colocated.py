@@ -36,9 +36,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdserve.benchmarks.backends import BACKENDS
 from pdserve.benchmarks.bench_serving import BenchConfig, run_benchmark
 from pdserve.benchmarks.metrics import parse_slo
 from pdserve.benchmarks.report import bench_json
@@ -52,32 +53,9 @@ from pdserve.benchmarks.study_report import (
     study_curves,
     study_rows,
 )
+from pdserve.common.args import add_dataclass_args, config_from_args, flag
 
 DEFAULT_LAUNCHER = f"{shlex.quote(sys.executable)} -m pdserve.cli up"
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    model_path: str | None = None
-    num_gpus: int = 2
-    layout: str | None = None  # "P:D" or "xPyD"; default: half prefill, half decode
-    scenarios: tuple[str, ...] = ("D(2048,256)", "D(512,512)", "N(1024,512)/(256,128)")
-    request_rates: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
-    num_prompts: int = 200
-    slo: str = "ttft_ms=1000,itl_ms=25"
-    extra_serve_args: tuple[str, ...] = ()
-    up_args: tuple[str, ...] = ()  # flags of `pdserve up` itself, e.g. --base-port
-    modes: tuple[str, ...] = MODES
-    host: str = "127.0.0.1"
-    port: int = 30000
-    launcher: str = DEFAULT_LAUNCHER
-    output_dir: str = "pd_vs_colocated"
-    backend: str = "openai"
-    warmup_requests: int = 2
-    seed: int = 0
-    startup_timeout_s: float = 900.0
-    request_timeout_s: float = 600.0
-    smoke: bool = False
 
 
 SMOKE = dict(
@@ -90,6 +68,38 @@ SMOKE = dict(
     warmup_requests=1,
     startup_timeout_s=120.0,
 )
+_SMOKE_HELP = "CPU preset: tiny model, " + ", ".join(f"{k}={v}" for k, v in SMOKE.items() if k != "model_path")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model_path: str | None = field(default=None, metadata=flag(
+        "model for both modes (default: pdserve up's; --smoke: tiny)"))
+    num_gpus: int = field(default=2, metadata=flag("GPUs (instances) per mode"))
+    layout: str | None = field(default=None, metadata=flag("PD split P:D or xPyD (default: half and half)"))
+    scenarios: tuple[str, ...] = field(default=("D(2048,256)", "D(512,512)", "N(1024,512)/(256,128)"),
+                                       metadata=flag("traffic scenarios", nargs="+"))
+    request_rates: tuple[float, ...] = field(default=(1.0, 2.0, 4.0, 8.0), metadata=flag(
+        "requests/s, Poisson arrivals; inf sends all at once", nargs="+"))
+    num_prompts: int = field(default=200, metadata=flag("requests per run"))
+    slo: str = field(default="ttft_ms=1000,itl_ms=25", metadata=flag("SLO for goodput"))
+    extra_serve_args: tuple[str, ...] = field(default=(), metadata=flag(
+        "passed after -- to pdserve up, one shell-quoted string (also: everything after this command's own --; "
+        "default: none)", type=shlex.split))
+    up_args: tuple[str, ...] = field(default=(), metadata=flag(
+        "extra flags of pdserve up itself, one shell-quoted string, e.g. '--base-port 32000 --transfer-backend ucx' "
+        "(default: none)", type=shlex.split))
+    modes: tuple[str, ...] = field(default=MODES, metadata=flag("modes to run", nargs="+", choices=MODES))
+    host: str = field(default="127.0.0.1", metadata=flag("router address"))
+    port: int = field(default=30000, metadata=flag("router port"))
+    launcher: str = field(default=DEFAULT_LAUNCHER, metadata=flag("command that starts a cluster"))
+    output_dir: str = field(default="pd_vs_colocated", metadata=flag("tables, plot, raw JSON, cluster logs"))
+    backend: str = field(default="openai", metadata=flag("API the benchmark client uses"))
+    warmup_requests: int = field(default=2, metadata=flag("requests before each run"))
+    seed: int = field(default=0, metadata=flag("seed of prompts and arrival times"))
+    startup_timeout_s: float = field(default=900.0, metadata=flag("wait this long for the router's /health"))
+    request_timeout_s: float = field(default=600.0, metadata=flag("a request not finished by then counts as failed"))
+    smoke: bool = field(default=False, metadata=flag(_SMOKE_HELP))
 
 
 def parse_layout(layout: str | None, num_gpus: int) -> tuple[int, int]:
@@ -236,63 +246,26 @@ def run_study(cfg: StudyConfig) -> list[StudyRow]:
     return rows
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where it says something and the help has not said it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return str(super()._get_help_string(action))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    d = StudyConfig()
     p = argparse.ArgumentParser(prog="python -m pdserve.benchmarks.pd_vs_colocated",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--model-path", default=d.model_path, help="model for both modes (--smoke: tiny)")
-    p.add_argument("--num-gpus", type=int, default=d.num_gpus, help="GPUs (instances) per mode")
-    p.add_argument("--layout", default=d.layout, help="PD split P:D or xPyD (default: half and half)")
-    p.add_argument("--scenarios", nargs="+", default=list(d.scenarios), help="traffic scenarios")
-    p.add_argument("--request-rates", nargs="+", type=float, default=list(d.request_rates),
-                   help="requests/s, Poisson arrivals; inf sends all at once")
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts, help="requests per run")
-    p.add_argument("--slo", default=d.slo, help="SLO for goodput")
-    p.add_argument("--extra-serve-args", default="", help="passed after -- to pdserve up (also: "
-                   "everything after this command's own --)")
-    p.add_argument("--up-args", default="", help="extra flags of pdserve up itself, one shell-quoted "
-                   "string, e.g. '--base-port 32000 --transfer-backend ucx'")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(d.modes), help="modes to run")
-    p.add_argument("--host", default=d.host, help="router address")
-    p.add_argument("--port", type=int, default=d.port, help="router port")
-    p.add_argument("--launcher", default=d.launcher, help="command that starts a cluster")
-    p.add_argument("--output-dir", default=d.output_dir, help="tables, plot, raw JSON, cluster logs")
-    p.add_argument("--backend", default=d.backend, choices=("openai", "openai-chat", "pdserve"),
-                   help="API the benchmark client uses")
-    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests, help="before each run")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of prompts and arrival times")
-    p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s,
-                   help="wait this long for the router's /health")
-    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s,
-                   help="a request not finished by then counts as failed")
-    p.add_argument("--smoke", action="store_true", help="CPU preset: tiny model, " + ", ".join(
-        f"{k}={v}" for k, v in SMOKE.items() if k != "model_path"))
+                                description=__doc__.split("\n\n")[0])
+    add_dataclass_args(p, StudyConfig, choices={"backend": BACKENDS.names()})
     return p
+
+
+def _explicit(argv: list[str]) -> set[str]:
+    """Fields the command line sets itself."""
+    return {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def config_from_argv(argv: list[str]) -> StudyConfig:
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = build_parser()
-    ns = parser.parse_args(own)
-    explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in own if a.startswith("--")}
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(StudyConfig) if hasattr(ns, f.name)}
-    values["extra_serve_args"] = [*shlex.split(ns.extra_serve_args), *extra]
-    values["up_args"] = shlex.split(ns.up_args)
-    if ns.smoke:  # the preset fills what the command line left unsaid
-        values.update({k: v for k, v in SMOKE.items() if k not in explicit})
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    cfg = StudyConfig(**values)
+    cfg = config_from_args(StudyConfig, parser.parse_args(own))
+    cfg = dataclasses.replace(cfg, extra_serve_args=(*cfg.extra_serve_args, *extra))
+    if cfg.smoke:  # the preset fills what the command line left unsaid
+        explicit = _explicit(own)
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items() if k not in explicit})
     try:
         validate(cfg)
     except ValueError as exc:

@@ -28,11 +28,12 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from pdserve.transfer.base import TransferConfig
+from pdserve.common.args import add_dataclass_args, config_from_args, flag
+from pdserve.transfer.base import TRANSFER_BACKENDS, TransferConfig
 
 DECODE_BATCHES = (1, 8, 64, 256)
 PREFILL_LENGTHS = (512, 2048, 8192)
@@ -43,21 +44,27 @@ _GIB = 1 << 30
 
 @dataclass(frozen=True)
 class RooflineConfig:
-    models: tuple[str, ...] = MODELS
-    decode_batches: tuple[int, ...] = DECODE_BATCHES
-    decode_context: int = 1024
-    decode_steps: int = 64
-    prefill_lengths: tuple[int, ...] = PREFILL_LENGTHS
-    transfer_tokens: int = 2048
-    transfer_repeats: int = 20
-    transfer_backends: tuple[str, ...] = ("nixl", "cuda_ipc")
-    progress_delay_us: int = TransferConfig.progress_delay_us  # the nixl progress thread's sleep
-    attention_backend: str | None = None
-    page_size: int = 16
-    skip_transfer: bool = False
-    gemv_sweep: bool = False
-    compare_pdl: bool = False
-    output_json: str | None = None
+    models: tuple[str, ...] = field(default=MODELS, metadata=flag("benchmark config names", nargs="+"))
+    decode_batches: tuple[int, ...] = field(default=DECODE_BATCHES, metadata=flag(
+        "decode batch sizes to time", nargs="+"))
+    decode_context: int = field(default=1024, metadata=flag("context tokens of every sequence in a decode step"))
+    decode_steps: int = field(default=64, metadata=flag("decode steps timed per batch size"))
+    prefill_lengths: tuple[int, ...] = field(default=PREFILL_LENGTHS, metadata=flag(
+        "prompt lengths of the single-prompt prefills", nargs="+"))
+    transfer_tokens: int = field(default=2048, metadata=flag("prompt tokens whose KV pages are transferred"))
+    transfer_repeats: int = field(default=20, metadata=flag("timed transfers per backend"))
+    transfer_backends: tuple[str, ...] = field(default=("nixl", "cuda_ipc"), metadata=flag(
+        "KV transfer backends to time, P to D on this GPU", nargs="+"))
+    progress_delay_us: int = field(default=TransferConfig.progress_delay_us, metadata=flag(
+        "nixl progress-thread sleep on both sides"))
+    attention_backend: str | None = field(default=None, metadata=flag(
+        "attention backend of the models (default: the one pdserve serve picks)"))
+    page_size: int = field(default=16, metadata=flag("tokens per KV page"))
+    skip_transfer: bool = field(default=False, metadata=flag("leave out the KV transfer"))
+    gemv_sweep: bool = field(default=False, metadata=flag("also tune the single-token product kernels"))
+    compare_pdl: bool = field(default=False, metadata=flag("also time decode at batch 1 without PDL"))
+    output_json: str | None = field(default=None, metadata=flag(
+        "result file (default: benchmarks/results/roofline-DATE.json)"))
 
 
 @dataclass(frozen=True)
@@ -717,39 +724,21 @@ def run(cfg: RooflineConfig, argv: list[str], out: Path) -> dict:
     return results
 
 
-def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
-    d = RooflineConfig()
+def build_parser() -> argparse.ArgumentParser:
+    from pdserve.model.attention.base import ATTENTION_BACKENDS
+
     ap = argparse.ArgumentParser(prog="roofline", description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(d.models), help="benchmark config names")
-    ap.add_argument("--decode-batches", nargs="+", type=int, default=list(d.decode_batches))
-    ap.add_argument("--decode-context", type=int, default=d.decode_context)
-    ap.add_argument("--decode-steps", type=int, default=d.decode_steps)
-    ap.add_argument("--prefill-lengths", nargs="+", type=int, default=list(d.prefill_lengths))
-    ap.add_argument("--transfer-tokens", type=int, default=d.transfer_tokens)
-    ap.add_argument("--transfer-repeats", type=int, default=d.transfer_repeats)
-    ap.add_argument("--attention-backend", default=d.attention_backend, choices=("flashinfer", "triton", "torch"))
-    ap.add_argument("--page-size", type=int, default=d.page_size)
-    ap.add_argument("--skip-transfer", action="store_true")
-    ap.add_argument("--transfer-backends", nargs="+", default=list(d.transfer_backends),
-                    choices=("nixl", "ucx", "cuda_ipc"))
-    ap.add_argument("--progress-delay-us", type=int, default=d.progress_delay_us,
-                    help="nixl progress-thread sleep on both sides")
-    ap.add_argument("--gemv-sweep", action="store_true", help="also tune the single-token product kernels")
-    ap.add_argument("--compare-pdl", action="store_true", help="also time decode at batch 1 without PDL")
-    ap.add_argument("--output-json", default=d.output_json)
+    add_dataclass_args(ap, RooflineConfig, choices={"attention_backend": ATTENTION_BACKENDS.names(),
+                                                    "transfer_backends": TRANSFER_BACKENDS.names()})
     ap.add_argument("--merge-itl", metavar="BENCH_JSON", help="add a pdserve bench ITL to --into and exit")
     ap.add_argument("--http-itl", metavar="URL", help="measure the batch-1 ITL of a server, add it to --into, exit")
-    ap.add_argument("--into", metavar="RESULT_JSON")
-    ns = ap.parse_args(argv)
-    cfg = RooflineConfig(
-        models=tuple(ns.models), decode_batches=tuple(ns.decode_batches), decode_context=ns.decode_context,
-        decode_steps=ns.decode_steps, prefill_lengths=tuple(ns.prefill_lengths), transfer_tokens=ns.transfer_tokens,
-        transfer_repeats=ns.transfer_repeats, transfer_backends=tuple(ns.transfer_backends),
-        progress_delay_us=ns.progress_delay_us, attention_backend=ns.attention_backend, page_size=ns.page_size,
-        skip_transfer=ns.skip_transfer, gemv_sweep=ns.gemv_sweep, compare_pdl=ns.compare_pdl,
-        output_json=ns.output_json,
-    )
-    return cfg, ns
+    ap.add_argument("--into", metavar="RESULT_JSON", help="the result file --merge-itl and --http-itl update")
+    return ap
+
+
+def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
+    ns = build_parser().parse_args(argv)
+    return config_from_args(RooflineConfig, ns), ns
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pdserve.common.args import add_dataclass_args, config_from_args, flag
 from pdserve.common.kv_layout import KVLayout
 from pdserve.model.config import ModelConfig
-from pdserve.transfer.base import RoomState
+from pdserve.transfer.base import TRANSFER_BACKENDS, RoomState
 from pdserve.transfer.harness import AgentProcess, WorkerSpec, start_agents
 
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -31,18 +32,22 @@ _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass(frozen=True)
 class TransferBenchConfig:
-    model_config: str = "benchmarks/configs/llama-3.2-1b.json"
-    page_size: int = 16
-    device: str = "cpu"
-    backends: tuple[str, ...] = ("nixl", "ucx")
-    min_tokens: int = 128
-    max_tokens: int = 8192
-    num_layers: int | None = None  # fewer layers than the model to save memory
-    repeats: int = 5
-    scatter: bool = False  # shuffle destination pages: no run merging at all
-    timeout_s: float = 120.0
-    verify: bool = False  # check the destination pages hold the source pages
-    output_json: str | None = None
+    model_config: str = field(default="benchmarks/configs/llama-3.2-1b.json", metadata=flag(
+        "Hugging Face config.json for the KV shape"))
+    page_size: int = field(default=16, metadata=flag("tokens per KV page"))
+    device: str = field(default="cpu", metadata=flag("where both KV pools live", choices=("cpu", "cuda")))
+    backends: tuple[str, ...] = field(default=("nixl", "ucx"), metadata=flag(
+        "transfer backends to time, one after another", flag="--backend", nargs="+"))
+    min_tokens: int = field(default=128, metadata=flag("shortest prompt; lengths double up to --max-tokens"))
+    max_tokens: int = field(default=8192, metadata=flag("longest prompt"))
+    num_layers: int | None = field(default=None, metadata=flag(
+        "override the model's layer count, to save memory (default: the model's)"))
+    repeats: int = field(default=5, metadata=flag("timed rooms per length; the median is reported"))
+    scatter: bool = field(default=False, metadata=flag("scatter destination pages (no merging)"))
+    timeout_s: float = field(default=120.0, metadata=flag("seconds a room may take before it counts as failed"))
+    verify: bool = field(default=False, metadata=flag("check the destination pages after each length"))
+    output_json: str | None = field(default=None, metadata=flag(
+        "write config, layout and rows to this file (default: the table only)"))
 
 
 @dataclass(frozen=True)
@@ -148,27 +153,18 @@ def format_table(rows: list[BenchRow], device: str) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> TransferBenchConfig:
-    d = TransferBenchConfig()
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="transfer_bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--model-config", default=d.model_config, help="Hugging Face config.json for the KV shape")
-    ap.add_argument("--page-size", type=int, default=d.page_size)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
-    ap.add_argument("--backend", nargs="+", default=list(d.backends), choices=("nixl", "ucx", "cuda_ipc"))
-    ap.add_argument("--min-tokens", type=int, default=d.min_tokens)
-    ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    ap.add_argument("--num-layers", type=int, default=d.num_layers, help="override the model's layer count")
-    ap.add_argument("--repeats", type=int, default=d.repeats)
-    ap.add_argument("--scatter", action="store_true", help="scatter destination pages (no merging)")
-    ap.add_argument("--timeout-s", type=float, default=d.timeout_s)
-    ap.add_argument("--verify", action="store_true", help="check the destination pages after each length")
-    ap.add_argument("--output-json", default=d.output_json)
-    a = ap.parse_args(argv)
-    if a.min_tokens < 1 or a.max_tokens < a.min_tokens or a.page_size < 1 or a.repeats < 1:
+    add_dataclass_args(ap, TransferBenchConfig, choices={"backends": TRANSFER_BACKENDS.names()})
+    return ap
+
+
+def parse_args(argv: list[str]) -> TransferBenchConfig:
+    ap = build_parser()
+    cfg = config_from_args(TransferBenchConfig, ap.parse_args(argv))
+    if cfg.min_tokens < 1 or cfg.max_tokens < cfg.min_tokens or cfg.page_size < 1 or cfg.repeats < 1:
         ap.error("need 1 <= --min-tokens <= --max-tokens, --page-size >= 1, --repeats >= 1")
-    return TransferBenchConfig(a.model_config, a.page_size, a.device, tuple(a.backend), a.min_tokens,
-                               a.max_tokens, a.num_layers, a.repeats, a.scatter, a.timeout_s, a.verify,
-                               a.output_json)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

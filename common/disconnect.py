@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from fastapi import Request
 from pdserve.common.errors import APIError
+from starlette.types import Receive
 
 T = TypeVar("T")
 
@@ -21,8 +22,23 @@ async def until_client_leaves(request: Request, work: Awaitable[T]) -> T:
     Cancelling the work is what aborts it downstream (the engine request, the
     upstream HTTP calls); it is awaited so that cleanup has run on return.
     """
+    work_task = await _race(request.receive, work)
+    if work_task.cancelled():
+        raise APIError(499, "client disconnected")
+    return work_task.result()
+
+
+async def until_disconnected(receive: Receive, work: Awaitable[None]) -> bool:
+    """Run ``work`` (a response being streamed); False if the client left first and it was cancelled."""
+    work_task = await _race(receive, work)
+    if not work_task.cancelled():
+        work_task.result()  # re-raise what the work raised
+    return not work_task.cancelled()
+
+
+async def _race(receive: Receive, work: Awaitable[T]) -> asyncio.Future[T]:
     work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(_client_gone(request))
+    watch_task = asyncio.ensure_future(_client_gone(receive))
     try:
         await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -30,11 +46,9 @@ async def until_client_leaves(request: Request, work: Awaitable[T]) -> T:
         if not work_task.done():
             work_task.cancel()
             await asyncio.gather(work_task, return_exceptions=True)
-    if work_task.cancelled():
-        raise APIError(499, "client disconnected")
-    return work_task.result()
+    return work_task
 
 
-async def _client_gone(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _client_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass

@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pdserve.common.errors import error_body, error_response
+from pdserve.common.event_stream import EventStream, Write
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, routing_text
@@ -235,18 +235,18 @@ class _Relay:
         self._finished = False
         self._closed = False
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def relay(self, write: Write) -> None:
         try:
-            yield self._opened.first_chunk
+            await write(self._opened.first_chunk)
             async for chunk in self._opened.response.content.iter_any():
-                yield chunk
+                await write(chunk)
             self._finished = True
         except UPSTREAM_ERRORS as exc:
             # Bytes already reached the client: no retry, end the stream with an error event.
             logger.warning("decode %s stream broke: %r", self._decode.url, exc)
             self._metrics.errors.labels(self._path, "502").inc()
             error = error_body(502, f"decode worker {self._decode.url} stream broke: {exc!r}")
-            yield b"data: " + orjson.dumps(error) + b"\n\n"
+            await write(b"data: " + orjson.dumps(error) + b"\n\n")
         finally:
             await self.close()
 
@@ -261,11 +261,11 @@ class _Relay:
             self._prefill_task.cancel()  # the client is gone or D broke: P's work is moot
 
 
-class _RelayResponse(StreamingResponse):
+class _RelayResponse(EventStream):
     """Closes the relay even when the client left before the first chunk was sent."""
 
     def __init__(self, relay: _Relay, status_code: int, media_type: str) -> None:
-        super().__init__(relay.chunks(), status_code=status_code, media_type=media_type)
+        super().__init__(relay.relay, status_code=status_code, media_type=media_type)
         self._relay = relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -194,27 +194,40 @@ class EngineClient:
             if not fut.done():
                 fut.set_exception(EngineDied("engine process died"))
 
+    def open(self, req: GenerateRequest) -> Mailbox:
+        """Send ``req`` to the engine; its updates arrive in the returned mailbox."""
+        if not self.alive():
+            raise EngineDied("engine is not running")
+        box = self._boxes[req.rid] = Mailbox()
+        try:
+            self._send(req)
+        except BaseException:
+            self._boxes.pop(req.rid, None)
+            raise
+        return box
+
+    def close(self, rid: str, abort: bool) -> None:
+        """Forget ``rid``'s mailbox; ``abort`` tells the engine to drop it and free its pages."""
+        self._boxes.pop(rid, None)
+        if abort and self.alive():
+            self._send(AbortRequest(rid=rid))
+
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[Update]]:
         """Yield the engine's updates for one request, a list at a time, until it finishes.
 
         Leaving the iteration early (client gone, stop string hit) aborts the
         request in the engine, which frees its pages.
         """
-        if not self.alive():
-            raise EngineDied("engine is not running")
-        box = self._boxes[req.rid] = Mailbox()
+        box = self.open(req)
         finished = False
         try:
-            self._send(req)
             while not finished:
                 updates = await box.take()
                 last = updates[-1]
                 finished = isinstance(last, TokenOutput) and last.finish_reason is not None
                 yield updates
         finally:
-            self._boxes.pop(req.rid, None)
-            if not finished and self.alive():
-                self._send(AbortRequest(rid=req.rid))
+            self.close(req.rid, abort=not finished)
 
     async def finish(self, req: GenerateRequest) -> TokenOutput:
         """Run ``req`` to its end; its last output (which carries any error)."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_body, install_error_handlers, read_json_object
+from pdserve.common.event_stream import EventStream
 from pdserve.common.messages import ControlResponse, GenerateRequest
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
@@ -18,7 +20,7 @@ from pdserve.server.engine_client import EngineUnavailable
 from pdserve.server.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
 from pdserve.server.serving import Serving, SubRequest
 from pdserve.server.state import AppState
-from pdserve.server.text_stream import ChoiceState, TextDelta
+from pdserve.server.text_stream import ChoiceState
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
 
@@ -120,12 +122,11 @@ async def _handle(request: Request, state: AppState, parser, kind: str):
         return {"bootstrap_room": gen.bootstrap_room, "status": "ok"}
     if gen.stream:
         states = [ChoiceState(s.index) for s in subs]
-        events = serving.merged(subs, states)
+        events = serving.stream(subs[0], states[0]) if len(subs) == 1 else serving.merged(subs, states)
         # Wait for the first delta before answering: a request the engine rejects
         # (queue full, pool too small) then gets its real status, not a 200 stream.
         first = await until_client_leaves(request, _first_event(events))
-        body = _stream(state, gen, subs, states, rid, kind, first, events)
-        return StreamingResponse(body, media_type="text/event-stream")
+        return EventStream(partial(_stream, state, gen, subs, states, rid, kind, first, events))
     start_s = time.monotonic()
     choices = await until_client_leaves(request, serving.collect_all(subs))
     return _body(state, gen, kind, rid, choices, time.monotonic() - start_s)
@@ -141,18 +142,11 @@ def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: l
     return bodies[0] if len(bodies) == 1 else bodies
 
 
-async def _first_event(events: AsyncIterator[tuple[int, TextDelta]]) -> tuple[int, TextDelta] | None:
+async def _first_event(events: AsyncIterator) -> object | None:
     try:
         return await events.__anext__()
     except StopAsyncIteration:
         return None
-
-
-async def _chain(first: tuple[int, TextDelta] | None, rest: AsyncIterator[tuple[int, TextDelta]]):
-    if first is not None:
-        yield first
-        async for event in rest:
-            yield event
 
 
 async def _stream(
@@ -162,31 +156,46 @@ async def _stream(
     states: list[ChoiceState],
     rid: str,
     kind: str,
-    first: tuple[int, TextDelta] | None,
-    rest: AsyncIterator[tuple[int, TextDelta]],
-) -> AsyncIterator[bytes]:
-    want_lp, model = gen.params.logprobs, state.model_name
-    start_s = time.monotonic()
+    first: object | None,
+    rest: AsyncIterator,
+    write: Callable[[bytes], Awaitable[None]],
+) -> None:
+    model = state.model_name
     if kind == "chat":
         for s in subs:
-            yield fmt.sse(fmt.chat_chunk(rid, model, s.index, None, state.tokenizer, False))
-    plain = [fmt.TextChunks(rid, model, s.index, kind == "chat") for s in subs] if kind != "generate" and not want_lp else None
+            await write(fmt.sse(fmt.chat_chunk(rid, model, s.index, None, state.tokenizer, False)))
+    event = _event_maker(state, gen, subs, states, rid, kind)
     try:
-        async for i, delta in _chain(first, rest):
-            if plain is not None and delta.finish_reason is None:
-                yield plain[i].event(delta.text)
-            elif kind == "chat":
-                yield fmt.sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
-            elif kind == "completion":
-                yield fmt.sse(fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
-            else:
-                yield fmt.sse(fmt.generate_body(rid, states[i], time.monotonic() - start_s))
+        if first is not None:
+            await write(event(first))
+            async for item in rest:
+                await write(event(item))
     except APIError as exc:
-        yield fmt.sse(exc.body())
+        await write(fmt.sse(exc.body()))
     if gen.include_usage and kind != "generate":
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        yield fmt.sse(fmt.usage_chunk(rid, model, obj, states, gen.n))
-    yield fmt.sse("[DONE]")
+        await write(fmt.sse(fmt.usage_chunk(rid, model, obj, states, gen.n)))
+    await write(fmt.sse("[DONE]"))
+
+
+def _event_maker(state: AppState, gen: GenerationInput, subs: list[SubRequest], states: list[ChoiceState],
+                 rid: str, kind: str) -> Callable[[object], bytes]:
+    """The SSE bytes of one stream item: a delta (one choice) or ``(index, delta)`` (several)."""
+    want_lp, model, start_s = gen.params.logprobs, state.model_name, time.monotonic()
+    plain = [fmt.TextChunks(rid, model, s.index, kind == "chat") for s in subs] if kind != "generate" and not want_lp else None
+    single = len(subs) == 1
+
+    def event(item: object) -> bytes:
+        i, delta = (0, item) if single else item
+        if plain is not None and delta.finish_reason is None:
+            return plain[i].event(delta.text)
+        if kind == "chat":
+            return fmt.sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+        if kind == "completion":
+            return fmt.sse(fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+        return fmt.sse(fmt.generate_body(rid, states[i], time.monotonic() - start_s))
+
+    return event
 
 
 async def _control(state: AppState, kind: str) -> ControlResponse:

@@ -114,27 +114,37 @@ class Serving:
 
     # ---- running ---------------------------------------------------------------
     async def stream(self, sub: SubRequest, state: ChoiceState) -> AsyncIterator[TextDelta]:
-        """Yield text deltas of one engine request; raises APIError on engine errors."""
+        """Yield text deltas of one engine request; raises APIError on engine errors.
+
+        It reads the request's mailbox itself (one generator between the engine
+        pipe and the HTTP response, not three): this runs once per streamed token.
+        """
         text = TextStream(IncrementalDetokenizer(self.tokenizer, decode=self._decode), sub.stop)
         req = GenerateRequest(rid=sub.rid, input_ids=sub.input_ids, params=sub.params, bootstrap_room=sub.room, prefill_instance_id=sub.prefill_instance_id)
         timer = self.metrics.request_timer(len(sub.input_ids))
+        finished = False
         try:
-            async for updates in self.engine.generate(req):
+            box = self.engine.open(req)
+            while not finished:
+                updates = await box.take()
                 last = updates[-1]
                 if isinstance(last, TokenOutput) and last.error:
+                    finished = True
                     timer.abort()
                     raise APIError(last.error_status or 500, last.error)
                 delta = text.feed(updates)
                 apply_delta(state, delta, updates)
                 timer.tokens(len(delta.token_ids), state.cached_tokens)
+                # A stop string may end the stream before the engine does; then
+                # leaving aborts the engine request (below).
+                finished = delta.finish_reason is not None and isinstance(last, TokenOutput) and last.finish_reason is not None
                 yield delta
                 if delta.finish_reason is not None:
-                    # A stop string may end the stream before the engine does;
-                    # leaving the generator aborts the engine request.
                     break
         except EngineUnavailable as exc:
             raise APIError(503, str(exc)) from exc
         finally:
+            self.engine.close(req.rid, abort=not finished)
             timer.finish(state.finish_reason)
 
     async def collect(self, sub: SubRequest) -> ChoiceState:

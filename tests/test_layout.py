@@ -22,7 +22,7 @@ ALLOWED = {
     "prefill": {"prefill", "engine", "model", "transfer", "bootstrap", "common"},
     "decode": {"decode", "engine", "model", "transfer", "bootstrap", "common"},
     "router": {"router", "bootstrap", "common"},
-    "benchmarks": {"benchmarks", "common", "model", "engine", "transfer", "bootstrap"},
+    "benchmarks": {"benchmarks", "common", "model", "engine", "server", "transfer", "bootstrap"},
 }
 
 

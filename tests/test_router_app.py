@@ -102,6 +102,7 @@ def test_pd_sends_same_body_with_room_and_prefill_id_to_both(stack: Stack) -> No
     assert p_body.pop("prefill_instance_id") == p.instance_id
     assert p_body == PROMPT
     stack.post("/v1/completions", json=PROMPT)
+    stack.wait_nothing_in_flight()
     assert p.bodies()[1]["bootstrap_room"] != room  # a fresh room per request
 
 
@@ -122,6 +123,7 @@ def test_round_robin_alternates_prefill_and_decode(stack: Stack) -> None:
     pd(stack, num_prefill=2, num_decode=2)
     for _ in range(4):
         assert stack.post("/v1/completions", json=PROMPT).status_code == 200
+    stack.wait_nothing_in_flight()
     assert [len(stack.fakes[n].requests) for n in ("p0", "p1", "d0", "d1")] == [2, 2, 2, 2]
 
 
@@ -192,7 +194,8 @@ def test_prefill_5xx_moves_to_another_prefill(stack: Stack) -> None:
     assert num_failed >= 1
     assert len(stack.fakes["p1"].requests) == 2
     # D's request of each failed pair was cancelled; the one it answered names p1.
-    assert stack.fakes["d0"].num_cancelled == num_failed
+    wait_until(lambda: stack.fakes["d0"].num_cancelled == num_failed, 5.0,
+               message=lambda: f"{stack.fakes['d0'].num_cancelled} of {num_failed} decode requests cancelled")
     assert stack.fakes["d0"].bodies()[-1]["prefill_instance_id"] == stack.fakes["p1"].instance_id
 
 

@@ -395,7 +395,7 @@ class Engine:
             len(batch.reqs),
             num_tokens,
             self._token_usage(),
-            getattr(self.runner, "uses_cuda_graph", False),
+            self.runner.uses_cuda_graph,
             throughput,
             len(self.scheduler.waiting),
         )

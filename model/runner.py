@@ -138,7 +138,7 @@ class ModelRunner:
             pdl=self.pdl,
         )
         # The fast path: numpy-built step inputs handed to a kernel backend.
-        self._fast = self.device.type == "cuda" and getattr(self.attn, "accepts_stored_kv", False)
+        self._fast = self.device.type == "cuda" and self.attn.accepts_stored_kv
         # Launching decode steps ahead pays off where launches are asynchronous.
         self.lookahead = self.device.type == "cuda" and not cfg.disable_overlap_schedule
         self._ahead: _Ahead | None = None
@@ -146,7 +146,7 @@ class ModelRunner:
         self.graphs = self._capture_graphs()
 
     def _capture_graphs(self) -> CudaGraphRunner | None:
-        if not self._fast or self.cfg.disable_cuda_graph or not getattr(self.attn, "supports_cuda_graph", False):
+        if not self._fast or self.cfg.disable_cuda_graph or not self.attn.supports_cuda_graph:
             return None
         cfg = self.cfg
         max_bs = cfg.cuda_graph_max_bs or min(cfg.max_running_requests or 256, 256)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from pdserve.bootstrap.protocol import InstanceInfo
+from pdserve.bootstrap.protocol import PD_PROTOCOL_VERSION, InstanceInfo
 from pdserve.bootstrap.registry import InstanceRegistry
 from pdserve.bootstrap.server import BootstrapConfig, create_app, parse_args
 from pdserve.tests.support.clock import FakeClock
@@ -67,6 +67,18 @@ def test_backend_and_same_role_mismatches_are_refused(client: TestClient) -> Non
     assert_openai_error(client.post("/register", json=ucx.to_json()), 409, "transfer_backend", "nixl", "ucx")
     fp32 = make_info("p2", dtype="float32")
     assert_openai_error(client.post("/register", json=fp32.to_json()), 409, "dtype", "bfloat16", "float32")
+
+
+def test_another_pd_protocol_version_is_refused_naming_both(client: TestClient) -> None:
+    assert client.post("/register", json=make_info("p1").to_json()).status_code == 200
+    older = {**make_info("d1", role="decode").to_json(), "pd_protocol_version": PD_PROTOCOL_VERSION - 1}
+    assert_openai_error(client.post("/register", json=older), 409, "pd_protocol_version",
+                        f"'d1'={PD_PROTOCOL_VERSION - 1}", f"'p1'={PD_PROTOCOL_VERSION}")
+    legacy = make_info("d2", role="decode").to_json()
+    del legacy["pd_protocol_version"]  # a record from before the field existed is version 1
+    assert InstanceInfo.from_json(legacy).pd_protocol_version == 1
+    assert_openai_error(client.post("/register", json={**legacy, "pd_protocol_version": "2"}), 400, "pd_protocol_version")
+    assert client.post("/register", json=make_info("d3", role="decode").to_json()).status_code == 200
 
 
 def test_pairing_rules_ignore_other_models_colocated_and_self(client: TestClient) -> None:

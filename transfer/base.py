@@ -145,6 +145,10 @@ class KVSender(ABC):
         self.dst_pages = list(dst_pages)
         self.num_descriptors = 0
         self.num_bytes = 0
+        # Chunks the sender copied itself, and notices its copy stream wrote into
+        # the peer's ring (cuda_ipc); every other sender leaves them at 0.
+        self.num_ipc_copies = 0
+        self.num_ring_notices = 0
         self.failure: str | None = None
         self._state = RoomState.WAITING_FOR_INPUT
         self._num_chunks = 0

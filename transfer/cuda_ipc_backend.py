@@ -98,8 +98,6 @@ class CudaIpcSender(NixlSender):
         # Landed once the event completes; the notice is None when the ring carries it.
         self._copies: list[tuple[torch.cuda.Event, RoomNotice | None]] = []
         self._abandoned: list[torch.cuda.Event] = []  # copies of an aborted room, still running
-        self.num_ipc_copies = 0
-        self.num_ring_notices = 0
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
         pool = self._agent.mapped(self.peer)

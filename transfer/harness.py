@@ -131,11 +131,11 @@ class _Worker:
 
     def cmd_ipc_copies(self, room: int) -> int:
         """Chunks a cuda_ipc sender copied itself rather than handing to NIXL."""
-        return getattr(self.rooms[room], "num_ipc_copies", 0)
+        return self.rooms[room].num_ipc_copies
 
     def cmd_ring_notices(self, room: int) -> int:
         """Chunk notices a cuda_ipc sender's copy stream wrote into the peer's ring."""
-        return getattr(self.rooms[room], "num_ring_notices", 0)
+        return self.rooms[room].num_ring_notices
 
     def cmd_stats(self) -> dict:
         self.agent.progress()

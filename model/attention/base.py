@@ -14,6 +14,11 @@ from pdserve.model.forward_batch import ForwardBatch
 
 
 class AttentionBackend(ABC):
+    # The fast path's contract: the backend stores K/V itself from the fused
+    # rotary kernel's output, and its decode steps can be captured in CUDA graphs.
+    accepts_stored_kv = False
+    supports_cuda_graph = False
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, **_: object):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

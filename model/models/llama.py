@@ -44,7 +44,7 @@ class Attention(nn.Module):
                kv_cache: torch.Tensor, ops) -> torch.Tensor:
         """Attention output ``[T, H * D]`` (before o_proj) of a fused qkv projection."""
         k_cache, v_cache = kv_cache[self.layer_id, 0], kv_cache[self.layer_id, 1]
-        if ops.fuses_rope_store and getattr(attn, "accepts_stored_kv", False):
+        if ops.fuses_rope_store and attn.accepts_stored_kv:
             # Rotary, q/k norm and the K/V page store in one kernel; the backend only attends.
             q = ops.rope_store(
                 qkv, batch.positions, rotary.cos_cache, rotary.sin_cache, self.num_heads, self.num_kv_heads,

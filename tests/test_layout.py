@@ -26,6 +26,11 @@ ALLOWED = {
 }
 
 
+def _sources() -> list[Path]:
+    """The package's Python files (hidden folders, such as local wheel caches, left out)."""
+    return [p for p in ROOT.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+
+
 def _imports(path: Path) -> set[str]:
     """Top-level pdserve folders a module imports, type-checking imports included."""
     found = set()
@@ -44,6 +49,40 @@ def test_imports_flow_one_way(folder: str) -> None:
     wrong = {str(p.relative_to(ROOT)): sorted(_imports(p) - ALLOWED[folder])
              for p in (ROOT / folder).rglob("*.py")}
     assert {k: v for k, v in wrong.items() if v} == {}
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """pdserve module -> the pdserve modules it imports anywhere (type-checking and lazy imports too)."""
+    paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in _sources() if p.relative_to(ROOT).parts[0] != "tests"}
+    graph = {}
+    for name, path in paths.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pdserve."):
+                base = node.module.removeprefix("pdserve.")
+                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names}
+        graph[name] = {d for d in deps if d in paths and d != name}
+    return graph
+
+
+def test_no_import_circles() -> None:
+    graph, state, stack = _module_graph(), {}, []
+
+    def visit(name: str) -> None:
+        state[name] = "open"
+        stack.append(name)
+        for dep in sorted(graph[name]):
+            assert state.get(dep) != "open", f"import circle: {' -> '.join(stack[stack.index(dep):] + [dep])}"
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert len(graph) > 80  # the walk saw the package
 
 
 def test_the_registry_loads_lazily_and_names_what_it_knows() -> None:
@@ -78,9 +117,9 @@ def test_every_registry_resolves_its_cpu_entries() -> None:
 
 def test_environment_switches_are_declared_in_one_module() -> None:
     readers = []
-    for path in ROOT.rglob("*.py"):
+    for path in _sources():
         rel = path.relative_to(ROOT)
-        if rel.parts[0] in ("tests", ".whl") or rel == Path("common/env.py"):
+        if rel.parts[0] == "tests" or rel == Path("common/env.py"):
             continue
         if "os.environ" in path.read_text() or "getenv(" in path.read_text():
             readers.append(str(rel))

@@ -6,9 +6,26 @@ from collections.abc import Awaitable, Callable
 
 from fastapi.responses import Response
 from pdserve.common.disconnect import until_disconnected
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 Write = Callable[[bytes], Awaitable[None]]
+
+# Where ``with_raw_send`` leaves the server's own ``send`` in the ASGI scope.
+RAW_SEND = "pdserve.raw_send"
+
+
+def with_raw_send(app: ASGIApp) -> ASGIApp:
+    """Wrap the outermost app: an event stream's body chunks then go to the
+    server's ``send`` directly, past the framework's per-message wrappers
+    (error and exception middleware watch only the response start, which still
+    passes through them)."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[RAW_SEND] = send
+        await app(scope, receive, send)
+
+    return asgi
 
 
 class EventStream(Response):
@@ -30,9 +47,10 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body_send = scope.get(RAW_SEND, send)
 
         async def write(event: bytes) -> None:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await body_send({"type": "http.response.body", "body": event, "more_body": True})
 
         await until_disconnected(receive, self._produce(write))
         await send({"type": "http.response.body", "body": b"", "more_body": False})

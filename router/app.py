@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
+from pdserve.common.event_stream import with_raw_send
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
@@ -251,6 +252,6 @@ def main(argv: list[str]) -> int:
             or config.bootstrap_url):
         logger.warning("no workers given: pass --prefill/--decode, --worker or --bootstrap-url")
     logger.info("router (%s mode) on http://%s:%d", config.mode, config.host, config.port)
-    uvicorn.run(create_app(config), host=config.host, port=config.port,
+    uvicorn.run(with_raw_send(create_app(config)), host=config.host, port=config.port,
                 log_level=config.log_level, access_log=False)
     return 0

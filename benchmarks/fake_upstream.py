@@ -12,8 +12,11 @@ is raw asyncio (no framework), HTTP/1.1 keep-alive, and serves:
   ``first_tick + k * token_interval`` (an absolute schedule: a late tick sends
   every token that is due, each in its own event), then a usage chunk when
   ``stream_options.include_usage`` is set, then ``data: [DONE]``. Streams
-  share one tick grid, so one timer serves all of them. Without ``stream`` it
-  answers the whole completion as one JSON document.
+  share one tick grid, so one timer serves all of them, and every token chunk
+  carries ``fake_sent_at_s``, the CLOCK_MONOTONIC time it was written (a
+  client on the same host subtracts it from its own ``time.monotonic()`` to
+  get the delivery delay). Without ``stream`` it answers the whole completion
+  as one JSON document.
 - ``GET /health``, ``/v1/models``, ``/get_model_info``, ``/get_server_info``.
 
 Ports listed with ``--prefill-port`` play a prefill instance of a PD pair:
@@ -39,20 +42,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.common.args import add_dataclass_args, config_from_args, flag
+
 MODEL_NAME = "fake-model"
 TOKEN_TEXT = " tok"
+SENT_AT_KEY = "fake_sent_at_s"  # CLOCK_MONOTONIC seconds at which the token's event was written
 MAX_HEADER_BYTES = 64 * 1024
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
 
 
 @dataclass(frozen=True)
 class FakeConfig:
-    host: str = "127.0.0.1"
-    ports: tuple[int, ...] = (31000,)
-    prefill_ports: tuple[int, ...] = ()
-    token_interval_ms: float = 2.0
-    model: str = MODEL_NAME
-    token_text: str = TOKEN_TEXT
+    """Where the fake listens, how fast it streams and what it answers."""
+
+    host: str = field(default="127.0.0.1", metadata=flag("bind address"))
+    ports: tuple[int, ...] = field(default=(31000,), metadata=flag(
+        "decode / colocated port(s)", flag="--port", nargs="+", metavar="PORT"))
+    prefill_ports: tuple[int, ...] = field(default=(), metadata=flag(
+        "port(s) that play prefill", flag="--prefill-port", nargs="*", metavar="PORT"))
+    token_interval_ms: float = field(default=2.0, metadata=flag("time between two tokens of one stream"))
+    model: str = field(default=MODEL_NAME, metadata=flag("model name served"))
+    token_text: str = field(default=TOKEN_TEXT, metadata=flag("text of every token"))
 
 
 def _chunked(data: bytes) -> bytes:
@@ -88,27 +98,39 @@ def _max_tokens(body: dict[str, Any]) -> int:
     return max(1, int(value or 16))
 
 
+@dataclass(frozen=True)
+class EventTemplate:
+    """One token's SSE event, split around its send timestamp."""
+
+    head: bytes
+    tail: bytes
+
+    def render(self, stamp: bytes) -> bytes:
+        return _chunked(self.head + stamp + self.tail)
+
+
 @dataclass
 class Stream:
-    """One streaming response: pre-encoded token events, sent as ticks come."""
+    """One streaming response: token events from templates, sent as ticks come."""
 
     transport: asyncio.Transport
-    token_event: bytes
-    last_event: bytes
+    token_event: EventTemplate
+    last_event: EventTemplate
     tail: bytes
     num_tokens: int
     on_done: Callable[[], None]
     start_tick: int = 0
     sent: int = 0
 
-    def send_due(self, tick: int) -> bool:
+    def send_due(self, tick: int, stamp: bytes) -> bool:
         """Send every token due by ``tick``; True when the stream is finished."""
         n = min(tick - self.start_tick, self.num_tokens) - self.sent
         if n <= 0:
             return False
         self.sent += n
         finished = self.sent == self.num_tokens
-        data = self.token_event * (n - 1) + (self.last_event + self.tail if finished else self.token_event)
+        data = self.token_event.render(stamp) * (n - 1)
+        data += self.last_event.render(stamp) + self.tail if finished else self.token_event.render(stamp)
         if not self.transport.is_closing():
             self.transport.write(data)
         return finished
@@ -141,10 +163,12 @@ class Ticker:
         self.streams.pop(id(stream), None)
 
     def tick(self) -> None:
-        due_tick = max(self.next_tick, int((self.loop.time() - self.origin_s) / self.interval_s))
+        now_s = self.loop.time()
+        due_tick = max(self.next_tick, int((now_s - self.origin_s) / self.interval_s))
         self.next_tick = due_tick + 1
+        stamp = b"%.6f" % now_s
         for key, stream in list(self.streams.items()):
-            if stream.send_due(due_tick):
+            if stream.send_due(due_tick, stamp):
                 del self.streams[key]
                 stream.on_done()
         if self.streams:
@@ -167,7 +191,8 @@ class Server:
             return _response("200 OK", b"", b"text/plain")
         if path == "/v1/models":
             return _json_response({"object": "list", "data": [
-                {"id": self.cfg.model, "object": "model", "created": 0, "owned_by": "fake", "max_model_len": 1 << 20}]})
+                {"id": self.cfg.model, "object": "model", "created": 0, "owned_by": "fake",
+                 "max_model_len": 1 << 20}]})
         if path == "/get_model_info":
             return _json_response({"model_path": self.cfg.model, "tokenizer_path": None,
                                    "is_generation": True, "model_type": "llama"})
@@ -188,7 +213,8 @@ class Server:
         return _json_response({
             "id": self.completion_id(), "object": "text_completion", "created": int(time.time()),
             "model": self.cfg.model,
-            "choices": [{"index": 0, "text": self.cfg.token_text * n, "logprobs": None, "finish_reason": "length"}],
+            "choices": [{"index": 0, "text": self.cfg.token_text * n, "logprobs": None,
+                         "finish_reason": "length"}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n},
         })
 
@@ -205,10 +231,12 @@ class Server:
                     on_done: Callable[[], None]) -> Stream:
         cid, created, n = self.completion_id(), int(time.time()), _max_tokens(body)
 
-        def event(finish: str | None) -> bytes:
-            return _chunked(_sse({"id": cid, "object": "text_completion", "created": created,
-                                  "model": self.cfg.model, "choices": [{"index": 0, "text": self.cfg.token_text,
-                                                                       "logprobs": None, "finish_reason": finish}]}))
+        def event(finish: str | None) -> EventTemplate:
+            data = _sse({"id": cid, "object": "text_completion", "created": created, "model": self.cfg.model,
+                         "choices": [{"index": 0, "text": self.cfg.token_text, "logprobs": None,
+                                      "finish_reason": finish}], SENT_AT_KEY: 0})
+            head, _, tail = data.rpartition(b"0")
+            return EventTemplate(head, tail)
 
         tail = b""
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -288,7 +316,8 @@ class Connection(asyncio.Protocol):
         try:
             body = json.loads(raw_body or b"{}")
         except ValueError:
-            self.transport.write(_json_response({"error": {"message": "bad JSON", "code": 400}}, "400 Bad Request"))
+            error = {"error": {"message": "bad JSON", "code": 400}}
+            self.transport.write(_json_response(error, "400 Bad Request"))
             return
         if self.prefill:
             self.transport.write(self.server.prefill_answer(body))
@@ -325,27 +354,20 @@ async def serve(cfg: FakeConfig, ready: asyncio.Event | None = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = FakeConfig()
     p = argparse.ArgumentParser(prog="python -m pdserve.benchmarks.fake_upstream",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, nargs="+", default=list(d.ports), help="decode / colocated port(s)")
-    p.add_argument("--prefill-port", type=int, nargs="*", default=[], help="port(s) that play prefill")
-    p.add_argument("--token-interval-ms", type=float, default=d.token_interval_ms,
-                   help="time between two tokens of one stream")
-    p.add_argument("--model", default=d.model, help="model name served")
-    p.add_argument("--token-text", default=d.token_text, help="text of every token")
+    add_dataclass_args(p, FakeConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    cfg = FakeConfig(a.host, tuple(a.port), tuple(a.prefill_port), a.token_interval_ms, a.model, a.token_text)
+    cfg = config_from_args(FakeConfig, build_parser().parse_args(argv))
     loop = asyncio.new_event_loop()
     task = loop.create_task(serve(cfg))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    print(f"fake upstream on {cfg.host} ports {cfg.ports} prefill {cfg.prefill_ports}", file=sys.stderr, flush=True)
+    print(f"fake upstream on {cfg.host} ports {cfg.ports} prefill {cfg.prefill_ports}",
+          file=sys.stderr, flush=True)
     try:
         loop.run_until_complete(task)
     except asyncio.CancelledError:

@@ -28,16 +28,29 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-import httpx
+from pdserve.benchmarks.serving.bench_runs import bench_argv, run_bench
+from pdserve.benchmarks.serving.config import Workload
+from pdserve.benchmarks.serving.cpu import CpuSnapshot, proc_cmdline, process_tree
+from pdserve.benchmarks.serving.procs import python_module, run_guarded, running, wait_healthy
+from pdserve.benchmarks.serving.profiles import Profiler
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
+
+BENCH_WARMUP_REQUESTS = 2
+RUN_TIMEOUT_S = 3600.0
+HEALTH_POLL_S = 1.0
+STOP_GRACE_S = 30.0
+PROFILE_RATE_HZ = 200
+DECODING_SHARE = 0.9
 
 
 @dataclass(frozen=True)
 class StudyConfig:
+    """The models and waves to measure, and where the servers listen and write."""
+
     models: tuple[str, ...] = field(default=("llama-3.1-8b", "llama-3.2-1b"), metadata=flag(
         "benchmark config names (benchmarks/configs/NAME.json)", nargs="+"))
     concurrency: tuple[int, ...] = field(default=(128, 256), metadata=flag("concurrencies (= batches)", nargs="+", type=int))
@@ -52,59 +65,18 @@ class StudyConfig:
         "record py-spy profiles (raw stacks) of every measured process for this many seconds of each run"))
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (its threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime, stime in clock ticks (USER_HZ = 100)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        kids = _children(todo.pop())
-        found += kids
-        todo += kids
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def engine_rates(cfg: StudyConfig, model: str, out_dir: Path) -> dict[int, dict]:
     """``{batch: {"step_s", "tokens_per_s"}}`` from the roofline loop, in a process of its own."""
     context = cfg.input_len + cfg.output_len // 2
     out = out_dir / f"roofline-{model}.json"
-    cmd = [sys.executable, "-m", "pdserve.benchmarks.roofline", "--models", model,
-           "--decode-batches", *map(str, cfg.concurrency), "--decode-context", str(context),
-           "--prefill-lengths", str(cfg.input_len), "--skip-transfer",
-           "--attention-backend", cfg.attention_backend, "--output-json", str(out)]
+    cmd = python_module("pdserve.benchmarks.roofline", "--models", model,
+                        "--decode-batches", *map(str, cfg.concurrency), "--decode-context", str(context),
+                        "--prefill-lengths", str(cfg.input_len), "--skip-transfer",
+                        "--attention-backend", cfg.attention_backend, "--output-json", str(out))
     subprocess.run(cmd, check=True)
     rows = json.loads(out.read_text())["models"][0]["rows"]
     return {r["batch"]: {"step_s": r["step_s"], "tokens_per_s": r["batch"] / r["step_s"], "context": r["context"]}
             for r in rows if r["kind"] == "decode"}
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"{url} not healthy within {timeout_s:.0f} s")
 
 
 def serve_argv(cfg: StudyConfig, model: str) -> list[str]:
@@ -114,7 +86,7 @@ def serve_argv(cfg: StudyConfig, model: str) -> list[str]:
             "--cuda-graph-max-bs", str(batch), "--context-length", str(cfg.input_len + cfg.output_len + 64)]
 
 
-def decode_window_rate(requests: list[dict], share: float = 0.9) -> dict:
+def decode_window_rate(requests: list[dict], share: float = DECODING_SHARE) -> dict:
     """Tokens per second while at least ``share`` of the wave is decoding.
 
     A request decodes from its first streamed token to its end. Prefill of the
@@ -139,74 +111,59 @@ def decode_window_rate(requests: list[dict], share: float = 0.9) -> dict:
 
 
 def bench(cfg: StudyConfig, url: str, concurrency: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--backend", "openai",
-           "--dataset", "random-ids", "--random-input-len", str(cfg.input_len),
-           "--random-output-len", str(cfg.output_len), "--num-prompts", str(concurrency),
-           "--max-concurrency", str(concurrency), "--ignore-eos", "--disable-tqdm", "--warmup-requests", "2",
-           "--output-json", str(out), "--output-details"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    run = json.loads(out.read_text())["runs"][0]
-    m = run["metrics"]
+    """One wave of ``concurrency`` streamed requests; throughput, latencies and the decode-window rate."""
+    workload = Workload(cfg.input_len, cfg.output_len, concurrency, concurrency)
+    argv = bench_argv(url, out, workload, ["--dataset", "random-ids"],
+                      warmup_requests=BENCH_WARMUP_REQUESTS, details=True)
+    run = run_bench(argv, out.parent, out.stem, RUN_TIMEOUT_S)
+    m = run.metrics
     return {"output_tokens": m["total_output_tokens"], "output_tokens_per_s": m["output_throughput"],
             "tpot_p50_ms": m["tpot_ms"]["median"], "itl_p50_ms": m["itl_ms"]["median"],
-            "failed": m["failed"], "decode_window": decode_window_rate(run["requests"])}
+            "failed": m["failed"], "decode_window": decode_window_rate(run.requests)}
 
 
 def measured(cfg: StudyConfig, url: str, pids: dict[str, list[int]], concurrency: int, out: Path) -> dict:
     """One bench run with the CPU seconds each named group of processes spent meanwhile."""
-    before = {name: sum(_cpu_s(p) for p in group) for name, group in pids.items()}
+    before = {name: CpuSnapshot.take(group) for name, group in pids.items()}
     profilers = _profile(cfg, pids, out) if cfg.profile_s > 0 else []
     result = bench(cfg, url, concurrency, out)
     for profiler in profilers:
         profiler.wait()
-    spent = {name: sum(_cpu_s(p) for p in group) - before[name] for name, group in pids.items()}
+    spent = {name: CpuSnapshot.take(group).since(before[name]) for name, group in pids.items()}
     result["cpu_us_per_token"] = {name: s * 1e6 / max(result["output_tokens"], 1) for name, s in spent.items()}
     return result
 
 
-def _profile(cfg: StudyConfig, pids: dict[str, list[int]], out: Path) -> list[subprocess.Popen]:
+def _profile(cfg: StudyConfig, pids: dict[str, list[int]], out: Path) -> list[Profiler]:
     """py-spy on each measured process, started with the run (the wave's prefill comes first)."""
-    return [subprocess.Popen(["py-spy", "record", "-d", str(int(cfg.profile_s)), "-r", "200", "-f", "raw", "--nonblocking",
-                              "-o", str(out.with_suffix(f".{name}{i}.txt")), "-p", str(pid)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [Profiler.start(pid, out.with_suffix(f".{name}{i}.txt"), out.parent, PROFILE_RATE_HZ,
+                           duration_s=int(cfg.profile_s))
             for name, group in pids.items() for i, pid in enumerate(group)]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def served_runs(cfg: StudyConfig, model: str, out_dir: Path, through_up: bool) -> dict[int, dict]:
+    """Every concurrency against one ``pdserve serve`` (or ``pdserve up``) of ``model``."""
     port = cfg.port + (10 if through_up else 0)
-    log = open(out_dir / f"{'up' if through_up else 'serve'}-{model}.log", "w")  # noqa: SIM115 - closed below
     if through_up:
-        argv = [sys.executable, "-m", "pdserve.cli", "up", "--num-colocated", "1", "--port", str(port),
-                "--bootstrap-port", str(port + 1), "--base-port", str(port + 2), "--model-path", model,
-                "--startup-timeout-s", str(cfg.startup_timeout_s),
-                "--", *serve_argv(cfg, model)[2:]]
+        argv = python_module("pdserve.cli", "up", "--num-colocated", "1", "--port", str(port),
+                             "--bootstrap-port", str(port + 1), "--base-port", str(port + 2), "--model-path", model,
+                             "--startup-timeout-s", str(cfg.startup_timeout_s),
+                             "--", *serve_argv(cfg, model)[2:])
     else:
-        argv = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), *serve_argv(cfg, model)]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        argv = python_module("pdserve.cli", "serve", "--port", str(port), *serve_argv(cfg, model))
+    kind = "up" if through_up else "serve"
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, cfg.startup_timeout_s)
-        pids = _process_groups(proc.pid, through_up)
-        return {c: measured(cfg, url, pids, c, out_dir / f"bench-{'up' if through_up else 'serve'}-{model}-c{c}.json")
+    with running(f"{kind}-{model}", argv, out_dir, STOP_GRACE_S) as server:
+        wait_healthy(server, url + "/health", cfg.startup_timeout_s, HEALTH_POLL_S)
+        pids = group_processes({pid: proc_cmdline(pid) for pid in process_tree(server.proc.pid)})
+        return {c: measured(cfg, url, pids, c, out_dir / f"bench-{kind}-{model}-c{c}.json")
                 for c in cfg.concurrency}
-    finally:
-        _stop(proc)
-        log.close()
 
 
-def _process_groups(root: int, through_up: bool) -> dict[str, list[int]]:
-    """Front, engine (and router) processes, told apart by their command lines."""
+def group_processes(cmdlines: dict[int, str]) -> dict[str, list[int]]:
+    """Front, engine (and router) processes, told apart by their command lines; empty groups left out."""
     groups: dict[str, list[int]] = {"front": [], "engine": [], "router": []}
-    for pid in [root, *_descendants(root)]:
-        cmd = _cmdline(pid)
+    for pid, cmd in cmdlines.items():
         if "multiprocessing" in cmd:
             groups["engine"].append(pid)
         elif " router" in cmd:
@@ -217,9 +174,10 @@ def _process_groups(root: int, through_up: bool) -> dict[str, list[int]]:
 
 
 def run(cfg: StudyConfig) -> dict:
+    """Engine rate, served rate and (unless skipped) the rate through ``pdserve up``, per model and concurrency."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"config": asdict(cfg), "models": {}}
+    summary: dict[str, Any] = {"config": asdict(cfg), "models": {}}
     for model in cfg.models:
         engine = engine_rates(cfg, model, out_dir)
         direct = served_runs(cfg, model, out_dir, through_up=False)
@@ -260,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdserve.benchmarks.served_vs_engine",
                                      description="Served throughput against the engine's own decode rate (GPU).")
     add_dataclass_args(parser, StudyConfig)
-    run(config_from_args(StudyConfig, parser.parse_args(sys.argv[1:] if argv is None else argv)))
-    return 0
+    cfg = config_from_args(StudyConfig, parser.parse_args(argv))
+    return run_guarded(lambda: run(cfg))[1]
 
 
 if __name__ == "__main__":

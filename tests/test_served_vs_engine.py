@@ -1,0 +1,55 @@
+"""The pure parts of ``benchmarks/served_vs_engine.py``: the decode-window rate and
+the grouping of a server's processes by command line (no GPU, no server)."""
+
+from __future__ import annotations
+
+import pytest
+from pdserve.benchmarks.served_vs_engine import decode_window_rate, group_processes
+
+
+def _request(start_s: float, chunk_times_s: list[float], chunk_tokens: list[int], success: bool = True) -> dict:
+    return {"success": success, "start_s": start_s, "chunk_times_s": chunk_times_s, "chunk_tokens": chunk_tokens,
+            "e2e_s": chunk_times_s[-1] if chunk_times_s else 0.5}
+
+
+# A decodes over (1, 4], B over (1.5, 3.5]: both at once over (1.5, 3.5]. A failed
+# request and one that streamed nothing count neither in the wave nor in the tokens.
+WAVE = [
+    _request(0.0, [1.0, 2.0, 3.0, 4.0], [1, 2, 2, 1]),
+    _request(0.5, [1.0, 2.0, 3.0], [1, 1, 1]),
+    _request(0.0, [1.0, 2.0], [5, 5], success=False),
+    _request(0.0, [], []),
+]
+
+
+def test_decode_window_counts_tokens_while_the_whole_wave_decodes() -> None:
+    rate = decode_window_rate(WAVE)
+    # (1.5, 3.5]: A's chunks at 2 and 3 (2 + 2 tokens), B's at 2.5 and 3.5 (1 + 1).
+    assert rate == {"window_s": pytest.approx(2.0), "tokens": 6, "tokens_per_s": pytest.approx(3.0), "share": 0.9}
+
+
+def test_decode_window_at_half_the_wave_spans_any_decoding_request() -> None:
+    rate = decode_window_rate(WAVE, share=0.5)
+    # (1, 4]: A's chunks after its first, which opens the window (2 + 2 + 1), and all of B's (3 x 1).
+    assert rate["window_s"] == pytest.approx(3.0)
+    assert rate["tokens"] == 8
+    assert rate["tokens_per_s"] == pytest.approx(8 / 3)
+
+
+def test_decode_window_of_no_successful_request_is_empty() -> None:
+    assert decode_window_rate(WAVE[2:]) == {"window_s": 0, "tokens": 0, "tokens_per_s": 0.0, "share": 0.9}
+
+
+def test_group_processes_tells_front_engine_and_router_apart() -> None:
+    cmdlines = {
+        10: "python -m pdserve.cli up --num-colocated 1 --port 30010",
+        11: "python -m pdserve.cli router --host 127.0.0.1 --worker http://127.0.0.1:30012",
+        12: "python -m pdserve.cli serve --port 30012 --model-path llama-3.2-1b",
+        13: "python -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5) --multiprocessing-fork",
+        14: "python -m pdserve.cli serve --port 30013",
+    }
+    assert group_processes(cmdlines) == {"front": [12, 14], "engine": [13], "router": [11]}
+
+
+def test_group_processes_leaves_out_empty_groups() -> None:
+    assert group_processes({1: "python -m pdserve.cli serve --port 1", 2: "sleep 5"}) == {"front": [1]}

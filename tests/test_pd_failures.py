@@ -82,11 +82,14 @@ def _start_room(prefill: str, decode: str, ids: list[int], max_new: int) -> tupl
     return result, joiner
 
 
-def _kill_mid_room(cluster: Cluster, survivor: str, victim: str, joiner: threading.Thread) -> None:
+def _kill_mid_room(cluster: Cluster, survivor: str, victim: str, joiner: threading.Thread, result: dict) -> None:
     """Kill ``victim`` once ``survivor`` loaded it for the open room; both of
     the room's requests must end, and ``survivor`` must let go of its pages and
     of the dead peer."""
-    _wait_transfer_peers(survivor, 1)  # the room is paired
+    # The room is paired; a room that ended before pairing says why in ``result``.
+    wait_until(lambda: _info(survivor)["num_transfer_peers"] == 1 or not joiner.is_alive(), 30.0, 0.1,
+               lambda: f"{survivor} never paired the room: {_info(survivor)}")
+    assert joiner.is_alive(), f"the room ended before {victim} was killed: {result}"
     _kill(cluster, victim)
     joiner.join(timeout=60)
     assert not joiner.is_alive(), f"a request hung after {victim} died"
@@ -98,7 +101,7 @@ def test_decode_survives_a_dead_prefill(cluster: Cluster) -> None:
     prefill, decode = cluster.instance_urls("prefill")[0], cluster.instance_urls("decode")[0]
     ids = [random.Random(1).randrange(4, 1000) for _ in range(1500)]
     result, joiner = _start_room(prefill, decode, ids, max_new=4)
-    _kill_mid_room(cluster, decode, "prefill-0", joiner)
+    _kill_mid_room(cluster, decode, "prefill-0", joiner, result)
     assert result["d"] in (200, 502, 504), result
     # The decode instance still serves (a request without a room is prefilled locally).
     ok = httpx.post(f"{decode}/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3}},
@@ -112,7 +115,7 @@ def test_prefill_survives_a_dead_decode(cluster: Cluster, oracle) -> None:
     dead, alive = cluster.instance_urls("decode")
     ids = [random.Random(2).randrange(4, 1000) for _ in range(1500)]
     result, joiner = _start_room(prefill, dead, ids, max_new=200)
-    _kill_mid_room(cluster, prefill, "decode-0", joiner)
+    _kill_mid_room(cluster, prefill, "decode-0", joiner, result)
     assert httpx.get(f"{prefill}/health", timeout=5, trust_env=False).status_code == 200
     # The prefill instance pairs with the surviving decode instance and answers exactly.
     short = [9, 8, 7, 6, 5, 4, 10, 11, 12]

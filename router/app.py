@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -191,6 +192,20 @@ def _admin_routes(api: APIRouter) -> None:
         return Response(state.metrics.render(state.workers.all()), media_type=CONTENT_TYPE)
 
 
+def _quiet_collector() -> None:
+    """Freeze what start-up imported and collect young objects less often.
+
+    The relay allocates a few short-lived objects per chunk, so the default
+    collector ran every ~700 allocations, each time over everything imported at
+    start-up too. Measured with ``serving_cost router`` (five A/B pairs, each
+    against sglang-router in the same run): CPU per relayed token against
+    sglang's fell from 1.76x to 1.43x on average.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
+
+
 def create_app(config: RouterConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -252,6 +267,8 @@ def main(argv: list[str]) -> int:
             or config.bootstrap_url):
         logger.warning("no workers given: pass --prefill/--decode, --worker or --bootstrap-url")
     logger.info("router (%s mode) on http://%s:%d", config.mode, config.host, config.port)
-    uvicorn.run(with_raw_send(create_app(config)), host=config.host, port=config.port,
+    app = with_raw_send(create_app(config))
+    _quiet_collector()  # the process is the router's alone from here on
+    uvicorn.run(app, host=config.host, port=config.port,
                 log_level=config.log_level, access_log=False)
     return 0

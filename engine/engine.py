@@ -66,7 +66,7 @@ class Engine:
         # Rows of the LM head past the tokenizer (padding, or a dummy config's
         # vocabulary paired with a smaller tokenizer) can never become text.
         self.num_text_tokens = min(num_text_tokens or self.model_cfg.vocab_size, self.model_cfg.vocab_size)
-        self.batch = TokenBatch()  # outputs of this loop turn, sent once at its end
+        self.batch = TokenBatch()  # outputs not sent yet: flushed after the role's poll and at the turn's end
         self.num_decode_steps = 0
         self.num_generated_tokens = 0
         self._log_window = (time.monotonic(), 0)

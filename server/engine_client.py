@@ -109,7 +109,7 @@ class _PipeProtocol(asyncio.Protocol):
                 head = 12
             if len(buf) - start < head + size:
                 break
-            payload = bytes(buf[start + head : start + head + size])
+            payload = buf[start + head : start + head + size]  # one copy; msgpack reads a bytearray
             start += head + size
             self._on_message(codec.decode(payload))
         del buf[:start]

@@ -137,7 +137,7 @@ class Serving:
                 timer.tokens(len(delta.token_ids), state.cached_tokens)
                 # A stop string may end the stream before the engine does; then
                 # leaving aborts the engine request (below).
-                finished = delta.finish_reason is not None and isinstance(last, TokenOutput) and last.finish_reason is not None
+                finished = isinstance(last, TokenOutput) and last.finish_reason is not None
                 yield delta
                 if delta.finish_reason is not None:
                     break
@@ -163,11 +163,7 @@ class Serving:
                 task.cancel()
 
     async def merged(self, subs: list[SubRequest], states: list[ChoiceState]) -> AsyncIterator[tuple[int, TextDelta]]:
-        """Interleave the deltas of several sub-requests as they come."""
-        if len(subs) == 1:
-            async for delta in self.stream(subs[0], states[0]):
-                yield 0, delta
-            return
+        """Interleave the deltas of several sub-requests as they come (one is ``stream`` itself)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:

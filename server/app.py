@@ -63,8 +63,8 @@ async def _watch_engine(state: AppState) -> None:
         await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
         if state.ready and not state.engine.alive():
             state.ready = False
-            state.failed = "engine process died"
-            logger.error("engine process died; shutting down")
+            state.failed = state.engine.death_reason()
+            logger.error("%s; shutting down", state.failed)
             if state.server is not None:
                 state.server.should_exit = True
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import socket
@@ -36,6 +37,8 @@ from pdserve.common.messages import (
 # number of tokens the tokenizer can print). The CLI passes it in, so the front
 # never imports the engine.
 EngineMain = Callable[[ServerConfig, str, Connection, "int | None"], None]
+
+logger = logging.getLogger("pdserve.server")
 
 # What a request's mailbox holds: new token ids alone (the common case), or a
 # full output (first tokens with prompt counts, logprobs, a finish, an error).
@@ -186,13 +189,22 @@ class EngineClient:
             if fut is not None and not fut.done():
                 fut.set_result(msg)
 
+    def death_reason(self) -> str:
+        """Why the engine is gone, with its exit code when it has one (a
+        negative code is the signal that ended it)."""
+        self.process.join(timeout=1.0)
+        code = self.process.exitcode
+        return "engine process died" + (f" (exit code {code})" if code is not None else "")
+
     def _on_death(self) -> None:
         self.dead = True
+        reason = self.death_reason()
+        logger.error("%s", reason)
         for rid, box in self._boxes.items():
-            box.put(TokenOutput(rid=rid, token_ids=[], finish_reason="abort", error="engine process died", error_status=503))
+            box.put(TokenOutput(rid=rid, token_ids=[], finish_reason="abort", error=reason, error_status=503))
         for fut in self._control.values():
             if not fut.done():
-                fut.set_exception(EngineDied("engine process died"))
+                fut.set_exception(EngineDied(reason))
 
     def open(self, req: GenerateRequest) -> Mailbox:
         """Send ``req`` to the engine; its updates arrive in the returned mailbox."""

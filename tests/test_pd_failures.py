@@ -46,6 +46,10 @@ def _kill(cluster: Cluster, name: str) -> None:
     child.process.wait(timeout=10)
 
 
+def _log_tails(cluster: Cluster) -> str:
+    return "\n".join(f"--- {c.name} ---\n{c.log_tail(3000)}" for c in cluster.children if c.name != "bootstrap")
+
+
 def _room_body(ids: list[int], room: int, prefill_id: str, max_new: int) -> dict:
     return {**generate_body(ids, max_new), "bootstrap_room": room, "prefill_instance_id": prefill_id}
 
@@ -89,7 +93,7 @@ def _kill_mid_room(cluster: Cluster, survivor: str, victim: str, joiner: threadi
     # The room is paired; a room that ended before pairing says why in ``result``.
     wait_until(lambda: _info(survivor)["num_transfer_peers"] == 1 or not joiner.is_alive(), 30.0, 0.1,
                lambda: f"{survivor} never paired the room: {_info(survivor)}")
-    assert joiner.is_alive(), f"the room ended before {victim} was killed: {result}"
+    assert joiner.is_alive(), f"the room ended before {victim} was killed: {result}\n{_log_tails(cluster)}"
     _kill(cluster, victim)
     joiner.join(timeout=60)
     assert not joiner.is_alive(), f"a request hung after {victim} died"

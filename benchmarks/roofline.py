@@ -137,10 +137,15 @@ class ModelCost:
         flops = 2 * batch * (self.linear_params + self.lm_params) + 4 * batch * context * self.attn_width
         return num_bytes, flops
 
-    def prefill(self, tokens: int) -> tuple[float, float]:
-        num_bytes = 2 * (self.linear_params + self.lm_params) + tokens * self.kv_bytes_per_token
-        # causal attention: QK^T and PV over T^2/2 pairs each
-        flops = 2 * tokens * self.linear_params + 2 * self.lm_params + 2 * tokens * tokens * self.attn_width
+    def prefill(self, tokens: int, num_seqs: int = 1, prefix: int = 0) -> tuple[float, float]:
+        """``tokens`` new tokens split evenly over ``num_seqs`` sequences, each
+        after ``prefix`` cached tokens (whose KV is read)."""
+        per_seq = tokens // num_seqs
+        num_bytes = (2 * (self.linear_params + self.lm_params) + tokens * self.kv_bytes_per_token
+                     + num_seqs * prefix * self.kv_bytes_per_token)
+        # causal attention, QK^T and PV: each new token sees the prefix and half its own chunk on average
+        attention = 4 * num_seqs * per_seq * (prefix + per_seq / 2) * self.attn_width
+        flops = 2 * tokens * self.linear_params + 2 * num_seqs * self.lm_params + attention
         return num_bytes, flops
 
 
@@ -264,15 +269,22 @@ def time_decode(runner, batch: int, context: int, steps: int) -> dict:
             "host_us": host_us}
 
 
-def time_prefill(runner, tokens: int, repeats: int = 10) -> dict:
-    """Per forward, medians of: wall time to the result (what an engine waits),
-    host time to launch it, and the GPU's span from first to last kernel."""
+def time_prefill(runner, tokens: int, num_seqs: int = 1, prefix: int = 0, graphs: bool = True,
+                 repeats: int = 10) -> dict:
+    """Per forward of ``tokens`` new tokens over ``num_seqs`` prompts, each
+    after ``prefix`` cached tokens, medians of: wall time to the result (what
+    an engine waits), host time to launch it, and the GPU's span from first
+    to last kernel. ``graphs=False`` runs it without prefill CUDA graphs."""
     import torch
     from pdserve.model.batch import ScheduledBatch
 
-    (req,) = _reqs(runner, 1, tokens, 1, seed=tokens)
-    batch = ScheduledBatch(False, [req], [req.prompt_ids], [0])
+    reqs = _reqs(runner, num_seqs, prefix + tokens // num_seqs, 1, seed=tokens + prefix + num_seqs)
+    batch = ScheduledBatch(False, reqs, [r.prompt_ids[prefix:] for r in reqs], [prefix] * num_seqs)
+    saved = runner.prefill_graphs
+    if not graphs:
+        runner.prefill_graphs = None
     runner.forward(batch)
+    used_graph = runner.uses_cuda_graph
     walls, launches, spans = [], [], []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -285,9 +297,18 @@ def time_prefill(runner, tokens: int, repeats: int = 10) -> dict:
         end.synchronize()
         walls.append(time.perf_counter() - start)
         spans.append(begin.elapsed_time(end) / 1e3)
-    runner.pool.release(req.pages)
-    return {"step_s": statistics.median(walls), "host_launch_s": statistics.median(launches),
-            "gpu_span_s": statistics.median(spans)}
+    runner.prefill_graphs = saved
+    for req in reqs:
+        runner.pool.release(req.pages)
+    launch_s, span_s = statistics.median(launches), statistics.median(spans)
+    return {"num_seqs": num_seqs, "prefix": prefix, "cuda_graph": used_graph, "step_s": statistics.median(walls),
+            "host_launch_s": launch_s, "gpu_span_s": span_s, "host_share": launch_s / span_s}
+
+
+# Prefill rows per length: one prompt (graphs as served), the same without
+# graphs (for the ratio), four prompts in one step, one chunk over a cached prefix.
+PREFILL_VARIANTS = (("prefill", {}), ("prefill_eager", {"graphs": False}), ("prefill_batch", {"num_seqs": 4}),
+                    ("prefill_extend", {"prefix": None}))
 
 
 def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
@@ -295,7 +316,8 @@ def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
 
     import torch
 
-    pool = max(cfg.decode_batches) * (cfg.decode_context + cfg.decode_steps + 32) + max(cfg.prefill_lengths) + 64
+    # the largest prefill variant is a chunk over a cached prefix as long as itself
+    pool = max(cfg.decode_batches) * (cfg.decode_context + cfg.decode_steps + 32) + 2 * max(cfg.prefill_lengths, default=0) + 64
     runner = _runner(cfg, name, pool)
     cost = ModelCost.of(runner.model_cfg)
     rows = []
@@ -313,12 +335,15 @@ def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
                             fraction_serial=floor / serial["step_s"])
         _print_row(name, rows[-1])
     for tokens in cfg.prefill_lengths:
-        timing = time_prefill(runner, tokens)
-        num_bytes, flops = cost.prefill(tokens)
-        floor = machine.floor_s(num_bytes, flops)
-        rows.append({"kind": "prefill", "tokens": tokens, **timing, "floor_s": floor,
-                     "fraction": floor / timing["step_s"], "tflops": flops / timing["step_s"] / 1e12})
-        _print_row(name, rows[-1])
+        for kind, variant in PREFILL_VARIANTS:
+            if "prefix" in variant:  # a chunk as long as the cached prefix it extends
+                variant = {"prefix": tokens}
+            timing = time_prefill(runner, tokens, **variant)
+            num_bytes, flops = cost.prefill(tokens, timing["num_seqs"], timing["prefix"])
+            floor = machine.floor_s(num_bytes, flops)
+            rows.append({"kind": kind, "tokens": tokens, **timing, "floor_s": floor,
+                         "fraction": floor / timing["step_s"], "tflops": flops / timing["step_s"] / 1e12})
+            _print_row(name, rows[-1])
     info = {"model": name, "attention_backend": runner.attn_backend_name, "rows": rows}
     del runner
     gc.collect()
@@ -346,15 +371,16 @@ def decode_without_pdl(cfg: RooflineConfig, name: str, machine: Machine) -> dict
 
 
 def _print_row(model: str, row: dict) -> None:
-    what = f"decode bs={row['batch']}" if row["kind"] == "decode" else f"prefill {row['tokens']}"
+    what = f"decode bs={row['batch']}" if row["kind"] == "decode" else f"{row['kind']} {row['tokens']}"
     extra = f" graph {row['graph_replay_s'] * 1e3:8.3f} ms" if row.get("graph_replay_s") else ""
     if row.get("host_us"):
         extra += f" host us {row['host_us']}"
     if row.get("step_s_serial"):
         extra += f"; without overlap {row['step_s_serial'] * 1e3:.3f} ms (fraction {row['fraction_serial']:.2f})"
     if row.get("host_launch_s"):
-        extra += f" host launch {row['host_launch_s'] * 1e3:.3f} ms, gpu span {row['gpu_span_s'] * 1e3:.3f} ms"
-    print(f"{model:<14}{what:<16}{row['step_s'] * 1e3:9.3f} ms  floor {row['floor_s'] * 1e3:8.3f} ms  "
+        extra += (f" host launch {row['host_launch_s'] * 1e3:.3f} ms, gpu span {row['gpu_span_s'] * 1e3:.3f} ms"
+                  f" (host/gpu {row['host_share']:.2f}, graph {row['cuda_graph']})")
+    print(f"{model:<14}{what:<22}{row['step_s'] * 1e3:9.3f} ms  floor {row['floor_s'] * 1e3:8.3f} ms  "
           f"fraction {row['fraction']:.2f}{extra}", flush=True)
 
 
@@ -625,6 +651,8 @@ def check_targets(results: dict) -> list[dict]:
         add(f"{lead} decode bs=1 fraction", bs1 and bs1["fraction"], 0.75)
         add(f"{lead} decode bs=256 fraction", bs256 and bs256["fraction"], 0.60)
         add(f"{lead} prefill 2048 fraction", pf and pf["fraction"], 0.60)
+    for entry in results["models"]:
+        _host_path_targets(entry, add)
     transfer = results.get("transfer")
     if transfer:
         via = f" ({transfer.get('backend', 'nixl')})"
@@ -636,6 +664,26 @@ def check_targets(results: dict) -> list[dict]:
     if http:
         add("HTTP ITL median / decode step", http["ratio"], 1.3, at_least=False)
     return out
+
+
+# The host path's targets per model shape: (kind, key, value) -> least fraction.
+HOST_PATH_TARGETS = {
+    "llama-3.1-8b": {("prefill", "tokens", 512): 0.8, ("decode", "batch", 128): 0.8, ("decode", "batch", 256): 0.8},
+    "llama-3.2-1b": {("prefill", "tokens", 512): 0.5, ("prefill", "tokens", 2048): 0.75,
+                     ("decode", "batch", 1): 0.75, ("decode", "batch", 128): 0.8, ("decode", "batch", 256): 0.8},
+}
+MAX_HOST_SHARE = 0.3  # host launch time / GPU span of a prefill of 512 tokens or more
+
+
+def _host_path_targets(entry: dict, add) -> None:
+    model = entry["model"]
+    for (kind, key, value), least in HOST_PATH_TARGETS.get(model, {}).items():
+        row = next((r for r in entry["rows"] if r["kind"] == kind and r.get(key) == value), None)
+        add(f"{model} {kind} {key}={value} fraction", row and row["fraction"], least)
+    for row in entry["rows"]:
+        if row["kind"] in ("prefill", "prefill_batch", "prefill_extend") and row["tokens"] >= 512:
+            add(f"{model} {row['kind']} {row['tokens']} host launch / GPU span", row.get("host_share"),
+                MAX_HOST_SHARE, at_least=False)
 
 
 def http_itl_ms(base_url: str, num_prompts: int = 8, input_len: int = 1024, output_len: int = 128) -> float:

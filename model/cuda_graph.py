@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,28 +56,34 @@ def _dummy_step(batch_size: int, page_size: int) -> StepInputs:
     return step
 
 
-class GraphInputs:
-    """Every input of a graph replay in one int32 device buffer, filled from one
-    pinned host buffer of the same layout with a single copy per step.
+def capture_graph(run: Callable[[], torch.Tensor], stream: torch.cuda.Stream,
+                  pool: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture ``run`` on ``stream`` into a graph sharing memory ``pool``;
+    the graph and the output tensor its replays write."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile kernels, create handles: nothing may do that inside capture
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        out = run()
+    return graph, out
 
-    Layout: ids, positions, out_slots, kv_indptr, kv_last_page_len, seq_lens,
-    token_src (``max_bs`` each, indptr one more), then kv_indices
-    (``max_pages``) last, so a step copies only the prefix it uses.
-    ``token_src[i] >= 0`` says row ``i``'s token is still on the device, at
-    that index of the previous step's sampled tokens (see ``ModelRunner.launch_ahead``)."""
 
-    FIELDS = ("input_ids", "positions", "out_slots", "kv_indptr", "kv_last_page_len", "seq_lens", "token_src")
+class PackedBuffers:
+    """Fixed int32 device buffers in one block, filled from one pinned host
+    block of the same layout with a single copy per step. Fields lie in the
+    order given; a step copies only the prefix it uses."""
 
-    def __init__(self, max_bs: int, max_pages: int, device: torch.device):
-        self.max_bs, self.max_pages = max_bs, max_pages
+    def __init__(self, sizes: dict[str, int], device: torch.device):
         self.offsets: dict[str, int] = {}
         at = 0
-        for name in self.FIELDS:
+        for name, size in sizes.items():
             self.offsets[name] = at
-            at += max_bs + 1
-        self.offsets["kv_indices"] = at
+            at += size
         on_gpu = device.type == "cuda"
-        self.host = torch.zeros(at + max_pages, dtype=torch.int32, pin_memory=on_gpu)
+        self.host = torch.zeros(at, dtype=torch.int32, pin_memory=on_gpu)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros_like(self.host, device=device)
         self._copied = torch.cuda.Event() if on_gpu else None
@@ -87,6 +94,42 @@ class GraphInputs:
     def host_view(self, name: str, length: int) -> torch.Tensor:
         return self.host[self.offsets[name] : self.offsets[name] + length]
 
+    def put(self, name: str, values: np.ndarray, length: int, pad: int = 0) -> None:
+        """``values`` at the start of field ``name``, then ``pad`` up to ``length``."""
+        at, n = self.offsets[name], values.shape[0]
+        self.host_np[at : at + n] = values
+        self.host_np[at + n : at + length] = pad
+
+    def wait_host_free(self) -> None:
+        """Until the previous step's copies have read the host block."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def copy_prefix(self, end: int) -> None:
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+
+    def mark_copied(self) -> None:
+        """Call once everything that reads the host block (the copy, an
+        attention plan) has been enqueued."""
+        if self._copied is not None:
+            self._copied.record()
+
+
+class GraphInputs(PackedBuffers):
+    """Every input of a decode graph replay in one :class:`PackedBuffers`.
+
+    Layout: ids, positions, out_slots, kv_indptr, kv_last_page_len, seq_lens,
+    token_src (``max_bs`` each, indptr one more), then kv_indices
+    (``max_pages``) last. ``token_src[i] >= 0`` says row ``i``'s token is
+    still on the device, at that index of the previous step's sampled tokens
+    (see ``ModelRunner.launch_ahead``)."""
+
+    FIELDS = ("input_ids", "positions", "out_slots", "kv_indptr", "kv_last_page_len", "seq_lens", "token_src")
+
+    def __init__(self, max_bs: int, max_pages: int, device: torch.device):
+        super().__init__({**{name: max_bs + 1 for name in self.FIELDS}, "kv_indices": max_pages}, device)
+        self.max_bs, self.max_pages = max_bs, max_pages
+
     def num_indices(self, padded_bs: int) -> int:
         """Page ids in use after :meth:`load` of a ``padded_bs`` step."""
         return int(self.host_np[self.offsets["kv_indptr"] + padded_bs])
@@ -95,26 +138,20 @@ class GraphInputs:
         """Write ``step`` padded to ``padded_bs`` rows and copy it to the device.
         The caller calls :meth:`mark_copied` once everything that reads the
         host buffer (this copy, an attention plan) has been enqueued."""
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copies have read the host buffer
+        self.wait_host_free()
         h, o, bs = self.host_np, self.offsets, step.batch_size
         h[o["token_src"] : o["token_src"] + bs] = -1 if token_src is None else token_src
         nnz = int(step.kv_indptr[-1])
         for name, values, pad in (("input_ids", step.input_ids, 0), ("positions", step.positions, 0),
                                   ("out_slots", step.out_slots, -1), ("kv_last_page_len", step.kv_last_page_len, 1),
                                   ("seq_lens", step.seq_lens, 1)):
-            h[o[name] : o[name] + bs] = values
-            h[o[name] + bs : o[name] + padded_bs] = pad
+            self.put(name, values, padded_bs, pad)
         h[o["kv_indptr"] : o["kv_indptr"] + bs + 1] = step.kv_indptr
         h[o["kv_indptr"] + bs + 1 : o["kv_indptr"] + padded_bs + 1] = nnz + np.arange(1, padded_bs - bs + 1)
         end = o["kv_indices"] + nnz + padded_bs - bs
         h[o["kv_indices"] : o["kv_indices"] + nnz] = step.kv_indices
         h[o["kv_indices"] + nnz : end] = 0
-        self.dev[:end].copy_(self.host[:end], non_blocking=True)
-
-    def mark_copied(self) -> None:
-        if self._copied is not None:
-            self._copied.record()
+        self.copy_prefix(end)
 
 
 class CudaGraphRunner:
@@ -148,14 +185,7 @@ class CudaGraphRunner:
             self.inputs.load(step, bs)
             fb.attn = self.attn.graph_metadata(step, bs)
             self.inputs.mark_copied()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile kernels, create handles: nothing may do that inside capture
-                    self.model(fb, self.attn, self.kv_buffer)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                out = self.model(fb, self.attn, self.kv_buffer)
+            graph, out = capture_graph(lambda: self.model(fb, self.attn, self.kv_buffer), stream, self._pool)
             self._pool = graph.pool()
             self._graphs[bs], self._outputs[bs] = graph, out
         torch.cuda.synchronize()

@@ -33,6 +33,7 @@ from pdserve.model.forward_batch import ForwardBatch, build_forward_batch
 from pdserve.model.kernels.ops import create_ops, pdl_enabled
 from pdserve.model.kernels.step_inputs import StepInputs, build_step, feed_tokens, to_device
 from pdserve.model.kv_pool import KVPool
+from pdserve.model.prefill_graph import PrefillGraphRunner, prefill_graph_pages, prefill_token_counts
 from pdserve.model.weights import load_model, resolve_dtype
 
 logger = logging.getLogger("pdserve.model_runner")
@@ -144,6 +145,7 @@ class ModelRunner:
         self._ahead: _Ahead | None = None
         self.uses_cuda_graph = False
         self.graphs = self._capture_graphs()
+        self.prefill_graphs = self._capture_prefill_graphs()
 
     def _capture_graphs(self) -> CudaGraphRunner | None:
         if not self._fast or self.cfg.disable_cuda_graph or not self.attn.supports_cuda_graph:
@@ -155,6 +157,19 @@ class ModelRunner:
         max_pages = sizes[-1] * min(pages_per_seq, self.layout.num_pages) + sizes[-1]
         runner = CudaGraphRunner(self.model, self.attn, self.pool.buffer, sizes, not cfg.disable_cuda_graph_padding,
                                  max_pages, cfg.page_size, self.device)
+        runner.capture()
+        return runner
+
+    def _capture_prefill_graphs(self) -> PrefillGraphRunner | None:
+        cfg = self.cfg
+        if not self._fast or cfg.disable_prefill_cuda_graph or not self.model.ops.fuses_rope_store:
+            return None
+        chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
+        max_tokens = cfg.prefill_cuda_graph_max_tokens or min(chunk, 8192)
+        max_pages = prefill_graph_pages(cfg.prefill_cuda_graph_max_seqs, self.context_len, cfg.page_size,
+                                        self.layout.num_pages)
+        runner = PrefillGraphRunner(self.model, self.pool.buffer, prefill_token_counts(max_tokens),
+                                    cfg.prefill_cuda_graph_max_seqs, max_pages, cfg.page_size, self.device)
         runner.capture()
         return runner
 
@@ -217,6 +232,11 @@ class ModelRunner:
             self.attn.prepare(fb)
             return self.model(fb, self.attn, self.pool.buffer)
         step = self._step_inputs(batch)
+        if not batch.is_decode and self.prefill_graphs is not None:
+            count = self.prefill_graphs.count_for(step)
+            self.uses_cuda_graph = count is not None
+            if count is not None:
+                return self.prefill_graphs.replay(step, count)
         padded = self.graphs.padded_size(step.batch_size) if self.graphs and batch.is_decode else None
         self.uses_cuda_graph = padded is not None
         if padded is not None:

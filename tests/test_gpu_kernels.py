@@ -158,6 +158,29 @@ def test_extend_attention_with_cached_prefixes(heads: int, kv_heads: int, dim: i
     assert _rel(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (16, 8, 128)])
+def test_tiled_extend_attention_fills_only_covered_rows(heads: int, kv_heads: int, dim: int) -> None:
+    """The fixed-grid form a prefill CUDA graph launches: spare tiles and the
+    padding rows after the batch's tokens are left alone."""
+    import numpy as np
+    from pdserve.model.kernels.prefill_attention import extend_attention_tiled
+    from pdserve.model.kernels.step_inputs import max_tiles, query_block, tile_table
+
+    seq_lens, ext_lens = [100, 33, 512, 7], [100, 1, 200, 7]
+    k_cache, v_cache, tables, indptr, indices = _paged(kv_heads, dim, seq_lens)
+    num_tokens, padded = sum(ext_lens), sum(ext_lens) + 45
+    q = torch.randn(padded, heads, dim, dtype=BF16, device="cuda")
+    qo_host = np.array([0] + [sum(ext_lens[: i + 1]) for i in range(len(ext_lens))], dtype=np.int32)
+    seq, block = tile_table(qo_host, query_block(dim), max_tiles(padded, 8, dim))
+    out = torch.full_like(q, 7.0)
+    extend_attention_tiled(q, out, k_cache, v_cache, torch.from_numpy(qo_host).cuda(), indptr, indices,
+                           torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
+                           torch.from_numpy(seq).cuda(), torch.from_numpy(block).cuda(), dim**-0.5)
+    ref = _attention_ref(q[:num_tokens], k_cache, v_cache, tables, seq_lens, ext_lens, dim**-0.5)
+    assert _rel(out[:num_tokens], ref) < 1e-2
+    assert bool((out[num_tokens:] == 7.0).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
 def test_page_copy_moves_exactly_the_listed_pages(dtype: torch.dtype) -> None:
     from pdserve.transfer.kernels.page_copy import copy_pages

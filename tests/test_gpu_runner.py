@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _runner(model_dir: str, **flags) -> ModelRunner:
     base = dict(model_path=model_dir, load_format="dummy", dtype="bfloat16", max_total_tokens=8192,
-                cuda_graph_bs=(1, 2, 4, 8))
+                cuda_graph_bs=(1, 2, 4, 8), prefill_cuda_graph_max_tokens=1024, prefill_cuda_graph_max_seqs=4)
     cfg = ServerConfig(**{**base, **flags})
     return ModelRunner(cfg, model_dir, ModelConfig.from_dir(model_dir))
 
@@ -79,6 +79,48 @@ def test_graph_replay_matches_eager_and_pads(model_dir: str) -> None:
     for step, ((g_logits, g_used), (e_logits, e_used)) in enumerate(history):
         assert g_used == (len(subsets[step % 4]) <= 8) and not e_used
         assert g_logits.shape == e_logits.shape and _close(g_logits, e_logits), step
+
+
+class _Prefix:
+    """The first ``length`` prompt tokens of ``req``, on its pages."""
+
+    def __init__(self, req: Req, length: int):
+        self.prompt_ids, self.pages = req.prompt_ids[:length], req.pages
+
+
+def _prefill(runner: ModelRunner, reqs: list[Req], starts: list[int]) -> torch.Tensor:
+    chunks = [r.prompt_ids[s:] for r, s in zip(reqs, starts)]
+    return runner.forward(ScheduledBatch(False, reqs, chunks, starts)).clone()
+
+
+def _kv_of(runner: ModelRunner, reqs: list[Req]) -> torch.Tensor:
+    torch.cuda.synchronize()
+    pages = torch.tensor(sorted({p for r in reqs for p in r.pages}), device="cuda")
+    return runner.pool.buffer[:, :, pages].float()
+
+
+def test_prefill_graphs_match_eager(model_dir: str) -> None:
+    """Single prompts, batches, a chunk over a cached prefix and a one-token
+    prompt replay a prefill graph and give eager's logits and stored KV; a
+    batch of more sequences than a graph takes, or more tokens, runs eagerly."""
+    graphs, eager = _runner(model_dir), _runner(model_dir, disable_prefill_cuda_graph=True)
+    assert graphs.prefill_graphs is not None and eager.prefill_graphs is None
+    cases = [([500], [0], True), ([5, 17, 300], [0, 0, 0], True), ([700, 40], [512, 32], True), ([1], [0], True),
+             ([9] * 5, [0] * 5, False), ([1100], [0], False)]
+    for lengths, starts, replayed in cases:
+        outs, kvs = [], []
+        for runner in (graphs, eager):
+            reqs = _requests(runner, lengths, 0)
+            if any(starts):  # the cached prefixes first
+                _prefill(runner, [_Prefix(r, s) for r, s in zip(reqs, starts)], [0] * len(reqs))
+            outs.append((_prefill(runner, reqs, starts), runner.uses_cuda_graph))
+            kvs.append(_kv_of(runner, reqs))
+            runner.pool.release([p for r in reqs for p in r.pages])
+        (g_logits, g_used), (e_logits, e_used) = outs
+        assert g_used == replayed and not e_used, lengths
+        assert g_logits.shape == e_logits.shape == (len(lengths), graphs.model_cfg.vocab_size)
+        assert _close(g_logits, e_logits), lengths
+        assert _close(kvs[0], kvs[1]), lengths
 
 
 def test_without_padding_only_captured_sizes_replay(model_dir: str) -> None:

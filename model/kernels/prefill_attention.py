@@ -5,6 +5,12 @@ sit at positions ``prefix .. seq_len - 1`` and attend every cached key up to
 their own position, read from the pages (the new K/V are already stored). One
 online-softmax pass, FlashAttention style; blocks beyond a sequence's new
 tokens exit at once.
+
+The tiled form (:func:`extend_attention_tiled`) takes a fixed grid of query
+tiles and reads each tile's (sequence, query block) from a table, so its
+launch does not depend on the batch: a CUDA graph captured for a token
+count serves every batch of that many tokens. Tiles past the table's end
+(sequence -1) exit at once.
 """
 
 from __future__ import annotations
@@ -12,16 +18,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from pdserve.model.kernels.step_inputs import query_block
 
 
 @triton.jit
 def _extend_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, seq_lens_ptr,
+    tile_seq_ptr, tile_block_ptr,
     scale, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILED: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    mb = tl.program_id(1)
+    if TILED:
+        b = tl.load(tile_seq_ptr + tl.program_id(0))
+        mb = tl.load(tile_block_ptr + tl.program_id(0))
+        if b < 0:
+            return
+    else:
+        b = tl.program_id(0)
+        mb = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(qo_indptr_ptr + b)
     q_len = tl.load(qo_indptr_ptr + b + 1) - q_start
@@ -76,17 +90,42 @@ def extend_attention(
     max_extend_len: int,
     scale: float,
 ) -> torch.Tensor:
-    num_tokens, num_heads, head_dim = q.shape
-    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_tokens = q.shape[0]
     out = torch.empty_like(q)
-    batch = seq_lens.shape[0]
     if num_tokens == 0:
         return out
-    block_m = 64 if head_dim <= 64 else 32
-    grid = (batch, triton.cdiv(max_extend_len, block_m), num_heads)
-    _extend_kernel[grid](
-        q.contiguous(), out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, seq_lens, scale,
-        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2,
-    )
+    grid = (seq_lens.shape[0], triton.cdiv(max_extend_len, query_block(q.shape[2])), q.shape[1])
+    _launch(grid, q, out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, seq_lens, qo_indptr, qo_indptr,
+            scale, tiled=False)
     return out
+
+
+def extend_attention_tiled(
+    q: torch.Tensor,  # [T, H, D]; rows no tile covers are left as they are
+    out: torch.Tensor,  # like q
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tile_seq: torch.Tensor,  # [num_tiles] int32, from :func:`tile_table`
+    tile_block: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`extend_attention` over a fixed grid of ``len(tile_seq)`` tiles,
+    into ``out``; nothing here depends on the host's view of the batch."""
+    _launch((tile_seq.shape[0], 1, q.shape[1]), q, out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices,
+            seq_lens, tile_seq, tile_block, scale, tiled=True)
+    return out
+
+
+def _launch(grid, q, out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, seq_lens, tile_seq, tile_block,
+            scale: float, tiled: bool) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    _extend_kernel[grid](
+        q.contiguous(), out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, seq_lens, tile_seq, tile_block,
+        scale, NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size, BLOCK_M=query_block(head_dim), BLOCK_N=64, TILED=tiled, num_warps=4, num_stages=2,
+    )

@@ -107,6 +107,32 @@ def build_step(
     )
 
 
+def query_block(head_dim: int) -> int:
+    """Query rows per program (what a tile table counts in)."""
+    return 64 if head_dim <= 64 else 32
+
+
+def tile_table(qo_indptr: np.ndarray, block_m: int, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence, query block) of each of ``num_tiles`` tiles covering every
+    sequence's new tokens; unused tiles have sequence -1. Raises when the
+    batch needs more tiles."""
+    blocks = -(-np.diff(qo_indptr) // block_m)
+    total = int(blocks.sum())
+    if total > num_tiles:
+        raise ValueError(f"batch needs {total} query tiles, the table has {num_tiles}")
+    seq = np.full(num_tiles, -1, dtype=np.int32)
+    block = np.zeros(num_tiles, dtype=np.int32)
+    seq[:total] = np.repeat(np.arange(blocks.shape[0], dtype=np.int32), blocks)
+    block[:total] = np.arange(total, dtype=np.int32) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    return seq, block
+
+
+def max_tiles(num_tokens: int, max_seqs: int, head_dim: int) -> int:
+    """Tiles a batch of at most ``max_seqs`` sequences and ``num_tokens`` new
+    tokens can need: each sequence's last block may be partial."""
+    return -(-num_tokens // query_block(head_dim)) + max_seqs
+
+
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``host`` on ``device`` without waiting for the GPU: a copy from pageable
     memory first waits for all queued work, which would undo the overlap

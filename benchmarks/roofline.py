@@ -160,7 +160,7 @@ def _runner(cfg: RooflineConfig, name: str, pool_tokens: int, disable_pdl: bool 
     server = ServerConfig(model_path=model_dir, load_format="dummy", dtype="bfloat16", page_size=cfg.page_size,
                           max_total_tokens=pool_tokens, attention_backend=cfg.attention_backend,
                           cuda_graph_max_bs=max(cfg.decode_batches), max_running_requests=max(cfg.decode_batches),
-                          disable_pdl=disable_pdl)
+                          disable_pdl=disable_pdl, enable_prefill_cuda_graph=True)
     runner = ModelRunner(server, model_dir, ModelConfig.from_dir(model_dir))
     runner.pool.buffer.normal_()  # time attention on data, not zeros
     return runner

@@ -57,7 +57,7 @@ class ServerConfig:
     cuda_graph_max_bs: int | None = field(default=None, metadata=_flag("largest decode batch captured in a CUDA graph"))
     cuda_graph_bs: tuple[int, ...] | None = field(default=None, metadata=_flag("decode batch sizes to capture", nargs="+", type=int))
     disable_cuda_graph_padding: bool = field(default=False, metadata=_flag("only replay graphs for exactly captured batch sizes"))
-    disable_prefill_cuda_graph: bool = field(default=False, metadata=_flag("run prefill steps without CUDA graphs (saves their memory, logged at start)"))
+    enable_prefill_cuda_graph: bool = field(default=False, metadata=_flag("replay CUDA graphs for prefill steps too (GPU; their memory is logged at start)"))
     prefill_cuda_graph_max_tokens: int | None = field(default=None, metadata=_flag("largest prefill step (new tokens) captured in a CUDA graph (default: --chunked-prefill-size, at most 8192)"))
     prefill_cuda_graph_max_seqs: int = field(default=16, metadata=_flag("most sequences of a prefill step that replays a CUDA graph"))
     disable_overlap_schedule: bool = field(default=False, metadata=_flag("do not prepare the next batch while the GPU runs"))

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import bisect
 import logging
+from functools import partial
 
 import numpy as np
 import torch
 from pdserve.model.attention.base import AttentionBackend
 from pdserve.model.cuda_graph import PackedBuffers, capture_graph
 from pdserve.model.forward_batch import ForwardBatch
+from pdserve.model.kernels import reference
 from pdserve.model.kernels.step_inputs import StepInputs, build_step, max_tiles, query_block, tile_table
 
 logger = logging.getLogger("pdserve.cuda_graph")
@@ -77,21 +79,29 @@ class PrefillInputs(PackedBuffers):
 
 class TiledExtendAttention(AttentionBackend):
     """Prefill attention inside a prefill graph: the tiled extend kernel over
-    the graph's fixed buffers. K/V are stored by the fused rotary kernel."""
+    the graph's fixed buffers (on CPU its PyTorch reference, which runs the
+    same forward uncaptured). K/V given here are stored except at slot -1."""
 
     accepts_stored_kv = True
 
-    def __init__(self, inputs: PrefillInputs, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int):
+    def __init__(self, inputs: PrefillInputs, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 device: torch.device):
         super().__init__(num_heads, num_kv_heads, head_dim, page_size)
-        from pdserve.model.kernels import prefill_attention
-
-        self._kernel = prefill_attention.extend_attention_tiled
         self.inputs = inputs
+        if device.type == "cuda":
+            from pdserve.model.kernels import prefill_attention
+
+            self._kernel = prefill_attention.extend_attention_tiled
+        else:
+            self._kernel = partial(reference.extend_attention_tiled, block_m=query_block(head_dim))
 
     def prepare(self, batch: ForwardBatch) -> None:
         raise RuntimeError("a prefill graph's metadata lives in its fixed buffers")
 
     def forward(self, batch, q, k, v, k_cache, v_cache):
+        if k is not None:
+            keep = batch.out_slots >= 0
+            reference.store_kv(k[keep], v[keep], k_cache, v_cache, batch.out_slots[keep])
         view, s, tiles = self.inputs.device_view, self.inputs.max_seqs, batch.attn
         return self._kernel(q, torch.empty_like(q), k_cache, v_cache, view("qo_indptr", s + 1),
                             view("kv_indptr", s + 1), view("kv_indices", self.inputs.max_pages), view("seq_lens", s),
@@ -106,7 +116,7 @@ class PrefillGraphRunner:
         self.max_seqs, self.page_size = max_seqs, page_size
         self.block_m = query_block(cfg.head_dim)
         self.inputs = PrefillInputs(counts[-1], max_seqs, max_pages, self._tiles(counts[-1]), device)
-        self.attn = TiledExtendAttention(self.inputs, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, page_size)
+        self.attn = TiledExtendAttention(self.inputs, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, page_size, device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.memory_bytes = 0
@@ -147,9 +157,14 @@ class PrefillGraphRunner:
         self.inputs.load(step, count, self._tiles(count), self.block_m)
 
     def replay(self, step: StepInputs, count: int) -> torch.Tensor:
-        """Float32 logits ``[step.batch_size, vocab]`` of a prefill step."""
+        """Float32 logits ``[step.batch_size, vocab]`` of a prefill step; before
+        :meth:`capture` (CPU) the same forward runs uncaptured."""
         self._load(step, count)
-        self._graphs[count].replay()
+        graph = self._graphs.get(count)
+        if graph is None:
+            with torch.inference_mode():
+                return self.model(self._batch(count), self.attn, self.kv_buffer)[: step.batch_size]
+        graph.replay()
         return self._outputs[count][: step.batch_size]
 
 

@@ -162,7 +162,7 @@ class ModelRunner:
 
     def _capture_prefill_graphs(self) -> PrefillGraphRunner | None:
         cfg = self.cfg
-        if not self._fast or cfg.disable_prefill_cuda_graph or not self.model.ops.fuses_rope_store:
+        if not self._fast or not cfg.enable_prefill_cuda_graph or not self.model.ops.fuses_rope_store:
             return None
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
         max_tokens = cfg.prefill_cuda_graph_max_tokens or min(chunk, 8192)

@@ -108,3 +108,32 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, we
 def norm_logits(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
     """Float32 logits of the normalised rows, rounded to the model dtype first."""
     return F.linear(rmsnorm(x, norm_weight, eps), weight).float()
+
+
+def extend_attention_tiled(
+    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor, kv_indices: torch.Tensor, seq_lens: torch.Tensor, tile_seq: torch.Tensor,
+    tile_block: torch.Tensor, scale: float, block_m: int,
+) -> torch.Tensor:
+    """The tiled extend kernel's contract: each tile (sequence ``s >= 0``,
+    query block ``b``) fills rows ``b * block_m ...`` of sequence ``s``'s new
+    tokens with causal attention over its pages; rows no tile covers keep
+    what ``out`` held."""
+    page_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // num_kv_heads
+    qo, kv_ptr, pages, lens = qo_indptr.tolist(), kv_indptr.tolist(), kv_indices.tolist(), seq_lens.tolist()
+    for s, b in zip(tile_seq.tolist(), tile_block.tolist()):
+        if s < 0:
+            continue
+        q_len, seq_len = qo[s + 1] - qo[s], lens[s]
+        rows = range(b * block_m, min((b + 1) * block_m, q_len))
+        table = pages[kv_ptr[s] : kv_ptr[s + 1]]
+        slots = torch.tensor([table[i // page_size] * page_size + i % page_size for i in range(seq_len)])
+        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].float().repeat_interleave(group, 1)
+        values = v_cache.view(-1, num_kv_heads, head_dim)[slots].float().repeat_interleave(group, 1)
+        queries = q[qo[s] + rows.start : qo[s] + rows.stop].float()
+        scores = torch.einsum("thd,shd->hts", queries, keys) * scale
+        q_pos = torch.arange(rows.start, rows.stop) + (seq_len - q_len)
+        scores = scores.masked_fill(torch.arange(seq_len)[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[qo[s] + rows.start : qo[s] + rows.stop] = torch.einsum("hts,shd->thd", scores.softmax(-1), values).to(out.dtype)
+    return out

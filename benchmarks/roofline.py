@@ -663,6 +663,9 @@ def check_targets(results: dict) -> list[dict]:
     http = results.get("http")
     if http:
         add("HTTP ITL median / decode step", http["ratio"], 1.3, at_least=False)
+    ttft = results.get("http_ttft")
+    if ttft:
+        add(f"HTTP TTFT {ttft['tokens']} tokens / prefill floor", ttft["ratio"], 1.3, at_least=False)
     return out
 
 
@@ -713,6 +716,45 @@ def http_itl_ms(base_url: str, num_prompts: int = 8, input_len: int = 1024, outp
             if mine and i > 0:
                 gaps += mine
     return statistics.median(gaps) * 1e3
+
+
+def http_ttft_ms(base_url: str, num_prompts: int = 8, input_len: int = 512) -> float:
+    """Median time to the first streamed token of ``/generate`` requests with
+    distinct random prompts of ``input_len`` ids (no prefix-cache hit), one
+    at a time, measured with httpx from the request's start."""
+    import random
+
+    import httpx
+
+    rng = random.Random(1)
+    ttfts = []
+    with httpx.Client(timeout=120, trust_env=False) as http:
+        for i in range(num_prompts + 1):  # the first request warms up
+            body = {"input_ids": [rng.randrange(4, 1000) for _ in range(input_len)], "stream": True,
+                    "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}}
+            start = time.perf_counter()
+            ttft_s = None
+            with http.stream("POST", f"{base_url}/generate", json=body) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():  # read to the end: the next request starts on an idle server
+                    if ttft_s is None and line.startswith("data: {") and json.loads(line[6:])["output_ids"]:
+                        ttft_s = time.perf_counter() - start
+            if i > 0:
+                ttfts.append(ttft_s)
+    return statistics.median(ttfts) * 1e3
+
+
+def merge_ttft(ttft_ms: float, input_len: int, source: str, result_json: str) -> dict:
+    """Add an HTTP TTFT to a result, as a ratio to the prefill floor of the lead model at that length."""
+    results = json.loads(Path(result_json).read_text())
+    lead = results["models"][0]["model"]
+    machine = Machine(**results["machine"])
+    floor_s = machine.floor_s(*ModelCost.of_name(lead).prefill(input_len))
+    results["http_ttft"] = {"model": lead, "tokens": input_len, "ttft_median_ms": ttft_ms,
+                            "prefill_floor_ms": floor_s * 1e3, "ratio": ttft_ms / (floor_s * 1e3), "source": source}
+    results["targets"] = check_targets(results)
+    Path(result_json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 def merge_itl(itl_ms: float, source: str, result_json: str) -> dict:
@@ -780,7 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "transfer_backends": TRANSFER_BACKENDS.names()})
     ap.add_argument("--merge-itl", metavar="BENCH_JSON", help="add a pdserve bench ITL to --into and exit")
     ap.add_argument("--http-itl", metavar="URL", help="measure the batch-1 ITL of a server, add it to --into, exit")
-    ap.add_argument("--into", metavar="RESULT_JSON", help="the result file --merge-itl and --http-itl update")
+    ap.add_argument("--http-ttft", metavar="URL", help="measure the TTFT of 512-token prompts one at a time "
+                    "through a server, add it to --into as a ratio to the prefill floor, exit")
+    ap.add_argument("--into", metavar="RESULT_JSON", help="the result file --merge-itl, --http-itl and --http-ttft update")
     return ap
 
 
@@ -797,6 +841,9 @@ def main(argv: list[str] | None = None) -> int:
         results = merge_itl(itl, f"pdserve bench ({ns.merge_itl})", ns.into)
     elif ns.http_itl:
         results = merge_itl(http_itl_ms(ns.http_itl), "httpx /generate stream, 8 x (1024 in, 128 out)", ns.into)
+    elif ns.http_ttft:
+        results = merge_ttft(http_ttft_ms(ns.http_ttft), 512, "httpx /generate stream, 8 x (512 in), one at a time",
+                             ns.into)
     else:
         out = Path(cfg.output_json or f"benchmarks/results/roofline-{datetime.date.today().isoformat()}.json")
         results = run(cfg, argv, out)

@@ -54,3 +54,47 @@ def test_transfer_targets_use_the_exposed_time_when_measured():
     got = {t["target"]: (t["value"], t["met"]) for t in check_targets(results)}
     assert got == {"transfer 2048 fraction of copy (cuda_ipc)": (0.7, True),
                    "transfer share of TTFT (cuda_ipc)": (0.01, True)}
+
+
+def test_prefill_cost_of_a_batch_and_of_a_chunk_over_a_cached_prefix():
+    cost = ModelCost.of_name("llama-3.2-1b")
+    width = 2048 * 16  # q heads x head dim x layers
+    one_bytes, one_flops = cost.prefill(512)
+    four_bytes, four_flops = cost.prefill(512, num_seqs=4)
+    # Four prompts of 128: the same projections, four LM-head rows, a quarter of the attention pairs.
+    assert four_bytes == one_bytes
+    assert four_flops - one_flops == 6 * cost.lm_params - 4 * (512 * 256 - 4 * 128 * 64) * width
+    ext_bytes, ext_flops = cost.prefill(512, prefix=512)
+    assert ext_bytes == one_bytes + 512 * cost.kv_bytes_per_token  # the prefix's KV is read
+    assert ext_flops == one_flops + 4 * 512 * 512 * width  # every new token also sees the whole prefix
+
+
+def test_host_path_targets_per_model_shape():
+    rows = [{"kind": "prefill", "tokens": 512, "fraction": 0.55, "host_share": 0.2},
+            {"kind": "prefill_eager", "tokens": 512, "fraction": 0.1, "host_share": 9.0},
+            {"kind": "prefill_batch", "tokens": 512, "fraction": 0.5, "host_share": 0.4},
+            {"kind": "prefill_extend", "tokens": 256, "fraction": 0.5, "host_share": 2.0},
+            {"kind": "decode", "batch": 128, "fraction": 0.81}]
+    got = {t["target"]: t["met"] for t in check_targets({"models": [{"model": "llama-3.2-1b", "rows": rows}]})}
+    assert got["llama-3.2-1b prefill tokens=512 fraction"] is True
+    assert got["llama-3.2-1b decode batch=128 fraction"] is True
+    assert got["llama-3.2-1b prefill 512 host launch / GPU span"] is True
+    assert got["llama-3.2-1b prefill_batch 512 host launch / GPU span"] is False
+    # Eager rows are the comparison, and prefills under 512 tokens have no host target.
+    assert not any("prefill_eager" in k or "prefill_extend 256" in k for k in got)
+
+
+def test_http_ttft_is_measured_against_a_server_and_merged(main_server, tmp_path):
+    import json
+
+    from pdserve.benchmarks.roofline import http_ttft_ms, merge_ttft
+
+    ttft_ms = http_ttft_ms(main_server.url, num_prompts=2, input_len=64)
+    assert 0 < ttft_ms < 30_000
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"models": [{"model": "llama-3.2-1b", "rows": []}],
+                                  "machine": {"gpu": "g", "copy_bytes_per_s": 1e12, "matmul_flops_per_s": 1e15}}))
+    merged = merge_ttft(ttft_ms, 512, "test", str(result))
+    floor_ms = Machine("g", 1e12, 1e15).floor_s(*ModelCost.of_name("llama-3.2-1b").prefill(512)) * 1e3
+    assert merged["http_ttft"]["ratio"] == ttft_ms / floor_ms
+    assert any(t["target"].startswith("HTTP TTFT 512") for t in merged["targets"])

@@ -13,6 +13,7 @@ import threading
 
 import httpx
 from pdserve.bootstrap.protocol import InstanceInfo
+from pdserve.common.startup import StartupError
 
 logger = logging.getLogger("pdserve.bootstrap.client")
 
@@ -21,8 +22,8 @@ class BootstrapError(RuntimeError):
     """The bootstrap service answered with an unexpected error."""
 
 
-class RegistrationRefused(BootstrapError):
-    """409: the instance cannot pair with a live one; the message says why."""
+class RegistrationRefused(BootstrapError, StartupError):
+    """409: the instance cannot pair with a live one; the message says why (one line)."""
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -24,6 +24,7 @@ from pdserve.bootstrap.registry import InstanceRegistry, PairingConflict
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
 from pdserve.common.errors import APIError, install_error_handlers, read_json_object
 from pdserve.common.roles import Role
+from pdserve.common.startup import check_port_free, run_main
 
 logger = logging.getLogger("pdserve.bootstrap")
 
@@ -97,17 +98,26 @@ def _lookup_routes(app: FastAPI, registry: InstanceRegistry) -> None:
         return {"status": "ok", "num_instances": len(registry.list())}
 
 
-def parse_args(argv: list[str]) -> BootstrapConfig:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve bootstrap",
                                      description="Run the bootstrap registry every PD instance registers with.")
     add_dataclass_args(parser, BootstrapConfig)
-    return config_from_args(BootstrapConfig, parser.parse_args(argv))
+    return parser
+
+
+def parse_args(argv: list[str]) -> BootstrapConfig:
+    return config_from_args(BootstrapConfig, build_parser().parse_args(argv))
 
 
 def main(argv: list[str]) -> int:
+    config = parse_args(argv)
+    return run_main("pdserve bootstrap", lambda: _serve(config))
+
+
+def _serve(config: BootstrapConfig) -> int:
     import uvicorn
 
-    config = parse_args(argv)
+    check_port_free(config.host, config.port, "--port")
     logging.basicConfig(level=config.log_level.upper(),
                         format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
     logger.info("bootstrap service on http://%s:%d (ttl %.1fs)", config.host, config.port,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pdserve.common import codec
 from pdserve.common.config import ServerConfig
+from pdserve.common.startup import StartupError, one_line
 from pdserve.common.messages import (
     AbortRequest,
     ControlRequest,
@@ -419,6 +420,10 @@ def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_to
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     try:
         engine = Engine(cfg, model_dir, conn, num_text_tokens)
+    except StartupError as exc:  # the operator's to fix (e.g. a P/D layout mismatch): one line
+        logger.error("engine failed to start: %s", one_line(str(exc)))
+        conn.send_bytes(codec.encode(EngineFailed(error=one_line(str(exc)))))
+        return
     except Exception as exc:
         logger.exception("engine failed to start")
         conn.send_bytes(codec.encode(EngineFailed(error=f"{type(exc).__name__}: {exc}")))

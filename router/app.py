@@ -28,6 +28,7 @@ from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.common.event_stream import with_raw_send
+from pdserve.common.startup import check_port_free, run_main
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
@@ -257,9 +258,14 @@ def parse_args(argv: list[str]) -> RouterConfig:
 
 
 def main(argv: list[str]) -> int:
+    config = parse_args(argv)
+    return run_main("pdserve router", lambda: _serve(config))
+
+
+def _serve(config: RouterConfig) -> int:
     import uvicorn
 
-    config = parse_args(argv)
+    check_port_free(config.host, config.port, "--port")
     logging.basicConfig(level=config.log_level.upper(),
                         format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise

@@ -30,7 +30,7 @@ from typing import IO
 import httpx
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
 from pdserve.common.roles import Role
-from pdserve.common.startup import StartupError, check_port_free, one_line
+from pdserve.common.startup import StartupError, check_port_free, flag_error, one_line
 from pdserve.router.policies import POLICIES
 from pdserve.transfer.base import TRANSFER_BACKENDS
 
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Arguments after -- go to every `pdserve serve`.")
     add_dataclass_args(parser, ClusterConfig, skip=("serve_args",),
                        choices={"transfer_backend": TRANSFER_BACKENDS.names(), "policy": POLICIES.names()})
-    parser.add_argument("--smoke", action="store_true", help="send one completion once up, print it, shut down")
+    parser.add_argument("--smoke", action="store_true", help="send one completion once up, print it, shut down (default: off)")
     return parser
 
 
@@ -360,7 +360,7 @@ def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
     try:
         config = config_from_args(ClusterConfig, ns)
     except ValueError as exc:
-        parser.error(str(exc))
+        flag_error(parser.prog, str(exc))
     return config, ns.smoke
 
 

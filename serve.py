@@ -14,7 +14,7 @@ import sys
 
 from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.config import ServerConfig
-from pdserve.common.startup import StartupError, check_port_free, run_main
+from pdserve.common.startup import StartupError, check_port_free, flag_error, run_main
 
 
 def flag_choices() -> dict[str, tuple[str, ...]]:
@@ -42,7 +42,7 @@ def parse_config(argv: list[str]) -> ServerConfig:
     try:
         cfg.validate()
     except ValueError as exc:
-        parser.error(str(exc))
+        flag_error(parser.prog, str(exc))
     return cfg
 
 

@@ -5,7 +5,7 @@ Endpoints (all errors are OpenAI-style error objects):
 - ``POST /register`` an :class:`InstanceInfo` JSON; 409 when it cannot pair
 - ``POST /heartbeat`` ``{"instance_id"}``; 404 when unknown, so it re-registers
 - ``GET /instances[?role=prefill]``, ``GET /instances/{id}``, ``DELETE /instances/{id}``
-- ``GET /health``
+- ``GET /health``, ``GET /get_server_info`` (the configuration and the live instance counts)
 
 State is in memory only: after a restart, every live instance is back within
 one heartbeat because heartbeats of unknown instances answer 404.
@@ -14,11 +14,14 @@ one heartbeat because heartbeats of unknown instances answer 404.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from pdserve import __version__
 from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
 from pdserve.bootstrap.registry import InstanceRegistry, PairingConflict
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
@@ -44,7 +47,25 @@ def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None
     install_error_handlers(app)
     _membership_routes(app, registry, config.ttl_s)
     _lookup_routes(app, registry)
+    _info_routes(app, registry, config)
     return app
+
+
+def _info_routes(app: FastAPI, registry: InstanceRegistry, config: BootstrapConfig) -> None:
+    started_s = time.monotonic()
+
+    @app.get("/get_server_info")
+    async def server_info() -> dict[str, Any]:
+        live = registry.list()
+        return {
+            "role": "bootstrap",
+            "version": __version__,
+            "config": dataclasses.asdict(config),
+            "uptime_s": time.monotonic() - started_s,
+            "num_instances": len(live),
+            "num_instances_by_role": {role: sum(i.role == role for i in live) for role in Role.names()},
+            "models": sorted({i.model for i in live}),
+        }
 
 
 def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -> None:

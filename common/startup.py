@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_STARTUP_ERROR = 1
 
@@ -47,3 +48,10 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     except StartupError as exc:
         print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return EXIT_STARTUP_ERROR
+
+
+def flag_error(prog: str, message: str) -> NoReturn:
+    """Flags that parse but do not fit together: one line and exit status 2, as argparse's
+    own errors, without the usage that would bury the line."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

@@ -12,14 +12,17 @@ self-test of an installed backend failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,8 +139,24 @@ def collect(cfg: CheckEnvConfig) -> dict[str, Any]:
     report.update(cuda_facts())
     has_gpu = bool(report["gpus"])
     if not cfg.skip_transfer_test:
-        report["transfer"] = {b: transfer_self_test(cfg, b, has_gpu) for b in TRANSFER_BACKENDS.names()}
+        with _stdout_to_stderr():
+            report["transfer"] = {b: transfer_self_test(cfg, b, has_gpu) for b in TRANSFER_BACKENDS.names()}
     return report
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """The transfer agents' processes (and NIXL/UCX in them) print to descriptor 1:
+    while they run it is stderr, so stdout holds the report alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _transfer_line(result: dict[str, Any]) -> str:

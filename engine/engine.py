@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from pdserve.common import codec
 from pdserve.common.config import ServerConfig
-from pdserve.common.startup import StartupError, one_line
 from pdserve.common.messages import (
     AbortRequest,
     ControlRequest,
@@ -28,6 +27,7 @@ from pdserve.common.messages import (
     TokenBatch,
     TokenOutput,
 )
+from pdserve.common.startup import StartupError, one_line
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req
 from pdserve.engine.role import create_role

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from pdserve import __version__
 from pdserve.tests.support.ports import free_port, free_port_block
+from pdserve.tests.support.waiting import wait_until
 
 RUN_TIMEOUT_S = 120.0
 RST = re.compile(r"``|:[a-z]+:`")
@@ -196,8 +197,6 @@ def _spawn(log_path: Path, *args: str) -> subprocess.Popen:
 
 
 def _wait_registered(bootstrap_url: str, children: list[subprocess.Popen], logs: Path) -> None:
-    from pdserve.tests.support.waiting import wait_until
-
     def prefill_registered() -> bool:
         assert all(c.poll() is None for c in children), [p.read_text()[-2000:] for p in logs.glob("*.log")]
         try:

@@ -29,16 +29,18 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     from pdserve import check_env, launcher, serve
     from pdserve.benchmarks import bench_serving
     from pdserve.bootstrap import server as bootstrap_server
+    from pdserve.model import builtin
     from pdserve.router import app as router_app
 
     return {"serve": serve.build_parser, "bootstrap": bootstrap_server.build_parser, "router": router_app.build_parser,
-            "up": launcher.build_parser, "bench": bench_serving.build_parser, "check-env": check_env.build_parser}
+            "up": launcher.build_parser, "bench": bench_serving.build_parser, "check-env": check_env.build_parser,
+            "model": builtin.build_parser}
 
 
 def test_every_subcommand_has_a_parser_here() -> None:
     from pdserve.cli import SUBCOMMANDS
 
-    assert set(_parsers()) == set(SUBCOMMANDS) - {"model"}
+    assert set(_parsers()) == set(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("name", sorted(_parsers()))
@@ -54,7 +56,7 @@ def test_help_describes_every_flag_with_its_default_once(name: str) -> None:
         flag_names = "/".join(action.option_strings) or action.dest
         if not text.strip():
             problems.append(f"{flag_names}: no help")
-        if text.lower().count("default") != 1:
+        if action.option_strings and text.lower().count("default") != 1:  # positionals have none
             problems.append(f"{flag_names}: the default is said {text.lower().count('default')} times: {text!r}")
         if RST.search(text):
             problems.append(f"{flag_names}: reStructuredText in {text!r}")
@@ -140,6 +142,12 @@ def test_busy_port_names_the_flag(command: str, busy_port: int, tmp_path: Path) 
     extra = ("--model-path", str(tmp_path / "absent")) if command == "serve" else ()
     done = _run(command, "--port", str(busy_port), *extra)
     assert_one_line_error(done, f"pdserve {command}", f"port {busy_port}", "--port")
+
+
+def test_busy_control_port_names_its_flag(busy_port: int, tmp_path: Path) -> None:
+    done = _run("serve", "--port", str(free_port()), "--disaggregation-control-port", str(busy_port),
+                "--model-path", str(tmp_path / "absent"))
+    assert_one_line_error(done, "pdserve serve", f"port {busy_port}", "--disaggregation-control-port")
 
 
 @pytest.mark.parametrize("flag_name", ["--port", "--bootstrap-port", "--base-port"])

@@ -213,3 +213,11 @@ def _wait_registered(bootstrap_url: str, children: list[subprocess.Popen], logs:
             return False
 
     wait_until(prefill_registered, RUN_TIMEOUT_S, 0.2, "the prefill instance never registered")
+
+
+def test_unreachable_bootstrap_service_is_one_line() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = _run("serve", "--port", str(free_port()), "--skip-server-warmup", "--max-total-tokens", "1024",
+                "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-url", url)
+    assert_one_line_error(done, "pdserve serve", f"cannot reach the bootstrap service at {url}",
+                          "--disaggregation-bootstrap-url", only_line=False)

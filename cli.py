@@ -16,20 +16,31 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "router": ("pdserve.router.app", "run the PD load balancer / OpenAI front door"),
     "up": ("pdserve.launcher", "start a whole local cluster"),
     "bench": ("pdserve.benchmarks.bench_serving", "TTFT/ITL benchmark client"),
-    "model": ("pdserve.model.builtin", "built-in models: `pdserve model path NAME`"),
+    "model": ("pdserve.model.builtin", "built-in models: pdserve model path NAME"),
+    "check-env": ("pdserve.check_env", "versions, GPUs and a loopback self-test of each KV transfer backend"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: pdserve <command> [options]", "", "commands:"]
+    lines = ["usage: pdserve <command> [options]", "       pdserve --version", "", "commands:"]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    lines += ["", "pdserve <command> --help describes a command's flags."]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    from pdserve import __version__
+
+    return f"pdserve {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(_version())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

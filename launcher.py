@@ -19,7 +19,6 @@ import argparse
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from typing import IO
 import httpx
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
 from pdserve.common.roles import Role
+from pdserve.common.startup import StartupError, check_port_free, flag_error, one_line
 from pdserve.router.policies import POLICIES
 from pdserve.transfer.base import TRANSFER_BACKENDS
 
@@ -91,24 +91,43 @@ class Child:
     process: subprocess.Popen
     log_path: Path | None = None
     log_file: IO[bytes] | None = field(default=None, repr=False)
+    last_stderr_line: str = ""  # without a log file: the child's stderr passes through here
+    relay: threading.Thread | None = field(default=None, repr=False)
 
     def log_tail(self, num_chars: int = 2000) -> str:
         if self.log_path is None or not self.log_path.exists():
             return ""
         return self.log_path.read_text(errors="replace")[-num_chars:]
 
+    def reason(self) -> str:
+        """The child's last words: the last non-empty line it wrote."""
+        if self.relay is not None:
+            self.relay.join(timeout=2.0)  # its pipe closes when the child is gone
+            return self.last_stderr_line
+        lines = [line.strip() for line in self.log_tail().splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+
+def _relay_stderr(child: Child) -> None:
+    """Copy the child's stderr to ours line by line, remembering the last one."""
+    assert child.process.stderr is not None
+    for raw in child.process.stderr:
+        text = raw.decode(errors="replace")
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        if text.strip():
+            child.last_stderr_line = text.strip()
+
 
 def _pdserve_command(subcommand: str) -> list[str]:
     return [sys.executable, "-m", "pdserve.cli", subcommand]
 
 
-def _check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ClusterError(f"port {port} on {host} is not free: {exc}") from None
+def _check_port_free(host: str, port: int, flag_name: str) -> None:
+    try:
+        check_port_free(host, port, flag_name)
+    except StartupError as exc:
+        raise ClusterError(str(exc)) from None
 
 
 def _signal_group(child: Child, sig: signal.Signals) -> None:
@@ -159,8 +178,10 @@ class Cluster:
         if len(set(ports)) != len(ports):
             raise ClusterError(f"the router ({cfg.port}), bootstrap ({cfg.bootstrap_port}) and instance ports "
                                f"(from {cfg.base_port}) overlap; choose --port/--bootstrap-port/--base-port apart")
-        for port in ports:
-            _check_port_free(cfg.host, port)
+        flags = ["--bootstrap-port", "--port"] + ["--base-port"] * len(self._roles)
+        for port, flag_name in zip(ports, flags, strict=True):
+            _check_port_free(cfg.host, port, flag_name)
+        self._check_model()
         deadline = time.monotonic() + cfg.startup_timeout_s
         try:
             self._spawn("bootstrap", _pdserve_command("bootstrap") + [
@@ -174,6 +195,17 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
+
+    def _check_model(self) -> None:
+        """Every instance's ``--model-path`` exists, before any child starts (pdserve serve only)."""
+        if self.config.serve_command or not self._roles:
+            return  # another serve command may take other model names
+        from pdserve.serve import check_model_path
+
+        try:
+            check_model_path(self.config.model_path)
+        except StartupError as exc:
+            raise ClusterError(str(exc)) from None
 
     def _serve_argv(self, role: Role, port: int) -> list[str]:
         cfg = self.config
@@ -206,10 +238,14 @@ class Cluster:
             log_path = Path(self.config.log_dir) / f"{name}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_file = log_path.open("ab")
+        # Without a log file the child's stderr passes through a relay that keeps its last line.
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT if log_file else None,
+                                   stderr=subprocess.STDOUT if log_file else subprocess.PIPE,
                                    start_new_session=True)
         child = Child(name, argv, process, log_path, log_file)
+        if log_file is None:
+            child.relay = threading.Thread(target=_relay_stderr, args=(child,), name=f"stderr-{name}", daemon=True)
+            child.relay.start()
         self.children.append(child)
         return child
 
@@ -249,16 +285,19 @@ class Cluster:
 
     @staticmethod
     def _death_message(child: Child) -> str:
+        """One line: who died, its exit code, its last line, and where its log is."""
         message = f"{child.name} exited with code {child.process.returncode}"
-        tail = child.log_tail()
-        return f"{message}; end of {child.log_path}:\n{tail}" if tail else message
+        reason = one_line(child.reason())
+        if reason:
+            message += f": {reason}"
+        return f"{message} (log: {child.log_path})" if child.log_path else message
 
     def wait(self, stop_event: threading.Event) -> int:
         """Block until ``stop_event`` (0) or until a child dies (1)."""
         while not stop_event.wait(POLL_INTERVAL_S):
             dead = self.dead_child()
             if dead is not None:
-                print(f"pdserve up: {self._death_message(dead)}", file=sys.stderr, flush=True)
+                print(f"pdserve up: error: {self._death_message(dead)}", file=sys.stderr, flush=True)
                 return 1
         return 0
 
@@ -276,6 +315,10 @@ class Cluster:
         for child in self.children:
             _signal_group(child, signal.SIGKILL)  # also whatever the child spawned
             child.process.wait()
+            if child.relay is not None:
+                child.relay.join(timeout=2.0)
+            if child.process.stderr is not None:
+                child.process.stderr.close()
             if child.log_file is not None:
                 child.log_file.close()
         self.children.clear()
@@ -301,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Arguments after -- go to every `pdserve serve`.")
     add_dataclass_args(parser, ClusterConfig, skip=("serve_args",),
                        choices={"transfer_backend": TRANSFER_BACKENDS.names(), "policy": POLICIES.names()})
-    parser.add_argument("--smoke", action="store_true", help="send one completion once up, print it, shut down")
+    parser.add_argument("--smoke", action="store_true", help="send one completion once up, print it, shut down (default: off)")
     return parser
 
 
@@ -317,7 +360,7 @@ def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
     try:
         config = config_from_args(ClusterConfig, ns)
     except ValueError as exc:
-        parser.error(str(exc))
+        flag_error(parser.prog, str(exc))
     return config, ns.smoke
 
 
@@ -332,7 +375,7 @@ def main(argv: list[str]) -> int:
         print(f"pdserve is up: OpenAI base URL {cluster.base_url}", flush=True)
         return _smoke(cluster) if smoke else cluster.wait(stop_event)
     except ClusterError as exc:
-        print(f"pdserve up failed: {exc}", file=sys.stderr, flush=True)
+        print(f"pdserve up: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return 1
     finally:
         cluster.stop()

@@ -14,6 +14,7 @@ import sys
 
 from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.config import ServerConfig
+from pdserve.common.startup import StartupError, check_port_free, flag_error, run_main
 
 
 def flag_choices() -> dict[str, tuple[str, ...]]:
@@ -41,7 +42,7 @@ def parse_config(argv: list[str]) -> ServerConfig:
     try:
         cfg.validate()
     except ValueError as exc:
-        parser.error(str(exc))
+        flag_error(parser.prog, str(exc))
     return cfg
 
 
@@ -54,13 +55,39 @@ def resolve_model_dir(model_path: str | None) -> str:
     return resolve_model_path(model_path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(list(sys.argv[1:] if argv is None else argv))
+def check_model_path(model_path: str | None) -> str:
+    """The model directory of ``--model-path``; StartupError, one line, when there is none."""
+    try:
+        model_dir = resolve_model_dir(model_path)
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"--model-path: {exc}") from None
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise StartupError(f"--model-path: {model_dir!r} has no config.json; "
+                           "give a Hugging Face model directory, a built-in preset or a config .json file")
+    return model_dir
+
+
+def check_ports(cfg: ServerConfig) -> None:
+    """The HTTP port and a fixed PD control port are free, checked before the model loads."""
+    check_port_free(cfg.host, cfg.port, "--port")
+    if cfg.disaggregation_control_port:
+        check_port_free(cfg.disaggregation_control_host or cfg.host, cfg.disaggregation_control_port,
+                        "--disaggregation-control-port")
+
+
+def _serve(cfg: ServerConfig) -> int:
+    check_ports(cfg)
+    model_dir = check_model_path(cfg.model_path)
     logging.basicConfig(level=cfg.log_level.upper(), format=f"[%(asctime)s {cfg.disaggregation_mode}] %(message)s")
     from pdserve.engine.engine import engine_main
     from pdserve.server.app import run
 
-    return run(cfg, resolve_model_dir(cfg.model_path), engine_main)
+    return run(cfg, model_dir, engine_main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(list(sys.argv[1:] if argv is None else argv))
+    return run_main("pdserve serve", lambda: _serve(cfg))
 
 
 if __name__ == "__main__":

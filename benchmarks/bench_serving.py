@@ -32,12 +32,13 @@ from pdserve.benchmarks.bench_tokenizer import (
     Tokenizer,
     load_tokenizer,
 )
-from pdserve.benchmarks.datasets import DATASETS, BenchRequest, DatasetSpec, build_dataset
+from pdserve.benchmarks.datasets import DATASETS, BenchRequest, DatasetSpec, build_dataset, length_summary
 from pdserve.benchmarks.metrics import parse_slo
 from pdserve.benchmarks.runner import BenchError, RunPoint, RunResult, run_point, warm_up
 from pdserve.benchmarks.scenarios import ScenarioError, parse_scenario
 from pdserve.common import env
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
+from pdserve.common.startup import flag_error
 
 if TYPE_CHECKING:
     import aiohttp
@@ -65,7 +66,7 @@ _ROUTES = "openai: /v1/completions, openai-chat: /v1/chat/completions, pdserve: 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    base_url: str = field(default="http://127.0.0.1:30000", metadata=flag("server root URL"))
+    base_url: str = field(default="http://127.0.0.1:30000", metadata=flag("server root URL, without /v1"))
     model: str | None = field(default=None, metadata=flag("model name (default: first of GET /v1/models)"))
     api_key: str | None = field(default=None, metadata=flag("bearer token (default: $OPENAI_API_KEY)"))
     backend: str = field(default="openai", metadata=flag(_ROUTES))
@@ -186,7 +187,8 @@ async def _run_scenario(
             point = RunPoint(scenario or cfg.dataset, rate, conc)
             await warm_up(sender, requests, cfg.warmup_requests)
             offsets = arrival_offsets_s(len(requests), rate, cfg.burstiness, np.random.default_rng(cfg.seed))
-            results.append(await run_point(sender, requests, offsets, point, slo, cfg.disable_tqdm))
+            result = await run_point(sender, requests, offsets, point, slo, cfg.disable_tqdm)
+            results.append(dataclasses.replace(result, lengths=length_summary(requests)))
     return results
 
 
@@ -219,7 +221,7 @@ async def run_benchmark(cfg: BenchConfig) -> BenchOutcome:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0].replace("``", ""))
     add_dataclass_args(parser, BenchConfig, choices={"backend": BACKENDS.names(), "dataset": sorted(DATASETS)})
     return parser
 
@@ -230,7 +232,7 @@ def config_from_argv(argv: list[str]) -> BenchConfig:
     try:
         validate(cfg)
     except ValueError as exc:
-        parser.error(str(exc))
+        flag_error(parser.prog, str(exc))
     return cfg
 
 
@@ -247,6 +249,9 @@ def validate(cfg: BenchConfig) -> None:
         raise ValueError("--burstiness must be positive")
     if cfg.request_timeout_s <= 0:
         raise ValueError("--request-timeout-s must be positive")
+    if cfg.base_url.rstrip("/").endswith("/v1"):
+        raise ValueError(f"--base-url {cfg.base_url} ends in /v1: drop the /v1 and give the server's root "
+                         f"({cfg.base_url.rstrip('/').removesuffix('/v1')}); the backend adds its own path")
     if cfg.backend == "openai-chat" and cfg.dataset == "random-ids":
         raise ValueError("--backend openai-chat sends text; use --dataset random")
 

@@ -28,6 +28,7 @@ _WORDS = (
     "long each just people"
 ).split()
 _WORD_INDEX = {word: i for i, word in enumerate(_WORDS)}
+MAX_LENGTH_ROUNDS = 32  # trim/top-up rounds of text_of_length
 
 
 class Tokenizer(Protocol):
@@ -48,7 +49,7 @@ class HFTokenizer:
     inner: Any
     name: str
     exact: bool = True
-    # Ids that are not special tokens, computed once: random prompts draw from them.
+    # Ids random prompts draw from, computed once: see ``_whole_ids``.
     _plain_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
@@ -56,9 +57,7 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         inner = AutoTokenizer.from_pretrained(path)
-        special = set(inner.all_special_ids)
-        plain = np.array([i for i in range(len(inner)) if i not in special], dtype=np.int64)
-        return cls(inner=inner, name=path, _plain_ids=plain)
+        return cls(inner=inner, name=path, _plain_ids=_whole_ids(inner))
 
     def encode(self, text: str) -> list[int]:
         return list(self.inner.encode(text, add_special_tokens=False))
@@ -87,6 +86,20 @@ class ApproxTokenizer:
         return rng.integers(0, len(_WORDS), n).tolist()
 
 
+def _whole_ids(inner: Any) -> np.ndarray:
+    """Ids that are no special token, decode alone to whole characters and encode back to
+    themselves. A byte-level token holding part of a UTF-8 character decodes to U+FFFD,
+    which encodes to other tokens: prompts drawn from such ids re-encode longer than
+    asked, and trimming them cuts further characters in half."""
+    special = set(inner.all_special_ids)
+    candidates = [i for i in range(len(inner)) if i not in special]
+    texts = inner.batch_decode([[i] for i in candidates], skip_special_tokens=False)
+    encoded = inner(texts, add_special_tokens=False)["input_ids"] if candidates else []
+    whole = [i for i, text, ids in zip(candidates, texts, encoded, strict=True)
+             if text and "\ufffd" not in text and list(ids) == [i]]
+    return np.array(whole or candidates, dtype=np.int64)
+
+
 def _word_id(piece: str) -> int:
     known = _WORD_INDEX.get(piece)
     return known if known is not None else zlib.crc32(piece.encode()) % len(_WORDS)
@@ -102,12 +115,13 @@ def load_tokenizer(path: str | None) -> Tokenizer:
 def text_of_length(tokenizer: Tokenizer, rng: np.random.Generator, num_tokens: int) -> tuple[str, int]:
     """Text that re-encodes to ``num_tokens`` tokens, and its actual token count.
 
-    Decoding random ids and encoding the text again can merge or split tokens, so
-    the ids are trimmed or topped up a few times until the round trip is exact.
+    Decoding random ids and encoding the text again can merge neighbouring tokens,
+    so the ids are trimmed or topped up until the round trip is exact (drawn from
+    whole-character tokens, it is exact after one or two rounds).
     """
     ids = tokenizer.sample_ids(rng, num_tokens)
     text = tokenizer.decode(ids)
-    for _ in range(8):
+    for _ in range(MAX_LENGTH_ROUNDS):
         ids = tokenizer.encode(text)
         if len(ids) == num_tokens:
             break

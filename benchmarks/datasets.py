@@ -46,6 +46,16 @@ class DatasetSpec:
     sharegpt_output_len: int | None = None
 
 
+def length_summary(requests: list[BenchRequest]) -> dict[str, dict[str, float]]:
+    """min, mean and max of the prompts' token lengths and the output lengths asked:
+    the scenario a run really had (a normal scenario clips at one token, for one)."""
+    def stats(values: list[int]) -> dict[str, float]:
+        return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+    return {"input_tokens": stats([r.prompt_len for r in requests]),
+            "output_tokens": stats([r.output_len for r in requests])}
+
+
 def register_dataset(name: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         DATASETS[name] = fn

@@ -114,6 +114,8 @@ def request_dict(record: RequestRecord) -> dict[str, Any]:
 
 def result_dict(result: RunResult, details: bool) -> dict[str, Any]:
     out: dict[str, Any] = {**asdict(result.point), "metrics": result.metrics.to_dict()}
+    if result.lengths is not None:
+        out["lengths"] = result.lengths
     if details:
         out["requests"] = [request_dict(r) for r in result.records]
     return out

@@ -39,6 +39,8 @@ class RunResult:
     point: RunPoint
     metrics: RunMetrics
     records: tuple[RequestRecord, ...]
+    # The prompts' effective token lengths and the output lengths asked (datasets.length_summary).
+    lengths: dict[str, dict[str, float]] | None = None
 
 
 def make_progress(total: int, disable: bool, desc: str) -> Any:

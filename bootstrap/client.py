@@ -13,6 +13,7 @@ import threading
 
 import httpx
 from pdserve.bootstrap.protocol import InstanceInfo
+from pdserve.common.startup import StartupError
 
 logger = logging.getLogger("pdserve.bootstrap.client")
 
@@ -21,8 +22,12 @@ class BootstrapError(RuntimeError):
     """The bootstrap service answered with an unexpected error."""
 
 
-class RegistrationRefused(BootstrapError):
-    """409: the instance cannot pair with a live one; the message says why."""
+class RegistrationRefused(BootstrapError, StartupError):
+    """409: the instance cannot pair with a live one; the message says why (one line)."""
+
+
+class BootstrapUnreachable(BootstrapError, StartupError):
+    """Nothing answers at the bootstrap service's URL."""
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -48,8 +53,14 @@ class BootstrapClient:
         self.close()
 
     def register(self, info: InstanceInfo) -> None:
-        """Raises :class:`RegistrationRefused` on a pairing conflict."""
-        response = self._http.post("/register", json=info.to_json())
+        """Raises :class:`RegistrationRefused` on a pairing conflict and
+        :class:`BootstrapUnreachable` when nothing answers at the URL."""
+        try:
+            response = self._http.post("/register", json=info.to_json())
+        except httpx.TransportError as exc:
+            raise BootstrapUnreachable(
+                f"cannot reach the bootstrap service at {self.url} ({exc or type(exc).__name__}); "
+                "start it (pdserve bootstrap) or check --disaggregation-bootstrap-url") from None
         if response.status_code == 409:
             raise RegistrationRefused(_error_message(response))
         self._check(response, "register")

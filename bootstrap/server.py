@@ -5,7 +5,7 @@ Endpoints (all errors are OpenAI-style error objects):
 - ``POST /register`` an :class:`InstanceInfo` JSON; 409 when it cannot pair
 - ``POST /heartbeat`` ``{"instance_id"}``; 404 when unknown, so it re-registers
 - ``GET /instances[?role=prefill]``, ``GET /instances/{id}``, ``DELETE /instances/{id}``
-- ``GET /health``
+- ``GET /health``, ``GET /get_server_info`` (the configuration and the live instance counts)
 
 State is in memory only: after a restart, every live instance is back within
 one heartbeat because heartbeats of unknown instances answer 404.
@@ -14,16 +14,20 @@ one heartbeat because heartbeats of unknown instances answer 404.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from pdserve import __version__
 from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
 from pdserve.bootstrap.registry import InstanceRegistry, PairingConflict
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
 from pdserve.common.errors import APIError, install_error_handlers, read_json_object
 from pdserve.common.roles import Role
+from pdserve.common.startup import check_port_free, run_main
 
 logger = logging.getLogger("pdserve.bootstrap")
 
@@ -43,7 +47,25 @@ def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None
     install_error_handlers(app)
     _membership_routes(app, registry, config.ttl_s)
     _lookup_routes(app, registry)
+    _info_routes(app, registry, config)
     return app
+
+
+def _info_routes(app: FastAPI, registry: InstanceRegistry, config: BootstrapConfig) -> None:
+    started_s = time.monotonic()
+
+    @app.get("/get_server_info")
+    async def server_info() -> dict[str, Any]:
+        live = registry.list()
+        return {
+            "role": "bootstrap",
+            "version": __version__,
+            "config": dataclasses.asdict(config),
+            "uptime_s": time.monotonic() - started_s,
+            "num_instances": len(live),
+            "num_instances_by_role": {role: sum(i.role == role for i in live) for role in Role.names()},
+            "models": sorted({i.model for i in live}),
+        }
 
 
 def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -> None:
@@ -97,17 +119,26 @@ def _lookup_routes(app: FastAPI, registry: InstanceRegistry) -> None:
         return {"status": "ok", "num_instances": len(registry.list())}
 
 
-def parse_args(argv: list[str]) -> BootstrapConfig:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve bootstrap",
                                      description="Run the bootstrap registry every PD instance registers with.")
     add_dataclass_args(parser, BootstrapConfig)
-    return config_from_args(BootstrapConfig, parser.parse_args(argv))
+    return parser
+
+
+def parse_args(argv: list[str]) -> BootstrapConfig:
+    return config_from_args(BootstrapConfig, build_parser().parse_args(argv))
 
 
 def main(argv: list[str]) -> int:
+    config = parse_args(argv)
+    return run_main("pdserve bootstrap", lambda: _serve(config))
+
+
+def _serve(config: BootstrapConfig) -> int:
     import uvicorn
 
-    config = parse_args(argv)
+    check_port_free(config.host, config.port, "--port")
     logging.basicConfig(level=config.log_level.upper(),
                         format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
     logger.info("bootstrap service on http://%s:%d (ttl %.1fs)", config.host, config.port,

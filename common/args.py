@@ -31,12 +31,22 @@ def _scalar_type(hint: object) -> type:
     return str
 
 
+def _shown(default: object) -> str:
+    """A default as a user types it: ``off`` for a false switch, ``none`` for nothing."""
+    if default is False:
+        return "off"
+    if default is None or default == ():
+        return "none"
+    if isinstance(default, tuple):
+        return " ".join("none" if v is None else str(v) for v in default)
+    return str(default)
+
+
 def _help(text: str, default: object) -> str:
-    """The help with its default, said once."""
+    """The help with its default, said once (a help that names its default keeps it)."""
     if "default" in text:
         return text
-    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-    return f"{text} (default: {shown})"
+    return f"{text} (default: {_shown(default)})"
 
 
 def add_dataclass_args(
@@ -64,7 +74,8 @@ def add_dataclass_args(
         help_text = str(meta.pop("help", ""))
         default = f.default
         if hints[f.name] is bool:
-            parser.add_argument(flag_name, dest=f.name, action="store_true", default=default, help=help_text)
+            parser.add_argument(flag_name, dest=f.name, action="store_true", default=default,
+                                help=_help(help_text, default))
             continue
         # "extend" would append to the default: it starts empty (None) and
         # config_from_args takes the dataclass default when nothing was given.

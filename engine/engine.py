@@ -27,6 +27,7 @@ from pdserve.common.messages import (
     TokenBatch,
     TokenOutput,
 )
+from pdserve.common.startup import StartupError, one_line
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req
 from pdserve.engine.role import create_role
@@ -419,6 +420,10 @@ def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_to
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     try:
         engine = Engine(cfg, model_dir, conn, num_text_tokens)
+    except StartupError as exc:  # the operator's to fix (e.g. a P/D layout mismatch): one line
+        logger.error("engine failed to start: %s", one_line(str(exc)))
+        conn.send_bytes(codec.encode(EngineFailed(error=one_line(str(exc)))))
+        return
     except Exception as exc:
         logger.exception("engine failed to start")
         conn.send_bytes(codec.encode(EngineFailed(error=f"{type(exc).__name__}: {exc}")))

@@ -441,14 +441,20 @@ def _describe(spec: ModelSpec) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``pdserve model``: ``path NAME`` prints (and builds) a model dir; ``list`` lists."""
-    parser = argparse.ArgumentParser(prog="pdserve model", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdserve model",
+        description="Built-in models: path NAME prints (and builds) a model's directory; list lists them.")
+    sub = parser.add_subparsers(dest="command", required=True, help="path or list")
     path_cmd = sub.add_parser("path", help="print the directory of a model, building it")
     path_cmd.add_argument("name", help="preset, directory, .json config or benchmark config")
     sub.add_parser("list", help="list built-in presets and benchmark configs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pdserve model``: ``path NAME`` prints (and builds) a model dir; ``list`` lists."""
+    args = build_parser().parse_args(argv)
     if args.command == "list":
         for spec in PRESETS.values():
             print(_describe(spec))

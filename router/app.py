@@ -3,8 +3,10 @@
 Generation endpoints (``/v1/completions``, ``/v1/chat/completions``,
 ``/generate``) go through :mod:`pdserve.router.proxy`. Around them: ``/v1/models``
 and ``/get_model_info`` from a healthy worker, ``/workers``, ``/health`` (200
-only while every needed role has a healthy worker), ``/get_server_info``
-(aggregated), ``/flush_cache`` (fan-out) and ``/metrics``. With ``--api-key``
+only while every needed role has a healthy worker), ``/health_generate`` (one
+token generated through a pair), ``/get_server_info`` (the effective
+configuration, live counts, and every instance's own), ``/flush_cache``
+(fan-out) and ``/metrics``. With ``--api-key``
 every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import logging
 import secrets
@@ -24,10 +27,12 @@ import aiohttp
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pdserve import __version__
 from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.common.event_stream import with_raw_send
+from pdserve.common.startup import check_port_free, flag_error, run_main
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
@@ -37,6 +42,7 @@ from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerReg
 logger = logging.getLogger("pdserve.router")
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
+HEALTH_GENERATE_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -142,6 +148,26 @@ async def _server_info(state: RouterState, worker: Worker) -> dict[str, Any] | N
         return None
 
 
+def redacted_config(config: RouterConfig) -> dict[str, Any]:
+    """The effective configuration, the API key left out."""
+    values = dataclasses.asdict(config)
+    if values["api_key"] is not None:
+        values["api_key"] = "<redacted>"
+    return values
+
+
+async def _health_generate(state: RouterState) -> Response:
+    """One token generated through a prefill/decode pair (or a colocated worker)."""
+    body = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}, "stream": False}
+    try:
+        response = await asyncio.wait_for(state.forwarder.forward("/generate", body), HEALTH_GENERATE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return error_response(503, f"generation check failed: no answer within {HEALTH_GENERATE_TIMEOUT_S:.0f}s")
+    if response.status_code != 200:
+        return error_response(503, f"generation check failed: the workers answered {response.status_code}")
+    return JSONResponse({"status": "ok", "mode": state.config.mode})
+
+
 async def _flush(state: RouterState, worker: Worker) -> dict[str, Any]:
     try:
         upstream = await state.http.post(worker.url + "/flush_cache",
@@ -160,6 +186,10 @@ def _admin_routes(api: APIRouter) -> None:
     async def model_info(request: Request) -> Response:
         return await _from_any_worker(request.app.state.router, "/get_model_info")
 
+    @api.get("/health_generate")
+    async def health_generate(request: Request) -> Response:
+        return await _health_generate(request.app.state.router)
+
     @api.get("/workers")
     async def workers(request: Request) -> list[dict[str, Any]]:
         return [w.to_json() for w in request.app.state.router.workers.all()]
@@ -171,8 +201,14 @@ def _admin_routes(api: APIRouter) -> None:
         infos = await asyncio.gather(*(_server_info(state, w) for w in everyone))
         instances = [{**w.to_json(), "server_info": info} for w, info in zip(everyone, infos, strict=True)]
         return {
+            "role": "router",
+            "version": __version__,
             "mode": state.config.mode,
             "policy": {role: type(p).name for role, p in state.policies.items()},
+            "config": redacted_config(state.config),
+            "num_workers": {role: {"total": sum(w.role == role for w in everyone),
+                                   "healthy": len(state.workers.healthy(role))} for role in state.workers.roles},
+            "num_in_flight_reqs": sum(w.in_flight for w in everyone),
             "num_running_reqs": sum(w.num_running_reqs for w in everyone if w.healthy),
             "num_queued_reqs": sum(w.num_queued_reqs for w in everyone if w.healthy),
             "instances": instances,
@@ -252,14 +288,18 @@ def parse_args(argv: list[str]) -> RouterConfig:
     try:
         return config_from_args(RouterConfig, parser.parse_args(argv))
     except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+        flag_error(parser.prog, str(exc))
 
 
 def main(argv: list[str]) -> int:
+    config = parse_args(argv)
+    return run_main("pdserve router", lambda: _serve(config))
+
+
+def _serve(config: RouterConfig) -> int:
     import uvicorn
 
-    config = parse_args(argv)
+    check_port_free(config.host, config.port, "--port")
     logging.basicConfig(level=config.log_level.upper(),
                         format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise

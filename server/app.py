@@ -18,7 +18,8 @@ from pdserve.common.event_stream import with_raw_send
 from pdserve.common.messages import GenerateRequest
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.server.engine_client import EngineClient, EngineMain
+from pdserve.common.startup import StartupError
+from pdserve.server.engine_client import EngineClient, EngineDied, EngineMain
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.routes import install_routes
 from pdserve.server.serving import ModelLimits, Serving
@@ -42,7 +43,8 @@ def _start_engine(state: AppState, loop: asyncio.AbstractEventLoop) -> None:
         state.ready = True
         logger.info("The server is fired up and ready to roll! (%s mode on http://%s:%d)", state.cfg.disaggregation_mode, state.cfg.host, state.cfg.port)
     except Exception as exc:
-        state.failed = f"{type(exc).__name__}: {exc}"
+        # The engine already said why it did not start; other failures name their type.
+        state.failed = str(exc) if isinstance(exc, EngineDied) else f"{type(exc).__name__}: {exc}"
         logger.error("engine failed to start: %s", state.failed)
         if state.server is not None:
             state.server.should_exit = True
@@ -89,7 +91,7 @@ def build_app(state: AppState) -> FastAPI:
 
 
 def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
-    """Serve until shut down; 1 if the engine failed."""
+    """Serve until shut down; 1 if the engine failed, StartupError if it never started."""
     from pdserve.server.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.tokenizer_path or model_dir, cfg.chat_template)
@@ -100,4 +102,6 @@ def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
     server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))
     state.server = server
     server.run()
+    if state.failed and state.engine_ready is None:
+        raise StartupError(state.failed)  # never served: the reason is the start-up's
     return 1 if state.failed else 0

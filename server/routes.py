@@ -210,7 +210,7 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
     @app.get("/health")
     async def health():
         if state.ready and state.engine.alive():
-            return Response(status_code=200)
+            return {"status": "ok", "role": state.cfg.disaggregation_mode}
         return JSONResponse(error_body(503, state.failed or "not ready"), status_code=503)
 
     @app.get("/health_generate")
@@ -229,7 +229,7 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
             await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT_S)
         except (asyncio.TimeoutError, APIError) as exc:
             return JSONResponse(error_body(503, f"generation check failed: {exc}"), status_code=503)
-        return Response(status_code=200)
+        return {"status": "ok", "role": state.cfg.disaggregation_mode}
 
     @app.get("/get_model_info")
     async def model_info():

@@ -29,7 +29,11 @@ class AppState:
 
     def server_info(self) -> dict:
         ready = dataclasses.asdict(self.engine_ready) if self.engine_ready else {}
-        return {**dataclasses.asdict(self.cfg), **ready, "model_dir": self.model_dir, "version": version()}
+        config = dataclasses.asdict(self.cfg)
+        if config["api_key"] is not None:
+            config["api_key"] = "<redacted>"
+        return {**config, **ready, "model_dir": self.model_dir, "version": version(),
+                "role": self.cfg.disaggregation_mode, "ready": self.ready, "failed": self.failed}
 
 
 def version() -> str:

@@ -159,6 +159,14 @@ def test_cli_sweep_writes_json_table_and_plot(tmp_path: Path, capsys: pytest.Cap
         assert len(run["requests"]) == 4
         assert {"ttft_s", "e2e_s", "itls_s", "chunk_times_s", "output_tokens"} <= set(run["requests"][0])
     assert all(r["prompt_tokens"] == 8 for r in doc["runs"][0]["requests"])
+    # The effective scenario lengths of each run: what its prompts really had.
+    assert doc["runs"][0]["lengths"] == {"input_tokens": {"min": 8, "mean": 8.0, "max": 8},
+                                         "output_tokens": {"min": 3, "mean": 3.0, "max": 3}}
+    uniform = doc["runs"][2]["lengths"]
+    assert 4 <= uniform["input_tokens"]["min"] <= uniform["input_tokens"]["mean"] <= uniform["input_tokens"]["max"] <= 8
+    assert 2 <= uniform["output_tokens"]["min"] <= uniform["output_tokens"]["max"] <= 4
+    sent = [r["prompt_tokens"] for r in doc["runs"][2]["requests"]]
+    assert (min(sent), max(sent)) == (uniform["input_tokens"]["min"], uniform["input_tokens"]["max"])
     pytest.importorskip("matplotlib")
     assert out_png.stat().st_size > 10_000
 

@@ -142,6 +142,55 @@ def test_server_info_reports_roles(cluster: Cluster) -> None:
     assert all(w["healthy"] for w in workers)
 
 
+def _get_json(url: str) -> dict:
+    response = httpx.get(url, timeout=60, trust_env=False)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    return response.json()
+
+
+def test_health_is_json_on_every_role(cluster: Cluster) -> None:
+    for role in ("prefill", "decode"):
+        (url,) = cluster.instance_urls(role)
+        assert _get_json(f"{url}/health")["status"] == "ok"
+        health = _get_json(f"{url}/health_generate")
+        assert (health["status"], health["role"]) == ("ok", role)
+    assert _get_json(f"{cluster.router_url}/health") == {"status": "ok"}
+    assert _get_json(f"{cluster.bootstrap_url}/health") == {"status": "ok", "num_instances": 2}
+
+
+def test_router_health_generate_runs_one_token_through_a_pair(cluster: Cluster) -> None:
+    (decode_url,) = cluster.instance_urls("decode")
+    assert _get_json(f"{cluster.router_url}/health_generate") == {"status": "ok", "mode": "pd"}
+    assert_no_leaks(cluster)
+    assert _get_json(f"{decode_url}/get_server_info")["num_running_reqs"] == 0
+
+
+def test_server_info_has_the_effective_config_and_live_stats(cluster: Cluster) -> None:
+    _generate(cluster.router_url, _prompts(lengths=(9,))[0])
+    router = _get_json(f"{cluster.router_url}/get_server_info")
+    assert router["role"] == "router" and router["mode"] == "pd" and router["version"]
+    assert router["config"]["policy"] == "round_robin" and router["config"]["port"] == cluster.config.port
+    assert router["config"]["prefill_urls"] == cluster.instance_urls("prefill")
+    assert router["num_workers"] == {"prefill": {"total": 1, "healthy": 1}, "decode": {"total": 1, "healthy": 1}}
+    assert {"num_running_reqs", "num_queued_reqs", "num_in_flight_reqs", "policy", "instances"} <= set(router)
+    assert sorted(i["server_info"]["role"] for i in router["instances"]) == ["decode", "prefill"]
+    for role in ("prefill", "decode"):
+        (url,) = cluster.instance_urls(role)
+        info = _get_json(f"{url}/get_server_info")
+        assert (info["role"], info["disaggregation_mode"], info["ready"]) == (role, role, True)
+        assert info["page_size"] == 4 and info["chunked_prefill_size"] == 16  # the flags it runs with
+        assert info["disaggregation_transfer_backend"] == cluster.config.transfer_backend
+        assert info["api_key"] is None
+        assert {"num_running_reqs", "num_queued_reqs", "kv_pool", "context_len"} <= set(info)
+        assert info["kv_pool"]["total_pages"] > 0
+    bootstrap = _get_json(f"{cluster.bootstrap_url}/get_server_info")
+    assert bootstrap["role"] == "bootstrap" and bootstrap["config"]["port"] == cluster.config.bootstrap_port
+    assert bootstrap["num_instances"] == 2
+    assert bootstrap["num_instances_by_role"] == {"null": 0, "prefill": 1, "decode": 1}
+    assert bootstrap["uptime_s"] > 0
+
+
 @pytest.fixture(scope="module")
 def big_cluster(tmp_path_factory) -> Iterator[Cluster]:
     with _cluster(tmp_path_factory.mktemp("pd-2x2"), "nixl", num_prefill=2, num_decode=2) as c:

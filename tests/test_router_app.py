@@ -265,6 +265,17 @@ def test_health_needs_a_healthy_prefill_and_decode(stack: Stack) -> None:
     stack.wait_health(503)
 
 
+def test_health_generate_needs_a_pair_that_generates(stack: Stack) -> None:
+    stack.fake("prefill", "p0")
+    stack.fake("decode", "d0", fail_status=500)
+    stack.start_router(replace(FAST, prefill_urls=(stack.urls["p0"],), decode_urls=(stack.urls["d0"],)))
+    assert_openai_error(stack.get("/health_generate"), 503, "generation check failed")
+    stack.fakes["d0"].behavior.fail_status = None
+    response = stack.get("/health_generate")
+    assert response.status_code == 200 and response.json() == {"status": "ok", "mode": "pd"}
+    assert any("bootstrap_room" in body for body in stack.fakes["d0"].bodies())
+
+
 def test_colocated_mode_forwards_without_pd_fields(stack: Stack) -> None:
     stack.fake("null", "c0")
     stack.fake("null", "c1")

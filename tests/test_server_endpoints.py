@@ -10,7 +10,9 @@ from pdserve.tests.support.server_process import ServerProcess
 
 
 def test_health(main_server: ServerProcess) -> None:
-    assert main_server.get("/health").status_code == 200
+    response = main_server.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "role": "null"}
     # The front listens before the engine has loaded; meanwhile /health said 503.
     assert main_server.not_ready_status == 503
     assert_openai_error(main_server.not_ready_body, 503, code=503)
@@ -18,7 +20,8 @@ def test_health(main_server: ServerProcess) -> None:
 
 def test_health_generate(main_server: ServerProcess) -> None:
     before = main_server.server_info()["num_generated_tokens"]
-    assert main_server.get("/health_generate").status_code == 200
+    response = main_server.get("/health_generate")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
     assert main_server.server_info()["num_generated_tokens"] > before  # it really generated
 
 
@@ -34,6 +37,9 @@ def test_get_server_info(main_server: ServerProcess) -> None:
     info = main_server.server_info()
     assert info["pid"] > 0 and info["pid"] != main_server.proc.pid  # the engine process
     assert info["num_running_reqs"] == 0 and info["num_queued_reqs"] == 0
+    # The effective configuration: every flag, with what start-up resolved.
+    assert (info["role"], info["ready"], info["page_size"], info["max_total_tokens"]) == ("null", True, 4, 8192)
+    assert info["context_len"] == 2048
     pool = info["kv_pool"]
     assert pool["page_size"] == 4 and pool["total_pages"] == 8192 // 4
     assert pool["used_pages"] == 0

@@ -14,17 +14,18 @@ import argparse
 import asyncio
 import gc
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pdserve.common import env
 from pdserve.common.args import add_dataclass_args, config_from_args
+from pdserve.common.auth import bearer_headers, key_matches, read_secret
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.common.event_stream import with_raw_send
@@ -64,7 +65,9 @@ def _build_state(config: RouterConfig) -> RouterState:
     # No pool cap: every streamed answer holds a connection for its whole life.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     # Internal traffic: never through an HTTP proxy from the environment.
-    http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+    # Every call to a worker presents the worker key; discovery replaces it with the cluster secret.
+    worker_headers = bearer_headers(config.resolved_worker_api_key)
+    http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, headers=worker_headers)
     policies = _make_policies(config)
 
     def forget(worker: Worker) -> None:
@@ -77,6 +80,7 @@ def _build_state(config: RouterConfig) -> RouterState:
         connector=aiohttp.TCPConnector(limit=0),
         timeout=aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.health_check_timeout_s),
         auto_decompress=False,
+        headers=worker_headers,
     )
     forwarder = Forwarder(config, workers, policies, session, metrics)
     return RouterState(config, http, session, workers, policies, forwarder, metrics)
@@ -84,12 +88,11 @@ def _build_state(config: RouterConfig) -> RouterState:
 
 def _api_key_guard(config: RouterConfig):
     async def check(request: Request) -> None:
-        if config.api_key is None:
+        if not config.api_key:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), config.api_key):
-            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer KEY')")
+        if not key_matches(request.headers.get("authorization"), config.api_key):
+            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
 
     return check
 
@@ -186,6 +189,8 @@ def _admin_routes(api: APIRouter) -> None:
         ok = all(r["status"] == 200 for r in results)
         return JSONResponse({"results": results}, status_code=200 if ok else 502)
 
+
+def _metrics_route(api: APIRouter) -> None:
     @api.get("/metrics")
     async def metrics(request: Request) -> Response:
         state: RouterState = request.app.state.router
@@ -235,6 +240,12 @@ def create_app(config: RouterConfig) -> FastAPI:
     api = APIRouter(dependencies=[Depends(_api_key_guard(config))])
     _generation_routes(api)
     _admin_routes(api)
+    if config.open_metrics:
+        open_api = APIRouter()
+        _metrics_route(open_api)
+        app.include_router(open_api)
+    else:
+        _metrics_route(api)
     app.include_router(api)
     return app
 
@@ -250,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> RouterConfig:
     parser = build_parser()
     try:
-        return config_from_args(RouterConfig, parser.parse_args(argv))
+        config = config_from_args(RouterConfig, parser.parse_args(argv))
+        secret = read_secret(config.cluster_secret, config.cluster_secret_file, env.CLUSTER_SECRET,
+                             "--cluster-secret")
+        return replace(config, api_key=config.api_key or env.API_KEY.get(), cluster_secret=secret)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

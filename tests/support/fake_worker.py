@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
+from pdserve.common import env
 from pdserve.common.errors import error_body
 from pdserve.common.kv_layout import KVLayout
 from pdserve.tests.support.server_thread import ServerThread
@@ -216,7 +217,7 @@ def make_info(instance_id: str, role: str = "prefill", **changes: Any) -> Instan
 def _register_forever(worker: FakeWorker, url: str, bootstrap_url: str, backend: str) -> None:
     info = make_info(worker.instance_id, worker.role, http_url=url, transfer_backend=backend,
                      model=worker.model)
-    client = BootstrapClient(bootstrap_url)
+    client = BootstrapClient(bootstrap_url, secret=env.CLUSTER_SECRET.get())  # as `pdserve up` hands it
     client.register(info)
     threading.Thread(target=client.heartbeat_forever, args=(info, 1.0, threading.Event()),
                      daemon=True).start()

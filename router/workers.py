@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
+from pdserve.common.auth import bearer_headers
 from pdserve.common.roles import Role
 from pdserve.router.config import RouterConfig
 
@@ -112,11 +113,12 @@ class WorkerRegistry:
 
     async def _discover(self, bootstrap_url: str) -> None:
         try:
-            # The bootstrap service wants the cluster secret, not the worker key.
-            response = await self._http.get(
-                bootstrap_url.rstrip("/") + "/instances",
-                timeout=self._config.health_check_timeout_s,
-                headers={"Authorization": f"Bearer {self._config.cluster_secret or ''}"})
+            request = self._http.build_request("GET", bootstrap_url.rstrip("/") + "/instances",
+                                               timeout=self._config.health_check_timeout_s)
+            # The bootstrap service wants the cluster secret; the worker key is not its business.
+            request.headers.pop("authorization", None)
+            request.headers.update(bearer_headers(self._config.cluster_secret))
+            response = await self._http.send(request)
             response.raise_for_status()
             infos = [_parse_instance(item) for item in response.json()]
         except (httpx.HTTPError, ValueError, TypeError) as exc:

@@ -437,3 +437,18 @@ def test_cli_flags_build_the_config() -> None:
     assert parse_args([]) == replace(RouterConfig())
     with pytest.raises(SystemExit):
         parse_args(["--worker", "http://w:1", "--prefill", "http://p:1"])
+
+
+def test_router_reads_keys_and_secret_from_flags_file_or_environment(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "secret"
+    path.write_text("from-file\n")
+    config = parse_args(["--api-key", "k1", "--cluster-secret-file", str(path)])
+    assert (config.api_key, config.resolved_worker_api_key, config.cluster_secret) == ("k1", "k1", "from-file")
+    assert parse_args(["--api-key", "k1", "--worker-api-key", "w"]).resolved_worker_api_key == "w"
+    assert "k1" not in repr(config) and "from-file" not in repr(config)
+    monkeypatch.setenv("PDSERVE_API_KEY", "k2")
+    monkeypatch.setenv("PDSERVE_CLUSTER_SECRET", "s2")
+    config = parse_args([])
+    assert (config.api_key, config.cluster_secret) == ("k2", "s2")
+    with pytest.raises(SystemExit):
+        parse_args(["--cluster-secret-file", str(tmp_path / "missing")])

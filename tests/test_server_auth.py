@@ -75,3 +75,19 @@ def test_metrics_answer_without_the_key_only_with_open_metrics(open_metrics_serv
     for path in ("/v1/models", "/get_server_info", "/metrics/", "/metricsx"):
         assert_openai_error(httpx.get(open_metrics_server.url + path), 401)
     assert_openai_error(httpx.get(auth_server.url + "/metrics"), 401)
+
+
+def test_serve_reads_key_and_secret_from_flags_file_or_environment(tmp_path: Path, monkeypatch) -> None:
+    from pdserve.serve import parse_config
+
+    path = tmp_path / "secret"
+    path.write_text("from-file\n")
+    cfg = parse_config(["--api-key", "k1", "--cluster-secret-file", str(path)])
+    assert (cfg.api_key, cfg.cluster_secret) == ("k1", "from-file")
+    assert "k1" not in repr(cfg) and "from-file" not in repr(cfg)
+    monkeypatch.setenv("PDSERVE_API_KEY", "k2")
+    monkeypatch.setenv("PDSERVE_CLUSTER_SECRET", "s2")
+    assert (parse_config([]).api_key, parse_config([]).cluster_secret) == ("k2", "s2")
+    assert parse_config(["--cluster-secret", "s3"]).cluster_secret == "s3"
+    with pytest.raises(SystemExit):
+        parse_config(["--cluster-secret-file", str(tmp_path / "missing")])

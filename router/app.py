@@ -5,7 +5,9 @@ Generation endpoints (``/v1/completions``, ``/v1/chat/completions``,
 and ``/get_model_info`` from a healthy worker, ``/workers``, ``/health`` (200
 only while every needed role has a healthy worker), ``/get_server_info``
 (aggregated), ``/flush_cache`` (fan-out) and ``/metrics``. With ``--api-key``
-every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
+every endpoint but ``/health`` (and ``/metrics`` with ``--open-metrics``) needs
+``Authorization: Bearer KEY``; the router presents ``--worker-api-key`` (default:
+the same key) to its workers, and the cluster secret to the bootstrap service.
 """
 
 from __future__ import annotations

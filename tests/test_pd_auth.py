@@ -20,7 +20,7 @@ from pdserve.tests.support.openai_errors import assert_openai_error
 from pdserve.tests.support.payloads import generate_body, prompt_ids
 from pdserve.tests.support.ports import free_port_block
 from pdserve.tests.support.processes import command_line, descendants
-from pdserve.tests.support.server_process import ServerProcess, served
+from pdserve.tests.support.server_process import ServerProcess, served, start_server
 from pdserve.tests.support.waiting import wait_until
 
 API_KEY = "pd-api-key-7f3a"
@@ -130,3 +130,12 @@ def test_key_and_secret_stay_off_command_lines(keyed_up: KeyedUp) -> None:
     assert len(pids) >= 7  # launcher, bootstrap, router, two fronts and their engines
     lines = {pid: command_line(pid) for pid in pids}
     assert not [line for line in lines.values() if API_KEY in line or SECRET in line], lines
+
+
+def test_an_instance_without_the_secret_cannot_join(keyed_up: KeyedUp, tmp_path: Path) -> None:
+    flags = ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-url", keyed_up.bootstrap,
+             "--cluster-secret", "not-the-secret", *SERVE_ARGS)
+    with pytest.raises(RuntimeError, match=r"(?s)exited with.*bootstrap register failed \(401\)"):
+        start_server(flags, tmp_path / "stranger.log")
+    live = httpx.get(keyed_up.bootstrap + "/instances", headers=CLUSTER, timeout=10).json()
+    assert sorted(i["role"] for i in live) == ["decode", "prefill"]

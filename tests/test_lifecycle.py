@@ -98,3 +98,38 @@ def test_sigkill_of_a_front_takes_its_engine_along(tmp_path: Path) -> None:
     finally:
         _kill_all(engines)
         server.stop()
+
+
+FRONT_WITH_BUSY_ENGINE = """
+import sys, threading, time
+from pdserve.common.config import ServerConfig
+from pdserve.server.engine_client import EngineClient
+from pdserve.tests.support.processes import busy_engine_main
+client = EngineClient(ServerConfig(), "", busy_engine_main)
+threading.Thread(target=client.start, args=(600,), daemon=True).start()
+while client.process.pid is None:
+    time.sleep(0.01)
+print(client.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_engine_that_never_reads_its_pipe_still_follows_its_front() -> None:
+    # Pipe EOF alone would leave this engine running: only its lifeline ends it.
+    front = subprocess.Popen([sys.executable, "-c", FRONT_WITH_BUSY_ENGINE], stdout=subprocess.PIPE, text=True)
+    engine = None
+    try:
+        engine = int(front.stdout.readline())
+        wait_until(lambda: "spawn_main" in command_line(engine) and alive(engine), 30.0, 0.05,
+                   "the engine process never started")
+        time.sleep(1.0)  # let it get past its imports into the busy loop
+        front.kill()
+        front.wait()
+        wait_until(lambda: not alive(engine), FOLLOW_S, 0.05,
+                   lambda: f"engine {engine} still running after its front's SIGKILL")
+    finally:
+        if front.poll() is None:
+            front.kill()
+            front.wait()
+        if engine is not None:
+            _kill_all({engine})

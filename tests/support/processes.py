@@ -57,3 +57,11 @@ def command_line(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def busy_engine_main(*_args: object) -> None:
+    """An engine that never reads its pipe (a model loading, a long step)."""
+    import time
+
+    while True:
+        time.sleep(60)

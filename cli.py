@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pdserve.common.lifeline import follow_launcher
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pdserve.serve", "serve one instance (prefill, decode or colocated)"),
     "bootstrap": ("pdserve.bootstrap.server", "run the bootstrap registry"),
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"pdserve: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    follow_launcher()  # a child of `pdserve up` ends with it, however it ends
     module = importlib.import_module(SUBCOMMANDS[name][0])
     result = module.main(rest)
     return int(result or 0)

@@ -8,6 +8,16 @@ when the router's ``/health`` answers 200, which needs every role healthy.
 
 On Ctrl-C or SIGTERM, or when any child dies, every child is stopped (SIGTERM,
 then SIGKILL after a grace period); a dead child makes the exit status non-zero.
+If the launcher itself dies, by any signal, its children follow within a
+moment (``common/lifeline.py``: PR_SET_PDEATHSIG plus a pipe each child
+watches): no orphan keeps the ports. PR_SET_PDEATHSIG follows the thread that
+started a child, so the Python API must be started from a thread that lives
+as long as the cluster (the main thread, say).
+
+With ``--api-key`` the router and every instance want the key (the router
+presents it to the instances); with a cluster secret the bootstrap service
+wants it from every instance. Both reach the children through their
+environment, never their command lines, which ``ps`` shows to every user.
 
     with Cluster(ClusterConfig(num_prefill=1, num_decode=1)) as cluster:
         openai.OpenAI(base_url=cluster.base_url, api_key="none")
@@ -23,12 +33,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
 import httpx
+from pdserve.common import env
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
+from pdserve.common.auth import bearer_headers, read_secret
+from pdserve.common.lifeline import die_with_parent
 from pdserve.common.roles import Role
 from pdserve.common.startup import StartupError, check_port_free, flag_error, one_line
 from pdserve.router.policies import POLICIES
@@ -63,6 +76,12 @@ class ClusterConfig:
     serve_command: tuple[str, ...] | None = field(default=None, metadata=flag(
         "command that starts one instance, one shell-quoted string (default: this Python's pdserve serve)",
         type=shlex.split))
+    api_key: str | None = field(default=None, repr=False, metadata=flag(
+        "the key clients present to the router, and the router to the instances (default: $PDSERVE_API_KEY)"))
+    cluster_secret: str | None = field(default=None, repr=False, metadata=flag(
+        "the secret of the bootstrap service (visible in `ps`: prefer --cluster-secret-file or "
+        "$PDSERVE_CLUSTER_SECRET)"))
+    cluster_secret_file: str | None = field(default=None, metadata=flag("file holding the cluster secret"))
     gpu_ids: tuple[int, ...] = field(default=(), metadata=flag(
         "one GPU per instance, in launch order (prefill, decode, colocated), reused cyclically; "
         "none given leaves the device alone", type=int, nargs="+"))
@@ -143,6 +162,7 @@ class Cluster:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.children: list[Child] = []
+        self._lifeline: tuple[int, int] | None = None  # (read end for children, write end kept here)
         self._roles = ([Role.PREFILL] * config.num_prefill + [Role.DECODE] * config.num_decode
                        + [Role.COLOCATED] * config.num_colocated)
 
@@ -183,6 +203,7 @@ class Cluster:
             _check_port_free(cfg.host, port, flag_name)
         self._check_model()
         deadline = time.monotonic() + cfg.startup_timeout_s
+        self._lifeline = os.pipe()
         try:
             self._spawn("bootstrap", _pdserve_command("bootstrap") + [
                 "--host", cfg.host, "--port", str(cfg.bootstrap_port)])
@@ -238,16 +259,31 @@ class Cluster:
             log_path = Path(self.config.log_dir) / f"{name}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log_file = log_path.open("ab")
+        assert self._lifeline is not None, "children are spawned by start()"
+        lifeline = self._lifeline[0]
+        environ = env.child_environ(self._secret_env() | {env.LIFELINE_FD.name: str(lifeline)},
+                                    remove=(env.API_KEY.name, env.CLUSTER_SECRET.name))
         # Without a log file the child's stderr passes through a relay that keeps its last line.
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=subprocess.STDOUT if log_file else subprocess.PIPE,
-                                   start_new_session=True)
+                                   start_new_session=True, env=environ, pass_fds=(lifeline,),
+                                   preexec_fn=die_with_parent())
         child = Child(name, argv, process, log_path, log_file)
         if log_file is None:
             child.relay = threading.Thread(target=_relay_stderr, args=(child,), name=f"stderr-{name}", daemon=True)
             child.relay.start()
         self.children.append(child)
         return child
+
+    def _secret_env(self) -> dict[str, str]:
+        """What the children read their key and secret from (an instance that
+        does not use one ignores it)."""
+        found = {env.API_KEY.name: self.config.api_key, env.CLUSTER_SECRET.name: self.config.cluster_secret}
+        return {name: value for name, value in found.items() if value}
+
+    def headers(self) -> dict[str, str]:
+        """What a client of the router presents."""
+        return bearer_headers(self.config.api_key)
 
     def dead_child(self) -> Child | None:
         """The first child that has exited, if any."""
@@ -322,11 +358,16 @@ class Cluster:
             if child.log_file is not None:
                 child.log_file.close()
         self.children.clear()
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
 
 
 def _smoke(cluster: Cluster) -> int:
     """One completion through the router; prints the answer."""
-    with httpx.Client(timeout=cluster.config.startup_timeout_s, trust_env=False) as http:
+    with httpx.Client(timeout=cluster.config.startup_timeout_s, trust_env=False,
+                      headers=cluster.headers()) as http:
         models = http.get(cluster.base_url + "/models").json().get("data") or []
         model = models[0]["id"] if models else cluster.config.model_path
         body = {"model": model, "prompt": SMOKE_PROMPT, "max_tokens": 16, "temperature": 0}
@@ -359,6 +400,9 @@ def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
     ns.serve_args = tuple(serve_args)
     try:
         config = config_from_args(ClusterConfig, ns)
+        secret = read_secret(config.cluster_secret, config.cluster_secret_file, env.CLUSTER_SECRET,
+                             "--cluster-secret")
+        config = replace(config, api_key=config.api_key or env.API_KEY.get(), cluster_secret=secret)
     except ValueError as exc:
         flag_error(parser.prog, str(exc))
     return config, ns.smoke

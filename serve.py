@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str]) -> ServerConfig:
     parser = build_parser()
-    cfg = config_from_args(ServerConfig, parser.parse_args(argv)).resolve()
+    cfg = config_from_args(ServerConfig, parser.parse_args(argv))
     try:
+        cfg = cfg.resolve()  # reads the secret's file
         cfg.validate()
     except ValueError as exc:
         flag_error(parser.prog, str(exc))

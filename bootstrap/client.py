@@ -4,15 +4,21 @@ It runs in plain threads (the heartbeat) and in engine code that is not async,
 so it is a sync ``httpx.Client``. A heartbeat answered 404 means the service
 forgot the instance (restart or TTL expiry): the heartbeat loop registers it
 again, so a restarted bootstrap service is whole again within one interval.
+
+One client is one registrant: it draws a token that binds the instance_ids it
+registers to it (see ``registry.py``), and presents the cluster secret, if any.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
+import time
 
 import httpx
-from pdserve.bootstrap.protocol import InstanceInfo
+from pdserve.bootstrap.protocol import ID_IN_USE, TOKEN_HEADER, InstanceInfo
+from pdserve.common.auth import bearer_headers
 from pdserve.common.startup import StartupError
 
 logger = logging.getLogger("pdserve.bootstrap.client")
@@ -23,11 +29,15 @@ class BootstrapError(RuntimeError):
 
 
 class RegistrationRefused(BootstrapError, StartupError):
-    """409: the instance cannot pair with a live one; the message says why (one line)."""
+    """409: the instance cannot pair with a live one, or its id is live under another
+    registrant; the message says why (one line)."""
 
 
 class BootstrapUnreachable(BootstrapError, StartupError):
     """Nothing answers at the bootstrap service's URL."""
+
+
+ID_RETRY_INTERVAL_S = 0.5
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -37,11 +47,20 @@ def _error_message(response: httpx.Response) -> str:
         return response.text or f"HTTP {response.status_code}"
 
 
+def _error_code(response: httpx.Response) -> object:
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class BootstrapClient:
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 5.0, secret: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.token = secrets.token_hex(16)  # this registrant's: see registry.py
+        headers = {**bearer_headers(secret), TOKEN_HEADER: self.token}
         # Cluster-internal traffic: ignore HTTP proxies set in the environment.
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -52,24 +71,37 @@ class BootstrapClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def register(self, info: InstanceInfo) -> None:
-        """Raises :class:`RegistrationRefused` on a pairing conflict and
-        :class:`BootstrapUnreachable` when nothing answers at the URL."""
-        try:
-            response = self._http.post("/register", json=info.to_json())
-        except httpx.TransportError as exc:
-            raise BootstrapUnreachable(
-                f"cannot reach the bootstrap service at {self.url} ({exc or type(exc).__name__}); "
-                "start it (pdserve bootstrap) or check --disaggregation-bootstrap-url") from None
-        if response.status_code == 409:
-            raise RegistrationRefused(_error_message(response))
+    def register(self, info: InstanceInfo, id_wait_s: float = 0.0) -> None:
+        """Raises :class:`RegistrationRefused` on a conflict and
+        :class:`BootstrapUnreachable` when nothing answers at the URL.
+
+        An id still held by another registrant (this instance's previous life,
+        killed before it could deregister) is asked for again for ``id_wait_s``:
+        the old entry expires one TTL after its last heartbeat.
+        """
+        deadline = time.monotonic() + id_wait_s
+        while True:
+            try:
+                response = self._http.post("/register", json=info.to_json())
+            except httpx.TransportError as exc:
+                raise BootstrapUnreachable(
+                    f"cannot reach the bootstrap service at {self.url} ({exc or type(exc).__name__}); "
+                    "start it (pdserve bootstrap) or check --disaggregation-bootstrap-url") from None
+            if response.status_code != 409:
+                break
+            if _error_code(response) != ID_IN_USE or time.monotonic() >= deadline:
+                raise RegistrationRefused(_error_message(response))
+            time.sleep(ID_RETRY_INTERVAL_S)
         self._check(response, "register")
 
     def heartbeat(self, instance_id: str) -> bool:
-        """False when the service does not know the instance (register again)."""
+        """False when the service does not know the instance (register again);
+        raises :class:`RegistrationRefused` when another registrant holds the id."""
         response = self._http.post("/heartbeat", json={"instance_id": instance_id})
         if response.status_code == 404:
             return False
+        if response.status_code == 409:
+            raise RegistrationRefused(_error_message(response))
         self._check(response, "heartbeat")
         return True
 

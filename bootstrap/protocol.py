@@ -23,6 +23,12 @@ from pdserve.common.roles import Role
 # versions pair, naming both.
 PD_PROTOCOL_VERSION = 2
 
+# The header that carries a registrant's token (drawn once per process) on
+# register, heartbeat and delete, and the error code of a 409 that says the
+# instance_id is live under another token.
+TOKEN_HEADER = "X-PDServe-Registration-Token"
+ID_IN_USE = "instance_id_in_use"
+
 _STR_FIELDS = ("instance_id", "role", "http_url", "control_address", "transfer_backend",
                "peer_info", "model")
 _LAYOUT_INT_FIELDS = ("num_layers", "num_pages", "page_size", "num_kv_heads", "head_dim")

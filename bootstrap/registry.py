@@ -5,10 +5,17 @@ checked when an instance registers, never at request time: a prefill and a
 decode instance of the same model must agree on the PD protocol version, the
 KV page layout and the transfer backend, so a mismatch is refused with both values named. Colocated
 (``null``) instances never transfer KV and are not checked.
+
+An instance_id belongs to the process that registered it: the registration
+carries a token that process drew at random, and while the entry lives only
+that token may register, heartbeat or delete it again. Once the entry expired
+or was deleted, the id is free: a restarted instance takes it with a new token.
+An entry registered without a token (a client that sends none) binds nothing.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections.abc import Callable
@@ -22,10 +29,23 @@ class PairingConflict(Exception):
     """Registration refused: the instance cannot pair with a live one."""
 
 
+class IdentityConflict(Exception):
+    """The instance_id is live and was registered by another process (another token)."""
+
+
 @dataclass
 class _Entry:
     info: InstanceInfo
     last_seen_s: float
+    token: str | None = None
+
+
+def _owner_problem(entry: _Entry, token: str | None, action: str) -> str | None:
+    """Why a request with ``token`` may not ``action`` the live ``entry``, or None."""
+    if entry.token is None or (token is not None and hmac.compare_digest(entry.token.encode(), token.encode())):
+        return None
+    return (f"cannot {action} instance '{entry.info.instance_id}': it is live and was registered by "
+            "another process; a restarted instance registers again once the old entry expired")
 
 
 class InstanceRegistry:
@@ -37,24 +57,33 @@ class InstanceRegistry:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
 
-    def register(self, info: InstanceInfo) -> None:
-        """Add or replace ``info``; raises :class:`PairingConflict`."""
+    def register(self, info: InstanceInfo, token: str | None = None) -> None:
+        """Add or replace ``info``; raises :class:`PairingConflict` or :class:`IdentityConflict`."""
         with self._lock:
             now = self._expire()
+            live = self._entries.get(info.instance_id)
+            problem = live and _owner_problem(live, token, "register")
+            if problem:
+                raise IdentityConflict(problem)
             for entry in self._entries.values():
                 if entry.info.instance_id != info.instance_id:
                     problem = pairing_problem(info, entry.info)
                     if problem:
                         raise PairingConflict(problem)
-            self._entries[info.instance_id] = _Entry(info, now)
+            self._entries[info.instance_id] = _Entry(info, now, token)
 
-    def heartbeat(self, instance_id: str) -> bool:
-        """Refresh the TTL; False when the instance is unknown or expired."""
+    def heartbeat(self, instance_id: str, token: str | None = None) -> bool:
+        """Refresh the TTL; False when the instance is unknown or expired.
+
+        Raises :class:`IdentityConflict` when another process owns the entry."""
         with self._lock:
             now = self._expire()
             entry = self._entries.get(instance_id)
             if entry is None:
                 return False
+            problem = _owner_problem(entry, token, "heartbeat")
+            if problem:
+                raise IdentityConflict(problem)
             entry.last_seen_s = now
             return True
 
@@ -70,9 +99,18 @@ class InstanceRegistry:
             infos = [e.info for e in self._entries.values()]
         return [i for i in infos if role is None or i.role == role]
 
-    def delete(self, instance_id: str) -> bool:
+    def delete(self, instance_id: str, token: str | None = None) -> bool:
+        """False when unknown; raises :class:`IdentityConflict` when another process owns it."""
         with self._lock:
-            return self._entries.pop(instance_id, None) is not None
+            self._expire()
+            entry = self._entries.get(instance_id)
+            if entry is None:
+                return False
+            problem = _owner_problem(entry, token, "delete")
+            if problem:
+                raise IdentityConflict(problem)
+            del self._entries[instance_id]
+            return True
 
     def _expire(self) -> float:
         now = self._clock()

@@ -7,6 +7,14 @@ Endpoints (all errors are OpenAI-style error objects):
 - ``GET /instances[?role=prefill]``, ``GET /instances/{id}``, ``DELETE /instances/{id}``
 - ``GET /health``, ``GET /get_server_info`` (the configuration and the live instance counts)
 
+With a cluster secret (``--cluster-secret``, ``--cluster-secret-file`` or
+``$PDSERVE_CLUSTER_SECRET``) every endpoint but ``/health`` wants
+``Authorization: Bearer SECRET`` (401 otherwise): lookups too, since an entry
+names where prompts go and the peers' transfer metadata. Registration,
+heartbeat and deletion carry the registrant's token in the
+``X-PDServe-Registration-Token`` header; a live instance_id answers 409 to
+any other token (see ``registry.py``).
+
 State is in memory only: after a restart, every live instance is back within
 one heartbeat because heartbeats of unknown instances answer 404.
 """
@@ -17,17 +25,19 @@ import argparse
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from pdserve import __version__
-from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
-from pdserve.bootstrap.registry import InstanceRegistry, PairingConflict
+from pdserve.bootstrap.protocol import ID_IN_USE, TOKEN_HEADER, InstanceInfo, InvalidInstanceInfo
+from pdserve.bootstrap.registry import IdentityConflict, InstanceRegistry, PairingConflict
+from pdserve.common import env
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
+from pdserve.common.auth import BearerAuthMiddleware, read_secret, redacted
 from pdserve.common.errors import APIError, install_error_handlers, read_json_object
 from pdserve.common.roles import Role
-from pdserve.common.startup import check_port_free, run_main
+from pdserve.common.startup import check_port_free, flag_error, run_main
 
 logger = logging.getLogger("pdserve.bootstrap")
 
@@ -38,6 +48,10 @@ class BootstrapConfig:
     port: int = field(default=8998, metadata=flag("HTTP port"))
     ttl_s: float = field(default=10.0, metadata=flag("forget an instance this many seconds after its last heartbeat"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
+    cluster_secret: str | None = field(default=None, repr=False, metadata=flag(
+        "require Authorization: Bearer SECRET on every endpoint but /health (visible in `ps`: prefer "
+        "--cluster-secret-file or $PDSERVE_CLUSTER_SECRET)"))
+    cluster_secret_file: str | None = field(default=None, metadata=flag("file holding the cluster secret"))
 
 
 def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None) -> FastAPI:
@@ -45,6 +59,9 @@ def create_app(config: BootstrapConfig, registry: InstanceRegistry | None = None
     app = FastAPI(title="pdserve bootstrap")
     app.state.registry = registry
     install_error_handlers(app)
+    if config.cluster_secret:
+        app.add_middleware(BearerAuthMiddleware, key=config.cluster_secret, open_paths=("/health",),
+                           message="invalid or missing cluster secret (expected 'Authorization: Bearer SECRET')")
     _membership_routes(app, registry, config.ttl_s)
     _lookup_routes(app, registry)
     _info_routes(app, registry, config)
@@ -60,7 +77,7 @@ def _info_routes(app: FastAPI, registry: InstanceRegistry, config: BootstrapConf
         return {
             "role": "bootstrap",
             "version": __version__,
-            "config": dataclasses.asdict(config),
+            "config": redacted(dataclasses.asdict(config)),
             "uptime_s": time.monotonic() - started_s,
             "num_instances": len(live),
             "num_instances_by_role": {role: sum(i.role == role for i in live) for role in Role.names()},
@@ -76,7 +93,10 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
         except InvalidInstanceInfo as exc:
             raise APIError(400, str(exc), exc.param) from None
         try:
-            registry.register(info)
+            registry.register(info, _token(request))
+        except IdentityConflict as exc:
+            logger.warning("refused registration: %s", exc)
+            raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
         except PairingConflict as exc:
             logger.warning("refused registration: %s", exc)
             raise APIError(409, str(exc)) from None
@@ -88,16 +108,28 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
         instance_id = (await read_json_object(request)).get("instance_id")
         if not isinstance(instance_id, str) or not instance_id:
             raise APIError(400, "field 'instance_id' must be a non-empty string", "instance_id")
-        if not registry.heartbeat(instance_id):
+        try:
+            known = registry.heartbeat(instance_id, _token(request))
+        except IdentityConflict as exc:
+            raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
+        if not known:
             raise APIError(404, f"instance '{instance_id}' is not registered; register again")
         return {"status": "ok"}
 
     @app.delete("/instances/{instance_id}")
-    async def delete_instance(instance_id: str) -> dict[str, Any]:
-        if not registry.delete(instance_id):
+    async def delete_instance(instance_id: str, request: Request) -> dict[str, Any]:
+        try:
+            known = registry.delete(instance_id, _token(request))
+        except IdentityConflict as exc:
+            raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
+        if not known:
             raise APIError(404, f"instance '{instance_id}' is not registered")
         logger.info("deregistered %s", instance_id)
         return {"status": "ok", "instance_id": instance_id}
+
+
+def _token(request: Request) -> str | None:
+    return request.headers.get(TOKEN_HEADER) or None
 
 
 def _lookup_routes(app: FastAPI, registry: InstanceRegistry) -> None:
@@ -127,7 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> BootstrapConfig:
-    return config_from_args(BootstrapConfig, build_parser().parse_args(argv))
+    parser = build_parser()
+    config = config_from_args(BootstrapConfig, parser.parse_args(argv))
+    try:
+        secret = read_secret(config.cluster_secret, config.cluster_secret_file, env.CLUSTER_SECRET,
+                             "--cluster-secret")
+    except ValueError as exc:
+        flag_error(parser.prog, str(exc))
+    return replace(config, cluster_secret=secret)
 
 
 def main(argv: list[str]) -> int:
@@ -141,8 +180,8 @@ def _serve(config: BootstrapConfig) -> int:
     check_port_free(config.host, config.port, "--port")
     logging.basicConfig(level=config.log_level.upper(),
                         format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
-    logger.info("bootstrap service on http://%s:%d (ttl %.1fs)", config.host, config.port,
-                config.ttl_s)
+    logger.info("bootstrap service on http://%s:%d (ttl %.1fs, %s)", config.host, config.port,
+                config.ttl_s, "cluster secret required" if config.cluster_secret else "open: no cluster secret")
     uvicorn.run(create_app(config), host=config.host, port=config.port,
                 log_level=config.log_level, access_log=False)
     return 0

@@ -11,7 +11,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field, replace
 
+from pdserve.common import env
 from pdserve.common.args import flag as _flag
+from pdserve.common.auth import read_secret
 from pdserve.common.roles import Role
 
 
@@ -31,8 +33,10 @@ class ServerConfig:
     # HTTP.
     host: str = field(default="127.0.0.1", metadata=_flag("HTTP bind address"))
     port: int = field(default=30000, metadata=_flag("HTTP port"))
-    api_key: str | None = field(default=None, metadata=_flag("require Authorization: Bearer KEY on every endpoint but /health"))
+    api_key: str | None = field(default=None, repr=False, metadata=_flag(
+        "require Authorization: Bearer KEY on every endpoint but /health (default: $PDSERVE_API_KEY)"))
     enable_metrics: bool = field(default=False, metadata=_flag("serve Prometheus metrics on /metrics"))
+    open_metrics: bool = field(default=False, metadata=_flag("with --api-key: serve /metrics without the key too (a scraper's)"))
     log_level: str = field(default="info", metadata=_flag("logging level", choices=("debug", "info", "warning", "error")))
     log_requests: bool = field(default=False, metadata=_flag("log every request's input and output"))
     skip_server_warmup: bool = field(default=False, metadata=_flag("do not send a warmup request before reporting healthy"))
@@ -76,6 +80,10 @@ class ServerConfig:
     disaggregation_poll_interval_ms: float | None = field(default=None, metadata=_flag(
         "how often an instance with nothing to run checks its rooms in flight (default: 0.1 on GPU, 2 on CPU)"))
     instance_id: str | None = field(default=None, metadata=_flag("instance id in the bootstrap registry (default: random)"))
+    cluster_secret: str | None = field(default=None, repr=False, metadata=_flag(
+        "the secret the bootstrap service wants (visible in `ps`: prefer --cluster-secret-file or "
+        "$PDSERVE_CLUSTER_SECRET)"))
+    cluster_secret_file: str | None = field(default=None, metadata=_flag("file holding the cluster secret"))
 
     def resolve(self) -> ServerConfig:
         """Fill the ``auto`` values that need neither the model nor a device."""
@@ -84,6 +92,10 @@ class ServerConfig:
             updates["instance_id"] = f"{self.disaggregation_mode}-{uuid.uuid4().hex[:12]}"
         if self.disaggregation_control_host is None:
             updates["disaggregation_control_host"] = self.host
+        if self.api_key is None:
+            updates["api_key"] = env.API_KEY.get()
+        updates["cluster_secret"] = read_secret(
+            self.cluster_secret, self.cluster_secret_file, env.CLUSTER_SECRET, "--cluster-secret")
         return replace(self, **updates) if updates else self
 
     def validate(self) -> None:

@@ -33,4 +33,24 @@ MODEL_DIR: EnvVar[str | None] = EnvVar(
 OPENAI_API_KEY: EnvVar[str | None] = EnvVar(
     "OPENAI_API_KEY", None, str, "pdserve bench's bearer token when --api-key is not given (the OpenAI clients' name)")
 
-ALL: tuple[EnvVar, ...] = (MODEL_DIR, OPENAI_API_KEY)
+API_KEY: EnvVar[str | None] = EnvVar(
+    "PDSERVE_API_KEY", None, str,
+    "the API key of `pdserve serve` and `pdserve router` when --api-key is not given "
+    "(how `pdserve up` hands it to its children: never on a command line that `ps` shows)")
+
+CLUSTER_SECRET: EnvVar[str | None] = EnvVar(
+    "PDSERVE_CLUSTER_SECRET", None, str,
+    "the cluster secret when neither --cluster-secret nor --cluster-secret-file is given")
+
+LIFELINE_FD: EnvVar[int | None] = EnvVar(
+    "PDSERVE_LIFELINE_FD", None, int,
+    "set by `pdserve up` for its children: a pipe whose end of file means the launcher is gone")
+
+ALL: tuple[EnvVar, ...] = (MODEL_DIR, OPENAI_API_KEY, API_KEY, CLUSTER_SECRET, LIFELINE_FD)
+
+
+def child_environ(updates: Mapping[str, str], remove: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment with ``updates`` set and ``remove`` unset: a child's."""
+    environ = {k: v for k, v in os.environ.items() if k not in remove}
+    environ.update(updates)
+    return environ

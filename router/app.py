@@ -6,8 +6,10 @@ and ``/get_model_info`` from a healthy worker, ``/workers``, ``/health`` (200
 only while every needed role has a healthy worker), ``/health_generate`` (one
 token generated through a pair), ``/get_server_info`` (the effective
 configuration, live counts, and every instance's own), ``/flush_cache``
-(fan-out) and ``/metrics``. With ``--api-key``
-every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
+(fan-out) and ``/metrics``. With ``--api-key`` every endpoint but ``/health``
+(and ``/metrics`` with ``--open-metrics``) needs ``Authorization: Bearer KEY``;
+the router presents ``--worker-api-key`` (default: the same key) to its
+workers, and the cluster secret to the bootstrap service.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ import asyncio
 import dataclasses
 import gc
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -28,7 +29,9 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pdserve import __version__
+from pdserve.common import env
 from pdserve.common.args import add_dataclass_args, config_from_args
+from pdserve.common.auth import bearer_headers, key_matches, read_secret, redacted
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.common.event_stream import with_raw_send
@@ -70,7 +73,9 @@ def _build_state(config: RouterConfig) -> RouterState:
     # No pool cap: every streamed answer holds a connection for its whole life.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     # Internal traffic: never through an HTTP proxy from the environment.
-    http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+    # Every call to a worker presents the worker key; discovery replaces it with the cluster secret.
+    worker_headers = bearer_headers(config.resolved_worker_api_key)
+    http = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, headers=worker_headers)
     policies = _make_policies(config)
 
     def forget(worker: Worker) -> None:
@@ -83,6 +88,7 @@ def _build_state(config: RouterConfig) -> RouterState:
         connector=aiohttp.TCPConnector(limit=0),
         timeout=aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.health_check_timeout_s),
         auto_decompress=False,
+        headers=worker_headers,
     )
     forwarder = Forwarder(config, workers, policies, session, metrics)
     return RouterState(config, http, session, workers, policies, forwarder, metrics)
@@ -90,12 +96,11 @@ def _build_state(config: RouterConfig) -> RouterState:
 
 def _api_key_guard(config: RouterConfig):
     async def check(request: Request) -> None:
-        if config.api_key is None:
+        if not config.api_key:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), config.api_key):
-            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer KEY')")
+        if not key_matches(request.headers.get("authorization"), config.api_key):
+            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
 
     return check
 
@@ -149,11 +154,8 @@ async def _server_info(state: RouterState, worker: Worker) -> dict[str, Any] | N
 
 
 def redacted_config(config: RouterConfig) -> dict[str, Any]:
-    """The effective configuration, the API key left out."""
-    values = dataclasses.asdict(config)
-    if values["api_key"] is not None:
-        values["api_key"] = "<redacted>"
-    return values
+    """The effective configuration, credentials left out."""
+    return redacted(dataclasses.asdict(config))
 
 
 async def _health_generate(state: RouterState) -> Response:
@@ -222,6 +224,8 @@ def _admin_routes(api: APIRouter) -> None:
         ok = all(r["status"] == 200 for r in results)
         return JSONResponse({"results": results}, status_code=200 if ok else 502)
 
+
+def _metrics_route(api: APIRouter) -> None:
     @api.get("/metrics")
     async def metrics(request: Request) -> Response:
         state: RouterState = request.app.state.router
@@ -271,6 +275,12 @@ def create_app(config: RouterConfig) -> FastAPI:
     api = APIRouter(dependencies=[Depends(_api_key_guard(config))])
     _generation_routes(api)
     _admin_routes(api)
+    if config.open_metrics:
+        open_api = APIRouter()
+        _metrics_route(open_api)
+        app.include_router(open_api)
+    else:
+        _metrics_route(api)
     app.include_router(api)
     return app
 
@@ -286,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> RouterConfig:
     parser = build_parser()
     try:
-        return config_from_args(RouterConfig, parser.parse_args(argv))
+        config = config_from_args(RouterConfig, parser.parse_args(argv))
+        secret = read_secret(config.cluster_secret, config.cluster_secret_file, env.CLUSTER_SECRET,
+                             "--cluster-secret")
+        return replace(config, api_key=config.api_key or env.API_KEY.get(), cluster_secret=secret)
     except ValueError as exc:
         flag_error(parser.prog, str(exc))
 

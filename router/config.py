@@ -36,7 +36,15 @@ class RouterConfig:
     prefill_policy: str | None = field(default=None, metadata=flag("prefill policy (default: --policy)"))
     decode_policy: str | None = field(default=None, metadata=flag("decode policy (default: --policy)"))
     cache_aware: CacheAwareConfig = field(default=CacheAwareConfig(), metadata=flag("", nested=True))
-    api_key: str | None = field(default=None, metadata=flag("require Authorization: Bearer KEY on every endpoint but /health"))
+    api_key: str | None = field(default=None, repr=False, metadata=flag(
+        "require Authorization: Bearer KEY on every endpoint but /health (default: $PDSERVE_API_KEY)"))
+    worker_api_key: str | None = field(default=None, repr=False, metadata=flag(
+        "the key the router presents to its workers (default: --api-key)"))
+    open_metrics: bool = field(default=False, metadata=flag("with --api-key: serve /metrics without the key too (a scraper's)"))
+    cluster_secret: str | None = field(default=None, repr=False, metadata=flag(
+        "the secret the bootstrap service wants, for --bootstrap-url (visible in `ps`: prefer "
+        "--cluster-secret-file or $PDSERVE_CLUSTER_SECRET)"))
+    cluster_secret_file: str | None = field(default=None, metadata=flag("file holding the cluster secret"))
     health_check_interval_s: float = field(default=5.0, metadata=flag("seconds between health checks of each worker"))
     health_check_timeout_s: float = field(default=5.0, metadata=flag("seconds a health check may take"))
     request_timeout_s: float = field(default=600.0, metadata=flag("seconds one upstream request may take"))
@@ -54,6 +62,10 @@ class RouterConfig:
             raise ValueError("--worker URLs need colocated mode")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+
+    @property
+    def resolved_worker_api_key(self) -> str | None:
+        return self.worker_api_key or self.api_key
 
     @property
     def resolved_prefill_policy(self) -> str:

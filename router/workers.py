@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
+from pdserve.common.auth import bearer_headers
 from pdserve.common.roles import Role
 from pdserve.router.config import RouterConfig
 
@@ -112,9 +113,12 @@ class WorkerRegistry:
 
     async def _discover(self, bootstrap_url: str) -> None:
         try:
-            response = await self._http.get(
-                bootstrap_url.rstrip("/") + "/instances",
-                timeout=self._config.health_check_timeout_s)
+            request = self._http.build_request("GET", bootstrap_url.rstrip("/") + "/instances",
+                                               timeout=self._config.health_check_timeout_s)
+            # The bootstrap service wants the cluster secret; the worker key is not its business.
+            request.headers.pop("authorization", None)
+            request.headers.update(bearer_headers(self._config.cluster_secret))
+            response = await self._http.send(request)
             response.raise_for_status()
             infos = [_parse_instance(item) for item in response.json()]
         except (httpx.HTTPError, ValueError, TypeError) as exc:
@@ -142,7 +146,12 @@ class WorkerRegistry:
             if health.status_code != 200:
                 self.mark_failed(worker, f"/health answered {health.status_code}")
                 return
-            info = (await self._http.get(worker.url + "/get_server_info", timeout=timeout)).json()
+            response = await self._http.get(worker.url + "/get_server_info", timeout=timeout)
+            if response.status_code != 200:
+                # /health is open even on a keyed instance: a refused key shows here.
+                self.mark_failed(worker, _server_info_problem(response.status_code))
+                return
+            info = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             self.mark_failed(worker, f"unreachable: {exc!r}")
             return
@@ -167,6 +176,12 @@ class WorkerRegistry:
         worker.num_running_reqs = _count(info.get("num_running_reqs"))
         worker.num_queued_reqs = _count(info.get("num_queued_reqs"))
         return None
+
+
+def _server_info_problem(status: int) -> str:
+    if status in (401, 403):
+        return f"/get_server_info answered {status}: the instance refused the router's key (--worker-api-key)"
+    return f"/get_server_info answered {status}"
 
 
 def _count(value: Any) -> int:

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 
 from pdserve.common import codec
 from pdserve.common.config import ServerConfig
+from pdserve.common.lifeline import follow_connection
 from pdserve.common.messages import (
     AbortRequest,
     ControlRequest,
@@ -128,11 +129,29 @@ def frame(payload: bytes) -> bytes:
     return head + payload
 
 
+def _engine_process(engine_main: EngineMain, lifeline: Connection, cfg: ServerConfig, model_dir: str,
+                    conn: Connection, num_text_tokens: int | None) -> None:
+    """The engine process: its main, plus a watch that ends it when the front dies.
+
+    The engine also exits on its pipe's end of file, but only once it reads the
+    pipe again: not while it loads a model or runs a long step. The lifeline is
+    read by a thread of its own, so a front killed by any signal takes its engine
+    along at once. (PR_SET_PDEATHSIG would not do: it follows the thread that
+    started the engine, which ends once the engine is up.)
+    """
+    follow_connection(lifeline, "the front")
+    engine_main(cfg, model_dir, conn, num_text_tokens)
+
+
 class EngineClient:
     def __init__(self, cfg: ServerConfig, model_dir: str, engine_main: EngineMain, num_text_tokens: int | None = None):
         ctx = mp.get_context("spawn")
         self._conn, self._child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=engine_main, args=(cfg, model_dir, self._child_conn, num_text_tokens), name="pdserve-engine", daemon=True)
+        # The front holds the lifeline's write end until it exits; it never writes.
+        self._lifeline_child, self._lifeline = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=_engine_process, name="pdserve-engine", daemon=True,
+            args=(engine_main, self._lifeline_child, cfg, model_dir, self._child_conn, num_text_tokens))
         self.ready: EngineReady | None = None
         self._boxes: dict[str, Mailbox] = {}
         self._control: dict[int, asyncio.Future] = {}
@@ -143,8 +162,9 @@ class EngineClient:
     def start(self, timeout_s: float) -> EngineReady:
         """Start the engine and block until it is ready; raise if it fails."""
         self.process.start()
-        # Only the engine may hold its end: then closing ours is an EOF it sees at once.
+        # Only the engine may hold its ends: then closing ours is an EOF it sees at once.
         self._child_conn.close()
+        self._lifeline_child.close()
         if not self._conn.poll(timeout_s):
             self.process.kill()
             raise EngineDied(f"engine did not start within {timeout_s:.0f}s")

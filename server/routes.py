@@ -9,6 +9,7 @@ from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pdserve.common.auth import BearerAuthMiddleware
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_body, install_error_handlers, read_json_object
 from pdserve.common.event_stream import EventStream
@@ -34,29 +35,9 @@ def install_routes(app: FastAPI, state: AppState) -> None:
 def _install_middleware(app: FastAPI, state: AppState) -> None:
     install_error_handlers(app)
     if state.cfg.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=state.cfg.api_key)
-
-
-class APIKeyMiddleware:
-    """``Authorization: Bearer KEY`` on every path but /health.
-
-    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``)
-    swallows the client's disconnect message, so a handler polling
-    ``request.is_disconnected()`` would never see a client leave.
-    """
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
-            auth = dict(scope["headers"]).get(b"authorization")
-            if auth != self.expected:
-                body = error_body(401, "invalid or missing API key", code="invalid_api_key")
-                await JSONResponse(body, status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        open_paths = ("/health", "/metrics") if state.cfg.open_metrics else ("/health",)
+        app.add_middleware(BearerAuthMiddleware, key=state.cfg.api_key, open_paths=open_paths,
+                           message="invalid or missing API key (expected 'Authorization: Bearer KEY')")
 
 
 def _serving(state: AppState) -> Serving:

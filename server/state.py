@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import uvicorn
+from pdserve.common.auth import redacted
 from pdserve.common.config import ServerConfig
 from pdserve.common.messages import EngineReady
 from pdserve.server.engine_client import EngineClient
@@ -29,9 +30,7 @@ class AppState:
 
     def server_info(self) -> dict:
         ready = dataclasses.asdict(self.engine_ready) if self.engine_ready else {}
-        config = dataclasses.asdict(self.cfg)
-        if config["api_key"] is not None:
-            config["api_key"] = "<redacted>"
+        config = redacted(dataclasses.asdict(self.cfg))
         return {**config, **ready, "model_dir": self.model_dir, "version": version(),
                 "role": self.cfg.disaggregation_mode, "ready": self.ready, "failed": self.failed}
 

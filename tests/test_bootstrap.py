@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from pdserve.bootstrap.protocol import PD_PROTOCOL_VERSION, InstanceInfo
+from pdserve.bootstrap.protocol import PD_PROTOCOL_VERSION, TOKEN_HEADER, InstanceInfo
 from pdserve.bootstrap.registry import InstanceRegistry
 from pdserve.bootstrap.server import BootstrapConfig, create_app, parse_args
 from pdserve.tests.support.clock import FakeClock
@@ -137,3 +137,100 @@ def test_invalid_heartbeat_and_role_filter_are_400(client: TestClient) -> None:
 def test_cli_defaults_come_from_config() -> None:
     assert parse_args([]) == BootstrapConfig()
     assert parse_args(["--port", "9000", "--ttl-s", "2.5"]).ttl_s == 2.5
+
+
+SECRET = "cluster-secret-xyz"
+
+
+@pytest.fixture
+def secured(clock: FakeClock) -> TestClient:
+    registry = InstanceRegistry(ttl_s=10.0, clock=clock)
+    return TestClient(create_app(BootstrapConfig(ttl_s=10.0, cluster_secret=SECRET), registry))
+
+
+def _auth(token: str | None = None, secret: str = SECRET, scheme: str = "Bearer") -> dict[str, str]:
+    headers = {"Authorization": f"{scheme} {secret}"}
+    return {**headers, TOKEN_HEADER: token} if token else headers
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": SECRET},
+                                     {"Authorization": f"Basic {SECRET}"}])
+def test_cluster_secret_guards_every_endpoint_but_health(secured: TestClient, headers: dict) -> None:
+    calls = [("POST", "/register", make_info("p1").to_json()), ("POST", "/heartbeat", {"instance_id": "p1"}),
+             ("DELETE", "/instances/p1", None), ("GET", "/instances", None), ("GET", "/instances/p1", None)]
+    assert secured.post("/register", json=make_info("p1").to_json(), headers=_auth("t1")).status_code == 200
+    for method, path, body in calls:
+        response = secured.request(method, path, json=body, headers={**headers, TOKEN_HEADER: "t1"})
+        assert_openai_error(response, 401, "cluster secret", code="invalid_api_key")
+    assert secured.get("/health").status_code == 200
+    # Nothing the refused calls asked for happened: p1 is still there, as registered.
+    assert secured.get("/instances/p1", headers=_auth()).json() == make_info("p1").to_json()
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_cluster_secret_scheme_is_case_insensitive(secured: TestClient, scheme: str) -> None:
+    response = secured.post("/register", json=make_info("p1").to_json(), headers=_auth("t1", scheme=scheme))
+    assert response.status_code == 200, response.text
+    assert [i["instance_id"] for i in secured.get("/instances", headers=_auth(scheme=scheme)).json()] == ["p1"]
+
+
+def test_a_live_instance_cannot_be_taken_over_by_another_registrant(secured: TestClient, clock: FakeClock) -> None:
+    real = make_info("p1")
+    assert secured.post("/register", json=real.to_json(), headers=_auth("owner")).status_code == 200
+    impostor = make_info("p1", http_url="http://10.6.6.6:1")
+    for token in ("impostor", None):
+        headers = _auth(token)
+        assert_openai_error(secured.post("/register", json=impostor.to_json(), headers=headers), 409,
+                            "another process", param="instance_id", code="instance_id_in_use")
+        assert_openai_error(secured.post("/heartbeat", json={"instance_id": "p1"}, headers=headers), 409,
+                            "another process", code="instance_id_in_use")
+        assert_openai_error(secured.delete("/instances/p1", headers=headers), 409, "another process")
+    assert secured.get("/instances/p1", headers=_auth()).json()["http_url"] == real.http_url
+    # The owner keeps it alive, re-registers it (a new layout after a restart of
+    # the same process is its own business) and deletes it.
+    assert secured.post("/heartbeat", json={"instance_id": "p1"}, headers=_auth("owner")).status_code == 200
+    assert secured.post("/register", json=real.to_json(), headers=_auth("owner")).status_code == 200
+    assert secured.delete("/instances/p1", headers=_auth("owner")).status_code == 200
+    # Deleted: the id is free for a new registrant (a restarted instance).
+    assert secured.post("/register", json=impostor.to_json(), headers=_auth("restarted")).status_code == 200
+
+
+def test_an_expired_registration_frees_its_id(secured: TestClient, clock: FakeClock) -> None:
+    assert secured.post("/register", json=make_info("p1").to_json(), headers=_auth("old")).status_code == 200
+    clock.advance(9)
+    assert secured.post("/register", json=make_info("p1").to_json(), headers=_auth("new")).status_code == 409
+    clock.advance(2)  # 11 s after the old registrant's last word: expired
+    assert secured.post("/register", json=make_info("p1").to_json(), headers=_auth("new")).status_code == 200
+    assert_openai_error(secured.post("/heartbeat", json={"instance_id": "p1"}, headers=_auth("old")), 409)
+
+
+def test_only_authenticated_registrants_count_for_pairing(secured: TestClient) -> None:
+    # A first registration with another page size would lock real instances out:
+    # without the secret it is refused, so it never counts.
+    squatter = make_info("squatter", page_size=32)
+    assert_openai_error(secured.post("/register", json=squatter.to_json()), 401)
+    assert secured.post("/register", json=make_info("p1").to_json(), headers=_auth("a")).status_code == 200
+    assert secured.post("/register", json=make_info("d1", role="decode").to_json(),
+                        headers=_auth("b")).status_code == 200
+
+
+def test_cluster_secret_from_file_or_environment(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "secret"
+    path.write_text("from-file\n")
+    assert parse_args(["--cluster-secret-file", str(path)]).cluster_secret == "from-file"
+    monkeypatch.setenv("PDSERVE_CLUSTER_SECRET", "from-env")
+    assert parse_args([]).cluster_secret == "from-env"
+    assert parse_args(["--cluster-secret", "flag"]).cluster_secret == "flag"
+    assert "from-env" not in repr(parse_args([]))
+    path.write_text("  \n")
+    with pytest.raises(SystemExit):
+        parse_args(["--cluster-secret-file", str(path)])
+    with pytest.raises(SystemExit):
+        parse_args(["--cluster-secret-file", str(tmp_path / "missing")])
+
+
+def test_server_info_shows_the_secret_only_as_set(secured: TestClient) -> None:
+    response = secured.get("/get_server_info", headers=_auth())
+    assert response.status_code == 200
+    assert response.json()["config"]["cluster_secret"] == "<redacted>"
+    assert SECRET not in response.text

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import pytest
 from pdserve.bootstrap.client import BootstrapClient, RegistrationRefused
+from pdserve.bootstrap.protocol import TOKEN_HEADER
 from pdserve.bootstrap.server import BootstrapConfig, create_app
 from pdserve.tests.support.fake_worker import make_info
 from pdserve.tests.support.server_thread import ServerThread
@@ -55,7 +57,9 @@ def test_heartbeat_loop_reregisters_after_the_service_restarts(service: ServerTh
         try:
             with BootstrapClient(restarted.url) as probe:
                 wait_until(lambda: probe.lookup("p1") == info, message="not re-registered after the restart")
-                probe.deregister("p1")  # forgotten again: the next heartbeat restores it
+                # Forgotten again (deleted by its owner's token): the next heartbeat restores it.
+                gone = httpx.delete(restarted.url + "/instances/p1", headers={TOKEN_HEADER: client.token})
+                assert gone.status_code == 200
                 wait_until(lambda: probe.lookup("p1") == info, message="not re-registered after deregister")
         finally:
             restarted.stop()

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import httpx
 import pytest
-from pdserve.bootstrap.client import BootstrapClient
+from pdserve.bootstrap.client import BootstrapClient, BootstrapError
 from pdserve.bootstrap.server import BootstrapConfig
 from pdserve.bootstrap.server import create_app as create_bootstrap_app
 from pdserve.router.app import create_app, parse_args
@@ -319,6 +319,85 @@ def test_api_key_guards_everything_but_health(stack: Stack) -> None:
     assert len(stack.fakes["d0"].requests) == 1
 
 
+def _keyed_pd(stack: Stack, worker_key: str, config: RouterConfig) -> None:
+    """One prefill and one decode that want ``worker_key``, and a router (not waited for)."""
+    for role, name in (("prefill", "p0"), ("decode", "d0")):
+        stack.fake(role, name, api_key=worker_key)
+    stack.start_router(replace(config, prefill_urls=(stack.urls["p0"],), decode_urls=(stack.urls["d0"],)),
+                       wait_healthy=False)
+
+
+@pytest.mark.parametrize(("router_key", "worker_key"), [("sekret", None), ("sekret", "wk"), (None, "wk")])
+def test_router_presents_the_worker_key_to_keyed_workers(stack: Stack, router_key: str | None,
+                                                         worker_key: str | None) -> None:
+    key = worker_key or router_key  # --worker-api-key defaults to --api-key
+    _keyed_pd(stack, key, replace(FAST, api_key=router_key, worker_api_key=worker_key))
+    stack.wait_health(200)
+    client = {"Authorization": f"Bearer {router_key}"} if router_key else {}
+    ok = stack.post("/v1/completions", json=PROMPT, headers=client)
+    assert ok.status_code == 200, ok.text
+    streamed = stack.post("/v1/completions", json={**PROMPT, "stream": True}, headers=client)
+    assert streamed.content == stack.fakes["d0"].sse_bytes()
+    assert len(stack.fakes["p0"].bodies("/v1/completions")) == 2
+    assert stack.get("/v1/models", headers=client).json()["data"][0]["id"] == "fake-model"
+    info = stack.get("/get_server_info", headers=client).json()
+    assert all(i["server_info"] is not None for i in info["instances"])
+    assert stack.post("/flush_cache", headers=client).status_code == 200
+
+
+def test_a_worker_that_refuses_the_routers_key_is_unhealthy(stack: Stack) -> None:
+    # /health is open on a keyed instance: only /get_server_info shows the refusal.
+    _keyed_pd(stack, "right", replace(FAST, worker_api_key="wrong"))
+    wait_until(lambda: all("401" in (w["last_error"] or "") for w in stack.get("/workers").json()),
+               message=lambda: f"workers: {stack.get('/workers').json()}")
+    assert not any(w["healthy"] for w in stack.get("/workers").json())
+    assert stack.get("/health").status_code == 503
+    assert_openai_error(stack.post("/v1/completions", json=PROMPT), 503)
+    assert stack.fakes["d0"].requests == []
+    stack.fakes["p0"].behavior.api_key = stack.fakes["d0"].behavior.api_key = "wrong"
+    stack.wait_health(200)  # the same workers, now taking the router's key
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_router_key_scheme_is_case_insensitive(stack: Stack, scheme: str) -> None:
+    pd(stack, config=replace(FAST, api_key="sekret"))
+    assert stack.get("/workers", headers={"Authorization": f"{scheme} sekret"}).status_code == 200
+    for header in (f"{scheme}sekret", "Basic sekret", "Bearer sekret2", "Bearer s\u00e9kret".encode()):
+        assert_openai_error(stack.get("/workers", headers={"Authorization": header}), 401,
+                            code="invalid_api_key")
+
+
+@pytest.mark.parametrize("open_metrics", [False, True])
+def test_metrics_without_the_key_only_when_the_operator_says(stack: Stack, open_metrics: bool) -> None:
+    pd(stack, config=replace(FAST, api_key="sekret", open_metrics=open_metrics))
+    assert stack.get("/health").status_code == 200
+    metrics = stack.get("/metrics")
+    if open_metrics:
+        assert metrics.status_code == 200 and "pdserve:router_requests_total" in metrics.text
+    else:
+        assert_openai_error(metrics, 401)
+    assert_openai_error(stack.get("/workers"), 401)  # everything else still wants it
+
+
+def test_router_discovers_with_the_cluster_secret(stack: Stack) -> None:
+    bootstrap = ServerThread(create_bootstrap_app(BootstrapConfig(ttl_s=30.0, cluster_secret="cs"))).start()
+    stack.servers.append(bootstrap)
+    p, d = stack.fake("prefill", "p0"), stack.fake("decode", "d0")
+    with BootstrapClient(bootstrap.url, secret="cs") as client:
+        for worker, name in ((p, "p0"), (d, "d0")):
+            client.register(make_info(worker.instance_id, worker.role, http_url=stack.urls[name]))
+        with BootstrapClient(bootstrap.url) as stranger:
+            with pytest.raises(BootstrapError, match="401"):
+                stranger.register(make_info("evil", "prefill", http_url="http://10.6.6.6:1"))
+        # Without the secret the router sees nobody; with it, both.
+        stack.start_router(replace(FAST, bootstrap_url=bootstrap.url), wait_healthy=False)
+        time.sleep(0.3)  # a few discovery rounds (every 0.05 s) that must find nothing
+        assert stack.get("/workers").json() == []
+        stack.start_router(replace(FAST, bootstrap_url=bootstrap.url, cluster_secret="cs"))
+        assert {w["instance_id"] for w in stack.get("/workers").json()} == {p.instance_id, d.instance_id}
+        assert stack.post("/v1/completions", json=PROMPT).status_code == 200
+
+
 @pytest.mark.parametrize(("content", "fragment"),
                          [(b"{oops", "not valid JSON"), (b'["a"]', "JSON object"), (b"", "JSON")])
 def test_bad_input_is_400_without_contacting_workers(stack: Stack, content: bytes,
@@ -369,3 +448,18 @@ def test_cli_flags_build_the_config() -> None:
     assert parse_args([]) == replace(RouterConfig())
     with pytest.raises(SystemExit):
         parse_args(["--worker", "http://w:1", "--prefill", "http://p:1"])
+
+
+def test_router_reads_keys_and_secret_from_flags_file_or_environment(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "secret"
+    path.write_text("from-file\n")
+    config = parse_args(["--api-key", "k1", "--cluster-secret-file", str(path)])
+    assert (config.api_key, config.resolved_worker_api_key, config.cluster_secret) == ("k1", "k1", "from-file")
+    assert parse_args(["--api-key", "k1", "--worker-api-key", "w"]).resolved_worker_api_key == "w"
+    assert "k1" not in repr(config) and "from-file" not in repr(config)
+    monkeypatch.setenv("PDSERVE_API_KEY", "k2")
+    monkeypatch.setenv("PDSERVE_CLUSTER_SECRET", "s2")
+    config = parse_args([])
+    assert (config.api_key, config.cluster_secret) == ("k2", "s2")
+    with pytest.raises(SystemExit):
+        parse_args(["--cluster-secret-file", str(tmp_path / "missing")])

@@ -150,3 +150,40 @@ def test_gpu_ids_give_each_instance_its_own_device() -> None:
     assert [argv[argv.index("--base-gpu-id") + 1] for argv in devices] == ["0", "1", "2", "3"]
     plain, _ = parse_args(["--num-prefill", "1", "--num-decode", "1"])
     assert "--base-gpu-id" not in Cluster(plain)._serve_argv("prefill", plain.base_port)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+def test_key_and_secret_reach_children_through_their_environment(tmp_path: Path) -> None:
+    key, secret = "launcher-key-5d1e", "launcher-secret-0b7c"
+    config = fake_config(tmp_path, num_prefill=1, num_decode=1, api_key=key, cluster_secret=secret)
+    with Cluster(config) as cluster:
+        assert httpx.get(cluster.router_url + "/health").status_code == 200
+        assert httpx.get(cluster.base_url + "/models").status_code == 401
+        assert httpx.get(cluster.base_url + "/models", headers=cluster.headers()).status_code == 200
+        assert httpx.get(cluster.bootstrap_url + "/instances").status_code == 401
+        # The fake instances registered: they got the secret.
+        listed = httpx.get(cluster.bootstrap_url + "/instances", headers={"Authorization": f"Bearer {secret}"})
+        assert sorted(i["role"] for i in listed.json()) == ["decode", "prefill"]
+        for child in cluster.children:
+            assert key not in " ".join(child.argv) and secret not in " ".join(child.argv)
+            environ = _environ(child.process.pid)
+            assert environ["PDSERVE_API_KEY"] == key and environ["PDSERVE_CLUSTER_SECRET"] == secret
+
+
+def test_up_reads_key_and_secret_from_flags_file_or_environment(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "secret"
+    path.write_text("from-file\n")
+    config, _ = parse_args(["--api-key", "k1", "--cluster-secret-file", str(path)])
+    assert (config.api_key, config.cluster_secret) == ("k1", "from-file")
+    assert "k1" not in repr(config) and "from-file" not in repr(config)
+    monkeypatch.setenv("PDSERVE_API_KEY", "k2")
+    monkeypatch.setenv("PDSERVE_CLUSTER_SECRET", "s2")
+    config, _ = parse_args([])
+    assert (config.api_key, config.cluster_secret) == ("k2", "s2")
+    with pytest.raises(SystemExit):
+        parse_args(["--cluster-secret", "a", "--cluster-secret-file", str(path)])

@@ -24,6 +24,9 @@ from pdserve.common.config import ServerConfig, served_model_name
 from pdserve.transfer.base import KVMemory, TransferConfig, create_transfer_agent
 
 logger = logging.getLogger("pdserve.pd")
+# Longer than the bootstrap service's default TTL (10 s): an instance restarted
+# under its old id waits for its previous entry to expire.
+REGISTER_ID_WAIT_S = 30.0
 
 
 def advertised_host(host: str) -> str:
@@ -47,7 +50,7 @@ class PDEndpoint:
         self.agent = create_transfer_agent(transfer_cfg, memory)
         self.retiring_peers: set[str] = set()
         self.peer_info = self.agent.peer_info()
-        self.bootstrap = BootstrapClient(cfg.disaggregation_bootstrap_url)
+        self.bootstrap = BootstrapClient(cfg.disaggregation_bootstrap_url, secret=cfg.cluster_secret)
         self.info = InstanceInfo(
             instance_id=self.instance_id,
             role=cfg.disaggregation_mode,
@@ -58,7 +61,9 @@ class PDEndpoint:
             kv_layout=memory.layout,
             model=served_model_name(cfg),
         )
-        self.bootstrap.register(self.info)  # raises RegistrationRefused on a layout mismatch
+        # Raises RegistrationRefused on a layout mismatch, or on an id that stays
+        # held by another registrant (a fixed --instance-id reused too early).
+        self.bootstrap.register(self.info, id_wait_s=REGISTER_ID_WAIT_S)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(
             target=self.bootstrap.heartbeat_forever,

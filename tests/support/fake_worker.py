@@ -25,6 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
+from pdserve.common import env
+from pdserve.common.auth import key_matches
 from pdserve.common.errors import error_body
 from pdserve.common.kv_layout import KVLayout
 from pdserve.tests.support.server_thread import ServerThread
@@ -45,6 +47,7 @@ class Behavior:
     break_after_chunks: int | None = None  # drop the connection mid-stream
     num_running_reqs: int = 0
     num_queued_reqs: int = 0
+    api_key: str | None = None  # like --api-key: every path but /health wants it
 
 
 @dataclass
@@ -161,8 +164,26 @@ async def _generate(worker: FakeWorker, request: Request) -> Response:
     return JSONResponse(_full(request.url.path, "".join(worker.tokens())))
 
 
+class _KeyCheck:
+    """``Behavior.api_key``, read at each request (plain ASGI: disconnects still reach handlers)."""
+
+    def __init__(self, app, worker: FakeWorker) -> None:
+        self.app = app
+        self.worker = worker
+
+    async def __call__(self, scope, receive, send) -> None:
+        key = self.worker.behavior.api_key
+        if scope["type"] == "http" and key and scope["path"] != "/health":
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+            if not key_matches(header, key):
+                await _error(401, "invalid or missing API key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(worker: FakeWorker) -> FastAPI:
     app = FastAPI()
+    app.add_middleware(_KeyCheck, worker=worker)
 
     @app.get("/health")
     async def health() -> Response:
@@ -216,7 +237,7 @@ def make_info(instance_id: str, role: str = "prefill", **changes: Any) -> Instan
 def _register_forever(worker: FakeWorker, url: str, bootstrap_url: str, backend: str) -> None:
     info = make_info(worker.instance_id, worker.role, http_url=url, transfer_backend=backend,
                      model=worker.model)
-    client = BootstrapClient(bootstrap_url)
+    client = BootstrapClient(bootstrap_url, secret=env.CLUSTER_SECRET.get())  # as `pdserve up` hands it
     client.register(info)
     threading.Thread(target=client.heartbeat_forever, args=(info, 1.0, threading.Event()),
                      daemon=True).start()

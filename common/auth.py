@@ -1,0 +1,104 @@
+"""Keys and secrets: where they are read from, how a request proves it has one.
+
+pdserve knows two credentials. The API key (``--api-key``) is what clients of
+an HTTP front (an instance or the router) present. The cluster secret
+(``--cluster-secret``) is what pdserve's own processes present to the bootstrap
+service. Both travel as ``Authorization: Bearer TOKEN``; the scheme is matched
+in any case and the token compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from pathlib import Path
+
+from pdserve.common.env import EnvVar
+from pdserve.common.errors import error_body
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    try:  # Starlette decodes header bytes as latin-1: this gives them back
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+
+
+def bearer_token(header: str | bytes | None) -> bytes | None:
+    """TOKEN of an ``Authorization: Bearer TOKEN`` header (``bearer``, ``BEARER``, ... too)."""
+    if header is None:
+        return None
+    scheme, _, token = _as_bytes(header).strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip()
+
+
+def key_matches(header: str | bytes | None, key: str) -> bool:
+    """Whether the Authorization header carries ``key``, compared in constant time."""
+    token = bearer_token(header)
+    return token is not None and hmac.compare_digest(token, key.encode("utf-8"))
+
+
+def bearer_headers(key: str | None) -> dict[str, str]:
+    """The header that presents ``key``; none for no key."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+# Config fields that hold credentials: shown set or unset, never by value.
+SECRET_FIELDS = ("api_key", "worker_api_key", "cluster_secret")
+
+
+def redacted(values: dict) -> dict:
+    """A config's fields (``dataclasses.asdict``) with every credential that is set
+    replaced by ``"<redacted>"``."""
+    return {k: "<redacted>" if k in SECRET_FIELDS and v else v for k, v in values.items()}
+
+
+def read_secret(value: str | None, path: str | None, env_var: EnvVar[str | None], flag_name: str) -> str | None:
+    """A secret from its flag, else the file its ``-file`` flag names, else ``env_var``.
+
+    A file keeps the secret off command lines (``ps`` shows those to every
+    user); its surrounding whitespace (a trailing newline) is not part of it.
+    Raises ValueError for a file that cannot be read or is empty.
+    """
+    if value and path:
+        raise ValueError(f"give {flag_name} or {flag_name}-file, not both")
+    if path:
+        try:
+            text = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {flag_name}-file {path}: {exc}") from None
+        if not text:
+            raise ValueError(f"{flag_name}-file {path} is empty")
+        return text
+    return value or env_var.get()
+
+
+class BearerAuthMiddleware:
+    """401 for any HTTP request without ``Authorization: Bearer KEY``, but on ``open_paths``.
+
+    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``)
+    swallows the client's disconnect message, so a handler polling
+    ``request.is_disconnected()`` would never see a client leave.
+    """
+
+    def __init__(self, app, key: str, open_paths: Iterable[str], message: str) -> None:
+        self.app = app
+        self.key = key
+        self.open_paths = frozenset(open_paths)
+        self.message = message
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+            if not key_matches(header, self.key):
+                from fastapi.responses import JSONResponse
+
+                body = error_body(401, self.message, code="invalid_api_key")
+                response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,135 @@
+"""Nothing outlives its parent: a SIGKILLed `pdserve up` takes its whole cluster
+along (engines included) and frees its ports; a SIGKILLed front takes its engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from pdserve.tests.support.payloads import generate_body
+from pdserve.tests.support.ports import free_port_block
+from pdserve.tests.support.processes import alive, command_line, descendants, parent_pid
+from pdserve.tests.support.server_process import start_server
+from pdserve.tests.support.waiting import wait_until
+
+SERVE_ARGS = ("--page-size", "4", "--max-total-tokens", "1024", "--skip-server-warmup")
+STARTUP_TIMEOUT_S = 240.0
+FOLLOW_S = 5.0  # how soon a child must follow its dead parent
+
+
+def _up_argv(first_port: int, log_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "pdserve.cli", "up", "--port", str(first_port),
+            "--bootstrap-port", str(first_port + 1), "--base-port", str(first_port + 2),
+            "--policy", "round_robin", "--startup-timeout-s", str(STARTUP_TIMEOUT_S), "--log-dir", str(log_dir),
+            "--router-args", "--health-check-interval-s 0.5", "--", *SERVE_ARGS]
+
+
+def _start_up(argv: list[str], out_path: Path) -> subprocess.Popen:
+    with open(out_path, "wb") as out:
+        launcher = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def up() -> bool:
+        if launcher.poll() is not None:
+            raise AssertionError(f"pdserve up exited with {launcher.returncode}: {out_path.read_text()}")
+        return "pdserve is up" in out_path.read_text()
+
+    wait_until(up, STARTUP_TIMEOUT_S + 30, 0.2, lambda: f"pdserve up never came up: {out_path.read_text()}")
+    return launcher
+
+
+def _still_running(pids: set[int]) -> dict[int, str]:
+    return {pid: command_line(pid) for pid in pids if alive(pid)}
+
+
+def _kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_sigkill_of_pdserve_up_takes_every_child_along(tmp_path: Path) -> None:
+    first = free_port_block(4)
+    argv = _up_argv(first, tmp_path / "logs")
+    launcher = _start_up(argv, tmp_path / "up-1.out")
+    tree = descendants(launcher.pid)
+    try:
+        children = {pid for pid in tree if parent_pid(pid) == launcher.pid}
+        fronts = [pid for pid in children if " serve " in command_line(pid)]
+        assert len(children) == 4 and len(fronts) == 2, {p: command_line(p) for p in tree}
+        engines = {pid for pid in tree if parent_pid(pid) in fronts and "spawn_main" in command_line(pid)}
+        assert len(engines) >= 2, {p: command_line(p) for p in tree}  # one engine per front
+        launcher.kill()
+        launcher.wait()
+        killed_at = time.monotonic()
+        wait_until(lambda: not _still_running(tree), FOLLOW_S, 0.05,
+                   lambda: f"still running after the launcher's SIGKILL: {_still_running(tree)}")
+        print(f"every one of {len(tree)} descendants gone {time.monotonic() - killed_at:.2f} s after the SIGKILL")
+        # The ports are free again: the same cluster starts on them and serves.
+        again = _start_up(argv, tmp_path / "up-2.out")
+        tree |= descendants(again.pid)
+        body = generate_body([5, 6, 7, 8, 9], 4)
+        answer = httpx.post(f"http://127.0.0.1:{first}/generate", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=60) == 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        _kill_all(tree)
+
+
+def test_sigkill_of_a_front_takes_its_engine_along(tmp_path: Path) -> None:
+    server = start_server(SERVE_ARGS, tmp_path / "front.log")
+    engines = descendants(server.proc.pid)
+    try:
+        assert any("spawn_main" in command_line(pid) for pid in engines), {p: command_line(p) for p in engines}
+        server.proc.kill()
+        server.proc.wait()
+        wait_until(lambda: not _still_running(engines), FOLLOW_S, 0.05,
+                   lambda: f"still running after the front's SIGKILL: {_still_running(engines)}")
+    finally:
+        _kill_all(engines)
+        server.stop()
+
+
+FRONT_WITH_BUSY_ENGINE = """
+import sys, threading, time
+from pdserve.common.config import ServerConfig
+from pdserve.server.engine_client import EngineClient
+from pdserve.tests.support.processes import busy_engine_main
+client = EngineClient(ServerConfig(), "", busy_engine_main)
+threading.Thread(target=client.start, args=(600,), daemon=True).start()
+while client.process.pid is None:
+    time.sleep(0.01)
+print(client.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_engine_that_never_reads_its_pipe_still_follows_its_front() -> None:
+    # Pipe EOF alone would leave this engine running: only its lifeline ends it.
+    front = subprocess.Popen([sys.executable, "-c", FRONT_WITH_BUSY_ENGINE], stdout=subprocess.PIPE, text=True)
+    engine = None
+    try:
+        engine = int(front.stdout.readline())
+        wait_until(lambda: "spawn_main" in command_line(engine) and alive(engine), 30.0, 0.05,
+                   "the engine process never started")
+        time.sleep(1.0)  # let it get past its imports into the busy loop
+        front.kill()
+        front.wait()
+        wait_until(lambda: not alive(engine), FOLLOW_S, 0.05,
+                   lambda: f"engine {engine} still running after its front's SIGKILL")
+    finally:
+        if front.poll() is None:
+            front.kill()
+            front.wait()
+        if engine is not None:
+            _kill_all({engine})

@@ -4,7 +4,8 @@ Start order: bootstrap service, then every instance (prefill, decode or
 colocated, each ``pdserve serve`` on its own port from ``base_port``), then the
 router pointed at them. Every child is a separate process in its own process
 group, so stopping a child also stops whatever it spawned. The cluster is up
-when the router's ``/health`` answers 200, which needs every role healthy.
+when the router's ``/health`` answers 200 (every role has a healthy worker)
+and so does every instance's.
 
 On Ctrl-C or SIGTERM, or when any child dies, every child is stopped (SIGTERM,
 then SIGKILL after a grace period); a dead child makes the exit status non-zero.
@@ -192,7 +193,7 @@ class Cluster:
         self.stop()
 
     def start(self, stop_event: threading.Event | None = None) -> None:
-        """Start everything and wait until the router is healthy; raises ClusterError."""
+        """Start everything and wait until the router and every instance are healthy; raises ClusterError."""
         cfg = self.config
         ports = [cfg.bootstrap_port, cfg.port] + [cfg.base_port + i for i in range(len(self._roles))]
         if len(set(ports)) != len(ports):
@@ -213,6 +214,12 @@ class Cluster:
                 self._spawn(f"{role}-{index}", self._serve_argv(role, cfg.base_port + i))
             self._spawn("router", self._router_argv())
             self._wait_healthy(self.router_url, deadline, stop_event)
+            # The router is healthy once each role has one healthy worker; the
+            # cluster is up when every instance is, so none of them starts out
+            # refusing what is sent to it directly.
+            for role in dict.fromkeys(self._roles):
+                for url in self.instance_urls(role):
+                    self._wait_healthy(url, deadline, stop_event)
         except BaseException:
             self.stop()
             raise

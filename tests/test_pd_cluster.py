@@ -198,6 +198,13 @@ def big_cluster(tmp_path_factory) -> Iterator[Cluster]:
         assert_no_leaks(c)
 
 
+def test_up_means_every_instance_is_up(big_cluster: Cluster) -> None:
+    """Not only one worker per role: each instance answers at once when sent to directly."""
+    urls = big_cluster.instance_urls("prefill") + big_cluster.instance_urls("decode")
+    assert len(urls) == 4
+    assert all(httpx.get(f"{u}/health", timeout=10, trust_env=False).status_code == 200 for u in urls)
+
+
 @pytest.mark.parametrize("policy", ["round_robin", "random", "power_of_two", "cache_aware"])
 def test_two_by_two_with_each_policy(big_cluster: Cluster, oracle, policy: str, tmp_path: Path) -> None:
     port = free_port()

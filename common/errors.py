@@ -85,3 +85,20 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+# The ``code`` of a decode instance's error when its room failed because of the
+# prefill side (lost, aborted, never answered): the router then blames and
+# avoids the prefill instance, not the decode one.
+PREFILL_FAILED_CODE = "prefill_failed"
+
+
+def error_code(body: bytes) -> object:
+    """The ``error.code`` of an OpenAI error body, or None."""
+    import json
+
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None

@@ -153,6 +153,7 @@ class DecodeRole(EngineRole):
             "num_transferring_rooms": len(self.rooms),
             "num_quarantined_rooms": len(self.quarantine),
             "num_transfer_peers": self.agent.stats().num_peers,
+            "num_transfer_rooms": self.agent.stats().num_rooms,
         }
 
     def close(self) -> None:

@@ -164,6 +164,7 @@ class PrefillRole(EngineRole):
             "num_prefill_rooms": len(self.rooms),
             "num_draining_rooms": len(self.draining),
             "num_transfer_peers": self.agent.stats().num_peers,
+            "num_transfer_rooms": self.agent.stats().num_rooms,
         }
 
     def close(self) -> None:

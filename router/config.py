@@ -23,6 +23,8 @@ class CacheAwareConfig:
 class RouterConfig:
     host: str = field(default="127.0.0.1", metadata=flag("HTTP bind address"))
     port: int = field(default=30000, metadata=flag("HTTP port"))
+    http_keep_alive_timeout_s: float = field(default=5.0, metadata=flag("close a kept-alive client connection idle this long between requests"))
+    http_read_timeout_s: float = field(default=30.0, metadata=flag("close a client connection whose request (headers or body) gets no byte for this long"))
     prefill_urls: tuple[str, ...] = field(default=(), metadata=flag(
         "prefill instance URL(s)", flag="--prefill", nargs="+", action="extend", metavar="URL"))
     decode_urls: tuple[str, ...] = field(default=(), metadata=flag(

@@ -248,8 +248,10 @@ class Forwarder:
         answers = await asyncio.gather(*(self._answers_health(w) for w in sides))
         for worker, ok in zip(sides, answers, strict=True):
             if not ok:
+                # Excluded from this request only: concurrent requests stalled on the same
+                # worker would otherwise count one outage many times; the checks decide.
                 reason = f"no first byte within {self._config.first_byte_timeout_s}s and /health does not answer"
-                self._workers.mark_failed(worker, reason)
+                worker.last_error = reason
                 message = f"{worker.role} worker {worker.url}: {reason}"
                 raise _AttemptFailed(error_response(504, message), worker, retryable=True)
         logger.info("attempt on %s slow to its first byte; both sides answer /health, waiting",

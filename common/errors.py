@@ -64,6 +64,7 @@ def install_error_handlers(app) -> None:
     failure with an OpenAI error object, never FastAPI's ``{"detail": ...}``."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -81,6 +82,12 @@ def install_error_handlers(app) -> None:
         response = error_response(exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})
         return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_, exc: ClientDisconnect):
+        # The client left (or was cut off for going quiet) before its request was read:
+        # nobody reads this answer, and it is no server error to log.
+        return error_response(499, "the client closed the connection before its request was read")
 
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):

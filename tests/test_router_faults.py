@@ -44,10 +44,11 @@ def test_decode_error_naming_the_prefill_retries_another_prefill_on_the_same_dec
 def test_a_stalled_prefill_fails_over_after_the_first_byte_timeout(stack: Stack) -> None:
     # D answers only after 1.5 s (its part takes that long); p0 hangs and stops answering /health.
     pd(stack, num_prefill=2, delay_s=1.5, config=replace(RARE_CHECKS, first_byte_timeout_s=0.4))
-    p0, p1 = stack.fakes["p0"], stack.fakes["p1"]
+    # round_robin starts with the first prefill of /workers (sorted by URL): that one hangs.
+    first_url = next(w["url"] for w in stack.get("/workers").json() if w["role"] == "prefill")
+    p0, p1 = sorted((stack.fakes["p0"], stack.fakes["p1"]), key=lambda f: stack.urls[f.name] != first_url)
     p0.behavior.delay_s, p0.behavior.healthy = 60.0, False
     started = time.monotonic()
-    # round_robin: the first pair uses p0.
     response = stack.post("/v1/completions", json=PROMPT, timeout=30)
     elapsed = time.monotonic() - started
     assert response.status_code == 200, response.text
@@ -103,12 +104,14 @@ def test_one_failed_health_check_keeps_the_only_prefill(stack: Stack) -> None:
     stack.wait_health(200)
 
 
-class _DropFirstPost:
-    """A TCP relay in front of a worker that closes the first connection carrying a
-    POST without an answer, like a worker closing an idle pooled connection."""
+class _DropFirst:
+    """A TCP relay in front of a worker that resets the first connection whose
+    request starts with ``prefix`` without an answer, like a worker closing an
+    idle pooled connection just as it is used."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, prefix: bytes) -> None:
         self.target_port = target_port
+        self.prefix = prefix
         self.num_dropped = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -124,7 +127,7 @@ class _DropFirstPost:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         first = await reader.read(65536)
-        if first.startswith(b"POST") and not self.num_dropped:
+        if first.startswith(self.prefix) and not self.num_dropped:
             self.num_dropped += 1
             writer.transport.abort()  # a reset, no answer
             return
@@ -157,7 +160,7 @@ class _DropFirstPost:
 def test_a_keep_alive_race_is_retried_once_and_not_counted(stack: Stack) -> None:
     stack.fake("prefill", "p0")
     d = stack.fake("decode", "d0")
-    relay = _DropFirstPost(int(stack.urls["d0"].rsplit(":", 1)[1]))
+    relay = _DropFirst(int(stack.urls["d0"].rsplit(":", 1)[1]), b"POST")
     try:
         stack.start_router(replace(RARE_CHECKS, prefill_urls=(stack.urls["p0"],), decode_urls=(relay.url,)))
         # The only decode's connection resets: without the retry there would be no pair left.
@@ -166,6 +169,20 @@ def test_a_keep_alive_race_is_retried_once_and_not_counted(stack: Stack) -> None
         assert relay.num_dropped == 1 and len(d.requests) == 1
         worker = _workers(stack)[relay.url]
         assert worker["healthy"] and worker["consecutive_failures"] == 0
+    finally:
+        relay.stop()
+
+
+def test_a_keep_alive_race_in_a_health_check_is_retried_and_not_counted(stack: Stack) -> None:
+    stack.fake("prefill", "p0")
+    stack.fake("decode", "d0")
+    relay = _DropFirst(int(stack.urls["d0"].rsplit(":", 1)[1]), b"GET /health")
+    try:
+        # Checks are rare: had the reset counted, d0 would not be healthy before the next one in 60 s.
+        stack.start_router(replace(RARE_CHECKS, prefill_urls=(stack.urls["p0"],), decode_urls=(relay.url,),
+                                   health_failure_threshold=1))
+        assert relay.num_dropped == 1
+        assert _workers(stack)[relay.url]["consecutive_failures"] == 0
     finally:
         relay.stop()
 

@@ -20,7 +20,9 @@ Lifecycle of a room on the decode side:
    freed as soon as their receivers are quiescent, not at the deadline. Known
    dead is: its control connection broke and its address refuses connections
    (nothing listens there any more), or it greets with another epoch than the
-   one it registered with (a restart at the same address; ``PeerHello``).
+   one it registered with (a restart at the same address; ``PeerHello``), or
+   its connection broke and the bootstrap service no longer lists it with the
+   same epoch (its heartbeats stopped; ``watch_lost_peer``).
 
 A room that fails because of the prefill side (lost, restarted, aborted, slow)
 fails with the error code ``prefill_failed``, so the router blames and avoids
@@ -32,8 +34,10 @@ A request without a room (sent to this instance directly) is prefilled locally.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.bootstrap.protocol import InstanceInfo
@@ -87,6 +91,25 @@ class QuarantinedRoom:
     confirmed: bool  # P said it writes no more
 
 
+def watch_lost_peer(peer: PrefillPeer, lookup: Callable[[str], InstanceInfo | None], interval_s: float,
+                    until_s: float, stop: threading.Event) -> None:
+    """Mark a prefill instance whose control connection broke dead once the
+    bootstrap service no longer lists it (its entry expired: no heartbeats) or
+    lists another epoch (it restarted). Gives up at ``until_s`` (the rooms'
+    deadline frees their pages anyway) or when ``stop`` is set."""
+    while time.monotonic() < until_s and not peer.dead and not stop.is_set():
+        try:
+            info = lookup(peer.info.instance_id)
+        except Exception:  # an unreachable bootstrap service proves nothing
+            info = peer.info
+        if info is None or info.epoch != peer.info.epoch:
+            logger.info("prefill instance %s (epoch %s) is gone from the bootstrap service",
+                        peer.info.instance_id, peer.info.epoch)
+            peer.dead = True
+            return
+        stop.wait(interval_s)
+
+
 class DecodeRole(EngineRole):
     def __init__(self, engine: EngineHandle):
         super().__init__(engine)
@@ -102,6 +125,7 @@ class DecodeRole(EngineRole):
         self.rooms: dict[int, DecodeRoom] = {}
         self.peers: dict[str, PrefillPeer] = {}
         self.quarantine: dict[int, QuarantinedRoom] = {}
+        self._stop = threading.Event()
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -157,6 +181,7 @@ class DecodeRole(EngineRole):
         }
 
     def close(self) -> None:
+        self._stop.set()
         for peer in self.peers.values():
             peer.control.close()
         self.endpoint.close()
@@ -230,6 +255,11 @@ class DecodeRole(EngineRole):
             if ctx.peer is peer:
                 self._fail_room(room, prefill_failed(reason), notify_peer=False)
         peer.control.close()
+        if not dead and any(q.peer is peer for q in self.quarantine.values()):
+            # Lost, maybe not dead: the bootstrap service's view of its heartbeats decides.
+            args = (peer, self.endpoint.bootstrap.lookup, self.engine.cfg.disaggregation_heartbeat_s,
+                    time.monotonic() + self.timeout_s, self._stop)
+            threading.Thread(target=watch_lost_peer, args=args, name="lost-prefill-watch", daemon=True).start()
         self.endpoint.retire_peer(peer.peer_name)
 
     def _retire_peers(self) -> None:

@@ -227,3 +227,35 @@ def test_a_stream_cut_by_a_dying_decode_ends_with_an_error_event_and_done(cluste
                 _signal(cluster, f"decode-{busy[0]}", signal.SIGKILL)
     assert lines[-1] == "data: [DONE]", lines[-3:]
     assert '"error"' in lines[-2] and "stream broke" in lines[-2], lines[-3:]
+
+
+def test_a_dead_decode_lease_ends_at_once_on_the_prefill(cluster: Cluster) -> None:
+    """Runs last: it kills the decode instance the previous test left alive."""
+    decodes = cluster.instance_urls(Role.DECODE)
+    decode = next(u for u in decodes if _healthy(u))
+    prefill = cluster.instance_urls(Role.PREFILL)[0]
+    body = {**generate_body(prompt_ids(2000, seed=5), 4), "bootstrap_room": random.getrandbits(63),
+            "prefill_instance_id": _info(prefill)["instance_id"]}
+    result: dict = {}
+
+    def post(url: str, key: str) -> None:
+        try:
+            result[key] = httpx.post(f"{url}/generate", json=body, timeout=TRANSFER_TIMEOUT_S + 30,
+                                     trust_env=False).status_code
+        except httpx.HTTPError as exc:
+            result[key] = type(exc).__name__
+
+    threads = [threading.Thread(target=post, args=(u, k)) for u, k in ((prefill, "p"), (decode, "d"))]
+    for t in threads:
+        t.start()
+    wait_until(lambda: _info(prefill)["num_prefill_rooms"] == 1 or "p" in result, 30.0, 0.05,
+               lambda: f"the room never paired: {result} {_info(prefill)}")
+    assert "p" not in result, f"the room ended before the decode was killed: {result}"
+    killed = time.monotonic()
+    _signal(cluster, f"decode-{decodes.index(decode)}", signal.SIGKILL)
+    for t in threads:
+        t.join(TRANSFER_TIMEOUT_S)
+    assert result["p"] == 502, result
+    wait_until(lambda: _used_pages(prefill) == 0, 10.0, 0.1, lambda: f"prefill pages still held: {_info(prefill)}")
+    assert time.monotonic() - killed < TRANSFER_TIMEOUT_S / 3
+    assert _info(prefill)["num_draining_rooms"] == 0

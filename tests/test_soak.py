@@ -208,3 +208,10 @@ def test_soak_with_aborts_a_crashed_prefill_and_a_frozen_decode(cluster: Cluster
     assert counts["completed"] >= NUM_REQUESTS // 2, counts
     assert longest.seconds < REQUEST_TIMEOUT_S
     assert not any(held.values()), f"instances still hold something: {held}"
+    # The restarted prefill is back in rotation and serves (round robin over both prefills).
+    wait_until(lambda: all(w["healthy"] for w in httpx.get(cluster.router_url + "/workers", timeout=10).json()),
+               120.0, 0.5, "the restarted prefill never came back")
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S, trust_env=False) as http:
+        for i in range(4):
+            response = http.post(cluster.base_url + "/completions", json={"prompt": f"after {i}", "max_tokens": 3})
+            assert response.status_code == 200, response.text

@@ -291,6 +291,16 @@ class Cluster:
     def headers(self) -> dict[str, str]:
         """What a client of the router presents."""
         return bearer_headers(self.config.api_key)
+    def restart(self, name: str) -> Child:
+        """Kill one child's group (SIGKILL, like a crash) and start it again with the
+        same command line; the new process is a new incarnation of the instance."""
+        old = next(c for c in self.children if c.name == name)
+        _signal_group(old, signal.SIGKILL)
+        old.process.wait()
+        if old.log_file is not None:
+            old.log_file.close()
+        self.children.remove(old)
+        return self._spawn(name, old.argv)
 
     def dead_child(self) -> Child | None:
         """The first child that has exited, if any."""

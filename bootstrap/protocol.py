@@ -20,8 +20,9 @@ from pdserve.common.roles import Role
 # control-channel messages (transfer/pd_messages.py), the transfer notices and
 # agent metadata (transfer/messages.py) and the page layout. Bump it when any
 # of them changes shape or meaning; the bootstrap service refuses to let two
-# versions pair, naming both.
-PD_PROTOCOL_VERSION = 2
+# versions pair, naming both. 3: instance epochs (``epoch`` here, ``PeerHello``
+# and ``KVPagesRequest.prefill_epoch`` on the control channel).
+PD_PROTOCOL_VERSION = 3
 
 # The header that carries a registrant's token (drawn once per process) on
 # register, heartbeat and delete, and the error code of a 409 that says the
@@ -58,6 +59,9 @@ class InstanceInfo:
     kv_layout: KVLayout
     model: str  # served model name
     pd_protocol_version: int = PD_PROTOCOL_VERSION
+    # Random per process start: a restarted instance (same instance_id and
+    # addresses) is a new peer, never confused with its old self.
+    epoch: str = ""
 
     @property
     def peer_info_bytes(self) -> bytes:
@@ -72,6 +76,7 @@ class InstanceInfo:
         data: dict[str, Any] = {name: getattr(self, name) for name in _STR_FIELDS}
         data["kv_layout"] = self.kv_layout.to_dict()
         data["pd_protocol_version"] = self.pd_protocol_version
+        data["epoch"] = self.epoch
         return data
 
     @classmethod
@@ -82,7 +87,10 @@ class InstanceInfo:
         fields = {name: _require_str(data, name) for name in _STR_FIELDS}
         _check_fields(fields)
         layout = _parse_layout(data.get("kv_layout"))
-        return cls(kv_layout=layout, pd_protocol_version=_protocol_version(data), **fields)
+        epoch = data.get("epoch", "")
+        if not isinstance(epoch, str):
+            raise InvalidInstanceInfo(f"field 'epoch' must be a string, got {type(epoch).__name__}", "epoch")
+        return cls(kv_layout=layout, pd_protocol_version=_protocol_version(data), epoch=epoch, **fields)
 
 
 def _require_str(data: dict[str, Any], name: str) -> str:

@@ -33,6 +33,8 @@ class ServerConfig:
     # HTTP.
     host: str = field(default="127.0.0.1", metadata=_flag("HTTP bind address"))
     port: int = field(default=30000, metadata=_flag("HTTP port"))
+    http_keep_alive_timeout_s: float = field(default=5.0, metadata=_flag("close a kept-alive client connection idle this long between requests"))
+    http_read_timeout_s: float = field(default=30.0, metadata=_flag("close a client connection whose request (headers or body) gets no byte for this long"))
     api_key: str | None = field(default=None, repr=False, metadata=_flag(
         "require Authorization: Bearer KEY on every endpoint but /health (default: $PDSERVE_API_KEY)"))
     enable_metrics: bool = field(default=False, metadata=_flag("serve Prometheus metrics on /metrics"))

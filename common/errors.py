@@ -64,6 +64,7 @@ def install_error_handlers(app) -> None:
     failure with an OpenAI error object, never FastAPI's ``{"detail": ...}``."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -82,6 +83,29 @@ def install_error_handlers(app) -> None:
         response.headers.update(exc.headers or {})
         return response
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_, exc: ClientDisconnect):
+        # The client left (or was cut off for going quiet) before its request was read:
+        # nobody reads this answer, and it is no server error to log.
+        return error_response(499, "the client closed the connection before its request was read")
+
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+# The ``code`` of a decode instance's error when its room failed because of the
+# prefill side (lost, aborted, never answered): the router then blames and
+# avoids the prefill instance, not the decode one.
+PREFILL_FAILED_CODE = "prefill_failed"
+
+
+def error_code(body: bytes) -> object:
+    """The ``error.code`` of an OpenAI error body, or None."""
+    import json
+
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None

@@ -56,6 +56,7 @@ class TokenOutput:
     cached_tokens: int = 0
     error: str | None = None
     error_status: int | None = None  # HTTP status the front answers with
+    error_code: str | None = None  # the error object's machine-readable ``code`` (default: the status)
 
 
 @message

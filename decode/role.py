@@ -16,6 +16,17 @@ Lifecycle of a room on the decode side:
    is quiescent and P has confirmed it writes no more (its ``RoomAbort`` or the
    acknowledgement of ours) or the room's deadline passed, so a late WRITE can
    never land in a page another request reuses. Pages are freed exactly once.
+6. Pages are a lease on a live P: once P is known dead, its rooms' pages are
+   freed as soon as their receivers are quiescent, not at the deadline. Known
+   dead is: its control connection broke and its address refuses connections
+   (nothing listens there any more), or it greets with another epoch than the
+   one it registered with (a restart at the same address; ``PeerHello``), or
+   its connection broke and the bootstrap service no longer lists it with the
+   same epoch (its heartbeats stopped; ``watch_lost_peer``).
+
+A room that fails because of the prefill side (lost, restarted, aborted, slow)
+fails with the error code ``prefill_failed``, so the router blames and avoids
+P, not this instance.
 
 A request without a room (sent to this instance directly) is prefilled locally.
 """
@@ -23,26 +34,35 @@ A request without a room (sent to this instance directly) is prefilled locally.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.bootstrap.protocol import InstanceInfo
+from pdserve.common.errors import PREFILL_FAILED_CODE
 from pdserve.common.roles import Role
 from pdserve.engine.request import Req
 from pdserve.engine.role import EngineHandle, EngineRole
 from pdserve.transfer.base import KVMemory, KVReceiver, LayoutMismatchError, RoomState
 from pdserve.transfer.control import ControlClient, ControlClosedError
-from pdserve.transfer.endpoint import PDEndpoint
-from pdserve.transfer.pd_messages import KVPagesRequest, PrefillDone, RoomAbort
+from pdserve.transfer.endpoint import PDEndpoint, new_epoch
+from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
 
 logger = logging.getLogger("pdserve.decode")
 
 
 class RoomFailed(Exception):
-    def __init__(self, message: str, status: int = 502):
+    def __init__(self, message: str, status: int = 502, prefill_side: bool = False):
         super().__init__(message)
         self.status = status
+        self.code = PREFILL_FAILED_CODE if prefill_side else None
+
+
+def prefill_failed(message: str, status: int = 502) -> RoomFailed:
+    """A room that failed because of its prefill instance."""
+    return RoomFailed(message, status, prefill_side=True)
 
 
 @dataclass
@@ -50,6 +70,7 @@ class PrefillPeer:
     info: InstanceInfo
     peer_name: str
     control: ControlClient
+    dead: bool = False  # known dead: nothing it posted can still land
 
 
 @dataclass
@@ -70,6 +91,25 @@ class QuarantinedRoom:
     confirmed: bool  # P said it writes no more
 
 
+def watch_lost_peer(peer: PrefillPeer, lookup: Callable[[str], InstanceInfo | None], interval_s: float,
+                    until_s: float, stop: threading.Event) -> None:
+    """Mark a prefill instance whose control connection broke dead once the
+    bootstrap service no longer lists it (its entry expired: no heartbeats) or
+    lists another epoch (it restarted). Gives up at ``until_s`` (the rooms'
+    deadline frees their pages anyway) or when ``stop`` is set."""
+    while time.monotonic() < until_s and not peer.dead and not stop.is_set():
+        try:
+            info = lookup(peer.info.instance_id)
+        except Exception:  # an unreachable bootstrap service proves nothing
+            info = peer.info
+        if info is None or info.epoch != peer.info.epoch:
+            logger.info("prefill instance %s (epoch %s) is gone from the bootstrap service",
+                        peer.info.instance_id, peer.info.epoch)
+            peer.dead = True
+            return
+        stop.wait(interval_s)
+
+
 class DecodeRole(EngineRole):
     def __init__(self, engine: EngineHandle):
         super().__init__(engine)
@@ -78,13 +118,14 @@ class DecodeRole(EngineRole):
         self.timeout_s = cfg.disaggregation_timeout_s
         # D listens nowhere: it dials each prefill instance's control server.
         memory = KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout)
-        self.endpoint = PDEndpoint(cfg, memory, control_address=f"{cfg.disaggregation_control_host}:0")
+        self.endpoint = PDEndpoint(cfg, memory, control_address=f"{cfg.disaggregation_control_host}:0", epoch=new_epoch())
         self.agent = self.endpoint.agent
         self.instance_id = self.endpoint.instance_id
         self.prealloc: deque[tuple[Req, float]] = deque()
         self.rooms: dict[int, DecodeRoom] = {}
         self.peers: dict[str, PrefillPeer] = {}
         self.quarantine: dict[int, QuarantinedRoom] = {}
+        self._stop = threading.Event()
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -104,13 +145,13 @@ class DecodeRole(EngineRole):
         for room, ctx in list(self.rooms.items()):
             state = ctx.receiver.poll(progress=False)
             if state == RoomState.FAILED:
-                self._fail_room(room, RoomFailed(f"KV transfer failed: {ctx.receiver.failure}"), notify_peer=True)
+                self._fail_room(room, prefill_failed(f"KV transfer failed: {ctx.receiver.failure}"), notify_peer=True)
             elif state == RoomState.SUCCESS and ctx.done is not None:
                 self._start_decoding(room)
             elif now > ctx.deadline_s:
-                self._fail_room(room, RoomFailed(f"room {room} timed out after {self.timeout_s}s", 504), notify_peer=True)
+                self._fail_room(room, prefill_failed(f"room {room} timed out after {self.timeout_s}s", 504), notify_peer=True)
         for room, q in list(self.quarantine.items()):
-            if (q.confirmed and q.receiver.quiescent()) or now > q.deadline_s:
+            if ((q.confirmed or q.peer.dead) and q.receiver.quiescent()) or now > q.deadline_s:
                 self._unquarantine(room)
         self._retire_peers()
 
@@ -136,9 +177,11 @@ class DecodeRole(EngineRole):
             "num_transferring_rooms": len(self.rooms),
             "num_quarantined_rooms": len(self.quarantine),
             "num_transfer_peers": self.agent.stats().num_peers,
+            "num_transfer_rooms": self.agent.stats().num_rooms,
         }
 
     def close(self) -> None:
+        self._stop.set()
         for peer in self.peers.values():
             peer.control.close()
         self.endpoint.close()
@@ -159,7 +202,7 @@ class DecodeRole(EngineRole):
                 self._open_room(req)
             except RoomFailed as exc:
                 self.engine.scheduler.release(req, cache=False)
-                self.engine.fail(req, str(exc), exc.status)
+                self.engine.fail(req, str(exc), exc.status, exc.code)
 
     def _open_room(self, req: Req) -> None:
         if req.room in self.rooms or req.room in self.quarantine:
@@ -169,12 +212,13 @@ class DecodeRole(EngineRole):
             receiver = self.agent.create_receiver(req.room, peer.peer_name, self.timeout_s)
         except Exception as exc:  # e.g. a room id the agent still remembers
             raise RoomFailed(f"cannot open room {req.room}: {exc}") from exc
-        msg = KVPagesRequest(room=req.room, decode_instance_id=self.endpoint.instance_id, peer_info=self.endpoint.peer_info, dst_pages=list(req.pages), num_prompt_tokens=len(req.prompt_ids))
+        msg = KVPagesRequest(room=req.room, prefill_epoch=peer.info.epoch, decode_instance_id=self.endpoint.instance_id,
+                             peer_info=self.endpoint.peer_info, dst_pages=list(req.pages), num_prompt_tokens=len(req.prompt_ids))
         try:
             peer.control.send(msg)
         except ControlClosedError as exc:
             receiver.abort()
-            raise RoomFailed(f"prefill instance unreachable: {exc}") from exc
+            raise prefill_failed(f"prefill instance unreachable: {exc}") from exc
         self.rooms[req.room] = DecodeRoom(req, peer, receiver, time.monotonic() + self.timeout_s)
 
     def _peer(self, instance_id: str | None) -> PrefillPeer:
@@ -184,31 +228,38 @@ class DecodeRole(EngineRole):
         if peer is not None and not peer.control.closed:
             return peer
         if peer is not None:
-            self._drop_peer(instance_id)
+            self._drop_peer(instance_id, dead=peer.control.refused)
         try:
             # Once per prefill instance; later rooms use the cached peer.
             info = self.endpoint.bootstrap.lookup(instance_id)
             if info is None or info.role != Role.PREFILL:
-                raise RoomFailed(f"prefill instance {instance_id!r} is not registered at the bootstrap service")
+                raise prefill_failed(f"prefill instance {instance_id!r} is not registered at the bootstrap service")
             name = self.endpoint.add_peer(info.peer_info_bytes)
         except LayoutMismatchError as exc:
             raise RoomFailed(str(exc), 500) from exc
         except RoomFailed:
             raise
         except Exception as exc:  # bootstrap down, bad metadata, unreachable agent
-            raise RoomFailed(f"cannot reach prefill instance {instance_id!r}: {exc}") from exc
-        peer = PrefillPeer(info, name, ControlClient(info.control_address))
+            raise prefill_failed(f"cannot reach prefill instance {instance_id!r}: {exc}") from exc
+        peer = PrefillPeer(info, name, ControlClient(info.control_address, final_when_refused=True))
         self.peers[instance_id] = peer
         return peer
 
-    def _drop_peer(self, instance_id: str) -> None:
-        """Fail every room of a prefill instance whose control channel is gone."""
+    def _drop_peer(self, instance_id: str, dead: bool, reason: str | None = None) -> None:
+        """Fail every room of a prefill instance whose control channel is gone;
+        a ``dead`` one also lets go of its quarantined pages once quiescent."""
         peer = self.peers.pop(instance_id)
-        reason = f"lost the prefill instance: {peer.control.error}"
+        peer.dead = dead
+        reason = reason or f"lost the prefill instance: {peer.control.error}"
         for room, ctx in list(self.rooms.items()):
             if ctx.peer is peer:
-                self._fail_room(room, RoomFailed(reason), notify_peer=False)
+                self._fail_room(room, prefill_failed(reason), notify_peer=False)
         peer.control.close()
+        if not dead and any(q.peer is peer for q in self.quarantine.values()):
+            # Lost, maybe not dead: the bootstrap service's view of its heartbeats decides.
+            args = (peer, self.endpoint.bootstrap.lookup, self.engine.cfg.disaggregation_heartbeat_s,
+                    time.monotonic() + self.timeout_s, self._stop)
+            threading.Thread(target=watch_lost_peer, args=args, name="lost-prefill-watch", daemon=True).start()
         self.endpoint.retire_peer(peer.peer_name)
 
     def _retire_peers(self) -> None:
@@ -219,12 +270,18 @@ class DecodeRole(EngineRole):
     def _drain_control(self) -> None:
         for instance_id, peer in list(self.peers.items()):
             for msg in peer.control.recv_nowait():
+                if isinstance(msg, PeerHello) and msg.epoch != peer.info.epoch:
+                    self._drop_peer(instance_id, dead=True, reason=f"prefill instance {instance_id!r} restarted")
+                    break
                 self._on_message(msg)
-            if peer.control.closed:
-                self._drop_peer(instance_id)
+            else:
+                if peer.control.closed:
+                    self._drop_peer(instance_id, dead=peer.control.refused)
 
     def _on_message(self, msg: object) -> None:
-        if isinstance(msg, PrefillDone):
+        if isinstance(msg, PeerHello):
+            pass  # this incarnation's greeting (another one is handled above)
+        elif isinstance(msg, PrefillDone):
             ctx = self.rooms.get(msg.room)
             if ctx is not None:
                 ctx.done = msg
@@ -233,7 +290,7 @@ class DecodeRole(EngineRole):
                 self.quarantine[msg.room].confirmed = True
             elif msg.room in self.rooms:
                 # P sends its own abort only after its writes drained.
-                self._fail_room(msg.room, RoomFailed(f"prefill side aborted: {msg.reason}"), notify_peer=False, confirmed=True)
+                self._fail_room(msg.room, prefill_failed(f"prefill side aborted: {msg.reason}"), notify_peer=False, confirmed=True)
         else:
             logger.warning("decode control channel ignores %s", type(msg).__name__)
 
@@ -261,7 +318,7 @@ class DecodeRole(EngineRole):
             return
         self._end_room(room, notify_reason=str(exc) if notify_peer else None, confirmed=confirmed)
         logger.warning("room %d failed: %s", room, exc)
-        self.engine.fail(ctx.req, str(exc), exc.status)
+        self.engine.fail(ctx.req, str(exc), exc.status, exc.code)
 
     def _end_room(self, room: int, notify_reason: str | None, confirmed: bool = False) -> None:
         ctx = self.rooms.pop(room)

@@ -283,7 +283,8 @@ class Engine:
             self.emit(req)
 
     # ---- outputs --------------------------------------------------------------
-    def emit(self, req: Req, error: str | None = None, error_status: int | None = None) -> None:
+    def emit(self, req: Req, error: str | None = None, error_status: int | None = None,
+             error_code: str | None = None) -> None:
         """Queue the tokens the front has not seen yet (every stream_interval tokens)."""
         new = len(req.output_ids) - req.num_sent
         due = req.finished or error or req.num_sent == 0 or new >= self.cfg.stream_interval
@@ -308,12 +309,13 @@ class Engine:
                 cached_tokens=req.num_cached_tokens,
                 error=error,
                 error_status=error_status,
+                error_code=error_code,
             )
         )
 
-    def fail(self, req: Req, error: str, status: int = 500) -> None:
+    def fail(self, req: Req, error: str, status: int = 500, code: str | None = None) -> None:
         req.finish_reason = "abort"
-        self.emit(req, error=error, error_status=status)
+        self.emit(req, error=error, error_status=status, error_code=code)
 
     def _flush(self) -> None:
         if self.batch.outputs or self.batch.rids:

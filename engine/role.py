@@ -31,11 +31,12 @@ class EngineHandle(Protocol):
     def check_finish(self, req: Req, token: int) -> None:
         """Mark ``req`` finished if ``token`` (just appended) ends it."""
 
-    def emit(self, req: Req, error: str | None = None, error_status: int | None = None) -> None:
+    def emit(self, req: Req, error: str | None = None, error_status: int | None = None,
+             error_code: str | None = None) -> None:
         """Queue ``req``'s new tokens (or its error) for the front."""
 
-    def fail(self, req: Req, error: str, status: int = 500) -> None:
-        """End ``req`` with an error the client sees."""
+    def fail(self, req: Req, error: str, status: int = 500, code: str | None = None) -> None:
+        """End ``req`` with an error the client sees (``code``: the error object's code)."""
 
 
 class EngineRole:

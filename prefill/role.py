@@ -12,7 +12,8 @@ Lifecycle of a room on the prefill side:
 5. When the sender reports SUCCESS the pages go to the prefix cache and the front
    is told the room is done.
 6. FAILED, timeout, a client abort, ``RoomAbort`` from D or a lost D connection
-   end the room early. Its pages drain first: they are released, and D is sent
+   end the room early (a lost connection at once: the room's pages are D's
+   lease, and nobody else will ask for them). Its pages drain first: they are released, and D is sent
    ``RoomAbort`` (or the acknowledgement of D's), only once no posted WRITE can
    still read or write them. Pages are released exactly once on every path.
 """
@@ -28,8 +29,8 @@ from pdserve.engine.role import EngineHandle, EngineRole
 from pdserve.model.batch import ScheduledBatch
 from pdserve.transfer.base import KVMemory, KVSender, LayoutMismatchError, RoomState
 from pdserve.transfer.control import ControlClosedError, ControlServer
-from pdserve.transfer.endpoint import PDEndpoint
-from pdserve.transfer.pd_messages import KVPagesRequest, PrefillDone, RoomAbort
+from pdserve.transfer.endpoint import PDEndpoint, new_epoch
+from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
 
 logger = logging.getLogger("pdserve.prefill")
 
@@ -63,8 +64,10 @@ class PrefillRole(EngineRole):
         cfg = engine.cfg
         self.page_size = cfg.page_size
         self.timeout_s = cfg.disaggregation_timeout_s
-        self.control = ControlServer(cfg.disaggregation_control_host, cfg.disaggregation_control_port)
-        self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address)
+        epoch = new_epoch()
+        self.control = ControlServer(cfg.disaggregation_control_host, cfg.disaggregation_control_port,
+                                     greeting=PeerHello(instance_id=cfg.instance_id, epoch=epoch))
+        self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address, epoch)
         self.agent = self.endpoint.agent
         self.instance_id = self.endpoint.instance_id
         self.waiting_reqs: dict[int, tuple[Req, float]] = {}  # room -> (request, deadline)
@@ -161,6 +164,7 @@ class PrefillRole(EngineRole):
             "num_prefill_rooms": len(self.rooms),
             "num_draining_rooms": len(self.draining),
             "num_transfer_peers": self.agent.stats().num_peers,
+            "num_transfer_rooms": self.agent.stats().num_rooms,
         }
 
     def close(self) -> None:
@@ -178,6 +182,9 @@ class PrefillRole(EngineRole):
 
     def _on_message(self, conn_id: int, msg: object) -> None:
         if isinstance(msg, KVPagesRequest):
+            if msg.prefill_epoch != self.endpoint.epoch:  # meant for this instance before a restart
+                self._send(conn_id, RoomAbort(room=msg.room, reason="the prefill instance restarted"))
+                return
             if msg.room in self.waiting_pages or msg.room in self.rooms:
                 self._send(conn_id, RoomAbort(room=msg.room, reason=f"room {msg.room} is already in use"))
                 return

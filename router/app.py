@@ -35,6 +35,7 @@ from pdserve.common.auth import bearer_headers, key_matches, read_secret, redact
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.common.event_stream import with_raw_send
+from pdserve.common.http_timeouts import uvicorn_timeouts
 from pdserve.common.startup import check_port_free, flag_error, run_main
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
@@ -322,6 +323,6 @@ def _serve(config: RouterConfig) -> int:
     logger.info("router (%s mode) on http://%s:%d", config.mode, config.host, config.port)
     app = with_raw_send(create_app(config))
     _quiet_collector()  # the process is the router's alone from here on
-    uvicorn.run(app, host=config.host, port=config.port,
-                log_level=config.log_level, access_log=False)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
+                **uvicorn_timeouts(config.http_keep_alive_timeout_s, config.http_read_timeout_s))
     return 0

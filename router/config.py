@@ -23,6 +23,8 @@ class CacheAwareConfig:
 class RouterConfig:
     host: str = field(default="127.0.0.1", metadata=flag("HTTP bind address"))
     port: int = field(default=30000, metadata=flag("HTTP port"))
+    http_keep_alive_timeout_s: float = field(default=5.0, metadata=flag("close a kept-alive client connection idle this long between requests"))
+    http_read_timeout_s: float = field(default=30.0, metadata=flag("close a client connection whose request (headers or body) gets no byte for this long"))
     prefill_urls: tuple[str, ...] = field(default=(), metadata=flag(
         "prefill instance URL(s)", flag="--prefill", nargs="+", action="extend", metavar="URL"))
     decode_urls: tuple[str, ...] = field(default=(), metadata=flag(
@@ -49,6 +51,13 @@ class RouterConfig:
     health_check_timeout_s: float = field(default=5.0, metadata=flag("seconds a health check may take"))
     request_timeout_s: float = field(default=600.0, metadata=flag("seconds one upstream request may take"))
     max_retries: int = field(default=2, metadata=flag("retries on another worker pair while no byte reached the client"))
+    first_byte_timeout_s: float = field(default=10.0, metadata=flag(
+        "seconds an attempt may go without its first byte before the router probes its prefill and decode "
+        "(/health) and moves to another pair if one does not answer; 0 waits for --request-timeout-s"))
+    health_failure_threshold: int = field(default=3, metadata=flag(
+        "consecutive failed checks (or failed requests) before a worker is marked down"))
+    health_success_threshold: int = field(default=2, metadata=flag(
+        "consecutive successful checks before a worker that was marked down is back"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
 
     def __post_init__(self) -> None:
@@ -62,6 +71,10 @@ class RouterConfig:
             raise ValueError("--worker URLs need colocated mode")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if self.first_byte_timeout_s < 0:
+            raise ValueError("first_byte_timeout_s must be >= 0")
+        if self.health_failure_threshold < 1 or self.health_success_threshold < 1:
+            raise ValueError("health thresholds must be >= 1")
 
     @property
     def resolved_worker_api_key(self) -> str | None:

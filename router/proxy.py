@@ -7,7 +7,13 @@ PD mode, one attempt:
    and D at the same time.
 3. Wait for D's first body chunk. If P fails first, D is closed and P's error
    is the answer. No byte has reached the client yet, so a connection error or
-   a 5xx from either side moves on to another pair (up to ``max_retries``).
+   a 5xx from either side moves on to another pair (up to ``max_retries``),
+   avoiding the side that failed: D's error with code ``prefill_failed`` (its
+   room failed because of P) blames P. A connection the worker closed while
+   it sat in the pool (a keep-alive race) is retried once more, blaming nobody.
+   When no first byte came within ``first_byte_timeout_s``, both sides are
+   probed (``/health``); one that does not answer (frozen, overloaded) is
+   blamed and the attempt moves on, while two live sides are waited for.
 4. From D's first chunk on, the attempt is committed: D's SSE is relayed as
    bytes, whatever arrived in one read going out in one write, never parsed (or
    its JSON returned); P's answer only gets logged. A client that disconnects
@@ -22,6 +28,7 @@ Colocated mode is the same with no P and no PD fields.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import secrets
 from dataclasses import dataclass
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 from fastapi.responses import Response
-from pdserve.common.errors import error_body, error_response
+from pdserve.common.errors import PREFILL_FAILED_CODE, error_body, error_code, error_response
 from pdserve.common.event_stream import EventStream, Write
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
@@ -51,11 +58,14 @@ class _Opened:
 class _AttemptFailed(Exception):
     """The attempt failed before any byte reached the client."""
 
-    def __init__(self, response: Response, culprit: Worker, retryable: bool) -> None:
+    def __init__(self, response: Response, culprit: Worker, retryable: bool, race: bool = False,
+                 blames_prefill: bool = False) -> None:
         super().__init__(culprit.url)
         self.response = response
         self.culprit = culprit
         self.retryable = retryable
+        self.race = race  # a pooled connection closed under us: nobody's fault
+        self.blames_prefill = blames_prefill  # D says its room failed because of P
 
 
 # What an upstream call raises when the worker cannot be reached or breaks off.
@@ -70,15 +80,31 @@ def _failure_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+_RACE_ERRNOS = (errno.ECONNRESET, errno.EPIPE)
+
+
+def _is_race(exc: Exception) -> bool:
+    """The worker closed a pooled connection as we used it; it never saw the request."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return (isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+            and exc.errno in _RACE_ERRNOS)
+
+
+def _is_refused(exc: Exception) -> bool:
+    return isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError)
+
+
 def _upstream_error(worker: Worker, exc: Exception) -> _AttemptFailed:
     status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
     message = f"{worker.role} worker {worker.url} failed: {type(exc).__name__}: {exc}"
-    return _AttemptFailed(error_response(status, message), worker, retryable=True)
+    return _AttemptFailed(error_response(status, message), worker, retryable=True, race=_is_race(exc))
 
 
 def _status_error(worker: Worker, status: int, body: bytes, media_type: str | None) -> _AttemptFailed:
     response = Response(content=body, status_code=status, media_type=media_type)
-    return _AttemptFailed(response, worker, retryable=status >= 500)
+    blames_prefill = worker.role == DECODE and status >= 500 and error_code(body) == PREFILL_FAILED_CODE
+    return _AttemptFailed(response, worker, retryable=status >= 500, blames_prefill=blames_prefill)
 
 
 class Forwarder:
@@ -94,20 +120,25 @@ class Forwarder:
     async def forward(self, path: str, body: dict) -> Response:
         text, excluded = routing_text(body), set()
         failure: _AttemptFailed | None = None
-        for attempt in range(self._config.max_retries + 1):
+        attempt, num_attempts, raced = 0, self._config.max_retries + 1, False
+        while attempt < num_attempts:
             pair = self._pick(text, excluded)
             if pair is None:
                 break
             if attempt:
                 self._metrics.retries.labels(path).inc()
+            attempt += 1
             try:
                 return await self._attempt(path, body, *pair)
             except _AttemptFailed as exc:
-                logger.warning("attempt %d on %s failed (%s)", attempt + 1, exc.culprit.url,
+                logger.warning("attempt %d on %s %s failed (%s)", attempt, exc.culprit.role, exc.culprit.url,
                                exc.response.status_code)
                 failure = exc
                 if not exc.retryable:
                     break
+                if exc.race and not raced:  # once per request, on the same pair, not counted
+                    raced, num_attempts = True, num_attempts + 1
+                    continue
                 excluded.add(exc.culprit)
         if failure is not None:
             return failure.response
@@ -139,7 +170,7 @@ class Forwarder:
         prefill_task = self._start_prefill(prefill, path, payload) if prefill else None
         decode.in_flight += 1
         try:
-            opened = await self._open_decode(decode, path, payload, prefill_task)
+            opened = await self._open_decode(decode, path, payload, prefill, prefill_task)
         except BaseException:
             decode.in_flight -= 1
             if prefill_task is not None:
@@ -167,31 +198,78 @@ class Forwarder:
             async with self._session.post(prefill.url + path, data=payload, headers=_JSON) as response:
                 body = await response.read()
         except UPSTREAM_ERRORS as exc:
-            self._workers.mark_failed(prefill, _failure_reason(exc))
+            self._count_failure(prefill, exc)
             raise _upstream_error(prefill, exc) from None
         if response.status >= 400:
             raise _status_error(prefill, response.status, body, response.headers.get("content-type"))
 
-    async def _open_decode(self, decode: Worker, path: str, payload: bytes,
+    def _count_failure(self, worker: Worker, exc: Exception) -> None:
+        """A connection-level failure counts toward marking the worker down; a
+        keep-alive race does not, and a refused connection marks it down at once."""
+        if not _is_race(exc):
+            self._workers.mark_failed(worker, _failure_reason(exc), at_once=_is_refused(exc))
+
+    async def _open_decode(self, decode: Worker, path: str, payload: bytes, prefill: Worker | None,
                            prefill_task: asyncio.Task | None) -> _Opened:
         decode_task = asyncio.create_task(self._open(decode, path, payload))
         pending = {decode_task} | ({prefill_task} if prefill_task else set())
+        wait_s = self._config.first_byte_timeout_s or None
         try:
             while decode_task in pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if decode_task not in done and prefill_task in done:
+                done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    await self._probe_stalled(prefill if prefill_task in pending else None, decode)
+                elif decode_task not in done and prefill_task in done:
                     prefill_task.result()  # raises _AttemptFailed when P failed
-            return decode_task.result()
+            try:
+                return decode_task.result()
+            except _AttemptFailed as exc:
+                if exc.blames_prefill and prefill is not None:
+                    self._blame_prefill(exc, prefill, prefill_task)
+                raise
         finally:
             if not decode_task.done():
                 decode_task.cancel()
                 await asyncio.gather(decode_task, return_exceptions=True)
 
+    @staticmethod
+    def _blame_prefill(exc: _AttemptFailed, prefill: Worker, prefill_task: asyncio.Task | None) -> None:
+        """D failed its room because of P: P's own error, if it has one, is the answer."""
+        if prefill_task is not None and prefill_task.done() and not prefill_task.cancelled():
+            own = prefill_task.exception()
+            if isinstance(own, _AttemptFailed):
+                raise own
+        exc.culprit = prefill
+
+    async def _probe_stalled(self, prefill: Worker | None, decode: Worker) -> None:
+        """No first byte within first_byte_timeout_s: raise _AttemptFailed naming a
+        side that does not answer /health; return (keep waiting) if both do."""
+        sides = [w for w in (prefill, decode) if w is not None]
+        answers = await asyncio.gather(*(self._answers_health(w) for w in sides))
+        for worker, ok in zip(sides, answers, strict=True):
+            if not ok:
+                # Excluded from this request only: concurrent requests stalled on the same
+                # worker would otherwise count one outage many times; the checks decide.
+                reason = f"no first byte within {self._config.first_byte_timeout_s}s and /health does not answer"
+                worker.last_error = reason
+                message = f"{worker.role} worker {worker.url}: {reason}"
+                raise _AttemptFailed(error_response(504, message), worker, retryable=True)
+        logger.info("attempt on %s slow to its first byte; both sides answer /health, waiting",
+                    " and ".join(w.url for w in sides))
+
+    async def _answers_health(self, worker: Worker) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self._config.health_check_timeout_s)
+        try:
+            async with self._session.get(worker.url + "/health", timeout=timeout) as response:
+                return response.status == 200
+        except UPSTREAM_ERRORS:
+            return False
+
     async def _open(self, worker: Worker, path: str, payload: bytes) -> _Opened:
         try:
             response = await self._session.post(worker.url + path, data=payload, headers=_JSON)
         except UPSTREAM_ERRORS as exc:
-            self._workers.mark_failed(worker, _failure_reason(exc))
+            self._count_failure(worker, exc)
             raise _upstream_error(worker, exc) from None
         try:
             if response.status >= 400:
@@ -246,7 +324,7 @@ class _Relay:
             logger.warning("decode %s stream broke: %r", self._decode.url, exc)
             self._metrics.errors.labels(self._path, "502").inc()
             error = error_body(502, f"decode worker {self._decode.url} stream broke: {exc!r}")
-            await write(b"data: " + orjson.dumps(error) + b"\n\n")
+            await write(b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
         finally:
             await self.close()
 

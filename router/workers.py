@@ -6,6 +6,13 @@ instances come and go). A periodic check asks each worker for ``/health`` and
 ``/get_server_info``: the latter gives the ``instance_id`` the prefill side is
 addressed by, and the running/queued request counts that load-aware policies
 add to the router's own in-flight count.
+
+A worker is marked down only after ``health_failure_threshold`` consecutive
+failures (checks or requests), and back up after ``health_success_threshold``
+consecutive successful checks; a worker never seen healthy is up on its first
+success. One failure is not an outage: a connection the worker closed while
+it sat in the pool (a keep-alive race) is retried at once and not counted. A
+port that refuses connections marks the worker down at once: nothing listens.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ class Worker:
     num_queued_reqs: int = 0
     in_flight: int = 0  # requests this router has open on it right now
     last_error: str | None = None
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    was_down: bool = False  # marked down after being healthy: needs the success threshold
 
     @property
     def load(self) -> int:
@@ -51,6 +61,7 @@ class Worker:
             "healthy": self.healthy, "load": self.load, "in_flight": self.in_flight,
             "num_running_reqs": self.num_running_reqs, "num_queued_reqs": self.num_queued_reqs,
             "source": "bootstrap" if self.discovered else "static", "last_error": self.last_error,
+            "consecutive_failures": self.consecutive_failures,
         }
 
 
@@ -88,12 +99,32 @@ class WorkerRegistry:
         """At least one healthy worker of every role this router needs."""
         return all(self.healthy(role) for role in self._roles)
 
-    def mark_failed(self, worker: Worker, reason: str) -> None:
-        """Take a worker out of rotation until its next successful check."""
+    def mark_failed(self, worker: Worker, reason: str, at_once: bool = False) -> None:
+        """Count a failure; the worker leaves rotation once ``health_failure_threshold``
+        failures in a row were counted (or at once when ``at_once``)."""
+        worker.last_error = reason
+        worker.consecutive_successes = 0
+        worker.consecutive_failures += 1
+        if not at_once and worker.consecutive_failures < self._config.health_failure_threshold:
+            if worker.healthy:
+                logger.info("worker %s %s failed (%d of %d before it is marked down): %s", worker.role,
+                            worker.url, worker.consecutive_failures, self._config.health_failure_threshold, reason)
+            return
         if worker.healthy:
             logger.warning("worker %s %s marked unhealthy: %s", worker.role, worker.url, reason)
+            worker.was_down = True
         worker.healthy = False
-        worker.last_error = reason
+
+    def mark_succeeded(self, worker: Worker) -> None:
+        worker.consecutive_failures = 0
+        worker.consecutive_successes += 1
+        if worker.healthy:
+            worker.last_error = None
+            return
+        if worker.was_down and worker.consecutive_successes < self._config.health_success_threshold:
+            return
+        logger.info("worker %s %s is healthy (%s)", worker.role, worker.url, worker.instance_id)
+        worker.healthy, worker.last_error, worker.was_down = True, None, False
 
     async def refresh(self) -> None:
         if self._config.bootstrap_url:
@@ -139,19 +170,29 @@ class WorkerRegistry:
             if self._on_removed:
                 self._on_removed(worker)
 
-    async def _check(self, worker: Worker) -> None:
+    async def _get(self, url: str) -> httpx.Response:
+        """GET, once more on a fresh connection when a pooled one was closed under us."""
         timeout = self._config.health_check_timeout_s
         try:
-            health = await self._http.get(worker.url + "/health", timeout=timeout)
+            return await self._http.get(url, timeout=timeout)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            return await self._http.get(url, timeout=timeout)  # a keep-alive race is not a failure
+
+    async def _check(self, worker: Worker) -> None:
+        try:
+            health = await self._get(worker.url + "/health")
             if health.status_code != 200:
                 self.mark_failed(worker, f"/health answered {health.status_code}")
                 return
-            response = await self._http.get(worker.url + "/get_server_info", timeout=timeout)
+            response = await self._get(worker.url + "/get_server_info")
             if response.status_code != 200:
                 # /health is open even on a keyed instance: a refused key shows here.
                 self.mark_failed(worker, _server_info_problem(response.status_code))
                 return
             info = response.json()
+        except httpx.ConnectError as exc:
+            self.mark_failed(worker, f"unreachable: {exc!r}", at_once=refused(exc))
+            return
         except (httpx.HTTPError, ValueError) as exc:
             self.mark_failed(worker, f"unreachable: {exc!r}")
             return
@@ -159,9 +200,7 @@ class WorkerRegistry:
         if problem:
             self.mark_failed(worker, problem)
             return
-        if not worker.healthy:
-            logger.info("worker %s %s is healthy (%s)", worker.role, worker.url, worker.instance_id)
-        worker.healthy, worker.last_error = True, None
+        self.mark_succeeded(worker)
 
     def _apply_server_info(self, worker: Worker, info: Any) -> str | None:
         if not isinstance(info, dict):
@@ -182,6 +221,14 @@ def _server_info_problem(status: int) -> str:
     if status in (401, 403):
         return f"/get_server_info answered {status}: the instance refused the router's key (--worker-api-key)"
     return f"/get_server_info answered {status}"
+def refused(exc: BaseException) -> bool:
+    """Whether a connect error was a refusal: nothing listens on the worker's port."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _count(value: Any) -> int:

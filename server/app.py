@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 from pdserve.common.config import ServerConfig, served_model_name
 from pdserve.common.event_stream import with_raw_send
+from pdserve.common.http_timeouts import uvicorn_timeouts
 from pdserve.common.messages import GenerateRequest
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
@@ -99,7 +100,8 @@ def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
     engine = EngineClient(cfg, model_dir, engine_main, len(tokenizer))
     state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name))
     app = build_app(state)
-    server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))
+    timeouts = uvicorn_timeouts(cfg.http_keep_alive_timeout_s, cfg.http_read_timeout_s)
+    server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5, **timeouts))
     state.server = server
     server.run()
     if state.failed and state.engine_ready is None:

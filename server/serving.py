@@ -131,7 +131,7 @@ class Serving:
                 if isinstance(last, TokenOutput) and last.error:
                     finished = True
                     timer.abort()
-                    raise APIError(last.error_status or 500, last.error)
+                    raise APIError(last.error_status or 500, last.error, code=last.error_code)
                 delta = text.feed(updates)
                 apply_delta(state, delta, updates)
                 timer.tokens(len(delta.token_ids), state.cached_tokens)

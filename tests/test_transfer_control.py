@@ -122,3 +122,40 @@ def test_split_address_rejects_garbage():
     assert split_address("10.0.0.1:8999") == ("10.0.0.1", 8999)
     with pytest.raises(ValueError):
         split_address("no-port")
+
+
+def test_greeting_opens_every_connection_and_a_restart_greets_anew():
+    port = free_port()
+    first = ControlServer("127.0.0.1", port, greeting=_Ping(seq=100))
+    client = ControlClient(f"127.0.0.1:{port}", max_retries=50, retry_interval_s=0.02)
+    try:
+        client.send(_Ping(seq=1))
+        assert [m.seq for m in _wait_for(client.recv_nowait, 1)] == [100]
+        first.close()
+        time.sleep(0.1)  # the client notices the drop
+        second = ControlServer("127.0.0.1", port, greeting=_Ping(seq=200))
+        try:
+            client.send(_Ping(seq=2))
+            _wait_for(second.recv_nowait, 1)
+            # The new server's greeting tells the client it is not the old one.
+            assert [m.seq for m in _wait_for(client.recv_nowait, 1)] == [200]
+        finally:
+            second.close()
+    finally:
+        client.close()
+
+
+def test_a_refused_connection_is_final_when_asked():
+    port = free_port()
+    server = ControlServer("127.0.0.1", port)
+    client = ControlClient(f"127.0.0.1:{port}", max_retries=50, retry_interval_s=0.02, final_when_refused=True)
+    try:
+        client.send(_Ping(seq=1))
+        _wait_for(server.recv_nowait, 1)
+        server.close()  # nothing listens at the address any more
+        started = time.monotonic()
+        wait_until(lambda: client.closed, 5.0, 0.01, "the client kept retrying a refused address")
+        assert client.refused and "refused" in client.error
+        assert time.monotonic() - started < 2.0  # not after 50 retries
+    finally:
+        client.close()

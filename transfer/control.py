@@ -10,7 +10,12 @@ as a hang.
 Delivery is in order per connection and at most once: the client reconnects
 (bounded retries) after a drop and resends the frame it was in the middle of,
 but frames the old connection had fully written may be lost with it; rooms
-that depended on them time out.
+that depended on them time out. With ``final_when_refused``, a refused
+connection ends the client at once (``refused``): nothing listens at the
+address any more, the peer is gone.
+
+A server may be given a ``greeting``: the first frame of every connection it
+accepts (the PD roles send the instance's epoch).
 """
 
 from __future__ import annotations
@@ -189,8 +194,9 @@ class _Loop:
 class ControlServer(_Loop):
     """Accepts any number of clients; each connection gets an integer id."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, greeting: Any = None) -> None:
         super().__init__("pdserve-control-server")
+        self._greeting = None if greeting is None else _frame(greeting)
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.setblocking(False)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
@@ -256,6 +262,8 @@ class ControlServer(_Loop):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn_id, self._next_id = self._next_id, self._next_id + 1
         self._conns[conn_id] = _Framed(sock)
+        if self._greeting is not None:
+            self._conns[conn_id].queue(self._greeting)
         with self._lock:
             self._alive.add(conn_id)
         self._watch(self._conns[conn_id], conn_id)
@@ -279,13 +287,14 @@ class ControlClient(_Loop):
     """One connection to a ControlServer, re-established after a drop."""
 
     def __init__(self, address: str, connect_timeout_s: float = 5.0, max_retries: int = 5,
-                 retry_interval_s: float = 0.2) -> None:
+                 retry_interval_s: float = 0.2, final_when_refused: bool = False) -> None:
         super().__init__("pdserve-control-client")
         self.address = address
         self._target = split_address(address)
         self._connect_timeout_s = connect_timeout_s
         self._max_retries = max_retries
         self._retry_interval_s = retry_interval_s
+        self._final_when_refused = final_when_refused
         self._conn: _Framed | None = None
         self._pending: deque[bytes] = deque()  # frames waiting for a connection
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -293,6 +302,7 @@ class ControlClient(_Loop):
         self._failures = 0
         self._next_attempt = 0.0
         self.error: str | None = None
+        self.refused = False  # closed because nothing listens at the address
         self._thread.start()
 
     @property
@@ -329,17 +339,28 @@ class ControlClient(_Loop):
     def _connect(self) -> None:
         try:
             sock = socket.create_connection(self._target, timeout=self._connect_timeout_s)
+        except ConnectionRefusedError as exc:
+            if not self._final_when_refused:
+                self._retry_later(exc)
+                return
+            self.refused = True
+            self.error = f"{self.address} refused the connection: {exc}"
+            self._stopping.set()
+            return
         except OSError as exc:
-            self._failures += 1
-            if self._failures > self._max_retries:
-                self.error = f"cannot connect to {self.address}: {exc}"
-                self._stopping.set()
-            self._next_attempt = time.monotonic() + self._retry_interval_s * self._failures
+            self._retry_later(exc)
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._conn = _Framed(sock)
         self._failures = 0
         self._watch(self._conn, "conn")
+
+    def _retry_later(self, exc: OSError) -> None:
+        self._failures += 1
+        if self._failures > self._max_retries:
+            self.error = f"cannot connect to {self.address}: {exc}"
+            self._stopping.set()
+        self._next_attempt = time.monotonic() + self._retry_interval_s * self._failures
 
     def _on_event(self, data: Any, events: int) -> None:
         conn = self._conn

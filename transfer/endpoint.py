@@ -1,5 +1,8 @@
 """What a prefill or decode instance shares: its transfer agent and its bootstrap entry.
 
+An instance's epoch (random, drawn at process start) is in its bootstrap entry
+and on its control channel, so a restarted instance is a new peer.
+
 On start the endpoint registers the KV pool with the transfer backend, registers
 the instance (with its KV layout) at the bootstrap service — a layout that
 cannot pair with live peers is refused there, before any request — and keeps
@@ -15,6 +18,7 @@ leaves the agent (``remove_peer``) only once none of its rooms is left.
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import threading
 
@@ -36,10 +40,16 @@ def advertised_host(host: str) -> str:
     return host
 
 
+def new_epoch() -> str:
+    """A fresh incarnation id: drawn once per process start."""
+    return secrets.token_hex(8)
+
+
 class PDEndpoint:
-    def __init__(self, cfg: ServerConfig, memory: KVMemory, control_address: str):
+    def __init__(self, cfg: ServerConfig, memory: KVMemory, control_address: str, epoch: str):
         self.cfg = cfg
         self.instance_id: str = cfg.instance_id  # resolved at parse time
+        self.epoch = epoch
         transfer_cfg = TransferConfig(
             backend=cfg.disaggregation_transfer_backend,
             instance_name=self.instance_id,
@@ -60,6 +70,7 @@ class PDEndpoint:
             peer_info=encode_peer_info(self.peer_info),
             kv_layout=memory.layout,
             model=served_model_name(cfg),
+            epoch=epoch,
         )
         # Raises RegistrationRefused on a layout mismatch, or on an id that stays
         # held by another registrant (a fixed --instance-id reused too early).

@@ -3,7 +3,12 @@
 The data itself moves over the transfer layer; these say which pages to write,
 hand over the first token, and end rooms early. Lifecycle of a room:
 
-1. D -> P ``KVPagesRequest``: D reserved ``dst_pages`` for the prompt.
+0. P -> D ``PeerHello`` first on every control connection: P's epoch. D
+   compares it with the epoch it found at the bootstrap service; another one
+   means P restarted (same address, new process), so every room of the old
+   P is over and its pages can be reused at once.
+1. D -> P ``KVPagesRequest``: D reserved ``dst_pages`` for the prompt. It names
+   the epoch of the P it means; a restarted P refuses the room.
 2. P prefills, writes the pages, then P -> D ``PrefillDone`` with the first token.
 3. Either side may send ``RoomAbort`` at any time; the room then ends on both.
 """
@@ -17,8 +22,16 @@ from pdserve.common.codec import message
 
 @message
 @dataclass(frozen=True, kw_only=True)
+class PeerHello:
+    instance_id: str
+    epoch: str
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
 class KVPagesRequest:
     room: int
+    prefill_epoch: str  # the incarnation of P this room was opened with
     decode_instance_id: str
     peer_info: bytes  # D's transfer-agent metadata (idempotent to load)
     dst_pages: list[int]

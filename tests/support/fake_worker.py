@@ -40,6 +40,7 @@ class Behavior:
 
     healthy: bool = True
     fail_status: int | None = None  # answer generation requests with this error
+    fail_code: str | None = None  # ... whose error object has this code
     num_failures: int | None = None  # fail only this many times; None: always
     delay_s: float = 0.0  # before answering (decode: before the response headers)
     num_chunks: int = 3
@@ -89,8 +90,8 @@ class FakeWorker:
         return b"".join(_sse_event(path, token) for token in self.tokens()) + SSE_DONE
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(status, message), status_code=status)
+def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code=code), status_code=status)
 
 
 def _chunk(path: str, text: str) -> dict[str, Any]:
@@ -156,7 +157,7 @@ async def _generate(worker: FakeWorker, request: Request) -> Response:
     if not await _pause(worker, request, worker.behavior.delay_s):
         return Response(status_code=499)
     if worker._should_fail():
-        return _error(worker.behavior.fail_status or 500, f"{worker.name} failed on purpose")
+        return _error(worker.behavior.fail_status or 500, f"{worker.name} failed on purpose", worker.behavior.fail_code)
     if worker.role == "prefill":
         return JSONResponse({"bootstrap_room": body.get("bootstrap_room"), "status": "ok"})
     if body.get("stream"):

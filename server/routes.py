@@ -10,9 +10,11 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pdserve.common.disconnect import until_client_leaves
-from pdserve.common.errors import APIError, error_body, install_error_handlers, read_json_object
+from pdserve.common.errors import APIError, error_body, install_error_handlers
 from pdserve.common.event_stream import EventStream
 from pdserve.common.messages import ControlResponse, GenerateRequest
+from pdserve.common.openapi import request_body
+from pdserve.common.request_body import BodyLimit, parse_json_object
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.server import openai_format as fmt
@@ -35,6 +37,8 @@ def _install_middleware(app: FastAPI, state: AppState) -> None:
     install_error_handlers(app)
     if state.cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.cfg.api_key)
+    # Added last, so outermost: an oversized body is refused before anything else runs.
+    app.add_middleware(BodyLimit, max_bytes=state.cfg.max_request_bytes)
 
 
 class APIKeyMiddleware:
@@ -76,15 +80,15 @@ def _check_role(state: AppState, gen: GenerationInput) -> None:
 
 
 def _install_api(app: FastAPI, state: AppState) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body("/v1/completions"))
     async def completions(request: Request):
         return await _handle(request, state, parse_completion, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body("/v1/chat/completions"))
     async def chat(request: Request):
         return await _handle(request, state, parse_chat, "chat")
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=request_body("/generate"))
     async def generate(request: Request):
         return await _handle(request, state, parse_generate, "generate")
 
@@ -110,12 +114,18 @@ def _model_card(state: AppState) -> dict:
     }
 
 
-async def _handle(request: Request, state: AppState, parser, kind: str):
-    serving = _serving(state)
-    gen = parser(await read_json_object(request))
+def _prepare(state: AppState, serving: Serving, parser, raw: bytes) -> tuple[GenerationInput, list[SubRequest]]:
+    """Body bytes to engine requests: parse, check, template, tokenize (CPU work only)."""
+    gen = parser(parse_json_object(raw))
     _check_model(state, gen)
     _check_role(state, gen)
-    subs = serving.build(gen)
+    return gen, serving.build(gen)
+
+
+async def _handle(request: Request, state: AppState, parser, kind: str):
+    serving = _serving(state)
+    raw = await request.body()
+    gen, subs = await serving.off_loop(len(raw), partial(_prepare, state, serving, parser, raw))
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{subs[0].rid.split('-')[0]}"
     if state.cfg.disaggregation_mode == Role.PREFILL:
         await until_client_leaves(request, serving.collect_all(subs))

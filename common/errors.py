@@ -62,10 +62,18 @@ def error_response(status: int, message: str, param: str | None = None, code: st
                         headers=retry_after_headers(status, retry_after_s))
 
 
+def parse_json_object(raw: bytes) -> dict:
+    """A request body as a strict JSON object, or a 400 that says what is wrong."""
+    from pdserve.common.strict_json import InvalidJSON, loads_object
+
+    try:
+        return loads_object(raw)
+    except InvalidJSON as exc:
+        raise APIError(400, str(exc)) from None
+
+
 async def read_json_object(request) -> dict:
     """The request body as a JSON object, or a 400 that says what is wrong."""
-    from pdserve.common.request_body import parse_json_object
-
     return parse_json_object(await request.body())
 
 

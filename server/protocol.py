@@ -201,8 +201,8 @@ def _chat_message(message: Any, index: int) -> dict:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            _check(isinstance(part, dict) and part.get("type") == "text", "only text content parts are supported", f"{param}.content[{j}]")
-            _check(isinstance(part.get("text"), str), "a text content part's 'text' must be a string", f"{param}.content[{j}].text")
+            _check(isinstance(part, dict) and part.get("type") == "text", "only text content parts are supported", f"{param}.content")
+            _check(isinstance(part.get("text"), str), f"content part {j}: 'text' must be a string", f"{param}.content")
             parts.append(part["text"])
         content = "".join(parts)
     _check(isinstance(content, str) or (content is None and role == "assistant"), "'content' must be a string", f"{param}.content")

@@ -10,11 +10,11 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pdserve.common.disconnect import until_client_leaves
-from pdserve.common.errors import APIError, error_body, install_error_handlers
+from pdserve.common.errors import APIError, error_body, install_error_handlers, parse_json_object
 from pdserve.common.event_stream import EventStream
 from pdserve.common.messages import ControlResponse, GenerateRequest
 from pdserve.common.openapi import request_body
-from pdserve.common.request_body import BodyLimit, parse_json_object
+from pdserve.common.request_body import BodyLimit
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.server import openai_format as fmt

@@ -10,7 +10,7 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pdserve.common.disconnect import until_client_leaves
-from pdserve.common.errors import APIError, error_body, install_error_handlers, parse_json_object
+from pdserve.common.errors import APIError, error_body, error_response, install_error_handlers, parse_json_object
 from pdserve.common.event_stream import EventStream
 from pdserve.common.messages import ControlResponse, GenerateRequest
 from pdserve.common.openapi import request_body
@@ -221,7 +221,7 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
     async def health():
         if state.ready and state.engine.alive():
             return Response(status_code=200)
-        return JSONResponse(error_body(503, state.failed or "not ready"), status_code=503)
+        return error_response(503, state.failed or "not ready")  # with Retry-After
 
     @app.get("/health_generate")
     async def health_generate():
@@ -238,7 +238,7 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
         try:
             await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT_S)
         except (asyncio.TimeoutError, APIError) as exc:
-            return JSONResponse(error_body(503, f"generation check failed: {exc}"), status_code=503)
+            return error_response(503, f"generation check failed: {exc}")
         return Response(status_code=200)
 
     @app.get("/get_model_info")

@@ -51,7 +51,9 @@ class BodyLimit:
 
     async def _with_counted_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Count the body as the handler reads it; past the limit the read raises
-        :class:`BodyTooLarge`, which the handler's error handling turns into a 413."""
+        :class:`BodyTooLarge`, which the handler's error handling turns into a 413,
+        sent with ``Connection: close`` so that the server stops reading the rest.
+        (A stream's body chunks bypass ``send`` here: see ``common/event_stream.py``.)"""
         received = 0
 
         async def counted() -> Message:
@@ -63,7 +65,12 @@ class BodyLimit:
                     raise BodyTooLarge(self.max_bytes)
             return message
 
-        await self.app(scope, counted, send)
+        async def closing(message: Message) -> None:
+            if received > self.max_bytes and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counted, closing)
 
 
 def _content_length(scope: Scope) -> int | None:

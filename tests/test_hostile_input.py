@@ -254,10 +254,12 @@ def test_chunked_oversized_body_is_cut_off(target: str, hostile_server: ServerPr
     try:
         resp = httpx.post(url + "/v1/completions", content=chunks(), timeout=60.0)
     except httpx.TransportError:
-        # The server answered and closed while the client was still writing: it must not have read it all.
-        assert sent[0] < 4 * MAX_REQUEST_BYTES
-        return
-    assert_openai_error(resp, 413, code="request_too_large")
+        resp = None  # the server answered and closed while the client was still writing
+    # It stopped reading soon after the limit (what socket buffers took, at most), not at the end.
+    assert sent[0] < 3 * MAX_REQUEST_BYTES, sent[0]
+    if resp is not None:
+        assert_openai_error(resp, 413, code="request_too_large")
+        assert resp.headers["connection"] == "close"
 
 
 # ---- CPU work off the event loop ---------------------------------------------------

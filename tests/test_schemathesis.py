@@ -39,27 +39,32 @@ def fuzzed_router(fuzzed_server: ServerProcess, server_logs: Path) -> Iterator[R
         yield router
 
 
+def _runner(operation, mode, base_url: str, failures: list[str], calls: list[int]):
+    """One operation in one generation mode, as a bounded, derandomized hypothesis test."""
+    label = f"{operation.label} ({mode.value})"
+
+    @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case) -> None:
+        calls[0] += 1
+        response = case.call(base_url=base_url, timeout=REQUEST_TIMEOUT_S)
+        if response.status_code >= 500:
+            failures.append(f"{label}: {response.status_code} {response.text[:200]} "
+                            f"for {case.as_curl_command()[:300]}")
+
+    return run
+
+
 def _fuzz(base_url: str) -> tuple[list[str], int]:
     """Run every operation in both generation modes; the 5xx answers, and how many calls."""
     schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
     failures: list[str] = []
     calls = [0]
     for result in schema.get_all_operations():
-        operation = result.ok()
         for mode in schemathesis.GenerationMode:
-
-            @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case) -> None:
-                calls[0] += 1
-                response = case.call(base_url=base_url, timeout=REQUEST_TIMEOUT_S)
-                if response.status_code >= 500:
-                    failures.append(f"{operation.label} ({mode.value}): {response.status_code} "
-                                    f"{response.text[:200]} for {case.as_curl_command()[:300]}")
-
             try:
-                run()
+                _runner(result.ok(), mode, base_url, failures, calls)()
             except Unsatisfiable:
                 pass  # nothing to break in this operation (no parameters, no body): negative mode has no case
     return failures, calls[0]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pdserve.common import env
 from pdserve.common.args import flag as _flag
 from pdserve.common.auth import read_secret
+from pdserve.common.request_body import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.common.roles import Role
 
 
@@ -43,6 +44,7 @@ class ServerConfig:
     log_requests: bool = field(default=False, metadata=_flag("log every request's input and output"))
     skip_server_warmup: bool = field(default=False, metadata=_flag("do not send a warmup request before reporting healthy"))
     max_queued_requests: int | None = field(default=None, metadata=_flag("reject (503) new requests beyond this many waiting"))
+    max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata=_flag("refuse (413) request bodies larger than this"))
     allow_auto_truncate: bool = field(default=False, metadata=_flag("truncate over-long prompts instead of rejecting them"))
     stream_interval: int = field(default=1, metadata=_flag("stream every N tokens"))
     watchdog_timeout: float = field(default=300.0, metadata=_flag("seconds a busy engine step may take before the instance reports unhealthy and exits"))
@@ -105,6 +107,8 @@ class ServerConfig:
             raise ValueError("--page-size must be >= 1")
         if Role(self.disaggregation_mode).is_pd and not self.disaggregation_bootstrap_url:
             raise ValueError("--disaggregation-bootstrap-url is required in prefill and decode mode")
+        if self.max_request_bytes < 1:
+            raise ValueError("--max-request-bytes must be >= 1")
         if self.stream_interval < 1:
             raise ValueError("--stream-interval must be >= 1")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:

@@ -6,6 +6,7 @@ _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    408: "RequestTimeoutError",
     413: "BadRequestError",
     429: "RateLimitError",
     499: "ClientClosedRequest",
@@ -14,15 +15,28 @@ _TYPES = {
     503: "ServiceUnavailableError",
     504: "GatewayTimeoutError",
 }
+# Overload answers (408, 429, 503) tell the client when to try again; a second is
+# about how long a busy queue takes to move (RFC 9110 section 10.2.3).
+RETRY_AFTER_S = 1
+_RETRY_STATUSES = (408, 429, 503)
+
+
+def retry_after_headers(status: int, retry_after_s: int | None = None) -> dict[str, str]:
+    """``Retry-After`` for an overload status (408, 429, 503), nothing for others."""
+    if status not in _RETRY_STATUSES:
+        return {}
+    return {"Retry-After": str(RETRY_AFTER_S if retry_after_s is None else retry_after_s)}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)
@@ -40,23 +54,27 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   retry_after_s: int | None = None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                        headers=retry_after_headers(status, retry_after_s))
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A request body as a strict JSON object, or a 400 that says what is wrong."""
+    from pdserve.common.strict_json import InvalidJSON, loads_object
+
+    try:
+        return loads_object(raw)
+    except InvalidJSON as exc:
+        raise APIError(400, str(exc)) from None
 
 
 async def read_json_object(request) -> dict:
     """The request body as a JSON object, or a 400 that says what is wrong."""
-    import json
-
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
+    return parse_json_object(await request.body())
 
 
 def install_error_handlers(app) -> None:
@@ -68,7 +86,7 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.retry_after_s)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):

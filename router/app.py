@@ -36,7 +36,10 @@ from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.common.event_stream import with_raw_send
 from pdserve.common.http_timeouts import uvicorn_timeouts
+from pdserve.common.openapi import request_body
+from pdserve.common.request_body import BodyLimit
 from pdserve.common.startup import check_port_free, flag_error, run_main
+from pdserve.router.admission import Admission, AdmissionMiddleware
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
@@ -126,7 +129,7 @@ def _generation_routes(api: APIRouter) -> None:
         return response
 
     for path in GENERATE_PATHS:
-        api.add_api_route(path, generate, methods=["POST"])
+        api.add_api_route(path, generate, methods=["POST"], openapi_extra=request_body(path))
 
 
 async def _from_any_worker(state: RouterState, path: str) -> Response:
@@ -264,6 +267,11 @@ def create_app(config: RouterConfig) -> FastAPI:
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
     install_error_handlers(app)
+    if config.max_concurrent_requests is not None:
+        admission = Admission(config.max_concurrent_requests, config.queue_size, config.queue_timeout_s)
+        app.add_middleware(AdmissionMiddleware, admission=admission, paths=GENERATE_PATHS)
+    # Added last, so outermost: an oversized body is refused before it waits anywhere.
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
 
     @app.get("/health")
     async def health(request: Request) -> Response:

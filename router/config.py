@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.common.args import flag
+from pdserve.common.request_body import DEFAULT_MAX_REQUEST_BYTES
 
 MODES = ("auto", "pd", "colocated")
 
@@ -58,6 +59,12 @@ class RouterConfig:
         "consecutive failed checks (or failed requests) before a worker is marked down"))
     health_success_threshold: int = field(default=2, metadata=flag(
         "consecutive successful checks before a worker that was marked down is back"))
+    max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata=flag("refuse (413) request bodies larger than this"))
+    max_concurrent_requests: int | None = field(default=None, metadata=flag(
+        "generation requests in flight at once; more wait in the queue (default: no limit)"))
+    queue_size: int = field(default=100, metadata=flag(
+        "requests that may wait for --max-concurrent-requests; more get 429"))
+    queue_timeout_s: float = field(default=60.0, metadata=flag("seconds a request may wait in the queue before a 408"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
 
     def __post_init__(self) -> None:
@@ -75,6 +82,12 @@ class RouterConfig:
             raise ValueError("first_byte_timeout_s must be >= 0")
         if self.health_failure_threshold < 1 or self.health_success_threshold < 1:
             raise ValueError("health thresholds must be >= 1")
+        if self.max_request_bytes < 1:
+            raise ValueError("max_request_bytes must be >= 1")
+        if self.max_concurrent_requests is not None and self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1 (or unset: no limit)")
+        if self.queue_size < 0 or self.queue_timeout_s <= 0:
+            raise ValueError("queue_size must be >= 0 and queue_timeout_s > 0")
 
     @property
     def resolved_worker_api_key(self) -> str | None:

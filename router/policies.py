@@ -138,7 +138,7 @@ def _message_text(message: Any) -> str:
         return ""
     content = message.get("content")
     if isinstance(content, list):  # multi-part content: keep the text parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return f"<{message.get('role', '')}>{content if isinstance(content, str) else ''}"
 
 

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
 from fastapi.responses import Response
-from pdserve.common.errors import PREFILL_FAILED_CODE, error_body, error_code, error_response
+from pdserve.common.errors import PREFILL_FAILED_CODE, error_body, error_code, error_response, retry_after_headers
 from pdserve.common.event_stream import EventStream, Write
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
@@ -101,10 +103,20 @@ def _upstream_error(worker: Worker, exc: Exception) -> _AttemptFailed:
     return _AttemptFailed(error_response(status, message), worker, retryable=True, race=_is_race(exc))
 
 
-def _status_error(worker: Worker, status: int, body: bytes, media_type: str | None) -> _AttemptFailed:
-    response = Response(content=body, status_code=status, media_type=media_type)
+def _status_error(worker: Worker, status: int, body: bytes, headers: Mapping[str, str]) -> _AttemptFailed:
+    # The worker's Retry-After (an overloaded instance) reaches the client as is.
+    retry = {"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else retry_after_headers(status)
+    response = Response(content=body, status_code=status, media_type=headers.get("content-type"), headers=retry)
     blames_prefill = worker.role == DECODE and status >= 500 and error_code(body) == PREFILL_FAILED_CODE
     return _AttemptFailed(response, worker, retryable=status >= 500, blames_prefill=blames_prefill)
+
+
+def _encode(fields: dict) -> bytes:
+    try:
+        return orjson.dumps(fields)
+    except orjson.JSONEncodeError:
+        # orjson stops at 64-bit integers; a wider one is the instance's to judge.
+        return json.dumps(fields, ensure_ascii=False).encode()
 
 
 class Forwarder:
@@ -166,7 +178,7 @@ class Forwarder:
         if prefill is not None:
             fields = {**body, "bootstrap_room": secrets.randbits(63),
                       "prefill_instance_id": prefill.instance_id}
-        payload = orjson.dumps(fields)
+        payload = _encode(fields)
         prefill_task = self._start_prefill(prefill, path, payload) if prefill else None
         decode.in_flight += 1
         try:
@@ -201,7 +213,7 @@ class Forwarder:
             self._count_failure(prefill, exc)
             raise _upstream_error(prefill, exc) from None
         if response.status >= 400:
-            raise _status_error(prefill, response.status, body, response.headers.get("content-type"))
+            raise _status_error(prefill, response.status, body, response.headers)
 
     def _count_failure(self, worker: Worker, exc: Exception) -> None:
         """A connection-level failure counts toward marking the worker down; a
@@ -274,7 +286,7 @@ class Forwarder:
         try:
             if response.status >= 400:
                 body = await response.read()
-                raise _status_error(worker, response.status, body, response.headers.get("content-type"))
+                raise _status_error(worker, response.status, body, response.headers)
             return _Opened(response, await response.content.readany())
         except UPSTREAM_ERRORS as exc:
             response.close()

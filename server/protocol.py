@@ -7,6 +7,7 @@ accepted: OpenAI completions, OpenAI chat completions, SGLang's ``/generate``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +46,17 @@ def _get(body: dict, name: str, types: tuple[type, ...], default: Any = None) ->
     if not isinstance(value, types):
         raise APIError(400, f"'{name}' must be of type {'/'.join(t.__name__ for t in types)}", name)
     return value
+
+
+def _float(body: dict, name: str, default: float) -> float:
+    """A finite number (an integer too wide for a float is the caller's error too)."""
+    value = _get(body, name, (int, float), default)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise APIError(400, f"'{name}' is out of range", name) from None
+    _check(math.isfinite(number), f"'{name}' must be a finite number", name)
+    return number
 
 
 def _check(cond: bool, message: str, param: str) -> None:
@@ -88,20 +100,20 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -
             max_tokens, max_name = _get(body, name, (int,)), name
             break
     _check(max_tokens >= 1, f"'{max_name}' must be at least 1", max_name)
-    temperature = float(_get(body, "temperature", (int, float), 1.0))
+    temperature = _float(body, "temperature", 1.0)
     _check(temperature >= 0, "'temperature' must be >= 0", "temperature")
-    top_p = float(_get(body, "top_p", (int, float), 1.0))
+    top_p = _float(body, "top_p", 1.0)
     _check(0 < top_p <= 1, "'top_p' must be in (0, 1]", "top_p")
     top_k = _get(body, "top_k", (int,), -1)
     _check(top_k == -1 or top_k >= 1, "'top_k' must be -1 (disabled) or >= 1", "top_k")
     top_k = min(top_k, _MAX_TOKEN_ID)  # any k beyond the vocabulary means all of it
-    min_p = float(_get(body, "min_p", (int, float), 0.0))
+    min_p = _float(body, "min_p", 0.0)
     _check(0 <= min_p <= 1, "'min_p' must be in [0, 1]", "min_p")
     penalties = {}
     for name in ("presence_penalty", "frequency_penalty"):
-        penalties[name] = float(_get(body, name, (int, float), 0.0))
+        penalties[name] = _float(body, name, 0.0)
         _check(_PENALTY_RANGE[0] <= penalties[name] <= _PENALTY_RANGE[1], f"'{name}' must be in [-2, 2]", name)
-    repetition = float(_get(body, "repetition_penalty", (int, float), 1.0))
+    repetition = _float(body, "repetition_penalty", 1.0)
     _check(0 < repetition <= 2, "'repetition_penalty' must be in (0, 2]", "repetition_penalty")
     seed = _seed(body, "seed")
     return SamplingParams(
@@ -182,13 +194,16 @@ def _chat_message(message: Any, index: int) -> dict:
     param = f"messages[{index}]"
     _check(isinstance(message, dict), "each message must be an object", param)
     role = message.get("role")
-    _check(role in ("system", "user", "assistant", "tool", "developer"), f"invalid role {role!r}", f"{param}.role")
+    roles = ("system", "user", "assistant", "tool", "developer")
+    # Only a string is echoed back: the repr of any other value may be huge.
+    _check(isinstance(role, str) and role in roles, f"invalid role {role!r}" if isinstance(role, str) else "'role' must be a string", f"{param}.role")
     content = message.get("content")
     if isinstance(content, list):
         parts = []
-        for part in content:
+        for j, part in enumerate(content):
             _check(isinstance(part, dict) and part.get("type") == "text", "only text content parts are supported", f"{param}.content")
-            parts.append(str(part.get("text", "")))
+            _check(isinstance(part.get("text"), str), f"content part {j}: 'text' must be a string", f"{param}.content")
+            parts.append(part["text"])
         content = "".join(parts)
     _check(isinstance(content, str) or (content is None and role == "assistant"), "'content' must be a string", f"{param}.content")
     return {"role": "system" if role == "developer" else role, "content": content or ""}
@@ -197,6 +212,13 @@ def _chat_message(message: Any, index: int) -> dict:
 def parse_generate(body: dict) -> GenerationInput:
     text, ids = body.get("text"), body.get("input_ids")
     _check((text is None) != (ids is None), "exactly one of 'text' and 'input_ids' is required", "text")
+    if text is not None:
+        _check(isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text)),
+               "'text' must be a string or a list of strings", "text")
+    else:
+        # Token ids, never text: a string here is the caller's mistake, not a prompt.
+        _check(isinstance(ids, list) and all(_is_int(t) or isinstance(t, list) for t in ids),
+               "'input_ids' must be a list of token ids or a list of such lists", "input_ids")
     prompts = _completion_prompts(text if text is not None else ids)
     sp = _get(body, "sampling_params", (dict,), {})
     params = _sampling(sp, ("max_new_tokens",), 128)

@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pdserve.common.auth import BearerAuthMiddleware
 from pdserve.common.disconnect import until_client_leaves
-from pdserve.common.errors import APIError, error_body, install_error_handlers, read_json_object
+from pdserve.common.errors import APIError, error_response, install_error_handlers, parse_json_object
 from pdserve.common.event_stream import EventStream
 from pdserve.common.messages import ControlResponse, GenerateRequest
+from pdserve.common.openapi import request_body
+from pdserve.common.request_body import BodyLimit
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.server import openai_format as fmt
@@ -38,6 +40,8 @@ def _install_middleware(app: FastAPI, state: AppState) -> None:
         open_paths = ("/health", "/metrics") if state.cfg.open_metrics else ("/health",)
         app.add_middleware(BearerAuthMiddleware, key=state.cfg.api_key, open_paths=open_paths,
                            message="invalid or missing API key (expected 'Authorization: Bearer KEY')")
+    # Added last, so outermost: an oversized body is refused before anything else runs.
+    app.add_middleware(BodyLimit, max_bytes=state.cfg.max_request_bytes)
 
 
 def _serving(state: AppState) -> Serving:
@@ -57,15 +61,15 @@ def _check_role(state: AppState, gen: GenerationInput) -> None:
 
 
 def _install_api(app: FastAPI, state: AppState) -> None:
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body("/v1/completions"))
     async def completions(request: Request):
         return await _handle(request, state, parse_completion, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body("/v1/chat/completions"))
     async def chat(request: Request):
         return await _handle(request, state, parse_chat, "chat")
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=request_body("/generate"))
     async def generate(request: Request):
         return await _handle(request, state, parse_generate, "generate")
 
@@ -91,12 +95,18 @@ def _model_card(state: AppState) -> dict:
     }
 
 
-async def _handle(request: Request, state: AppState, parser, kind: str):
-    serving = _serving(state)
-    gen = parser(await read_json_object(request))
+def _prepare(state: AppState, serving: Serving, parser, raw: bytes) -> tuple[GenerationInput, list[SubRequest]]:
+    """Body bytes to engine requests: parse, check, template, tokenize (CPU work only)."""
+    gen = parser(parse_json_object(raw))
     _check_model(state, gen)
     _check_role(state, gen)
-    subs = serving.build(gen)
+    return gen, serving.build(gen)
+
+
+async def _handle(request: Request, state: AppState, parser, kind: str):
+    serving = _serving(state)
+    raw = await request.body()
+    gen, subs = await serving.off_loop(len(raw), partial(_prepare, state, serving, parser, raw))
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{subs[0].rid.split('-')[0]}"
     if state.cfg.disaggregation_mode == Role.PREFILL:
         await until_client_leaves(request, serving.collect_all(subs))
@@ -192,7 +202,7 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
     async def health():
         if state.ready and state.engine.alive():
             return {"status": "ok", "role": state.cfg.disaggregation_mode}
-        return JSONResponse(error_body(503, state.failed or "not ready"), status_code=503)
+        return error_response(503, state.failed or "not ready")  # with Retry-After
 
     @app.get("/health_generate")
     async def health_generate():
@@ -209,7 +219,7 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
         try:
             await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT_S)
         except (asyncio.TimeoutError, APIError) as exc:
-            return JSONResponse(error_body(503, f"generation check failed: {exc}"), status_code=503)
+            return error_response(503, f"generation check failed: {exc}")
         return {"status": "ok", "role": state.cfg.disaggregation_mode}
 
     @app.get("/get_model_info")

@@ -8,9 +8,12 @@ each request's engine outputs into text deltas while recording metrics.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from pdserve.common.errors import APIError
 from pdserve.common.messages import GenerateRequest, TokenOutput
@@ -19,9 +22,17 @@ from pdserve.server.engine_client import EngineClient, EngineUnavailable
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.protocol import GenerationInput
 from pdserve.server.text_stream import ChoiceState, TextDelta, TextStream, apply_delta
-from pdserve.server.tokenizer import IncrementalDetokenizer, apply_chat_template, ids_decoder
+from pdserve.server.tokenizer import IncrementalDetokenizer, apply_chat_template, ids_decoder, max_token_bytes
 
+T = TypeVar("T")
 ROOM_SPACE = 2**63
+# Request preparation (JSON, chat template, tokenization) of a body up to this
+# size runs on the event loop: milliseconds, less than a hop to a thread costs
+# in latency under load. Larger bodies are prepared on the pool below.
+INLINE_BODY_BYTES = 8 * 1024
+# Threads that prepare large requests: HF fast tokenizers release the GIL, so
+# they tokenize in parallel while the loop keeps answering.
+NUM_PREPARE_THREADS = max(2, min(8, os.cpu_count() or 2))
 
 
 def _sample_seed(seed: int, sample: int) -> int:
@@ -56,6 +67,20 @@ class Serving:
         self.allow_auto_truncate = allow_auto_truncate
         self.log_requests = log_requests
         self._decode = ids_decoder(tokenizer)  # built once: it probes the tokenizer
+        self._pool = ThreadPoolExecutor(NUM_PREPARE_THREADS, thread_name_prefix="prepare")
+        # No token is longer than this, so text of more characters than the context
+        # times it cannot fit: it is refused (or cut) before it is tokenized.
+        self._max_text_chars = limits.context_len * max_token_bytes(tokenizer)
+
+    async def off_loop(self, size_bytes: int, work: Callable[[], T]) -> T:
+        """``work()``, on the pool when the request is large (see INLINE_BODY_BYTES).
+
+        Tokenizing a prompt of megabytes takes seconds; on the event loop it
+        would stall every other request and ``/health`` meanwhile.
+        """
+        if size_bytes <= INLINE_BODY_BYTES:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     # ---- request building --------------------------------------------------------
     def build(self, gen: GenerationInput) -> list[SubRequest]:
@@ -71,10 +96,37 @@ class Serving:
                 subs.append(SubRequest(index, f"{base}-{index}", ids, sub_params, gen.stop, room, gen.prefill_instance_id))
         return subs
 
+    def _bounded_text(self, text: str, param: str) -> str:
+        """``text``, or its head when it holds more tokens than the context for sure.
+
+        Tokenizing megabytes costs seconds of CPU (and holds the GIL for a while
+        at the end); a text this long is refused at once, or with auto-truncation
+        cut to a head that still holds twice the context, the only tokens kept.
+        """
+        if len(text) <= self._max_text_chars:
+            return text
+        self._refuse_unless_truncating(len(text), param)
+        return text[: 2 * self._max_text_chars]
+
+    def _bounded_chat(self, messages: list[dict]) -> list[dict]:
+        """The same for a conversation: its template only adds to its contents."""
+        num_chars = sum(len(m["content"]) for m in messages)
+        if num_chars <= self._max_text_chars:
+            return messages
+        self._refuse_unless_truncating(num_chars, "messages")
+        return [{**m, "content": m["content"][: 2 * self._max_text_chars]} for m in messages]
+
+    def _refuse_unless_truncating(self, num_chars: int, param: str) -> None:
+        if not self.allow_auto_truncate:
+            raise APIError(400, f"This model's maximum context length is {self.limits.context_len} tokens. However, "
+                                f"a prompt of {num_chars} characters holds more tokens than that.",
+                           param, "context_length_exceeded")
+
     def _tokenize(self, prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(self._bounded_text(prompt, "prompt"))
         elif prompt and isinstance(prompt[0], dict):
+            prompt = self._bounded_chat(prompt)
             try:
                 ids = apply_chat_template(self.tokenizer, prompt)
             except Exception as exc:  # template errors are the caller's input problem

@@ -23,6 +23,19 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> PreTrainedTok
     return tokenizer
 
 
+def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An upper bound on the UTF-8 bytes of the text one token stands for.
+
+    A vocabulary entry's own spelling is never shorter than the normalized text
+    it stands for (byte-level stand-ins and ``<0xNN>`` byte tokens are longer),
+    so the longest entry bounds it. A normalizer may shrink text first (NFC joins
+    up to three characters into one): then the bound is taken four times.
+    """
+    longest = max((len(piece.encode("utf-8", "replace")) for piece in tokenizer.get_vocab()), default=1) or 1
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return longest if backend is not None and backend.normalizer is None else 4 * longest
+
+
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     if not tokenizer.chat_template:
         raise ValueError("this model has no chat template; pass --chat-template or use /v1/completions")

@@ -133,6 +133,7 @@ def _two_refused_while_busy(server: ServerProcess, path: str, bodies: list[dict]
             refused = list(itertools.islice(as_completed(futures, timeout=30), 2))
             for future in refused:
                 assert_openai_error(future.result(), 503)
+                assert int(future.result().headers["Retry-After"]) >= 1  # overload says when to retry
         # The long request is gone with its client: the queued one runs.
         (queued,) = [f for f in futures if f not in refused]
         return queued.result(timeout=60)

@@ -12,8 +12,8 @@ then SIGKILL after a grace period); a dead child makes the exit status non-zero.
 If the launcher itself dies, by any signal, its children follow within a
 moment (``common/lifeline.py``: PR_SET_PDEATHSIG plus a pipe each child
 watches): no orphan keeps the ports. PR_SET_PDEATHSIG follows the thread that
-started a child, so the Python API must be started from a thread that lives
-as long as the cluster (the main thread, say).
+started a child, so every child is started from one thread the cluster owns
+until it stops, whichever thread calls ``start`` or ``restart``.
 
 With ``--api-key`` the router and every instance want the key (the router
 presents it to the instances); with a cluster secret the bootstrap service
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
@@ -164,6 +165,7 @@ class Cluster:
         self.config = config
         self.children: list[Child] = []
         self._lifeline: tuple[int, int] | None = None  # (read end for children, write end kept here)
+        self._spawner: ThreadPoolExecutor | None = None  # the one thread that starts children
         self._roles = ([Role.PREFILL] * config.num_prefill + [Role.DECODE] * config.num_decode
                        + [Role.COLOCATED] * config.num_colocated)
 
@@ -205,6 +207,7 @@ class Cluster:
         self._check_model()
         deadline = time.monotonic() + cfg.startup_timeout_s
         self._lifeline = os.pipe()
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-spawner")
         try:
             self._spawn("bootstrap", _pdserve_command("bootstrap") + [
                 "--host", cfg.host, "--port", str(cfg.bootstrap_port)])
@@ -271,10 +274,11 @@ class Cluster:
         environ = env.child_environ(self._secret_env() | {env.LIFELINE_FD.name: str(lifeline)},
                                     remove=(env.API_KEY.name, env.CLUSTER_SECRET.name))
         # Without a log file the child's stderr passes through a relay that keeps its last line.
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT if log_file else subprocess.PIPE,
-                                   start_new_session=True, env=environ, pass_fds=(lifeline,),
-                                   preexec_fn=die_with_parent())
+        assert self._spawner is not None
+        process = self._spawner.submit(
+            subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT if log_file else subprocess.PIPE,
+            start_new_session=True, env=environ, pass_fds=(lifeline,), preexec_fn=die_with_parent()).result()
         child = Child(name, argv, process, log_path, log_file)
         if log_file is None:
             child.relay = threading.Thread(target=_relay_stderr, args=(child,), name=f"stderr-{name}", daemon=True)
@@ -379,6 +383,9 @@ class Cluster:
             for fd in self._lifeline:
                 os.close(fd)
             self._lifeline = None
+        if self._spawner is not None:
+            self._spawner.shutdown(wait=False)
+            self._spawner = None
 
 
 def _smoke(cluster: Cluster) -> int:

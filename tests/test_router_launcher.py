@@ -187,3 +187,21 @@ def test_up_reads_key_and_secret_from_flags_file_or_environment(tmp_path: Path, 
     assert (config.api_key, config.cluster_secret) == ("k2", "s2")
     with pytest.raises(SystemExit):
         parse_args(["--cluster-secret", "a", "--cluster-secret-file", str(path)])
+
+
+def test_a_child_restarted_from_a_short_lived_thread_outlives_that_thread(tmp_path: Path) -> None:
+    """Children die with the thread that forked them (PR_SET_PDEATHSIG); the
+    cluster forks them all from its own thread, whoever asks."""
+    import threading
+
+    with Cluster(fake_config(tmp_path, num_prefill=1, num_decode=1)) as cluster:
+        restarted: list = []
+        worker = threading.Thread(target=lambda: restarted.append(cluster.restart("prefill-0")))
+        worker.start()
+        worker.join()
+        child = restarted[0]
+        url = cluster.instance_urls("prefill")[0]
+        wait_until(lambda: listening(int(url.rsplit(":", 1)[1])), 30.0, 0.1, lambda: "the restarted child never listened")
+        time.sleep(1.0)  # PR_SET_PDEATHSIG would have fired as the thread ended
+        assert child.process.poll() is None
+        assert httpx.get(url + "/health", timeout=5.0).status_code == 200

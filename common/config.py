@@ -9,10 +9,32 @@ only. ``None`` means "resolve automatically" and is resolved at parse time
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from pdserve.common.args import flag as _flag
 from pdserve.common.roles import Role
+from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
+
+
+def _buckets(what: str) -> dict[str, object]:
+    return _flag(f"histogram buckets of {what}, in seconds", nargs="+", type=float)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Histogram buckets of the Prometheus metrics (SGLang's flag names)."""
+
+    bucket_time_to_first_token: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:time_to_first_token_seconds"))
+    bucket_inter_token_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:inter_token_latency_seconds"))
+    bucket_e2e_request_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:e2e_request_latency_seconds"))
+    bucket_kv_transfer_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:kv_transfer_latency_seconds"))
+    bucket_per_stage_req_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:per_stage_req_latency_seconds"))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value or any(b <= 0 for b in value):
+                raise ValueError(f"--{f.name.replace('_', '-')} needs positive bucket bounds")
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,8 @@ class ServerConfig:
     disaggregation_poll_interval_ms: float | None = field(default=None, metadata=_flag(
         "how often an instance with nothing to run checks its rooms in flight (default: 0.1 on GPU, 2 on CPU)"))
     instance_id: str | None = field(default=None, metadata=_flag("instance id in the bootstrap registry (default: random)"))
+    # Metrics.
+    metrics: MetricsConfig = field(default=MetricsConfig(), metadata=_flag("", nested=True))
 
     def resolve(self) -> ServerConfig:
         """Fill the ``auto`` values that need neither the model nor a device."""

@@ -56,6 +56,9 @@ class TokenOutput:
     cached_tokens: int = 0
     error: str | None = None
     error_status: int | None = None  # HTTP status the front answers with
+    # On a request's last output: seconds spent in each phase in the engine
+    # (and, on a decode instance, those the prefill instance reported).
+    timing: dict[str, float] | None = None
 
 
 @message

@@ -182,7 +182,10 @@ class Engine:
 
     # ---- one step -------------------------------------------------------------
     def _step(self, batch: ScheduledBatch) -> None:
-        self._step_started_s = time.monotonic()
+        self._step_started_s = now = time.monotonic()
+        for req in batch.reqs:
+            if req.scheduled_s is None:
+                req.scheduled_s = now
         logits, batch = self._forward(batch)
         ready = self.scheduler.advance(batch)
         # Before sampling waits for the GPU: a prefill instance posts the pages
@@ -307,6 +310,7 @@ class Engine:
                 cached_tokens=req.num_cached_tokens,
                 error=error,
                 error_status=error_status,
+                timing=self.role.timing(req, time.monotonic()) if req.finished and error is None else None,
             )
         )
 
@@ -358,6 +362,8 @@ class Engine:
                 "parked_pages": self.pool.num_parked_pages,  # free once the decode step in flight ends
                 "cached_pages": self.cache.num_cached_pages,
                 "used_pages": used,
+                # One page across every layer's K and V: what a PD transfer moves per page.
+                "bytes_per_page": self.pool.layout.page_bytes * self.pool.layout.num_regions,
             },
             **self.role.stats(),
         }

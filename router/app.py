@@ -15,6 +15,7 @@ import asyncio
 import gc
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,12 +32,13 @@ from pdserve.common.event_stream import with_raw_send
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
-from pdserve.router.proxy import Forwarder
+from pdserve.router.proxy import Call, Forwarder
 from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
+TIMING_HEADER = "x-pdserve-timing"  # "1": answer with the request's journey, as "return_timing": true
 
 
 @dataclass
@@ -71,7 +73,7 @@ def _build_state(config: RouterConfig) -> RouterState:
         policies[worker.role].forget(worker)
 
     workers = WorkerRegistry(config, http, on_removed=forget)
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(config.bucket_e2e_request_latency)
     # No pool cap here either; internal traffic ignores proxies from the environment.
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
@@ -96,6 +98,7 @@ def _api_key_guard(config: RouterConfig):
 
 def _generation_routes(api: APIRouter) -> None:
     async def generate(request: Request) -> Response:
+        received_s = time.monotonic()
         state: RouterState = request.app.state.router
         path = request.url.path
         state.metrics.requests.labels(path).inc()
@@ -105,7 +108,9 @@ def _generation_routes(api: APIRouter) -> None:
             state.metrics.errors.labels(path, str(exc.status)).inc()
             raise
         try:
-            response = await until_client_leaves(request, state.forwarder.forward(path, body))
+            want_timing = body.get("return_timing") is True or request.headers.get(TIMING_HEADER, "").lower() in ("1", "true")
+            call = Call(path, body, received_s, want_timing)
+            response = await until_client_leaves(request, state.forwarder.forward(call))
         except APIError as exc:  # the client left: nobody reads this, but it is counted
             state.metrics.errors.labels(path, str(exc.status)).inc()
             raise

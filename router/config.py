@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.common.args import flag
+from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
 
 MODES = ("auto", "pd", "colocated")
 
@@ -42,6 +43,8 @@ class RouterConfig:
     request_timeout_s: float = field(default=600.0, metadata=flag("seconds one upstream request may take"))
     max_retries: int = field(default=2, metadata=flag("retries on another worker pair while no byte reached the client"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
+    bucket_e2e_request_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=flag(
+        "histogram buckets of the router's request, per-worker and per-stage latencies, in seconds", nargs="+", type=float))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -54,6 +57,8 @@ class RouterConfig:
             raise ValueError("--worker URLs need colocated mode")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if not self.bucket_e2e_request_latency or min(self.bucket_e2e_request_latency) <= 0:
+            raise ValueError("--bucket-e2e-request-latency needs positive bucket bounds")
 
     @property
     def resolved_prefill_policy(self) -> str:

@@ -17,6 +17,11 @@ Upstream requests go through aiohttp, whose C parser and ``iter_any`` reads cost
 a fraction of a pure-Python client's per relayed chunk.
 
 Colocated mode is the same with no P and no PD fields.
+
+Journey: when the call asks for its timing (``"return_timing": true`` or the
+header ``X-PDServe-Timing: 1``), D gets ``return_timing`` and the seconds the
+router spent before sending it on (header ``X-PDServe-Router-S``), so D's answer
+carries the whole journey without the router parsing what it relays.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -39,6 +45,19 @@ from starlette.types import Receive, Scope, Send
 
 logger = logging.getLogger("pdserve.router.proxy")
 
+ROUTER_TIME_HEADER = "x-pdserve-router-s"
+
+
+@dataclass
+class Call:
+    """One client call as the router handles it, across its attempts."""
+
+    path: str
+    body: dict
+    received_s: float  # monotonic, when the router got it
+    want_timing: bool = False
+    router_s: float = 0.0  # received -> sent to the decode (or colocated) worker, last attempt
+
 
 @dataclass
 class _Opened:
@@ -46,6 +65,7 @@ class _Opened:
 
     response: aiohttp.ClientResponse
     first_chunk: bytes
+    sent_s: float
 
 
 class _AttemptFailed(Exception):
@@ -91,7 +111,14 @@ class Forwarder:
         self._metrics = metrics
         self._background: set[asyncio.Task] = set()
 
-    async def forward(self, path: str, body: dict) -> Response:
+    async def forward(self, call: Call) -> Response:
+        response = await self._forward(call)
+        if not isinstance(response, _RelayResponse):  # a relay observes when it ends
+            self._metrics.latency.labels(call.path).observe(time.monotonic() - call.received_s)
+        return response
+
+    async def _forward(self, call: Call) -> Response:
+        path, body = call.path, call.body
         text, excluded = routing_text(body), set()
         failure: _AttemptFailed | None = None
         for attempt in range(self._config.max_retries + 1):
@@ -101,10 +128,12 @@ class Forwarder:
             if attempt:
                 self._metrics.retries.labels(path).inc()
             try:
-                return await self._attempt(path, body, *pair)
+                return await self._attempt(call, *pair)
             except _AttemptFailed as exc:
                 logger.warning("attempt %d on %s failed (%s)", attempt + 1, exc.culprit.url,
                                exc.response.status_code)
+                if exc.retryable and exc.culprit.role != PREFILL:  # P's are counted by its task
+                    self._metrics.worker_errors.labels(exc.culprit.role, exc.culprit.url).inc()
                 failure = exc
                 if not exc.retryable:
                     break
@@ -129,33 +158,46 @@ class Forwarder:
         candidates = [w for w in self._workers.healthy(role) if w not in excluded]
         return self._policies[role].select(candidates, text) if candidates else None
 
-    async def _attempt(self, path: str, body: dict, prefill: Worker | None,
-                       decode: Worker) -> Response:
-        fields = body
+    async def _attempt(self, call: Call, prefill: Worker | None, decode: Worker) -> Response:
+        path, fields, headers = call.path, call.body, _JSON
+        if call.want_timing:
+            fields = {**fields, "return_timing": True}
         if prefill is not None:
-            fields = {**body, "bootstrap_room": secrets.randbits(63),
+            fields = {**fields, "bootstrap_room": secrets.randbits(63),
                       "prefill_instance_id": prefill.instance_id}
         payload = orjson.dumps(fields)
         prefill_task = self._start_prefill(prefill, path, payload) if prefill else None
         decode.in_flight += 1
+        call.router_s = time.monotonic() - call.received_s
+        if call.want_timing:
+            headers = {**_JSON, ROUTER_TIME_HEADER: repr(call.router_s)}
         try:
-            opened = await self._open_decode(decode, path, payload, prefill_task)
+            opened = await self._open_decode(decode, path, payload, prefill_task, headers)
         except BaseException:
             decode.in_flight -= 1
             if prefill_task is not None:
                 prefill_task.cancel()
             raise
-        return await self._respond(opened, decode, prefill_task, path)
+        self._metrics.stages.labels("router_queue_and_pick").observe(call.router_s)
+        return await self._respond(opened, decode, prefill_task, call)
 
     def _start_prefill(self, prefill: Worker, path: str, payload: bytes) -> asyncio.Task:
         prefill.in_flight += 1
+        self._metrics.worker_requests.labels(prefill.role, prefill.url).inc()
+        sent_s = time.monotonic()
         task = asyncio.create_task(self._call_prefill(prefill, path, payload))
 
         def done(t: asyncio.Task) -> None:
             prefill.in_flight -= 1
             self._background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                logger.warning("prefill %s: %s", prefill.url, t.exception())
+            if t.cancelled():
+                return
+            self._metrics.worker_latency.labels(prefill.role, prefill.url).observe(time.monotonic() - sent_s)
+            exc = t.exception()
+            if exc is not None:
+                logger.warning("prefill %s: %s", prefill.url, exc)
+                if not isinstance(exc, _AttemptFailed) or exc.retryable:
+                    self._metrics.worker_errors.labels(prefill.role, prefill.url).inc()
 
         self._background.add(task)
         task.add_done_callback(done)
@@ -173,8 +215,8 @@ class Forwarder:
             raise _status_error(prefill, response.status, body, response.headers.get("content-type"))
 
     async def _open_decode(self, decode: Worker, path: str, payload: bytes,
-                           prefill_task: asyncio.Task | None) -> _Opened:
-        decode_task = asyncio.create_task(self._open(decode, path, payload))
+                           prefill_task: asyncio.Task | None, headers: dict[str, str]) -> _Opened:
+        decode_task = asyncio.create_task(self._open(decode, path, payload, headers))
         pending = {decode_task} | ({prefill_task} if prefill_task else set())
         try:
             while decode_task in pending:
@@ -187,9 +229,11 @@ class Forwarder:
                 decode_task.cancel()
                 await asyncio.gather(decode_task, return_exceptions=True)
 
-    async def _open(self, worker: Worker, path: str, payload: bytes) -> _Opened:
+    async def _open(self, worker: Worker, path: str, payload: bytes, headers: dict[str, str]) -> _Opened:
+        self._metrics.worker_requests.labels(worker.role, worker.url).inc()
+        sent_s = time.monotonic()
         try:
-            response = await self._session.post(worker.url + path, data=payload, headers=_JSON)
+            response = await self._session.post(worker.url + path, data=payload, headers=headers)
         except UPSTREAM_ERRORS as exc:
             self._workers.mark_failed(worker, _failure_reason(exc))
             raise _upstream_error(worker, exc) from None
@@ -197,7 +241,7 @@ class Forwarder:
             if response.status >= 400:
                 body = await response.read()
                 raise _status_error(worker, response.status, body, response.headers.get("content-type"))
-            return _Opened(response, await response.content.readany())
+            return _Opened(response, await response.content.readany(), sent_s)
         except UPSTREAM_ERRORS as exc:
             response.close()
             raise _upstream_error(worker, exc) from None
@@ -206,10 +250,10 @@ class Forwarder:
             raise
 
     async def _respond(self, opened: _Opened, decode: Worker, prefill_task: asyncio.Task | None,
-                       path: str) -> Response:
+                       call: Call) -> Response:
         content_type = opened.response.headers.get("content-type", "application/json")
         if content_type.startswith("text/event-stream"):
-            relay = _Relay(opened, decode, prefill_task, path, self._metrics)
+            relay = _Relay(opened, decode, prefill_task, call, self._metrics)
             return _RelayResponse(relay, status_code=opened.response.status, media_type=content_type)
         try:
             rest = await opened.response.read()
@@ -218,6 +262,7 @@ class Forwarder:
         finally:
             opened.response.close()
             decode.in_flight -= 1
+            self._metrics.worker_latency.labels(decode.role, decode.url).observe(time.monotonic() - opened.sent_s)
         return Response(content=opened.first_chunk + rest, status_code=opened.response.status,
                         media_type=content_type)
 
@@ -226,11 +271,12 @@ class _Relay:
     """D's committed SSE stream, relayed chunk by chunk; closes exactly once."""
 
     def __init__(self, opened: _Opened, decode: Worker, prefill_task: asyncio.Task | None,
-                 path: str, metrics: RouterMetrics) -> None:
+                 call: Call, metrics: RouterMetrics) -> None:
         self._opened = opened
         self._decode = decode
         self._prefill_task = prefill_task
-        self._path = path
+        self._path = call.path
+        self._received_s = call.received_s
         self._metrics = metrics
         self._finished = False
         self._closed = False
@@ -245,6 +291,7 @@ class _Relay:
             # Bytes already reached the client: no retry, end the stream with an error event.
             logger.warning("decode %s stream broke: %r", self._decode.url, exc)
             self._metrics.errors.labels(self._path, "502").inc()
+            self._metrics.worker_errors.labels(self._decode.role, self._decode.url).inc()
             error = error_body(502, f"decode worker {self._decode.url} stream broke: {exc!r}")
             await write(b"data: " + orjson.dumps(error) + b"\n\n")
         finally:
@@ -257,6 +304,9 @@ class _Relay:
         # Closing (not releasing) the connection: an unfinished D sees its client go and aborts.
         self._opened.response.close()
         self._decode.in_flight -= 1
+        now = time.monotonic()
+        self._metrics.worker_latency.labels(self._decode.role, self._decode.url).observe(now - self._opened.sent_s)
+        self._metrics.latency.labels(self._path).observe(now - self._received_s)
         if not self._finished and self._prefill_task is not None:
             self._prefill_task.cancel()  # the client is gone or D broke: P's work is moot
 

@@ -95,7 +95,7 @@ def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
     tokenizer = load_tokenizer(cfg.tokenizer_path or model_dir, cfg.chat_template)
     model_name = served_model_name(cfg)
     engine = EngineClient(cfg, model_dir, engine_main, len(tokenizer))
-    state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name))
+    state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name, cfg.metrics, cfg.disaggregation_mode))
     app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))
     state.server = server

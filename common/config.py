@@ -22,16 +22,20 @@ def _buckets(what: str) -> dict[str, object]:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Histogram buckets of the Prometheus metrics (SGLang's flag names)."""
+    """Histogram buckets of the Prometheus metrics (SGLang's flag names), and traces."""
 
     bucket_time_to_first_token: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:time_to_first_token_seconds"))
     bucket_inter_token_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:inter_token_latency_seconds"))
     bucket_e2e_request_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:e2e_request_latency_seconds"))
     bucket_kv_transfer_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:kv_transfer_latency_seconds"))
     bucket_per_stage_req_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:per_stage_req_latency_seconds"))
+    otlp_traces_endpoint: str | None = field(default=None, metadata=_flag(
+        "export each request's spans over OTLP/HTTP here, e.g. http://127.0.0.1:4318/v1/traces (default: no traces)"))
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            if not f.name.startswith("bucket_"):
+                continue
             value = getattr(self, f.name)
             if not value or any(b <= 0 for b in value):
                 raise ValueError(f"--{f.name.replace('_', '-')} needs positive bucket bounds")

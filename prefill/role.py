@@ -168,8 +168,10 @@ class PrefillRole(EngineRole):
         return held | {p for d in self.draining.values() for p in d.pages}
 
     def timing(self, req: Req, now_s: float) -> dict[str, float]:
-        # The transfer after the first token is in kv_transfer_latency_seconds.
-        return {k: v for k, v in req.stages_s.items() if k in ("prefill_queue", "prefill")}
+        first = req.first_token_s if req.first_token_s is not None else now_s
+        # kv_transfer here is what followed the first token until the pages landed.
+        return {"prefill_queue": req.stages_s.get("prefill_queue", 0.0), "prefill": req.stages_s.get("prefill", 0.0),
+                "kv_transfer": max(now_s - first, 0.0)}
 
     def stats(self) -> dict:
         queues = {

@@ -29,6 +29,7 @@ from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.common.event_stream import with_raw_send
+from pdserve.common.tracing import Tracer
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
@@ -61,7 +62,7 @@ def _make_policies(config: RouterConfig) -> dict[str, Policy]:
             DECODE: make_policy(config.resolved_decode_policy, config.cache_aware)}
 
 
-def _build_state(config: RouterConfig) -> RouterState:
+def _build_state(config: RouterConfig, tracer: Tracer | None = None) -> RouterState:
     timeout = httpx.Timeout(config.request_timeout_s, connect=config.health_check_timeout_s)
     # No pool cap: every streamed answer holds a connection for its whole life.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
@@ -80,7 +81,8 @@ def _build_state(config: RouterConfig) -> RouterState:
         timeout=aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.health_check_timeout_s),
         auto_decompress=False,
     )
-    forwarder = Forwarder(config, workers, policies, session, metrics)
+    tracer = tracer or Tracer("pdserve-router", config.otlp_traces_endpoint)
+    forwarder = Forwarder(config, workers, policies, session, metrics, tracer)
     return RouterState(config, http, session, workers, policies, forwarder, metrics)
 
 
@@ -110,7 +112,7 @@ def _generation_routes(api: APIRouter) -> None:
         try:
             want_timing = body.get("return_timing") is True or request.headers.get(TIMING_HEADER, "").lower() in ("1", "true")
             call = Call(path, body, received_s, want_timing)
-            response = await until_client_leaves(request, state.forwarder.forward(call))
+            response = await until_client_leaves(request, state.forwarder.forward(call, request.headers))
         except APIError as exc:  # the client left: nobody reads this, but it is counted
             state.metrics.errors.labels(path, str(exc.status)).inc()
             raise
@@ -211,10 +213,11 @@ def _quiet_collector() -> None:
     gc.set_threshold(20_000, 50, 50)
 
 
-def create_app(config: RouterConfig) -> FastAPI:
+def create_app(config: RouterConfig, tracer: Tracer | None = None) -> FastAPI:
+    """``tracer``: spans go there instead of ``--otlp-traces-endpoint`` (tests)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = _build_state(config)
+        state = _build_state(config, tracer)
         app.state.router = state
         await state.workers.refresh()
         checker = asyncio.create_task(state.workers.run())
@@ -225,6 +228,7 @@ def create_app(config: RouterConfig) -> FastAPI:
             await asyncio.gather(checker, return_exceptions=True)
             await state.http.aclose()
             await state.session.close()
+            state.forwarder.shutdown_tracing()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
     install_error_handlers(app)

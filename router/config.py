@@ -45,6 +45,8 @@ class RouterConfig:
     log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
     bucket_e2e_request_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=flag(
         "histogram buckets of the router's request, per-worker and per-stage latencies, in seconds", nargs="+", type=float))
+    otlp_traces_endpoint: str | None = field(default=None, metadata=flag(
+        "export a span per request over OTLP/HTTP here and pass its context on to the workers (default: no traces)"))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

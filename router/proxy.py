@@ -30,13 +30,15 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
 from fastapi.responses import Response
 from pdserve.common.errors import error_body, error_response
 from pdserve.common.event_stream import EventStream, Write
+from pdserve.common.tracing import Tracer
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, routing_text
@@ -57,6 +59,8 @@ class Call:
     received_s: float  # monotonic, when the router got it
     want_timing: bool = False
     router_s: float = 0.0  # received -> sent to the decode (or colocated) worker, last attempt
+    span: Any = None  # the call's trace span, when tracing
+    trace_headers: dict[str, str] = field(default_factory=dict)  # its context, for the workers
 
 
 @dataclass
@@ -103,18 +107,31 @@ def _status_error(worker: Worker, status: int, body: bytes, media_type: str | No
 
 class Forwarder:
     def __init__(self, config: RouterConfig, workers: WorkerRegistry, policies: dict[str, Policy],
-                 session: aiohttp.ClientSession, metrics: RouterMetrics) -> None:
+                 session: aiohttp.ClientSession, metrics: RouterMetrics, tracer: Tracer | None = None) -> None:
         self._config = config
+        self._tracer = tracer or Tracer("pdserve-router")
         self._workers = workers
         self._policies = policies
         self._session = session
         self._metrics = metrics
         self._background: set[asyncio.Task] = set()
 
-    async def forward(self, call: Call) -> Response:
-        response = await self._forward(call)
+    def shutdown_tracing(self) -> None:
+        self._tracer.shutdown()
+
+    async def forward(self, call: Call, headers: dict[str, str] | None = None) -> Response:
+        """``headers``: the client's, whose trace context (if any) the call's span continues."""
+        if self._tracer.enabled:
+            call.span = self._tracer.start("pdserve.router", call.received_s, headers, {"http.route": call.path})
+            call.trace_headers = self._tracer.headers(call.span)
+        try:
+            response = await self._forward(call)
+        except BaseException:
+            self._tracer.end(call.span)
+            raise
         if not isinstance(response, _RelayResponse):  # a relay observes when it ends
             self._metrics.latency.labels(call.path).observe(time.monotonic() - call.received_s)
+            self._tracer.end(call.span)
         return response
 
     async def _forward(self, call: Call) -> Response:
@@ -159,18 +176,18 @@ class Forwarder:
         return self._policies[role].select(candidates, text) if candidates else None
 
     async def _attempt(self, call: Call, prefill: Worker | None, decode: Worker) -> Response:
-        path, fields, headers = call.path, call.body, _JSON
+        path, fields, headers = call.path, call.body, {**_JSON, **call.trace_headers}
         if call.want_timing:
             fields = {**fields, "return_timing": True}
         if prefill is not None:
             fields = {**fields, "bootstrap_room": secrets.randbits(63),
                       "prefill_instance_id": prefill.instance_id}
         payload = orjson.dumps(fields)
-        prefill_task = self._start_prefill(prefill, path, payload) if prefill else None
+        prefill_task = self._start_prefill(prefill, path, payload, headers) if prefill else None
         decode.in_flight += 1
         call.router_s = time.monotonic() - call.received_s
         if call.want_timing:
-            headers = {**_JSON, ROUTER_TIME_HEADER: repr(call.router_s)}
+            headers = {**headers, ROUTER_TIME_HEADER: repr(call.router_s)}
         try:
             opened = await self._open_decode(decode, path, payload, prefill_task, headers)
         except BaseException:
@@ -179,13 +196,14 @@ class Forwarder:
                 prefill_task.cancel()
             raise
         self._metrics.stages.labels("router_queue_and_pick").observe(call.router_s)
+        self._tracer.phases(call.span, {"router_queue_and_pick": call.router_s}, call.received_s + call.router_s)
         return await self._respond(opened, decode, prefill_task, call)
 
-    def _start_prefill(self, prefill: Worker, path: str, payload: bytes) -> asyncio.Task:
+    def _start_prefill(self, prefill: Worker, path: str, payload: bytes, headers: dict[str, str]) -> asyncio.Task:
         prefill.in_flight += 1
         self._metrics.worker_requests.labels(prefill.role, prefill.url).inc()
         sent_s = time.monotonic()
-        task = asyncio.create_task(self._call_prefill(prefill, path, payload))
+        task = asyncio.create_task(self._call_prefill(prefill, path, payload, headers))
 
         def done(t: asyncio.Task) -> None:
             prefill.in_flight -= 1
@@ -203,10 +221,10 @@ class Forwarder:
         task.add_done_callback(done)
         return task
 
-    async def _call_prefill(self, prefill: Worker, path: str, payload: bytes) -> None:
+    async def _call_prefill(self, prefill: Worker, path: str, payload: bytes, headers: dict[str, str]) -> None:
         """Raises :class:`_AttemptFailed` when P fails; returns when P is done."""
         try:
-            async with self._session.post(prefill.url + path, data=payload, headers=_JSON) as response:
+            async with self._session.post(prefill.url + path, data=payload, headers=headers) as response:
                 body = await response.read()
         except UPSTREAM_ERRORS as exc:
             self._workers.mark_failed(prefill, _failure_reason(exc))
@@ -253,7 +271,7 @@ class Forwarder:
                        call: Call) -> Response:
         content_type = opened.response.headers.get("content-type", "application/json")
         if content_type.startswith("text/event-stream"):
-            relay = _Relay(opened, decode, prefill_task, call, self._metrics)
+            relay = _Relay(opened, decode, prefill_task, call, self._metrics, self._tracer)
             return _RelayResponse(relay, status_code=opened.response.status, media_type=content_type)
         try:
             rest = await opened.response.read()
@@ -271,8 +289,10 @@ class _Relay:
     """D's committed SSE stream, relayed chunk by chunk; closes exactly once."""
 
     def __init__(self, opened: _Opened, decode: Worker, prefill_task: asyncio.Task | None,
-                 call: Call, metrics: RouterMetrics) -> None:
+                 call: Call, metrics: RouterMetrics, tracer: Tracer) -> None:
         self._opened = opened
+        self._call = call
+        self._tracer = tracer
         self._decode = decode
         self._prefill_task = prefill_task
         self._path = call.path
@@ -307,6 +327,7 @@ class _Relay:
         now = time.monotonic()
         self._metrics.worker_latency.labels(self._decode.role, self._decode.url).observe(now - self._opened.sent_s)
         self._metrics.latency.labels(self._path).observe(now - self._received_s)
+        self._tracer.end(self._call.span, now)
         if not self._finished and self._prefill_task is not None:
             self._prefill_task.cancel()  # the client is gone or D broke: P's work is moot
 

@@ -18,6 +18,7 @@ from pdserve.common.event_stream import with_raw_send
 from pdserve.common.messages import GenerateRequest
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tracing import Tracer
 from pdserve.server.engine_client import EngineClient, EngineMain
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.routes import install_routes
@@ -95,9 +96,13 @@ def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
     tokenizer = load_tokenizer(cfg.tokenizer_path or model_dir, cfg.chat_template)
     model_name = served_model_name(cfg)
     engine = EngineClient(cfg, model_dir, engine_main, len(tokenizer))
-    state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name, cfg.metrics, cfg.disaggregation_mode))
+    state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name, cfg.metrics, cfg.disaggregation_mode),
+                     tracer=Tracer(f"pdserve-{Role(cfg.disaggregation_mode).name.lower()}", cfg.metrics.otlp_traces_endpoint))
     app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5))
     state.server = server
-    server.run()
+    try:
+        server.run()
+    finally:
+        state.tracer.shutdown()  # exports the spans still batched
     return 1 if state.failed else 0

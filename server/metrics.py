@@ -7,7 +7,9 @@ comes with those stats and is exported as it is, by :class:`EngineStatsCollector
 ``per_stage_req_latency_seconds{stage=...}`` gets each finished request's
 journey (``timing``): a decode instance leaves out the prefill phases its
 prefill instance reported (that instance exports them), a prefill instance
-leaves out its front, which is not on the client's path.
+leaves out its front, which is not on the client's path, and its view of the
+transfer (``kv_transfer_latency_seconds`` has it; D's ``kv_transfer`` stage is
+what the client waited for).
 Each server owns its registry: no process-wide global state.
 """
 
@@ -24,7 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 PREFIX = "pdserve:"
 # Journey phases an instance of each role leaves out of its per-stage histogram.
-_NOT_OBSERVED = {Role.DECODE.value: {"prefill_queue", "prefill"}, Role.PREFILL.value: {"front"}}
+# P's front is not on the client's path, and D measures the transfer as the client waits for it.
+_NOT_OBSERVED = {Role.DECODE.value: {"prefill_queue", "prefill"}, Role.PREFILL.value: {"front", "kv_transfer"}}
 
 
 class EngineStatsCollector:

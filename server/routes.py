@@ -118,9 +118,10 @@ async def _handle(request: Request, state: AppState, parser, kind: str):
     _check_role(state, gen)
     journey = _journey_maker(state, request, gen)
     subs = serving.build(gen, received_s)
+    trace = _trace_maker(state, request, gen, received_s)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{subs[0].rid.split('-')[0]}"
     if state.cfg.disaggregation_mode == Role.PREFILL:
-        await until_client_leaves(request, serving.collect_all(subs))
+        trace(await until_client_leaves(request, serving.collect_all(subs)))
         return {"bootstrap_room": gen.bootstrap_room, "status": "ok"}
     if gen.stream:
         states = [ChoiceState(s.index) for s in subs]
@@ -128,9 +129,10 @@ async def _handle(request: Request, state: AppState, parser, kind: str):
         # Wait for the first delta before answering: a request the engine rejects
         # (queue full, pool too small) then gets its real status, not a 200 stream.
         first = await until_client_leaves(request, _first_event(events))
-        return EventStream(partial(_stream, state, gen, subs, states, rid, kind, first, events, journey))
+        return EventStream(partial(_stream, state, gen, subs, states, rid, kind, first, events, journey, trace))
     start_s = time.monotonic()
     choices = await until_client_leaves(request, serving.collect_all(subs))
+    trace(choices)
     return _body(state, gen, kind, rid, choices, time.monotonic() - start_s, journey)
 
 
@@ -179,6 +181,22 @@ def _journey_maker(state: AppState, request: Request, gen: GenerationInput) -> J
     return journey
 
 
+def _trace_maker(state: AppState, request: Request, gen: GenerationInput, received_s: float) -> Callable[[list[ChoiceState]], None]:
+    """What records the call's span (and its phases) once it is done; a no-op without tracing."""
+    if not state.tracer.enabled:
+        return lambda choices: None
+    role = Role(state.cfg.disaggregation_mode)
+    attributes = {"pdserve.instance_id": state.cfg.instance_id or "", "pdserve.role": role.name.lower(),
+                  "pdserve.bootstrap_room": gen.bootstrap_room if gen.bootstrap_room is not None else -1}
+
+    def trace(choices: list[ChoiceState]) -> None:
+        phases = {k: v for k, v in (choices[0].timing or {}).items() if k != "front"} if choices else {}
+        state.tracer.record(f"pdserve.{role.name.lower()}", received_s, time.monotonic(), phases,
+                            request.headers, attributes)
+
+    return trace
+
+
 async def _first_event(events: AsyncIterator) -> object | None:
     try:
         return await events.__anext__()
@@ -196,6 +214,7 @@ async def _stream(
     first: object | None,
     rest: AsyncIterator,
     journey: Journey | None,
+    trace: Callable[[list[ChoiceState]], None],
     write: Callable[[bytes], Awaitable[None]],
 ) -> None:
     model = state.model_name
@@ -221,6 +240,7 @@ async def _stream(
                  "timing": journey(states[0])}
         await write(fmt.sse(chunk))
     await write(fmt.sse("[DONE]"))
+    trace(states)
 
 
 def _event_maker(state: AppState, gen: GenerationInput, subs: list[SubRequest], states: list[ChoiceState],

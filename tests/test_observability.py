@@ -257,3 +257,128 @@ def test_bench_timing_collects_and_draws_the_phases(cluster: Cluster, tmp_path: 
     journeys = json.loads(out_json.read_text())["timing"]
     assert journeys[0]["num_requests"] == 4 and list(journeys[0]["mean_phases_ms"]) == list(JOURNEY)
     assert png.stat().st_size > 1000
+
+
+def test_colocated_journey_and_its_stage_histogram(main_server) -> None:
+    before = scrape(main_server.url)
+    body = {"messages": [{"role": "user", "content": "Count the pages of a book."}], "max_tokens": 32,
+            "ignore_eos": True, "temperature": 0, "return_timing": True}
+    start = time.monotonic()
+    resp = main_server.post("/v1/chat/completions", body)
+    client_s = time.monotonic() - start
+    assert resp.status_code == 200, resp.text
+    timing = resp.json()["timing"]
+    assert tuple(timing["phases_s"]) == ("front", "prefill_queue", "prefill", "decode")
+    assert timing["prefill_instance_id"] is None and timing["instance_id"].startswith("null-")
+    assert abs(timing["total_s"] - client_s) <= 0.1 * client_s, (client_s, timing)
+    after = scrape(main_server.url)
+    for stage in timing["phases_s"]:
+        key = "pdserve:per_stage_req_latency_seconds_count"
+        assert total(after, key, stage=stage) - total(before, key, stage=stage) == 1, stage
+
+
+def test_a_room_whose_prefill_instance_is_unknown_counts_as_a_bootstrap_failure(cluster: Cluster) -> None:
+    decode = _urls(cluster)["decode"]
+    before = scrape(decode)
+    body = {"input_ids": prompt_ids(8, seed=5), "sampling_params": {"max_new_tokens": 2},
+            "bootstrap_room": 12345, "prefill_instance_id": "prefill-nobody"}
+    resp = httpx.post(f"{decode}/generate", json=body, timeout=60, trust_env=False)
+    assert resp.status_code >= 500 and "not registered" in resp.json()["error"]["message"]
+    after = scrape(decode)
+    key = "pdserve:num_bootstrap_failed_reqs_total"
+    assert total(after, key) - total(before, key) == 1
+    assert total(after, "pdserve:kv_transfer_failures_total") == total(before, "pdserve:kv_transfer_failures_total")
+
+
+def _in_process_front(mode: str, bootstrap_url: str, exporter) -> tuple:
+    """A real front in a thread of this process (its engine a child process), tracing into ``exporter``."""
+    from pdserve.common.event_stream import with_raw_send
+    from pdserve.common.tracing import Tracer
+    from pdserve.engine.engine import engine_main
+    from pdserve.serve import parse_config, resolve_model_dir
+    from pdserve.server.app import build_app
+    from pdserve.server.engine_client import EngineClient
+    from pdserve.server.metrics import ServerMetrics
+    from pdserve.server.state import AppState
+    from pdserve.server.tokenizer import load_tokenizer
+    from pdserve.tests.support.server_thread import ServerThread
+
+    port = free_port()
+    cfg = parse_config(["--port", str(port), "--disaggregation-mode", mode, "--disaggregation-bootstrap-url",
+                        bootstrap_url, "--page-size", str(PAGE_SIZE), "--max-total-tokens", "2048",
+                        "--skip-server-warmup"])
+    model_dir = resolve_model_dir(cfg.model_path)
+    tokenizer = load_tokenizer(model_dir, None)
+    state = AppState(cfg, model_dir, "tiny", tokenizer, EngineClient(cfg, model_dir, engine_main, len(tokenizer)),
+                     ServerMetrics(False, "tiny"), tracer=Tracer(f"pdserve-{mode}", exporter=exporter))
+    return ServerThread(with_raw_send(build_app(state)), port=port).start(), state
+
+
+def _wait_healthy(url: str, timeout_s: float = 180.0) -> None:
+    from pdserve.tests.support.waiting import wait_until
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout_s, 0.2, f"{url} never became healthy")
+
+
+def test_spans_link_router_prefill_and_decode(cluster: Cluster) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from pdserve.common.tracing import Tracer
+    from pdserve.router.app import create_app
+    from pdserve.router.config import RouterConfig
+    from pdserve.tests.support.server_thread import ServerThread
+    from pdserve.tests.support.waiting import wait_until
+
+    exporter = InMemorySpanExporter()
+    threads = []
+    try:
+        for mode in ("prefill", "decode"):
+            thread, _ = _in_process_front(mode, cluster.bootstrap_url, exporter)
+            threads.append(thread)
+        for thread in threads:
+            _wait_healthy(thread.url)
+        config = RouterConfig(prefill_urls=(threads[0].url,), decode_urls=(threads[1].url,), policy="round_robin")
+        from pdserve.common.event_stream import with_raw_send
+
+        router = ServerThread(with_raw_send(create_app(config, tracer=Tracer("pdserve-router", exporter=exporter))))
+        threads.append(router.start())
+        _wait_healthy(router.url)
+        client_trace = "0af7651916cd43dd8448eb211c80319c"
+        headers = {"traceparent": f"00-{client_trace}-b7ad6b7169203331-01"}
+        body = {"prompt": prompt_ids(21, seed=9), "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        resp = httpx.post(f"{router.url}/v1/completions", json=body, headers=headers, timeout=120, trust_env=False)
+        assert resp.status_code == 200, resp.text
+
+        def spans() -> dict[str, list]:
+            found: dict[str, list] = {}
+            for span in exporter.get_finished_spans():
+                found.setdefault(span.name, []).append(span)
+            return found
+
+        tops = ("pdserve.router", "pdserve.prefill", "pdserve.decode")
+        wait_until(lambda: all(name in spans() for name in tops), 30, 0.1, lambda: f"spans: {sorted(spans())}")
+        found = spans()
+        router_span, p_span, d_span = (found[name][0] for name in tops)
+        assert {s.context.trace_id for s in (router_span, p_span, d_span)} == {int(client_trace, 16)}
+        assert p_span.parent.span_id == d_span.parent.span_id == router_span.context.span_id
+        assert router_span.resource.attributes["service.name"] == "pdserve-router"
+        assert d_span.resource.attributes["service.name"] == "pdserve-decode"
+
+        def children(parent) -> list[str]:
+            kids = [s for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == parent.context.span_id]
+            return [s.name for s in sorted(kids, key=lambda s: s.start_time)]
+
+        assert children(router_span) == ["router_queue_and_pick"]
+        assert children(p_span) == ["prefill_queue", "prefill", "kv_transfer"]
+        assert children(d_span) == ["decode_wait_pages", "prefill_bootstrap", "prefill_queue", "prefill",
+                                    "kv_transfer", "decode_queue", "decode"]
+        assert d_span.start_time <= d_span.end_time <= router_span.end_time + 50_000_000
+    finally:
+        for thread in reversed(threads):
+            thread.stop(timeout_s=15)

@@ -374,7 +374,8 @@ def test_spans_link_router_prefill_and_decode(cluster: Cluster) -> None:
             kids = [s for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == parent.context.span_id]
             return [s.name for s in sorted(kids, key=lambda s: s.start_time)]
 
-        assert children(router_span) == ["router_queue_and_pick"]
+        first, *calls = children(router_span)  # its own phase, then its calls to P and D
+        assert first == "router_queue_and_pick" and sorted(calls) == ["pdserve.decode", "pdserve.prefill"]
         assert children(p_span) == ["prefill_queue", "prefill", "kv_transfer"]
         assert children(d_span) == ["decode_wait_pages", "prefill_bootstrap", "prefill_queue", "prefill",
                                     "kv_transfer", "decode_queue", "decode"]

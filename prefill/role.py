@@ -255,8 +255,9 @@ class PrefillRole(EngineRole):
             self.engine.fail(req, problem, 500)
             return
         now = time.monotonic()
-        # How long D's page list waited here for the request (0 when the request came first).
-        req.stages_s["prefill_bootstrap"] = max(now - max(pages_arrived_s, req.arrival_s), 0.0)
+        # How long D's page list waited here for the request (~0 when the request came
+        # first: pairing then happens as the list arrives).
+        req.stages_s["prefill_bootstrap"] = max(now - pages_arrived_s, 0.0)
         self.rooms[room] = PrefillRoom(req, conn_id, sender, paired_s=now)
         self.engine.scheduler.add(req)
 

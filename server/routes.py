@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -168,6 +169,8 @@ def _journey_maker(state: AppState, request: Request, gen: GenerationInput) -> J
     try:
         router_s = float(request.headers.get(ROUTER_TIME_HEADER, ""))
     except ValueError:
+        router_s = None
+    if router_s is not None and not 0 <= router_s < math.inf:  # not a router's: ignored
         router_s = None
 
     def journey(choice: ChoiceState) -> dict:

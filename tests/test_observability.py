@@ -383,3 +383,16 @@ def test_spans_link_router_prefill_and_decode(cluster: Cluster) -> None:
     finally:
         for thread in reversed(threads):
             thread.stop(timeout_s=15)
+
+
+def test_timing_input_mistakes_are_400s_or_ignored(cluster: Cluster) -> None:
+    decode = _urls(cluster)["decode"]  # a decode instance prefills a request without a room itself
+    body = {"prompt": "a b", "max_tokens": 2, "return_timing": True}
+    for value in ("nan", "inf", "-1", "soon"):
+        resp = httpx.post(f"{decode}/v1/completions", json=body, headers={"X-PDServe-Router-S": value},
+                          timeout=60, trust_env=False)
+        assert resp.status_code == 200, resp.text
+        assert tuple(resp.json()["timing"]["phases_s"]) == ("front", "prefill_queue", "prefill", "decode")
+    resp = httpx.post(f"{cluster.router_url}/v1/completions", json={**body, "return_timing": "yes"},
+                      timeout=60, trust_env=False)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "return_timing", resp.text

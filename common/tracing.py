@@ -17,6 +17,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+# The journey's own headers, plain HTTP whether or not OpenTelemetry is on.
+TIMING_HEADER = "x-pdserve-timing"  # "1": answer with the request's journey, as "return_timing": true does
+ROUTER_TIME_HEADER = "x-pdserve-router-s"  # router -> D: seconds from receiving the call to sending it on
+
 MISSING_SDK = "--otlp-traces-endpoint needs OpenTelemetry: pip install 'pdserve[tracing]'"
 
 

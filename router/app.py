@@ -29,7 +29,7 @@ from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.disconnect import until_client_leaves
 from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
 from pdserve.common.event_stream import with_raw_send
-from pdserve.common.tracing import Tracer
+from pdserve.common.tracing import TIMING_HEADER, Tracer
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
@@ -39,7 +39,6 @@ from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerReg
 logger = logging.getLogger("pdserve.router")
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
-TIMING_HEADER = "x-pdserve-timing"  # "1": answer with the request's journey, as "return_timing": true
 
 
 @dataclass

@@ -38,7 +38,7 @@ import orjson
 from fastapi.responses import Response
 from pdserve.common.errors import error_body, error_response
 from pdserve.common.event_stream import EventStream, Write
-from pdserve.common.tracing import Tracer
+from pdserve.common.tracing import ROUTER_TIME_HEADER, Tracer
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, routing_text
@@ -47,7 +47,6 @@ from starlette.types import Receive, Scope, Send
 
 logger = logging.getLogger("pdserve.router.proxy")
 
-ROUTER_TIME_HEADER = "x-pdserve-router-s"
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pdserve.common.event_stream import EventStream
 from pdserve.common.messages import ControlResponse, GenerateRequest
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tracing import ROUTER_TIME_HEADER, TIMING_HEADER
 from pdserve.server import openai_format as fmt
 from pdserve.server.engine_client import EngineUnavailable
 from pdserve.server.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
@@ -156,9 +157,6 @@ def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: l
 # The phases of a request's journey, in the order it passes them.
 JOURNEY_PHASES = ("router_queue_and_pick", "front", "decode_wait_pages", "prefill_bootstrap", "prefill_queue",
                   "prefill", "kv_transfer", "decode_queue", "decode")
-TIMING_HEADER = "x-pdserve-timing"
-# Set by the router on what it forwards: seconds between its receiving the call and sending it on.
-ROUTER_TIME_HEADER = "x-pdserve-router-s"
 Journey = Callable[[ChoiceState], dict]
 
 

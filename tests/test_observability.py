@@ -167,32 +167,51 @@ def _instance_ids(cluster: Cluster) -> dict[str, str]:
     return {w["role"]: w["instance_id"] for w in workers}
 
 
-def _check_journey(timing: dict, client_s: float, ids: dict[str, str]) -> None:
+def _check_journey(timing: dict, ids: dict[str, str]) -> None:
     phases = timing["phases_s"]
     assert tuple(phases) == JOURNEY, phases
     assert all(v >= 0 for v in phases.values()), phases
     assert timing["instance_id"] == ids["decode"] and timing["prefill_instance_id"] == ids["prefill"]
     assert timing["total_s"] == pytest.approx(sum(phases.values()))
-    # Only the router's hop to D and its last relayed bytes are not measured.
-    assert abs(timing["total_s"] - client_s) <= 0.1 * client_s, (client_s, phases)
+
+
+def _timed(http: httpx.Client, url: str, body: dict, headers: dict | None = None) -> tuple[float, dict]:
+    """(client-measured seconds, parsed answer: the JSON body, or a stream's last event)."""
+    start = time.monotonic()
+    resp = http.post(url, json=body, headers=headers or {})
+    client_s = time.monotonic() - start
+    assert resp.status_code == 200, resp.text
+    return client_s, (sse_events(resp)[-1] if body.get("stream") else resp.json())
+
+
+def assert_sums_to_client_latency(samples: list[tuple[float, dict]]) -> None:
+    """The phases add up to what the client measured within 10% (the median of
+    the samples: one request can lose tens of ms to a loaded host's scheduler
+    outside any process's view). Unmeasured: the hops between processes."""
+    gaps = sorted(abs(t["total_s"] - client_s) / client_s for client_s, t in samples)
+    assert gaps[len(gaps) // 2] <= 0.1, [(client_s, t["phases_s"]) for client_s, t in samples]
 
 
 def test_journey_of_one_request_sums_to_client_latency(cluster: Cluster) -> None:
     ids = _instance_ids(cluster)
     prompt = prompt_ids(40, seed=7)
-    for stream in (False, True):
-        start = time.monotonic()
-        out = _completion(cluster.router_url, prompt, max_tokens=48, stream=stream, return_timing=True)
-        client_s = time.monotonic() - start
-        _check_journey(out["timing"], client_s, ids)
-    # The header asks for it too; /generate carries it in meta_info.
-    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}
-    start = time.monotonic()
-    resp = httpx.post(f"{cluster.router_url}/generate", json=body, headers={"X-PDServe-Timing": "1"},
-                      timeout=120, trust_env=False)
-    client_s = time.monotonic() - start
-    assert resp.status_code == 200, resp.text
-    _check_journey(resp.json()["meta_info"]["timing"], client_s, ids)
+    url = f"{cluster.router_url}/v1/completions"
+    with httpx.Client(timeout=120, trust_env=False) as http:
+        for stream in (False, True):
+            body = {"prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": stream,
+                    "return_timing": True}
+            samples = [_timed(http, url, body) for _ in range(3)]
+            samples = [(client_s, out["timing"]) for client_s, out in samples]
+            for _, timing in samples:
+                _check_journey(timing, ids)
+            assert_sums_to_client_latency(samples)
+        # The header asks for it too; /generate carries it in meta_info.
+        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}
+        samples = [_timed(http, f"{cluster.router_url}/generate", body, {"X-PDServe-Timing": "1"}) for _ in range(3)]
+        samples = [(client_s, out["meta_info"]["timing"]) for client_s, out in samples]
+        for _, timing in samples:
+            _check_journey(timing, ids)
+        assert_sums_to_client_latency(samples)
 
 
 def test_streamed_journey_is_on_the_last_chunk_only(cluster: Cluster) -> None:
@@ -263,18 +282,17 @@ def test_colocated_journey_and_its_stage_histogram(main_server) -> None:
     before = scrape(main_server.url)
     body = {"messages": [{"role": "user", "content": "Count the pages of a book."}], "max_tokens": 32,
             "ignore_eos": True, "temperature": 0, "return_timing": True}
-    start = time.monotonic()
-    resp = main_server.post("/v1/chat/completions", body)
-    client_s = time.monotonic() - start
-    assert resp.status_code == 200, resp.text
-    timing = resp.json()["timing"]
-    assert tuple(timing["phases_s"]) == ("front", "prefill_queue", "prefill", "decode")
-    assert timing["prefill_instance_id"] is None and timing["instance_id"].startswith("null-")
-    assert abs(timing["total_s"] - client_s) <= 0.1 * client_s, (client_s, timing)
+    with httpx.Client(timeout=120, trust_env=False) as http:
+        samples = [_timed(http, f"{main_server.url}/v1/chat/completions", body) for _ in range(3)]
+    samples = [(client_s, out["timing"]) for client_s, out in samples]
+    for _, timing in samples:
+        assert tuple(timing["phases_s"]) == ("front", "prefill_queue", "prefill", "decode")
+        assert timing["prefill_instance_id"] is None and timing["instance_id"].startswith("null-")
+    assert_sums_to_client_latency(samples)
     after = scrape(main_server.url)
-    for stage in timing["phases_s"]:
+    for stage in samples[0][1]["phases_s"]:
         key = "pdserve:per_stage_req_latency_seconds_count"
-        assert total(after, key, stage=stage) - total(before, key, stage=stage) == 1, stage
+        assert total(after, key, stage=stage) - total(before, key, stage=stage) == len(samples), stage
 
 
 def test_a_room_whose_prefill_instance_is_unknown_counts_as_a_bootstrap_failure(cluster: Cluster) -> None:

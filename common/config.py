@@ -17,7 +17,7 @@ from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
 
 
 def _buckets(what: str) -> dict[str, object]:
-    return _flag(f"histogram buckets of {what}, in seconds", nargs="+", type=float)
+    return _flag(f"histogram buckets of {what}, in seconds", nargs="+", type=float, metavar="SECONDS")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class RouterConfig:
     max_retries: int = field(default=2, metadata=flag("retries on another worker pair while no byte reached the client"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
     bucket_e2e_request_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=flag(
-        "histogram buckets of the router's request, per-worker and per-stage latencies, in seconds", nargs="+", type=float))
+        "histogram buckets of the router's request, per-worker and per-stage latencies, in seconds", nargs="+", type=float, metavar="SECONDS"))
     otlp_traces_endpoint: str | None = field(default=None, metadata=flag(
         "export a span per request over OTLP/HTTP here and pass its context on to the workers (default: no traces)"))
 

@@ -414,3 +414,9 @@ def test_timing_input_mistakes_are_400s_or_ignored(cluster: Cluster) -> None:
     resp = httpx.post(f"{cluster.router_url}/v1/completions", json={**body, "return_timing": "yes"},
                       timeout=60, trust_env=False)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "return_timing", resp.text
+
+
+def test_no_log_has_a_traceback_after_all_of_the_above(cluster: Cluster) -> None:
+    # Last in this module: the client mistakes and the failed room above were answered, not crashed on.
+    for child in cluster.children:
+        assert "Traceback" not in child.log_path.read_text(errors="replace"), child.name

@@ -26,6 +26,7 @@ class RequestOptions:
     model: str | None
     ignore_eos: bool = False
     temperature: float = 0.0
+    return_timing: bool = False  # ask for each request's journey (``timing``)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ChunkUpdate:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    timing: dict[str, Any] | None = None  # the request's journey, on the chunk that carries it
 
 
 class StreamParser:
@@ -88,7 +90,7 @@ class CompletionsParser(StreamParser):
         text = self._text(choices[0]) or ""
         prompt_tokens, completion_tokens = _usage(payload)
         tokens_so_far = completion_tokens if text and completion_tokens is not None else None
-        return ChunkUpdate(text, tokens_so_far, prompt_tokens, completion_tokens)
+        return ChunkUpdate(text, tokens_so_far, prompt_tokens, completion_tokens, timing=payload.get("timing"))
 
     def _text(self, choice: dict[str, Any]) -> str | None:
         return choice.get("text")
@@ -115,7 +117,7 @@ class GenerateParser(StreamParser):
         self._text_so_far = text
         meta = payload.get("meta_info") or {}
         completion = meta.get("completion_tokens")
-        return ChunkUpdate(new_text, completion, meta.get("prompt_tokens"), completion)
+        return ChunkUpdate(new_text, completion, meta.get("prompt_tokens"), completion, timing=meta.get("timing"))
 
 
 def _openai_common(req: BenchRequest, opts: RequestOptions) -> dict[str, Any]:
@@ -129,6 +131,8 @@ def _openai_common(req: BenchRequest, opts: RequestOptions) -> dict[str, Any]:
         body["model"] = opts.model
     if opts.ignore_eos:
         body["ignore_eos"] = True
+    if opts.return_timing:
+        body["return_timing"] = True
     return body
 
 
@@ -153,4 +157,6 @@ def _generate_body(req: BenchRequest, opts: RequestOptions) -> dict[str, Any]:
     body: dict[str, Any] = {key: req.prompt, "sampling_params": sampling, "stream": True}
     if opts.model is not None:
         body["model"] = opts.model
+    if opts.return_timing:
+        body["return_timing"] = True
     return body

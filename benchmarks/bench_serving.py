@@ -103,6 +103,10 @@ class BenchConfig:
     output_json: str | None = field(default=None, metadata=flag("write results to this file"))
     output_details: bool = field(default=False, metadata=flag("every request in the JSON"))
     plot: str | None = field(default=None, metadata=flag("PNG of TTFT/ITL p50/p99 over the sweep"))
+    timing: bool = field(default=False, metadata=flag(
+        "ask every request for its journey (return_timing) and print the mean time per phase per run"))
+    timing_plot: str | None = field(default=None, metadata=flag(
+        "with --timing: PNG of the phases as stacked bars, one per run (needs matplotlib)"))
     request_timeout_s: float = field(default=600.0, metadata=flag("a request not finished by then counts as failed"))
     disable_tqdm: bool = field(default=False, metadata=flag("no progress bar"))
 
@@ -210,7 +214,8 @@ async def run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     ) as session:
         model = await resolve_model(session, cfg, headers)
         tokenizer = await resolve_tokenizer(session, cfg, headers)
-        options = RequestOptions(model=model, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature)
+        options = RequestOptions(model=model, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature,
+                                 return_timing=cfg.timing)
         sender = client.Sender(session, cfg.base_url, BACKENDS.get(cfg.backend), options, tokenizer,
                                cfg.request_timeout_s, headers)
         results: list[RunResult] = []
@@ -252,23 +257,30 @@ def validate(cfg: BenchConfig) -> None:
     if cfg.base_url.rstrip("/").endswith("/v1"):
         raise ValueError(f"--base-url {cfg.base_url} ends in /v1: drop the /v1 and give the server's root "
                          f"({cfg.base_url.rstrip('/').removesuffix('/v1')}); the backend adds its own path")
+    if cfg.timing_plot and not cfg.timing:
+        raise ValueError("--timing-plot needs --timing")
     if cfg.backend == "openai-chat" and cfg.dataset == "random-ids":
         raise ValueError("--backend openai-chat sends text; use --dataset random")
 
 
 def write_report(cfg: BenchConfig, outcome: BenchOutcome) -> None:
     """Tables on stdout; JSON and plot files as asked."""
-    from pdserve.benchmarks import plot, report
+    from pdserve.benchmarks import plot, report, timing
 
     for result in outcome.results:
         print(report.run_table(result) + "\n")
     if len(outcome.results) > 1:
         print(report.summary_table(outcome.results))
+    journeys = timing.breakdowns(outcome.results) if cfg.timing else []
+    if cfg.timing:
+        print("\n" + timing.timing_table(journeys))
     if cfg.output_json:
         config = {**dataclasses.asdict(cfg), "model": outcome.model, "tokenizer": outcome.tokenizer,
                   "tokenizer_exact": outcome.tokenizer_exact,
                   "api_key": "<redacted>" if cfg.api_key else None}
         doc = report.bench_json(config, outcome.results, cfg.output_details)
+        if cfg.timing:
+            doc["timing"] = [b.to_dict() for b in journeys]
         with open(cfg.output_json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
         _log(f"wrote {cfg.output_json}")
@@ -277,13 +289,16 @@ def write_report(cfg: BenchConfig, outcome: BenchOutcome) -> None:
             _log(f"wrote {cfg.plot}")
         else:
             _log("no plot: a sweep over finite request rates or concurrency limits is needed")
+    if cfg.timing_plot and journeys and plot.plot_available():
+        timing.plot_timing(journeys, cfg.timing_plot)
+        _log(f"wrote {cfg.timing_plot}")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(list(sys.argv[1:] if argv is None else argv))
     from pdserve.benchmarks import plot
 
-    if cfg.plot and not plot.plot_available():
+    if (cfg.plot or cfg.timing_plot) and not plot.plot_available():
         _log(f"warning: {plot.MISSING_MATPLOTLIB}")
     try:
         outcome = asyncio.run(run_benchmark(cfg))

@@ -38,8 +38,11 @@ class _Stream:
     tokens_so_far: list[int | None] = field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    phases_s: dict[str, float] | None = None
 
     def add(self, update: ChunkUpdate, at_s: float) -> None:
+        if update.timing is not None:
+            self.phases_s = dict(update.timing.get("phases_s") or {})
         if update.prompt_tokens is not None:
             self.prompt_tokens = update.prompt_tokens
         if update.completion_tokens is not None:
@@ -111,6 +114,7 @@ class Sender:
             chunk_tokens=tuple(chunk_tokens),
             prompt_tokens=stream.prompt_tokens if stream.prompt_tokens is not None else req.prompt_len,
             output_tokens=stream.completion_tokens if stream.completion_tokens is not None else sum(chunk_tokens),
+            phases_s=stream.phases_s,
         )
 
     def _chunk_tokens(self, stream: _Stream) -> list[int]:

@@ -41,6 +41,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+    phases_s: dict[str, float] | None = None  # the server's journey of it (``--timing``)
 
     @property
     def end_s(self) -> float:

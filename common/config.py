@@ -9,13 +9,39 @@ only. ``None`` means "resolve automatically" and is resolved at parse time
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from pdserve.common import env
 from pdserve.common.args import flag as _flag
 from pdserve.common.auth import read_secret
 from pdserve.common.request_body import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.common.roles import Role
+from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
+
+
+def _buckets(what: str) -> dict[str, object]:
+    return _flag(f"histogram buckets of {what}, in seconds", nargs="+", type=float, metavar="SECONDS")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Histogram buckets of the Prometheus metrics (SGLang's flag names), and traces."""
+
+    bucket_time_to_first_token: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:time_to_first_token_seconds"))
+    bucket_inter_token_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:inter_token_latency_seconds"))
+    bucket_e2e_request_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:e2e_request_latency_seconds"))
+    bucket_kv_transfer_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:kv_transfer_latency_seconds"))
+    bucket_per_stage_req_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=_buckets("pdserve:per_stage_req_latency_seconds"))
+    otlp_traces_endpoint: str | None = field(default=None, metadata=_flag(
+        "export each request's spans over OTLP/HTTP here, e.g. http://127.0.0.1:4318/v1/traces (default: no traces)"))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not f.name.startswith("bucket_"):
+                continue
+            value = getattr(self, f.name)
+            if not value or any(b <= 0 for b in value):
+                raise ValueError(f"--{f.name.replace('_', '-')} needs positive bucket bounds")
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,8 @@ class ServerConfig:
         "the secret the bootstrap service wants (visible in `ps`: prefer --cluster-secret-file or "
         "$PDSERVE_CLUSTER_SECRET)"))
     cluster_secret_file: str | None = field(default=None, metadata=_flag("file holding the cluster secret"))
+    # Metrics.
+    metrics: MetricsConfig = field(default=MetricsConfig(), metadata=_flag("", nested=True))
 
     def resolve(self) -> ServerConfig:
         """Fill the ``auto`` values that need neither the model nor a device."""

@@ -57,6 +57,9 @@ class TokenOutput:
     error: str | None = None
     error_status: int | None = None  # HTTP status the front answers with
     error_code: str | None = None  # the error object's machine-readable ``code`` (default: the status)
+    # On a request's last output: seconds spent in each phase in the engine
+    # (and, on a decode instance, those the prefill instance reported).
+    timing: dict[str, float] | None = None
 
 
 @message

@@ -44,10 +44,11 @@ from pdserve.bootstrap.protocol import InstanceInfo
 from pdserve.common.errors import PREFILL_FAILED_CODE
 from pdserve.common.roles import Role
 from pdserve.engine.request import Req
-from pdserve.engine.role import EngineHandle, EngineRole
+from pdserve.engine.role import EngineHandle, EngineRole, colocated_timing
 from pdserve.transfer.base import KVMemory, KVReceiver, LayoutMismatchError, RoomState
 from pdserve.transfer.control import ControlClient, ControlClosedError
 from pdserve.transfer.endpoint import PDEndpoint, new_epoch
+from pdserve.transfer.metrics import DECODE_QUEUES, TransferMetrics, bytes_per_page
 from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
 
 logger = logging.getLogger("pdserve.decode")
@@ -79,6 +80,7 @@ class DecodeRoom:
     peer: PrefillPeer
     receiver: KVReceiver
     deadline_s: float
+    opened_s: float = 0.0
     done: PrefillDone | None = None
 
 
@@ -126,6 +128,8 @@ class DecodeRole(EngineRole):
         self.peers: dict[str, PrefillPeer] = {}
         self.quarantine: dict[int, QuarantinedRoom] = {}
         self._stop = threading.Event()
+        self.bytes_per_page = bytes_per_page(engine.pool.layout)
+        self.metrics = TransferMetrics(DECODE_QUEUES, cfg.metrics.bucket_kv_transfer_latency)
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -145,10 +149,12 @@ class DecodeRole(EngineRole):
         for room, ctx in list(self.rooms.items()):
             state = ctx.receiver.poll(progress=False)
             if state == RoomState.FAILED:
+                self.metrics.failed()
                 self._fail_room(room, prefill_failed(f"KV transfer failed: {ctx.receiver.failure}"), notify_peer=True)
             elif state == RoomState.SUCCESS and ctx.done is not None:
                 self._start_decoding(room)
             elif now > ctx.deadline_s:
+                self.metrics.failed()
                 self._fail_room(room, prefill_failed(f"room {room} timed out after {self.timeout_s}s", 504), notify_peer=True)
         for room, q in list(self.quarantine.items()):
             if ((q.confirmed or q.peer.dead) and q.receiver.quiescent()) or now > q.deadline_s:
@@ -170,8 +176,21 @@ class DecodeRole(EngineRole):
         held = {p for ctx in self.rooms.values() for p in ctx.req.pages}
         return held | {p for q in self.quarantine.values() for p in q.pages}
 
+    def timing(self, req: Req, now_s: float) -> dict[str, float]:
+        if req.room is None:  # prefilled here
+            return colocated_timing(req, now_s)
+        started = req.first_token_s if req.first_token_s is not None else now_s
+        scheduled = req.scheduled_s if req.scheduled_s is not None else now_s
+        return {**req.stages_s, "decode_queue": max(scheduled - started, 0.0), "decode": max(now_s - scheduled, 0.0)}
+
     def stats(self) -> dict:
+        queues = {
+            "num_decode_prealloc_queue_reqs": len(self.prealloc),
+            "num_decode_transfer_queue_reqs": len(self.rooms),
+            "num_decode_quarantined_rooms": len(self.quarantine),
+        }
         return {
+            "metrics": self.metrics.snapshot(queues),
             "instance_id": self.instance_id,
             "num_prealloc_reqs": len(self.prealloc),
             "num_transferring_rooms": len(self.rooms),
@@ -188,7 +207,7 @@ class DecodeRole(EngineRole):
 
     # ---- starting rooms --------------------------------------------------------------
     def _start_rooms(self) -> None:
-        now = time.monotonic()
+        now, num_opened = time.monotonic(), 0
         while self.prealloc:
             req, deadline = self.prealloc[0]
             if now > deadline:
@@ -196,13 +215,23 @@ class DecodeRole(EngineRole):
                 self.engine.fail(req, f"no KV pages became free within {self.timeout_s}s", 503)
                 continue
             if not self.engine.scheduler.reserve(req, len(req.prompt_ids)):
-                return  # first come, first served: wait for pages
+                break  # first come, first served: wait for pages
             self.prealloc.popleft()
             try:
                 self._open_room(req)
+                num_opened += 1
             except RoomFailed as exc:
+                self.metrics.bootstrap_failed()
                 self.engine.scheduler.release(req, cache=False)
                 self.engine.fail(req, str(exc), exc.status, exc.code)
+        if num_opened:
+            self._log_rooms_waiting(num_opened)
+
+    def _log_rooms_waiting(self, num_opened: int) -> None:
+        logger.info(
+            "Decode rooms waiting for KV. #new-room: %d, #transfer-req: %d, #prealloc-req: %d, #quarantined-room: %d,",
+            num_opened, len(self.rooms), len(self.prealloc), len(self.quarantine),
+        )
 
     def _open_room(self, req: Req) -> None:
         if req.room in self.rooms or req.room in self.quarantine:
@@ -219,7 +248,9 @@ class DecodeRole(EngineRole):
         except ControlClosedError as exc:
             receiver.abort()
             raise prefill_failed(f"prefill instance unreachable: {exc}") from exc
-        self.rooms[req.room] = DecodeRoom(req, peer, receiver, time.monotonic() + self.timeout_s)
+        now = time.monotonic()
+        req.stages_s["decode_wait_pages"] = max(now - req.arrival_s, 0.0)
+        self.rooms[req.room] = DecodeRoom(req, peer, receiver, now + self.timeout_s, opened_s=now)
 
     def _peer(self, instance_id: str | None) -> PrefillPeer:
         if instance_id is None:
@@ -253,6 +284,7 @@ class DecodeRole(EngineRole):
         reason = reason or f"lost the prefill instance: {peer.control.error}"
         for room, ctx in list(self.rooms.items()):
             if ctx.peer is peer:
+                self.metrics.failed()
                 self._fail_room(room, prefill_failed(reason), notify_peer=False)
         peer.control.close()
         if not dead and any(q.peer is peer for q in self.quarantine.values()):
@@ -304,13 +336,24 @@ class DecodeRole(EngineRole):
         if req.params.logprobs and done.logprob is not None:
             req.logprobs.append(done.logprob)
             req.top_logprobs.append([tuple(t) for t in (done.top_logprobs or [])])
-        req.first_token_s = req.last_token_s = time.monotonic()
+        req.first_token_s = req.last_token_s = now = time.monotonic()
+        self._record_transfer(ctx, now)
         self.engine.check_finish(req, done.first_token_id)
         if req.finished:
             self.engine.scheduler.release(req)
         else:
             self.engine.scheduler.add_prefilled(req)
         self.engine.emit(req)
+
+    def _record_transfer(self, ctx: DecodeRoom, now_s: float) -> None:
+        """Count the room's bytes and add P's phases to its journey; what the
+        room waited beyond P's own phases is the transfer (and the messages)."""
+        req = ctx.req
+        num_pages = -(-len(req.prompt_ids) // self.page_size)
+        self.metrics.transferred(num_pages * self.bytes_per_page)
+        prefill_stages = {k: v for k, v in ctx.done.stages_s.items() if k in ("prefill_bootstrap", "prefill_queue", "prefill")}
+        req.stages_s.update(prefill_stages)
+        req.stages_s["kv_transfer"] = max(now_s - ctx.opened_s - sum(prefill_stages.values()), 0.0)
 
     def _fail_room(self, room: int, exc: RoomFailed, notify_peer: bool, confirmed: bool = False) -> None:
         ctx = self.rooms.get(room)

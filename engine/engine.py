@@ -183,7 +183,10 @@ class Engine:
 
     # ---- one step -------------------------------------------------------------
     def _step(self, batch: ScheduledBatch) -> None:
-        self._step_started_s = time.monotonic()
+        self._step_started_s = now = time.monotonic()
+        for req in batch.reqs:
+            if req.scheduled_s is None:
+                req.scheduled_s = now
         logits, batch = self._forward(batch)
         ready = self.scheduler.advance(batch)
         # Before sampling waits for the GPU: a prefill instance posts the pages
@@ -310,6 +313,7 @@ class Engine:
                 error=error,
                 error_status=error_status,
                 error_code=error_code,
+                timing=self.role.timing(req, time.monotonic()) if req.finished and error is None else None,
             )
         )
 
@@ -361,6 +365,8 @@ class Engine:
                 "parked_pages": self.pool.num_parked_pages,  # free once the decode step in flight ends
                 "cached_pages": self.cache.num_cached_pages,
                 "used_pages": used,
+                # One page across every layer's K and V: what a PD transfer moves per page.
+                "bytes_per_page": self.pool.layout.page_bytes * self.pool.layout.num_regions,
             },
             **self.role.stats(),
         }

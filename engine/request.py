@@ -29,10 +29,13 @@ class Req:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_sent: int = 0  # output tokens already reported to the front
+    scheduled_s: float | None = None  # first forward step that included it
     first_token_s: float | None = None
     last_token_s: float | None = None
     room: int | None = None  # PD bootstrap room
     prefill_instance_id: str | None = None
+    # Phases a PD role measured (seconds by phase name); the journey of the request.
+    stages_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def all_ids(self) -> list[int]:

@@ -70,6 +70,10 @@ class EngineRole:
         """Drop a request held by the role outside the scheduler, if any."""
         return None
 
+    def timing(self, req: Req, now_s: float) -> dict[str, float]:
+        """Seconds ``req`` spent in each phase of this instance, once it finished."""
+        return colocated_timing(req, now_s)
+
     def held_pages(self) -> set[int]:
         """Pages the role holds outside the scheduler (rooms in flight, draining, quarantined)."""
         return set()
@@ -79,6 +83,18 @@ class EngineRole:
 
     def close(self) -> None:
         pass
+
+
+def _span(start_s: float | None, end_s: float | None) -> float:
+    return max(end_s - start_s, 0.0) if start_s is not None and end_s is not None else 0.0
+
+
+def colocated_timing(req: Req, now_s: float) -> dict[str, float]:
+    """Queue (arrival to first forward), prefill (to the first token), decode (to the end)."""
+    scheduled = req.scheduled_s if req.scheduled_s is not None else now_s
+    first = req.first_token_s if req.first_token_s is not None else now_s
+    return {"prefill_queue": _span(req.arrival_s, scheduled), "prefill": _span(scheduled, first),
+            "decode": _span(first, now_s)}
 
 
 class ColocatedRole(EngineRole):

@@ -30,6 +30,7 @@ from pdserve.model.batch import ScheduledBatch
 from pdserve.transfer.base import KVMemory, KVSender, LayoutMismatchError, RoomState
 from pdserve.transfer.control import ControlClosedError, ControlServer
 from pdserve.transfer.endpoint import PDEndpoint, new_epoch
+from pdserve.transfer.metrics import PREFILL_QUEUES, TransferMetrics, bytes_per_page
 from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
 
 logger = logging.getLogger("pdserve.prefill")
@@ -40,8 +41,10 @@ class PrefillRoom:
     req: Req
     conn_id: int
     sender: KVSender
+    paired_s: float = 0.0
     num_pages_sent: int = 0
     last_sent: bool = False
+    first_post_s: float | None = None  # when its first pages were posted
 
 
 @dataclass
@@ -81,6 +84,8 @@ class PrefillRole(EngineRole):
         # of whose connections is open is removed once its rooms have drained,
         # so a decode instance that died or restarted leaves nothing held here.
         self.peer_conns: dict[str, set[int]] = {}
+        self.bytes_per_page = bytes_per_page(engine.pool.layout)
+        self.metrics = TransferMetrics(PREFILL_QUEUES, cfg.metrics.bucket_kv_transfer_latency)
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -119,10 +124,18 @@ class PrefillRole(EngineRole):
     def after_step(self, batch: ScheduledBatch) -> None:
         if batch.is_decode:
             return
+        num_rooms = num_pages = num_descriptors = 0
         for req in batch.reqs:
             ctx = self.rooms.get(req.room)
             if ctx is not None:
+                before = (ctx.num_pages_sent, ctx.sender.num_descriptors)
                 self._send_ready_pages(ctx)
+                if ctx.num_pages_sent > before[0] or ctx.sender.num_descriptors > before[1]:
+                    num_rooms += 1
+                    num_pages += ctx.num_pages_sent - before[0]
+                    num_descriptors += ctx.sender.num_descriptors - before[1]
+        if num_rooms:
+            self._log_transfer_batch(num_rooms, num_pages, num_descriptors)
 
     def on_finished(self, req: Req) -> bool:
         ctx = self.rooms.get(req.room)
@@ -135,6 +148,7 @@ class PrefillRole(EngineRole):
             logprob=req.logprobs[0] if req.logprobs else None,
             top_logprobs=[list(t) for t in req.top_logprobs[0]] if req.top_logprobs else None,
             cached_tokens=req.num_cached_tokens,
+            stages_s=self._prefill_stages(ctx),
         )
         self.transferring.add(req.room)
         if not self._send(ctx.conn_id, first):
@@ -156,8 +170,20 @@ class PrefillRole(EngineRole):
         held = {p for room in self.transferring for p in self.rooms[room].req.pages}
         return held | {p for d in self.draining.values() for p in d.pages}
 
+    def timing(self, req: Req, now_s: float) -> dict[str, float]:
+        first = req.first_token_s if req.first_token_s is not None else now_s
+        # kv_transfer here is what followed the first token until the pages landed.
+        return {"prefill_queue": req.stages_s.get("prefill_queue", 0.0), "prefill": req.stages_s.get("prefill", 0.0),
+                "kv_transfer": max(now_s - first, 0.0)}
+
     def stats(self) -> dict:
+        queues = {
+            "num_prefill_bootstrap_queue_reqs": len(self.waiting_reqs) + len(self.waiting_pages),
+            "num_prefill_inflight_queue_reqs": len(self.transferring),
+            "num_prefill_draining_rooms": len(self.draining),
+        }
         return {
+            "metrics": self.metrics.snapshot(queues),
             "instance_id": self.instance_id,
             "num_bootstrapping_rooms": len(self.waiting_reqs) + len(self.waiting_pages),
             "num_transferring_rooms": len(self.transferring),
@@ -217,7 +243,8 @@ class PrefillRole(EngineRole):
         if room not in self.waiting_reqs or room not in self.waiting_pages:
             return
         req, _ = self.waiting_reqs.pop(room)
-        conn_id, msg, _ = self.waiting_pages.pop(room)
+        conn_id, msg, deadline = self.waiting_pages.pop(room)
+        pages_arrived_s = deadline - self.timeout_s
         problem = self._pairing_problem(req, msg)
         sender = None
         if problem is None:
@@ -230,10 +257,15 @@ class PrefillRole(EngineRole):
             except Exception as exc:  # a peer that cannot be loaded fails this room only
                 problem = f"cannot reach the decode instance's transfer agent: {exc}"
         if problem is not None:
+            self.metrics.bootstrap_failed()
             self._send(conn_id, RoomAbort(room=room, reason=problem))
             self.engine.fail(req, problem, 500)
             return
-        self.rooms[room] = PrefillRoom(req, conn_id, sender)
+        now = time.monotonic()
+        # How long D's page list waited here for the request (~0 when the request came
+        # first: pairing then happens as the list arrives).
+        req.stages_s["prefill_bootstrap"] = max(now - pages_arrived_s, 0.0)
+        self.rooms[room] = PrefillRoom(req, conn_id, sender, paired_s=now)
         self.engine.scheduler.add(req)
 
     def _pairing_problem(self, req: Req, msg: KVPagesRequest) -> str | None:
@@ -253,6 +285,7 @@ class PrefillRole(EngineRole):
         for room, (req, deadline) in list(self.waiting_reqs.items()):
             if now > deadline:
                 del self.waiting_reqs[room]
+                self.metrics.bootstrap_failed()
                 self.engine.fail(req, f"no decode instance asked for room {room} within {self.timeout_s}s", 504)
         for room, (conn_id, _, deadline) in list(self.waiting_pages.items()):
             if now > deadline:
@@ -269,12 +302,32 @@ class PrefillRole(EngineRole):
         # Whole pages only while prefill goes on; the partial last page once it is done.
         ready = -(-prompt_len // self.page_size) if done else req.num_computed // self.page_size
         if ready > ctx.num_pages_sent or done:
+            if ctx.first_post_s is None:
+                ctx.first_post_s = time.monotonic()
             ctx.sender.send(req.pages[ctx.num_pages_sent : ready], ctx.num_pages_sent, is_last=done)
             ctx.num_pages_sent = ready
             ctx.last_sent = done
 
+    def _prefill_stages(self, ctx: PrefillRoom) -> dict[str, float]:
+        req, now = ctx.req, time.monotonic()
+        scheduled = req.scheduled_s if req.scheduled_s is not None else now
+        first = req.first_token_s if req.first_token_s is not None else now
+        req.stages_s["prefill_queue"] = max(scheduled - ctx.paired_s, 0.0)
+        req.stages_s["prefill"] = max(first - scheduled, 0.0)
+        return dict(req.stages_s)
+
+    def _log_transfer_batch(self, num_rooms: int, num_pages: int, num_descriptors: int) -> None:
+        logger.info(
+            "KV transfer batch. #room: %d, #page: %d, #byte: %d, #descriptor: %d, #inflight-req: %d, #bootstrap-req: %d,",
+            num_rooms, num_pages, num_pages * self.bytes_per_page, num_descriptors,
+            len(self.transferring), len(self.waiting_reqs) + len(self.waiting_pages),
+        )
+
     def _finish_room(self, room: int) -> None:
         ctx = self.rooms.pop(room)
+        started = ctx.first_post_s if ctx.first_post_s is not None else ctx.paired_s
+        self.metrics.transferred(ctx.num_pages_sent * self.bytes_per_page, time.monotonic() - started,
+                                 ctx.sender.num_descriptors)
         self.transferring.discard(room)
         self.engine.scheduler.release(ctx.req)  # into the prefix cache
         ctx.req.finish_reason = ctx.req.finish_reason or "length"
@@ -301,6 +354,8 @@ class PrefillRole(EngineRole):
         ctx = self.rooms.get(room)
         if ctx is None:
             return
+        if ack is None:  # not D's own abort: this side's transfer failed
+            self.metrics.failed()
         self._end_room(room, notice=RoomAbort(room=room, reason=reason) if notify_peer else ack)
         logger.warning("room %d failed: %s", room, reason)
         self.engine.fail(ctx.req, reason, 502)

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -39,11 +40,12 @@ from pdserve.common.http_timeouts import uvicorn_timeouts
 from pdserve.common.openapi import request_body
 from pdserve.common.request_body import BodyLimit
 from pdserve.common.startup import check_port_free, flag_error, run_main
+from pdserve.common.tracing import TIMING_HEADER, Tracer
 from pdserve.router.admission import Admission, AdmissionMiddleware
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
-from pdserve.router.proxy import Forwarder
+from pdserve.router.proxy import Call, Forwarder
 from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
 
 logger = logging.getLogger("pdserve.router")
@@ -72,7 +74,7 @@ def _make_policies(config: RouterConfig) -> dict[str, Policy]:
             DECODE: make_policy(config.resolved_decode_policy, config.cache_aware)}
 
 
-def _build_state(config: RouterConfig) -> RouterState:
+def _build_state(config: RouterConfig, tracer: Tracer | None = None) -> RouterState:
     timeout = httpx.Timeout(config.request_timeout_s, connect=config.health_check_timeout_s)
     # No pool cap: every streamed answer holds a connection for its whole life.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
@@ -86,7 +88,7 @@ def _build_state(config: RouterConfig) -> RouterState:
         policies[worker.role].forget(worker)
 
     workers = WorkerRegistry(config, http, on_removed=forget)
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(config.bucket_e2e_request_latency)
     # No pool cap here either; internal traffic ignores proxies from the environment.
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
@@ -94,7 +96,8 @@ def _build_state(config: RouterConfig) -> RouterState:
         auto_decompress=False,
         headers=worker_headers,
     )
-    forwarder = Forwarder(config, workers, policies, session, metrics)
+    tracer = tracer or Tracer("pdserve-router", config.otlp_traces_endpoint)
+    forwarder = Forwarder(config, workers, policies, session, metrics, tracer)
     return RouterState(config, http, session, workers, policies, forwarder, metrics)
 
 
@@ -111,6 +114,7 @@ def _api_key_guard(config: RouterConfig):
 
 def _generation_routes(api: APIRouter) -> None:
     async def generate(request: Request) -> Response:
+        received_s = time.monotonic()
         state: RouterState = request.app.state.router
         path = request.url.path
         state.metrics.requests.labels(path).inc()
@@ -120,7 +124,9 @@ def _generation_routes(api: APIRouter) -> None:
             state.metrics.errors.labels(path, str(exc.status)).inc()
             raise
         try:
-            response = await until_client_leaves(request, state.forwarder.forward(path, body))
+            want_timing = body.get("return_timing") is True or request.headers.get(TIMING_HEADER, "").lower() in ("1", "true")
+            call = Call(path, body, received_s, want_timing)
+            response = await until_client_leaves(request, state.forwarder.forward(call, request.headers))
         except APIError as exc:  # the client left: nobody reads this, but it is counted
             state.metrics.errors.labels(path, str(exc.status)).inc()
             raise
@@ -250,10 +256,11 @@ def _quiet_collector() -> None:
     gc.set_threshold(20_000, 50, 50)
 
 
-def create_app(config: RouterConfig) -> FastAPI:
+def create_app(config: RouterConfig, tracer: Tracer | None = None) -> FastAPI:
+    """``tracer``: spans go there instead of ``--otlp-traces-endpoint`` (tests)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = _build_state(config)
+        state = _build_state(config, tracer)
         app.state.router = state
         await state.workers.refresh()
         checker = asyncio.create_task(state.workers.run())
@@ -264,6 +271,7 @@ def create_app(config: RouterConfig) -> FastAPI:
             await asyncio.gather(checker, return_exceptions=True)
             await state.http.aclose()
             await state.session.close()
+            state.forwarder.shutdown_tracing()
 
     app = FastAPI(title="pdserve router", lifespan=lifespan)
     install_error_handlers(app)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pdserve.common.args import flag
 from pdserve.common.request_body import DEFAULT_MAX_REQUEST_BYTES
+from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
 
 MODES = ("auto", "pd", "colocated")
 
@@ -66,6 +67,10 @@ class RouterConfig:
         "requests that may wait for --max-concurrent-requests; more get 429"))
     queue_timeout_s: float = field(default=60.0, metadata=flag("seconds a request may wait in the queue before a 408"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
+    bucket_e2e_request_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=flag(
+        "histogram buckets of the router's request, per-worker and per-stage latencies, in seconds", nargs="+", type=float, metavar="SECONDS"))
+    otlp_traces_endpoint: str | None = field(default=None, metadata=flag(
+        "export a span per request over OTLP/HTTP here and pass its context on to the workers (default: no traces)"))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -88,6 +93,8 @@ class RouterConfig:
             raise ValueError("max_concurrent_requests must be >= 1 (or unset: no limit)")
         if self.queue_size < 0 or self.queue_timeout_s <= 0:
             raise ValueError("queue_size must be >= 0 and queue_timeout_s > 0")
+        if not self.bucket_e2e_request_latency or min(self.bucket_e2e_request_latency) <= 0:
+            raise ValueError("--bucket-e2e-request-latency needs positive bucket bounds")
 
     @property
     def resolved_worker_api_key(self) -> str | None:

@@ -8,17 +8,34 @@ workers that left.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
 from pdserve.router.workers import Worker
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, latency_buckets_s: Sequence[float] = DEFAULT_LATENCY_BUCKETS_S) -> None:
         self.registry = CollectorRegistry()
+        buckets = tuple(latency_buckets_s)
+        self.latency = Histogram(
+            "pdserve:router_request_latency_seconds", "From receiving a request to its last byte relayed, by endpoint.",
+            ["endpoint"], buckets=buckets, registry=self.registry)
+        self.worker_requests = Counter(
+            "pdserve:router_worker_requests", "Requests sent to each worker (every attempt).",
+            ["role", "url"], registry=self.registry)
+        self.worker_errors = Counter(
+            "pdserve:router_worker_errors", "Attempts that failed on each worker (unreachable, 5xx, broken stream).",
+            ["role", "url"], registry=self.registry)
+        self.worker_latency = Histogram(
+            "pdserve:router_worker_request_latency_seconds", "From sending a request to a worker to its answer's end.",
+            ["role", "url"], buckets=buckets, registry=self.registry)
+        self.stages = Histogram(
+            "pdserve:per_stage_req_latency_seconds", "Seconds a request spent in each phase of its journey (router's phase).",
+            ["stage"], buckets=buckets, registry=self.registry)
         self.requests = Counter(
             "pdserve:router_requests", "Requests received, by endpoint.",
             ["endpoint"], registry=self.registry)

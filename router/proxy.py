@@ -23,6 +23,11 @@ Upstream requests go through aiohttp, whose C parser and ``iter_any`` reads cost
 a fraction of a pure-Python client's per relayed chunk.
 
 Colocated mode is the same with no P and no PD fields.
+
+Journey: when the call asks for its timing (``"return_timing": true`` or the
+header ``X-PDServe-Timing: 1``), D gets ``return_timing`` and the seconds the
+router spent before sending it on (header ``X-PDServe-Router-S``), so D's answer
+carries the whole journey without the router parsing what it relays.
 """
 
 from __future__ import annotations
@@ -32,14 +37,17 @@ import errno
 import json
 import logging
 import secrets
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
 from fastapi.responses import Response
 from pdserve.common.errors import PREFILL_FAILED_CODE, error_body, error_code, error_response, retry_after_headers
 from pdserve.common.event_stream import EventStream, Write
+from pdserve.common.tracing import ROUTER_TIME_HEADER, Tracer
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, routing_text
@@ -49,12 +57,27 @@ from starlette.types import Receive, Scope, Send
 logger = logging.getLogger("pdserve.router.proxy")
 
 
+
+@dataclass
+class Call:
+    """One client call as the router handles it, across its attempts."""
+
+    path: str
+    body: dict
+    received_s: float  # monotonic, when the router got it
+    want_timing: bool = False
+    router_s: float = 0.0  # received -> sent to the decode (or colocated) worker, last attempt
+    span: Any = None  # the call's trace span, when tracing
+    trace_headers: dict[str, str] = field(default_factory=dict)  # its context, for the workers
+
+
 @dataclass
 class _Opened:
     """D's response, held back until it has produced its first chunk."""
 
     response: aiohttp.ClientResponse
     first_chunk: bytes
+    sent_s: float
 
 
 class _AttemptFailed(Exception):
@@ -121,15 +144,35 @@ def _encode(fields: dict) -> bytes:
 
 class Forwarder:
     def __init__(self, config: RouterConfig, workers: WorkerRegistry, policies: dict[str, Policy],
-                 session: aiohttp.ClientSession, metrics: RouterMetrics) -> None:
+                 session: aiohttp.ClientSession, metrics: RouterMetrics, tracer: Tracer | None = None) -> None:
         self._config = config
+        self._tracer = tracer or Tracer("pdserve-router")
         self._workers = workers
         self._policies = policies
         self._session = session
         self._metrics = metrics
         self._background: set[asyncio.Task] = set()
 
-    async def forward(self, path: str, body: dict) -> Response:
+    def shutdown_tracing(self) -> None:
+        self._tracer.shutdown()
+
+    async def forward(self, call: Call, headers: dict[str, str] | None = None) -> Response:
+        """``headers``: the client's, whose trace context (if any) the call's span continues."""
+        if self._tracer.enabled:
+            call.span = self._tracer.start("pdserve.router", call.received_s, headers, {"http.route": call.path})
+            call.trace_headers = self._tracer.headers(call.span)
+        try:
+            response = await self._forward(call)
+        except BaseException:
+            self._tracer.end(call.span)
+            raise
+        if not isinstance(response, _RelayResponse):  # a relay observes when it ends
+            self._metrics.latency.labels(call.path).observe(time.monotonic() - call.received_s)
+            self._tracer.end(call.span)
+        return response
+
+    async def _forward(self, call: Call) -> Response:
+        path, body = call.path, call.body
         text, excluded = routing_text(body), set()
         failure: _AttemptFailed | None = None
         attempt, num_attempts, raced = 0, self._config.max_retries + 1, False
@@ -141,10 +184,12 @@ class Forwarder:
                 self._metrics.retries.labels(path).inc()
             attempt += 1
             try:
-                return await self._attempt(path, body, *pair)
+                return await self._attempt(call, *pair)
             except _AttemptFailed as exc:
                 logger.warning("attempt %d on %s %s failed (%s)", attempt, exc.culprit.role, exc.culprit.url,
                                exc.response.status_code)
+                if exc.retryable and exc.culprit.role != PREFILL:  # P's are counted by its task
+                    self._metrics.worker_errors.labels(exc.culprit.role, exc.culprit.url).inc()
                 failure = exc
                 if not exc.retryable:
                     break
@@ -172,42 +217,56 @@ class Forwarder:
         candidates = [w for w in self._workers.healthy(role) if w not in excluded]
         return self._policies[role].select(candidates, text) if candidates else None
 
-    async def _attempt(self, path: str, body: dict, prefill: Worker | None,
-                       decode: Worker) -> Response:
-        fields = body
+    async def _attempt(self, call: Call, prefill: Worker | None, decode: Worker) -> Response:
+        path, fields, headers = call.path, call.body, {**_JSON, **call.trace_headers}
+        if call.want_timing:
+            fields = {**fields, "return_timing": True}
         if prefill is not None:
-            fields = {**body, "bootstrap_room": secrets.randbits(63),
+            fields = {**fields, "bootstrap_room": secrets.randbits(63),
                       "prefill_instance_id": prefill.instance_id}
         payload = _encode(fields)
-        prefill_task = self._start_prefill(prefill, path, payload) if prefill else None
+        prefill_task = self._start_prefill(prefill, path, payload, headers) if prefill else None
         decode.in_flight += 1
+        call.router_s = time.monotonic() - call.received_s
+        if call.want_timing:
+            headers = {**headers, ROUTER_TIME_HEADER: repr(call.router_s)}
         try:
-            opened = await self._open_decode(decode, path, payload, prefill, prefill_task)
+            opened = await self._open_decode(decode, path, payload, prefill, prefill_task, headers)
         except BaseException:
             decode.in_flight -= 1
             if prefill_task is not None:
                 prefill_task.cancel()
             raise
-        return await self._respond(opened, decode, prefill_task, path)
+        self._metrics.stages.labels("router_queue_and_pick").observe(call.router_s)
+        self._tracer.phases(call.span, {"router_queue_and_pick": call.router_s}, call.received_s + call.router_s)
+        return await self._respond(opened, decode, prefill_task, call)
 
-    def _start_prefill(self, prefill: Worker, path: str, payload: bytes) -> asyncio.Task:
+    def _start_prefill(self, prefill: Worker, path: str, payload: bytes, headers: dict[str, str]) -> asyncio.Task:
         prefill.in_flight += 1
-        task = asyncio.create_task(self._call_prefill(prefill, path, payload))
+        self._metrics.worker_requests.labels(prefill.role, prefill.url).inc()
+        sent_s = time.monotonic()
+        task = asyncio.create_task(self._call_prefill(prefill, path, payload, headers))
 
         def done(t: asyncio.Task) -> None:
             prefill.in_flight -= 1
             self._background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                logger.warning("prefill %s: %s", prefill.url, t.exception())
+            if t.cancelled():
+                return
+            self._metrics.worker_latency.labels(prefill.role, prefill.url).observe(time.monotonic() - sent_s)
+            exc = t.exception()
+            if exc is not None:
+                logger.warning("prefill %s: %s", prefill.url, exc)
+                if not isinstance(exc, _AttemptFailed) or exc.retryable:
+                    self._metrics.worker_errors.labels(prefill.role, prefill.url).inc()
 
         self._background.add(task)
         task.add_done_callback(done)
         return task
 
-    async def _call_prefill(self, prefill: Worker, path: str, payload: bytes) -> None:
+    async def _call_prefill(self, prefill: Worker, path: str, payload: bytes, headers: dict[str, str]) -> None:
         """Raises :class:`_AttemptFailed` when P fails; returns when P is done."""
         try:
-            async with self._session.post(prefill.url + path, data=payload, headers=_JSON) as response:
+            async with self._session.post(prefill.url + path, data=payload, headers=headers) as response:
                 body = await response.read()
         except UPSTREAM_ERRORS as exc:
             self._count_failure(prefill, exc)
@@ -222,8 +281,8 @@ class Forwarder:
             self._workers.mark_failed(worker, _failure_reason(exc), at_once=_is_refused(exc))
 
     async def _open_decode(self, decode: Worker, path: str, payload: bytes, prefill: Worker | None,
-                           prefill_task: asyncio.Task | None) -> _Opened:
-        decode_task = asyncio.create_task(self._open(decode, path, payload))
+                           prefill_task: asyncio.Task | None, headers: dict[str, str]) -> _Opened:
+        decode_task = asyncio.create_task(self._open(decode, path, payload, headers))
         pending = {decode_task} | ({prefill_task} if prefill_task else set())
         wait_s = self._config.first_byte_timeout_s or None
         try:
@@ -277,9 +336,11 @@ class Forwarder:
         except UPSTREAM_ERRORS:
             return False
 
-    async def _open(self, worker: Worker, path: str, payload: bytes) -> _Opened:
+    async def _open(self, worker: Worker, path: str, payload: bytes, headers: dict[str, str]) -> _Opened:
+        self._metrics.worker_requests.labels(worker.role, worker.url).inc()
+        sent_s = time.monotonic()
         try:
-            response = await self._session.post(worker.url + path, data=payload, headers=_JSON)
+            response = await self._session.post(worker.url + path, data=payload, headers=headers)
         except UPSTREAM_ERRORS as exc:
             self._count_failure(worker, exc)
             raise _upstream_error(worker, exc) from None
@@ -287,7 +348,7 @@ class Forwarder:
             if response.status >= 400:
                 body = await response.read()
                 raise _status_error(worker, response.status, body, response.headers)
-            return _Opened(response, await response.content.readany())
+            return _Opened(response, await response.content.readany(), sent_s)
         except UPSTREAM_ERRORS as exc:
             response.close()
             raise _upstream_error(worker, exc) from None
@@ -296,10 +357,10 @@ class Forwarder:
             raise
 
     async def _respond(self, opened: _Opened, decode: Worker, prefill_task: asyncio.Task | None,
-                       path: str) -> Response:
+                       call: Call) -> Response:
         content_type = opened.response.headers.get("content-type", "application/json")
         if content_type.startswith("text/event-stream"):
-            relay = _Relay(opened, decode, prefill_task, path, self._metrics)
+            relay = _Relay(opened, decode, prefill_task, call, self._metrics, self._tracer)
             return _RelayResponse(relay, status_code=opened.response.status, media_type=content_type)
         try:
             rest = await opened.response.read()
@@ -308,6 +369,7 @@ class Forwarder:
         finally:
             opened.response.close()
             decode.in_flight -= 1
+            self._metrics.worker_latency.labels(decode.role, decode.url).observe(time.monotonic() - opened.sent_s)
         return Response(content=opened.first_chunk + rest, status_code=opened.response.status,
                         media_type=content_type)
 
@@ -316,11 +378,14 @@ class _Relay:
     """D's committed SSE stream, relayed chunk by chunk; closes exactly once."""
 
     def __init__(self, opened: _Opened, decode: Worker, prefill_task: asyncio.Task | None,
-                 path: str, metrics: RouterMetrics) -> None:
+                 call: Call, metrics: RouterMetrics, tracer: Tracer) -> None:
         self._opened = opened
+        self._call = call
+        self._tracer = tracer
         self._decode = decode
         self._prefill_task = prefill_task
-        self._path = path
+        self._path = call.path
+        self._received_s = call.received_s
         self._metrics = metrics
         self._finished = False
         self._closed = False
@@ -335,6 +400,7 @@ class _Relay:
             # Bytes already reached the client: no retry, end the stream with an error event.
             logger.warning("decode %s stream broke: %r", self._decode.url, exc)
             self._metrics.errors.labels(self._path, "502").inc()
+            self._metrics.worker_errors.labels(self._decode.role, self._decode.url).inc()
             error = error_body(502, f"decode worker {self._decode.url} stream broke: {exc!r}")
             await write(b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
         finally:
@@ -347,6 +413,10 @@ class _Relay:
         # Closing (not releasing) the connection: an unfinished D sees its client go and aborts.
         self._opened.response.close()
         self._decode.in_flight -= 1
+        now = time.monotonic()
+        self._metrics.worker_latency.labels(self._decode.role, self._decode.url).observe(now - self._opened.sent_s)
+        self._metrics.latency.labels(self._path).observe(now - self._received_s)
+        self._tracer.end(self._call.span, now)
         if not self._finished and self._prefill_task is not None:
             self._prefill_task.cancel()  # the client is gone or D broke: P's work is moot
 

@@ -20,6 +20,7 @@ from pdserve.common.messages import GenerateRequest
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.startup import StartupError
+from pdserve.common.tracing import Tracer
 from pdserve.server.engine_client import EngineClient, EngineDied, EngineMain
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.routes import install_routes
@@ -98,12 +99,16 @@ def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
     tokenizer = load_tokenizer(cfg.tokenizer_path or model_dir, cfg.chat_template)
     model_name = served_model_name(cfg)
     engine = EngineClient(cfg, model_dir, engine_main, len(tokenizer))
-    state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name))
+    state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name, cfg.metrics, cfg.disaggregation_mode),
+                     tracer=Tracer(f"pdserve-{Role(cfg.disaggregation_mode).name.lower()}", cfg.metrics.otlp_traces_endpoint))
     app = build_app(state)
     timeouts = uvicorn_timeouts(cfg.http_keep_alive_timeout_s, cfg.http_read_timeout_s)
     server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5, **timeouts))
     state.server = server
-    server.run()
+    try:
+        server.run()
+    finally:
+        state.tracer.shutdown()  # exports the spans still batched
     if state.failed and state.engine_ready is None:
         raise StartupError(state.failed)  # never served: the reason is the start-up's
     return 1 if state.failed else 0

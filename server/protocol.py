@@ -34,6 +34,7 @@ class GenerationInput:
     model: str | None = None
     bootstrap_room: int | None = None
     prefill_instance_id: str | None = None
+    return_timing: bool = False  # answer with the request's journey (``timing``)
     extra: dict = field(default_factory=dict)
 
 
@@ -147,6 +148,7 @@ def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, 
         model=_get(body, "model", (str,)),
         bootstrap_room=room,
         prefill_instance_id=_get(body, "prefill_instance_id", (str,)),
+        return_timing=bool(_get(body, "return_timing", (bool,), False)),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -18,6 +19,7 @@ from pdserve.common.openapi import request_body
 from pdserve.common.request_body import BodyLimit
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tracing import ROUTER_TIME_HEADER, TIMING_HEADER
 from pdserve.server import openai_format as fmt
 from pdserve.server.engine_client import EngineUnavailable
 from pdserve.server.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
@@ -95,21 +97,25 @@ def _model_card(state: AppState) -> dict:
     }
 
 
-def _prepare(state: AppState, serving: Serving, parser, raw: bytes) -> tuple[GenerationInput, list[SubRequest]]:
+def _prepare(state: AppState, serving: Serving, parser, raw: bytes,
+             received_s: float) -> tuple[GenerationInput, list[SubRequest]]:
     """Body bytes to engine requests: parse, check, template, tokenize (CPU work only)."""
     gen = parser(parse_json_object(raw))
     _check_model(state, gen)
     _check_role(state, gen)
-    return gen, serving.build(gen)
+    return gen, serving.build(gen, received_s)
 
 
 async def _handle(request: Request, state: AppState, parser, kind: str):
+    received_s = time.monotonic()
     serving = _serving(state)
     raw = await request.body()
-    gen, subs = await serving.off_loop(len(raw), partial(_prepare, state, serving, parser, raw))
+    gen, subs = await serving.off_loop(len(raw), partial(_prepare, state, serving, parser, raw, received_s))
+    journey = _journey_maker(state, request, gen)
+    trace = _trace_maker(state, request, gen, received_s)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{subs[0].rid.split('-')[0]}"
     if state.cfg.disaggregation_mode == Role.PREFILL:
-        await until_client_leaves(request, serving.collect_all(subs))
+        trace(await until_client_leaves(request, serving.collect_all(subs)))
         return {"bootstrap_room": gen.bootstrap_room, "status": "ok"}
     if gen.stream:
         states = [ChoiceState(s.index) for s in subs]
@@ -117,20 +123,71 @@ async def _handle(request: Request, state: AppState, parser, kind: str):
         # Wait for the first delta before answering: a request the engine rejects
         # (queue full, pool too small) then gets its real status, not a 200 stream.
         first = await until_client_leaves(request, _first_event(events))
-        return EventStream(partial(_stream, state, gen, subs, states, rid, kind, first, events))
+        return EventStream(partial(_stream, state, gen, subs, states, rid, kind, first, events, journey, trace))
     start_s = time.monotonic()
     choices = await until_client_leaves(request, serving.collect_all(subs))
-    return _body(state, gen, kind, rid, choices, time.monotonic() - start_s)
+    trace(choices)
+    return _body(state, gen, kind, rid, choices, time.monotonic() - start_s, journey)
 
 
-def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: list[ChoiceState], e2e_s: float):
+def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: list[ChoiceState], e2e_s: float,
+          journey: Journey | None = None):
     want_lp = gen.params.logprobs
-    if kind == "completion":
-        return fmt.completion_body(rid, state.model_name, choices, state.tokenizer, want_lp, gen.n)
-    if kind == "chat":
-        return fmt.chat_body(rid, state.model_name, choices, state.tokenizer, want_lp, gen.n)
+    if kind in ("completion", "chat"):
+        make = fmt.completion_body if kind == "completion" else fmt.chat_body
+        body = make(rid, state.model_name, choices, state.tokenizer, want_lp, gen.n)
+        if journey is not None:
+            body["timing"] = journey(choices[0])
+        return body
     bodies = [fmt.generate_body(rid, c, e2e_s) for c in choices]
+    if journey is not None:
+        for b, c in zip(bodies, choices):
+            b["meta_info"]["timing"] = journey(c)
     return bodies[0] if len(bodies) == 1 else bodies
+
+
+# The phases of a request's journey, in the order it passes them.
+JOURNEY_PHASES = ("router_queue_and_pick", "front", "decode_wait_pages", "prefill_bootstrap", "prefill_queue",
+                  "prefill", "kv_transfer", "decode_queue", "decode")
+Journey = Callable[[ChoiceState], dict]
+
+
+def _journey_maker(state: AppState, request: Request, gen: GenerationInput) -> Journey | None:
+    """What builds a choice's ``timing``, when the call asked for it (body or header)."""
+    if not (gen.return_timing or request.headers.get(TIMING_HEADER, "").lower() in ("1", "true")):
+        return None
+    try:
+        router_s = float(request.headers.get(ROUTER_TIME_HEADER, ""))
+    except ValueError:
+        router_s = None
+    if router_s is not None and not 0 <= router_s < math.inf:  # not a router's: ignored
+        router_s = None
+
+    def journey(choice: ChoiceState) -> dict:
+        measured = dict(choice.timing or {})
+        if router_s is not None:
+            measured["router_queue_and_pick"] = router_s
+        phases = {p: measured.pop(p) for p in JOURNEY_PHASES if p in measured} | measured
+        return {"phases_s": phases, "total_s": sum(phases.values()), "instance_id": state.cfg.instance_id,
+                "prefill_instance_id": gen.prefill_instance_id}
+
+    return journey
+
+
+def _trace_maker(state: AppState, request: Request, gen: GenerationInput, received_s: float) -> Callable[[list[ChoiceState]], None]:
+    """What records the call's span (and its phases) once it is done; a no-op without tracing."""
+    if not state.tracer.enabled:
+        return lambda choices: None
+    role = Role(state.cfg.disaggregation_mode)
+    attributes = {"pdserve.instance_id": state.cfg.instance_id or "", "pdserve.role": role.name.lower(),
+                  "pdserve.bootstrap_room": gen.bootstrap_room if gen.bootstrap_room is not None else -1}
+
+    def trace(choices: list[ChoiceState]) -> None:
+        phases = {k: v for k, v in (choices[0].timing or {}).items() if k != "front"} if choices else {}
+        state.tracer.record(f"pdserve.{role.name.lower()}", received_s, time.monotonic(), phases,
+                            request.headers, attributes)
+
+    return trace
 
 
 async def _first_event(events: AsyncIterator) -> object | None:
@@ -149,13 +206,15 @@ async def _stream(
     kind: str,
     first: object | None,
     rest: AsyncIterator,
+    journey: Journey | None,
+    trace: Callable[[list[ChoiceState]], None],
     write: Callable[[bytes], Awaitable[None]],
 ) -> None:
     model = state.model_name
     if kind == "chat":
         for s in subs:
             await write(fmt.sse(fmt.chat_chunk(rid, model, s.index, None, state.tokenizer, False)))
-    event = _event_maker(state, gen, subs, states, rid, kind)
+    event = _event_maker(state, gen, subs, states, rid, kind, journey)
     try:
         if first is not None:
             await write(event(first))
@@ -163,14 +222,22 @@ async def _stream(
                 await write(event(item))
     except APIError as exc:
         await write(fmt.sse(exc.body()))
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     if gen.include_usage and kind != "generate":
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        await write(fmt.sse(fmt.usage_chunk(rid, model, obj, states, gen.n)))
+        chunk = fmt.usage_chunk(rid, model, obj, states, gen.n)
+        if journey is not None:  # the last chunk carries the journey
+            chunk["timing"] = journey(states[0])
+        await write(fmt.sse(chunk))
+    elif journey is not None and kind != "generate":
+        chunk = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
+                 "timing": journey(states[0])}
+        await write(fmt.sse(chunk))
     await write(fmt.sse("[DONE]"))
+    trace(states)
 
 
 def _event_maker(state: AppState, gen: GenerationInput, subs: list[SubRequest], states: list[ChoiceState],
-                 rid: str, kind: str) -> Callable[[object], bytes]:
+                 rid: str, kind: str, journey: Journey | None = None) -> Callable[[object], bytes]:
     """The SSE bytes of one stream item: a delta (one choice) or ``(index, delta)`` (several)."""
     want_lp, model, start_s = gen.params.logprobs, state.model_name, time.monotonic()
     plain = [fmt.TextChunks(rid, model, s.index, kind == "chat") for s in subs] if kind != "generate" and not want_lp else None
@@ -184,7 +251,10 @@ def _event_maker(state: AppState, gen: GenerationInput, subs: list[SubRequest], 
             return fmt.sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
         if kind == "completion":
             return fmt.sse(fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
-        return fmt.sse(fmt.generate_body(rid, states[i], time.monotonic() - start_s))
+        body = fmt.generate_body(rid, states[i], time.monotonic() - start_s)
+        if journey is not None and delta.finish_reason is not None:
+            body["meta_info"]["timing"] = journey(states[i])
+        return fmt.sse(body)
 
     return event
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,7 @@ class SubRequest:
     stop: tuple[str, ...]
     room: int | None
     prefill_instance_id: str | None
+    received_s: float = 0.0  # when the HTTP front got the call (monotonic)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,13 @@ class ModelLimits:
     context_len: int
     vocab_size: int
     max_total_tokens: int
+
+
+def _with_front(engine_phases_s: dict[str, float], received_s: float) -> dict[str, float]:
+    """The engine's phases plus the front's own time: the call's time here so
+    far (tokenizing, the pipe, detokenizing) less what the engine accounted for."""
+    spent_s = time.monotonic() - received_s
+    return {**engine_phases_s, "front": max(spent_s - sum(engine_phases_s.values()), 0.0)}
 
 
 class Serving:
@@ -83,8 +92,9 @@ class Serving:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     # ---- request building --------------------------------------------------------
-    def build(self, gen: GenerationInput) -> list[SubRequest]:
+    def build(self, gen: GenerationInput, received_s: float | None = None) -> list[SubRequest]:
         base = uuid.uuid4().hex
+        received_s = time.monotonic() if received_s is None else received_s
         subs = []
         for p_idx, prompt in enumerate(gen.prompts):
             ids, params = self._tokenize(prompt, gen.params)
@@ -93,7 +103,7 @@ class Serving:
                 # Every sub-request needs its own room; both PD sides derive the same ones.
                 room = None if gen.bootstrap_room is None else (gen.bootstrap_room + index) % ROOM_SPACE
                 sub_params = params if params.seed is None or gen.n == 1 else replace(params, seed=_sample_seed(params.seed, j))
-                subs.append(SubRequest(index, f"{base}-{index}", ids, sub_params, gen.stop, room, gen.prefill_instance_id))
+                subs.append(SubRequest(index, f"{base}-{index}", ids, sub_params, gen.stop, room, gen.prefill_instance_id, received_s))
         return subs
 
     def _bounded_text(self, text: str, param: str) -> str:
@@ -186,6 +196,8 @@ class Serving:
                     raise APIError(last.error_status or 500, last.error, code=last.error_code)
                 delta = text.feed(updates)
                 apply_delta(state, delta, updates)
+                if state.timing is not None and "front" not in state.timing:
+                    state.timing = _with_front(state.timing, sub.received_s)
                 timer.tokens(len(delta.token_ids), state.cached_tokens)
                 # A stop string may end the stream before the engine does; then
                 # leaving aborts the engine request (below).
@@ -197,7 +209,7 @@ class Serving:
             raise APIError(503, str(exc)) from exc
         finally:
             self.engine.close(req.rid, abort=not finished)
-            timer.finish(state.finish_reason)
+            timer.finish(state.finish_reason, state.timing)
 
     async def collect(self, sub: SubRequest) -> ChoiceState:
         state = ChoiceState(sub.index)

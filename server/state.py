@@ -9,6 +9,7 @@ import uvicorn
 from pdserve.common.auth import redacted
 from pdserve.common.config import ServerConfig
 from pdserve.common.messages import EngineReady
+from pdserve.common.tracing import Tracer
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.serving import Serving
@@ -27,6 +28,7 @@ class AppState:
     failed: str | None = None
     engine_ready: EngineReady | None = None
     server: uvicorn.Server | None = None
+    tracer: Tracer = dataclasses.field(default_factory=lambda: Tracer("pdserve"))  # disabled unless configured
 
     def server_info(self) -> dict:
         ready = dataclasses.asdict(self.engine_ready) if self.engine_ready else {}

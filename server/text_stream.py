@@ -35,6 +35,8 @@ class ChoiceState:
     matched_stop: int | str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    # The engine's phases once finished, then the front's own (``Serving.stream``).
+    timing: dict[str, float] | None = None
 
 
 class TextStream:
@@ -113,5 +115,7 @@ def apply_delta(state: ChoiceState, delta: TextDelta, updates: list[Update]) -> 
         if isinstance(update, TokenOutput):
             state.prompt_tokens = update.prompt_tokens or state.prompt_tokens
             state.cached_tokens = update.cached_tokens or state.cached_tokens
+            if update.timing is not None:
+                state.timing = update.timing
     if delta.finish_reason is not None:
         state.finish_reason, state.matched_stop = delta.finish_reason, delta.matched_stop

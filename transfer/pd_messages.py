@@ -15,7 +15,7 @@ hand over the first token, and end rooms early. Lifecycle of a room:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.common.codec import message
 
@@ -46,6 +46,9 @@ class PrefillDone:
     logprob: float | None = None
     top_logprobs: list[list[float]] | None = None  # [[token_id, logprob], ...]
     cached_tokens: int = 0
+    # Seconds the room spent in each phase on P (prefill_bootstrap, prefill_queue,
+    # prefill): D adds them to the request's journey.
+    stages_s: dict[str, float] = field(default_factory=dict)
 
 
 @message

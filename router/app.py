@@ -172,7 +172,8 @@ async def _health_generate(state: RouterState) -> Response:
     """One token generated through a prefill/decode pair (or a colocated worker)."""
     body = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}, "stream": False}
     try:
-        response = await asyncio.wait_for(state.forwarder.forward("/generate", body), HEALTH_GENERATE_TIMEOUT_S)
+        call = Call("/generate", body, time.monotonic())
+        response = await asyncio.wait_for(state.forwarder.forward(call), HEALTH_GENERATE_TIMEOUT_S)
     except asyncio.TimeoutError:
         return error_response(503, f"generation check failed: no answer within {HEALTH_GENERATE_TIMEOUT_S:.0f}s")
     if response.status_code != 200:

@@ -8,6 +8,7 @@ only. ``None`` means "resolve automatically" and is resolved at parse time
 
 from __future__ import annotations
 
+import socket
 import uuid
 from dataclasses import dataclass, field, replace
 
@@ -23,7 +24,13 @@ class ServerConfig:
     load_format: str = field(default="auto", metadata=_flag("auto: safetensors weights; dummy: random weights", choices=("auto", "dummy")))
     dtype: str = field(default="auto", metadata=_flag("weight/activation dtype", choices=("auto", "bfloat16", "float16", "float32")))
     device: str = field(default="auto", metadata=_flag("auto picks cuda when available", choices=("auto", "cpu", "cuda")))
-    base_gpu_id: int = field(default=0, metadata=_flag("CUDA device index to use"))
+    base_gpu_id: int = field(default=0, metadata=_flag("CUDA device index of rank 0"))
+    # Tensor parallelism: one engine process per rank (see docs/architecture.md).
+    tp_size: int = field(default=1, metadata=_flag("tensor parallel ranks of this instance", aliases=("--tp",)))
+    gpu_id_step: int = field(default=1, metadata=_flag("rank r uses GPU base-gpu-id + r * gpu-id-step"))
+    nccl_port: int | None = field(default=None, metadata=_flag("port of the ranks' rendezvous (default: a free port)"))
+    dist_init_addr: str | None = field(default=None, metadata=_flag("host:port of the ranks' rendezvous (default: 127.0.0.1:--nccl-port)"))
+    dist_timeout_s: float = field(default=60.0, metadata=_flag("seconds a collective waits for a peer rank before the instance fails"))
     served_model_name: str | None = field(default=None, metadata=_flag("model name in the API (default: model path)"))
     context_length: int | None = field(default=None, metadata=_flag("max tokens per request (default: model's max_position_embeddings)"))
     random_seed: int = field(default=0, metadata=_flag("seed for unseeded sampling and dummy weights"))
@@ -81,9 +88,13 @@ class ServerConfig:
             updates["instance_id"] = f"{self.disaggregation_mode}-{uuid.uuid4().hex[:12]}"
         if self.disaggregation_control_host is None:
             updates["disaggregation_control_host"] = self.host
+        if self.tp_size > 1 and self.dist_init_addr is None and self.nccl_port is None:
+            updates["nccl_port"] = _free_port()
         return replace(self, **updates) if updates else self
 
     def validate(self) -> None:
+        if self.tp_size < 1 or self.gpu_id_step < 1:
+            raise ValueError("--tp-size and --gpu-id-step must be >= 1")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
         if Role(self.disaggregation_mode).is_pd and not self.disaggregation_bootstrap_url:
@@ -94,6 +105,17 @@ class ServerConfig:
             raise ValueError("--chunked-prefill-size must be positive or -1")
         if self.disaggregation_poll_interval_ms is not None and self.disaggregation_poll_interval_ms <= 0:
             raise ValueError("--disaggregation-poll-interval-ms must be positive")
+
+
+def rendezvous_address(cfg: ServerConfig) -> str:
+    """``host:port`` where the ranks of one instance meet."""
+    return cfg.dist_init_addr or f"127.0.0.1:{cfg.nccl_port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def served_model_name(cfg: ServerConfig) -> str:

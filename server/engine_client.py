@@ -34,9 +34,10 @@ from pdserve.common.messages import (
 )
 
 # The engine process's entry point: (config, model directory, its end of the pipe,
-# number of tokens the tokenizer can print). The CLI passes it in, so the front
-# never imports the engine.
-EngineMain = Callable[[ServerConfig, str, Connection, "int | None"], None]
+# number of tokens the tokenizer can print[, rank, links to the other ranks]).
+# The CLI passes it in, so the front never imports the engine. Under tensor
+# parallelism the same entry point runs every rank (engine/tp.py).
+EngineMain = Callable[..., None]
 
 logger = logging.getLogger("pdserve.server")
 
@@ -132,7 +133,9 @@ class EngineClient:
     def __init__(self, cfg: ServerConfig, model_dir: str, engine_main: EngineMain, num_text_tokens: int | None = None):
         ctx = mp.get_context("spawn")
         self._conn, self._child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=engine_main, args=(cfg, model_dir, self._child_conn, num_text_tokens), name="pdserve-engine", daemon=True)
+        links, self.rank_processes, self._rank_ends = self._rank_pipes(ctx, cfg, model_dir, engine_main)
+        args = (cfg, model_dir, self._child_conn, num_text_tokens) + ((0, links) if links else ())
+        self.process = ctx.Process(target=engine_main, args=args, name="pdserve-engine", daemon=True)
         self.ready: EngineReady | None = None
         self._boxes: dict[str, Mailbox] = {}
         self._control: dict[int, asyncio.Future] = {}
@@ -140,16 +143,36 @@ class EngineClient:
         self._transport: asyncio.Transport | None = None
         self.dead = False
 
+    @staticmethod
+    def _rank_pipes(ctx, cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> tuple[list, list, list]:
+        """Ranks 1..N-1 of a tensor-parallel instance: rank 0's (step pipe,
+        liveness pipe) per follower, the follower processes, and every pipe end
+        this process must close once they started (so only the ranks hold them)."""
+        links, processes, ends = [], [], []
+        for rank in range(1, cfg.tp_size):
+            lead, follower = ctx.Pipe(duplex=True)
+            alive_read, alive_write = ctx.Pipe(duplex=False)
+            links.append((lead, alive_read))
+            processes.append(ctx.Process(target=engine_main, args=(cfg, model_dir, follower, None, rank, (alive_write,)),
+                                         name=f"pdserve-engine-rank{rank}", daemon=True))
+            ends += [lead, follower, alive_read, alive_write]
+        return links, processes, ends
+
     def start(self, timeout_s: float) -> EngineReady:
         """Start the engine and block until it is ready; raise if it fails."""
         self.process.start()
+        for proc in self.rank_processes:
+            proc.start()
         # Only the engine may hold its end: then closing ours is an EOF it sees at once.
         self._child_conn.close()
+        for end in self._rank_ends:
+            end.close()
         if not self._conn.poll(timeout_s):
-            self.process.kill()
+            self._kill_all()
             raise EngineDied(f"engine did not start within {timeout_s:.0f}s")
         msg = codec.decode(self._conn.recv_bytes())
         if isinstance(msg, EngineFailed):
+            self._kill_all()
             raise EngineDied(msg.error)
         assert isinstance(msg, EngineReady)
         self.ready = msg
@@ -271,5 +294,13 @@ class EngineClient:
         if self.process.pid is None:  # the server failed before the engine was started
             return
         self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        """Rank 0, then the other ranks (they exit by themselves once rank 0 is
+        gone; this is for one stuck in a step)."""
+        for proc in [self.process, *self.rank_processes]:
+            if proc.pid is not None and proc.is_alive():
+                proc.join(timeout=1 if proc is not self.process else 0)
+                if proc.is_alive():
+                    proc.kill()

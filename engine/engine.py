@@ -27,9 +27,10 @@ from pdserve.common.messages import (
     TokenBatch,
     TokenOutput,
 )
+from pdserve.common.roles import Role
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req
-from pdserve.engine.role import create_role
+from pdserve.engine.role import RANK_TRANSFER, create_role
 from pdserve.engine.sampler import Sampler, SampleResult
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.tp import Followers, RankLink, follow
@@ -452,7 +453,9 @@ def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_to
 
 def create_rank_transfer(cfg: ServerConfig, runner: ModelRunner, rank: int):
     """A follower's part of the KV transfer in a PD role; None when colocated."""
-    return None
+    if not Role(cfg.disaggregation_mode).is_pd:
+        return None
+    return RANK_TRANSFER.get("pd")(cfg, runner.pool.buffer, runner.layout, rank)
 
 
 def _follower_main(cfg: ServerConfig, model_dir: str, conn: Connection, rank: int) -> None:

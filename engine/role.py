@@ -93,3 +93,9 @@ ROLES: Registry[type[EngineRole]] = Registry("disaggregation mode", {
 
 def create_role(mode: str, engine: EngineHandle) -> EngineRole:
     return ROLES.get(mode)(engine)
+
+# A follower rank's part of the KV transfer (tensor parallelism, engine/tp.py):
+# built from (config, KV buffer, KV layout, rank); lazy, like the PD roles.
+RANK_TRANSFER: Registry = Registry("rank transfer", {
+    "pd": "pdserve.transfer.tp:follower_transfer",
+})

@@ -64,7 +64,7 @@ class PrefillRole(EngineRole):
         self.page_size = cfg.page_size
         self.timeout_s = cfg.disaggregation_timeout_s
         self.control = ControlServer(cfg.disaggregation_control_host, cfg.disaggregation_control_port)
-        self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address)
+        self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address, followers=getattr(engine, "followers", None))
         self.agent = self.endpoint.agent
         self.instance_id = self.endpoint.instance_id
         self.waiting_reqs: dict[int, tuple[Req, float]] = {}  # room -> (request, deadline)

@@ -21,7 +21,8 @@ import threading
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
 from pdserve.common.config import ServerConfig, served_model_name
-from pdserve.transfer.base import KVMemory, TransferConfig, create_transfer_agent
+from pdserve.transfer.base import KVMemory
+from pdserve.transfer.tp import TPAgent, transfer_config
 
 logger = logging.getLogger("pdserve.pd")
 
@@ -34,17 +35,12 @@ def advertised_host(host: str) -> str:
 
 
 class PDEndpoint:
-    def __init__(self, cfg: ServerConfig, memory: KVMemory, control_address: str):
+    def __init__(self, cfg: ServerConfig, memory: KVMemory, control_address: str, followers=None):
         self.cfg = cfg
         self.instance_id: str = cfg.instance_id  # resolved at parse time
-        transfer_cfg = TransferConfig(
-            backend=cfg.disaggregation_transfer_backend,
-            instance_name=self.instance_id,
-            host=advertised_host(cfg.disaggregation_control_host or cfg.host),
-            ib_device=cfg.disaggregation_ib_device,
-            timeout_s=cfg.disaggregation_timeout_s,
-        )
-        self.agent = create_transfer_agent(transfer_cfg, memory)
+        transfer_cfg = transfer_config(cfg, 0, advertised_host(cfg.disaggregation_control_host or cfg.host))
+        # Every rank's agent behind one (transfer/tp.py); ``followers``: ranks 1.. (engine/tp.py).
+        self.agent = TPAgent(transfer_cfg, memory, followers, cfg.dist_timeout_s)
         self.retiring_peers: set[str] = set()
         self.peer_info = self.agent.peer_info()
         self.bootstrap = BootstrapClient(cfg.disaggregation_bootstrap_url)

@@ -21,7 +21,7 @@ from pdserve.common.roles import Role
 # agent metadata (transfer/messages.py) and the page layout. Bump it when any
 # of them changes shape or meaning; the bootstrap service refuses to let two
 # versions pair, naming both.
-PD_PROTOCOL_VERSION = 2
+PD_PROTOCOL_VERSION = 3
 
 _STR_FIELDS = ("instance_id", "role", "http_url", "control_address", "transfer_backend",
                "peer_info", "model")

@@ -91,6 +91,11 @@ class Followers:
     def send_step(self, batch: ScheduledBatch) -> None:
         self.broadcast(step_of(batch))
 
+    def call(self, method: str, args: list, reply: bool = False) -> None:
+        """Have every follower call ``method(*args)`` on its part of the KV
+        transfer (``reply``: each answers; read the answers with ``gather``)."""
+        self.broadcast(RankCall(method=method, args=args, reply=reply))
+
     def broadcast(self, msg: object) -> None:
         data = codec.encode(msg)
         for link in self.links:

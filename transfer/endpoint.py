@@ -15,23 +15,15 @@ leaves the agent (``remove_peer``) only once none of its rooms is left.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
 from pdserve.common.config import ServerConfig, served_model_name
 from pdserve.transfer.base import KVMemory
-from pdserve.transfer.tp import TPAgent, transfer_config
+from pdserve.transfer.tp import TPAgent, advertised_host, transfer_config
 
 logger = logging.getLogger("pdserve.pd")
-
-
-def advertised_host(host: str) -> str:
-    """A wildcard bind address is no address to give peers."""
-    if host in ("0.0.0.0", "::", ""):
-        return socket.gethostbyname(socket.gethostname())
-    return host
 
 
 class PDEndpoint:

@@ -8,8 +8,8 @@ turns each room into a part per (P rank, D rank) pair that shares KV heads
 page into the D rank's pages (``descriptors.py``), under a room id of its own
 (:func:`pair_room`), so the backends and their notices work as at TP 1.
 
-Rank 0 drives the other ranks' parts with :class:`~pdserve.engine.tp.RankCall`
-messages on the pipe that carries the steps; ``progress`` gathers each rank's
+Rank 0 drives the other ranks' parts through its followers' handle (``call``:
+``RankCall`` messages on the pipe that carries the steps, engine/tp.py); ``progress`` gathers each rank's
 room states, and a room's state is the sum of its parts: FAILED if one
 failed, SUCCESS once all succeeded, quiescent once all are. At TP 1 the
 bundle holds one agent, the one pair is (0, 0) and its room is the room
@@ -19,6 +19,7 @@ itself, so nothing changes on the wire.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 
 from pdserve.common.codec import decode, encode, message
@@ -46,6 +47,13 @@ class TPAgentInfo:
     """Every rank's agent info (``AgentInfo`` bytes), rank 0 first."""
 
     ranks: list[bytes] = field(default_factory=list)
+
+
+def advertised_host(host: str) -> str:
+    """A wildcard bind address is no address to give peers."""
+    if host in ("0.0.0.0", "::", ""):
+        return socket.gethostbyname(socket.gethostname())
+    return host
 
 
 def transfer_config(cfg: ServerConfig, rank: int, host: str) -> TransferConfig:
@@ -172,8 +180,6 @@ class RankTransfer:
 
 def follower_transfer(cfg: ServerConfig, buffer, layout: KVLayout, rank: int) -> RankTransfer:
     """A follower rank's part of its instance's KV transfer."""
-    from pdserve.transfer.endpoint import advertised_host
-
     host = advertised_host(cfg.disaggregation_control_host or cfg.host)
     return RankTransfer(transfer_config(cfg, rank, host), KVMemory.from_tensor(buffer, layout), rank)
 
@@ -277,15 +283,11 @@ class TPAgent:
     # ---- calls on every rank ----
     def call(self, method: str, *args: object) -> None:
         if self.followers:
-            from pdserve.engine.tp import RankCall
-
-            self.followers.broadcast(RankCall(method=method, args=list(args)))
+            self.followers.call(method, list(args))
         getattr(self.local, method)(*args)
 
     def call_followers(self, method: str, *args: object) -> list:
-        from pdserve.engine.tp import RankCall
-
-        self.followers.broadcast(RankCall(method=method, args=list(args), reply=True))
+        self.followers.call(method, list(args), reply=True)
         return self.followers.gather(self.timeout_s)
 
     def _call_all(self, method: str, *args: object) -> list:

@@ -89,3 +89,28 @@ def test_layout_check_compares_model_heads_not_tp() -> None:
     assert problem is not None and "num_kv_heads: prefill=4 vs decode=8" in problem
     wider = KVLayout(LAYERS, 6, PAGE, 2, DIM + 1, "float32", head_start=0, total_kv_heads=4)
     assert "head_dim: prefill=3 vs decode=4" in p_rank.mismatch(wider, "prefill", "decode")
+
+
+def test_up_places_ranks_on_gpu_groups() -> None:
+    from pdserve.launcher import Cluster, ClusterError, parse_args
+
+    config, _ = parse_args(["--num-prefill", "1", "--num-decode", "2", "--gpu-ids", "0,1", "2", "4,6"])
+    cluster = Cluster(config)
+    argvs = [cluster._serve_argv(role, config.base_port + i, index)
+             for i, (role, index) in enumerate([("prefill", 0), ("decode", 0), ("decode", 1)])]
+
+    def flags(argv: list[str]) -> dict[str, str]:
+        return {f: argv[argv.index(f) + 1] for f in ("--base-gpu-id", "--gpu-id-step", "--tp-size") if f in argv}
+
+    assert [flags(a) for a in argvs] == [
+        {"--base-gpu-id": "0", "--gpu-id-step": "1", "--tp-size": "2"},
+        {"--base-gpu-id": "2"},
+        {"--base-gpu-id": "4", "--gpu-id-step": "2", "--tp-size": "2"},
+    ]
+    cpu, _ = parse_args(["--num-prefill", "1", "--num-decode", "1", "--prefill-tp-size", "4", "--decode-tp-size", "2"])
+    cpu_cluster = Cluster(cpu)
+    assert flags(cpu_cluster._serve_argv("prefill", cpu.base_port, 0)) == {"--tp-size": "4"}
+    assert flags(cpu_cluster._serve_argv("decode", cpu.base_port + 1, 0)) == {"--tp-size": "2"}
+    uneven, _ = parse_args(["--num-prefill", "1", "--num-decode", "1", "--gpu-ids", "0,1,3"])
+    with pytest.raises(ClusterError, match="evenly spaced"):
+        Cluster(uneven)._serve_argv("prefill", uneven.base_port, 0)

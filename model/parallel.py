@@ -29,9 +29,10 @@ logger = logging.getLogger("pdserve.parallel")
 class TPGroup:
     """This process's place among its instance's ranks, and their collectives."""
 
-    def __init__(self, rank: int = 0, size: int = 1):
+    def __init__(self, rank: int = 0, size: int = 1, device: torch.device | None = None):
         self.rank = rank
         self.size = size
+        self.device = device or torch.device("cpu")  # NCCL reduces device tensors only
 
     @classmethod
     def init(cls, rank: int, size: int, address: str, device: torch.device, timeout_s: float) -> TPGroup:
@@ -43,7 +44,7 @@ class TPGroup:
         dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=size,
                                 timeout=timedelta(seconds=timeout_s))
         logger.info("rank %d of %d joined the %s group at %s", rank, size, backend, address)
-        return cls(rank, size)
+        return cls(rank, size, device)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -57,7 +58,7 @@ class TPGroup:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 

@@ -64,7 +64,13 @@ def _start(tmp, prefill_tp: tuple[int, ...], decode_tp: tuple[int, ...], backend
     # The router is healthy once one instance of each role is; the test needs every one.
     urls = cluster.instance_urls("prefill") + cluster.instance_urls("decode")
     wait_until(lambda: all(_healthy(u) for u in urls), 300, 0.5, lambda: "not every instance became healthy")
+    wait_until(lambda: _router_sees_all(cluster, len(urls)), 60, 0.2, lambda: "the router never saw every worker healthy")
     return cluster
+
+
+def _router_sees_all(cluster: Cluster, count: int) -> bool:
+    workers = httpx.get(f"{cluster.router_url}/workers", timeout=10, trust_env=False).json()
+    return sum(w["healthy"] for w in workers) == count
 
 
 @pytest.fixture(scope="module")

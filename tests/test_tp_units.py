@@ -114,3 +114,38 @@ def test_up_places_ranks_on_gpu_groups() -> None:
     uneven, _ = parse_args(["--num-prefill", "1", "--num-decode", "1", "--gpu-ids", "0,1,3"])
     with pytest.raises(ClusterError, match="evenly spaced"):
         Cluster(uneven)._serve_argv("prefill", uneven.base_port, 0)
+
+
+class _Part:
+    def __init__(self, state, quiet=True):
+        self.state, self.failure, self.quiet = state, None, quiet
+
+    def poll(self, progress=True):
+        return self.state
+
+    def quiescent(self):
+        return self.quiet
+
+
+class _Agent:
+    def progress(self):
+        pass
+
+
+def test_rank_room_is_done_only_when_every_part_is() -> None:
+    """A decode rank fed by two prefill ranks: one part landed is not the room landed."""
+    from pdserve.transfer.base import RoomState
+    from pdserve.transfer.tp import RankTransfer
+
+    rank = RankTransfer.__new__(RankTransfer)
+    rank.rank, rank.agent, rank.failed = 0, _Agent(), {}
+    first, second = _Part(RoomState.SUCCESS), _Part(RoomState.WAITING_FOR_INPUT)
+    rank.rooms = {7: [first, second]}
+    assert rank.progress()[7][0] == RoomState.TRANSFERRING
+    second.state = RoomState.SUCCESS
+    assert rank.progress()[7] == [RoomState.SUCCESS, None, True]
+    assert 7 not in rank.rooms  # reported over and quiet once, then forgotten
+    failing = _Part(RoomState.FAILED)
+    failing.failure = "peer aborted"
+    rank.rooms = {8: [_Part(RoomState.SUCCESS), failing]}
+    assert rank.progress()[8][:2] == [RoomState.FAILED, "peer aborted"]

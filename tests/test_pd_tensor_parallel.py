@@ -1,11 +1,12 @@
 """PD with different tensor-parallel sizes on the two sides, through the router.
 
-Built-in ``small`` model (4 KV heads), NIXL (and UCX for 2 -> 1, 2 -> 4) on
-DRAM, ranks under gloo. Two cluster shapes cover the four pairs: prefill TP (1, 4) -> decode TP 2 gives 1->2 and
-4->2, prefill TP 2 -> decode TP (1, 4) gives 2->1 and 2->4 (round robin sends
-requests to each instance in turn). Outputs must equal the colocated TP-1
-answer (transformers' greedy continuation, which colocated TP 1 reproduces in
-test_server_generation), and no instance may hold a page afterwards.
+Built-in ``small`` model (4 KV heads), NIXL and UCX on DRAM, ranks under
+gloo. Two cluster shapes cover the four pairs on each backend: prefill TP
+(1, 4) -> decode TP 2 gives 1->2 and 4->2, prefill TP 2 -> decode TP (1, 4)
+gives 2->1 and 2->4 (round robin sends requests to each instance in turn).
+Outputs must equal the colocated TP-1 answer (transformers' greedy
+continuation, which colocated TP 1 reproduces in test_server_generation), one
+at a time and all at once, and no instance may hold a page afterwards.
 
 A decode instance whose rank 1 is killed mid-stream goes down cleanly: every
 stream ends with an error within the timeout, ``/health`` says 503, and the
@@ -35,7 +36,7 @@ SERVE_ARGS = ("--device", "cpu", "--page-size", "4", "--chunked-prefill-size", "
 PROMPT_LENGTHS = (3, 9, 17, 40)
 MAX_NEW = 6
 SHAPES = {"p1,4-d2": ((1, 4), (2,)), "p2-d1,4": ((2,), (1, 4))}
-CLUSTERS = [("nixl", "p1,4-d2"), ("nixl", "p2-d1,4"), ("ucx", "p2-d1,4")]  # (backend, shape)
+CLUSTERS = [(b, s) for b in ("nixl", "ucx") for s in sorted(SHAPES)]  # (backend, shape)
 
 
 def _info(url: str) -> dict:

@@ -84,9 +84,16 @@ class ClusterConfig:
         "the secret of the bootstrap service (visible in `ps`: prefer --cluster-secret-file or "
         "$PDSERVE_CLUSTER_SECRET)"))
     cluster_secret_file: str | None = field(default=None, metadata=flag("file holding the cluster secret"))
-    gpu_ids: tuple[int, ...] = field(default=(), metadata=flag(
-        "one GPU per instance, in launch order (prefill, decode, colocated), reused cyclically; "
-        "none given leaves the device alone", type=int, nargs="+"))
+    gpu_ids: tuple[str, ...] = field(default=(), metadata=flag(
+        "GPUs of each instance, in launch order (prefill, decode, colocated), reused cyclically: "
+        "'0' is one GPU, '0,1' two ranks of one tensor-parallel instance (evenly spaced ids); "
+        "none given leaves the device alone", nargs="+"))
+    prefill_tp_size: tuple[int, ...] = field(default=(), metadata=flag(
+        "tensor-parallel ranks of each prefill instance, reused cyclically (default: from --gpu-ids, else 1)",
+        type=int, nargs="+"))
+    decode_tp_size: tuple[int, ...] = field(default=(), metadata=flag(
+        "tensor-parallel ranks of each decode instance, reused cyclically (default: from --gpu-ids, else 1)",
+        type=int, nargs="+"))
 
     def __post_init__(self) -> None:
         pd_default = 0 if self.num_colocated else 1
@@ -214,7 +221,7 @@ class Cluster:
             self._wait_healthy(self.bootstrap_url, deadline, stop_event)
             for i, role in enumerate(self._roles):
                 index = self._roles[:i].count(role)
-                self._spawn(f"{role}-{index}", self._serve_argv(role, cfg.base_port + i))
+                self._spawn(f"{role}-{index}", self._serve_argv(role, cfg.base_port + i, index))
             self._spawn("router", self._router_argv())
             self._wait_healthy(self.router_url, deadline, stop_event)
             # The router is healthy once each role has one healthy worker; the
@@ -238,19 +245,30 @@ class Cluster:
         except StartupError as exc:
             raise ClusterError(str(exc)) from None
 
-    def _serve_argv(self, role: Role, port: int) -> list[str]:
+    def _serve_argv(self, role: Role, port: int, index: int = 0) -> list[str]:
         cfg = self.config
         command = list(cfg.serve_command) if cfg.serve_command else _pdserve_command("serve")
         return command + [
             "--model-path", cfg.model_path, "--host", cfg.host, "--port", str(port),
             "--disaggregation-mode", Role(role).value, "--disaggregation-bootstrap-url", self.bootstrap_url,
-            "--disaggregation-transfer-backend", cfg.transfer_backend, *self._gpu_args(port), *cfg.serve_args]
+            "--disaggregation-transfer-backend", cfg.transfer_backend, *self._gpu_args(port, role, index),
+            *cfg.serve_args]
 
-    def _gpu_args(self, port: int) -> list[str]:
-        if not self.config.gpu_ids:
-            return []
-        index = port - self.config.base_port
-        return ["--base-gpu-id", str(self.config.gpu_ids[index % len(self.config.gpu_ids)])]
+    def _gpu_args(self, port: int, role: Role = Role.COLOCATED, index: int = 0) -> list[str]:
+        """``--base-gpu-id``/``--gpu-id-step``/``--tp-size`` of one instance."""
+        cfg = self.config
+        sizes = {Role.PREFILL: cfg.prefill_tp_size, Role.DECODE: cfg.decode_tp_size}.get(Role(role), ())
+        tp = sizes[index % len(sizes)] if sizes else None
+        if not cfg.gpu_ids:
+            return ["--tp-size", str(tp)] if tp else []
+        group = [int(g) for g in cfg.gpu_ids[(port - cfg.base_port) % len(cfg.gpu_ids)].split(",")]
+        steps = {b - a for a, b in zip(group, group[1:])}
+        if len(steps) > 1 or (steps and min(steps) < 1) or (tp and tp != len(group)):
+            raise ClusterError(f"GPUs {group} are not {tp or len(group)} evenly spaced ascending ids")
+        args = ["--base-gpu-id", str(group[0])]
+        if len(group) > 1:
+            args += ["--gpu-id-step", str(steps.pop()), "--tp-size", str(len(group))]
+        return args
 
     def _router_argv(self) -> list[str]:
         cfg = self.config

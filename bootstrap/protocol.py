@@ -21,7 +21,8 @@ from pdserve.common.roles import Role
 # agent metadata (transfer/messages.py) and the page layout. Bump it when any
 # of them changes shape or meaning; the bootstrap service refuses to let two
 # versions pair, naming both. 3: instance epochs (``epoch`` here, ``PeerHello``
-# and ``KVPagesRequest.prefill_epoch`` on the control channel).
+# and ``KVPagesRequest.prefill_epoch`` on the control channel), and KV layouts
+# that say which heads a rank holds (a room moves one part per pair of ranks).
 PD_PROTOCOL_VERSION = 3
 
 # The header that carries a registrant's token (drawn once per process) on

@@ -71,10 +71,11 @@ def add_dataclass_args(
             add_dataclass_args(parser, hints[f.name], choices, skip)
             continue
         flag_name = str(meta.pop("flag", "--" + f.name.replace("_", "-")))
+        names = (flag_name, *meta.pop("aliases", ()))
         help_text = str(meta.pop("help", ""))
         default = f.default
         if hints[f.name] is bool:
-            parser.add_argument(flag_name, dest=f.name, action="store_true", default=default,
+            parser.add_argument(*names, dest=f.name, action="store_true", default=default,
                                 help=_help(help_text, default))
             continue
         # "extend" would append to the default: it starts empty (None) and
@@ -85,7 +86,7 @@ def add_dataclass_args(
         kwargs.update(meta)
         if choices and f.name in choices:
             kwargs["choices"] = tuple(choices[f.name])
-        parser.add_argument(flag_name, **kwargs)
+        parser.add_argument(*names, **kwargs)
 
 
 def config_from_args(cls: type[_C], ns: argparse.Namespace) -> _C:

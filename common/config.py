@@ -8,6 +8,7 @@ only. ``None`` means "resolve automatically" and is resolved at parse time
 
 from __future__ import annotations
 
+import socket
 import uuid
 from dataclasses import dataclass, field, fields, replace
 
@@ -52,7 +53,13 @@ class ServerConfig:
     load_format: str = field(default="auto", metadata=_flag("auto: safetensors weights; dummy: random weights", choices=("auto", "dummy")))
     dtype: str = field(default="auto", metadata=_flag("weight/activation dtype", choices=("auto", "bfloat16", "float16", "float32")))
     device: str = field(default="auto", metadata=_flag("auto picks cuda when available", choices=("auto", "cpu", "cuda")))
-    base_gpu_id: int = field(default=0, metadata=_flag("CUDA device index to use"))
+    base_gpu_id: int = field(default=0, metadata=_flag("CUDA device index of rank 0"))
+    # Tensor parallelism: one engine process per rank (see docs/architecture.md).
+    tp_size: int = field(default=1, metadata=_flag("tensor parallel ranks of this instance", aliases=("--tp",)))
+    gpu_id_step: int = field(default=1, metadata=_flag("rank r uses GPU base-gpu-id + r * gpu-id-step"))
+    nccl_port: int | None = field(default=None, metadata=_flag("port of the ranks' rendezvous (default: a free port)"))
+    dist_init_addr: str | None = field(default=None, metadata=_flag("host:port of the ranks' rendezvous (default: 127.0.0.1:--nccl-port)"))
+    dist_timeout_s: float = field(default=60.0, metadata=_flag("seconds a collective waits for a peer rank before the instance fails"))
     served_model_name: str | None = field(default=None, metadata=_flag("model name in the API (default: model path)"))
     context_length: int | None = field(default=None, metadata=_flag("max tokens per request (default: model's max_position_embeddings)"))
     random_seed: int = field(default=0, metadata=_flag("seed for unseeded sampling and dummy weights"))
@@ -128,9 +135,13 @@ class ServerConfig:
             updates["api_key"] = env.API_KEY.get()
         updates["cluster_secret"] = read_secret(
             self.cluster_secret, self.cluster_secret_file, env.CLUSTER_SECRET, "--cluster-secret")
+        if self.tp_size > 1 and self.dist_init_addr is None and self.nccl_port is None:
+            updates["nccl_port"] = _free_port()
         return replace(self, **updates) if updates else self
 
     def validate(self) -> None:
+        if self.tp_size < 1 or self.gpu_id_step < 1:
+            raise ValueError("--tp-size and --gpu-id-step must be >= 1")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
         if Role(self.disaggregation_mode).is_pd and not self.disaggregation_bootstrap_url:
@@ -147,6 +158,17 @@ class ServerConfig:
             raise ValueError("--prefill-cuda-graph-max-tokens must be positive")
         if self.prefill_cuda_graph_max_seqs < 1:
             raise ValueError("--prefill-cuda-graph-max-seqs must be positive")
+
+
+def rendezvous_address(cfg: ServerConfig) -> str:
+    """``host:port`` where the ranks of one instance meet."""
+    return cfg.dist_init_addr or f"127.0.0.1:{cfg.nccl_port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def served_model_name(cfg: ServerConfig) -> str:

@@ -120,7 +120,8 @@ class DecodeRole(EngineRole):
         self.timeout_s = cfg.disaggregation_timeout_s
         # D listens nowhere: it dials each prefill instance's control server.
         memory = KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout)
-        self.endpoint = PDEndpoint(cfg, memory, control_address=f"{cfg.disaggregation_control_host}:0", epoch=new_epoch())
+        self.endpoint = PDEndpoint(cfg, memory, control_address=f"{cfg.disaggregation_control_host}:0", epoch=new_epoch(),
+                                   followers=engine.followers)
         self.agent = self.endpoint.agent
         self.instance_id = self.endpoint.instance_id
         self.prealloc: deque[tuple[Req, float]] = deque()

@@ -27,12 +27,14 @@ from pdserve.common.messages import (
     TokenBatch,
     TokenOutput,
 )
+from pdserve.common.roles import Role
 from pdserve.common.startup import StartupError, one_line
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req
-from pdserve.engine.role import create_role
+from pdserve.engine.role import RANK_TRANSFER, create_role
 from pdserve.engine.sampler import Sampler, SampleResult
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.tp import Followers, RankLink, follow
 from pdserve.model.batch import ScheduledBatch
 from pdserve.model.config import ModelConfig
 from pdserve.model.kernels.step_inputs import to_device
@@ -54,11 +56,20 @@ class RequestRejected(ValueError):
 
 
 class Engine:
-    def __init__(self, cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None):
+    def __init__(self, cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None,
+                 followers: Followers | None = None):
         self.cfg = cfg
         self.conn = conn
         self.model_cfg = ModelConfig.from_dir(model_dir)
+        # The other ranks of a tensor-parallel instance (engine/tp.py); None at TP 1.
+        self.followers = followers
+        if followers is not None:
+            followers.start_watch()
         self.runner = ModelRunner(cfg, model_dir, self.model_cfg)
+        self.rank_pids: list[int] = [os.getpid()]
+        if followers is not None:
+            self.rank_pids += [hello["pid"] for hello in followers.gather(cfg.dist_timeout_s)]
+            self.runner.step_hook = followers.send_step
         self.pool = self.runner.pool
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
         self.scheduler = Scheduler(self._scheduler_config(), self.pool, self.cache)
@@ -124,6 +135,8 @@ class Engine:
         while self._receive():
             self.run_once()
         self.role.close()
+        if self.followers is not None:
+            self.followers.close()
 
     def run_once(self) -> None:
         """One turn of the loop once the front's messages are in: rooms,
@@ -353,6 +366,7 @@ class Engine:
         total = self.pool.num_pages
         return {
             "pid": os.getpid(),
+            "rank_pids": self.rank_pids,
             "num_running_reqs": len(self.scheduler.running),
             "num_queued_reqs": len(self.scheduler.waiting) + (self.scheduler.chunked is not None),
             "num_generated_tokens": self.num_generated_tokens,
@@ -421,13 +435,24 @@ class Engine:
         threading.Thread(target=watch, name="watchdog", daemon=True).start()
 
 
-def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None) -> None:
-    """Entry point of the engine process."""
-    logging.basicConfig(level=cfg.log_level.upper(), format="[%(asctime)s engine] %(message)s")
+def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None,
+                rank: int = 0, links: tuple = ()) -> None:
+    """Entry point of an engine process. Rank 0 talks to the front on ``conn``
+    and leads the other ranks through ``links`` ((step pipe, liveness pipe)
+    per follower); a follower (rank > 0) gets rank 0's step pipe as ``conn``
+    and holds ``links`` (its liveness pipe) open until it exits."""
+    name = "engine" if rank == 0 else f"engine rank {rank}"
+    logging.basicConfig(level=cfg.log_level.upper(), format=f"[%(asctime)s {name}] %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if cfg.tp_size > 1 and cfg.device != "cuda":  # the ranks share the host's cores
+        torch.set_num_threads(max(torch.get_num_threads() // cfg.tp_size, 1))
+    if rank > 0:
+        _follower_main(cfg, model_dir, conn, rank)
+        return
     try:
-        engine = Engine(cfg, model_dir, conn, num_text_tokens)
+        followers = Followers([RankLink(c, a) for c, a in links]) if links else None
+        engine = Engine(cfg, model_dir, conn, num_text_tokens, followers)
     except StartupError as exc:  # the operator's to fix (e.g. a P/D layout mismatch): one line
         logger.error("engine failed to start: %s", one_line(str(exc)))
         conn.send_bytes(codec.encode(EngineFailed(error=one_line(str(exc)))))
@@ -437,3 +462,25 @@ def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_to
         conn.send_bytes(codec.encode(EngineFailed(error=f"{type(exc).__name__}: {exc}")))
         return
     engine.run_forever()
+
+
+def create_rank_transfer(cfg: ServerConfig, runner: ModelRunner, rank: int):
+    """A follower's part of the KV transfer in a PD role; None when colocated."""
+    if not Role(cfg.disaggregation_mode).is_pd:
+        return None
+    return RANK_TRANSFER.get("pd")(cfg, runner.pool.buffer, runner.layout, rank)
+
+
+def _follower_main(cfg: ServerConfig, model_dir: str, conn: Connection, rank: int) -> None:
+    """A follower rank: its shard of the model (and of the KV transfer in PD), driven by rank 0."""
+    try:
+        runner = ModelRunner(cfg, model_dir, ModelConfig.from_dir(model_dir), rank)
+        transfer = create_rank_transfer(cfg, runner, rank)
+        conn.send_bytes(codec.encode({"pid": os.getpid()}))
+        follow(runner, conn, transfer)
+    except Exception:  # a failed collective or a broken pipe: rank 0 sees this rank die
+        logger.exception("rank %d failed", rank)
+        logging.shutdown()
+        os._exit(1)
+    if transfer is not None:
+        transfer.close()

@@ -17,6 +17,7 @@ from pdserve.common.registry import Registry
 from pdserve.common.roles import Role
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.tp import Followers
 from pdserve.model.batch import ScheduledBatch
 from pdserve.model.kv_pool import KVPool
 
@@ -27,6 +28,7 @@ class EngineHandle(Protocol):
     cfg: ServerConfig
     pool: KVPool
     scheduler: Scheduler
+    followers: Followers | None  # ranks 1.. of a tensor-parallel instance (engine/tp.py)
 
     def check_finish(self, req: Req, token: int) -> None:
         """Mark ``req`` finished if ``token`` (just appended) ends it."""
@@ -110,3 +112,10 @@ ROLES: Registry[type[EngineRole]] = Registry("disaggregation mode", {
 
 def create_role(mode: str, engine: EngineHandle) -> EngineRole:
     return ROLES.get(mode)(engine)
+
+
+# A follower rank's part of the KV transfer (tensor parallelism, engine/tp.py):
+# built from (config, KV buffer, KV layout, rank); lazy, like the PD roles.
+RANK_TRANSFER: Registry = Registry("rank transfer", {
+    "pd": "pdserve.transfer.tp:follower_transfer",
+})

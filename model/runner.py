@@ -19,11 +19,12 @@ fenced in the pool until that step is done.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pdserve.common.config import ServerConfig
+from pdserve.common.config import ServerConfig, rendezvous_address
 from pdserve.common.kv_layout import KVLayout
 from pdserve.model.attention.base import ATTENTION_BACKENDS, create_attention_backend
 from pdserve.model.batch import ScheduledBatch
@@ -34,6 +35,7 @@ from pdserve.model.kernels.ops import create_ops, pdl_enabled
 from pdserve.model.kernels.step_inputs import StepInputs, build_step, feed_tokens, to_device
 from pdserve.model.kv_pool import KVPool
 from pdserve.model.prefill_graph import PrefillGraphRunner, prefill_graph_pages, prefill_token_counts
+from pdserve.model.parallel import ShardPlan, TPGroup
 from pdserve.model.weights import load_model, resolve_dtype
 
 logger = logging.getLogger("pdserve.model_runner")
@@ -105,10 +107,14 @@ def _default_backend(device: torch.device, failed: dict[str, str]) -> str:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ServerConfig, model_dir: str, model_cfg: ModelConfig):
+    def __init__(self, cfg: ServerConfig, model_dir: str, model_cfg: ModelConfig, rank: int = 0):
         self.cfg = cfg
         self.model_cfg = model_cfg
-        self.device = resolve_device(cfg.device, cfg.base_gpu_id)
+        self.device = resolve_device(cfg.device, cfg.base_gpu_id + rank * cfg.gpu_id_step)
+        self.tp = TPGroup.init(rank, cfg.tp_size, rendezvous_address(cfg), self.device, cfg.dist_timeout_s)
+        self.plan = ShardPlan.of(model_cfg, rank, cfg.tp_size)
+        # Rank 0 hands each step to the other ranks before running it (engine/tp.py).
+        self.step_hook: Callable[[ScheduledBatch], None] | None = None
         self.dtype = resolve_dtype(cfg.dtype, model_cfg, self.device)
         self.context_len = min(cfg.context_length or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         if cfg.context_length and cfg.context_length > model_cfg.max_position_embeddings:
@@ -119,7 +125,8 @@ class ModelRunner:
             torch.cuda.empty_cache()
             self._free_at_start = torch.cuda.mem_get_info(self.device)[0]
         torch.manual_seed(cfg.random_seed)
-        self.model = load_model(model_cfg, model_dir, cfg.load_format, self.dtype, self.device, self.context_len + 1, cfg.random_seed)
+        self.model = load_model(model_cfg, model_dir, cfg.load_format, self.dtype, self.device, self.context_len + 1,
+                                cfg.random_seed, self.tp)
         self.pdl = pdl_enabled(self.device, cfg.disable_pdl)
         self.model.ops = create_ops(self.device, self.pdl)
         self.layout = self._size_pool()
@@ -130,8 +137,8 @@ class ModelRunner:
             raise ValueError(f"attention backend {self.attn_backend_name!r} is unavailable: {failed[self.attn_backend_name]}")
         self.attn = create_attention_backend(
             self.attn_backend_name,
-            num_heads=model_cfg.num_heads,
-            num_kv_heads=model_cfg.num_kv_heads,
+            num_heads=self.plan.num_heads,
+            num_kv_heads=self.plan.num_kv_heads,
             head_dim=model_cfg.head_dim,
             page_size=cfg.page_size,
             device=self.device,
@@ -141,14 +148,16 @@ class ModelRunner:
         # The fast path: numpy-built step inputs handed to a kernel backend.
         self._fast = self.device.type == "cuda" and self.attn.accepts_stored_kv
         # Launching decode steps ahead pays off where launches are asynchronous.
-        self.lookahead = self.device.type == "cuda" and not cfg.disable_overlap_schedule
+        # Under TP the step inputs travel to the other ranks on the host, so
+        # neither a step launched ahead nor a captured graph applies (yet).
+        self.lookahead = self.device.type == "cuda" and not cfg.disable_overlap_schedule and self.tp.size == 1
         self._ahead: _Ahead | None = None
         self.uses_cuda_graph = False
         self.graphs = self._capture_graphs()
         self.prefill_graphs = self._capture_prefill_graphs()
 
     def _capture_graphs(self) -> CudaGraphRunner | None:
-        if not self._fast or self.cfg.disable_cuda_graph or not self.attn.supports_cuda_graph:
+        if not self._fast or self.cfg.disable_cuda_graph or not self.attn.supports_cuda_graph or self.tp.size > 1:
             return None
         cfg = self.cfg
         max_bs = cfg.cuda_graph_max_bs or min(cfg.max_running_requests or 256, 256)
@@ -162,7 +171,9 @@ class ModelRunner:
 
     def _capture_prefill_graphs(self) -> PrefillGraphRunner | None:
         cfg = self.cfg
-        if not self._fast or not cfg.enable_prefill_cuda_graph or not self.model.ops.fuses_rope_store:
+        # Under TP the step travels to the other ranks on the host: no graphs there (yet).
+        if (not self._fast or not cfg.enable_prefill_cuda_graph or not self.model.ops.fuses_rope_store
+                or self.tp.size > 1):
             return None
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
         max_tokens = cfg.prefill_cuda_graph_max_tokens or min(chunk, 8192)
@@ -175,16 +186,18 @@ class ModelRunner:
 
     def _bytes_per_token(self) -> int:
         m = self.model_cfg
-        return m.num_layers * 2 * m.num_kv_heads * m.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+        return m.num_layers * 2 * self.plan.num_kv_heads * m.head_dim * torch.tensor([], dtype=self.dtype).element_size()
 
     def _size_pool(self) -> KVLayout:
         tokens = self.cfg.max_total_tokens
         if tokens is None:
             tokens = self._auto_pool_tokens()
-        num_pages = max(tokens // self.cfg.page_size, 1)
-        m = self.model_cfg
+        # Rank 0 allocates pages for all ranks: every rank's pool has the smallest's size.
+        num_pages = self.tp.all_reduce_min(max(tokens // self.cfg.page_size, 1))
+        m, plan = self.model_cfg, self.plan
         dtype_name = str(self.dtype).removeprefix("torch.")
-        return KVLayout(m.num_layers, num_pages, self.cfg.page_size, m.num_kv_heads, m.head_dim, dtype_name)
+        return KVLayout(m.num_layers, num_pages, self.cfg.page_size, plan.num_kv_heads, m.head_dim, dtype_name,
+                        head_start=plan.kv_head_start, total_kv_heads=m.num_kv_heads)
 
     def _auto_pool_tokens(self) -> int:
         per_token = self._bytes_per_token()
@@ -223,6 +236,8 @@ class ModelRunner:
         """Float32 logits of each request's last fed token: [batch, vocab].
         ``fed``: (token_src, tokens); rows with ``token_src[i] >= 0`` feed
         ``tokens[token_src[i]]``, a token still on the device (see :meth:`launch_ahead`)."""
+        if self.step_hook is not None:
+            self.step_hook(batch)
         if not self._fast:
             fb = build_forward_batch(
                 batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size, self.device

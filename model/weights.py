@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from pdserve.model.config import ModelConfig
 from pdserve.model.models.registry import model_class
+from pdserve.model.parallel import ShardPlan, TPGroup
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -53,20 +54,25 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
 
 
 def load_model(
-    cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int
+    cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int,
+    tp: TPGroup | None = None,
 ) -> torch.nn.Module:
+    """The model with this rank's shard of every weight (``tp``: the instance's
+    ranks; each reads the full checkpoint tensors and keeps its part)."""
+    tp = tp or TPGroup()
     cls = model_class(cfg.architecture)
     with torch.device("meta"):
-        model = cls(cfg, max_positions).to(dtype)
+        model = cls(cfg, max_positions, ShardPlan.of(cfg, tp.rank, tp.size)).to(dtype)
     # Materialise on the target device in the target dtype, then fill: never a
     # full-size CPU or float32 copy on GPU runs.
     model = model.to_empty(device=device)
     # The rotary tables are computed, not loaded, and stay float32.
     model.model.rotary = type(model.model.rotary)(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling).to(device)
     if load_format == "dummy":
-        _init_dummy(model, seed)
+        _init_dummy(model, seed + tp.rank)  # each rank its own random shard
     else:
         model.load_weights(iter_safetensors(model_dir))
+    model.set_tp_group(tp)
     return model.eval()
 
 

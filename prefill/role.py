@@ -70,7 +70,8 @@ class PrefillRole(EngineRole):
         epoch = new_epoch()
         self.control = ControlServer(cfg.disaggregation_control_host, cfg.disaggregation_control_port,
                                      greeting=PeerHello(instance_id=cfg.instance_id, epoch=epoch))
-        self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address, epoch)
+        self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address, epoch,
+                                   followers=engine.followers)
         self.agent = self.endpoint.agent
         self.instance_id = self.endpoint.instance_id
         self.waiting_reqs: dict[int, tuple[Req, float]] = {}  # room -> (request, deadline)

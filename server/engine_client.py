@@ -35,9 +35,10 @@ from pdserve.common.messages import (
 )
 
 # The engine process's entry point: (config, model directory, its end of the pipe,
-# number of tokens the tokenizer can print). The CLI passes it in, so the front
-# never imports the engine.
-EngineMain = Callable[[ServerConfig, str, Connection, "int | None"], None]
+# number of tokens the tokenizer can print[, rank, links to the other ranks]).
+# The CLI passes it in, so the front never imports the engine. Under tensor
+# parallelism the same entry point runs every rank (engine/tp.py).
+EngineMain = Callable[..., None]
 
 logger = logging.getLogger("pdserve.server")
 
@@ -130,7 +131,7 @@ def frame(payload: bytes) -> bytes:
 
 
 def _engine_process(engine_main: EngineMain, lifeline: Connection, cfg: ServerConfig, model_dir: str,
-                    conn: Connection, num_text_tokens: int | None) -> None:
+                    conn: Connection, num_text_tokens: int | None, *rank_args: object) -> None:
     """The engine process: its main, plus a watch that ends it when the front dies.
 
     The engine also exits on its pipe's end of file, but only once it reads the
@@ -140,7 +141,7 @@ def _engine_process(engine_main: EngineMain, lifeline: Connection, cfg: ServerCo
     started the engine, which ends once the engine is up.)
     """
     follow_connection(lifeline, "the front")
-    engine_main(cfg, model_dir, conn, num_text_tokens)
+    engine_main(cfg, model_dir, conn, num_text_tokens, *rank_args)
 
 
 class EngineClient:
@@ -149,9 +150,12 @@ class EngineClient:
         self._conn, self._child_conn = ctx.Pipe(duplex=True)
         # The front holds the lifeline's write end until it exits; it never writes.
         self._lifeline_child, self._lifeline = ctx.Pipe(duplex=False)
+        links, self.rank_processes, self._rank_ends = self._rank_pipes(ctx, cfg, model_dir, engine_main,
+                                                                       self._lifeline_child)
         self.process = ctx.Process(
             target=_engine_process, name="pdserve-engine", daemon=True,
-            args=(engine_main, self._lifeline_child, cfg, model_dir, self._child_conn, num_text_tokens))
+            args=(engine_main, self._lifeline_child, cfg, model_dir, self._child_conn, num_text_tokens,
+                  *((0, links) if links else ())))
         self.ready: EngineReady | None = None
         self._boxes: dict[str, Mailbox] = {}
         self._control: dict[int, asyncio.Future] = {}
@@ -159,17 +163,40 @@ class EngineClient:
         self._transport: asyncio.Transport | None = None
         self.dead = False
 
+    @staticmethod
+    def _rank_pipes(ctx, cfg: ServerConfig, model_dir: str, engine_main: EngineMain,
+                    lifeline: Connection) -> tuple[list, list, list]:
+        """Ranks 1..N-1 of a tensor-parallel instance: rank 0's (step pipe,
+        liveness pipe) per follower, the follower processes (each following the
+        front's ``lifeline`` too), and every pipe end this process must close
+        once they started (so only the ranks hold them)."""
+        links, processes, ends = [], [], []
+        for rank in range(1, cfg.tp_size):
+            lead, follower = ctx.Pipe(duplex=True)
+            alive_read, alive_write = ctx.Pipe(duplex=False)
+            links.append((lead, alive_read))
+            processes.append(ctx.Process(target=_engine_process,
+                                         args=(engine_main, lifeline, cfg, model_dir, follower, None, rank, (alive_write,)),
+                                         name=f"pdserve-engine-rank{rank}", daemon=True))
+            ends += [lead, follower, alive_read, alive_write]
+        return links, processes, ends
+
     def start(self, timeout_s: float) -> EngineReady:
         """Start the engine and block until it is ready; raise if it fails."""
         self.process.start()
+        for proc in self.rank_processes:
+            proc.start()
         # Only the engine may hold its ends: then closing ours is an EOF it sees at once.
         self._child_conn.close()
         self._lifeline_child.close()
+        for end in self._rank_ends:
+            end.close()
         if not self._conn.poll(timeout_s):
-            self.process.kill()
+            self._kill_all()
             raise EngineDied(f"engine did not start within {timeout_s:.0f}s")
         msg = codec.decode(self._conn.recv_bytes())
         if isinstance(msg, EngineFailed):
+            self._kill_all()
             raise EngineDied(msg.error)
         assert isinstance(msg, EngineReady)
         self.ready = msg
@@ -291,5 +318,13 @@ class EngineClient:
         if self.process.pid is None:  # the server failed before the engine was started
             return
         self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        """Rank 0, then the other ranks (they exit by themselves once rank 0 is
+        gone; this is for one stuck in a step)."""
+        for proc in [self.process, *self.rank_processes]:
+            if proc.pid is not None and proc.is_alive():
+                proc.join(timeout=1 if proc is not self.process else 0)
+                if proc.is_alive():
+                    proc.kill()

@@ -38,7 +38,7 @@ import torch
 from pdserve.common.codec import encode, message
 from pdserve.common.kv_layout import KVLayout
 from pdserve.transfer.base import KVMemory, TransferConfig
-from pdserve.transfer.descriptors import PageRuns, check_pages, page_runs
+from pdserve.transfer.descriptors import PageRuns, check_pages, page_runs, whole_pages
 from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RingOffer, RoomNotice, decode_as
 from pdserve.transfer.nixl_backend import NixlAgent, NixlReceiver, NixlSender
 from pdserve.transfer.notice_ring import RingReader, RingWriter
@@ -101,7 +101,9 @@ class CudaIpcSender(NixlSender):
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
         pool = self._agent.mapped(self.peer)
-        if pool is None:
+        if pool is None or not whole_pages(self._agent.memory.layout, self._agent.peer(self.peer).kv_layout):
+            # Another GPU, or a slice of each page's heads (tensor parallelism):
+            # NIXL's descriptors carry what the page-copy kernel does not.
             super()._post(src, dst, chunk_index, is_last)
             return
         notice = RoomNotice(room=self.room, kind=NOTICE_CHUNK, sender=self._agent.name, chunk_index=chunk_index, is_last=is_last)

@@ -19,25 +19,18 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import threading
 
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
 from pdserve.common.config import ServerConfig, served_model_name
-from pdserve.transfer.base import KVMemory, TransferConfig, create_transfer_agent
+from pdserve.transfer.base import KVMemory
+from pdserve.transfer.tp import TPAgent, advertised_host, transfer_config
 
 logger = logging.getLogger("pdserve.pd")
 # Longer than the bootstrap service's default TTL (10 s): an instance restarted
 # under its old id waits for its previous entry to expire.
 REGISTER_ID_WAIT_S = 30.0
-
-
-def advertised_host(host: str) -> str:
-    """A wildcard bind address is no address to give peers."""
-    if host in ("0.0.0.0", "::", ""):
-        return socket.gethostbyname(socket.gethostname())
-    return host
 
 
 def new_epoch() -> str:
@@ -46,18 +39,13 @@ def new_epoch() -> str:
 
 
 class PDEndpoint:
-    def __init__(self, cfg: ServerConfig, memory: KVMemory, control_address: str, epoch: str):
+    def __init__(self, cfg: ServerConfig, memory: KVMemory, control_address: str, epoch: str, followers=None):
         self.cfg = cfg
         self.instance_id: str = cfg.instance_id  # resolved at parse time
         self.epoch = epoch
-        transfer_cfg = TransferConfig(
-            backend=cfg.disaggregation_transfer_backend,
-            instance_name=self.instance_id,
-            host=advertised_host(cfg.disaggregation_control_host or cfg.host),
-            ib_device=cfg.disaggregation_ib_device,
-            timeout_s=cfg.disaggregation_timeout_s,
-        )
-        self.agent = create_transfer_agent(transfer_cfg, memory)
+        transfer_cfg = transfer_config(cfg, 0, advertised_host(cfg.disaggregation_control_host or cfg.host))
+        # Every rank's agent behind one (transfer/tp.py); ``followers``: ranks 1.. (engine/tp.py).
+        self.agent = TPAgent(transfer_cfg, memory, followers, cfg.dist_timeout_s)
         self.retiring_peers: set[str] = set()
         self.peer_info = self.agent.peer_info()
         self.bootstrap = BootstrapClient(cfg.disaggregation_bootstrap_url, secret=cfg.cluster_secret)

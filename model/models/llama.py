@@ -15,6 +15,7 @@ from pdserve.model.config import ModelConfig
 from pdserve.model.forward_batch import ForwardBatch
 from pdserve.model.kernels.ops import TorchOps
 from pdserve.model.models.layers import RMSNorm, RotaryEmbedding
+from pdserve.model.parallel import ShardPlan, TPGroup
 from torch import nn
 
 # (fused parameter, HF parameter, shard index)
@@ -28,12 +29,14 @@ _STACKED = (
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    """This rank's heads (all of them at TP 1); o_proj's output is a partial sum under TP."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, plan: ShardPlan):
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = plan.num_heads, plan.num_kv_heads, cfg.head_dim
+        self.q_size = plan.num_heads * cfg.head_dim
+        self.kv_size = plan.num_kv_heads * cfg.head_dim
         self.shard_sizes = (self.q_size, self.kv_size, self.kv_size)
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
@@ -67,18 +70,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan):
         super().__init__()
-        self.shard_sizes = (cfg.intermediate_size, cfg.intermediate_size)
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = plan.intermediate_size
+        self.shard_sizes = (inter, inter)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, plan: ShardPlan):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_id)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer_id, plan)
+        self.mlp = MLP(cfg, plan)
+        self.tp = TPGroup()  # the load sets the instance's group
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -92,9 +97,9 @@ class DecoderLayer(nn.Module):
             residual, h = hidden, ops.rmsnorm(hidden, norm_in.weight, norm_in.eps)
         else:
             h, residual = ops.add_rmsnorm(hidden, residual, norm_in.weight, norm_in.eps)
-        hidden = a.o_proj(a.attend(a.qkv_proj(h), batch, rotary, attn, kv_cache, ops))
+        hidden = self.tp.all_reduce(a.o_proj(a.attend(a.qkv_proj(h), batch, rotary, attn, kv_cache, ops)))
         h, residual = ops.add_rmsnorm(hidden, residual, norm_post.weight, norm_post.eps)
-        return self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h))), residual
+        return self.tp.all_reduce(self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h)))), residual
 
     def forward_one(self, x, batch, rotary, attn, kv_cache, ops):
         """One token: four matrix-vector kernels, norms and residual adds fused in.
@@ -108,20 +113,22 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, plan: ShardPlan):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(plan.vocab_shard, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, plan) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, plan: ShardPlan | None = None):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, max_positions)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.plan = plan or ShardPlan.of(cfg)
+        self.tp = TPGroup()
+        self.model = DecoderModel(cfg, max_positions, self.plan)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, self.plan.vocab_shard, bias=False)
         # The fused-operation implementations; the runner swaps in the Triton kernels on GPU.
         self.ops = TorchOps()
 
@@ -132,8 +139,8 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, attn: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         """Logits of each sequence's last new token: [batch, vocab] in float32."""
         ops, m = self.ops, self.model
-        x = m.embed_tokens(batch.input_ids)
-        if ops.has_gemv and batch.num_tokens == 1:
+        x = m.embed_tokens(batch.input_ids) if self.tp.size == 1 else self._embed_parallel(batch.input_ids)
+        if ops.has_gemv and batch.num_tokens == 1 and self.tp.size == 1:
             for layer in m.layers:
                 x = layer.forward_one(x, batch, m.rotary, attn, kv_cache, ops)
             return ops.gemv(x, self.lm_weight, norm_weight=m.norm.weight, eps=m.norm.eps, out_float=True)
@@ -142,7 +149,22 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, batch, m.rotary, attn, kv_cache, ops)
         idx = batch.logits_indices
         x, _ = ops.add_rmsnorm(x[idx], residual[idx], m.norm.weight, m.norm.eps)
-        return F.linear(x, self.lm_weight).float()
+        logits = F.linear(x, self.lm_weight).float()
+        if self.tp.size == 1:
+            return logits
+        return self.tp.all_gather_last(logits)[:, : self.config.vocab_size]
+
+    def set_tp_group(self, tp: TPGroup) -> None:
+        self.tp = tp
+        for layer in self.model.layers:
+            layer.tp = tp
+
+    def _embed_parallel(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vocabulary-parallel lookup: each rank fills the rows of its ids, zeros elsewhere; summed."""
+        local = ids - self.plan.vocab_start
+        outside = (local < 0) | (local >= self.plan.vocab_shard)
+        x = self.model.embed_tokens(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(x.masked_fill(outside[:, None], 0))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
@@ -153,7 +175,7 @@ class CausalLM(nn.Module):
             target, shard = _fused_target(name)
             if target not in params:
                 raise ValueError(f"unexpected weight {name}")
-            _copy_into(params[target], tensor, shard, self._shard_sizes(target))
+            _copy_into(params[target], self.plan.shard(name, tensor), shard, self._shard_sizes(target))
             loaded.add(target if shard is None else f"{target}#{shard}")
         missing = self._expected_names() - loaded
         if missing:

@@ -278,7 +278,7 @@ def create_app(config: RouterConfig, tracer: Tracer | None = None) -> FastAPI:
     install_error_handlers(app)
     if config.max_concurrent_requests is not None:
         admission = Admission(config.max_concurrent_requests, config.queue_size, config.queue_timeout_s)
-        app.add_middleware(AdmissionMiddleware, admission=admission, paths=GENERATE_PATHS)
+        app.add_middleware(AdmissionMiddleware, admission=admission, paths=GENERATE_PATHS, api_key=config.api_key)
     # Added last, so outermost: an oversized body is refused before it waits anywhere.
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
 

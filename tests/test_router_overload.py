@@ -157,3 +157,17 @@ def test_503_from_a_worker_or_the_router_says_retry_after(setup: Setup) -> None:
     worker.behavior.healthy = False
     wait_until(lambda: httpx.get(setup.url + "/health").status_code == 503, 10.0)
     _assert_retry_after(setup.post(), 503)  # no healthy worker: the router's own 503
+
+
+def test_a_client_without_the_key_is_refused_not_queued(setup: Setup) -> None:
+    """The key is checked before admission: a stranger gets 401 even when the
+    queue is full, and never takes a place in it."""
+    setup.start(replace(BASE, max_concurrent_requests=1, queue_size=0, api_key="k"), delay_s=3.0)
+    keyed = {"Authorization": "Bearer k"}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(lambda: setup.client.post(setup.url + "/v1/completions", json=PROMPT, headers=keyed,
+                                                         timeout=30.0))
+        wait_until(lambda: httpx.get(setup.url + "/workers", headers=keyed).json()[0]["in_flight"] == 1, 10.0)
+        assert_openai_error(setup.post(), 401)
+        _assert_retry_after(setup.client.post(setup.url + "/v1/completions", json=PROMPT, headers=keyed), 429)
+        assert running.result().status_code == 200

@@ -338,7 +338,8 @@ def test_router_presents_the_worker_key_to_keyed_workers(stack: Stack, router_ke
     assert ok.status_code == 200, ok.text
     streamed = stack.post("/v1/completions", json={**PROMPT, "stream": True}, headers=client)
     assert streamed.content == stack.fakes["d0"].sse_bytes()
-    assert len(stack.fakes["p0"].bodies("/v1/completions")) == 2
+    # D's fake answers without waiting for P's: P may get its copy a moment later.
+    wait_until(lambda: len(stack.fakes["p0"].bodies("/v1/completions")) == 2, 10.0)
     assert stack.get("/v1/models", headers=client).json()["data"][0]["id"] == "fake-model"
     info = stack.get("/get_server_info", headers=client).json()
     assert all(i["server_info"] is not None for i in info["instances"])

@@ -32,7 +32,13 @@ from pdserve.benchmarks.bench_tokenizer import (
     Tokenizer,
     load_tokenizer,
 )
-from pdserve.benchmarks.datasets import DATASETS, BenchRequest, DatasetSpec, build_dataset, length_summary
+from pdserve.benchmarks.datasets import (
+    DATASETS,
+    BenchRequest,
+    DatasetSpec,
+    build_dataset,
+    length_summary,
+)
 from pdserve.benchmarks.metrics import parse_slo
 from pdserve.benchmarks.runner import BenchError, RunPoint, RunResult, run_point, warm_up
 from pdserve.benchmarks.scenarios import ScenarioError, parse_scenario

@@ -78,12 +78,9 @@ class InstanceRegistry:
         Raises :class:`IdentityConflict` when another process owns the entry."""
         with self._lock:
             now = self._expire()
-            entry = self._entries.get(instance_id)
+            entry = self._owned(instance_id, token, "heartbeat")
             if entry is None:
                 return False
-            problem = _owner_problem(entry, token, "heartbeat")
-            if problem:
-                raise IdentityConflict(problem)
             entry.last_seen_s = now
             return True
 
@@ -103,14 +100,19 @@ class InstanceRegistry:
         """False when unknown; raises :class:`IdentityConflict` when another process owns it."""
         with self._lock:
             self._expire()
-            entry = self._entries.get(instance_id)
-            if entry is None:
+            if self._owned(instance_id, token, "delete") is None:
                 return False
-            problem = _owner_problem(entry, token, "delete")
-            if problem:
-                raise IdentityConflict(problem)
             del self._entries[instance_id]
             return True
+
+    def _owned(self, instance_id: str, token: str | None, action: str) -> _Entry | None:
+        """The live entry, or None; raises :class:`IdentityConflict` when it is another process's."""
+        entry = self._entries.get(instance_id)
+        if entry is not None:
+            problem = _owner_problem(entry, token, action)
+            if problem:
+                raise IdentityConflict(problem)
+        return entry
 
     def _expire(self) -> float:
         now = self._clock()

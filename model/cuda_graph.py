@@ -185,7 +185,7 @@ class CudaGraphRunner:
             self.inputs.load(step, bs)
             fb.attn = self.attn.graph_metadata(step, bs)
             self.inputs.mark_copied()
-            graph, out = capture_graph(lambda: self.model(fb, self.attn, self.kv_buffer), stream, self._pool)
+            graph, out = capture_graph(lambda fb=fb: self.model(fb, self.attn, self.kv_buffer), stream, self._pool)
             self._pool = graph.pool()
             self._graphs[bs], self._outputs[bs] = graph, out
         torch.cuda.synchronize()

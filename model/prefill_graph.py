@@ -25,13 +25,18 @@ import bisect
 import logging
 from functools import partial
 
-import numpy as np
 import torch
 from pdserve.model.attention.base import AttentionBackend
 from pdserve.model.cuda_graph import PackedBuffers, capture_graph
 from pdserve.model.forward_batch import ForwardBatch
 from pdserve.model.kernels import reference
-from pdserve.model.kernels.step_inputs import StepInputs, build_step, max_tiles, query_block, tile_table
+from pdserve.model.kernels.step_inputs import (
+    StepInputs,
+    build_step,
+    max_tiles,
+    query_block,
+    tile_table,
+)
 
 logger = logging.getLogger("pdserve.cuda_graph")
 
@@ -61,7 +66,7 @@ class PrefillInputs(PackedBuffers):
     def load(self, step: StepInputs, num_tokens: int, num_tiles: int, block_m: int) -> None:
         """Write ``step`` padded to ``num_tokens`` tokens and ``max_seqs`` sequences; copy it."""
         self.wait_host_free()
-        bs, s = step.batch_size, self.max_seqs
+        s = self.max_seqs
         self.put("input_ids", step.input_ids, num_tokens)
         self.put("positions", step.positions, num_tokens)
         self.put("out_slots", step.out_slots, num_tokens, pad=-1)
@@ -145,7 +150,7 @@ class PrefillGraphRunner:
         for count in reversed(self.counts):
             self._load(_dummy_step(count, self.page_size), count)
             fb = self._batch(count)
-            graph, out = capture_graph(lambda: self.model(fb, self.attn, self.kv_buffer), stream, pool)
+            graph, out = capture_graph(lambda fb=fb: self.model(fb, self.attn, self.kv_buffer), stream, pool)
             pool = graph.pool()
             self._graphs[count], self._outputs[count] = graph, out
         torch.cuda.synchronize()

@@ -34,8 +34,12 @@ from pdserve.model.forward_batch import ForwardBatch, build_forward_batch
 from pdserve.model.kernels.ops import create_ops, pdl_enabled
 from pdserve.model.kernels.step_inputs import StepInputs, build_step, feed_tokens, to_device
 from pdserve.model.kv_pool import KVPool
-from pdserve.model.prefill_graph import PrefillGraphRunner, prefill_graph_pages, prefill_token_counts
 from pdserve.model.parallel import ShardPlan, TPGroup
+from pdserve.model.prefill_graph import (
+    PrefillGraphRunner,
+    prefill_graph_pages,
+    prefill_token_counts,
+)
 from pdserve.model.weights import load_model, resolve_dtype
 
 logger = logging.getLogger("pdserve.model_runner")

@@ -45,7 +45,13 @@ from typing import Any
 import aiohttp
 import orjson
 from fastapi.responses import Response
-from pdserve.common.errors import PREFILL_FAILED_CODE, error_body, error_code, error_response, retry_after_headers
+from pdserve.common.errors import (
+    PREFILL_FAILED_CODE,
+    error_body,
+    error_code,
+    error_response,
+    retry_after_headers,
+)
 from pdserve.common.event_stream import EventStream, Write
 from pdserve.common.tracing import ROUTER_TIME_HEADER, Tracer
 from pdserve.router.config import RouterConfig

@@ -16,13 +16,17 @@ Each server owns its registry: no process-wide global state.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Iterator
 
 from pdserve.common.config import MetricsConfig
 from pdserve.common.roles import Role
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 PREFIX = "pdserve:"
 # Journey phases an instance of each role leaves out of its per-stage histogram.

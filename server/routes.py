@@ -12,7 +12,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pdserve.common.auth import BearerAuthMiddleware
 from pdserve.common.disconnect import until_client_leaves
-from pdserve.common.errors import APIError, error_response, install_error_handlers, parse_json_object
+from pdserve.common.errors import (
+    APIError,
+    error_response,
+    install_error_handlers,
+    parse_json_object,
+)
 from pdserve.common.event_stream import EventStream
 from pdserve.common.messages import ControlResponse, GenerateRequest
 from pdserve.common.openapi import request_body

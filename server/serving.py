@@ -23,7 +23,12 @@ from pdserve.server.engine_client import EngineClient, EngineUnavailable
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.protocol import GenerationInput
 from pdserve.server.text_stream import ChoiceState, TextDelta, TextStream, apply_delta
-from pdserve.server.tokenizer import IncrementalDetokenizer, apply_chat_template, ids_decoder, max_token_bytes
+from pdserve.server.tokenizer import (
+    IncrementalDetokenizer,
+    apply_chat_template,
+    ids_decoder,
+    max_token_bytes,
+)
 
 T = TypeVar("T")
 ROOM_SPACE = 2**63

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import httpx
@@ -18,9 +19,18 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.workers import Worker, WorkerRegistry
 from pdserve.tests.support.server_thread import ServerThread
 from pdserve.tests.support.waiting import wait_until
-from pdserve.tests.test_router_app import FAST, PROMPT, Stack, pd, stack  # noqa: F401 - the fixture
+from pdserve.tests.test_router_app import FAST, PROMPT, Stack, pd
 
 RARE_CHECKS = replace(FAST, health_check_interval_s=60.0)
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    s = Stack()
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 def _workers(stack: Stack) -> dict[str, dict]:

@@ -15,7 +15,7 @@ import pytest
 from pdserve.model.builtin import ensure_builtin_model
 from pdserve.tests.support.hf_oracle import HFOracle
 from pdserve.tests.support.payloads import generate_body, prompt_ids
-from pdserve.tests.support.server_process import ServerProcess, post_concurrently, served
+from pdserve.tests.support.server_process import post_concurrently, served
 
 FLAGS = ("--device", "cpu", "--page-size", "4", "--chunked-prefill-size", "16", "--max-total-tokens", "2048")
 PROMPT_LENS = (1, 5, 16, 33, 70)
@@ -52,9 +52,10 @@ def test_greedy_matches_transformers(tp_case: tuple) -> None:
 
 
 def test_cli_flags(tmp_path: Path) -> None:
+    import argparse
+
     from pdserve.common.args import add_dataclass_args, config_from_args
     from pdserve.common.config import ServerConfig, rendezvous_address
-    import argparse
 
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, ServerConfig)

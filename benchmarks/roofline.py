@@ -63,6 +63,8 @@ class RooflineConfig:
     skip_transfer: bool = field(default=False, metadata=flag("leave out the KV transfer"))
     gemv_sweep: bool = field(default=False, metadata=flag("also tune the single-token product kernels"))
     compare_pdl: bool = field(default=False, metadata=flag("also time decode at batch 1 without PDL"))
+    kernel_profile: bool = field(default=False, metadata=flag(
+        "also split each decode batch's GPU time by kernel (torch profiler over eager steps)"))
     output_json: str | None = field(default=None, metadata=flag(
         "result file (default: benchmarks/results/roofline-DATE.json)"))
 
@@ -305,6 +307,35 @@ def time_prefill(runner, tokens: int, num_seqs: int = 1, prefix: int = 0, graphs
             "host_launch_s": launch_s, "gpu_span_s": span_s, "host_share": launch_s / span_s}
 
 
+def decode_kernels(runner, batch: int, context: int, steps: int = 5, top: int = 16) -> list[dict]:
+    """GPU time of eager decode steps (the same kernels the graph replays), by
+    kernel name, largest first: where a decode step's time goes."""
+    import torch
+    from pdserve.model.batch import ScheduledBatch
+    from torch.profiler import ProfilerActivity, profile
+
+    reqs = _reqs(runner, batch, context - 1, 2, seed=batch)
+    b = ScheduledBatch(True, reqs, [[1]] * batch, [r.seq_len for r in reqs])
+    graphs, runner.graphs = runner.graphs, None
+    runner.forward(b)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.forward(b)
+        torch.cuda.synchronize()
+    runner.graphs = graphs
+    for r in reqs:
+        runner.pool.release(r.pages)
+    totals_us: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+        if us > 0:
+            totals_us[evt.key] = totals_us.get(evt.key, 0.0) + us
+    whole_us = sum(totals_us.values()) or 1.0
+    ranked = sorted(totals_us.items(), key=lambda kv: -kv[1])[:top]
+    return [{"name": k, "us_per_step": round(v / steps, 1), "share": round(v / whole_us, 3)} for k, v in ranked]
+
+
 # Prefill rows per length: one prompt (graphs as served), the same without
 # graphs (for the ratio), four prompts in one step, one chunk over a cached prefix.
 PREFILL_VARIANTS = (("prefill", {}), ("prefill_eager", {"graphs": False}), ("prefill_batch", {"num_seqs": 4}),
@@ -333,6 +364,10 @@ def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
             runner.lookahead = True
             rows[-1].update(step_s_serial=serial["step_s"], host_us_serial=serial["host_us"],
                             fraction_serial=floor / serial["step_s"])
+        if cfg.kernel_profile:
+            rows[-1]["kernels"] = decode_kernels(runner, batch, cfg.decode_context)
+            print(f"{name:<14}decode bs={batch} kernels (share of GPU time): "
+                  + ", ".join(f"{k['name'][:48]} {k['share']:.2f}" for k in rows[-1]["kernels"][:8]), flush=True)
         _print_row(name, rows[-1])
     for tokens in cfg.prefill_lengths:
         for kind, variant in PREFILL_VARIANTS:

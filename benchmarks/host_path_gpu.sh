@@ -24,7 +24,7 @@ timeout 420 python3 -m pdserve.benchmarks.roofline --models llama-3.2-1b llama-3
   --output-json "$RESULT" 2>&1 | grep -v '^\[' | tee "$OUT/roofline.log"
 
 python3 -m pdserve.cli serve --model-path benchmarks/configs/llama-3.1-8b.json --load-format dummy \
-  --dtype bfloat16 --port "$PORT" --enable-prefill-cuda-graph --mem-fraction-static 0.5 \
+  --dtype bfloat16 --port "$PORT" --mem-fraction-static 0.5 \
   --attention-backend triton > "$OUT/serve.log" 2>&1 &
 server=$!
 trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
@@ -33,6 +33,6 @@ for _ in $(seq 1 300); do
     2>/dev/null && break
   sleep 1
 done
-timeout 120 python3 -m pdserve.benchmarks.roofline --http-ttft "http://127.0.0.1:$PORT" --into "$RESULT" \
+timeout 120 python3 -m pdserve.benchmarks.roofline --models llama-3.1-8b --http-ttft "http://127.0.0.1:$PORT" --into "$RESULT" \
   | tee -a "$OUT/roofline.log"
 grep -i "prefill cuda graph\|captured" "$OUT/serve.log" | tail -3

@@ -162,7 +162,7 @@ def _runner(cfg: RooflineConfig, name: str, pool_tokens: int, disable_pdl: bool 
     server = ServerConfig(model_path=model_dir, load_format="dummy", dtype="bfloat16", page_size=cfg.page_size,
                           max_total_tokens=pool_tokens, attention_backend=cfg.attention_backend,
                           cuda_graph_max_bs=max(cfg.decode_batches), max_running_requests=max(cfg.decode_batches),
-                          disable_pdl=disable_pdl, enable_prefill_cuda_graph=True)
+                          disable_pdl=disable_pdl)
     runner = ModelRunner(server, model_dir, ModelConfig.from_dir(model_dir))
     runner.pool.buffer.normal_()  # time attention on data, not zeros
     return runner
@@ -779,13 +779,12 @@ def http_ttft_ms(base_url: str, num_prompts: int = 8, input_len: int = 512) -> f
     return statistics.median(ttfts) * 1e3
 
 
-def merge_ttft(ttft_ms: float, input_len: int, source: str, result_json: str) -> dict:
-    """Add an HTTP TTFT to a result, as a ratio to the prefill floor of the lead model at that length."""
+def merge_ttft(ttft_ms: float, input_len: int, source: str, result_json: str, model: str) -> dict:
+    """Add an HTTP TTFT of a server of ``model`` to a result, as a ratio to its prefill floor at that length."""
     results = json.loads(Path(result_json).read_text())
-    lead = results["models"][0]["model"]
     machine = Machine(**results["machine"])
-    floor_s = machine.floor_s(*ModelCost.of_name(lead).prefill(input_len))
-    results["http_ttft"] = {"model": lead, "tokens": input_len, "ttft_median_ms": ttft_ms,
+    floor_s = machine.floor_s(*ModelCost.of_name(model).prefill(input_len))
+    results["http_ttft"] = {"model": model, "tokens": input_len, "ttft_median_ms": ttft_ms,
                             "prefill_floor_ms": floor_s * 1e3, "ratio": ttft_ms / (floor_s * 1e3), "source": source}
     results["targets"] = check_targets(results)
     Path(result_json).write_text(json.dumps(results, indent=2))
@@ -858,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--merge-itl", metavar="BENCH_JSON", help="add a pdserve bench ITL to --into and exit")
     ap.add_argument("--http-itl", metavar="URL", help="measure the batch-1 ITL of a server, add it to --into, exit")
     ap.add_argument("--http-ttft", metavar="URL", help="measure the TTFT of 512-token prompts one at a time "
-                    "through a server, add it to --into as a ratio to the prefill floor, exit")
+                    "through a server, add it to --into as a ratio to the prefill floor of the first of --models, exit")
     ap.add_argument("--into", metavar="RESULT_JSON", help="the result file --merge-itl, --http-itl and --http-ttft update")
     return ap
 
@@ -878,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         results = merge_itl(http_itl_ms(ns.http_itl), "httpx /generate stream, 8 x (1024 in, 128 out)", ns.into)
     elif ns.http_ttft:
         results = merge_ttft(http_ttft_ms(ns.http_ttft), 512, "httpx /generate stream, 8 x (512 in), one at a time",
-                             ns.into)
+                             ns.into, model=cfg.models[0])
     else:
         out = Path(cfg.output_json or f"benchmarks/results/roofline-{datetime.date.today().isoformat()}.json")
         results = run(cfg, argv, out)

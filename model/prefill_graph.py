@@ -41,6 +41,12 @@ from pdserve.model.kernels.step_inputs import (
 logger = logging.getLogger("pdserve.cuda_graph")
 
 
+# Above this many new tokens a step's GPU time exceeds its eager launch (~0.4 ms
+# a layer) several times over on the shapes measured (benchmarks/results/
+# README.md, host path): a graph would save little and cost memory.
+PREFILL_GRAPH_DEFAULT_MAX_TOKENS = 2048
+
+
 def prefill_token_counts(max_tokens: int) -> list[int]:
     """Token counts to capture up to ``max_tokens``: fine steps where padding
     would cost most, coarser where steps are long (at most ~1/8 padded above 512)."""
@@ -155,8 +161,9 @@ class PrefillGraphRunner:
             self._graphs[count], self._outputs[count] = graph, out
         torch.cuda.synchronize()
         self.memory_bytes = max(free_before - torch.cuda.mem_get_info()[0], 0)
-        logger.info("Captured prefill CUDA graphs for %d token counts up to %d (%d sequences at most): %.2f GiB",
-                    len(self.counts), self.counts[-1], self.max_seqs, self.memory_bytes / (1 << 30))
+        logger.info("Captured prefill CUDA graphs for %d token counts up to %d (%d sequences at most): %.2f GiB "
+                    "(--disable-prefill-cuda-graph leaves it free)", len(self.counts), self.counts[-1], self.max_seqs,
+                    self.memory_bytes / (1 << 30))
 
     def _load(self, step: StepInputs, count: int) -> None:
         self.inputs.load(step, count, self._tiles(count), self.block_m)

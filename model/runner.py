@@ -36,6 +36,7 @@ from pdserve.model.kernels.step_inputs import StepInputs, build_step, feed_token
 from pdserve.model.kv_pool import KVPool
 from pdserve.model.parallel import ShardPlan, TPGroup
 from pdserve.model.prefill_graph import (
+    PREFILL_GRAPH_DEFAULT_MAX_TOKENS,
     PrefillGraphRunner,
     prefill_graph_pages,
     prefill_token_counts,
@@ -176,11 +177,11 @@ class ModelRunner:
     def _capture_prefill_graphs(self) -> PrefillGraphRunner | None:
         cfg = self.cfg
         # Under TP the step travels to the other ranks on the host: no graphs there (yet).
-        if (not self._fast or not cfg.enable_prefill_cuda_graph or not self.model.ops.fuses_rope_store
-                or self.tp.size > 1):
+        if (not self._fast or cfg.disable_prefill_cuda_graph or cfg.disable_cuda_graph
+                or not self.model.ops.fuses_rope_store or self.tp.size > 1):
             return None
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
-        max_tokens = cfg.prefill_cuda_graph_max_tokens or min(chunk, 8192)
+        max_tokens = cfg.prefill_cuda_graph_max_tokens or min(chunk, PREFILL_GRAPH_DEFAULT_MAX_TOKENS)
         max_pages = prefill_graph_pages(cfg.prefill_cuda_graph_max_seqs, self.context_len, cfg.page_size,
                                         self.layout.num_pages)
         runner = PrefillGraphRunner(self.model, self.pool.buffer, prefill_token_counts(max_tokens),

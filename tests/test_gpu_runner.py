@@ -103,7 +103,7 @@ def test_prefill_graphs_match_eager(model_dir: str) -> None:
     """Single prompts, batches, a chunk over a cached prefix and a one-token
     prompt replay a prefill graph and give eager's logits and stored KV; a
     batch of more sequences than a graph takes, or more tokens, runs eagerly."""
-    graphs, eager = _runner(model_dir, enable_prefill_cuda_graph=True), _runner(model_dir)
+    graphs, eager = _runner(model_dir), _runner(model_dir, disable_prefill_cuda_graph=True)
     assert graphs.prefill_graphs is not None and eager.prefill_graphs is None
     cases = [([500], [0], True), ([5, 17, 300], [0, 0, 0], True), ([700, 40], [512, 32], True), ([1], [0], True),
              ([9] * 5, [0] * 5, False), ([1100], [0], False)]

@@ -41,13 +41,21 @@ def check_port_free(host: str, port: int, flag: str) -> None:
                                f"choose another with {flag}") from None
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
 def run_main(prog: str, main: Callable[[], int]) -> int:
-    """``main()``, with a StartupError printed as one line on stderr and exit status 1."""
+    """``main()``, with a StartupError printed as one line on stderr and exit
+    status 1, and a Ctrl-C (which the HTTP server re-raises once it has shut
+    down) as one line and status 130 instead of a traceback."""
     try:
         return main()
     except StartupError as exc:
         print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return EXIT_STARTUP_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: stopped", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 def flag_error(prog: str, message: str) -> NoReturn:

@@ -45,6 +45,8 @@ def _start_engine(state: AppState, loop: asyncio.AbstractEventLoop) -> None:
         state.ready = True
         logger.info("The server is fired up and ready to roll! (%s mode on http://%s:%d)", state.cfg.disaggregation_mode, state.cfg.host, state.cfg.port)
     except Exception as exc:
+        if state.engine.stopping:
+            return  # stopped while starting (Ctrl-C): nothing failed
         # The engine already said why it did not start; other failures name their type.
         state.failed = str(exc) if isinstance(exc, EngineDied) else f"{type(exc).__name__}: {exc}"
         logger.error("engine failed to start: %s", state.failed)
@@ -65,7 +67,7 @@ async def _warmup(state: AppState) -> None:
 async def _watch_engine(state: AppState) -> None:
     while True:
         await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
-        if state.ready and not state.engine.alive():
+        if state.ready and not state.engine.alive() and not state.engine.stopping:
             state.ready = False
             state.failed = state.engine.death_reason()
             logger.error("%s; shutting down", state.failed)

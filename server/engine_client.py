@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import socket
 import struct
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
@@ -142,6 +143,12 @@ def _engine_process(engine_main: EngineMain, lifeline: Connection, cfg: ServerCo
     """
     follow_connection(lifeline, "the front")
     engine_main(cfg, model_dir, conn, num_text_tokens, *rank_args)
+    # Done: leave without finalizing the interpreter, whose collection of the
+    # engine's heap takes seconds (the front waits for this exit on shutdown).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class EngineClient:
@@ -161,7 +168,9 @@ class EngineClient:
         self._control: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None
         self.dead = False
+        self.stopping = False  # the front is shutting down: the engine's exit is expected
 
     @staticmethod
     def _rank_pipes(ctx, cfg: ServerConfig, model_dir: str, engine_main: EngineMain,
@@ -204,7 +213,7 @@ class EngineClient:
 
     async def attach(self) -> None:
         """From now on the event loop reads and writes the pipe (call it in the loop)."""
-        sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+        sock = self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))
         self._conn.close()
         loop = asyncio.get_running_loop()
         protocol = _PipeProtocol(self._dispatch, self._on_death)
@@ -246,7 +255,10 @@ class EngineClient:
     def _on_death(self) -> None:
         self.dead = True
         reason = self.death_reason()
-        logger.error("%s", reason)
+        if self.stopping:
+            logger.info("engine stopped with the server")
+        else:
+            logger.error("%s", reason)
         for rid, box in self._boxes.items():
             box.put(TokenOutput(rid=rid, token_ids=[], finish_reason="abort", error=reason, error_status=503))
         for fut in self._control.values():
@@ -311,8 +323,13 @@ class EngineClient:
             self._control.pop(req_id, None)
 
     def shutdown(self) -> None:
+        self.stopping = True
         if self._transport is not None:
-            self._transport.close()  # the engine sees EOF and exits
+            # The transport closes its socket on a later turn of the event loop,
+            # which the join below holds up: end the stream now, so the engine
+            # sees EOF and exits at once.
+            self._sock.shutdown(socket.SHUT_RDWR)
+            self._transport.close()
         else:
             self._conn.close()
         if self.process.pid is None:  # the server failed before the engine was started

@@ -133,3 +133,22 @@ def test_an_engine_that_never_reads_its_pipe_still_follows_its_front() -> None:
             front.wait()
         if engine is not None:
             _kill_all({engine})
+
+
+def test_sigint_stops_a_front_and_its_engine_without_an_error(tmp_path: Path) -> None:
+    """Ctrl-C is an ordinary stop: one line and status 130, the engine gone
+    too (it sees the pipe close at once), no death reported, no traceback."""
+    log = tmp_path / "front.log"
+    server = start_server(SERVE_ARGS, log)
+    engines = descendants(server.proc.pid)
+    try:
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 130, log.read_text()
+        wait_until(lambda: not _still_running(engines), FOLLOW_S, 0.05,
+                   lambda: f"still running after the front stopped: {_still_running(engines)}")
+        text = log.read_text()
+        assert "engine process died" not in text and "Traceback" not in text, text
+        assert "front closed the pipe; engine exits" in text and "pdserve serve: stopped" in text, text
+    finally:
+        _kill_all(engines)
+        server.stop()

@@ -131,7 +131,7 @@ def transfer_self_test(cfg: CheckEnvConfig, backend: str, has_gpu: bool) -> dict
 
 def collect(cfg: CheckEnvConfig) -> dict[str, Any]:
     """The whole report as a JSON-ready dict."""
-    from pdserve import __version__
+    from pdserve.common.version import __version__
     from pdserve.transfer.base import TRANSFER_BACKENDS
 
     report: dict[str, Any] = {"pdserve": __version__, "python": platform.python_version(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pdserve.common.lifeline import follow_launcher
+from pdserve.web.lifeline import follow_launcher
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pdserve.serve", "serve one instance (prefill, decode or colocated)"),
@@ -31,7 +31,7 @@ def _usage() -> str:
 
 
 def _version() -> str:
-    from pdserve import __version__
+    from pdserve.common.version import __version__
 
     return f"pdserve {__version__}"
 

@@ -10,7 +10,7 @@ and so does every instance's.
 On Ctrl-C or SIGTERM, or when any child dies, every child is stopped (SIGTERM,
 then SIGKILL after a grace period); a dead child makes the exit status non-zero.
 If the launcher itself dies, by any signal, its children follow within a
-moment (``common/lifeline.py``: PR_SET_PDEATHSIG plus a pipe each child
+moment (``web/lifeline.py``: PR_SET_PDEATHSIG plus a pipe each child
 watches): no orphan keeps the ports. PR_SET_PDEATHSIG follows the thread that
 started a child, so every child is started from one thread the cluster owns
 until it stops, whichever thread calls ``start`` or ``restart``.
@@ -41,13 +41,13 @@ from typing import IO
 
 import httpx
 from pdserve.common import env
-from pdserve.common.args import add_dataclass_args, config_from_args, flag
-from pdserve.common.auth import bearer_headers, read_secret
-from pdserve.common.lifeline import die_with_parent
+from pdserve.common.args import add_dataclass_args, config_from_args, flag, read_secret
 from pdserve.common.roles import Role
 from pdserve.common.startup import StartupError, check_port_free, flag_error, one_line
 from pdserve.router.policies import POLICIES
 from pdserve.transfer.base import TRANSFER_BACKENDS
+from pdserve.web.auth import bearer_headers
+from pdserve.web.lifeline import die_with_parent
 
 POLL_INTERVAL_S = 0.2
 SMOKE_PROMPT = "The capital of France is"

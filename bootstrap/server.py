@@ -29,15 +29,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pdserve import __version__
 from pdserve.bootstrap.protocol import ID_IN_USE, TOKEN_HEADER, InstanceInfo, InvalidInstanceInfo
 from pdserve.bootstrap.registry import IdentityConflict, InstanceRegistry, PairingConflict
 from pdserve.common import env
-from pdserve.common.args import add_dataclass_args, config_from_args, flag
-from pdserve.common.auth import BearerAuthMiddleware, read_secret, redacted
-from pdserve.common.errors import APIError, install_error_handlers, read_json_object
+from pdserve.common.args import add_dataclass_args, config_from_args, flag, read_secret
+from pdserve.common.errors import APIError
 from pdserve.common.roles import Role
-from pdserve.common.startup import check_port_free, flag_error, run_main
+from pdserve.common.startup import flag_error, run_main
+from pdserve.common.version import __version__
+from pdserve.web.auth import BearerAuthMiddleware, redacted
+from pdserve.web.errors import install_error_handlers, read_json_object
+from pdserve.web.service import serve_app
 
 logger = logging.getLogger("pdserve.bootstrap")
 
@@ -175,13 +177,9 @@ def main(argv: list[str]) -> int:
 
 
 def _serve(config: BootstrapConfig) -> int:
-    import uvicorn
+    def build() -> FastAPI:
+        logger.info("bootstrap service on http://%s:%d (ttl %.1fs, %s)", config.host, config.port, config.ttl_s,
+                    "cluster secret required" if config.cluster_secret else "open: no cluster secret")
+        return create_app(config)
 
-    check_port_free(config.host, config.port, "--port")
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
-    logger.info("bootstrap service on http://%s:%d (ttl %.1fs, %s)", config.host, config.port,
-                config.ttl_s, "cluster secret required" if config.cluster_secret else "open: no cluster secret")
-    uvicorn.run(create_app(config), host=config.host, port=config.port,
-                log_level=config.log_level, access_log=False)
-    return 0
+    return serve_app(config, build)

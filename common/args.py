@@ -12,7 +12,10 @@ import argparse
 import dataclasses
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
+
+from pdserve.common.env import EnvVar
 
 _C = TypeVar("_C")
 
@@ -106,3 +109,23 @@ def config_from_args(cls: type[_C], ns: argparse.Namespace) -> _C:
             value = tuple(value)
         values[f.name] = value
     return cls(**values)
+
+
+def read_secret(value: str | None, path: str | None, env_var: EnvVar[str | None], flag_name: str) -> str | None:
+    """A secret from its flag, else the file its ``-file`` flag names, else ``env_var``.
+
+    A file keeps the secret off command lines (``ps`` shows those to every
+    user); its surrounding whitespace (a trailing newline) is not part of it.
+    Raises ValueError for a file that cannot be read or is empty.
+    """
+    if value and path:
+        raise ValueError(f"give {flag_name} or {flag_name}-file, not both")
+    if path:
+        try:
+            text = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {flag_name}-file {path}: {exc}") from None
+        if not text:
+            raise ValueError(f"{flag_name}-file {path} is empty")
+        return text
+    return value or env_var.get()

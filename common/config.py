@@ -14,10 +14,15 @@ from dataclasses import dataclass, field, fields, replace
 
 from pdserve.common import env
 from pdserve.common.args import flag as _flag
-from pdserve.common.auth import read_secret
-from pdserve.common.request_body import DEFAULT_MAX_REQUEST_BYTES
+from pdserve.common.args import read_secret
 from pdserve.common.roles import Role
 from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
+
+# 16 MiB: a whole 128k-token context as JSON text even at ~64 bytes a token
+# (escaped non-ASCII text costs 6 bytes a character), or a 1M-token prompt as
+# token ids (at most 8 bytes each, separator included), with room to spare; far
+# below what would let one request hold a front's memory or CPU for long.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 def _buckets(what: str) -> dict[str, object]:

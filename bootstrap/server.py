@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -110,21 +111,13 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
         instance_id = (await read_json_object(request)).get("instance_id")
         if not isinstance(instance_id, str) or not instance_id:
             raise APIError(400, "field 'instance_id' must be a non-empty string", "instance_id")
-        try:
-            known = registry.heartbeat(instance_id, _token(request))
-        except IdentityConflict as exc:
-            raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
-        if not known:
+        if not _as_owner(registry.heartbeat, instance_id, request):
             raise APIError(404, f"instance '{instance_id}' is not registered; register again")
         return {"status": "ok"}
 
     @app.delete("/instances/{instance_id}")
     async def delete_instance(instance_id: str, request: Request) -> dict[str, Any]:
-        try:
-            known = registry.delete(instance_id, _token(request))
-        except IdentityConflict as exc:
-            raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
-        if not known:
+        if not _as_owner(registry.delete, instance_id, request):
             raise APIError(404, f"instance '{instance_id}' is not registered")
         logger.info("deregistered %s", instance_id)
         return {"status": "ok", "instance_id": instance_id}
@@ -132,6 +125,15 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
 
 def _token(request: Request) -> str | None:
     return request.headers.get(TOKEN_HEADER) or None
+
+
+def _as_owner(change: Callable[[str, str | None], bool], instance_id: str, request: Request) -> bool:
+    """``change(instance_id, token)`` (a heartbeat, a delete): whether the id was live;
+    a 409 when another process's token holds it."""
+    try:
+        return change(instance_id, _token(request))
+    except IdentityConflict as exc:
+        raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
 
 
 def _lookup_routes(app: FastAPI, registry: InstanceRegistry) -> None:

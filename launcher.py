@@ -72,6 +72,7 @@ class ClusterConfig:
     startup_timeout_s: float = field(default=300.0, metadata=flag("seconds the whole cluster may take to become healthy"))
     stop_grace_s: float = field(default=10.0, metadata=flag("seconds between SIGTERM and SIGKILL when stopping a child"))
     log_dir: str | None = field(default=None, metadata=flag("write each child's log here (default: this terminal)"))
+    smoke: bool = field(default=False, metadata=flag("send one completion once up, print it, shut down"))
     serve_args: tuple[str, ...] = field(default=(), metadata=flag("", skip=True))  # the flags after --
     router_args: tuple[str, ...] = field(default=(), metadata=flag(
         "extra router flags, one shell-quoted string", type=shlex.split))
@@ -427,7 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Arguments after -- go to every `pdserve serve`.")
     add_dataclass_args(parser, ClusterConfig, skip=("serve_args",),
                        choices={"transfer_backend": TRANSFER_BACKENDS.names(), "policy": POLICIES.names()})
-    parser.add_argument("--smoke", action="store_true", help="send one completion once up, print it, shut down (default: off)")
     return parser
 
 
@@ -447,7 +447,7 @@ def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
         config = replace(config, api_key=config.api_key or env.API_KEY.get(), cluster_secret=secret)
     except ValueError as exc:
         flag_error(parser.prog, str(exc))
-    return config, ns.smoke
+    return config, config.smoke
 
 
 def main(argv: list[str]) -> int:

@@ -25,22 +25,22 @@ from pdserve.common.startup import StartupError, check_port_free, flag_error, ru
 if TYPE_CHECKING:
     from pdserve.engine.role import EngineRole
 
-# The engine's role for each --disaggregation-mode; lazy, so a colocated
-# instance never imports the PD roles (nor their transfer backends).
+# The engine's role class for each ``Role``; lazy, so a colocated instance
+# never imports the PD roles (nor their transfer backends).
 ROLES: Registry[type[EngineRole]] = Registry("disaggregation mode", {
-    Role.COLOCATED.value: "pdserve.engine.role:ColocatedRole",
-    Role.PREFILL.value: "pdserve.prefill.role:PrefillRole",
-    Role.DECODE.value: "pdserve.decode.role:DecodeRole",
+    Role.COLOCATED: "pdserve.engine.role:ColocatedRole",
+    Role.PREFILL: "pdserve.prefill.role:PrefillRole",
+    Role.DECODE: "pdserve.decode.role:DecodeRole",
 })
 
 
 def flag_choices() -> dict[str, tuple[str, ...]]:
-    """``choices`` of the flags whose values name registry entries."""
+    """``choices`` of the flags whose values name registry entries (``--disaggregation-mode``
+    takes the ``Role`` names, ``ROLES``' keys)."""
     from pdserve.model.attention.base import ATTENTION_BACKENDS
     from pdserve.transfer.base import TRANSFER_BACKENDS
 
     return {
-        "disaggregation_mode": ROLES.names(),
         "attention_backend": ATTENTION_BACKENDS.names(),
         "disaggregation_transfer_backend": TRANSFER_BACKENDS.names(),
     }

@@ -100,7 +100,7 @@ def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
     model_name = served_model_name(cfg)
     engine = EngineClient(cfg, model_dir, engine_main, len(tokenizer))
     state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name, cfg.metrics, cfg.disaggregation_mode),
-                     tracer=Tracer(f"pdserve-{Role(cfg.disaggregation_mode).name.lower()}", cfg.metrics.otlp_traces_endpoint))
+                     tracer=Tracer(f"pdserve-{cfg.disaggregation_mode.name.lower()}", cfg.metrics.otlp_traces_endpoint))
     app = build_app(state)
     timeouts = uvicorn_timeouts(cfg.http_keep_alive_timeout_s, cfg.http_read_timeout_s)
     server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5, **timeouts))

@@ -179,7 +179,7 @@ def _trace_maker(state: AppState, request: Request, gen: GenerationInput, receiv
     """What records the call's span (and its phases) once it is done; a no-op without tracing."""
     if not state.tracer.enabled:
         return lambda choices: None
-    role = Role(state.cfg.disaggregation_mode)
+    role = state.cfg.disaggregation_mode
     attributes = {"pdserve.instance_id": state.cfg.instance_id or "", "pdserve.role": role.name.lower(),
                   "pdserve.bootstrap_room": gen.bootstrap_room if gen.bootstrap_room is not None else -1}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pdserve.common import env
 from pdserve.common.registry import Registry, UnknownName
+from pdserve.common.roles import Role
 
 ROOT = Path(__file__).resolve().parents[1]
 # The files at the package root (commands that assemble the folders below): they
@@ -158,13 +159,26 @@ def test_every_registry_resolves_its_cpu_entries() -> None:
     from pdserve.serve import ROLES
     from pdserve.transfer.base import TRANSFER_BACKENDS
 
-    assert ROLES.names() == ("decode", "null", "prefill")
+    assert ROLES.names() == tuple(sorted(Role.names())) == ("decode", "null", "prefill")  # one role, one class
     for name in ROLES.names():
         assert ROLES.get(name).__name__.endswith("Role")
     assert ATTENTION_BACKENDS.get("torch").__name__ == "TorchAttention"
     assert {MODELS.get(a).__name__ for a in MODELS.names()} == {"CausalLM"}
     assert POLICIES.names() == ("cache_aware", "power_of_two", "random", "round_robin")
     assert TRANSFER_BACKENDS.get("nixl").__name__ == "NixlAgent"
+
+
+def test_named_choices_are_registries() -> None:
+    """Datasets, built-in models and every CLI's subcommands are registries too."""
+    from pdserve.benchmarks import serving_cost
+    from pdserve.benchmarks.datasets import DATASETS
+    from pdserve.cli import SUBCOMMANDS
+    from pdserve.model import builtin
+
+    for registry in (DATASETS, builtin.PRESETS, builtin.COMMANDS, SUBCOMMANDS, serving_cost.COMMANDS):
+        assert isinstance(registry, Registry) and registry.names()
+    with pytest.raises(UnknownName, match="unknown dataset 'nope'; known: random, "):
+        DATASETS.get("nope")
 
 
 def test_environment_switches_are_declared_in_one_module() -> None:

@@ -435,7 +435,7 @@ class Engine:
 
 
 def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None,
-                rank: int = 0, links: tuple = (), role: type[EngineRole] = ColocatedRole) -> None:
+                rank: int = 0, links: tuple = (), *, role: type[EngineRole]) -> None:
     """Entry point of an engine process. Rank 0 talks to the front on ``conn``
     and leads the other ranks through ``links`` ((step pipe, liveness pipe)
     per follower); a follower (rank > 0) gets rank 0's step pipe as ``conn``

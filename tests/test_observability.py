@@ -310,8 +310,7 @@ def test_a_room_whose_prefill_instance_is_unknown_counts_as_a_bootstrap_failure(
 
 def _in_process_front(mode: str, bootstrap_url: str, exporter) -> tuple:
     """A real front in a thread of this process (its engine a child process), tracing into ``exporter``."""
-    from pdserve.engine.engine import engine_main
-    from pdserve.serve import parse_config, resolve_model_dir
+    from pdserve.serve import engine_main, parse_config, resolve_model_dir
     from pdserve.server.app import build_app
     from pdserve.server.engine_client import EngineClient
     from pdserve.server.metrics import ServerMetrics

@@ -1,3 +1,5 @@
 """pdserve: prefill/decode disaggregated LLM serving."""
 
-__version__ = "0.1.0"
+from pdserve.common.version import __version__
+
+__all__ = ["__version__"]

@@ -38,8 +38,6 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "ucxx": ("ucxx", "ucxx-cu12", "ucxx-cu13"),
     "transformers": ("transformers",),
 }
-# Transfer backend -> the module it needs and whether it needs a GPU.
-BACKEND_NEEDS: dict[str, tuple[str, bool]] = {"nixl": ("nixl", False), "ucx": ("ucxx", False), "cuda_ipc": ("nixl", True)}
 # A small model's KV: 4 layers, 8 KV heads of 128, bf16; 32 KiB per page per region.
 SELF_TEST_LAYOUT = {"num_layers": 4, "page_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"}
 
@@ -97,10 +95,12 @@ def cuda_facts() -> dict[str, Any]:
 
 def _unavailable(backend: str, has_gpu: bool) -> str | None:
     """Why ``backend`` cannot run here, or None."""
-    module, needs_gpu = BACKEND_NEEDS.get(backend, (backend, False))
-    if importlib.util.find_spec(module) is None:
-        return f"the {module} package is not installed"
-    if needs_gpu and not has_gpu:
+    from pdserve.transfer.base import TRANSFER_BACKENDS
+
+    agent = TRANSFER_BACKENDS.get(backend)  # its module imports no native library
+    if agent.native_package is not None and importlib.util.find_spec(agent.native_package) is None:
+        return f"the {agent.native_package} package is not installed"
+    if agent.needs_gpu and not has_gpu:
         return "needs a CUDA GPU"
     return None
 
@@ -131,7 +131,7 @@ def transfer_self_test(cfg: CheckEnvConfig, backend: str, has_gpu: bool) -> dict
 
 def collect(cfg: CheckEnvConfig) -> dict[str, Any]:
     """The whole report as a JSON-ready dict."""
-    from pdserve import __version__
+    from pdserve.common.version import __version__
     from pdserve.transfer.base import TRANSFER_BACKENDS
 
     report: dict[str, Any] = {"pdserve": __version__, "python": platform.python_version(),

@@ -7,31 +7,45 @@ pays for importing torch.
 
 from __future__ import annotations
 
-import importlib
 import sys
+from dataclasses import dataclass
 
-from pdserve.common.lifeline import follow_launcher
+from pdserve.common.registry import Registry, load
+from pdserve.web.lifeline import follow_launcher
 
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("pdserve.serve", "serve one instance (prefill, decode or colocated)"),
-    "bootstrap": ("pdserve.bootstrap.server", "run the bootstrap registry"),
-    "router": ("pdserve.router.app", "run the PD load balancer / OpenAI front door"),
-    "up": ("pdserve.launcher", "start a whole local cluster"),
-    "bench": ("pdserve.benchmarks.bench_serving", "TTFT/ITL benchmark client"),
-    "model": ("pdserve.model.builtin", "built-in models: pdserve model path NAME"),
-    "check-env": ("pdserve.check_env", "versions, GPUs and a loopback self-test of each KV transfer backend"),
-}
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its ``main(argv)`` as a lazy ``"module:function"`` name, and what it does."""
+
+    main: str
+    help: str
+
+    def run(self, argv: list[str]) -> int:
+        return int(load(self.main)(argv) or 0)
+
+
+SUBCOMMANDS: Registry[Command] = Registry("command", {
+    "serve": Command("pdserve.serve:main", "serve one instance (prefill, decode or colocated)"),
+    "bootstrap": Command("pdserve.bootstrap.server:main", "run the bootstrap registry"),
+    "router": Command("pdserve.router.app:main", "run the PD load balancer / OpenAI front door"),
+    "up": Command("pdserve.launcher:main", "start a whole local cluster"),
+    "bench": Command("pdserve.benchmarks.bench_serving:main", "TTFT/ITL benchmark client"),
+    "model": Command("pdserve.model.builtin:main", "built-in models: pdserve model path NAME"),
+    "check-env": Command("pdserve.check_env:main",
+                         "versions, GPUs and a loopback self-test of each KV transfer backend"),
+})
 
 
 def _usage() -> str:
     lines = ["usage: pdserve <command> [options]", "       pdserve --version", "", "commands:"]
-    lines += [f"  {name:<10} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<10} {SUBCOMMANDS.get(name).help}" for name in SUBCOMMANDS.names()]
     lines += ["", "pdserve <command> --help describes a command's flags."]
     return "\n".join(lines)
 
 
 def _version() -> str:
-    from pdserve import __version__
+    from pdserve.common.version import __version__
 
     return f"pdserve {__version__}"
 
@@ -49,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdserve: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     follow_launcher()  # a child of `pdserve up` ends with it, however it ends
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    result = module.main(rest)
-    return int(result or 0)
+    return SUBCOMMANDS.get(name).run(rest)
 
 
 if __name__ == "__main__":

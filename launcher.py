@@ -10,7 +10,7 @@ and so does every instance's.
 On Ctrl-C or SIGTERM, or when any child dies, every child is stopped (SIGTERM,
 then SIGKILL after a grace period); a dead child makes the exit status non-zero.
 If the launcher itself dies, by any signal, its children follow within a
-moment (``common/lifeline.py``: PR_SET_PDEATHSIG plus a pipe each child
+moment (``web/lifeline.py``: PR_SET_PDEATHSIG plus a pipe each child
 watches): no orphan keeps the ports. PR_SET_PDEATHSIG follows the thread that
 started a child, so every child is started from one thread the cluster owns
 until it stops, whichever thread calls ``start`` or ``restart``.
@@ -41,13 +41,13 @@ from typing import IO
 
 import httpx
 from pdserve.common import env
-from pdserve.common.args import add_dataclass_args, config_from_args, flag
-from pdserve.common.auth import bearer_headers, read_secret
-from pdserve.common.lifeline import die_with_parent
+from pdserve.common.args import add_dataclass_args, config_from_args, flag, read_secret
 from pdserve.common.roles import Role
 from pdserve.common.startup import StartupError, check_port_free, flag_error, one_line
 from pdserve.router.policies import POLICIES
 from pdserve.transfer.base import TRANSFER_BACKENDS
+from pdserve.web.auth import bearer_headers
+from pdserve.web.lifeline import die_with_parent
 
 POLL_INTERVAL_S = 0.2
 SMOKE_PROMPT = "The capital of France is"
@@ -72,6 +72,7 @@ class ClusterConfig:
     startup_timeout_s: float = field(default=300.0, metadata=flag("seconds the whole cluster may take to become healthy"))
     stop_grace_s: float = field(default=10.0, metadata=flag("seconds between SIGTERM and SIGKILL when stopping a child"))
     log_dir: str | None = field(default=None, metadata=flag("write each child's log here (default: this terminal)"))
+    smoke: bool = field(default=False, metadata=flag("send one completion once up, print it, shut down"))
     serve_args: tuple[str, ...] = field(default=(), metadata=flag("", skip=True))  # the flags after --
     router_args: tuple[str, ...] = field(default=(), metadata=flag(
         "extra router flags, one shell-quoted string", type=shlex.split))
@@ -427,7 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Arguments after -- go to every `pdserve serve`.")
     add_dataclass_args(parser, ClusterConfig, skip=("serve_args",),
                        choices={"transfer_backend": TRANSFER_BACKENDS.names(), "policy": POLICIES.names()})
-    parser.add_argument("--smoke", action="store_true", help="send one completion once up, print it, shut down (default: off)")
     return parser
 
 
@@ -447,7 +447,7 @@ def parse_args(argv: list[str]) -> tuple[ClusterConfig, bool]:
         config = replace(config, api_key=config.api_key or env.API_KEY.get(), cluster_secret=secret)
     except ValueError as exc:
         flag_error(parser.prog, str(exc))
-    return config, ns.smoke
+    return config, config.smoke
 
 
 def main(argv: list[str]) -> int:

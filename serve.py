@@ -1,8 +1,10 @@
 """``pdserve serve``: parse the instance's flags, resolve its model, run its front.
 
 It sits at the package root because it assembles the parts: the front
-(``server/``) is handed the engine's entry point (``engine/``), and the flags'
-choices come from the registries of roles, attention and transfer backends.
+(``server/``) is handed the engine's entry point (``engine/``) with the role
+``--disaggregation-mode`` names (``ROLES``: ``engine/``, ``prefill/``,
+``decode/``), and the flags' choices come from the registries of attention and
+transfer backends.
 """
 
 from __future__ import annotations
@@ -11,20 +13,34 @@ import argparse
 import logging
 import os
 import sys
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from pdserve.common.args import add_dataclass_args, config_from_args
 from pdserve.common.config import ServerConfig
+from pdserve.common.registry import Registry
+from pdserve.common.roles import Role
 from pdserve.common.startup import StartupError, check_port_free, flag_error, run_main
+
+if TYPE_CHECKING:
+    from pdserve.engine.role import EngineRole
+
+# The engine's role class for each ``Role``; lazy, so a colocated instance
+# never imports the PD roles (nor their transfer backends).
+ROLES: Registry[type[EngineRole]] = Registry("disaggregation mode", {
+    Role.COLOCATED: "pdserve.engine.role:ColocatedRole",
+    Role.PREFILL: "pdserve.prefill.role:PrefillRole",
+    Role.DECODE: "pdserve.decode.role:DecodeRole",
+})
 
 
 def flag_choices() -> dict[str, tuple[str, ...]]:
-    """``choices`` of the flags whose values name registry entries."""
-    from pdserve.engine.role import ROLES
+    """``choices`` of the flags whose values name registry entries (``--disaggregation-mode``
+    takes the ``Role`` names, ``ROLES``' keys)."""
     from pdserve.model.attention.base import ATTENTION_BACKENDS
     from pdserve.transfer.base import TRANSFER_BACKENDS
 
     return {
-        "disaggregation_mode": ROLES.names(),
         "attention_backend": ATTENTION_BACKENDS.names(),
         "disaggregation_transfer_backend": TRANSFER_BACKENDS.names(),
     }
@@ -80,10 +96,17 @@ def _serve(cfg: ServerConfig) -> int:
     check_ports(cfg)
     model_dir = check_model_path(cfg.model_path)
     logging.basicConfig(level=cfg.log_level.upper(), format=f"[%(asctime)s {cfg.disaggregation_mode}] %(message)s")
-    from pdserve.engine.engine import engine_main
     from pdserve.server.app import run
 
     return run(cfg, model_dir, engine_main)
+
+
+def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None,
+                rank: int = 0, links: tuple = ()) -> None:
+    """The engine process's entry point (every rank's), with its role's class."""
+    from pdserve.engine.engine import engine_main as run_engine
+
+    run_engine(cfg, model_dir, conn, num_text_tokens, rank, links, role=ROLES.get(cfg.disaggregation_mode))
 
 
 def main(argv: list[str] | None = None) -> int:

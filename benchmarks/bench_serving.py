@@ -233,7 +233,7 @@ async def run_benchmark(cfg: BenchConfig) -> BenchOutcome:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0].replace("``", ""))
-    add_dataclass_args(parser, BenchConfig, choices={"backend": BACKENDS.names(), "dataset": sorted(DATASETS)})
+    add_dataclass_args(parser, BenchConfig, choices={"backend": BACKENDS.names(), "dataset": DATASETS.names()})
     return parser
 
 

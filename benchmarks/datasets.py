@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from pdserve.benchmarks.bench_tokenizer import Tokenizer, text_of_length
 from pdserve.benchmarks.scenarios import Scenario
-
-DATASETS: dict[str, Callable[[DatasetSpec, Tokenizer, np.random.Generator], list[BenchRequest]]] = {}
+from pdserve.common.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,11 @@ class DatasetSpec:
     sharegpt_output_len: int | None = None
 
 
+# Each builder turns a spec into the requests to send; ``@DATASETS.register(name)`` adds one.
+DatasetBuilder = Callable[[DatasetSpec, Tokenizer, np.random.Generator], list[BenchRequest]]
+DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+
+
 def length_summary(requests: list[BenchRequest]) -> dict[str, dict[str, float]]:
     """min, mean and max of the prompts' token lengths and the output lengths asked:
     the scenario a run really had (a normal scenario clips at one token, for one)."""
@@ -56,22 +60,13 @@ def length_summary(requests: list[BenchRequest]) -> dict[str, dict[str, float]]:
             "output_tokens": stats([r.output_len for r in requests])}
 
 
-def register_dataset(name: str) -> Callable:
-    def wrap(fn: Callable) -> Callable:
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
-
-
 def build_dataset(spec: DatasetSpec, tokenizer: Tokenizer, seed: int) -> list[BenchRequest]:
-    if spec.name not in DATASETS:
-        raise ValueError(f"unknown dataset {spec.name!r}; choose from {sorted(DATASETS)}")
+    build = DATASETS.get(spec.name)  # an unknown name is a ValueError that lists the known ones
     if spec.scenario is not None and not spec.name.startswith("random"):
         raise ValueError("--traffic-scenario shapes random prompts: use --dataset random or random-ids")
     if spec.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")
-    return DATASETS[spec.name](spec, tokenizer, np.random.default_rng(seed))
+    return build(spec, tokenizer, np.random.default_rng(seed))
 
 
 def _ranged(length: int, ratio: float, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -90,7 +85,7 @@ def _random_lengths(spec: DatasetSpec, rng: np.random.Generator) -> list[tuple[i
     return [(int(i), int(o)) for i, o in zip(inputs, outputs, strict=True)]
 
 
-@register_dataset("random")
+@DATASETS.register("random")
 def _random_text(spec: DatasetSpec, tokenizer: Tokenizer, rng: np.random.Generator) -> list[BenchRequest]:
     requests = []
     for input_len, output_len in _random_lengths(spec, rng):
@@ -99,7 +94,7 @@ def _random_text(spec: DatasetSpec, tokenizer: Tokenizer, rng: np.random.Generat
     return requests
 
 
-@register_dataset("random-ids")
+@DATASETS.register("random-ids")
 def _random_ids(spec: DatasetSpec, tokenizer: Tokenizer, rng: np.random.Generator) -> list[BenchRequest]:
     if not tokenizer.exact:
         raise ValueError("--dataset random-ids needs the model's tokenizer (--tokenizer DIR)")
@@ -120,7 +115,7 @@ def _sharegpt_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-@register_dataset("sharegpt")
+@DATASETS.register("sharegpt")
 def _sharegpt(spec: DatasetSpec, tokenizer: Tokenizer, rng: np.random.Generator) -> list[BenchRequest]:
     """First human turn as prompt, the reply's length as output length.
 
@@ -143,7 +138,7 @@ def _sharegpt(spec: DatasetSpec, tokenizer: Tokenizer, rng: np.random.Generator)
     raise ValueError(f"{spec.path}: only {len(requests)} usable conversations, {spec.num_prompts} asked")
 
 
-@register_dataset("shared-prefix")
+@DATASETS.register("shared-prefix")
 def _shared_prefix(spec: DatasetSpec, tokenizer: Tokenizer, rng: np.random.Generator) -> list[BenchRequest]:
     """Groups of prompts that share one long system prefix, each with its own suffix.
 

@@ -70,6 +70,21 @@ class RooflineConfig:
 
 
 @dataclass(frozen=True)
+class MergeConfig:
+    """Instead of a run: add one measurement to an existing result file (``--into``) and exit."""
+
+    merge_itl: str | None = field(default=None, metadata=flag(
+        "add a pdserve bench ITL (its result JSON) to --into and exit", metavar="BENCH_JSON"))
+    http_itl: str | None = field(default=None, metadata=flag(
+        "measure the batch-1 ITL of a server, add it to --into, exit", metavar="URL"))
+    http_ttft: str | None = field(default=None, metadata=flag(
+        "measure the TTFT of 512-token prompts one at a time through a server, add it to --into as a ratio "
+        "to the prefill floor of the first of --models, exit", metavar="URL"))
+    into: str | None = field(default=None, metadata=flag(
+        "the result file --merge-itl, --http-itl and --http-ttft update", metavar="RESULT_JSON"))
+
+
+@dataclass(frozen=True)
 class Machine:
     gpu: str
     copy_bytes_per_s: float  # bytes read + written
@@ -854,30 +869,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="roofline", description=__doc__.split("\n")[0])
     add_dataclass_args(ap, RooflineConfig, choices={"attention_backend": ATTENTION_BACKENDS.names(),
                                                     "transfer_backends": TRANSFER_BACKENDS.names()})
-    ap.add_argument("--merge-itl", metavar="BENCH_JSON", help="add a pdserve bench ITL to --into and exit")
-    ap.add_argument("--http-itl", metavar="URL", help="measure the batch-1 ITL of a server, add it to --into, exit")
-    ap.add_argument("--http-ttft", metavar="URL", help="measure the TTFT of 512-token prompts one at a time "
-                    "through a server, add it to --into as a ratio to the prefill floor of the first of --models, exit")
-    ap.add_argument("--into", metavar="RESULT_JSON", help="the result file --merge-itl, --http-itl and --http-ttft update")
+    add_dataclass_args(ap, MergeConfig)
     return ap
 
 
-def parse_args(argv: list[str]) -> tuple[RooflineConfig, argparse.Namespace]:
+def parse_args(argv: list[str]) -> tuple[RooflineConfig, MergeConfig]:
     ns = build_parser().parse_args(argv)
-    return config_from_args(RooflineConfig, ns), ns
+    return config_from_args(RooflineConfig, ns), config_from_args(MergeConfig, ns)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, ns = parse_args(argv)
-    if ns.merge_itl:
-        itl = json.loads(Path(ns.merge_itl).read_text())["runs"][0]["metrics"]["itl_ms"]["median"]
-        results = merge_itl(itl, f"pdserve bench ({ns.merge_itl})", ns.into)
-    elif ns.http_itl:
-        results = merge_itl(http_itl_ms(ns.http_itl), "httpx /generate stream, 8 x (1024 in, 128 out)", ns.into)
-    elif ns.http_ttft:
-        results = merge_ttft(http_ttft_ms(ns.http_ttft), 512, "httpx /generate stream, 8 x (512 in), one at a time",
-                             ns.into, model=cfg.models[0])
+    cfg, merge = parse_args(argv)
+    if merge.merge_itl:
+        itl = json.loads(Path(merge.merge_itl).read_text())["runs"][0]["metrics"]["itl_ms"]["median"]
+        results = merge_itl(itl, f"pdserve bench ({merge.merge_itl})", merge.into)
+    elif merge.http_itl:
+        results = merge_itl(http_itl_ms(merge.http_itl), "httpx /generate stream, 8 x (1024 in, 128 out)", merge.into)
+    elif merge.http_ttft:
+        results = merge_ttft(http_ttft_ms(merge.http_ttft), 512,
+                             "httpx /generate stream, 8 x (512 in), one at a time", merge.into, model=cfg.models[0])
     else:
         out = Path(cfg.output_json or f"benchmarks/results/roofline-{datetime.date.today().isoformat()}.json")
         results = run(cfg, argv, out)

@@ -61,28 +61,24 @@ from pdserve.benchmarks.serving.front import run_front
 from pdserve.benchmarks.serving.procs import run_guarded
 from pdserve.benchmarks.serving.report import print_report, write_json
 from pdserve.benchmarks.serving.router import run_router
-from pdserve.common.args import add_dataclass_args, config_from_args
+from pdserve.common.args import Subcommand, chosen_subcommand, subcommand_parser
+from pdserve.common.registry import Registry
 
-COMMANDS = {"front": (FrontConfig, run_front, "CPU per token of one instance's front and engine"),
-            "router": (RouterBenchConfig, run_router, "CPU per relayed token of pdserve router vs sglang-router")}
+COMMANDS: Registry[Subcommand] = Registry("measurement", {
+    "front": Subcommand(FrontConfig, run_front, "CPU per token of one instance's front and engine"),
+    "router": Subcommand(RouterBenchConfig, run_router, "CPU per relayed token of pdserve router vs sglang-router"),
+})
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per measurement, each built from its config dataclass."""
-    p = argparse.ArgumentParser(prog="python -m pdserve.benchmarks.serving_cost",
-                                description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, (cls, _, help_text) in COMMANDS.items():
-        add_dataclass_args(sub.add_parser(name, help=help_text, description=help_text), cls)
-    sub.choices["front"].add_argument("server_args", nargs="*", help="extra `pdserve serve` flags, after --")
-    return p
+    return subcommand_parser("python -m pdserve.benchmarks.serving_cost", __doc__.split("\n\n")[0], COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    cls, measure, _ = COMMANDS[ns.command]
-    cfg = config_from_args(cls, ns)
-    doc, status = run_guarded(lambda: measure(cfg))
+    command, cfg = chosen_subcommand(COMMANDS, ns)
+    doc, status = run_guarded(lambda: command.run(cfg))
     if doc is None:
         return status
     write_json(cfg.output_json, doc)

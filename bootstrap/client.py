@@ -18,8 +18,8 @@ import time
 
 import httpx
 from pdserve.bootstrap.protocol import ID_IN_USE, TOKEN_HEADER, InstanceInfo
-from pdserve.common.auth import bearer_headers
 from pdserve.common.startup import StartupError
+from pdserve.web.auth import bearer_headers
 
 logger = logging.getLogger("pdserve.bootstrap.client")
 

@@ -52,7 +52,7 @@ def encode_peer_info(data: bytes) -> str:
 @dataclass(frozen=True, kw_only=True)
 class InstanceInfo:
     instance_id: str
-    role: str  # a Role value; "null" is a colocated instance
+    role: Role  # its name on the wire; "null" is a colocated instance
     http_url: str  # e.g. "http://10.0.0.2:31000", no trailing slash
     control_address: str  # "host:port" of the PD control channel
     transfer_backend: str  # "nixl" | "ucx" | "cuda_ipc"
@@ -63,6 +63,9 @@ class InstanceInfo:
     # Random per process start: a restarted instance (same instance_id and
     # addresses) is a new peer, never confused with its old self.
     epoch: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))  # its name works too
 
     @property
     def peer_info_bytes(self) -> bytes:
@@ -75,6 +78,7 @@ class InstanceInfo:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {name: getattr(self, name) for name in _STR_FIELDS}
+        data["role"] = self.role.value
         data["kv_layout"] = self.kv_layout.to_dict()
         data["pd_protocol_version"] = self.pd_protocol_version
         data["epoch"] = self.epoch

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.bootstrap.protocol import InstanceInfo
-from pdserve.common.roles import Role
 
 
 class PairingConflict(Exception):
@@ -124,7 +123,7 @@ class InstanceRegistry:
 
 def pairing_problem(new: InstanceInfo, live: InstanceInfo) -> str | None:
     """Why ``new`` may not join next to ``live``, or None when they can pair."""
-    if new.model != live.model or not Role(new.role).is_pd or not Role(live.role).is_pd:
+    if new.model != live.model or not new.role.is_pd or not live.role.is_pd:
         return None
     new_name = f"{new.role} '{new.instance_id}'"
     live_name = f"{live.role} '{live.instance_id}'"

@@ -25,19 +25,22 @@ import argparse
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pdserve import __version__
 from pdserve.bootstrap.protocol import ID_IN_USE, TOKEN_HEADER, InstanceInfo, InvalidInstanceInfo
 from pdserve.bootstrap.registry import IdentityConflict, InstanceRegistry, PairingConflict
 from pdserve.common import env
-from pdserve.common.args import add_dataclass_args, config_from_args, flag
-from pdserve.common.auth import BearerAuthMiddleware, read_secret, redacted
-from pdserve.common.errors import APIError, install_error_handlers, read_json_object
+from pdserve.common.args import add_dataclass_args, config_from_args, flag, read_secret
+from pdserve.common.errors import APIError
 from pdserve.common.roles import Role
-from pdserve.common.startup import check_port_free, flag_error, run_main
+from pdserve.common.startup import flag_error, run_main
+from pdserve.common.version import __version__
+from pdserve.web.auth import BearerAuthMiddleware, redacted
+from pdserve.web.errors import install_error_handlers, read_json_object
+from pdserve.web.service import serve_app
 
 logger = logging.getLogger("pdserve.bootstrap")
 
@@ -108,21 +111,13 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
         instance_id = (await read_json_object(request)).get("instance_id")
         if not isinstance(instance_id, str) or not instance_id:
             raise APIError(400, "field 'instance_id' must be a non-empty string", "instance_id")
-        try:
-            known = registry.heartbeat(instance_id, _token(request))
-        except IdentityConflict as exc:
-            raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
-        if not known:
+        if not _as_owner(registry.heartbeat, instance_id, request):
             raise APIError(404, f"instance '{instance_id}' is not registered; register again")
         return {"status": "ok"}
 
     @app.delete("/instances/{instance_id}")
     async def delete_instance(instance_id: str, request: Request) -> dict[str, Any]:
-        try:
-            known = registry.delete(instance_id, _token(request))
-        except IdentityConflict as exc:
-            raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
-        if not known:
+        if not _as_owner(registry.delete, instance_id, request):
             raise APIError(404, f"instance '{instance_id}' is not registered")
         logger.info("deregistered %s", instance_id)
         return {"status": "ok", "instance_id": instance_id}
@@ -130,6 +125,15 @@ def _membership_routes(app: FastAPI, registry: InstanceRegistry, ttl_s: float) -
 
 def _token(request: Request) -> str | None:
     return request.headers.get(TOKEN_HEADER) or None
+
+
+def _as_owner(change: Callable[[str, str | None], bool], instance_id: str, request: Request) -> bool:
+    """``change(instance_id, token)`` (a heartbeat, a delete): whether the id was live;
+    a 409 when another process's token holds it."""
+    try:
+        return change(instance_id, _token(request))
+    except IdentityConflict as exc:
+        raise APIError(409, str(exc), "instance_id", ID_IN_USE) from None
 
 
 def _lookup_routes(app: FastAPI, registry: InstanceRegistry) -> None:
@@ -175,13 +179,9 @@ def main(argv: list[str]) -> int:
 
 
 def _serve(config: BootstrapConfig) -> int:
-    import uvicorn
+    def build() -> FastAPI:
+        logger.info("bootstrap service on http://%s:%d (ttl %.1fs, %s)", config.host, config.port, config.ttl_s,
+                    "cluster secret required" if config.cluster_secret else "open: no cluster secret")
+        return create_app(config)
 
-    check_port_free(config.host, config.port, "--port")
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
-    logger.info("bootstrap service on http://%s:%d (ttl %.1fs, %s)", config.host, config.port,
-                config.ttl_s, "cluster secret required" if config.cluster_secret else "open: no cluster secret")
-    uvicorn.run(create_app(config), host=config.host, port=config.port,
-                log_level=config.log_level, access_log=False)
-    return 0
+    return serve_app(config, build)

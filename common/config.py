@@ -14,10 +14,15 @@ from dataclasses import dataclass, field, fields, replace
 
 from pdserve.common import env
 from pdserve.common.args import flag as _flag
-from pdserve.common.auth import read_secret
-from pdserve.common.request_body import DEFAULT_MAX_REQUEST_BYTES
+from pdserve.common.args import read_secret
 from pdserve.common.roles import Role
 from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
+
+# 16 MiB: a whole 128k-token context as JSON text even at ~64 bytes a token
+# (escaped non-ASCII text costs 6 bytes a character), or a 1M-token prompt as
+# token ids (at most 8 bytes each, separator included), with room to spare; far
+# below what would let one request hold a front's memory or CPU for long.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 def _buckets(what: str) -> dict[str, object]:
@@ -104,7 +109,7 @@ class ServerConfig:
     disable_overlap_schedule: bool = field(default=False, metadata=_flag("do not prepare the next batch while the GPU runs"))
     disable_pdl: bool = field(default=False, metadata=_flag("launch our GPU kernels without programmatic dependent launch (Hopper and newer chain them by default)"))
     # Disaggregation.
-    disaggregation_mode: str = field(default=Role.COLOCATED.value, metadata=_flag("instance role: null (colocated), prefill or decode"))
+    disaggregation_mode: Role = field(default=Role.COLOCATED, metadata=_flag("instance role: null (colocated), prefill or decode"))
     disaggregation_bootstrap_url: str | None = field(default=None, metadata=_flag("bootstrap service URL, e.g. http://127.0.0.1:8998"))
     disaggregation_transfer_backend: str = field(default="nixl", metadata=_flag(
         "KV transfer backend; cuda_ipc = nixl plus direct copies to a decode instance on the same GPU",
@@ -123,6 +128,9 @@ class ServerConfig:
     cluster_secret_file: str | None = field(default=None, metadata=_flag("file holding the cluster secret"))
     # Metrics.
     metrics: MetricsConfig = field(default=MetricsConfig(), metadata=_flag("", nested=True))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disaggregation_mode", Role(self.disaggregation_mode))  # its name works too
 
     def resolve(self) -> ServerConfig:
         """Fill the ``auto`` values that need neither the model nor a device."""
@@ -144,7 +152,7 @@ class ServerConfig:
             raise ValueError("--tp-size and --gpu-id-step must be >= 1")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
-        if Role(self.disaggregation_mode).is_pd and not self.disaggregation_bootstrap_url:
+        if self.disaggregation_mode.is_pd and not self.disaggregation_bootstrap_url:
             raise ValueError("--disaggregation-bootstrap-url is required in prefill and decode mode")
         if self.max_request_bytes < 1:
             raise ValueError("--max-request-bytes must be >= 1")

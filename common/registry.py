@@ -48,7 +48,7 @@ class Registry(Generic[T]):
         except KeyError:
             raise UnknownName(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
         if isinstance(target, str):
-            target = _load(target)
+            target = load(target)
             self._entries[name] = target
         return cast(T, target)
 
@@ -71,7 +71,8 @@ class Registry(Generic[T]):
         return getattr(obj, "__module__", None) == module and getattr(obj, "__qualname__", None) == attr
 
 
-def _load(path: str) -> object:
+def load(path: str) -> object:
+    """The object a lazy ``"module:attr"`` name names, its module imported now."""
     module, sep, attr = path.partition(":")
     if not sep:
         raise ValueError(f"lazy registry entry {path!r} is not 'module:attr'")

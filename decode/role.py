@@ -50,6 +50,7 @@ from pdserve.transfer.control import ControlClient, ControlClosedError
 from pdserve.transfer.endpoint import PDEndpoint, new_epoch
 from pdserve.transfer.metrics import DECODE_QUEUES, TransferMetrics, bytes_per_page
 from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
+from pdserve.transfer.tp import follower_transfer as tp_follower_transfer
 
 logger = logging.getLogger("pdserve.decode")
 
@@ -113,6 +114,9 @@ def watch_lost_peer(peer: PrefillPeer, lookup: Callable[[str], InstanceInfo | No
 
 
 class DecodeRole(EngineRole):
+    # What a follower rank of a tensor-parallel instance moves of each room.
+    follower_transfer = staticmethod(tp_follower_transfer)
+
     def __init__(self, engine: EngineHandle):
         super().__init__(engine)
         cfg = engine.cfg

@@ -27,11 +27,10 @@ from pdserve.common.messages import (
     TokenBatch,
     TokenOutput,
 )
-from pdserve.common.roles import Role
 from pdserve.common.startup import StartupError, one_line
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req
-from pdserve.engine.role import RANK_TRANSFER, create_role
+from pdserve.engine.role import ColocatedRole, EngineRole
 from pdserve.engine.sampler import Sampler, SampleResult
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.tp import Followers, RankLink, follow
@@ -57,7 +56,7 @@ class RequestRejected(ValueError):
 
 class Engine:
     def __init__(self, cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None,
-                 followers: Followers | None = None):
+                 followers: Followers | None = None, role: type[EngineRole] = ColocatedRole):
         self.cfg = cfg
         self.conn = conn
         self.model_cfg = ModelConfig.from_dir(model_dir)
@@ -85,7 +84,7 @@ class Engine:
         self._step_started_s: float | None = None
         poll_ms = cfg.disaggregation_poll_interval_ms
         self.pd_poll_wait_s = poll_ms / 1e3 if poll_ms is not None else PD_POLL_WAIT_S.get(self.runner.device.type, PD_POLL_WAIT_S["cpu"])
-        self.role = create_role(cfg.disaggregation_mode, self)
+        self.role = role(self)
         self._log_startup()
 
     def _scheduler_config(self) -> SchedulerConfig:
@@ -436,11 +435,12 @@ class Engine:
 
 
 def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_tokens: int | None = None,
-                rank: int = 0, links: tuple = ()) -> None:
+                rank: int = 0, links: tuple = (), *, role: type[EngineRole]) -> None:
     """Entry point of an engine process. Rank 0 talks to the front on ``conn``
     and leads the other ranks through ``links`` ((step pipe, liveness pipe)
     per follower); a follower (rank > 0) gets rank 0's step pipe as ``conn``
-    and holds ``links`` (its liveness pipe) open until it exits."""
+    and holds ``links`` (its liveness pipe) open until it exits. ``role``: the
+    instance's role class (``serve.py`` picks it by ``--disaggregation-mode``)."""
     name = "engine" if rank == 0 else f"engine rank {rank}"
     logging.basicConfig(level=cfg.log_level.upper(), format=f"[%(asctime)s {name}] %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
@@ -448,11 +448,11 @@ def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_to
     if cfg.tp_size > 1 and cfg.device != "cuda":  # the ranks share the host's cores
         torch.set_num_threads(max(torch.get_num_threads() // cfg.tp_size, 1))
     if rank > 0:
-        _follower_main(cfg, model_dir, conn, rank)
+        _follower_main(cfg, model_dir, conn, rank, role)
         return
     try:
         followers = Followers([RankLink(c, a) for c, a in links]) if links else None
-        engine = Engine(cfg, model_dir, conn, num_text_tokens, followers)
+        engine = Engine(cfg, model_dir, conn, num_text_tokens, followers, role)
     except StartupError as exc:  # the operator's to fix (e.g. a P/D layout mismatch): one line
         logger.error("engine failed to start: %s", one_line(str(exc)))
         conn.send_bytes(codec.encode(EngineFailed(error=one_line(str(exc)))))
@@ -464,18 +464,11 @@ def engine_main(cfg: ServerConfig, model_dir: str, conn: Connection, num_text_to
     engine.run_forever()
 
 
-def create_rank_transfer(cfg: ServerConfig, runner: ModelRunner, rank: int):
-    """A follower's part of the KV transfer in a PD role; None when colocated."""
-    if not Role(cfg.disaggregation_mode).is_pd:
-        return None
-    return RANK_TRANSFER.get("pd")(cfg, runner.pool.buffer, runner.layout, rank)
-
-
-def _follower_main(cfg: ServerConfig, model_dir: str, conn: Connection, rank: int) -> None:
+def _follower_main(cfg: ServerConfig, model_dir: str, conn: Connection, rank: int, role: type[EngineRole]) -> None:
     """A follower rank: its shard of the model (and of the KV transfer in PD), driven by rank 0."""
     try:
         runner = ModelRunner(cfg, model_dir, ModelConfig.from_dir(model_dir), rank)
-        transfer = create_rank_transfer(cfg, runner, rank)
+        transfer = role.follower_transfer(cfg, runner.pool.buffer, runner.layout, rank)
         conn.send_bytes(codec.encode({"pid": os.getpid()}))
         follow(runner, conn, transfer)
     except Exception:  # a failed collective or a broken pipe: rank 0 sees this rank die

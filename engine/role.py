@@ -2,8 +2,9 @@
 
 The engine loop is the same for every role; a role decides where a new request
 goes, what happens after each step, and who releases a finished request's pages.
-Roles are found by ``--disaggregation-mode`` in ``ROLES``, whose PD entries are
-lazy names: the engine never imports ``prefill/`` or ``decode/``.
+The engine is handed its role's class (``serve.py``'s ``ROLES`` picks it by
+``--disaggregation-mode``): the engine never imports ``prefill/``, ``decode/``
+or ``transfer/``.
 
 ``EngineHandle`` is everything a role may use of the engine that runs it.
 """
@@ -13,8 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from pdserve.common.config import ServerConfig
-from pdserve.common.registry import Registry
-from pdserve.common.roles import Role
+from pdserve.common.kv_layout import KVLayout
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.tp import Followers
@@ -49,6 +49,12 @@ class EngineRole:
 
     def __init__(self, engine: EngineHandle):
         self.engine = engine
+
+    @staticmethod
+    def follower_transfer(cfg: ServerConfig, buffer: object, layout: KVLayout, rank: int) -> object | None:
+        """A follower rank's part of this role's KV transfer (tensor parallelism,
+        ``engine/tp.py``: rank 0 calls it by name); None for a role that moves no KV."""
+        return None
 
     def admit(self, req: Req) -> None:
         """A new request arrived from the front."""
@@ -101,21 +107,3 @@ def colocated_timing(req: Req, now_s: float) -> dict[str, float]:
 
 class ColocatedRole(EngineRole):
     """Prefill and decode in one instance: the scheduler does everything."""
-
-
-ROLES: Registry[type[EngineRole]] = Registry("disaggregation mode", {
-    Role.COLOCATED.value: ColocatedRole,
-    Role.PREFILL.value: "pdserve.prefill.role:PrefillRole",
-    Role.DECODE.value: "pdserve.decode.role:DecodeRole",
-})
-
-
-def create_role(mode: str, engine: EngineHandle) -> EngineRole:
-    return ROLES.get(mode)(engine)
-
-
-# A follower rank's part of the KV transfer (tensor parallelism, engine/tp.py):
-# built from (config, KV buffer, KV layout, rank); lazy, like the PD roles.
-RANK_TRANSFER: Registry = Registry("rank transfer", {
-    "pd": "pdserve.transfer.tp:follower_transfer",
-})

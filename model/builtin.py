@@ -23,11 +23,13 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pdserve.common import env
+from pdserve.common.args import Subcommand, chosen_subcommand, flag, subcommand_parser
+from pdserve.common.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -167,7 +169,7 @@ _LLAMA3_ROPE_SCALING = (
     ("rope_type", "llama3"),
 )
 
-PRESETS: dict[str, ModelSpec] = {
+PRESETS: Registry[ModelSpec] = Registry("built-in model", {
     "tiny": ModelSpec(
         name="tiny", vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, intermediate_size=128, tie_word_embeddings=True,
@@ -179,7 +181,7 @@ PRESETS: dict[str, ModelSpec] = {
         max_position_embeddings=4096, rope_theta=500000.0,
         rope_scaling=_LLAMA3_ROPE_SCALING, seed=5678,
     ),
-}
+})
 
 
 def build_tokenizer(vocab_size: int) -> Tokenizer:
@@ -374,9 +376,7 @@ def _publish(target: Path, build: Callable[[Path], None]) -> Path:
 
 def ensure_builtin_model(name: str) -> str:
     """Directory of the built-in model ``name``, generating it on first use."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown built-in model {name!r}; presets: {', '.join(PRESETS)}")
-    spec = PRESETS[name]
+    spec = PRESETS.get(name)  # an unknown name is a ValueError that lists the presets
     target = model_root() / f"{name}-{spec_hash(spec)}"
     return str(_publish(target, lambda out: write_model(spec, out)))
 
@@ -423,7 +423,7 @@ def resolve_model_path(name_or_path: str | None) -> str:
     if packaged.is_file():
         return config_dir_for(packaged)
     raise ValueError(
-        f"model path {name_or_path!r} is neither a built-in model ({', '.join(PRESETS)}), "
+        f"model path {name_or_path!r} is neither a built-in model ({', '.join(PRESETS.names())}), "
         "an existing directory, a .json config file, nor a benchmark config "
         f"({', '.join(_benchmark_config_names()) or 'none installed'})"
     )
@@ -441,29 +441,47 @@ def _describe(spec: ModelSpec) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pdserve model",
-        description="Built-in models: path NAME prints (and builds) a model's directory; list lists them.")
-    sub = parser.add_subparsers(dest="command", required=True, help="path or list")
-    path_cmd = sub.add_parser("path", help="print the directory of a model, building it")
-    path_cmd.add_argument("name", help="preset, directory, .json config or benchmark config")
-    sub.add_parser("list", help="list built-in presets and benchmark configs")
-    return parser
+@dataclass(frozen=True)
+class ModelPathConfig:
+    """``pdserve model path NAME``."""
+
+    name: str = field(metadata=flag("preset, directory, .json config or benchmark config", positional=True))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``pdserve model``: ``path NAME`` prints (and builds) a model dir; ``list`` lists."""
-    args = build_parser().parse_args(argv)
-    if args.command == "list":
-        for spec in PRESETS.values():
-            print(_describe(spec))
-        for config_name in _benchmark_config_names():
-            print(f"{config_name:<14} benchmark config (dummy weights, tiny tokenizer)")
-        return 0
+@dataclass(frozen=True)
+class ModelListConfig:
+    """``pdserve model list`` takes no flags."""
+
+
+def _print_path(cfg: ModelPathConfig) -> int:
     try:
-        print(resolve_model_path(args.name))
+        print(resolve_model_path(cfg.name))
     except ValueError as exc:
         print(f"pdserve model: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_list(_: ModelListConfig) -> int:
+    for name in PRESETS.names():
+        print(_describe(PRESETS.get(name)))
+    for config_name in _benchmark_config_names():
+        print(f"{config_name:<14} benchmark config (dummy weights, tiny tokenizer)")
+    return 0
+
+
+COMMANDS: Registry[Subcommand] = Registry("model command", {
+    "path": Subcommand(ModelPathConfig, _print_path, "print the directory of a model, building it"),
+    "list": Subcommand(ModelListConfig, _print_list, "list built-in presets and benchmark configs"),
+})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return subcommand_parser(
+        "pdserve model", "Built-in models: path NAME prints (and builds) a model's directory; list lists them.", COMMANDS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pdserve model``: ``path NAME`` prints (and builds) a model dir; ``list`` lists."""
+    command, cfg = chosen_subcommand(COMMANDS, build_parser().parse_args(argv))
+    return command.run(cfg)

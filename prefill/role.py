@@ -32,6 +32,7 @@ from pdserve.transfer.control import ControlClosedError, ControlServer
 from pdserve.transfer.endpoint import PDEndpoint, new_epoch
 from pdserve.transfer.metrics import PREFILL_QUEUES, TransferMetrics, bytes_per_page
 from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
+from pdserve.transfer.tp import follower_transfer as tp_follower_transfer
 
 logger = logging.getLogger("pdserve.prefill")
 
@@ -61,6 +62,8 @@ class PrefillRole(EngineRole):
     # A decode side's page list arrives on the control channel, not the pipe:
     # an idle prefill engine must look at it promptly.
     idle_wait_s = 0.005
+    # What a follower rank of a tensor-parallel instance moves of each room.
+    follower_transfer = staticmethod(tp_follower_transfer)
 
     def __init__(self, engine: EngineHandle):
         super().__init__(engine)

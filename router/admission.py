@@ -14,8 +14,8 @@ import asyncio
 import json
 from collections import deque
 
-from pdserve.common.auth import key_matches
 from pdserve.common.errors import APIError, retry_after_headers
+from pdserve.web.auth import key_matches
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 

@@ -29,24 +29,26 @@ import aiohttp
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pdserve import __version__
 from pdserve.common import env
-from pdserve.common.args import add_dataclass_args, config_from_args
-from pdserve.common.auth import bearer_headers, key_matches, read_secret, redacted
-from pdserve.common.disconnect import until_client_leaves
-from pdserve.common.errors import APIError, error_response, install_error_handlers, read_json_object
-from pdserve.common.event_stream import with_raw_send
-from pdserve.common.http_timeouts import uvicorn_timeouts
-from pdserve.common.openapi import request_body
-from pdserve.common.request_body import BodyLimit
-from pdserve.common.startup import check_port_free, flag_error, run_main
-from pdserve.common.tracing import TIMING_HEADER, Tracer
+from pdserve.common.args import add_dataclass_args, config_from_args, read_secret
+from pdserve.common.errors import APIError
+from pdserve.common.startup import flag_error, run_main
+from pdserve.common.version import __version__
 from pdserve.router.admission import Admission, AdmissionMiddleware
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
 from pdserve.router.proxy import Call, Forwarder
 from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
+from pdserve.web.auth import bearer_headers, key_matches, redacted
+from pdserve.web.disconnect import until_client_leaves
+from pdserve.web.errors import error_response, install_error_handlers, read_json_object
+from pdserve.web.event_stream import with_raw_send
+from pdserve.web.http_timeouts import uvicorn_timeouts
+from pdserve.web.openapi import request_body
+from pdserve.web.request_body import BodyLimit
+from pdserve.web.service import serve_app
+from pdserve.web.tracing import TIMING_HEADER, Tracer
 
 logger = logging.getLogger("pdserve.router")
 
@@ -328,18 +330,13 @@ def main(argv: list[str]) -> int:
 
 
 def _serve(config: RouterConfig) -> int:
-    import uvicorn
+    def build() -> Any:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
+        if not (config.prefill_urls or config.decode_urls or config.worker_urls or config.bootstrap_url):
+            logger.warning("no workers given: pass --prefill/--decode, --worker or --bootstrap-url")
+        logger.info("router (%s mode) on http://%s:%d", config.mode, config.host, config.port)
+        app = with_raw_send(create_app(config))
+        _quiet_collector()  # the process is the router's alone from here on
+        return app
 
-    check_port_free(config.host, config.port, "--port")
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
-    if not (config.prefill_urls or config.decode_urls or config.worker_urls
-            or config.bootstrap_url):
-        logger.warning("no workers given: pass --prefill/--decode, --worker or --bootstrap-url")
-    logger.info("router (%s mode) on http://%s:%d", config.mode, config.host, config.port)
-    app = with_raw_send(create_app(config))
-    _quiet_collector()  # the process is the router's alone from here on
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
-                **uvicorn_timeouts(config.http_keep_alive_timeout_s, config.http_read_timeout_s))
-    return 0
+    return serve_app(config, build, **uvicorn_timeouts(config.http_keep_alive_timeout_s, config.http_read_timeout_s))

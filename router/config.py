@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.common.args import flag
-from pdserve.common.request_body import DEFAULT_MAX_REQUEST_BYTES
+from pdserve.common.config import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.common.stats import DEFAULT_LATENCY_BUCKETS_S
 
 MODES = ("auto", "pd", "colocated")

@@ -45,19 +45,14 @@ from typing import Any
 import aiohttp
 import orjson
 from fastapi.responses import Response
-from pdserve.common.errors import (
-    PREFILL_FAILED_CODE,
-    error_body,
-    error_code,
-    error_response,
-    retry_after_headers,
-)
-from pdserve.common.event_stream import EventStream, Write
-from pdserve.common.tracing import ROUTER_TIME_HEADER, Tracer
+from pdserve.common.errors import PREFILL_FAILED_CODE, error_body, error_code, retry_after_headers
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy, routing_text
 from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
+from pdserve.web.errors import error_response
+from pdserve.web.event_stream import EventStream, Write
+from pdserve.web.tracing import ROUTER_TIME_HEADER, Tracer
 from starlette.types import Receive, Scope, Send
 
 logger = logging.getLogger("pdserve.router.proxy")

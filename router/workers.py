@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 from pdserve.bootstrap.protocol import InstanceInfo, InvalidInstanceInfo
-from pdserve.common.auth import bearer_headers
 from pdserve.common.roles import Role
 from pdserve.router.config import RouterConfig
+from pdserve.web.auth import bearer_headers
 
 logger = logging.getLogger("pdserve.router.workers")
 

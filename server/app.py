@@ -14,18 +14,18 @@ import threading
 import uvicorn
 from fastapi import FastAPI
 from pdserve.common.config import ServerConfig, served_model_name
-from pdserve.common.event_stream import with_raw_send
-from pdserve.common.http_timeouts import uvicorn_timeouts
 from pdserve.common.messages import GenerateRequest
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.startup import StartupError
-from pdserve.common.tracing import Tracer
 from pdserve.server.engine_client import EngineClient, EngineDied, EngineMain
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.routes import install_routes
 from pdserve.server.serving import ModelLimits, Serving
 from pdserve.server.state import AppState, version
+from pdserve.web.event_stream import with_raw_send
+from pdserve.web.http_timeouts import uvicorn_timeouts
+from pdserve.web.tracing import Tracer
 
 logger = logging.getLogger("pdserve.server")
 ENGINE_START_TIMEOUT_S = 1800.0
@@ -102,7 +102,7 @@ def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
     model_name = served_model_name(cfg)
     engine = EngineClient(cfg, model_dir, engine_main, len(tokenizer))
     state = AppState(cfg, model_dir, model_name, tokenizer, engine, ServerMetrics(cfg.enable_metrics, model_name, cfg.metrics, cfg.disaggregation_mode),
-                     tracer=Tracer(f"pdserve-{Role(cfg.disaggregation_mode).name.lower()}", cfg.metrics.otlp_traces_endpoint))
+                     tracer=Tracer(f"pdserve-{cfg.disaggregation_mode.name.lower()}", cfg.metrics.otlp_traces_endpoint))
     app = build_app(state)
     timeouts = uvicorn_timeouts(cfg.http_keep_alive_timeout_s, cfg.http_read_timeout_s)
     server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5, **timeouts))

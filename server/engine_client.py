@@ -23,7 +23,6 @@ from multiprocessing.connection import Connection
 
 from pdserve.common import codec
 from pdserve.common.config import ServerConfig
-from pdserve.common.lifeline import follow_connection
 from pdserve.common.messages import (
     AbortRequest,
     ControlRequest,
@@ -34,6 +33,7 @@ from pdserve.common.messages import (
     TokenBatch,
     TokenOutput,
 )
+from pdserve.web.lifeline import follow_connection
 
 # The engine process's entry point: (config, model directory, its end of the pipe,
 # number of tokens the tokenizer can print[, rank, links to the other ranks]).

@@ -10,27 +10,23 @@ from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pdserve.common.auth import BearerAuthMiddleware
-from pdserve.common.disconnect import until_client_leaves
-from pdserve.common.errors import (
-    APIError,
-    error_response,
-    install_error_handlers,
-    parse_json_object,
-)
-from pdserve.common.event_stream import EventStream
+from pdserve.common.errors import APIError
 from pdserve.common.messages import ControlResponse, GenerateRequest
-from pdserve.common.openapi import request_body
-from pdserve.common.request_body import BodyLimit
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.common.tracing import ROUTER_TIME_HEADER, TIMING_HEADER
 from pdserve.server import openai_format as fmt
 from pdserve.server.engine_client import EngineUnavailable
 from pdserve.server.protocol import GenerationInput, parse_chat, parse_completion, parse_generate
 from pdserve.server.serving import Serving, SubRequest
 from pdserve.server.state import AppState
 from pdserve.server.text_stream import ChoiceState
+from pdserve.web.auth import BearerAuthMiddleware
+from pdserve.web.disconnect import until_client_leaves
+from pdserve.web.errors import error_response, install_error_handlers, parse_json_object
+from pdserve.web.event_stream import EventStream
+from pdserve.web.openapi import request_body
+from pdserve.web.request_body import BodyLimit
+from pdserve.web.tracing import ROUTER_TIME_HEADER, TIMING_HEADER
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
 
@@ -183,7 +179,7 @@ def _trace_maker(state: AppState, request: Request, gen: GenerationInput, receiv
     """What records the call's span (and its phases) once it is done; a no-op without tracing."""
     if not state.tracer.enabled:
         return lambda choices: None
-    role = Role(state.cfg.disaggregation_mode)
+    role = state.cfg.disaggregation_mode
     attributes = {"pdserve.instance_id": state.cfg.instance_id or "", "pdserve.role": role.name.lower(),
                   "pdserve.bootstrap_room": gen.bootstrap_room if gen.bootstrap_room is not None else -1}
 

@@ -6,13 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 
 import uvicorn
-from pdserve.common.auth import redacted
 from pdserve.common.config import ServerConfig
 from pdserve.common.messages import EngineReady
-from pdserve.common.tracing import Tracer
 from pdserve.server.engine_client import EngineClient
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.serving import Serving
+from pdserve.web.auth import redacted
+from pdserve.web.tracing import Tracer
 
 
 @dataclass
@@ -38,6 +38,6 @@ class AppState:
 
 
 def version() -> str:
-    from pdserve import __version__
+    from pdserve.common.version import __version__
 
     return __version__

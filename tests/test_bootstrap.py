@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from pdserve.bootstrap.protocol import PD_PROTOCOL_VERSION, TOKEN_HEADER, InstanceInfo
 from pdserve.bootstrap.registry import InstanceRegistry
 from pdserve.bootstrap.server import BootstrapConfig, create_app, parse_args
+from pdserve.common.roles import Role
 from pdserve.tests.support.clock import FakeClock
 from pdserve.tests.support.fake_worker import FAKE_LAYOUT, make_info
 from pdserve.tests.support.openai_errors import assert_openai_error
@@ -38,6 +39,12 @@ def test_register_lookup_list_delete(client: TestClient) -> None:
     assert_openai_error(client.get("/instances/p1"), 404, "p1")
     assert_openai_error(client.delete("/instances/p1"), 404, "p1")
     assert client.get("/health").json()["num_instances"] == 1
+
+
+def test_a_record_holds_its_role_as_a_role_and_sends_its_name() -> None:
+    info = make_info("d1", role="decode")
+    assert info.role is Role.DECODE and info.to_json()["role"] == "decode"
+    assert InstanceInfo.from_json(info.to_json()) == info
 
 
 def test_heartbeat_keeps_entry_alive_and_ttl_expires_it(client: TestClient, clock: FakeClock) -> None:

@@ -52,7 +52,7 @@ def _env_with_root(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
 def test_preset_loads_in_transformers(model_root: Path, name: str) -> None:
-    spec = bm.PRESETS[name]
+    spec = bm.PRESETS.get(name)
     path = bm.ensure_builtin_model(name)
     assert Path(path).parent == model_root
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -89,7 +89,7 @@ def test_build_is_byte_identical_across_roots(
 
 
 def test_spec_change_changes_directory() -> None:
-    spec = bm.PRESETS["tiny"]
+    spec = bm.PRESETS.get("tiny")
     assert bm.spec_hash(spec) == bm.spec_hash(dataclasses.replace(spec))
     assert bm.spec_hash(spec) != bm.spec_hash(dataclasses.replace(spec, seed=spec.seed + 1))
 
@@ -237,4 +237,4 @@ def test_benchmark_config_dir(model_root: Path, file_name: str, expected: dict) 
     assert (Path(path) / "config.json").read_bytes() == source.read_bytes()
     config = AutoConfig.from_pretrained(path)
     assert {key: getattr(config, key) for key in expected} == expected
-    assert len(AutoTokenizer.from_pretrained(path)) == bm.PRESETS["tiny"].vocab_size
+    assert len(AutoTokenizer.from_pretrained(path)) == bm.PRESETS.get("tiny").vocab_size

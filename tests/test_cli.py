@@ -43,6 +43,21 @@ def test_every_subcommand_has_a_parser_here() -> None:
     assert set(_parsers()) == set(SUBCOMMANDS)
 
 
+def test_config_dataclasses_give_role_flags_positionals_and_subcommands() -> None:
+    from pdserve.common.args import chosen_subcommand
+    from pdserve.common.roles import Role
+    from pdserve.model import builtin
+    from pdserve.serve import parse_config
+
+    assert parse_config([]).disaggregation_mode is Role.COLOCATED
+    pd = parse_config(["--disaggregation-mode", "decode", "--disaggregation-bootstrap-url", "http://127.0.0.1:1"])
+    assert pd.disaggregation_mode is Role.DECODE and pd.instance_id.startswith("decode-")
+    command, cfg = chosen_subcommand(builtin.COMMANDS, builtin.build_parser().parse_args(["path", "tiny"]))
+    assert cfg == builtin.ModelPathConfig(name="tiny") and command is builtin.COMMANDS.get("path")
+    with pytest.raises(SystemExit):
+        builtin.build_parser().parse_args(["path"])  # NAME is required
+
+
 @pytest.mark.parametrize("name", sorted(_parsers()))
 def test_help_describes_every_flag_with_its_default_once(name: str) -> None:
     parser = _parsers()[name]()

@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 from pdserve.common import env
 from pdserve.common.registry import Registry, UnknownName
+from pdserve.common.roles import Role
 
 ROOT = Path(__file__).resolve().parents[1]
-# Each folder may import the folders listed after it (and itself), never one before it.
-ORDER = ("router", "benchmarks", "prefill", "decode", "server", "engine", "model", "transfer", "bootstrap", "common")
+# The files at the package root (commands that assemble the folders below): they
+# may import every folder, and nothing imports them.
+PACKAGE = "(root)"
+# What each folder may import besides itself. Each folder imports only folders
+# that never import it back (``test_the_allowed_imports_flow_one_way``).
 ALLOWED = {
-    "common": {"common"},
-    "bootstrap": {"bootstrap", "common"},
-    "transfer": {"transfer", "bootstrap", "common"},
-    "model": {"model", "common"},
-    "engine": {"engine", "model", "common"},
-    "server": {"server", "common"},
-    "prefill": {"prefill", "engine", "model", "transfer", "bootstrap", "common"},
-    "decode": {"decode", "engine", "model", "transfer", "bootstrap", "common"},
-    "router": {"router", "bootstrap", "common"},
-    "benchmarks": {"benchmarks", "common", "model", "engine", "server", "transfer", "bootstrap"},
+    "common": set(),
+    "web": {"common"},
+    "bootstrap": {"web", "common"},
+    "transfer": {"bootstrap", "common"},
+    "model": {"common"},
+    "engine": {"model", "common"},
+    "server": {"web", "common"},
+    "prefill": {"engine", "model", "transfer", "bootstrap", "common"},
+    "decode": {"engine", "model", "transfer", "bootstrap", "common"},
+    "router": {"bootstrap", "web", "common"},
+    "benchmarks": {"server", "engine", "model", "transfer", "bootstrap", "web", "common"},
 }
+FOLDERS = set(ALLOWED)
+ALLOWED[PACKAGE] = FOLDERS
+# A lazy registry entry, "pdserve.folder.module:attr", reaches its module as an import does.
+LAZY_ENTRY = re.compile(r"pdserve\.([A-Za-z_][\w.]*):[A-Za-z_]\w*")
 
 
 def _sources() -> list[Path]:
@@ -31,24 +41,67 @@ def _sources() -> list[Path]:
     return [p for p in ROOT.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
 
 
+def _folder_of(module: str) -> str:
+    """The top-level folder of a pdserve module (``web.auth`` -> ``web``), or PACKAGE for
+    the root's own modules and names (``cli``, ``__version__``)."""
+    top = module.split(".")[0]
+    return top if (ROOT / top).is_dir() else PACKAGE
+
+
 def _imports(path: Path) -> set[str]:
-    """Top-level pdserve folders a module imports, type-checking imports included."""
+    """Top-level pdserve folders a module reaches: its imports (type-checking and lazy
+    ones included, ``from pdserve import name`` too) and the lazy registry entries it names."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-        for name in names:
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "pdserve":
+            modules = [f"pdserve.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and LAZY_ENTRY.fullmatch(node.value):
+            modules = [node.value.partition(":")[0]]
+        else:
+            continue
+        for name in modules:
             parts = name.split(".")
-            if parts[0] == "pdserve" and len(parts) > 1:
-                found.add(parts[1])
+            if parts[0] == "pdserve":
+                found.add(_folder_of(".".join(parts[1:])) if len(parts) > 1 else PACKAGE)
     return found
+
+
+def _files_of(folder: str) -> list[Path]:
+    return sorted(ROOT.glob("*.py")) if folder == PACKAGE else sorted((ROOT / folder).rglob("*.py"))
 
 
 @pytest.mark.parametrize("folder", sorted(ALLOWED))
 def test_imports_flow_one_way(folder: str) -> None:
-    wrong = {str(p.relative_to(ROOT)): sorted(_imports(p) - ALLOWED[folder])
-             for p in (ROOT / folder).rglob("*.py")}
+    allowed = ALLOWED[folder] | {folder}
+    wrong = {str(p.relative_to(ROOT)): sorted(_imports(p) - allowed) for p in _files_of(folder)}
     assert {k: v for k, v in wrong.items() if v} == {}
+
+
+def test_the_allowed_imports_flow_one_way() -> None:
+    """No folder may reach itself through the table: every folder sits above what it imports."""
+    def reach(folder: str, seen: set[str]) -> set[str]:
+        for dep in ALLOWED[folder] - seen:
+            seen.add(dep)
+            reach(dep, seen)
+        return seen
+
+    assert {f: sorted(reach(f, set())) for f in FOLDERS if f in reach(f, set())} == {}
+
+
+def test_every_folder_is_in_the_table() -> None:
+    package_folders = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert package_folders == FOLDERS
+
+
+def test_the_checks_see_lazy_entries_and_the_root_package(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text('from pdserve import __version__\nfrom pdserve import web\n'
+                      'X = {"a": "pdserve.transfer.tp:follower_transfer", "b": "not pdserve.x:y"}\n')
+    assert _imports(module) == {PACKAGE, "web", "transfer"}
 
 
 def _module_graph() -> dict[str, set[str]]:
@@ -100,19 +153,32 @@ def test_the_registry_loads_lazily_and_names_what_it_knows() -> None:
 
 
 def test_every_registry_resolves_its_cpu_entries() -> None:
-    from pdserve.engine.role import ROLES
     from pdserve.model.attention.base import ATTENTION_BACKENDS
     from pdserve.model.models.registry import MODELS
     from pdserve.router.policies import POLICIES
+    from pdserve.serve import ROLES
     from pdserve.transfer.base import TRANSFER_BACKENDS
 
-    assert ROLES.names() == ("decode", "null", "prefill")
+    assert ROLES.names() == tuple(sorted(Role.names())) == ("decode", "null", "prefill")  # one role, one class
     for name in ROLES.names():
         assert ROLES.get(name).__name__.endswith("Role")
     assert ATTENTION_BACKENDS.get("torch").__name__ == "TorchAttention"
     assert {MODELS.get(a).__name__ for a in MODELS.names()} == {"CausalLM"}
     assert POLICIES.names() == ("cache_aware", "power_of_two", "random", "round_robin")
     assert TRANSFER_BACKENDS.get("nixl").__name__ == "NixlAgent"
+
+
+def test_named_choices_are_registries() -> None:
+    """Datasets, built-in models and every CLI's subcommands are registries too."""
+    from pdserve.benchmarks import serving_cost
+    from pdserve.benchmarks.datasets import DATASETS
+    from pdserve.cli import SUBCOMMANDS
+    from pdserve.model import builtin
+
+    for registry in (DATASETS, builtin.PRESETS, builtin.COMMANDS, SUBCOMMANDS, serving_cost.COMMANDS):
+        assert isinstance(registry, Registry) and registry.names()
+    with pytest.raises(UnknownName, match="unknown dataset 'nope'; known: random, "):
+        DATASETS.get("nope")
 
 
 def test_environment_switches_are_declared_in_one_module() -> None:

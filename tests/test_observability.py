@@ -310,16 +310,15 @@ def test_a_room_whose_prefill_instance_is_unknown_counts_as_a_bootstrap_failure(
 
 def _in_process_front(mode: str, bootstrap_url: str, exporter) -> tuple:
     """A real front in a thread of this process (its engine a child process), tracing into ``exporter``."""
-    from pdserve.common.event_stream import with_raw_send
-    from pdserve.common.tracing import Tracer
-    from pdserve.engine.engine import engine_main
-    from pdserve.serve import parse_config, resolve_model_dir
+    from pdserve.serve import engine_main, parse_config, resolve_model_dir
     from pdserve.server.app import build_app
     from pdserve.server.engine_client import EngineClient
     from pdserve.server.metrics import ServerMetrics
     from pdserve.server.state import AppState
     from pdserve.server.tokenizer import load_tokenizer
     from pdserve.tests.support.server_thread import ServerThread
+    from pdserve.web.event_stream import with_raw_send
+    from pdserve.web.tracing import Tracer
 
     port = free_port()
     cfg = parse_config(["--port", str(port), "--disaggregation-mode", mode, "--disaggregation-bootstrap-url",
@@ -347,11 +346,11 @@ def _wait_healthy(url: str, timeout_s: float = 180.0) -> None:
 def test_spans_link_router_prefill_and_decode(cluster: Cluster) -> None:
     pytest.importorskip("opentelemetry.sdk")
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from pdserve.common.tracing import Tracer
     from pdserve.router.app import create_app
     from pdserve.router.config import RouterConfig
     from pdserve.tests.support.server_thread import ServerThread
     from pdserve.tests.support.waiting import wait_until
+    from pdserve.web.tracing import Tracer
 
     exporter = InMemorySpanExporter()
     threads = []
@@ -362,7 +361,7 @@ def test_spans_link_router_prefill_and_decode(cluster: Cluster) -> None:
         for thread in threads:
             _wait_healthy(thread.url)
         config = RouterConfig(prefill_urls=(threads[0].url,), decode_urls=(threads[1].url,), policy="round_robin")
-        from pdserve.common.event_stream import with_raw_send
+        from pdserve.web.event_stream import with_raw_send
 
         router = ServerThread(with_raw_send(create_app(config, tracer=Tracer("pdserve-router", exporter=exporter))))
         threads.append(router.start())

@@ -13,13 +13,13 @@ from dataclasses import replace
 import httpx
 import pytest
 from pdserve.common.errors import PREFILL_FAILED_CODE
-from pdserve.common.http_timeouts import uvicorn_timeouts
 from pdserve.router.app import create_app, parse_args
 from pdserve.router.config import RouterConfig
 from pdserve.router.workers import Worker, WorkerRegistry
 from pdserve.tests.support.server_thread import ServerThread
 from pdserve.tests.support.waiting import wait_until
 from pdserve.tests.test_router_app import FAST, PROMPT, Stack, pd
+from pdserve.web.http_timeouts import uvicorn_timeouts
 
 RARE_CHECKS = replace(FAST, health_check_interval_s=60.0)
 

@@ -7,9 +7,10 @@ import asyncio
 import json
 
 import pytest
-from pdserve.common.errors import APIError, parse_json_object
-from pdserve.common.strict_json import MAX_JSON_DEPTH
+from pdserve.common.errors import APIError
 from pdserve.router.admission import Admission
+from pdserve.web.errors import parse_json_object
+from pdserve.web.strict_json import MAX_JSON_DEPTH
 
 
 def _nested(depth: int) -> bytes:

@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pdserve.common.kv_layout import KVLayout
 from pdserve.common.registry import Registry
@@ -302,6 +301,11 @@ class KVReceiver(ABC):
 class TransferAgent(ABC):
     """One per instance: owns the backend agent and the registered KV buffer."""
 
+    # What the backend needs to run (``pdserve check-env`` asks before it
+    # builds one): the Python package of its native library, if any, and a GPU.
+    native_package: ClassVar[str | None] = None
+    needs_gpu: ClassVar[bool] = False
+
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         self.config = config
         self.memory = memory
@@ -353,9 +357,8 @@ class TransferAgent(ABC):
         return self.config.timeout_s if timeout_s is None else timeout_s
 
 
-AgentFactory = Callable[[TransferConfig, KVMemory], TransferAgent]
 # Lazy entries: choosing one backend never pays for (or requires) another's native library.
-TRANSFER_BACKENDS: Registry[AgentFactory] = Registry("transfer backend", {
+TRANSFER_BACKENDS: Registry[type[TransferAgent]] = Registry("transfer backend", {
     "nixl": "pdserve.transfer.nixl_backend:NixlAgent",
     "ucx": "pdserve.transfer.ucx_backend:UcxAgent",
     "cuda_ipc": "pdserve.transfer.cuda_ipc_backend:CudaIpcAgent",

@@ -144,6 +144,7 @@ class CudaIpcSender(NixlSender):
 
 class CudaIpcAgent(NixlAgent):
     backend = "cuda_ipc"
+    needs_gpu = True  # P copies into D's pool through CUDA IPC
     sender_class = CudaIpcSender
     receiver_class = NixlReceiver
 

@@ -163,6 +163,7 @@ def _create_nixl_agent(name: str, progress_delay_us: int):
 
 class NixlAgent(RoomAgent):
     backend = "nixl"
+    native_package = "nixl"
     sender_class = NixlSender
     receiver_class = NixlReceiver
 

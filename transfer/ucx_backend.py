@@ -166,6 +166,7 @@ class UcxReceiver(RoomReceiver):
 
 class UcxAgent(RoomAgent):
     backend = "ucx"
+    native_package = "ucxx"
     sender_class = UcxSender
     receiver_class = UcxReceiver
 

@@ -54,7 +54,8 @@ class FrontConfig(MeasureConfig):
 
     modes: tuple[str, ...] = field(default=FRONT_MODES, metadata=flag(
         "streamed (pdserve bench) and non-streamed (in-process client) runs", nargs="+", choices=FRONT_MODES))
-    server_args: tuple[str, ...] = field(default=(), metadata=flag("extra `pdserve serve` flags, after --", skip=True))
+    server_args: tuple[str, ...] = field(default=(), metadata=flag(
+        "extra `pdserve serve` flags, after --", positional=True, nargs="*"))
     engine_mark: str = field(default=ENGINE_CMDLINE_MARK, metadata=flag(
         "a child of serve whose command line holds this is the engine"))
     startup_timeout_s: float = field(default=600.0, metadata=flag("seconds the instance may take to become healthy"))

@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
 from pdserve.common import env
-from pdserve.common.auth import key_matches
 from pdserve.common.errors import error_body
 from pdserve.common.kv_layout import KVLayout
 from pdserve.tests.support.server_thread import ServerThread
+from pdserve.web.auth import key_matches
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
 

@@ -1,19 +1,18 @@
-"""Keys and secrets: where they are read from, how a request proves it has one.
+"""Keys and secrets: how a request proves it has one, how a config shows them.
 
 pdserve knows two credentials. The API key (``--api-key``) is what clients of
 an HTTP front (an instance or the router) present. The cluster secret
 (``--cluster-secret``) is what pdserve's own processes present to the bootstrap
 service. Both travel as ``Authorization: Bearer TOKEN``; the scheme is matched
-in any case and the token compared in constant time.
+in any case and the token compared in constant time. Where a secret is read
+from (flag, file, environment) is ``common/args.py``'s ``read_secret``.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
-from pathlib import Path
 
-from pdserve.common.env import EnvVar
 from pdserve.common.errors import error_body
 
 
@@ -55,26 +54,6 @@ def redacted(values: dict) -> dict:
     """A config's fields (``dataclasses.asdict``) with every credential that is set
     replaced by ``"<redacted>"``."""
     return {k: "<redacted>" if k in SECRET_FIELDS and v else v for k, v in values.items()}
-
-
-def read_secret(value: str | None, path: str | None, env_var: EnvVar[str | None], flag_name: str) -> str | None:
-    """A secret from its flag, else the file its ``-file`` flag names, else ``env_var``.
-
-    A file keeps the secret off command lines (``ps`` shows those to every
-    user); its surrounding whitespace (a trailing newline) is not part of it.
-    Raises ValueError for a file that cannot be read or is empty.
-    """
-    if value and path:
-        raise ValueError(f"give {flag_name} or {flag_name}-file, not both")
-    if path:
-        try:
-            text = Path(path).read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read {flag_name}-file {path}: {exc}") from None
-        if not text:
-            raise ValueError(f"{flag_name}-file {path} is empty")
-        return text
-    return value or env_var.get()
 
 
 class BearerAuthMiddleware:

@@ -3,7 +3,7 @@
 ``BodyLimit`` refuses a body over ``max_bytes`` with a 413 before the handler
 reads it: a declared ``Content-Length`` over the limit is refused before a byte
 of the body is read, and a chunked body is cut off as soon as it passes the
-limit. What the body may hold is ``common/strict_json.py``'s to say.
+limit. What the body may hold is ``web/strict_json.py``'s to say.
 """
 
 from __future__ import annotations
@@ -13,14 +13,8 @@ from typing import TYPE_CHECKING
 
 from pdserve.common.errors import APIError
 
-if TYPE_CHECKING:  # the engine process imports this module for its default, not the web stack
+if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-# 16 MiB: a whole 128k-token context as JSON text even at ~64 bytes a token
-# (escaped non-ASCII text costs 6 bytes a character), or a 1M-token prompt as
-# token ids (at most 8 bytes each, separator included), with room to spare; far
-# below what would let one request hold a front's memory or CPU for long.
-DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 class BodyTooLarge(APIError):
@@ -53,7 +47,7 @@ class BodyLimit:
         """Count the body as the handler reads it; past the limit the read raises
         :class:`BodyTooLarge`, which the handler's error handling turns into a 413,
         sent with ``Connection: close`` so that the server stops reading the rest.
-        (A stream's body chunks bypass ``send`` here: see ``common/event_stream.py``.)"""
+        (A stream's body chunks bypass ``send`` here: see ``web/event_stream.py``.)"""
         received = 0
 
         async def counted() -> Message:

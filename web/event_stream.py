@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from fastapi.responses import Response
-from pdserve.common.disconnect import until_disconnected
+from pdserve.web.disconnect import until_disconnected
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Write = Callable[[bytes], Awaitable[None]]

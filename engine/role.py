@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from pdserve.common.config import ServerConfig
+from pdserve.common.messages import RoleStats
 from pdserve.common.registry import Registry
 from pdserve.common.roles import Role
 from pdserve.engine.request import Req
@@ -80,8 +81,9 @@ class EngineRole:
         """Pages the role holds outside the scheduler (rooms in flight, draining, quarantined)."""
         return set()
 
-    def stats(self) -> dict:
-        return {}
+    def stats(self) -> RoleStats | None:
+        """What the role adds to the engine's stats (PD roles: ``PDEndpoint.stats``)."""
+        return None
 
     def close(self) -> None:
         pass

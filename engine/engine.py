@@ -37,7 +37,7 @@ from pdserve.engine.request import Req
 from pdserve.engine.role import RANK_TRANSFER, create_role
 from pdserve.engine.sampler import Sampler, SampleResult
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
-from pdserve.engine.tp import Followers, RankLink, follow
+from pdserve.engine.tp import Followers, RankHello, RankLink, follow
 from pdserve.model.batch import ScheduledBatch
 from pdserve.model.config import ModelConfig
 from pdserve.model.kernels.step_inputs import to_device
@@ -71,7 +71,7 @@ class Engine:
         self.runner = ModelRunner(cfg, model_dir, self.model_cfg)
         self.rank_pids: list[int] = [os.getpid()]
         if followers is not None:
-            self.rank_pids += [hello["pid"] for hello in followers.gather(cfg.dist_timeout_s)]
+            self.rank_pids += followers.ready_pids(cfg.dist_timeout_s)
             self.runner.step_hook = followers.send_step
         self.pool = self.runner.pool
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
@@ -472,7 +472,7 @@ def _follower_main(cfg: ServerConfig, model_dir: str, conn: Connection, rank: in
     try:
         runner = ModelRunner(cfg, model_dir, ModelConfig.from_dir(model_dir), rank)
         transfer = create_rank_transfer(cfg, runner, rank)
-        conn.send_bytes(codec.encode({"pid": os.getpid()}))
+        conn.send_bytes(codec.encode(RankHello(pid=os.getpid())))
         follow(runner, conn, transfer)
     except Exception:  # a failed collective or a broken pipe: rank 0 sees this rank die
         logger.exception("rank %d failed", rank)

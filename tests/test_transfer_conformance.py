@@ -11,16 +11,16 @@ from __future__ import annotations
 import importlib.util
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-from pdserve.common.codec import decode, encode
+from pdserve.common.codec import encode
 from pdserve.common.kv_layout import KVLayout
 from pdserve.tests.support.waiting import wait_until
 from pdserve.transfer.base import LayoutMismatchError, RoomState
 from pdserve.transfer.harness import AgentProcess, WorkerSpec, start_agents
-from pdserve.transfer.messages import AgentInfo
+from pdserve.transfer.messages import AgentInfo, decode_as
 
 # 4 KiB pages: single pages go eagerly, runs of 3+ pages take UCX's rendezvous path.
 LAYOUT = KVLayout(num_layers=2, num_pages=16, page_size=8, num_kv_heads=2, head_dim=64, dtype="float32")
@@ -289,9 +289,9 @@ def test_sender_times_out_without_last_chunk(cluster):
 
 
 def test_layout_mismatch_refuses_pairing(cluster):
-    info = decode(cluster.d1_info)
-    wrong = KVLayout(LAYOUT.num_layers, LAYOUT.num_pages, 16, LAYOUT.num_kv_heads, LAYOUT.head_dim, "bfloat16")
-    forged = encode(AgentInfo(**{**info.__dict__, "name": info.name + "-x", "layout": wrong.to_dict()}))
+    info = decode_as(cluster.d1_info, AgentInfo)
+    wrong = replace(LAYOUT, page_size=16, dtype="bfloat16")
+    forged = encode(replace(info, name=info.name + "-x", kv_layout=wrong))
     with pytest.raises(LayoutMismatchError) as exc:
         cluster.p.call("add_peer", info=forged)
     text = str(exc.value)

@@ -28,7 +28,7 @@ from pdserve.transfer.base import (
     TransferError,
     )
 from pdserve.transfer.descriptors import build_descriptors
-from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice
+from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNews, RoomNotice
 from pdserve.transfer.rooms import (
     ChunkTracker,
     QuiescenceClock,
@@ -122,7 +122,7 @@ class NixlReceiver(RoomReceiver):
         super().__init__(agent, room, peer, timeout_s)
         self._chunks = ChunkTracker()
 
-    def _on_data(self, news: object) -> None:
+    def _on_data(self, news: RoomNews) -> None:
         if isinstance(news, RoomNotice) and news.kind == NOTICE_CHUNK:
             self._chunks.add(news.chunk_index, news.is_last)
             self._state = RoomState.TRANSFERRING

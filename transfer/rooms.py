@@ -31,7 +31,7 @@ from pdserve.transfer.base import (
     TransferConfig,
     check_layouts,
 )
-from pdserve.transfer.messages import NOTICE_ABORT, AgentInfo, RoomNotice, decode_as
+from pdserve.transfer.messages import NOTICE_ABORT, AgentInfo, RoomNews, RoomNotice, decode_as
 
 logger = logging.getLogger("pdserve.transfer")
 
@@ -192,7 +192,7 @@ class RoomSender(KVSender):
         if memory.device == "cuda" and memory.tensor is not None:
             torch.cuda.current_stream(memory.tensor.device).synchronize()
 
-    def on_news(self, news: object) -> None:
+    def on_news(self, news: RoomNews) -> None:
         if isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
             self.on_peer_abort(news.reason)
         else:  # data addressed to a sending room is nonsense
@@ -221,14 +221,13 @@ class RoomReceiver(KVReceiver):
     def _pump(self) -> None:
         self._agent.progress()
 
-    def on_news(self, news: object) -> None:
-        sender = getattr(news, "sender", None)
+    def on_news(self, news: RoomNews) -> None:
         if self._state.is_terminal:
             # Only news replayed from the buffer can follow a terminal state:
             # a finished room is closed, so the agent drops its live news.
             self._agent.discard(news)
-        elif sender != self.peer:
-            logger.warning("room %d: news from %s, expected %s; ignored", self.room, sender, self.peer)
+        elif news.sender != self.peer:
+            logger.warning("room %d: news from %s, expected %s; ignored", self.room, news.sender, self.peer)
             self._agent.discard(news)
         elif isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
             self._fail(f"peer aborted: {news.reason}", notify=False)
@@ -236,7 +235,7 @@ class RoomReceiver(KVReceiver):
             self._on_data(news)
 
     @abstractmethod
-    def _on_data(self, news: object) -> None:
+    def _on_data(self, news: RoomNews) -> None:
         """News that some of the room's data has landed (or is landing)."""
 
     def _close(self, abort_reason: str | None) -> None:
@@ -280,7 +279,7 @@ class RoomAgent(TransferAgent):
     def peer_info(self) -> bytes:
         m = self.memory
         return encode(AgentInfo(name=self._name, backend=self.backend, backend_metadata=self._backend_metadata(), base_ptr=m.base_ptr,
-                                num_bytes=m.num_bytes, device=m.device, device_id=m.device_id, layout=m.layout.to_dict()))
+                                num_bytes=m.num_bytes, device=m.device, device_id=m.device_id, kv_layout=m.layout))
 
     def add_peer(self, peer_info: bytes) -> str:
         info = decode_as(peer_info, AgentInfo)
@@ -323,7 +322,7 @@ class RoomAgent(TransferAgent):
             handler.on_news(news)
         return handler
 
-    def route(self, room: int, news: object) -> None:
+    def route(self, room: int, news: RoomNews) -> None:
         """Hand news to its room, keep it for a room not open yet, or drop it."""
         handler = self.rooms.get(room)
         if handler is not None:
@@ -337,7 +336,7 @@ class RoomAgent(TransferAgent):
         for news in self.rooms.expire():
             self.discard(news)
 
-    def discard(self, news: object) -> None:
+    def discard(self, news: RoomNews) -> None:
         """News nobody will take; release whatever it holds."""
 
     def notify_abort(self, peer: str, room: int, reason: str) -> None:

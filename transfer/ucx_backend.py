@@ -46,7 +46,7 @@ from pdserve.transfer.base import (
     TransferError,
     )
 from pdserve.transfer.descriptors import build_descriptors
-from pdserve.transfer.messages import AgentInfo, RoomNotice
+from pdserve.transfer.messages import AgentInfo, RoomNews, RoomNotice
 from pdserve.transfer.rooms import (
     ChunkTracker,
     QuiescenceClock,
@@ -123,7 +123,7 @@ class UcxReceiver(RoomReceiver):
         self._inbound_mark: int | None = None  # inbound turns to wait for after closing
         self._clock = QuiescenceClock(cap_s=timeout_s)
 
-    def _on_data(self, news: object) -> None:
+    def _on_data(self, news: RoomNews) -> None:
         if isinstance(news, InboundChunk):
             self._chunks.append(news)
             self._state = RoomState.TRANSFERRING
@@ -270,7 +270,7 @@ class UcxAgent(RoomAgent):
             flight.collect()
         self._draining = [(r, f) for r, f in self._draining if len(f)]
 
-    def discard(self, news: object) -> None:
+    def discard(self, news: RoomNews) -> None:
         if isinstance(news, InboundChunk):
             self.drain(news.flight, news.room)
 

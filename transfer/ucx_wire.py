@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from pdserve.common.codec import CodecError, decode, message
 from pdserve.transfer.base import KVMemory
-from pdserve.transfer.messages import RoomNotice
+from pdserve.transfer.messages import RoomNews, RoomNotice
 
 logger = logging.getLogger("pdserve.transfer.ucx")
 
@@ -87,7 +87,7 @@ class Flight:
 
 
 @dataclass
-class InboundChunk:
+class InboundChunk(RoomNews):
     """A chunk whose receives are posted; landed once its flight is empty."""
 
     room: int

@@ -31,6 +31,7 @@ from pdserve.transfer.base import (
     TransferConfig,
     check_layouts,
 )
+from pdserve.transfer.descriptors import DescriptorList, build_descriptors
 from pdserve.transfer.messages import NOTICE_ABORT, AgentInfo, RoomNews, RoomNotice, decode_as
 
 logger = logging.getLogger("pdserve.transfer")
@@ -192,6 +193,18 @@ class RoomSender(KVSender):
         if memory.device == "cuda" and memory.tensor is not None:
             torch.cuda.current_stream(memory.tensor.device).synchronize()
 
+    def _descriptors(self, src: list[int], dst: list[int]) -> tuple[AgentInfo, DescriptorList]:
+        """The peer, and one chunk's merged runs from ``src`` pages here to
+        ``dst`` pages there, once the pages are written (``_wait_for_pages``)."""
+        self._wait_for_pages()
+        peer = self._agent.peer(self.peer)
+        return peer, build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
+
+    def _count(self, descs: DescriptorList) -> None:
+        """Count a posted chunk's descriptors and bytes."""
+        self.num_descriptors += len(descs)
+        self.num_bytes += descs.num_bytes
+
     def on_news(self, news: RoomNews) -> None:
         if isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
             self.on_peer_abort(news.reason)
@@ -255,13 +268,25 @@ class RoomAgent(TransferAgent):
     """What every backend's agent shares: its name, the peers it loaded, the
     room table that pairs news with senders/receivers, and shutdown order.
 
-    A backend names its ``backend`` and its ``sender_class``/``receiver_class``
-    and implements connecting a peer, sending a notice and the data path.
+    A backend names itself and its room classes in its class line
+    (``class NixlAgent(RoomAgent, backend="nixl", sender=NixlSender,
+    receiver=NixlReceiver)``; a subclass inherits what it does not name) and
+    implements connecting a peer, sending a notice and the data path.
     """
 
     backend: ClassVar[str]
     sender_class: ClassVar[type[RoomSender]]
     receiver_class: ClassVar[type[RoomReceiver]]
+
+    def __init_subclass__(cls, *, backend: str | None = None, sender: type[RoomSender] | None = None,
+                          receiver: type[RoomReceiver] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if backend is not None:
+            cls.backend = backend
+        if sender is not None:
+            cls.sender_class = sender
+        if receiver is not None:
+            cls.receiver_class = receiver
 
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)

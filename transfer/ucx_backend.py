@@ -39,13 +39,7 @@ import secrets
 
 import numpy as np
 from pdserve.common.codec import decode, encode
-from pdserve.transfer.base import (
-    KVMemory,
-    RoomState,
-    TransferConfig,
-    TransferError,
-    )
-from pdserve.transfer.descriptors import build_descriptors
+from pdserve.transfer.base import KVMemory, RoomState, TransferConfig, TransferError
 from pdserve.transfer.messages import AgentInfo, RoomNews, RoomNotice
 from pdserve.transfer.rooms import (
     ChunkTracker,
@@ -75,16 +69,13 @@ class UcxSender(RoomSender):
         self._clock = QuiescenceClock(cap_s=timeout_s)
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
-        self._wait_for_pages()
-        peer = self._agent.peer(self.peer)
-        descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
+        _, descs = self._descriptors(src, dst)
         tags = [self._agent.next_tag() for _ in range(len(descs))]
         header = UcxChunkHeader(room=self.room, sender=self._agent.name, chunk_index=chunk_index, is_last=is_last, tags=tags,
                                 dst_offsets=descs.dst_offsets.tolist(), lengths=descs.lengths.tolist())
         self._agent.send_message(self.peer, header, self._flight)
         self._agent.send_tagged(self.peer, descs.src_offsets.tolist(), descs.lengths.tolist(), tags, self._flight)
-        self.num_descriptors += len(descs)
-        self.num_bytes += descs.num_bytes
+        self._count(descs)
 
     @property
     def num_inflight(self) -> int:
@@ -164,10 +155,7 @@ class UcxReceiver(RoomReceiver):
         return settled or self._clock.capped(self.room, "posted receives")
 
 
-class UcxAgent(RoomAgent):
-    backend = "ucx"
-    sender_class = UcxSender
-    receiver_class = UcxReceiver
+class UcxAgent(RoomAgent, backend="ucx", sender=UcxSender, receiver=UcxReceiver):
 
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)

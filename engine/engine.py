@@ -357,10 +357,12 @@ class Engine:
     def _control(self, msg: ControlRequest) -> ControlResponse:
         if msg.kind is ControlKind.STATS:
             return ControlResponse(req_id=msg.req_id, ok=True, stats=self.stats())
-        if self.scheduler.num_live:  # ControlKind.FLUSH_CACHE
-            return ControlResponse(req_id=msg.req_id, ok=False, message="cannot flush the cache while requests are running")
-        self.cache.reset()
-        return ControlResponse(req_id=msg.req_id, ok=True)
+        if msg.kind is ControlKind.FLUSH_CACHE:
+            if self.scheduler.num_live:
+                return ControlResponse(req_id=msg.req_id, ok=False, message="cannot flush the cache while requests are running")
+            self.cache.reset()
+            return ControlResponse(req_id=msg.req_id, ok=True)
+        return ControlResponse(req_id=msg.req_id, ok=False, message=f"unknown control request {msg.kind.value!r}")
 
     def stats(self) -> EngineStats:
         pool = self.pool

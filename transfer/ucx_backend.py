@@ -38,9 +38,9 @@ import logging
 import secrets
 
 import numpy as np
-from pdserve.common.codec import decode, encode
+from pdserve.common.codec import encode
 from pdserve.transfer.base import KVMemory, RoomState, TransferConfig, TransferError
-from pdserve.transfer.messages import AgentInfo, RoomNews, RoomNotice
+from pdserve.transfer.messages import AgentInfo, RoomNews, RoomNotice, decode_as
 from pdserve.transfer.rooms import (
     ChunkTracker,
     QuiescenceClock,
@@ -52,6 +52,7 @@ from pdserve.transfer.ucx_wire import (
     Flight,
     InboundChunk,
     InboundService,
+    UcxAddress,
     UcxChunkHeader,
     byte_view,
 )
@@ -188,13 +189,11 @@ class UcxAgent(RoomAgent, backend="ucx", sender=UcxSender, receiver=UcxReceiver)
         return self._listener.port
 
     def _backend_metadata(self) -> bytes:
-        return encode({"host": self.config.host, "port": self._listener.port})
+        return encode(UcxAddress(host=self.config.host, port=self._listener.port))
 
     def _connect(self, info: AgentInfo) -> None:
-        address = decode(info.backend_metadata)
-        self._endpoints[info.name] = self._api.UCXEndpoint.create(
-            self._worker, address["host"], int(address["port"]), True
-        )
+        address = decode_as(info.backend_metadata, UcxAddress)
+        self._endpoints[info.name] = self._api.UCXEndpoint.create(self._worker, address.host, address.port, True)
 
     def _disconnect(self, name: str) -> None:
         endpoint = self._endpoints.pop(name, None)

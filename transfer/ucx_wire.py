@@ -24,6 +24,15 @@ _IDLE_SLEEP_MAX_S = 2e-3
 
 @message
 @dataclass(frozen=True, kw_only=True)
+class UcxAddress:
+    """Where an agent's UCX listener takes connections (its backend metadata)."""
+
+    host: str
+    port: int
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
 class UcxChunkHeader:
     room: int
     sender: str

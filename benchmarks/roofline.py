@@ -490,7 +490,8 @@ def bench_transfer(cfg: RooflineConfig, machine: Machine, model: str, backend: s
 
     m = ModelConfig.from_dict(json.loads((_CONFIGS / f"{model}.json").read_text()))
     num_pages = -(-cfg.transfer_tokens // cfg.page_size)
-    layout = KVLayout(m.num_layers, num_pages, cfg.page_size, m.num_kv_heads, m.head_dim, "bfloat16")
+    layout = KVLayout(num_layers=m.num_layers, num_pages=num_pages, page_size=cfg.page_size,
+                      num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, dtype="bfloat16")
     buf = torch.randn(layout.total_bytes // 2, dtype=torch.bfloat16, device="cuda")
     cfg_dict = asdict(cfg)
     agent = create_transfer_agent(_transfer_config(cfg_dict, backend, "roofline-P"), KVMemory.from_tensor(buf, layout))

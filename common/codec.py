@@ -3,7 +3,8 @@
 Messages are frozen dataclasses registered with :func:`message`. On the wire a
 message is a map ``{"t": <type name>, "f": {field: value}}``: named fields, never
 positional frames, so a reader can tell what it got and old readers ignore new
-fields. Nested registered messages and lists of them round-trip too.
+fields. Nested registered messages and lists of them round-trip too, and so do
+fields declared as an ``Enum`` (their value on the wire).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import functools
 import re
 import typing
+from enum import Enum
 from typing import Any, TypeVar
 
 import msgpack
@@ -63,6 +65,7 @@ class _Shape:
     names: frozenset[str]
     tuples: frozenset[str]  # declared as tuples: restored from msgpack arrays
     plain: frozenset[str]  # scalars and lists of them: msgpack packs these as they are
+    enums: dict[str, type[Enum]]  # declared as an Enum: restored from its value
 
 
 @functools.cache
@@ -81,6 +84,7 @@ def _shape(cls: type) -> _Shape:
         names=names,
         tuples=frozenset(n for n, k in kinds.items() if "tuple" in k),
         plain=frozenset(n for n, k in kinds.items() if set(re.findall(r"[A-Za-z_]\w*", k)) <= _PLAIN_NAMES),
+        enums={n: hints[n] for n in names if isinstance(hints.get(n), type) and issubclass(hints[n], Enum)},
     )
 
 
@@ -93,6 +97,8 @@ def _to_wire(obj: Any) -> Any:
         return [_to_wire(x) for x in obj]
     if isinstance(obj, dict):
         return {k: _to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, Enum):
+        return obj.value
     return obj
 
 
@@ -117,9 +123,19 @@ def _build(cls: type, fields: dict[str, Any]) -> Any:
     for name in shape.tuples.intersection(kwargs):
         if isinstance(kwargs[name], list):
             kwargs[name] = tuple(kwargs[name])
+    if shape.enums:  # most messages have none: no set built per message
+        for name in shape.enums.keys() & kwargs.keys():
+            kwargs[name] = _enum_member(cls, shape.enums[name], kwargs[name])
     try:
         return cls(**kwargs)
     except TypeError as exc:
+        raise CodecError(f"cannot build {cls.__name__}: {exc}") from exc
+
+
+def _enum_member(cls: type, enum: type[Enum], value: Any) -> Enum:
+    try:
+        return enum(value)
+    except ValueError as exc:
         raise CodecError(f"cannot build {cls.__name__}: {exc}") from exc
 
 

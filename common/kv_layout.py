@@ -11,16 +11,22 @@ Under tensor parallelism each rank's buffer holds ``num_kv_heads`` of the
 model's ``total_kv_heads`` heads, starting at head ``head_start``
 (:func:`kv_head_range`). Inside a page a token's heads are adjacent, so a
 slice of heads is one run of bytes per token of the page.
+
+A layout crosses the wire in the transfer agents' metadata (a message) and in
+the bootstrap record (``to_dict``: JSON).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pdserve.common.codec import message
+
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 
 
-@dataclass(frozen=True)
+@message
+@dataclass(frozen=True, kw_only=True)
 class KVLayout:
     num_layers: int
     num_pages: int

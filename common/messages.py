@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 from pdserve.common.codec import message
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.stats import StatsSnapshot
 
 
 @message
@@ -25,13 +29,75 @@ class AbortRequest:
     reason: str = "abort"
 
 
+class ControlKind(str, Enum):
+    """What a control request asks the engine."""
+
+    STATS = "stats"  # answered with its EngineStats
+    FLUSH_CACHE = "flush_cache"  # empty the prefix cache (refused while requests run)
+
+
 @message
 @dataclass(frozen=True, kw_only=True)
 class ControlRequest:
-    """Ask the engine something: ``kind`` is "stats" or "flush_cache"."""
-
     req_id: int
-    kind: str
+    kind: ControlKind
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class KVPoolStats:
+    page_size: int  # tokens per page
+    total_pages: int
+    free_pages: int
+    parked_pages: int  # free once the decode step in flight ends
+    cached_pages: int  # held by the prefix cache alone
+    used_pages: int  # held by live requests and by the role (rooms in flight)
+    bytes_per_page: int  # one page across every layer's K and V: what a PD transfer moves per page
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class RoleStats:
+    """What a PD role adds to its engine's stats. The room counts name where
+    its rooms wait; a role leaves out (None) those of the other role."""
+
+    metrics: StatsSnapshot  # its KV transfer counters and queue gauges, exported by the front
+    instance_id: str
+    num_transferring_rooms: int
+    num_transfer_peers: int  # peers loaded in its transfer agent
+    num_transfer_rooms: int  # rooms open in its transfer agent
+    # prefill
+    num_bootstrapping_rooms: int | None = None  # waiting for the request or for D's page list
+    num_prefill_rooms: int | None = None  # prefilling or transferring
+    num_draining_rooms: int | None = None  # ended early, writes may still be in flight
+    # decode
+    num_prealloc_reqs: int | None = None  # waiting for pages to be reserved
+    num_quarantined_rooms: int | None = None  # ended early, pages wait until no write can land
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class EngineStats:
+    """The engine's answer to a stats request: its load, its pool, and its role's rooms."""
+
+    pid: int
+    rank_pids: list[int]  # every tensor-parallel rank's process, rank 0 first
+    num_running_reqs: int
+    num_queued_reqs: int
+    num_generated_tokens: int
+    num_retracted_reqs: int
+    token_usage: float  # fraction of KV pages in use
+    kv_pool: KVPoolStats
+    role: RoleStats | None = None  # PD roles only
+
+    def to_json(self) -> dict[str, Any]:
+        """As ``/get_server_info`` shows it: the role's fields at the top level."""
+        data = dataclasses.asdict(self)
+        del data["role"]
+        return {**data, **(self.role.to_json() if self.role is not None else {})}
 
 
 @message
@@ -39,8 +105,8 @@ class ControlRequest:
 class ControlResponse:
     req_id: int
     ok: bool
-    data: dict = field(default_factory=dict)
-    message: str = ""
+    stats: EngineStats | None = None  # the answer to ``ControlKind.STATS``
+    message: str = ""  # why the request was refused
 
 
 @message

@@ -3,8 +3,8 @@
 The engine has no HTTP server; its front scrapes it with a ``stats`` control
 request. What it counts (KV transfers, bootstrap failures, queue lengths) is
 kept here as plain counters, gauges and histograms whose ``snapshot()`` is a
-dict that crosses the pipe, and the front turns each snapshot into metric
-families named ``pdserve:<name>`` (``server/metrics.py``).
+:class:`StatsSnapshot` message that crosses the pipe, and the front turns each
+snapshot into metric families named ``pdserve:<name>`` (``server/metrics.py``).
 
 Histograms follow Prometheus' meaning: ``counts[i]`` observations fell at or
 below ``buckets[i]`` and above the bucket before it; the last slot is ``+Inf``.
@@ -16,11 +16,32 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pdserve.common.codec import message
+
 # The latency buckets every pdserve histogram starts from (SGLang's, seconds).
 DEFAULT_LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1,
                              2.5, 5, 7.5, 10, 20, 40, 80, 160)
 # Descriptors one KV transfer posts: a run of pages per (layer, K/V) region.
 DESCRIPTOR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class HistogramSnapshot:
+    buckets: list[float]  # upper bounds, ascending
+    counts: list[int]  # per bucket, then ``+Inf``: not cumulative
+    sum: float
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class StatsSnapshot:
+    """A :class:`StatsBook`'s values at one time, by metric name."""
+
+    counters: dict[str, float] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, HistogramSnapshot] = field(default_factory=dict)
+    help: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,8 +62,8 @@ class HistogramData:
     def count(self) -> int:
         return sum(self.counts)
 
-    def snapshot(self) -> dict:
-        return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.total}
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(buckets=list(self.buckets), counts=list(self.counts), sum=self.total)
 
 
 @dataclass
@@ -75,10 +96,6 @@ class StatsBook:
     def observe(self, name: str, value: float) -> None:
         self.histograms[name].observe(value)
 
-    def snapshot(self) -> dict:
-        return {
-            "counters": dict(self.counters),
-            "gauges": dict(self.gauges),
-            "histograms": {n: h.snapshot() for n, h in self.histograms.items()},
-            "help": dict(self.help),
-        }
+    def snapshot(self) -> StatsSnapshot:
+        return StatsSnapshot(counters=dict(self.counters), gauges=dict(self.gauges),
+                             histograms={n: h.snapshot() for n, h in self.histograms.items()}, help=dict(self.help))

@@ -42,13 +42,14 @@ from dataclasses import dataclass
 
 from pdserve.bootstrap.protocol import InstanceInfo
 from pdserve.common.errors import PREFILL_FAILED_CODE
+from pdserve.common.messages import RoleStats
 from pdserve.common.roles import Role
 from pdserve.engine.request import Req
 from pdserve.engine.role import EngineHandle, EngineRole, colocated_timing
 from pdserve.transfer.base import KVMemory, KVReceiver, LayoutMismatchError, RoomState
 from pdserve.transfer.control import ControlClient, ControlClosedError
 from pdserve.transfer.endpoint import PDEndpoint, new_epoch
-from pdserve.transfer.metrics import DECODE_QUEUES, TransferMetrics, bytes_per_page
+from pdserve.transfer.metrics import DECODE_QUEUES, bytes_per_page
 from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
 from pdserve.transfer.tp import follower_transfer as tp_follower_transfer
 
@@ -125,8 +126,9 @@ class DecodeRole(EngineRole):
         # D listens nowhere: it dials each prefill instance's control server.
         memory = KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout)
         self.endpoint = PDEndpoint(cfg, memory, control_address=f"{cfg.disaggregation_control_host}:0", epoch=new_epoch(),
-                                   followers=engine.followers)
+                                   queues=DECODE_QUEUES, followers=engine.followers)
         self.agent = self.endpoint.agent
+        self.metrics = self.endpoint.metrics
         self.instance_id = self.endpoint.instance_id
         self.prealloc: deque[tuple[Req, float]] = deque()
         self.rooms: dict[int, DecodeRoom] = {}
@@ -134,7 +136,6 @@ class DecodeRole(EngineRole):
         self.quarantine: dict[int, QuarantinedRoom] = {}
         self._stop = threading.Event()
         self.bytes_per_page = bytes_per_page(engine.pool.layout)
-        self.metrics = TransferMetrics(DECODE_QUEUES, cfg.metrics.bucket_kv_transfer_latency)
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -188,21 +189,12 @@ class DecodeRole(EngineRole):
         scheduled = req.scheduled_s if req.scheduled_s is not None else now_s
         return {**req.stages_s, "decode_queue": max(scheduled - started, 0.0), "decode": max(now_s - scheduled, 0.0)}
 
-    def stats(self) -> dict:
-        queues = {
-            "num_decode_prealloc_queue_reqs": len(self.prealloc),
-            "num_decode_transfer_queue_reqs": len(self.rooms),
-            "num_decode_quarantined_rooms": len(self.quarantine),
-        }
-        return {
-            "metrics": self.metrics.snapshot(queues),
-            "instance_id": self.instance_id,
-            "num_prealloc_reqs": len(self.prealloc),
-            "num_transferring_rooms": len(self.rooms),
-            "num_quarantined_rooms": len(self.quarantine),
-            "num_transfer_peers": self.agent.stats().num_peers,
-            "num_transfer_rooms": self.agent.stats().num_rooms,
-        }
+    def stats(self) -> RoleStats:
+        prealloc, transferring, quarantined = len(self.prealloc), len(self.rooms), len(self.quarantine)
+        queues = {"num_decode_prealloc_queue_reqs": prealloc, "num_decode_transfer_queue_reqs": transferring,
+                  "num_decode_quarantined_rooms": quarantined}
+        return self.endpoint.stats(queues, num_prealloc_reqs=prealloc, num_transferring_rooms=transferring,
+                                   num_quarantined_rooms=quarantined)
 
     def close(self) -> None:
         self._stop.set()

@@ -19,11 +19,14 @@ from pdserve.common import codec
 from pdserve.common.config import ServerConfig
 from pdserve.common.messages import (
     AbortRequest,
+    ControlKind,
     ControlRequest,
     ControlResponse,
     EngineFailed,
     EngineReady,
+    EngineStats,
     GenerateRequest,
+    KVPoolStats,
     TokenBatch,
     TokenOutput,
 )
@@ -33,7 +36,7 @@ from pdserve.engine.request import Req
 from pdserve.engine.role import ColocatedRole, EngineRole
 from pdserve.engine.sampler import Sampler, SampleResult
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
-from pdserve.engine.tp import Followers, RankLink, follow
+from pdserve.engine.tp import Followers, RankHello, RankLink, follow
 from pdserve.model.batch import ScheduledBatch
 from pdserve.model.config import ModelConfig
 from pdserve.model.kernels.step_inputs import to_device
@@ -67,7 +70,7 @@ class Engine:
         self.runner = ModelRunner(cfg, model_dir, self.model_cfg)
         self.rank_pids: list[int] = [os.getpid()]
         if followers is not None:
-            self.rank_pids += [hello["pid"] for hello in followers.gather(cfg.dist_timeout_s)]
+            self.rank_pids += followers.ready_pids(cfg.dist_timeout_s)
             self.runner.step_hook = followers.send_step
         self.pool = self.runner.pool
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
@@ -351,38 +354,33 @@ class Engine:
 
     # ---- control ----------------------------------------------------------------
     def _control(self, msg: ControlRequest) -> ControlResponse:
-        if msg.kind == "stats":
-            return ControlResponse(req_id=msg.req_id, ok=True, data=self.stats())
-        if msg.kind == "flush_cache":
+        if msg.kind is ControlKind.STATS:
+            return ControlResponse(req_id=msg.req_id, ok=True, stats=self.stats())
+        if msg.kind is ControlKind.FLUSH_CACHE:
             if self.scheduler.num_live:
                 return ControlResponse(req_id=msg.req_id, ok=False, message="cannot flush the cache while requests are running")
             self.cache.reset()
             return ControlResponse(req_id=msg.req_id, ok=True)
-        return ControlResponse(req_id=msg.req_id, ok=False, message=f"unknown control request {msg.kind!r}")
+        return ControlResponse(req_id=msg.req_id, ok=False, message=f"unknown control request {msg.kind.value!r}")
 
-    def stats(self) -> dict:
-        used = len(self.scheduler.live_pages() | self.role_held_pages())
-        total = self.pool.num_pages
-        return {
-            "pid": os.getpid(),
-            "rank_pids": self.rank_pids,
-            "num_running_reqs": len(self.scheduler.running),
-            "num_queued_reqs": len(self.scheduler.waiting) + (self.scheduler.chunked is not None),
-            "num_generated_tokens": self.num_generated_tokens,
-            "num_retracted_reqs": self.scheduler.num_retracted_total,
-            "token_usage": round(self._token_usage(), 4),
-            "kv_pool": {
-                "page_size": self.pool.page_size,
-                "total_pages": total,
-                "free_pages": self.pool.num_free_pages,
-                "parked_pages": self.pool.num_parked_pages,  # free once the decode step in flight ends
-                "cached_pages": self.cache.num_cached_pages,
-                "used_pages": used,
-                # One page across every layer's K and V: what a PD transfer moves per page.
-                "bytes_per_page": self.pool.layout.page_bytes * self.pool.layout.num_regions,
-            },
-            **self.role.stats(),
-        }
+    def stats(self) -> EngineStats:
+        pool = self.pool
+        return EngineStats(
+            pid=os.getpid(),
+            rank_pids=self.rank_pids,
+            num_running_reqs=len(self.scheduler.running),
+            num_queued_reqs=len(self.scheduler.waiting) + (self.scheduler.chunked is not None),
+            num_generated_tokens=self.num_generated_tokens,
+            num_retracted_reqs=self.scheduler.num_retracted_total,
+            token_usage=round(self._token_usage(), 4),
+            kv_pool=KVPoolStats(
+                page_size=pool.page_size, total_pages=pool.num_pages, free_pages=pool.num_free_pages,
+                parked_pages=pool.num_parked_pages, cached_pages=self.cache.num_cached_pages,
+                used_pages=len(self.scheduler.live_pages() | self.role_held_pages()),
+                bytes_per_page=pool.layout.page_bytes * pool.layout.num_regions,
+            ),
+            role=self.role.stats(),
+        )
 
     def role_held_pages(self) -> set[int]:
         return self.role.held_pages()
@@ -469,7 +467,7 @@ def _follower_main(cfg: ServerConfig, model_dir: str, conn: Connection, rank: in
     try:
         runner = ModelRunner(cfg, model_dir, ModelConfig.from_dir(model_dir), rank)
         transfer = role.follower_transfer(cfg, runner.pool.buffer, runner.layout, rank)
-        conn.send_bytes(codec.encode({"pid": os.getpid()}))
+        conn.send_bytes(codec.encode(RankHello(pid=os.getpid())))
         follow(runner, conn, transfer)
     except Exception:  # a failed collective or a broken pipe: rank 0 sees this rank die
         logger.exception("rank %d failed", rank)

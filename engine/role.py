@@ -15,6 +15,7 @@ from typing import Protocol
 
 from pdserve.common.config import ServerConfig
 from pdserve.common.kv_layout import KVLayout
+from pdserve.common.messages import RoleStats
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.tp import Followers
@@ -86,8 +87,9 @@ class EngineRole:
         """Pages the role holds outside the scheduler (rooms in flight, draining, quarantined)."""
         return set()
 
-    def stats(self) -> dict:
-        return {}
+    def stats(self) -> RoleStats | None:
+        """What the role adds to the engine's stats (PD roles: ``PDEndpoint.stats``)."""
+        return None
 
     def close(self) -> None:
         pass

@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from typing import Protocol
 
 from pdserve.common import codec
 from pdserve.common.codec import message
@@ -48,12 +49,30 @@ class RankStep:
 
 @message
 @dataclass(frozen=True, kw_only=True)
-class RankCall:
-    """A call rank 0 makes on every rank's part of the KV transfer (``transfer/tp.py``)."""
+class RankHello:
+    """A follower's first message: its shard is loaded, and it runs as process ``pid``."""
 
-    method: str
-    args: list = field(default_factory=list)
+    pid: int
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class RankCall:
+    """A call rank 0 makes on every rank's part of the KV transfer: ``call`` is
+    one of the typed calls ``transfer/tp.py`` declares, which this module never
+    looks into."""
+
+    call: object
     reply: bool = False  # the caller waits for each rank's answer
+
+
+class RankPart(Protocol):
+    """A follower's part of the KV transfer, as its loop drives it."""
+
+    def handle(self, call: object) -> object:
+        """Run one of rank 0's calls; its answer (plain data or a message)."""
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -91,10 +110,10 @@ class Followers:
     def send_step(self, batch: ScheduledBatch) -> None:
         self.broadcast(step_of(batch))
 
-    def call(self, method: str, args: list, reply: bool = False) -> None:
-        """Have every follower call ``method(*args)`` on its part of the KV
-        transfer (``reply``: each answers; read the answers with ``gather``)."""
-        self.broadcast(RankCall(method=method, args=args, reply=reply))
+    def call(self, call: object, reply: bool = False) -> None:
+        """Have every follower run ``call`` on its part of the KV transfer
+        (``reply``: each answers; read the answers with ``gather``)."""
+        self.broadcast(RankCall(call=call, reply=reply))
 
     def broadcast(self, msg: object) -> None:
         data = codec.encode(msg)
@@ -110,6 +129,14 @@ class Followers:
                 _exit(f"rank {rank} did not answer within {timeout_s:g}s")
             answers.append(codec.decode(link.conn.recv_bytes()))
         return answers
+
+    def ready_pids(self, timeout_s: float) -> list[int]:
+        """Each follower's process id, once it has loaded its shard."""
+        pids = []
+        for hello in self.gather(timeout_s):
+            assert isinstance(hello, RankHello), hello
+            pids.append(hello.pid)
+        return pids
 
     def close(self) -> None:
         for link in self.links:
@@ -128,7 +155,7 @@ def _exit(reason: str) -> None:
     os._exit(1)
 
 
-def follow(runner, conn: Connection, transfer=None) -> None:
+def follow(runner, conn: Connection, transfer: RankPart | None = None) -> None:
     """A follower's loop: run each step rank 0 sends until its pipe closes.
     ``transfer``: this rank's part of the KV transfer (PD roles), or None."""
     while True:
@@ -139,8 +166,8 @@ def follow(runner, conn: Connection, transfer=None) -> None:
             return
         if isinstance(msg, RankStep):
             runner.forward(batch_of(msg))
-        elif isinstance(msg, RankCall):
-            answer = getattr(transfer, msg.method)(*msg.args)
+        elif isinstance(msg, RankCall) and transfer is not None:
+            answer = transfer.handle(msg.call)
             if msg.reply:
                 conn.send_bytes(codec.encode(answer))
         else:

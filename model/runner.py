@@ -201,7 +201,8 @@ class ModelRunner:
         num_pages = self.tp.all_reduce_min(max(tokens // self.cfg.page_size, 1))
         m, plan = self.model_cfg, self.plan
         dtype_name = str(self.dtype).removeprefix("torch.")
-        return KVLayout(m.num_layers, num_pages, self.cfg.page_size, plan.num_kv_heads, m.head_dim, dtype_name,
+        return KVLayout(num_layers=m.num_layers, num_pages=num_pages, page_size=self.cfg.page_size,
+                        num_kv_heads=plan.num_kv_heads, head_dim=m.head_dim, dtype=dtype_name,
                         head_start=plan.kv_head_start, total_kv_heads=m.num_kv_heads)
 
     def _auto_pool_tokens(self) -> int:

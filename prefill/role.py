@@ -24,13 +24,14 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
+from pdserve.common.messages import RoleStats
 from pdserve.engine.request import Req
 from pdserve.engine.role import EngineHandle, EngineRole
 from pdserve.model.batch import ScheduledBatch
 from pdserve.transfer.base import KVMemory, KVSender, LayoutMismatchError, RoomState
 from pdserve.transfer.control import ControlClosedError, ControlServer
 from pdserve.transfer.endpoint import PDEndpoint, new_epoch
-from pdserve.transfer.metrics import PREFILL_QUEUES, TransferMetrics, bytes_per_page
+from pdserve.transfer.metrics import PREFILL_QUEUES, bytes_per_page
 from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
 from pdserve.transfer.tp import follower_transfer as tp_follower_transfer
 
@@ -74,8 +75,9 @@ class PrefillRole(EngineRole):
         self.control = ControlServer(cfg.disaggregation_control_host, cfg.disaggregation_control_port,
                                      greeting=PeerHello(instance_id=cfg.instance_id, epoch=epoch))
         self.endpoint = PDEndpoint(cfg, KVMemory.from_tensor(engine.pool.buffer, engine.pool.layout), self.control.address, epoch,
-                                   followers=engine.followers)
+                                   PREFILL_QUEUES, followers=engine.followers)
         self.agent = self.endpoint.agent
+        self.metrics = self.endpoint.metrics
         self.instance_id = self.endpoint.instance_id
         self.waiting_reqs: dict[int, tuple[Req, float]] = {}  # room -> (request, deadline)
         self.waiting_pages: dict[int, tuple[int, KVPagesRequest, float]] = {}  # room -> (conn, msg, deadline)
@@ -89,7 +91,6 @@ class PrefillRole(EngineRole):
         # so a decode instance that died or restarted leaves nothing held here.
         self.peer_conns: dict[str, set[int]] = {}
         self.bytes_per_page = bytes_per_page(engine.pool.layout)
-        self.metrics = TransferMetrics(PREFILL_QUEUES, cfg.metrics.bucket_kv_transfer_latency)
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -180,22 +181,13 @@ class PrefillRole(EngineRole):
         return {"prefill_queue": req.stages_s.get("prefill_queue", 0.0), "prefill": req.stages_s.get("prefill", 0.0),
                 "kv_transfer": max(now_s - first, 0.0)}
 
-    def stats(self) -> dict:
-        queues = {
-            "num_prefill_bootstrap_queue_reqs": len(self.waiting_reqs) + len(self.waiting_pages),
-            "num_prefill_inflight_queue_reqs": len(self.transferring),
-            "num_prefill_draining_rooms": len(self.draining),
-        }
-        return {
-            "metrics": self.metrics.snapshot(queues),
-            "instance_id": self.instance_id,
-            "num_bootstrapping_rooms": len(self.waiting_reqs) + len(self.waiting_pages),
-            "num_transferring_rooms": len(self.transferring),
-            "num_prefill_rooms": len(self.rooms),
-            "num_draining_rooms": len(self.draining),
-            "num_transfer_peers": self.agent.stats().num_peers,
-            "num_transfer_rooms": self.agent.stats().num_rooms,
-        }
+    def stats(self) -> RoleStats:
+        bootstrapping = len(self.waiting_reqs) + len(self.waiting_pages)
+        transferring, draining = len(self.transferring), len(self.draining)
+        queues = {"num_prefill_bootstrap_queue_reqs": bootstrapping, "num_prefill_inflight_queue_reqs": transferring,
+                  "num_prefill_draining_rooms": draining}
+        return self.endpoint.stats(queues, num_bootstrapping_rooms=bootstrapping, num_transferring_rooms=transferring,
+                                   num_prefill_rooms=len(self.rooms), num_draining_rooms=draining)
 
     def close(self) -> None:
         self.control.close()

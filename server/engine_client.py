@@ -25,6 +25,7 @@ from pdserve.common import codec
 from pdserve.common.config import ServerConfig
 from pdserve.common.messages import (
     AbortRequest,
+    ControlKind,
     ControlRequest,
     ControlResponse,
     EngineFailed,
@@ -308,7 +309,7 @@ class EngineClient:
         assert isinstance(last, TokenOutput)
         return last
 
-    async def control(self, kind: str, timeout_s: float = 30.0) -> ControlResponse:
+    async def control(self, kind: ControlKind, timeout_s: float = 30.0) -> ControlResponse:
         if not self.alive():
             raise EngineDied("engine is not running")
         req_id = next(self._ids)
@@ -318,7 +319,7 @@ class EngineClient:
         try:
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError as exc:
-            raise EngineBusy(f"the engine did not answer {kind!r} within {timeout_s:g} s") from exc
+            raise EngineBusy(f"the engine did not answer {kind.value!r} within {timeout_s:g} s") from exc
         finally:
             self._control.pop(req_id, None)
 

@@ -19,7 +19,9 @@ import time
 from collections.abc import Iterator
 
 from pdserve.common.config import MetricsConfig
+from pdserve.common.messages import EngineStats
 from pdserve.common.roles import Role
+from pdserve.common.stats import StatsSnapshot
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -39,26 +41,26 @@ class EngineStatsCollector:
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.snapshot: dict = {}
+        self.snapshot = StatsSnapshot()
 
     def collect(self) -> Iterator[Metric]:
         snap, labels = self.snapshot, ["model_name"]
-        helps = snap.get("help", {})
-        for name, value in snap.get("counters", {}).items():
+        helps = snap.help
+        for name, value in snap.counters.items():
             family = CounterMetricFamily(PREFIX + name, helps.get(name, name), labels=labels)
             family.add_metric([self.model_name], value)
             yield family
-        for name, value in snap.get("gauges", {}).items():
+        for name, value in snap.gauges.items():
             family = GaugeMetricFamily(PREFIX + name, helps.get(name, name), labels=labels)
             family.add_metric([self.model_name], value)
             yield family
-        for name, hist in snap.get("histograms", {}).items():
+        for name, hist in snap.histograms.items():
             family = HistogramMetricFamily(PREFIX + name, helps.get(name, name), labels=labels)
             cumulative, buckets = 0, []
-            for bound, count in zip([*map(str, hist["buckets"]), "+Inf"], hist["counts"], strict=True):
+            for bound, count in zip([*map(str, hist.buckets), "+Inf"], hist.counts, strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            family.add_metric([self.model_name], buckets, hist["sum"])
+            family.add_metric([self.model_name], buckets, hist.sum)
             yield family
 
 
@@ -98,13 +100,16 @@ class ServerMetrics:
             if stage not in self.not_observed:
                 self.stages.labels(self.model_name, stage).observe(seconds)
 
-    def update_engine(self, stats: dict) -> None:
+    def update_engine(self, stats: EngineStats | None) -> None:
+        """Refresh the engine's gauges; None (an engine that keeps no stats) leaves them as they are."""
+        if stats is None:
+            return
         m = self.model_name
-        self.running.labels(m).set(stats.get("num_running_reqs", 0))
-        self.queued.labels(m).set(stats.get("num_queued_reqs", 0))
-        self.token_usage.labels(m).set(stats.get("token_usage", 0.0))
-        self.used_pages.labels(m).set(stats.get("kv_pool", {}).get("used_pages", 0))
-        self.engine_stats.snapshot = stats.get("metrics", {})
+        self.running.labels(m).set(stats.num_running_reqs)
+        self.queued.labels(m).set(stats.num_queued_reqs)
+        self.token_usage.labels(m).set(stats.token_usage)
+        self.used_pages.labels(m).set(stats.kv_pool.used_pages)
+        self.engine_stats.snapshot = stats.role.metrics if stats.role is not None else StatsSnapshot()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

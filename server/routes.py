@@ -11,7 +11,7 @@ from functools import partial
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pdserve.common.errors import APIError
-from pdserve.common.messages import ControlResponse, GenerateRequest
+from pdserve.common.messages import ControlKind, ControlResponse, EngineStats, GenerateRequest
 from pdserve.common.roles import Role
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.server import openai_format as fmt
@@ -260,12 +260,17 @@ def _event_maker(state: AppState, gen: GenerationInput, subs: list[SubRequest], 
     return event
 
 
-async def _control(state: AppState, kind: str) -> ControlResponse:
+async def _control(state: AppState, kind: ControlKind) -> ControlResponse:
     """A control round trip; an engine that died or does not answer is a 503."""
     try:
         return await state.engine.control(kind)
     except EngineUnavailable as exc:
         raise APIError(503, str(exc)) from exc
+
+
+async def _engine_stats(state: AppState) -> EngineStats | None:
+    """The engine's stats; None from an engine that keeps none (a stand-in)."""
+    return (await _control(state, ControlKind.STATS)).stats
 
 
 def _install_ops(app: FastAPI, state: AppState) -> None:
@@ -306,13 +311,14 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
     async def server_info():
         info = state.server_info()
         if state.ready and state.engine.alive():
-            info.update((await _control(state, "stats")).data)
+            stats = await _engine_stats(state)
+            info.update(stats.to_json() if stats is not None else {})
         return info
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
         _serving(state)
-        resp = await _control(state, "flush_cache")
+        resp = await _control(state, ControlKind.FLUSH_CACHE)
         if not resp.ok:
             raise APIError(400, f"Cache not flushed: {resp.message}")
         return Response("Cache flushed.\n", status_code=200)
@@ -322,5 +328,5 @@ def _install_ops(app: FastAPI, state: AppState) -> None:
         if not state.cfg.enable_metrics:
             raise APIError(404, "metrics are disabled; start with --enable-metrics")
         if state.ready and state.engine.alive():
-            state.metrics.update_engine((await _control(state, "stats")).data)
+            state.metrics.update_engine(await _engine_stats(state))
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -10,6 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pdserve.common.config import ServerConfig
+from pdserve.common.messages import ControlKind
 from pdserve.server.engine_client import EngineBusy, EngineClient, EngineDied
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.routes import install_routes
@@ -23,7 +24,7 @@ def test_a_control_request_nobody_answers_raises_engine_busy(monkeypatch: pytest
 
     async def ask() -> None:
         await client.attach()  # the loop owns the pipe; the other end is never read
-        await client.control("stats", timeout_s=0.05)
+        await client.control(ControlKind.STATS, timeout_s=0.05)
 
     with pytest.raises(EngineBusy, match="did not answer 'stats' within 0.05 s"):
         asyncio.run(ask())
@@ -40,7 +41,7 @@ class _SilentEngine:
     def alive(self) -> bool:
         return True
 
-    async def control(self, kind: str, timeout_s: float = 30.0):
+    async def control(self, kind: ControlKind, timeout_s: float = 30.0):
         self.asked.append(kind)
         raise self.error
 

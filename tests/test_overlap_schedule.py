@@ -38,7 +38,7 @@ class _Guard:
 
 
 def _pool(num_pages: int = 8) -> KVPool:
-    return KVPool(KVLayout(1, num_pages, 4, 1, 2, "float32"), torch.float32, torch.device("cpu"))
+    return KVPool(KVLayout(num_layers=1, num_pages=num_pages, page_size=4, num_kv_heads=1, head_dim=2, dtype="float32"), torch.float32, torch.device("cpu"))
 
 
 def test_a_fenced_page_released_meanwhile_waits_for_its_step() -> None:

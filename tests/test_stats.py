@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pdserve.common.config import MetricsConfig
+from pdserve.common.messages import EngineStats, KVPoolStats, RoleStats
 from pdserve.common.stats import StatsBook
 from pdserve.server.metrics import ServerMetrics
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,6 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 def _families(metrics: ServerMetrics) -> dict:
     return {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+
+
+def _engine_stats(book: StatsBook) -> EngineStats:
+    """A decode engine's stats whose transfer metrics are ``book``'s."""
+    pool = KVPoolStats(page_size=16, total_pages=8, free_pages=8, parked_pages=0, cached_pages=0, used_pages=0,
+                       bytes_per_page=1024)
+    role = RoleStats(metrics=book.snapshot(), instance_id="d", num_transferring_rooms=3, num_transfer_peers=1,
+                     num_transfer_rooms=3)
+    return EngineStats(pid=1, rank_pids=[1], num_running_reqs=0, num_queued_reqs=0, num_generated_tokens=0,
+                       num_retracted_reqs=0, token_usage=0.0, kv_pool=pool, role=role)
 
 
 def test_engine_snapshot_becomes_counter_gauge_and_cumulative_histogram() -> None:
@@ -23,7 +34,7 @@ def test_engine_snapshot_becomes_counter_gauge_and_cumulative_histogram() -> Non
     for value in (0.005, 0.01, 0.05, 0.5, 7.0):  # 0.01 falls in the 0.01 bucket (le is inclusive)
         book.observe("kv_transfer_latency_seconds", value)
     metrics = ServerMetrics(True, "m")
-    metrics.update_engine({"metrics": book.snapshot()})
+    metrics.update_engine(_engine_stats(book))
     found = _families(metrics)
     assert found["pdserve:kv_transfer_bytes"].type == "counter"
     assert found["pdserve:kv_transfer_bytes"].samples[0].value == 4096

@@ -4,6 +4,7 @@ move KV, their room ids, head-sliced descriptors, and the layout check."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ def _rank_layouts(tp: int, num_pages: int = 6, heads: int = HEADS) -> list[KVLay
     out = []
     for rank in range(tp):
         start, count = kv_head_range(heads, tp, rank)
-        out.append(KVLayout(LAYERS, num_pages, PAGE, count, DIM, "float32", head_start=start, total_kv_heads=heads))
+        out.append(KVLayout(num_layers=LAYERS, num_pages=num_pages, page_size=PAGE, num_kv_heads=count, head_dim=DIM,
+                            dtype="float32", head_start=start, total_kv_heads=heads))
     return out
 
 
@@ -84,10 +86,10 @@ def test_equal_heads_keep_whole_page_descriptors() -> None:
 def test_layout_check_compares_model_heads_not_tp() -> None:
     p_rank, d_rank = _rank_layouts(2)[0], _rank_layouts(4)[3]
     assert p_rank.mismatch(d_rank) is None
-    other_model = KVLayout(LAYERS, 6, PAGE, 1, DIM, "float32", head_start=0, total_kv_heads=8)
+    other_model = replace(_rank_layouts(1)[0], num_kv_heads=1, total_kv_heads=8)
     problem = p_rank.mismatch(other_model, "prefill", "decode")
     assert problem is not None and "num_kv_heads: prefill=4 vs decode=8" in problem
-    wider = KVLayout(LAYERS, 6, PAGE, 2, DIM + 1, "float32", head_start=0, total_kv_heads=4)
+    wider = replace(_rank_layouts(1)[0], num_kv_heads=2, head_dim=DIM + 1)
     assert "head_dim: prefill=3 vs decode=4" in p_rank.mismatch(wider, "prefill", "decode")
 
 

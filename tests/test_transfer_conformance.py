@@ -11,16 +11,16 @@ from __future__ import annotations
 import importlib.util
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-from pdserve.common.codec import decode, encode
+from pdserve.common.codec import encode
 from pdserve.common.kv_layout import KVLayout
 from pdserve.tests.support.waiting import wait_until
 from pdserve.transfer.base import LayoutMismatchError, RoomState
-from pdserve.transfer.harness import AgentProcess, WorkerSpec, start_agents
-from pdserve.transfer.messages import AgentInfo
+from pdserve.transfer.harness import AgentProcess, Command, WorkerSpec, start_agents
+from pdserve.transfer.messages import AgentInfo, decode_as
 
 # 4 KiB pages: single pages go eagerly, runs of 3+ pages take UCX's rendezvous path.
 LAYOUT = KVLayout(num_layers=2, num_pages=16, page_size=8, num_kv_heads=2, head_dim=64, dtype="float32")
@@ -70,10 +70,10 @@ def cluster(request):
     specs = [WorkerSpec(backend, name, LAYOUT.to_dict(), WAIT_S, device) for name in ("P", "D1", "D2")]
     p, d1, d2 = procs = start_agents(specs)
     try:
-        p_info, d1_info, d2_info = (proc.call("info") for proc in procs)
-        d1_name, d2_name = p.call("add_peer", info=d1_info), p.call("add_peer", info=d2_info)
-        p_name = d1.call("add_peer", info=p_info)
-        assert d2.call("add_peer", info=p_info) == p_name
+        p_info, d1_info, d2_info = (proc.call(Command.INFO) for proc in procs)
+        d1_name, d2_name = p.call(Command.ADD_PEER, info=d1_info), p.call(Command.ADD_PEER, info=d2_info)
+        p_name = d1.call(Command.ADD_PEER, info=p_info)
+        assert d2.call(Command.ADD_PEER, info=p_info) == p_name
         yield Cluster(p, d1, d2, p_name, d1_name, d2_name, d1_info, backend, device)
     finally:
         for proc in procs:
@@ -82,9 +82,9 @@ def cluster(request):
 
 @pytest.fixture(autouse=True)
 def fresh_buffers(cluster):
-    cluster.p.call("fill")
-    cluster.d1.call("fill", sentinel=SENTINEL)
-    cluster.d2.call("fill", sentinel=SENTINEL)
+    cluster.p.call(Command.FILL)
+    cluster.d1.call(Command.FILL, sentinel=SENTINEL)
+    cluster.d2.call(Command.FILL, sentinel=SENTINEL)
     yield
     _assert_no_leaks(cluster)
 
@@ -103,7 +103,7 @@ def _assert_no_leaks(c: Cluster) -> None:
     stats: list[dict] = []
 
     def clean() -> bool:
-        stats[:] = [proc.call("stats") for proc in (c.p, c.d1, c.d2)]
+        stats[:] = [proc.call(Command.STATS) for proc in (c.p, c.d1, c.d2)]
         return all(s["num_rooms"] == 0 and s["num_inflight_requests"] == 0 for s in stats)
 
     wait_until(clean, 5.0, 0.05, lambda: f"rooms or requests left over: {stats}")
@@ -114,20 +114,20 @@ def _transfer(c: Cluster, d: AgentProcess, d_name: str, src_pages, dst_pages, ch
     room = _room()
     chunks = chunks or [(0, len(src_pages), True)]
     if receiver_first:
-        d.call("open_receiver", room=room, peer=c.p_name)
-    c.p.call("open_sender", room=room, peer=d_name, dst_pages=dst_pages)
+        d.call(Command.OPEN_RECEIVER, room=room, peer=c.p_name)
+    c.p.call(Command.OPEN_SENDER, room=room, peer=d_name, dst_pages=dst_pages)
     for start, end, is_last in chunks:
-        c.p.call("send", room=room, src_pages=src_pages[start:end], dst_start=start, is_last=is_last)
-    sent = c.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0]
+        c.p.call(Command.SEND, room=room, src_pages=src_pages[start:end], dst_start=start, is_last=is_last)
+    sent = c.p.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room][0]
     if not receiver_first:
-        d.call("open_receiver", room=room, peer=c.p_name)
-    got = d.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0]
+        d.call(Command.OPEN_RECEIVER, room=room, peer=c.p_name)
+    got = d.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room][0]
     return room, sent, got
 
 
 def _check_pages(c: Cluster, d: AgentProcess, src_pages, dst_pages) -> None:
-    src = c.p.call("read")
-    dst = d.call("read")
+    src = c.p.call(Command.READ)
+    dst = d.call(Command.READ)
     before = np.full_like(dst, SENTINEL)
     np.testing.assert_array_equal(dst, _expected(before, src, src_pages, dst_pages))
 
@@ -136,7 +136,7 @@ def test_contiguous_pages_one_descriptor_per_region(cluster):
     src, dst = list(range(0, 6)), list(range(8, 14))
     room, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, src, dst)
     assert (sent, got) == (SUCCESS, SUCCESS)
-    assert cluster.p.call("counters", room=room) == (LAYOUT.num_regions, 6 * LAYOUT.page_bytes * LAYOUT.num_regions)
+    assert cluster.p.call(Command.COUNTERS, room=room) == (LAYOUT.num_regions, 6 * LAYOUT.page_bytes * LAYOUT.num_regions)
     _check_pages(cluster, cluster.d1, src, dst)
 
 
@@ -148,19 +148,19 @@ def test_cuda_ipc_copies_exactly_when_the_pool_is_on_the_shared_gpu(cluster, src
     room, sent, got = _transfer(cluster, cluster.d2, cluster.d2_name, src, dst)
     assert (sent, got) == (SUCCESS, SUCCESS)
     on_gpu = cluster.device == "cuda"
-    assert cluster.p.call("ipc_copies", room=room) == (1 if on_gpu else 0)
+    assert cluster.p.call(Command.IPC_COPIES, room=room) == (1 if on_gpu else 0)
     # ... and the chunk's notice went through the notice ring, not NIXL
-    assert cluster.p.call("ring_notices", room=room) == (1 if on_gpu else 0)
+    assert cluster.p.call(Command.RING_NOTICES, room=room) == (1 if on_gpu else 0)
     _check_pages(cluster, cluster.d2, src, dst)
 
 
 def test_a_removed_peer_is_let_go_and_can_be_loaded_again(cluster):
-    peers = cluster.p.call("stats")["num_peers"]
-    cluster.p.call("remove_peer", peer=cluster.d1_name)
-    assert cluster.p.call("stats")["num_peers"] == peers - 1
+    peers = cluster.p.call(Command.STATS)["num_peers"]
+    cluster.p.call(Command.REMOVE_PEER, peer=cluster.d1_name)
+    assert cluster.p.call(Command.STATS)["num_peers"] == peers - 1
     with pytest.raises(KeyError):
-        cluster.p.call("open_sender", room=_room(), peer=cluster.d1_name, dst_pages=[0])
-    assert cluster.p.call("add_peer", info=cluster.d1_info) == cluster.d1_name
+        cluster.p.call(Command.OPEN_SENDER, room=_room(), peer=cluster.d1_name, dst_pages=[0])
+    assert cluster.p.call(Command.ADD_PEER, info=cluster.d1_info) == cluster.d1_name
     src, dst = [2, 3], [6, 7]
     _, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, src, dst)
     assert (sent, got) == (SUCCESS, SUCCESS)
@@ -171,7 +171,7 @@ def test_scattered_pages_merge_runs(cluster):
     src, dst = [1, 2, 3, 7], [4, 5, 6, 9]
     room, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, src, dst)
     assert (sent, got) == (SUCCESS, SUCCESS)
-    assert cluster.p.call("counters", room=room)[0] == 2 * LAYOUT.num_regions
+    assert cluster.p.call(Command.COUNTERS, room=room)[0] == 2 * LAYOUT.num_regions
     _check_pages(cluster, cluster.d1, src, dst)
 
 
@@ -184,21 +184,21 @@ def test_multi_chunk_room(cluster, empty_last):
         chunks.append((10, 10, True))
     room, sent, got = _transfer(cluster, cluster.d2, cluster.d2_name, src, dst, chunks)
     assert (sent, got) == (SUCCESS, SUCCESS)
-    assert cluster.p.call("counters", room=room)[0] == 10 * LAYOUT.num_regions
+    assert cluster.p.call(Command.COUNTERS, room=room)[0] == 10 * LAYOUT.num_regions
     _check_pages(cluster, cluster.d2, src, dst)
 
 
 def test_receiver_not_done_before_last_chunk(cluster):
     room = _room()
-    cluster.d1.call("open_receiver", room=room, peer=cluster.p_name)
-    cluster.p.call("open_sender", room=room, peer=cluster.d1_name, dst_pages=[0, 1])
-    cluster.p.call("send", room=room, src_pages=[5], dst_start=0, is_last=False)
-    assert cluster.p.call("wait", rooms=[room], timeout_s=0.5)[room][0] == int(RoomState.TRANSFERRING)
-    assert cluster.d1.call("wait", rooms=[room], timeout_s=0.5)[room][0] in (
+    cluster.d1.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
+    cluster.p.call(Command.OPEN_SENDER, room=room, peer=cluster.d1_name, dst_pages=[0, 1])
+    cluster.p.call(Command.SEND, room=room, src_pages=[5], dst_start=0, is_last=False)
+    assert cluster.p.call(Command.WAIT, rooms=[room], timeout_s=0.5)[room][0] == int(RoomState.TRANSFERRING)
+    assert cluster.d1.call(Command.WAIT, rooms=[room], timeout_s=0.5)[room][0] in (
         int(RoomState.WAITING_FOR_INPUT), int(RoomState.TRANSFERRING))
-    cluster.p.call("send", room=room, src_pages=[6], dst_start=1, is_last=True)
-    assert cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == SUCCESS
-    assert cluster.d1.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == SUCCESS
+    cluster.p.call(Command.SEND, room=room, src_pages=[6], dst_start=1, is_last=True)
+    assert cluster.p.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room][0] == SUCCESS
+    assert cluster.d1.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room][0] == SUCCESS
     _check_pages(cluster, cluster.d1, [5, 6], [0, 1])
 
 
@@ -211,17 +211,17 @@ def test_many_rooms_in_flight_to_two_decode_agents(cluster):
         for dst_page, src_page in enumerate(rng.sample(range(16), 16)):
             plan.append((_room(), d, name, src_page, dst_page))
     for room, d, *_ in plan[::2]:
-        d.call("open_receiver", room=room, peer=cluster.p_name)
+        d.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
     for room, _, name, src_page, dst_page in plan:
-        cluster.p.call("open_sender", room=room, peer=name, dst_pages=[dst_page])
-        cluster.p.call("send", room=room, src_pages=[src_page], dst_start=0, is_last=True)
-    p_states = cluster.p.call("wait", rooms=[r for r, *_ in plan], timeout_s=WAIT_S)
+        cluster.p.call(Command.OPEN_SENDER, room=room, peer=name, dst_pages=[dst_page])
+        cluster.p.call(Command.SEND, room=room, src_pages=[src_page], dst_start=0, is_last=True)
+    p_states = cluster.p.call(Command.WAIT, rooms=[r for r, *_ in plan], timeout_s=WAIT_S)
     assert {s for s, _ in p_states.values()} == {SUCCESS}
     for room, d, _, _, _ in plan[1::2]:
-        d.call("open_receiver", room=room, peer=cluster.p_name)
+        d.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
     for d in (cluster.d1, cluster.d2):
         rooms = [r for r, dd, *_ in plan if dd is d]
-        assert {s for s, _ in d.call("wait", rooms=rooms, timeout_s=WAIT_S).values()} == {SUCCESS}
+        assert {s for s, _ in d.call(Command.WAIT, rooms=rooms, timeout_s=WAIT_S).values()} == {SUCCESS}
         pairs = [(s, dp) for _, dd, _, s, dp in plan if dd is d]
         _check_pages(cluster, d, [s for s, _ in pairs], [dp for _, dp in pairs])
 
@@ -229,31 +229,31 @@ def test_many_rooms_in_flight_to_two_decode_agents(cluster):
 def test_prefill_abort_midway_fails_only_that_room(cluster):
     doomed, healthy = _room(), _room()
     for room in (doomed, healthy):
-        cluster.d1.call("open_receiver", room=room, peer=cluster.p_name)
-    cluster.p.call("open_sender", room=doomed, peer=cluster.d1_name, dst_pages=[0, 1, 2, 3])
-    cluster.p.call("open_sender", room=healthy, peer=cluster.d1_name, dst_pages=[8, 9])
-    cluster.p.call("send", room=doomed, src_pages=[0, 1], dst_start=0, is_last=False)
-    cluster.p.call("send", room=healthy, src_pages=[4], dst_start=0, is_last=False)
-    cluster.p.call("abort", room=doomed)
-    cluster.p.call("send", room=healthy, src_pages=[5], dst_start=1, is_last=True)
-    p_states = cluster.p.call("wait", rooms=[doomed, healthy], timeout_s=WAIT_S)
+        cluster.d1.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
+    cluster.p.call(Command.OPEN_SENDER, room=doomed, peer=cluster.d1_name, dst_pages=[0, 1, 2, 3])
+    cluster.p.call(Command.OPEN_SENDER, room=healthy, peer=cluster.d1_name, dst_pages=[8, 9])
+    cluster.p.call(Command.SEND, room=doomed, src_pages=[0, 1], dst_start=0, is_last=False)
+    cluster.p.call(Command.SEND, room=healthy, src_pages=[4], dst_start=0, is_last=False)
+    cluster.p.call(Command.ABORT, room=doomed)
+    cluster.p.call(Command.SEND, room=healthy, src_pages=[5], dst_start=1, is_last=True)
+    p_states = cluster.p.call(Command.WAIT, rooms=[doomed, healthy], timeout_s=WAIT_S)
     assert (p_states[doomed][0], p_states[healthy][0]) == (FAILED, SUCCESS)
     start = time.monotonic()
-    d_states = cluster.d1.call("wait", rooms=[doomed, healthy], timeout_s=WAIT_S)
+    d_states = cluster.d1.call(Command.WAIT, rooms=[doomed, healthy], timeout_s=WAIT_S)
     assert (d_states[doomed][0], d_states[healthy][0]) == (FAILED, SUCCESS)
     assert d_states[doomed][1] - start < WAIT_S / 2, "the abort notice, not the timeout, failed the room"
-    np.testing.assert_array_equal(cluster.d1.call("read")[:, [8, 9]], cluster.p.call("read")[:, [4, 5]])
+    np.testing.assert_array_equal(cluster.d1.call(Command.READ)[:, [8, 9]], cluster.p.call(Command.READ)[:, [4, 5]])
 
 
 def test_decode_abort_reaches_the_sender(cluster):
     room = _room()
-    cluster.d2.call("open_receiver", room=room, peer=cluster.p_name)
-    cluster.p.call("open_sender", room=room, peer=cluster.d2_name, dst_pages=[0, 1])
-    cluster.p.call("send", room=room, src_pages=[3], dst_start=0, is_last=False)
-    cluster.d2.call("abort", room=room)
-    assert cluster.d2.call("wait", rooms=[room], timeout_s=1)[room][0] == FAILED
+    cluster.d2.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
+    cluster.p.call(Command.OPEN_SENDER, room=room, peer=cluster.d2_name, dst_pages=[0, 1])
+    cluster.p.call(Command.SEND, room=room, src_pages=[3], dst_start=0, is_last=False)
+    cluster.d2.call(Command.ABORT, room=room)
+    assert cluster.d2.call(Command.WAIT, rooms=[room], timeout_s=1)[room][0] == FAILED
     start = time.monotonic()
-    state, done_at = cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room]
+    state, done_at = cluster.p.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room]
     assert state == FAILED and done_at - start < WAIT_S / 2
 
 
@@ -261,54 +261,54 @@ def test_data_for_an_aborted_room_is_dropped_without_leaks(cluster):
     """D gave the room up before P sent anything: P fails fast or finishes,
     D buffers nothing, and the next room on the same pair still works."""
     aborted = _room()
-    cluster.d1.call("open_receiver", room=aborted, peer=cluster.p_name)
-    cluster.d1.call("abort", room=aborted)
-    cluster.p.call("open_sender", room=aborted, peer=cluster.d1_name, dst_pages=[0])
-    cluster.p.call("send", room=aborted, src_pages=[0], dst_start=0, is_last=True)
-    assert cluster.p.call("wait", rooms=[aborted], timeout_s=WAIT_S)[aborted][0] in (SUCCESS, FAILED)
+    cluster.d1.call(Command.OPEN_RECEIVER, room=aborted, peer=cluster.p_name)
+    cluster.d1.call(Command.ABORT, room=aborted)
+    cluster.p.call(Command.OPEN_SENDER, room=aborted, peer=cluster.d1_name, dst_pages=[0])
+    cluster.p.call(Command.SEND, room=aborted, src_pages=[0], dst_start=0, is_last=True)
+    assert cluster.p.call(Command.WAIT, rooms=[aborted], timeout_s=WAIT_S)[aborted][0] in (SUCCESS, FAILED)
     _, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, [2], [3])
     assert (sent, got) == (SUCCESS, SUCCESS)
-    assert cluster.d1.call("stats")["num_buffered_rooms"] == 0
+    assert cluster.d1.call(Command.STATS)["num_buffered_rooms"] == 0
 
 
 def test_receiver_times_out_when_nothing_arrives(cluster):
     room = _room()
-    cluster.d1.call("open_receiver", room=room, peer=cluster.p_name, timeout_s=0.3)
-    state, _ = cluster.d1.call("wait", rooms=[room], timeout_s=WAIT_S)[room]
+    cluster.d1.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name, timeout_s=0.3)
+    state, _ = cluster.d1.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room]
     assert state == FAILED
 
 
 def test_sender_times_out_without_last_chunk(cluster):
     room = _room()
-    cluster.d2.call("open_receiver", room=room, peer=cluster.p_name)
-    cluster.p.call("open_sender", room=room, peer=cluster.d2_name, dst_pages=[0, 1], timeout_s=0.3)
-    cluster.p.call("send", room=room, src_pages=[0], dst_start=0, is_last=False)
-    assert cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
+    cluster.d2.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
+    cluster.p.call(Command.OPEN_SENDER, room=room, peer=cluster.d2_name, dst_pages=[0, 1], timeout_s=0.3)
+    cluster.p.call(Command.SEND, room=room, src_pages=[0], dst_start=0, is_last=False)
+    assert cluster.p.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
     # the sender's timeout aborts the room on D as well
-    assert cluster.d2.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
+    assert cluster.d2.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
 
 
 def test_layout_mismatch_refuses_pairing(cluster):
-    info = decode(cluster.d1_info)
-    wrong = KVLayout(LAYOUT.num_layers, LAYOUT.num_pages, 16, LAYOUT.num_kv_heads, LAYOUT.head_dim, "bfloat16")
-    forged = encode(AgentInfo(**{**info.__dict__, "name": info.name + "-x", "layout": wrong.to_dict()}))
+    info = decode_as(cluster.d1_info, AgentInfo)
+    wrong = replace(LAYOUT, page_size=16, dtype="bfloat16")
+    forged = encode(replace(info, name=info.name + "-x", kv_layout=wrong))
     with pytest.raises(LayoutMismatchError) as exc:
-        cluster.p.call("add_peer", info=forged)
+        cluster.p.call(Command.ADD_PEER, info=forged)
     text = str(exc.value)
     assert "page_size" in text and "=8 vs" in text and "=16" in text
     assert "float32" in text and "bfloat16" in text
 
 
 def test_add_peer_is_idempotent(cluster):
-    assert cluster.p.call("add_peer", info=cluster.d1_info) == cluster.d1_name
+    assert cluster.p.call(Command.ADD_PEER, info=cluster.d1_info) == cluster.d1_name
 
 
 def test_bad_destination_range_is_rejected(cluster):
     room = _room()
-    cluster.p.call("open_sender", room=room, peer=cluster.d1_name, dst_pages=[0])
+    cluster.p.call(Command.OPEN_SENDER, room=room, peer=cluster.d1_name, dst_pages=[0])
     with pytest.raises(ValueError):
-        cluster.p.call("send", room=room, src_pages=[0, 1], dst_start=0, is_last=True)
-    cluster.p.call("abort", room=room)
+        cluster.p.call(Command.SEND, room=room, src_pages=[0, 1], dst_start=0, is_last=True)
+    cluster.p.call(Command.ABORT, room=room)
 
 
 QUIESCE_S = 10.0  # above QuiescenceClock.GRACE_MAX_S
@@ -317,16 +317,16 @@ QUIESCE_S = 10.0  # above QuiescenceClock.GRACE_MAX_S
 def test_success_leaves_both_sides_quiescent(cluster):
     room, sent, got = _transfer(cluster, cluster.d1, cluster.d1_name, [0, 1, 2], [5, 6, 7])
     assert (sent, got) == (SUCCESS, SUCCESS)
-    assert cluster.p.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
-    assert cluster.d1.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
+    assert cluster.p.call(Command.WAIT_QUIESCENT, room=room, timeout_s=QUIESCE_S) is not None
+    assert cluster.d1.call(Command.WAIT_QUIESCENT, room=room, timeout_s=QUIESCE_S) is not None
 
 
 def test_open_receiver_is_not_quiescent(cluster):
     room = _room()
-    cluster.d2.call("open_receiver", room=room, peer=cluster.p_name)
-    assert cluster.d2.call("quiescent", room=room) is False
-    cluster.d2.call("abort", room=room)
-    assert cluster.d2.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
+    cluster.d2.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
+    assert cluster.d2.call(Command.QUIESCENT, room=room) is False
+    cluster.d2.call(Command.ABORT, room=room)
+    assert cluster.d2.call(Command.WAIT_QUIESCENT, room=room, timeout_s=QUIESCE_S) is not None
 
 
 @pytest.mark.parametrize("aborter", ["prefill", "decode"])
@@ -335,20 +335,20 @@ def test_abort_mid_transfer_quiesces_and_nothing_lands_after(cluster, aborter):
     each page holds either the sentinel or its whole source page."""
     room = _room()
     src, dst = list(range(15, 3, -1)), list(range(12))  # reversed: one descriptor per page
-    cluster.d1.call("open_receiver", room=room, peer=cluster.p_name)
-    cluster.p.call("open_sender", room=room, peer=cluster.d1_name, dst_pages=dst)
-    cluster.p.call("send", room=room, src_pages=src[:6], dst_start=0, is_last=False)
-    cluster.p.call("send", room=room, src_pages=src[6:10], dst_start=6, is_last=False)
-    (cluster.p if aborter == "prefill" else cluster.d1).call("abort", room=room)
-    assert cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
-    assert cluster.d1.call("wait", rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
-    assert cluster.p.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
-    assert cluster.d1.call("wait_quiescent", room=room, timeout_s=QUIESCE_S) is not None
-    at_quiescence = cluster.d1.call("read")
+    cluster.d1.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
+    cluster.p.call(Command.OPEN_SENDER, room=room, peer=cluster.d1_name, dst_pages=dst)
+    cluster.p.call(Command.SEND, room=room, src_pages=src[:6], dst_start=0, is_last=False)
+    cluster.p.call(Command.SEND, room=room, src_pages=src[6:10], dst_start=6, is_last=False)
+    (cluster.p if aborter == "prefill" else cluster.d1).call(Command.ABORT, room=room)
+    assert cluster.p.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
+    assert cluster.d1.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S)[room][0] == FAILED
+    assert cluster.p.call(Command.WAIT_QUIESCENT, room=room, timeout_s=QUIESCE_S) is not None
+    assert cluster.d1.call(Command.WAIT_QUIESCENT, room=room, timeout_s=QUIESCE_S) is not None
+    at_quiescence = cluster.d1.call(Command.READ)
     time.sleep(0.3)
-    after = cluster.d1.call("read")
+    after = cluster.d1.call(Command.READ)
     np.testing.assert_array_equal(after, at_quiescence)
-    source = cluster.p.call("read")
+    source = cluster.p.call(Command.READ)
     np.testing.assert_array_equal(after[:, 12:], SENTINEL)
     for s, d in zip(src, dst, strict=True):
         page = after[:, d]
@@ -357,12 +357,12 @@ def test_abort_mid_transfer_quiesces_and_nothing_lands_after(cluster, aborter):
 
 def test_poll_without_progress_reads_only_gathered_state(cluster):
     room = _room()
-    cluster.d2.call("open_receiver", room=room, peer=cluster.p_name)
-    cluster.p.call("open_sender", room=room, peer=cluster.d2_name, dst_pages=[2, 3])
-    cluster.p.call("send", room=room, src_pages=[9, 10], dst_start=0, is_last=True)
-    assert cluster.p.call("wait", rooms=[room], timeout_s=WAIT_S, progress=False)[room][0] == SUCCESS
+    cluster.d2.call(Command.OPEN_RECEIVER, room=room, peer=cluster.p_name)
+    cluster.p.call(Command.OPEN_SENDER, room=room, peer=cluster.d2_name, dst_pages=[2, 3])
+    cluster.p.call(Command.SEND, room=room, src_pages=[9, 10], dst_start=0, is_last=True)
+    assert cluster.p.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S, progress=False)[room][0] == SUCCESS
     time.sleep(0.2)
     # D's agent has not run progress() since: the news waits there, unseen.
-    assert cluster.d2.call("poll", room=room, progress=False) == int(RoomState.WAITING_FOR_INPUT)
-    assert cluster.d2.call("wait", rooms=[room], timeout_s=WAIT_S, progress=False)[room][0] == SUCCESS
+    assert cluster.d2.call(Command.POLL, room=room, progress=False) == int(RoomState.WAITING_FOR_INPUT)
+    assert cluster.d2.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S, progress=False)[room][0] == SUCCESS
     _check_pages(cluster, cluster.d2, [9, 10], [2, 3])

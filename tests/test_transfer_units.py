@@ -3,6 +3,8 @@ the backend registry and KVMemory."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from pdserve.common.kv_layout import KVLayout
@@ -38,7 +40,7 @@ def test_merge_runs_needs_both_sides_consecutive():
 
 
 def test_descriptors_cover_every_region_with_each_sides_offsets():
-    dst_layout = KVLayout(2, 32, 4, 2, 8, "float32")  # the decode side has more pages
+    dst_layout = replace(LAYOUT, num_pages=32)  # the decode side has more pages
     descs = build_descriptors([1, 2, 3, 7], [4, 5, 6, 9], LAYOUT, dst_layout)
     assert len(descs) == 2 * LAYOUT.num_regions
     pb = LAYOUT.page_bytes
@@ -96,12 +98,12 @@ def test_chunk_tracker_needs_every_chunk_up_to_last():
 
 
 def test_layout_mismatch_names_both_values():
-    other = KVLayout(2, 16, 8, 2, 8, "bfloat16")
+    other = replace(LAYOUT, page_size=8, dtype="bfloat16")
     with pytest.raises(LayoutMismatchError) as info:
         check_layouts(LAYOUT, other, "P", "D")
     text = str(info.value)
     assert "page_size: P=4 vs D=8" in text and "dtype: P=float32 vs D=bfloat16" in text
-    check_layouts(LAYOUT, KVLayout(2, 99, 4, 2, 8, "float32"), "P", "D")  # num_pages may differ
+    check_layouts(LAYOUT, replace(LAYOUT, num_pages=99), "P", "D")  # num_pages may differ
 
 
 def test_kv_memory_from_tensor_checks_size():

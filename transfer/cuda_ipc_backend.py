@@ -40,7 +40,7 @@ from pdserve.common.kv_layout import KVLayout
 from pdserve.transfer.base import KVMemory, TransferConfig
 from pdserve.transfer.descriptors import PageRuns, check_pages, page_runs, whole_pages
 from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RingOffer, RoomNotice, decode_as
-from pdserve.transfer.nixl_backend import NixlAgent, NixlReceiver, NixlSender
+from pdserve.transfer.nixl_backend import NixlAgent, NixlSender
 from pdserve.transfer.notice_ring import RingReader, RingWriter
 
 logger = logging.getLogger("pdserve.transfer.cuda_ipc")
@@ -142,11 +142,11 @@ class CudaIpcSender(NixlSender):
         return not self._copies and not self._abandoned and super().quiescent()
 
 
-class CudaIpcAgent(NixlAgent):
-    backend = "cuda_ipc"
+class CudaIpcAgent(NixlAgent, backend="cuda_ipc", sender=CudaIpcSender):
+    """NIXL's agent whose sender copies to peers on its GPU; it receives as NIXL's
+    does (a copy lands like a WRITE, and its notice names the same chunk)."""
+
     needs_gpu = True  # P copies into D's pool through CUDA IPC
-    sender_class = CudaIpcSender
-    receiver_class = NixlReceiver
 
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)

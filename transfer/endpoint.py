@@ -1,4 +1,5 @@
-"""What a prefill or decode instance shares: its transfer agent and its bootstrap entry.
+"""What a prefill or decode instance shares: its transfer agent, its bootstrap
+entry, and its transfer metrics and stats.
 
 An instance's epoch (random, drawn at process start) is in its bootstrap entry
 and on its control channel, so a restarted instance is a new peer.
@@ -24,7 +25,9 @@ import threading
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.bootstrap.protocol import InstanceInfo, encode_peer_info
 from pdserve.common.config import ServerConfig, served_model_name
+from pdserve.common.messages import RoleStats
 from pdserve.transfer.base import KVMemory
+from pdserve.transfer.metrics import TransferMetrics
 from pdserve.transfer.tp import TPAgent, advertised_host, transfer_config
 
 logger = logging.getLogger("pdserve.pd")
@@ -39,12 +42,15 @@ def new_epoch() -> str:
 
 
 class PDEndpoint:
-    def __init__(self, cfg: ServerConfig, memory: KVMemory, control_address: str, epoch: str, followers=None):
+    def __init__(self, cfg: ServerConfig, memory: KVMemory, control_address: str, epoch: str,
+                 queues: dict[str, str], followers=None):
+        """``queues``: the role's queue gauges (name -> help), ``followers``: ranks 1.. (engine/tp.py)."""
         self.cfg = cfg
         self.instance_id: str = cfg.instance_id  # resolved at parse time
         self.epoch = epoch
+        self.metrics = TransferMetrics(queues, cfg.metrics.bucket_kv_transfer_latency)
         transfer_cfg = transfer_config(cfg, 0, advertised_host(cfg.disaggregation_control_host or cfg.host))
-        # Every rank's agent behind one (transfer/tp.py); ``followers``: ranks 1.. (engine/tp.py).
+        # Every rank's agent behind one (transfer/tp.py).
         self.agent = TPAgent(transfer_cfg, memory, followers, cfg.dist_timeout_s)
         self.retiring_peers: set[str] = set()
         self.peer_info = self.agent.peer_info()
@@ -92,6 +98,13 @@ class PDEndpoint:
             self.agent.remove_peer(name)
         self.retiring_peers &= busy
         return idle
+
+    def stats(self, queues: dict[str, int], **rooms: int) -> RoleStats:
+        """The role's stats: ``queues`` are its queue gauges' values, ``rooms``
+        its room counts (``RoleStats`` fields)."""
+        agent = self.agent.stats()
+        return RoleStats(metrics=self.metrics.snapshot(queues), instance_id=self.instance_id,
+                         num_transfer_peers=agent.num_peers, num_transfer_rooms=agent.num_rooms, **rooms)
 
     def close(self) -> None:
         self._stop.set()

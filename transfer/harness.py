@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import Any
 
 from pdserve.common.kv_layout import KVLayout
@@ -26,8 +28,34 @@ class WorkerSpec:
     device: str = "cpu"
 
 
+class Command(str, Enum):
+    """What a parent may ask its agent process (:data:`_COMMANDS` runs each)."""
+
+    INFO = "info"
+    ADD_PEER = "add_peer"
+    REMOVE_PEER = "remove_peer"
+    FILL = "fill"
+    READ = "read"
+    PAGE_SUMS = "page_sums"
+    OPEN_SENDER = "open_sender"
+    OPEN_RECEIVER = "open_receiver"
+    SEND = "send"
+    ABORT = "abort"
+    WAIT = "wait"
+    POLL = "poll"
+    QUIESCENT = "quiescent"
+    WAIT_QUIESCENT = "wait_quiescent"
+    FAILURE = "failure"
+    COUNTERS = "counters"
+    IPC_COPIES = "ipc_copies"
+    RING_NOTICES = "ring_notices"
+    STATS = "stats"
+    COPY_BANDWIDTH = "copy_bandwidth"
+    EXIT = "exit"
+
+
 class _Worker:
-    """Lives in the child process; every ``cmd_*`` method is a command."""
+    """Lives in the child process and runs the commands."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
@@ -45,16 +73,16 @@ class _Worker:
         """The buffer as [region, page, elements]."""
         return self.buffer.view(self.layout.num_regions, self.layout.num_pages, -1)
 
-    def cmd_info(self) -> bytes:
+    def info(self) -> bytes:
         return self.agent.peer_info()
 
-    def cmd_add_peer(self, info: bytes) -> str:
+    def add_peer(self, info: bytes) -> str:
         return self.agent.add_peer(info)
 
-    def cmd_remove_peer(self, peer: str) -> None:
+    def remove_peer(self, peer: str) -> None:
         self.agent.remove_peer(peer)
 
-    def cmd_fill(self, sentinel: float | None = None) -> None:
+    def fill(self, sentinel: float | None = None) -> None:
         """Sentinel everywhere, or value ``region * 1000 + page + 1`` per page."""
         import torch
 
@@ -65,28 +93,28 @@ class _Worker:
         values = torch.arange(r).view(r, 1) * 1000 + torch.arange(p).view(1, p) + 1
         self.pages().copy_(values.unsqueeze(-1).to(self.buffer.dtype).expand_as(self.pages()))
 
-    def cmd_read(self):
+    def read(self):
         return self.pages().float().cpu().numpy()
 
-    def cmd_page_sums(self, pages: list[int]):
+    def page_sums(self, pages: list[int]):
         """Per (region, page) float64 sums: a cheap fingerprint of page contents."""
         return self.pages()[:, pages].double().sum(dim=-1).cpu().numpy()
 
-    def cmd_open_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> None:
+    def open_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> None:
         self.rooms[room] = self.agent.create_sender(room, peer, dst_pages, timeout_s)
 
-    def cmd_open_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> None:
+    def open_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> None:
         self.rooms[room] = self.agent.create_receiver(room, peer, timeout_s)
 
-    def cmd_send(self, room: int, src_pages: list[int], dst_start: int, is_last: bool) -> float:
+    def send(self, room: int, src_pages: list[int], dst_start: int, is_last: bool) -> float:
         start = time.monotonic()
         self.rooms[room].send(src_pages, dst_start, is_last)
         return start
 
-    def cmd_abort(self, room: int) -> None:
+    def abort(self, room: int) -> None:
         self.rooms[room].abort()
 
-    def cmd_wait(self, rooms: list[int], timeout_s: float, progress: bool = True) -> dict[int, tuple[int, float]]:
+    def wait(self, rooms: list[int], timeout_s: float, progress: bool = True) -> dict[int, tuple[int, float]]:
         """Poll until every room is terminal; (state, monotonic time it got there).
 
         ``progress=False`` drives the agent the way an engine does: one
@@ -106,13 +134,13 @@ class _Worker:
             done.setdefault(room, (int(self.rooms[room].poll()), time.monotonic()))
         return done
 
-    def cmd_poll(self, room: int, progress: bool = True) -> int:
+    def poll(self, room: int, progress: bool = True) -> int:
         return int(self.rooms[room].poll(progress=progress))
 
-    def cmd_quiescent(self, room: int) -> bool:
+    def quiescent(self, room: int) -> bool:
         return self.rooms[room].quiescent()
 
-    def cmd_wait_quiescent(self, room: int, timeout_s: float) -> float | None:
+    def wait_quiescent(self, room: int, timeout_s: float) -> float | None:
         """Drive the agent until the room is quiescent; seconds it took, or None."""
         start = time.monotonic()
         while time.monotonic() - start < timeout_s:
@@ -122,26 +150,26 @@ class _Worker:
             time.sleep(_POLL_SLEEP_S)
         return None
 
-    def cmd_failure(self, room: int) -> str | None:
+    def failure(self, room: int) -> str | None:
         return self.rooms[room].failure
 
-    def cmd_counters(self, room: int) -> tuple[int, int]:
+    def counters(self, room: int) -> tuple[int, int]:
         sender = self.rooms[room]
         return sender.num_descriptors, sender.num_bytes
 
-    def cmd_ipc_copies(self, room: int) -> int:
+    def ipc_copies(self, room: int) -> int:
         """Chunks a cuda_ipc sender copied itself rather than handing to NIXL."""
         return self.rooms[room].num_ipc_copies
 
-    def cmd_ring_notices(self, room: int) -> int:
+    def ring_notices(self, room: int) -> int:
         """Chunk notices a cuda_ipc sender's copy stream wrote into the peer's ring."""
         return self.rooms[room].num_ring_notices
 
-    def cmd_stats(self) -> dict:
+    def stats(self) -> dict:
         self.agent.progress()
         return asdict(self.agent.stats())
 
-    def cmd_copy_bandwidth(self, num_bytes: int, repeats: int = 5) -> float:
+    def copy_bandwidth(self, num_bytes: int, repeats: int = 5) -> float:
         """Best bytes/s of a same-device copy of ``num_bytes`` (the local ceiling):
         device-to-device on cuda, a single-threaded memcpy on cpu."""
         import numpy as np
@@ -167,6 +195,31 @@ class _Worker:
         self.agent.close()
 
 
+_COMMANDS: dict[Command, Callable[..., Any]] = {
+    Command.INFO: _Worker.info,
+    Command.ADD_PEER: _Worker.add_peer,
+    Command.REMOVE_PEER: _Worker.remove_peer,
+    Command.FILL: _Worker.fill,
+    Command.READ: _Worker.read,
+    Command.PAGE_SUMS: _Worker.page_sums,
+    Command.OPEN_SENDER: _Worker.open_sender,
+    Command.OPEN_RECEIVER: _Worker.open_receiver,
+    Command.SEND: _Worker.send,
+    Command.ABORT: _Worker.abort,
+    Command.WAIT: _Worker.wait,
+    Command.POLL: _Worker.poll,
+    Command.QUIESCENT: _Worker.quiescent,
+    Command.WAIT_QUIESCENT: _Worker.wait_quiescent,
+    Command.FAILURE: _Worker.failure,
+    Command.COUNTERS: _Worker.counters,
+    Command.IPC_COPIES: _Worker.ipc_copies,
+    Command.RING_NOTICES: _Worker.ring_notices,
+    Command.STATS: _Worker.stats,
+    Command.COPY_BANDWIDTH: _Worker.copy_bandwidth,
+    Command.EXIT: _Worker.close,
+}
+
+
 def _worker_main(conn, spec: WorkerSpec) -> None:
     try:
         worker = _Worker(spec)
@@ -175,19 +228,17 @@ def _worker_main(conn, spec: WorkerSpec) -> None:
         return
     conn.send(("ok", None))
     while True:
-        name, kwargs = conn.recv()
-        if name == "exit":
-            worker.close()
-            conn.send(("ok", None))
-            return
+        command, kwargs = conn.recv()
         try:
-            reply = ("ok", getattr(worker, "cmd_" + name)(**kwargs))
+            reply = ("ok", _COMMANDS[command](worker, **kwargs))
         except Exception as exc:  # sent back and re-raised in the parent
             reply = ("err", exc)
         try:
             conn.send(reply)
         except Exception as exc:  # an unpicklable exception
             conn.send(("err", RuntimeError(repr(exc))))
+        if command is Command.EXIT:
+            return
 
 
 class AgentProcess:
@@ -205,13 +256,14 @@ class AgentProcess:
         self._reply(timeout_s)
         return self
 
-    def call(self, name: str, reply_timeout_s: float = 60.0, **kwargs: Any) -> Any:
-        """Run a command; a command's own ``timeout_s`` extends the reply wait."""
-        self.submit(name, **kwargs)
+    def call(self, command: Command | str, reply_timeout_s: float = 60.0, **kwargs: Any) -> Any:
+        """Run a command (a ``Command`` or its value); a command's own
+        ``timeout_s`` extends the reply wait."""
+        self.submit(command, **kwargs)
         return self.result(reply_timeout_s + float(kwargs.get("timeout_s") or 0.0))
 
-    def submit(self, name: str, **kwargs: Any) -> None:
-        self._conn.send((name, kwargs))
+    def submit(self, command: Command | str, **kwargs: Any) -> None:
+        self._conn.send((Command(command), kwargs))
 
     def result(self, timeout_s: float = 30.0) -> Any:
         return self._reply(timeout_s)
@@ -227,7 +279,7 @@ class AgentProcess:
     def close(self, timeout_s: float = 10.0) -> None:
         try:
             if self.process.is_alive():
-                self.call("exit", reply_timeout_s=timeout_s)
+                self.call(Command.EXIT, reply_timeout_s=timeout_s)
         except Exception:  # already broken: fall through to kill
             pass
         self.process.join(timeout_s)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.common.codec import CodecError, decode, message
 from pdserve.common.kv_layout import KVLayout
@@ -23,16 +23,20 @@ class AgentInfo:
     num_bytes: int
     device: str
     device_id: int
-    layout: dict = field(default_factory=dict)  # KVLayout.to_dict()
+    kv_layout: KVLayout
 
-    @property
-    def kv_layout(self) -> KVLayout:
-        return KVLayout.from_dict(self.layout)
+
+class RoomNews:
+    """News about a room from the agent named ``sender``: what an agent routes
+    to a room's sender or receiver (a notice, or a backend's landed data)."""
+
+    room: int
+    sender: str
 
 
 @message
 @dataclass(frozen=True, kw_only=True)
-class RoomNotice:
+class RoomNotice(RoomNews):
     room: int
     kind: str  # NOTICE_CHUNK | NOTICE_ABORT
     sender: str

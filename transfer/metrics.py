@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pdserve.common.kv_layout import KVLayout
-from pdserve.common.stats import DESCRIPTOR_BUCKETS, StatsBook
+from pdserve.common.stats import DESCRIPTOR_BUCKETS, StatsBook, StatsSnapshot
 
 # Gauges of each role's queues (SGLang's names).
 PREFILL_QUEUES = {
@@ -61,7 +61,7 @@ class TransferMetrics:
     def bootstrap_failed(self) -> None:
         self.book.inc("num_bootstrap_failed_reqs")
 
-    def snapshot(self, queues: dict[str, int]) -> dict:
+    def snapshot(self, queues: dict[str, int]) -> StatsSnapshot:
         for name, value in queues.items():
             self.book.set(name, value)
         return self.book.snapshot()

@@ -21,14 +21,8 @@ from typing import Any
 
 import numpy as np
 from pdserve.common.codec import CodecError, decode, encode
-from pdserve.transfer.base import (
-    KVMemory,
-    RoomState,
-    TransferConfig,
-    TransferError,
-    )
-from pdserve.transfer.descriptors import build_descriptors
-from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNotice
+from pdserve.transfer.base import KVMemory, RoomState, TransferConfig, TransferError
+from pdserve.transfer.messages import NOTICE_CHUNK, AgentInfo, RoomNews, RoomNotice
 from pdserve.transfer.rooms import (
     ChunkTracker,
     QuiescenceClock,
@@ -62,10 +56,8 @@ class NixlSender(RoomSender):
         self._clock = QuiescenceClock(cap_s=timeout_s)
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
-        self._wait_for_pages()
+        peer, descs = self._descriptors(src, dst)
         notice = RoomNotice(room=self.room, kind=NOTICE_CHUNK, sender=self._agent.name, chunk_index=chunk_index, is_last=is_last)
-        peer = self._agent.peer(self.peer)
-        descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
         if len(descs) == 0:
             # An empty last chunk: its notice needs no data ordering because
             # the receiver waits for every earlier chunk's own notice anyway.
@@ -73,8 +65,7 @@ class NixlSender(RoomSender):
             return
         handle = self._agent.write(descs, peer, encode(notice))
         self._handles.append((handle, time.monotonic()))
-        self.num_descriptors += len(descs)
-        self.num_bytes += descs.num_bytes
+        self._count(descs)
 
     def collect(self) -> None:
         """Retire finished WRITEs; the agent's progress() calls this."""
@@ -122,7 +113,7 @@ class NixlReceiver(RoomReceiver):
         super().__init__(agent, room, peer, timeout_s)
         self._chunks = ChunkTracker()
 
-    def _on_data(self, news: object) -> None:
+    def _on_data(self, news: RoomNews) -> None:
         if isinstance(news, RoomNotice) and news.kind == NOTICE_CHUNK:
             self._chunks.add(news.chunk_index, news.is_last)
             self._state = RoomState.TRANSFERRING
@@ -161,11 +152,8 @@ def _create_nixl_agent(name: str, progress_delay_us: int):
         api.nixlBind.nixlAgent = native_agent
 
 
-class NixlAgent(RoomAgent):
-    backend = "nixl"
+class NixlAgent(RoomAgent, backend="nixl", sender=NixlSender, receiver=NixlReceiver):
     native_package = "nixl"
-    sender_class = NixlSender
-    receiver_class = NixlReceiver
 
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)

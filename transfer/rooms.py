@@ -31,7 +31,8 @@ from pdserve.transfer.base import (
     TransferConfig,
     check_layouts,
 )
-from pdserve.transfer.messages import NOTICE_ABORT, AgentInfo, RoomNotice, decode_as
+from pdserve.transfer.descriptors import DescriptorList, build_descriptors
+from pdserve.transfer.messages import NOTICE_ABORT, AgentInfo, RoomNews, RoomNotice, decode_as
 
 logger = logging.getLogger("pdserve.transfer")
 
@@ -192,7 +193,19 @@ class RoomSender(KVSender):
         if memory.device == "cuda" and memory.tensor is not None:
             torch.cuda.current_stream(memory.tensor.device).synchronize()
 
-    def on_news(self, news: object) -> None:
+    def _descriptors(self, src: list[int], dst: list[int]) -> tuple[AgentInfo, DescriptorList]:
+        """The peer, and one chunk's merged runs from ``src`` pages here to
+        ``dst`` pages there, once the pages are written (``_wait_for_pages``)."""
+        self._wait_for_pages()
+        peer = self._agent.peer(self.peer)
+        return peer, build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
+
+    def _count(self, descs: DescriptorList) -> None:
+        """Count a posted chunk's descriptors and bytes."""
+        self.num_descriptors += len(descs)
+        self.num_bytes += descs.num_bytes
+
+    def on_news(self, news: RoomNews) -> None:
         if isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
             self.on_peer_abort(news.reason)
         else:  # data addressed to a sending room is nonsense
@@ -221,14 +234,13 @@ class RoomReceiver(KVReceiver):
     def _pump(self) -> None:
         self._agent.progress()
 
-    def on_news(self, news: object) -> None:
-        sender = getattr(news, "sender", None)
+    def on_news(self, news: RoomNews) -> None:
         if self._state.is_terminal:
             # Only news replayed from the buffer can follow a terminal state:
             # a finished room is closed, so the agent drops its live news.
             self._agent.discard(news)
-        elif sender != self.peer:
-            logger.warning("room %d: news from %s, expected %s; ignored", self.room, sender, self.peer)
+        elif news.sender != self.peer:
+            logger.warning("room %d: news from %s, expected %s; ignored", self.room, news.sender, self.peer)
             self._agent.discard(news)
         elif isinstance(news, RoomNotice) and news.kind == NOTICE_ABORT:
             self._fail(f"peer aborted: {news.reason}", notify=False)
@@ -236,7 +248,7 @@ class RoomReceiver(KVReceiver):
             self._on_data(news)
 
     @abstractmethod
-    def _on_data(self, news: object) -> None:
+    def _on_data(self, news: RoomNews) -> None:
         """News that some of the room's data has landed (or is landing)."""
 
     def _close(self, abort_reason: str | None) -> None:
@@ -256,13 +268,25 @@ class RoomAgent(TransferAgent):
     """What every backend's agent shares: its name, the peers it loaded, the
     room table that pairs news with senders/receivers, and shutdown order.
 
-    A backend names its ``backend`` and its ``sender_class``/``receiver_class``
-    and implements connecting a peer, sending a notice and the data path.
+    A backend names itself and its room classes in its class line
+    (``class NixlAgent(RoomAgent, backend="nixl", sender=NixlSender,
+    receiver=NixlReceiver)``; a subclass inherits what it does not name) and
+    implements connecting a peer, sending a notice and the data path.
     """
 
     backend: ClassVar[str]
     sender_class: ClassVar[type[RoomSender]]
     receiver_class: ClassVar[type[RoomReceiver]]
+
+    def __init_subclass__(cls, *, backend: str | None = None, sender: type[RoomSender] | None = None,
+                          receiver: type[RoomReceiver] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if backend is not None:
+            cls.backend = backend
+        if sender is not None:
+            cls.sender_class = sender
+        if receiver is not None:
+            cls.receiver_class = receiver
 
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)
@@ -280,7 +304,7 @@ class RoomAgent(TransferAgent):
     def peer_info(self) -> bytes:
         m = self.memory
         return encode(AgentInfo(name=self._name, backend=self.backend, backend_metadata=self._backend_metadata(), base_ptr=m.base_ptr,
-                                num_bytes=m.num_bytes, device=m.device, device_id=m.device_id, layout=m.layout.to_dict()))
+                                num_bytes=m.num_bytes, device=m.device, device_id=m.device_id, kv_layout=m.layout))
 
     def add_peer(self, peer_info: bytes) -> str:
         info = decode_as(peer_info, AgentInfo)
@@ -323,7 +347,7 @@ class RoomAgent(TransferAgent):
             handler.on_news(news)
         return handler
 
-    def route(self, room: int, news: object) -> None:
+    def route(self, room: int, news: RoomNews) -> None:
         """Hand news to its room, keep it for a room not open yet, or drop it."""
         handler = self.rooms.get(room)
         if handler is not None:
@@ -337,7 +361,7 @@ class RoomAgent(TransferAgent):
         for news in self.rooms.expire():
             self.discard(news)
 
-    def discard(self, news: object) -> None:
+    def discard(self, news: RoomNews) -> None:
         """News nobody will take; release whatever it holds."""
 
     def notify_abort(self, peer: str, room: int, reason: str) -> None:

@@ -8,8 +8,9 @@ turns each room into a part per (P rank, D rank) pair that shares KV heads
 page into the D rank's pages (``descriptors.py``), under a room id of its own
 (:func:`pair_room`), so the backends and their notices work as at TP 1.
 
-Rank 0 drives the other ranks' parts through its followers' handle (``call``:
-``RankCall`` messages on the pipe that carries the steps, engine/tp.py); ``progress`` gathers each rank's
+Rank 0 drives the other ranks' parts through its followers' handle: each call
+is a typed message (:class:`PartCall`) that travels in a ``RankCall`` on the
+pipe that carries the steps (engine/tp.py); ``progress`` gathers each rank's
 room states, and a room's state is the sum of its parts: FAILED if one
 failed, SUCCESS once all succeeded, quiescent once all are. At TP 1 the
 bundle holds one agent, the one pair is (0, 0) and its room is the room
@@ -88,10 +89,109 @@ def _overlaps(a: KVLayout, b: KVLayout) -> bool:
     return max(a.head_start, b.head_start) < min(a.head_start + a.num_kv_heads, b.head_start + b.num_kv_heads)
 
 
+# ---- what rank 0 asks of every rank's part ----------------------------------------------
+class PartCall:
+    """A call on one rank's part of the KV transfer, made by rank 0 on every
+    rank: a typed message whose ``run`` is what the part does."""
+
+    def run(self, part: RankTransfer) -> object:
+        raise NotImplementedError
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartPeerInfo(PartCall):
+    """Answers this rank's agent info."""
+
+    def run(self, part: RankTransfer) -> bytes:
+        return part.peer_info()
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartAddPeer(PartCall):
+    """Answers why loading the peer failed, or None."""
+
+    bundle: str
+    plan: dict[int, dict[int, bytes]]  # rank -> remote rank -> its agent info
+
+    def run(self, part: RankTransfer) -> str | None:
+        return part.add_peer(self.bundle, self.plan)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartRemovePeer(PartCall):
+    bundle: str
+
+    def run(self, part: RankTransfer) -> None:
+        part.remove_peer(self.bundle)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartOpen(PartCall):
+    room: int
+    bundle: str
+    plan: dict[int, list[int]]  # rank -> the remote ranks it pairs with
+    dst_pages: list[int] | None  # None: receivers
+    timeout_s: float
+
+    def run(self, part: RankTransfer) -> None:
+        part.open(self.room, self.bundle, self.plan, self.dst_pages, self.timeout_s)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartSend(PartCall):
+    room: int
+    src_pages: list[int]
+    dst_start: int
+    is_last: bool
+
+    def run(self, part: RankTransfer) -> None:
+        part.send(self.room, self.src_pages, self.dst_start, self.is_last)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartAbort(PartCall):
+    room: int
+
+    def run(self, part: RankTransfer) -> None:
+        part.abort(self.room)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartPeerAbort(PartCall):
+    room: int
+    reason: str
+
+    def run(self, part: RankTransfer) -> None:
+        part.peer_abort(self.room, self.reason)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartProgress(PartCall):
+    """Answers each room's report (:meth:`RankTransfer.progress`)."""
+
+    def run(self, part: RankTransfer) -> dict[int, list]:
+        return part.progress()
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class PartStats(PartCall):
+    def run(self, part: RankTransfer) -> list[int]:
+        return part.stats()
+
+
 # ---- one rank's part -----------------------------------------------------------------
 class RankTransfer:
     """One rank's agent and its parts of the rooms; called by rank 0 (directly
-    on rank 0, through ``RankCall`` on the others). Arguments and answers are
+    on rank 0, through :class:`PartCall` messages on the others). Answers are
     plain data (they cross the pipe)."""
 
     def __init__(self, config: TransferConfig, memory: KVMemory, rank: int):
@@ -100,6 +200,9 @@ class RankTransfer:
         self.peers: dict[str, dict[int, str]] = {}  # bundle name -> remote rank -> agent name
         self.rooms: dict[int, list] = {}  # room -> this rank's senders or receivers
         self.failed: dict[int, str] = {}  # rooms whose part could not open here
+
+    def handle(self, call: PartCall) -> object:
+        return call.run(self)
 
     def peer_info(self) -> bytes:
         return self.agent.peer_info()
@@ -223,12 +326,12 @@ class _TPRoom:
     def abort(self) -> None:
         if not self._state.is_terminal:
             self._set(RoomState.FAILED, "aborted")
-            self._agent.call("abort", self.room)
+            self._agent.call(PartAbort(room=self.room))
 
     def on_peer_abort(self, reason: str) -> None:
         if not self._state.is_terminal:
             self._set(RoomState.FAILED, f"peer aborted: {reason}")
-            self._agent.call("peer_abort", self.room, reason)
+            self._agent.call(PartPeerAbort(room=self.room, reason=reason))
 
     def _set(self, state: RoomState, failure: str | None = None) -> None:
         self._state = state
@@ -244,7 +347,7 @@ class _TPRoom:
         if not self._state.is_terminal:
             if failure is not None or RoomState.FAILED in states:
                 self._set(RoomState.FAILED, failure or "transfer failed")
-                self._agent.call("abort", self.room)  # the other parts stop too
+                self._agent.call(PartAbort(room=self.room))  # the other parts stop too
             elif len(states) == len(self.ranks) and all(s == RoomState.SUCCESS for s in states):
                 self._set(RoomState.SUCCESS)
             elif any(s == RoomState.TRANSFERRING for s in states):
@@ -256,7 +359,7 @@ class TPSender(_TPRoom):
     def send(self, src_pages: list[int], dst_start: int, is_last: bool) -> None:
         if self._state.is_terminal:
             return
-        self._agent.call("send", self.room, list(src_pages), dst_start, is_last)
+        self._agent.call(PartSend(room=self.room, src_pages=list(src_pages), dst_start=dst_start, is_last=is_last))
 
 
 class TPAgent:
@@ -268,7 +371,7 @@ class TPAgent:
         self.local = RankTransfer(config, memory, 0)
         self.followers = followers
         self.timeout_s = timeout_s
-        infos = [self.local.peer_info()] + (self.call_followers("peer_info") if followers else [])
+        infos = self._call_all(PartPeerInfo())
         self._infos = [decode_as(i, AgentInfo) for i in infos]
         self._bundle = encode(TPAgentInfo(ranks=infos))
         self._peers: dict[str, _Peer] = {}
@@ -283,18 +386,18 @@ class TPAgent:
         return len(self._infos)
 
     # ---- calls on every rank ----
-    def call(self, method: str, *args: object) -> None:
+    def call(self, call: PartCall) -> None:
         if self.followers:
-            self.followers.call(method, list(args))
-        getattr(self.local, method)(*args)
+            self.followers.call(call)
+        self.local.handle(call)
 
-    def call_followers(self, method: str, *args: object) -> list:
-        self.followers.call(method, list(args), reply=True)
-        return self.followers.gather(self.timeout_s)
-
-    def _call_all(self, method: str, *args: object) -> list:
-        answers = self.call_followers(method, *args) if self.followers else []
-        return [getattr(self.local, method)(*args)] + answers
+    def _call_all(self, call: PartCall) -> list:
+        """Every rank's answer, rank 0 first (the followers answer before rank 0 runs it)."""
+        answers = []
+        if self.followers:
+            self.followers.call(call, reply=True)
+            answers = self.followers.gather(self.timeout_s)
+        return [self.local.handle(call)] + answers
 
     # ---- TransferAgent ----
     def peer_info(self) -> bytes:
@@ -312,16 +415,16 @@ class TPAgent:
         # Each rank loads the remote ranks that share a head with it (either direction).
         plan = {r: {j: ranks[j] for j, theirs in enumerate(peer.layouts) if _overlaps(mine[r], theirs)}
                 for r in range(self.num_ranks)}
-        problems = [p for p in self._call_all("add_peer", name, plan) if p]
+        problems = [p for p in self._call_all(PartAddPeer(bundle=name, plan=plan)) if p]
         if problems:
-            self.call("remove_peer", name)
+            self.call(PartRemovePeer(bundle=name))
             raise ValueError("; ".join(problems))
         self._peers[name] = peer
         return name
 
     def remove_peer(self, name: str) -> None:
         if self._peers.pop(name, None) is not None:
-            self.call("remove_peer", name)
+            self.call(PartRemovePeer(bundle=name))
 
     def _plan(self, src: list[KVLayout], dst: list[KVLayout], side: int) -> dict[int, list[int]]:
         pairs = transfer_pairs(src, dst)
@@ -333,13 +436,13 @@ class TPAgent:
     def create_sender(self, room: int, peer: str, dst_pages: list[int], timeout_s: float | None = None) -> TPSender:
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
         plan = self._plan([i.kv_layout for i in self._infos], self._peer(peer).layouts, 0)
-        self.call("open", room, peer, plan, list(dst_pages), timeout_s)
+        self.call(PartOpen(room=room, bundle=peer, plan=plan, dst_pages=list(dst_pages), timeout_s=timeout_s))
         return self._track(TPSender(self, room, peer, sorted(plan), timeout_s, dst_pages))
 
     def create_receiver(self, room: int, peer: str, timeout_s: float | None = None) -> _TPRoom:
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
         plan = self._plan(self._peer(peer).layouts, [i.kv_layout for i in self._infos], 1)
-        self.call("open", room, peer, plan, None, timeout_s)
+        self.call(PartOpen(room=room, bundle=peer, plan=plan, dst_pages=None, timeout_s=timeout_s))
         return self._track(_TPRoom(self, room, peer, sorted(plan), timeout_s))
 
     def _peer(self, name: str) -> _Peer:
@@ -353,14 +456,14 @@ class TPAgent:
         return room
 
     def progress(self) -> None:
-        reports = self._call_all("progress")
+        reports = self._call_all(PartProgress())
         for key, room in list(self._rooms.items()):
             room.update({rank: r[key] for rank, r in enumerate(reports) if key in r or int(key) in r})
             if room.poll(progress=False).is_terminal and room.quiescent():
                 del self._rooms[key]
 
     def stats(self) -> AgentStats:
-        totals = [sum(col) for col in zip(*self._call_all("stats"))]
+        totals = [sum(col) for col in zip(*self._call_all(PartStats()))]
         return AgentStats(num_rooms=len(self._rooms), num_buffered_rooms=totals[1],
                           num_inflight_requests=totals[2], num_peers=len(self._peers))
 

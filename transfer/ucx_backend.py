@@ -38,15 +38,9 @@ import logging
 import secrets
 
 import numpy as np
-from pdserve.common.codec import decode, encode
-from pdserve.transfer.base import (
-    KVMemory,
-    RoomState,
-    TransferConfig,
-    TransferError,
-    )
-from pdserve.transfer.descriptors import build_descriptors
-from pdserve.transfer.messages import AgentInfo, RoomNotice
+from pdserve.common.codec import encode
+from pdserve.transfer.base import KVMemory, RoomState, TransferConfig, TransferError
+from pdserve.transfer.messages import AgentInfo, RoomNews, RoomNotice, decode_as
 from pdserve.transfer.rooms import (
     ChunkTracker,
     QuiescenceClock,
@@ -58,6 +52,7 @@ from pdserve.transfer.ucx_wire import (
     Flight,
     InboundChunk,
     InboundService,
+    UcxAddress,
     UcxChunkHeader,
     byte_view,
 )
@@ -75,16 +70,13 @@ class UcxSender(RoomSender):
         self._clock = QuiescenceClock(cap_s=timeout_s)
 
     def _post(self, src: list[int], dst: list[int], chunk_index: int, is_last: bool) -> None:
-        self._wait_for_pages()
-        peer = self._agent.peer(self.peer)
-        descs = build_descriptors(src, dst, self._agent.memory.layout, peer.kv_layout)
+        _, descs = self._descriptors(src, dst)
         tags = [self._agent.next_tag() for _ in range(len(descs))]
         header = UcxChunkHeader(room=self.room, sender=self._agent.name, chunk_index=chunk_index, is_last=is_last, tags=tags,
                                 dst_offsets=descs.dst_offsets.tolist(), lengths=descs.lengths.tolist())
         self._agent.send_message(self.peer, header, self._flight)
         self._agent.send_tagged(self.peer, descs.src_offsets.tolist(), descs.lengths.tolist(), tags, self._flight)
-        self.num_descriptors += len(descs)
-        self.num_bytes += descs.num_bytes
+        self._count(descs)
 
     @property
     def num_inflight(self) -> int:
@@ -123,7 +115,7 @@ class UcxReceiver(RoomReceiver):
         self._inbound_mark: int | None = None  # inbound turns to wait for after closing
         self._clock = QuiescenceClock(cap_s=timeout_s)
 
-    def _on_data(self, news: object) -> None:
+    def _on_data(self, news: RoomNews) -> None:
         if isinstance(news, InboundChunk):
             self._chunks.append(news)
             self._state = RoomState.TRANSFERRING
@@ -164,11 +156,8 @@ class UcxReceiver(RoomReceiver):
         return settled or self._clock.capped(self.room, "posted receives")
 
 
-class UcxAgent(RoomAgent):
-    backend = "ucx"
+class UcxAgent(RoomAgent, backend="ucx", sender=UcxSender, receiver=UcxReceiver):
     native_package = "ucxx"
-    sender_class = UcxSender
-    receiver_class = UcxReceiver
 
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
         super().__init__(config, memory)
@@ -201,13 +190,11 @@ class UcxAgent(RoomAgent):
         return self._listener.port
 
     def _backend_metadata(self) -> bytes:
-        return encode({"host": self.config.host, "port": self._listener.port})
+        return encode(UcxAddress(host=self.config.host, port=self._listener.port))
 
     def _connect(self, info: AgentInfo) -> None:
-        address = decode(info.backend_metadata)
-        self._endpoints[info.name] = self._api.UCXEndpoint.create(
-            self._worker, address["host"], int(address["port"]), True
-        )
+        address = decode_as(info.backend_metadata, UcxAddress)
+        self._endpoints[info.name] = self._api.UCXEndpoint.create(self._worker, address.host, address.port, True)
 
     def _disconnect(self, name: str) -> None:
         endpoint = self._endpoints.pop(name, None)
@@ -271,7 +258,7 @@ class UcxAgent(RoomAgent):
             flight.collect()
         self._draining = [(r, f) for r, f in self._draining if len(f)]
 
-    def discard(self, news: object) -> None:
+    def discard(self, news: RoomNews) -> None:
         if isinstance(news, InboundChunk):
             self.drain(news.flight, news.room)
 

@@ -13,13 +13,22 @@ from dataclasses import dataclass
 import numpy as np
 from pdserve.common.codec import CodecError, decode, message
 from pdserve.transfer.base import KVMemory
-from pdserve.transfer.messages import RoomNotice
+from pdserve.transfer.messages import RoomNews, RoomNotice
 
 logger = logging.getLogger("pdserve.transfer.ucx")
 
 AM_RECV_WINDOW = 16  # active-message receives kept posted per incoming endpoint
 _IDLE_SLEEP_MIN_S = 100e-6
 _IDLE_SLEEP_MAX_S = 2e-3
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class UcxAddress:
+    """Where an agent's UCX listener takes connections (its backend metadata)."""
+
+    host: str
+    port: int
 
 
 @message
@@ -87,7 +96,7 @@ class Flight:
 
 
 @dataclass
-class InboundChunk:
+class InboundChunk(RoomNews):
     """A chunk whose receives are posted; landed once its flight is empty."""
 
     room: int

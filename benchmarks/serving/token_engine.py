@@ -77,7 +77,7 @@ class TokenEngine:
         elif isinstance(msg, AbortRequest):
             self.running.pop(msg.rid, None)
         elif isinstance(msg, ControlRequest):
-            self.conn.send_bytes(codec.encode(ControlResponse(req_id=msg.req_id, ok=True, data={})))
+            self.conn.send_bytes(codec.encode(ControlResponse(req_id=msg.req_id, ok=True)))
 
     def _step(self) -> TokenBatch:
         batch = TokenBatch()

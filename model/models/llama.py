@@ -28,7 +28,14 @@ _STACKED = (
 )
 
 
-class Attention(nn.Module):
+class FusedProjections(nn.Module):
+    """A module with one projection fused from several of Hugging Face's:
+    ``shard_sizes`` are the parts' output sizes, in ``_STACKED``'s shard order."""
+
+    shard_sizes: tuple[int, ...] = ()
+
+
+class Attention(FusedProjections):
     """This rank's heads (all of them at TP 1); o_proj's output is a partial sum under TP."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int, plan: ShardPlan):
@@ -69,7 +76,7 @@ class Attention(nn.Module):
         return out.reshape(-1, self.q_size)
 
 
-class MLP(nn.Module):
+class MLP(FusedProjections):
     def __init__(self, cfg: ModelConfig, plan: ShardPlan):
         super().__init__()
         inter = plan.intermediate_size
@@ -175,15 +182,19 @@ class CausalLM(nn.Module):
             target, shard = _fused_target(name)
             if target not in params:
                 raise ValueError(f"unexpected weight {name}")
-            _copy_into(params[target], self.plan.shard(name, tensor), shard, self._shard_sizes(target))
+            sizes = () if shard is None else self._shard_sizes(target)
+            _copy_into(params[target], self.plan.shard(name, tensor), shard, sizes)
             loaded.add(target if shard is None else f"{target}#{shard}")
         missing = self._expected_names() - loaded
         if missing:
             raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}")
 
     def _shard_sizes(self, target: str) -> tuple[int, ...]:
+        """The part sizes of the fused projection whose parameter ``target`` names."""
         module = self.get_submodule(target.rsplit(".", 2)[0])
-        return module.shard_sizes if hasattr(module, "shard_sizes") else ()
+        if not isinstance(module, FusedProjections):
+            raise TypeError(f"{target} is not a fused projection's parameter")
+        return module.shard_sizes
 
     def _expected_names(self) -> set[str]:
         names = set()

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from pdserve.tests.support.hf_oracle import HFOracle
-from pdserve.tests.support.router_stack import Stack
 from pdserve.tests.support.server_process import ServerProcess, server_fixture
+
+if TYPE_CHECKING:  # the router's imports (a second) only for the tests that use a stack
+    from pdserve.tests.support.router_stack import Stack
 
 # Page size 4 and chunk 16 make short test prompts cross page and chunk borders.
 MAIN_FLAGS = ("--page-size", "4", "--chunked-prefill-size", "16", "--enable-metrics", "--max-total-tokens", "8192")
@@ -51,6 +54,8 @@ small_server = server_fixture(SMALL_FLAGS, "small.log", scope="session")
 @pytest.fixture
 def stack() -> Iterator[Stack]:
     """A router and fake instances in threads (:mod:`.support.router_stack`), stopped after the test."""
+    from pdserve.tests.support.router_stack import Stack
+
     s = Stack()
     try:
         yield s

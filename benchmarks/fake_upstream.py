@@ -40,9 +40,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
+from pdserve.common.errors import error_body
 
 MODEL_NAME = "fake-model"
 TOKEN_TEXT = " tok"
@@ -81,6 +83,11 @@ def _response(status: str, body: bytes, content_type: bytes = b"application/json
 
 def _json_response(payload: Any, status: str = "200 OK") -> bytes:
     return _response(status, json.dumps(payload).encode())
+
+
+def _error_response(status: int, message: str) -> bytes:
+    """An OpenAI error object, as every pdserve service answers a failure."""
+    return _json_response(error_body(status, message), f"{status} {HTTPStatus(status).phrase}")
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -198,7 +205,7 @@ class Server:
                                    "is_generation": True, "model_type": "llama"})
         if path == "/get_server_info":
             return _json_response(self.server_info())
-        return _json_response({"error": {"message": f"no route {path}", "code": 404}}, "404 Not Found")
+        return _error_response(404, f"no route {path}")
 
     def server_info(self) -> dict[str, Any]:
         return {"model_path": self.cfg.model, "served_model_name": self.cfg.model,
@@ -311,13 +318,12 @@ class Connection(asyncio.Protocol):
             self.transport.write(self.server.get(path))
             return
         if method != "POST" or path not in GENERATION_PATHS:
-            self.transport.write(_json_response({"error": {"message": "not found", "code": 404}}, "404 Not Found"))
+            self.transport.write(_error_response(404, f"no route {method} {path}"))
             return
         try:
             body = json.loads(raw_body or b"{}")
         except ValueError:
-            error = {"error": {"message": "bad JSON", "code": 400}}
-            self.transport.write(_json_response(error, "400 Bad Request"))
+            self.transport.write(_error_response(400, "bad JSON"))
             return
         if self.prefill:
             self.transport.write(self.server.prefill_answer(body))

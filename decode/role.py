@@ -96,12 +96,12 @@ class QuarantinedRoom:
 
 
 def watch_lost_peer(peer: PrefillPeer, lookup: Callable[[str], InstanceInfo | None], interval_s: float,
-                    until_s: float, stop: threading.Event) -> None:
+                    until_s: float, stop: threading.Event, clock: Callable[[], float] = time.monotonic) -> None:
     """Mark a prefill instance whose control connection broke dead once the
     bootstrap service no longer lists it (its entry expired: no heartbeats) or
-    lists another epoch (it restarted). Gives up at ``until_s`` (the rooms'
-    deadline frees their pages anyway) or when ``stop`` is set."""
-    while time.monotonic() < until_s and not peer.dead and not stop.is_set():
+    lists another epoch (it restarted). Gives up at ``until_s`` on ``clock``
+    (the rooms' deadline frees their pages anyway) or when ``stop`` is set."""
+    while clock() < until_s and not peer.dead and not stop.is_set():
         try:
             info = lookup(peer.info.instance_id)
         except Exception:  # an unreachable bootstrap service proves nothing

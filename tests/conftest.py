@@ -1,4 +1,5 @@
-"""Shared fixtures: the built-in model, its transformers oracle, and served instances.
+"""Shared fixtures: the built-in model, its transformers oracle, served instances,
+and a router with fake instances (``stack``).
 
 Server processes are expensive (seconds to start), so the two general-purpose
 instances live for the whole session and each special-flag instance for one
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from pdserve.tests.support.hf_oracle import HFOracle
-from pdserve.tests.support.server_process import ServerProcess, served
+from pdserve.tests.support.server_process import ServerProcess, server_fixture
+
+if TYPE_CHECKING:  # the router's imports (a second) only for the tests that use a stack
+    from pdserve.tests.support.router_stack import Stack
 
 # Page size 4 and chunk 16 make short test prompts cross page and chunk borders.
 MAIN_FLAGS = ("--page-size", "4", "--chunked-prefill-size", "16", "--enable-metrics", "--max-total-tokens", "8192")
@@ -42,16 +47,20 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 
 
-@pytest.fixture(scope="session")
-def main_server(server_logs: Path, model_dir: str) -> Iterator[ServerProcess]:
-    with served(MAIN_FLAGS, server_logs / "main.log") as server:
-        yield server
+main_server = server_fixture(MAIN_FLAGS, "main.log", scope="session")
+small_server = server_fixture(SMALL_FLAGS, "small.log", scope="session")
 
 
-@pytest.fixture(scope="session")
-def small_server(server_logs: Path, model_dir: str) -> Iterator[ServerProcess]:
-    with served(SMALL_FLAGS, server_logs / "small.log") as server:
-        yield server
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    """A router and fake instances in threads (:mod:`.support.router_stack`), stopped after the test."""
+    from pdserve.tests.support.router_stack import Stack
+
+    s = Stack()
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture(autouse=True)

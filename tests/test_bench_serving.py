@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ from pdserve.benchmarks.arrivals import arrival_offsets_s
 from pdserve.benchmarks.bench_serving import BenchConfig, BenchOutcome, main, run_benchmark
 from pdserve.benchmarks.report import JSON_SCHEMA_VERSION
 from pdserve.tests.support.bench_fake_server import FakeBehavior, FakeServer
+from pdserve.tests.support.ports import refusing_port
+from pdserve.tests.support.waiting import wait_until
 
 # The fake server sends chunk j at 200 ms + j * 50 ms after a request arrives, never
 # earlier, so those are hard lower bounds on what the client measures. Upper
@@ -191,9 +192,7 @@ def test_bad_input_and_unreachable_server(capsys: pytest.CaptureFixture[str]) ->
     assert "expected one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--slo", "latency=5"])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+    with refusing_port() as port:
         rc = main(["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "1", "--disable-tqdm"])
     assert rc == 1
     assert "pass --model" in capsys.readouterr().err
@@ -221,20 +220,24 @@ def test_a_connection_the_server_closed_while_the_loop_was_blocked_is_not_reused
     """Building a large dataset blocks the event loop for seconds; a keep-alive
     connection the server closed meanwhile must not carry the next request
     (with a client keep-alive longer than the server's, it does, and fails)."""
-    import time
-
     from pdserve.benchmarks import bench_serving, client
 
-    send, blocked = client.Sender.send, []
+    send = client.Sender.send
+    server = FakeServer(FakeBehavior(ttft_s=0.01, chunk_interval_s=0.01), keep_alive_s=0.5)
+    # Connections open as the loop blocks; then whether the server closed them meanwhile.
+    # (Kept for the end: an assertion raised in here would count as a failed request.)
+    blocked: list = []
 
     async def send_after_a_blocked_loop(self, *args):
         if not blocked:  # the loop does not run while the dataset is built
-            blocked.append(True)
-            time.sleep(1.0)  # longer than the server's keep-alive: it closes the idle connection
+            blocked.append(server.num_connections())
+            # Blocked until the server's keep-alive (0.5 s) has closed the idle connection.
+            blocked.append(wait_until(lambda: server.num_connections() == 0, 10.0, message="connection kept"))
         return await send(self, *args)
 
     monkeypatch.setattr(client.Sender, "send", send_after_a_blocked_loop)
     monkeypatch.setattr(bench_serving, "KEEPALIVE_TIMEOUT_S", client_keepalive_s)
-    with FakeServer(FakeBehavior(ttft_s=0.01, chunk_interval_s=0.01), keep_alive_s=0.5) as server:
+    with server:
         outcome = _bench(server, num_prompts=3, random_output_len=2)
+    assert blocked == [1, True]  # one idle connection, closed by the server while the loop was blocked
     assert outcome.results[0].metrics.failed == failures

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-import time
 
 import httpx
 import pytest
@@ -44,15 +44,21 @@ def test_register_refused_names_the_conflict(service: ServerThread) -> None:
             client.register(make_info("d1", role="decode", num_kv_heads=8))
 
 
-def test_heartbeat_loop_reregisters_after_the_service_restarts(service: ServerThread) -> None:
+def _failed_heartbeats(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("heartbeat failed" in r.getMessage() for r in list(caplog.records))
+
+
+def test_heartbeat_loop_reregisters_after_the_service_restarts(service: ServerThread,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     info, stop = make_info("p1"), threading.Event()
     client = BootstrapClient(service.url, timeout_s=1.0)
     client.register(info)
     beat = threading.Thread(target=client.heartbeat_forever, args=(info, 0.05, stop), daemon=True)
+    caplog.set_level(logging.WARNING, logger="pdserve.bootstrap.client")
     beat.start()
     try:
         service.stop()
-        time.sleep(0.2)  # a few heartbeats fail while the service is down
+        wait_until(lambda: _failed_heartbeats(caplog) >= 3, message="no heartbeat failed while the service was down")
         restarted = ServerThread(create_app(BootstrapConfig()), port=service.port).start()
         try:
             with BootstrapClient(restarted.url) as probe:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pdserve import __version__
-from pdserve.tests.support.ports import free_port, free_port_block
+from pdserve.tests.support.ports import free_port, free_port_block, listening_port
 from pdserve.tests.support.waiting import wait_until
 
 RUN_TIMEOUT_S = 120.0
@@ -124,10 +123,8 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], prog: str, *ne
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     """A port something listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
+    with listening_port() as port:
+        yield port
 
 
 @pytest.mark.parametrize("command", ["serve", "up"])
@@ -169,9 +166,7 @@ def test_busy_control_port_names_its_flag(busy_port: int, tmp_path: Path) -> Non
 def test_up_busy_port_names_the_flag(flag_name: str) -> None:
     first = free_port_block(5)
     index = {"--port": 0, "--bootstrap-port": 1, "--base-port": 2}[flag_name]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", first + index))
-        sock.listen()
+    with listening_port(first + index):
         done = _run("up", *_up_ports(first))
     assert_one_line_error(done, "pdserve up", f"port {first + index}", flag_name)
 

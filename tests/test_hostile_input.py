@@ -24,7 +24,7 @@ import pytest
 from pdserve.tests.support.openai_errors import assert_openai_error
 from pdserve.tests.support.payloads import generate_body, prompt_ids
 from pdserve.tests.support.router_process import RouterProcess, router_served
-from pdserve.tests.support.server_process import ServerProcess, served
+from pdserve.tests.support.server_process import ServerProcess, server_fixture
 from pdserve.tests.support.waiting import wait_until
 
 MAX_REQUEST_BYTES = 8_000_000
@@ -34,10 +34,7 @@ GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
 HEALTH_BOUND_S = 1.0
 
 
-@pytest.fixture(scope="module")
-def hostile_server(server_logs: Path, model_dir: str) -> Iterator[ServerProcess]:
-    with served(FLAGS, server_logs / "hostile.log") as server:
-        yield server
+hostile_server = server_fixture(FLAGS, "hostile.log")
 
 
 @pytest.fixture(scope="module")

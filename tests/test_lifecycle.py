@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from pdserve.tests.support.clusters import start_up, up_command
 from pdserve.tests.support.payloads import generate_body
 from pdserve.tests.support.ports import free_port_block
 from pdserve.tests.support.processes import alive, command_line, descendants, parent_pid
@@ -20,26 +21,6 @@ from pdserve.tests.support.waiting import wait_until
 SERVE_ARGS = ("--page-size", "4", "--max-total-tokens", "1024", "--skip-server-warmup")
 STARTUP_TIMEOUT_S = 240.0
 FOLLOW_S = 5.0  # how soon a child must follow its dead parent
-
-
-def _up_argv(first_port: int, log_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "pdserve.cli", "up", "--port", str(first_port),
-            "--bootstrap-port", str(first_port + 1), "--base-port", str(first_port + 2),
-            "--policy", "round_robin", "--startup-timeout-s", str(STARTUP_TIMEOUT_S), "--log-dir", str(log_dir),
-            "--router-args", "--health-check-interval-s 0.5", "--", *SERVE_ARGS]
-
-
-def _start_up(argv: list[str], out_path: Path) -> subprocess.Popen:
-    with open(out_path, "wb") as out:
-        launcher = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def up() -> bool:
-        if launcher.poll() is not None:
-            raise AssertionError(f"pdserve up exited with {launcher.returncode}: {out_path.read_text()}")
-        return "pdserve is up" in out_path.read_text()
-
-    wait_until(up, STARTUP_TIMEOUT_S + 30, 0.2, lambda: f"pdserve up never came up: {out_path.read_text()}")
-    return launcher
 
 
 def _still_running(pids: set[int]) -> dict[int, str]:
@@ -57,8 +38,8 @@ def _kill_all(pids: set[int]) -> None:
 
 def test_sigkill_of_pdserve_up_takes_every_child_along(tmp_path: Path) -> None:
     first = free_port_block(4)
-    argv = _up_argv(first, tmp_path / "logs")
-    launcher = _start_up(argv, tmp_path / "up-1.out")
+    argv = up_command(first, tmp_path / "logs", STARTUP_TIMEOUT_S, SERVE_ARGS)
+    launcher = start_up(argv, tmp_path / "up-1.out", STARTUP_TIMEOUT_S + 30)
     tree = descendants(launcher.pid)
     try:
         children = {pid for pid in tree if parent_pid(pid) == launcher.pid}
@@ -73,7 +54,7 @@ def test_sigkill_of_pdserve_up_takes_every_child_along(tmp_path: Path) -> None:
                    lambda: f"still running after the launcher's SIGKILL: {_still_running(tree)}")
         print(f"every one of {len(tree)} descendants gone {time.monotonic() - killed_at:.2f} s after the SIGKILL")
         # The ports are free again: the same cluster starts on them and serves.
-        again = _start_up(argv, tmp_path / "up-2.out")
+        again = start_up(argv, tmp_path / "up-2.out", STARTUP_TIMEOUT_S + 30)
         tree |= descendants(again.pid)
         body = generate_body([5, 6, 7, 8, 9], 4)
         answer = httpx.post(f"http://127.0.0.1:{first}/generate", json=body, timeout=60)

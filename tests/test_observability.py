@@ -17,9 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pdserve.launcher import Cluster, ClusterConfig
+from pdserve.launcher import Cluster
+from pdserve.tests.support.clusters import local_cluster_config
+from pdserve.tests.support.health import wait_healthy
 from pdserve.tests.support.payloads import prompt_ids, sse_events
-from pdserve.tests.support.ports import free_port, free_port_block
+from pdserve.tests.support.ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 PAGE_SIZE = 4
@@ -33,9 +35,8 @@ JOURNEY = ("router_queue_and_pick", "front", "decode_wait_pages", "prefill_boots
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    cfg = ClusterConfig(num_prefill=1, num_decode=1, port=free_port(), bootstrap_port=free_port(),
-                        base_port=free_port_block(2), transfer_backend="nixl", policy="round_robin",
-                        startup_timeout_s=180, log_dir=str(tmp_path_factory.mktemp("obs")), serve_args=SERVE_ARGS)
+    cfg = local_cluster_config(tmp_path_factory.mktemp("obs"), transfer_backend="nixl", startup_timeout_s=180,
+                               serve_args=SERVE_ARGS)
     with Cluster(cfg) as c:
         yield c
 
@@ -331,18 +332,6 @@ def _in_process_front(mode: str, bootstrap_url: str, exporter) -> tuple:
     return ServerThread(with_raw_send(build_app(state)), port=port).start(), state
 
 
-def _wait_healthy(url: str, timeout_s: float = 180.0) -> None:
-    from pdserve.tests.support.waiting import wait_until
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout_s, 0.2, f"{url} never became healthy")
-
-
 def test_spans_link_router_prefill_and_decode(cluster: Cluster) -> None:
     pytest.importorskip("opentelemetry.sdk")
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -359,13 +348,13 @@ def test_spans_link_router_prefill_and_decode(cluster: Cluster) -> None:
             thread, _ = _in_process_front(mode, cluster.bootstrap_url, exporter)
             threads.append(thread)
         for thread in threads:
-            _wait_healthy(thread.url)
+            wait_healthy(thread.url, 180.0)
         config = RouterConfig(prefill_urls=(threads[0].url,), decode_urls=(threads[1].url,), policy="round_robin")
         from pdserve.web.event_stream import with_raw_send
 
         router = ServerThread(with_raw_send(create_app(config, tracer=Tracer("pdserve-router", exporter=exporter))))
         threads.append(router.start())
-        _wait_healthy(router.url)
+        wait_healthy(router.url, 180.0)
         client_trace = "0af7651916cd43dd8448eb211c80319c"
         headers = {"traceparent": f"00-{client_trace}-b7ad6b7169203331-01"}
         body = {"prompt": prompt_ids(21, seed=9), "max_tokens": 5, "temperature": 0, "ignore_eos": True}

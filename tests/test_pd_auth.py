@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 from pdserve.bootstrap.protocol import TOKEN_HEADER
+from pdserve.tests.support.clusters import start_up, up_command
 from pdserve.tests.support.fake_worker import make_info
 from pdserve.tests.support.openai_errors import assert_openai_error
 from pdserve.tests.support.payloads import generate_body, prompt_ids
 from pdserve.tests.support.ports import free_port_block
-from pdserve.tests.support.processes import command_line, descendants
-from pdserve.tests.support.server_process import ServerProcess, served, start_server
-from pdserve.tests.support.waiting import wait_until
+from pdserve.tests.support.processes import command_line, descendants, stop_process
+from pdserve.tests.support.server_process import ServerProcess, server_fixture, start_server
 
 API_KEY = "pd-api-key-7f3a"
 SECRET = "pd-cluster-secret-91c2"
@@ -56,31 +55,16 @@ def keyed_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedUp]:
     secret_file.write_text(SECRET + "\n")
     secret_file.chmod(0o600)
     first = free_port_block(4)
-    argv = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(first), "--bootstrap-port", str(first + 1),
-            "--base-port", str(first + 2), "--policy", "round_robin", "--cluster-secret-file", str(secret_file),
-            "--startup-timeout-s", str(STARTUP_TIMEOUT_S), "--log-dir", str(tmp / "logs"),
-            "--router-args", "--health-check-interval-s 0.5", "--", *SERVE_ARGS]
-    out_path = tmp / "up.out"
+    argv = up_command(first, tmp / "logs", STARTUP_TIMEOUT_S, SERVE_ARGS, "--cluster-secret-file", str(secret_file))
     environ = {**os.environ, "PDSERVE_API_KEY": API_KEY}  # the key reaches `pdserve up` off its command line too
-    with open(out_path, "wb") as out:
-        launcher = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
+    launcher = start_up(argv, tmp / "up.out", STARTUP_TIMEOUT_S + 30, env=environ)
     try:
-        def up() -> bool:
-            if launcher.poll() is not None:
-                raise AssertionError(f"pdserve up exited with {launcher.returncode}: {out_path.read_text()}")
-            return "pdserve is up" in out_path.read_text()
-
-        wait_until(up, STARTUP_TIMEOUT_S + 30, 0.2, lambda: f"pdserve up never came up: {out_path.read_text()}")
         yield KeyedUp(launcher, first)
     finally:
-        launcher.terminate()
-        launcher.wait(timeout=60)
+        stop_process(launcher, timeout_s=60.0)
 
 
-@pytest.fixture(scope="module")
-def keyed_colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with served(SERVE_ARGS, tmp_path_factory.mktemp("colocated") / "colocated.log", api_key=API_KEY) as server:
-        yield server
+keyed_colocated = server_fixture(SERVE_ARGS, "keyed-colocated.log", api_key=API_KEY)
 
 
 def test_router_reaches_keyed_instances_and_answers_as_colocated(keyed_up: KeyedUp,

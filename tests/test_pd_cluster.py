@@ -17,9 +17,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from pdserve.launcher import Cluster, ClusterConfig
+from pdserve.launcher import Cluster
+from pdserve.tests.support.clusters import local_cluster_config
+from pdserve.tests.support.health import is_healthy
 from pdserve.tests.support.payloads import generate_body
-from pdserve.tests.support.ports import free_port, free_port_block
+from pdserve.tests.support.ports import free_port
+from pdserve.tests.support.router_process import router_served
 from pdserve.tests.support.waiting import wait_until
 
 SERVE_ARGS = ("--page-size", "4", "--chunked-prefill-size", "16", "--max-total-tokens", "4096", "--skip-server-warmup")
@@ -29,19 +32,8 @@ MAX_NEW = 8
 
 
 def _cluster(tmp: Path, backend: str, num_prefill: int = 1, num_decode: int = 1) -> Cluster:
-    cfg = ClusterConfig(
-        num_prefill=num_prefill,
-        num_decode=num_decode,
-        port=free_port(),
-        bootstrap_port=free_port(),
-        base_port=free_port_block(num_prefill + num_decode),
-        transfer_backend=backend,
-        policy="round_robin",
-        startup_timeout_s=180,
-        log_dir=str(tmp),
-        serve_args=SERVE_ARGS,
-    )
-    return Cluster(cfg)
+    return Cluster(local_cluster_config(tmp, num_prefill, num_decode, transfer_backend=backend,
+                                        startup_timeout_s=180, serve_args=SERVE_ARGS))
 
 
 def _used_pages(url: str) -> int:
@@ -202,39 +194,21 @@ def test_up_means_every_instance_is_up(big_cluster: Cluster) -> None:
     """Not only one worker per role: each instance answers at once when sent to directly."""
     urls = big_cluster.instance_urls("prefill") + big_cluster.instance_urls("decode")
     assert len(urls) == 4
-    assert all(httpx.get(f"{u}/health", timeout=10, trust_env=False).status_code == 200 for u in urls)
+    assert all(is_healthy(u, timeout_s=10) for u in urls)
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "random", "power_of_two", "cache_aware"])
 def test_two_by_two_with_each_policy(big_cluster: Cluster, oracle, policy: str, tmp_path: Path) -> None:
-    port = free_port()
-    argv = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), "--policy", policy,
-            "--prefill", *big_cluster.instance_urls("prefill"), "--decode", *big_cluster.instance_urls("decode")]
-    log = (tmp_path / "router.log").open("wb")
-    router = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_ok(f"{url}/health", router)
+    flags = ["--policy", policy, "--prefill", *big_cluster.instance_urls("prefill"),
+             "--decode", *big_cluster.instance_urls("decode")]
+    with router_served(flags, tmp_path / "router.log") as router:
+        url = router.url
         prompts = _prompts(lengths=[5, 11, 19, 26, 33, 41], seed=3)
         for ids in prompts:
             assert _generate(url, ids)["output_ids"] == oracle.greedy(ids, MAX_NEW)
         infos = [httpx.get(f"{u}/get_server_info", timeout=10, trust_env=False).json() for u in big_cluster.instance_urls("decode")]
         assert all(i["num_running_reqs"] == 0 for i in infos)
         assert_no_leaks(big_cluster)
-    finally:
-        router.terminate()
-        router.wait(timeout=10)
-
-
-def _wait_ok(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    def ok() -> bool:
-        assert proc.poll() is None, "router exited"
-        try:
-            return httpx.get(url, timeout=2, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ok, timeout_s, 0.2, f"{url} never answered 200")
 
 
 def test_layout_mismatch_is_refused_at_startup(big_cluster: Cluster, tmp_path: Path) -> None:

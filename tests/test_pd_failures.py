@@ -14,9 +14,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from pdserve.launcher import Cluster, ClusterConfig
+from pdserve.launcher import Cluster
+from pdserve.tests.support.clusters import local_cluster_config
+from pdserve.tests.support.health import is_healthy
 from pdserve.tests.support.payloads import generate_body
-from pdserve.tests.support.ports import free_port, free_port_block
 from pdserve.tests.support.waiting import wait_until
 
 SERVE_ARGS = (
@@ -27,11 +28,8 @@ SERVE_ARGS = (
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    cfg = ClusterConfig(
-        num_prefill=2, num_decode=2, port=free_port(), bootstrap_port=free_port(), base_port=free_port_block(4),
-        policy="round_robin", startup_timeout_s=180, log_dir=str(tmp_path_factory.mktemp("pd-fail")),
-        serve_args=SERVE_ARGS,
-    )
+    cfg = local_cluster_config(tmp_path_factory.mktemp("pd-fail"), num_prefill=2, num_decode=2, startup_timeout_s=180,
+                               serve_args=SERVE_ARGS)
     with Cluster(cfg) as c:  # up: every instance is healthy
         yield c
 
@@ -111,7 +109,7 @@ def test_decode_survives_a_dead_prefill(cluster: Cluster) -> None:
     ok = httpx.post(f"{decode}/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3}},
                     timeout=30, trust_env=False)
     assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 3
-    assert httpx.get(f"{decode}/health", timeout=5, trust_env=False).status_code == 200
+    assert is_healthy(decode)
 
 
 def test_prefill_survives_a_dead_decode(cluster: Cluster, oracle) -> None:
@@ -120,7 +118,7 @@ def test_prefill_survives_a_dead_decode(cluster: Cluster, oracle) -> None:
     ids = [random.Random(2).randrange(4, 1000) for _ in range(1500)]
     result, joiner = _start_room(prefill, dead, ids, max_new=200)
     _kill_mid_room(cluster, prefill, "decode-0", joiner, result)
-    assert httpx.get(f"{prefill}/health", timeout=5, trust_env=False).status_code == 200
+    assert is_healthy(prefill)
     # The prefill instance pairs with the surviving decode instance and answers exactly.
     short = [9, 8, 7, 6, 5, 4, 10, 11, 12]
     result, joiner = _start_room(prefill, alive, short, max_new=6)

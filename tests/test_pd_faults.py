@@ -21,9 +21,11 @@ import pytest
 from pdserve.bootstrap.client import BootstrapClient
 from pdserve.common.errors import PREFILL_FAILED_CODE
 from pdserve.common.roles import Role
-from pdserve.launcher import Cluster, ClusterConfig
+from pdserve.launcher import Cluster
+from pdserve.tests.support.clusters import local_cluster_config
+from pdserve.tests.support.health import is_healthy
 from pdserve.tests.support.payloads import generate_body, prompt_ids
-from pdserve.tests.support.ports import free_port, free_port_block
+from pdserve.tests.support.ports import closed_within
 from pdserve.tests.support.waiting import wait_until
 from pdserve.transfer.control import ControlClient
 from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, RoomAbort
@@ -39,11 +41,8 @@ ROUTER_ARGS = (f"--first-byte-timeout-s {FIRST_BYTE_TIMEOUT_S} --health-check-in
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    cfg = ClusterConfig(
-        num_prefill=2, num_decode=2, port=free_port(), bootstrap_port=free_port(), base_port=free_port_block(4),
-        policy="round_robin", startup_timeout_s=240, log_dir=str(tmp_path_factory.mktemp("pd-faults")),
-        serve_args=SERVE_ARGS, router_args=tuple(ROUTER_ARGS.split()),
-    )
+    cfg = local_cluster_config(tmp_path_factory.mktemp("pd-faults"), num_prefill=2, num_decode=2, startup_timeout_s=240,
+                               serve_args=SERVE_ARGS, router_args=tuple(ROUTER_ARGS.split()))
     with Cluster(cfg) as c:  # up: every instance is healthy
         yield c
 
@@ -69,27 +68,8 @@ def _wait_router_healthy(cluster: Cluster) -> None:
                60.0, 0.2, "not every worker came back")
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=5, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _log_tails(cluster: Cluster) -> str:
     return "\n".join(f"--- {c.name} ---\n{c.log_tail(2000)}" for c in cluster.children if c.name != "bootstrap")
-
-
-def _closed_within(sock: socket.socket, timeout_s: float) -> bool:
-    sock.settimeout(timeout_s)
-    try:
-        while sock.recv(4096):
-            pass
-        return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
 
 
 @pytest.mark.parametrize("role", [Role.PREFILL, Role.DECODE])
@@ -99,7 +79,7 @@ def test_instances_close_half_open_client_connections(cluster: Cluster, role: Ro
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(sent)
             started = time.monotonic()
-            assert _closed_within(sock, 20.0), f"{role} kept a half-open connection after {sent!r}"
+            assert closed_within(sock, 20.0), f"{role} kept a half-open connection after {sent!r}"
             assert time.monotonic() - started < 15.0
 
 
@@ -189,7 +169,7 @@ def test_dead_prefill_lease_ends_at_once_and_its_restart_is_a_new_peer(cluster: 
     wait_until(lambda: _used_pages(decode) == 0, 10.0, 0.1, lambda: f"pages still held: {_info(decode)}")
     assert time.monotonic() - killed < TRANSFER_TIMEOUT_S / 3, _log_tails(cluster)
     # The restarted prefill: same instance id and control address, a new epoch; rooms work again.
-    wait_until(lambda: _healthy(prefill), 180.0, 0.5, lambda: f"the restarted prefill is not healthy:\n{_log_tails(cluster)}")
+    wait_until(lambda: is_healthy(prefill), 180.0, 0.5, lambda: f"the restarted prefill is not healthy:\n{_log_tails(cluster)}")
 
     def new_epoch():
         with BootstrapClient(cluster.bootstrap_url) as bootstrap:
@@ -232,7 +212,7 @@ def test_a_stream_cut_by_a_dying_decode_ends_with_an_error_event_and_done(cluste
 def test_a_dead_decode_lease_ends_at_once_on_the_prefill(cluster: Cluster) -> None:
     """Runs last: it kills the decode instance the previous test left alive."""
     decodes = cluster.instance_urls(Role.DECODE)
-    decode = next(u for u in decodes if _healthy(u))
+    decode = next(u for u in decodes if is_healthy(u))
     prefill = cluster.instance_urls(Role.PREFILL)[0]
     body = {**generate_body(prompt_ids(2000, seed=5), 4), "bootstrap_room": random.getrandbits(63),
             "prefill_instance_id": _info(prefill)["instance_id"]}

@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from pdserve.launcher import Cluster, ClusterConfig
+from pdserve.launcher import Cluster
 from pdserve.model.builtin import ensure_builtin_model
+from pdserve.tests.support.clusters import local_cluster_config
+from pdserve.tests.support.health import is_healthy
 from pdserve.tests.support.hf_oracle import HFOracle
 from pdserve.tests.support.payloads import generate_body
-from pdserve.tests.support.ports import free_port, free_port_block
 from pdserve.tests.support.waiting import wait_until
 
 SERVE_ARGS = ("--device", "cpu", "--page-size", "4", "--chunked-prefill-size", "16", "--max-total-tokens", "2048",
@@ -43,26 +44,15 @@ def _info(url: str) -> dict:
     return httpx.get(f"{url}/get_server_info", timeout=10, trust_env=False).json()
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _start(tmp, prefill_tp: tuple[int, ...], decode_tp: tuple[int, ...], backend: str = "nixl") -> Cluster:
-    num = len(prefill_tp) + len(decode_tp)
-    cfg = ClusterConfig(
-        num_prefill=len(prefill_tp), num_decode=len(decode_tp), model_path="small", port=free_port(),
-        bootstrap_port=free_port(), base_port=free_port_block(num), transfer_backend=backend, policy="round_robin",
-        startup_timeout_s=300, log_dir=str(tmp), serve_args=SERVE_ARGS, prefill_tp_size=prefill_tp,
-        decode_tp_size=decode_tp,
-    )
+    cfg = local_cluster_config(tmp, len(prefill_tp), len(decode_tp), model_path="small", transfer_backend=backend,
+                               startup_timeout_s=300, serve_args=SERVE_ARGS, prefill_tp_size=prefill_tp,
+                               decode_tp_size=decode_tp)
     cluster = Cluster(cfg)
     cluster.start()
     # The router is healthy once one instance of each role is; the test needs every one.
     urls = cluster.instance_urls("prefill") + cluster.instance_urls("decode")
-    wait_until(lambda: all(_healthy(u) for u in urls), 300, 0.5, lambda: "not every instance became healthy")
+    wait_until(lambda: all(is_healthy(u) for u in urls), 300, 0.5, lambda: "not every instance became healthy")
     wait_until(lambda: _router_sees_all(cluster, len(urls)), 60, 0.2, lambda: "the router never saw every worker healthy")
     return cluster
 
@@ -154,14 +144,14 @@ def test_dead_decode_rank_takes_the_instance_down(tmp_path) -> None:
         for i in range(3):
             status, tail = outcome[i]
             assert status != 200 or "error" in tail, f"stream {i} ended as if nothing happened: {outcome[i]}"
-        wait_until(lambda: not _healthy(decode), 30, 0.2, lambda: "decode still reports healthy")
+        wait_until(lambda: not is_healthy(decode), 30, 0.2, lambda: "decode still reports healthy")
         assert httpx.get(f"{decode}/health", timeout=5, trust_env=False).status_code == 503
         # Rank 0 and the other ranks are gone too: no process left behind.
         wait_until(lambda: not any(_pid_alive(p) for p in rank_pids), 30, 0.2, lambda: "a rank outlived its instance")
         # The prefill instance lets go of the room's pages and of the dead peer.
         wait_until(lambda: _info(prefill)["kv_pool"]["used_pages"] == 0 and _info(prefill)["num_transfer_peers"] == 0,
                    30, 0.2, lambda: f"prefill still holds: {_info(prefill)}")
-        assert _healthy(prefill)
+        assert is_healthy(prefill)
     finally:
         cluster.stop()
 

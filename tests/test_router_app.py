@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import httpx
@@ -11,81 +11,13 @@ import pytest
 from pdserve.bootstrap.client import BootstrapClient, BootstrapError
 from pdserve.bootstrap.server import BootstrapConfig
 from pdserve.bootstrap.server import create_app as create_bootstrap_app
-from pdserve.router.app import create_app, parse_args
+from pdserve.router.app import parse_args
 from pdserve.router.config import RouterConfig
-from pdserve.tests.support.fake_worker import FakeWorker, make_info, start_fake
+from pdserve.tests.support.fake_worker import make_info
 from pdserve.tests.support.openai_errors import assert_openai_error
+from pdserve.tests.support.router_stack import FAST, PROMPT, Stack, pd
 from pdserve.tests.support.server_thread import ServerThread
 from pdserve.tests.support.waiting import wait_until
-
-FAST = RouterConfig(policy="round_robin", health_check_interval_s=0.05,
-                    health_check_timeout_s=2.0, request_timeout_s=10.0)
-PROMPT = {"model": "fake-model", "prompt": "Hello there", "max_tokens": 4}
-
-
-class Stack:
-    """Fake prefill/decode/colocated workers plus a router, all in threads."""
-
-    def __init__(self) -> None:
-        self.servers: list[ServerThread] = []
-        self.fakes: dict[str, FakeWorker] = {}
-        self.urls: dict[str, str] = {}
-        self.router: ServerThread | None = None
-        self.http = httpx.Client(timeout=10.0)
-
-    def fake(self, role: str, name: str, **behavior: object) -> FakeWorker:
-        worker, server = start_fake(role, name, **behavior)
-        self.servers.append(server)
-        self.fakes[name], self.urls[name] = worker, server.url
-        return worker
-
-    def start_router(self, config: RouterConfig, wait_healthy: bool = True) -> str:
-        self.router = ServerThread(create_app(config)).start()
-        self.servers.append(self.router)
-        if wait_healthy:
-            self.wait_health(200)
-        return self.router.url
-
-    def wait_health(self, status: int) -> None:
-        wait_until(lambda: self.get("/health").status_code == status,
-                   message=lambda: f"router /health never {status}: {self.get('/workers').json()}")
-
-    def wait_nothing_in_flight(self, timeout_s: float = 5.0) -> None:
-        wait_until(lambda: all(w["in_flight"] == 0 for w in self.get("/workers").json()), timeout_s,
-                   message=lambda: f"requests still in flight: {self.get('/workers').json()}")
-
-    def get(self, path: str, **kw: object) -> httpx.Response:
-        return self.http.get(self.router.url + path, **kw)
-
-    def post(self, path: str, **kw: object) -> httpx.Response:
-        return self.http.post(self.router.url + path, **kw)
-
-    def close(self) -> None:
-        self.http.close()
-        for server in self.servers:
-            server.request_stop()
-        for server in self.servers:
-            server.stop()
-
-
-@pytest.fixture
-def stack() -> Iterator[Stack]:
-    s = Stack()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def pd(stack: Stack, num_prefill: int = 1, num_decode: int = 1, config: RouterConfig = FAST,
-       **decode_behavior: object) -> None:
-    for i in range(num_prefill):
-        stack.fake("prefill", f"p{i}")
-    for i in range(num_decode):
-        stack.fake("decode", f"d{i}", **decode_behavior)
-    stack.start_router(replace(
-        config, prefill_urls=tuple(stack.urls[f"p{i}"] for i in range(num_prefill)),
-        decode_urls=tuple(stack.urls[f"d{i}"] for i in range(num_decode))))
 
 
 def test_pd_sends_same_body_with_room_and_prefill_id_to_both(stack: Stack) -> None:
@@ -380,7 +312,12 @@ def test_metrics_without_the_key_only_when_the_operator_says(stack: Stack, open_
     assert_openai_error(stack.get("/workers"), 401)  # everything else still wants it
 
 
-def test_router_discovers_with_the_cluster_secret(stack: Stack) -> None:
+def _refused_discoveries(caplog: pytest.LogCaptureFixture) -> int:
+    """Discovery rounds whose instance list the bootstrap service refused (401)."""
+    return sum("cannot list instances" in m and "401" in m for m in (r.getMessage() for r in list(caplog.records)))
+
+
+def test_router_discovers_with_the_cluster_secret(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     bootstrap = ServerThread(create_bootstrap_app(BootstrapConfig(ttl_s=30.0, cluster_secret="cs"))).start()
     stack.servers.append(bootstrap)
     p, d = stack.fake("prefill", "p0"), stack.fake("decode", "d0")
@@ -391,8 +328,11 @@ def test_router_discovers_with_the_cluster_secret(stack: Stack) -> None:
             with pytest.raises(BootstrapError, match="401"):
                 stranger.register(make_info("evil", "prefill", http_url="http://10.6.6.6:1"))
         # Without the secret the router sees nobody; with it, both.
-        stack.start_router(replace(FAST, bootstrap_url=bootstrap.url), wait_healthy=False)
-        time.sleep(0.3)  # a few discovery rounds (every 0.05 s) that must find nothing
+        with caplog.at_level(logging.WARNING, logger="pdserve.router.workers"):
+            stack.start_router(replace(FAST, bootstrap_url=bootstrap.url), wait_healthy=False)
+            # A few discovery rounds, each refused, that must find nobody.
+            wait_until(lambda: _refused_discoveries(caplog) >= 3, 10.0,
+                       message="the router never asked the bootstrap service")
         assert stack.get("/workers").json() == []
         stack.start_router(replace(FAST, bootstrap_url=bootstrap.url, cluster_secret="cs"))
         assert {w["instance_id"] for w in stack.get("/workers").json()} == {p.instance_id, d.instance_id}

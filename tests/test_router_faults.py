@@ -7,7 +7,6 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import httpx
@@ -16,21 +15,14 @@ from pdserve.common.errors import PREFILL_FAILED_CODE
 from pdserve.router.app import create_app, parse_args
 from pdserve.router.config import RouterConfig
 from pdserve.router.workers import Worker, WorkerRegistry
+from pdserve.tests.support.health import wait_healthy
+from pdserve.tests.support.ports import closed_within
+from pdserve.tests.support.router_stack import FAST, PROMPT, Stack, pd
 from pdserve.tests.support.server_thread import ServerThread
 from pdserve.tests.support.waiting import wait_until
-from pdserve.tests.test_router_app import FAST, PROMPT, Stack, pd
 from pdserve.web.http_timeouts import uvicorn_timeouts
 
 RARE_CHECKS = replace(FAST, health_check_interval_s=60.0)
-
-
-@pytest.fixture
-def stack() -> Iterator[Stack]:
-    s = Stack()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _workers(stack: Stack) -> dict[str, dict]:
@@ -206,18 +198,6 @@ def test_a_stream_cut_by_the_decode_ends_with_an_error_event_and_done(stack: Sta
     assert '"error"' in events[-2] and "stream broke" in events[-2] and '"type"' in events[-2]
 
 
-def _closed_within(sock: socket.socket, timeout_s: float) -> bool:
-    sock.settimeout(timeout_s)
-    try:
-        while sock.recv(4096):
-            pass  # an answer (a 4xx, say) may come first; then the close
-        return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
-
-
 @pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",
                                   b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pr"])
 def test_half_open_client_connections_are_closed(sent: bytes) -> None:
@@ -227,14 +207,14 @@ def test_half_open_client_connections_are_closed(sent: bytes) -> None:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(sent)
             started = time.monotonic()
-            assert _closed_within(sock, 10.0), "the server kept a half-open connection"
+            assert closed_within(sock, 10.0), "the server kept a half-open connection"
             assert time.monotonic() - started < 5.0
         # An idle kept-alive connection after a full answer is closed too; a full request is answered.
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             sock.settimeout(5.0)
             assert sock.recv(4096).startswith(b"HTTP/1.1 503")  # no healthy worker here
-            assert _closed_within(sock, 10.0)
+            assert closed_within(sock, 10.0)
     finally:
         server.stop()
 
@@ -245,7 +225,7 @@ def test_a_long_answer_is_not_cut_by_the_read_timeout(stack: Stack) -> None:
     app = create_app(replace(FAST, prefill_urls=(stack.urls["p0"],), decode_urls=(stack.urls["d0"],)))
     server = ServerThread(app, **uvicorn_timeouts(keep_alive_s=1.0, read_timeout_s=0.3)).start()
     stack.servers.append(server)
-    wait_until(lambda: httpx.get(server.url + "/health").status_code == 200, 10.0)
+    wait_healthy(server.url, 10.0)
     assert httpx.post(server.url + "/v1/completions", json=PROMPT, timeout=30).status_code == 200
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pdserve.launcher import Cluster, ClusterConfig, ClusterError, parse_args
-from pdserve.tests.support.ports import free_port_block
+from pdserve.tests.support.ports import free_port_block, is_listening, listening_port
 from pdserve.tests.support.waiting import wait_until
 
 FAKE_SERVE = (sys.executable, "-m", "pdserve.tests.support.fake_worker")
@@ -27,11 +26,6 @@ def fake_config(tmp_path: Path, **changes: object) -> ClusterConfig:
                            startup_timeout_s=30.0, stop_grace_s=5.0,
                            router_args=("--health-check-interval-s", "0.2"))
     return replace(config, **changes)
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_cluster_serves_through_the_router_and_stops_every_child(tmp_path: Path) -> None:
@@ -50,7 +44,7 @@ def test_cluster_serves_through_the_router_and_stops_every_child(tmp_path: Path)
         assert sorted(w["url"] for w in workers) == sorted(
             cluster.instance_urls("prefill") + cluster.instance_urls("decode"))
     assert all(p.poll() is not None for p in processes)
-    assert not any(listening(port) for port in range(config.port, config.base_port + 3))
+    assert not any(is_listening(port) for port in range(config.port, config.base_port + 3))
     assert (tmp_path / "logs" / "router.log").exists()
 
 
@@ -76,14 +70,12 @@ def test_startup_failure_names_the_child_and_cleans_up(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match=r"exited with code 3(.|\n)*no GPU here"):
         cluster.start()
     assert cluster.children == []
-    assert not listening(config.bootstrap_port)
+    assert not is_listening(config.bootstrap_port)
 
 
 def test_busy_port_is_refused_before_starting_anything(tmp_path: Path) -> None:
     config = fake_config(tmp_path)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", config.port))
-        sock.listen()
+    with listening_port(config.port):
         with pytest.raises(ClusterError, match=f"port {config.port}"):
             Cluster(config).start()
 
@@ -111,7 +103,7 @@ def test_pdserve_up_smoke_prints_an_answer_and_exits_0(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert f"pdserve is up: OpenAI base URL http://127.0.0.1:{config.port}/v1" in done.stdout
     assert "smoke test: 'The capital of France is' -> '[null-" in done.stdout
-    assert not listening(config.port) and not listening(config.bootstrap_port)
+    assert not is_listening(config.port) and not is_listening(config.bootstrap_port)
 
 
 def test_pdserve_up_stops_its_children_on_sigterm(tmp_path: Path) -> None:
@@ -120,10 +112,10 @@ def test_pdserve_up_stops_its_children_on_sigterm(tmp_path: Path) -> None:
     try:
         wait_until(lambda: "pdserve is up" in launcher.stdout.readline(), 30.0, 0.0,
                    "`pdserve up` never said it was up")
-        assert listening(config.base_port)
+        assert is_listening(config.base_port)
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=15) == 0
-        assert not any(listening(p) for p in (config.port, config.bootstrap_port, config.base_port))
+        assert not any(is_listening(p) for p in (config.port, config.bootstrap_port, config.base_port))
     finally:
         if launcher.poll() is None:
             launcher.send_signal(signal.SIGTERM)
@@ -201,7 +193,9 @@ def test_a_child_restarted_from_a_short_lived_thread_outlives_that_thread(tmp_pa
         worker.join()
         child = restarted[0]
         url = cluster.instance_urls("prefill")[0]
-        wait_until(lambda: listening(int(url.rsplit(":", 1)[1])), 30.0, 0.1, lambda: "the restarted child never listened")
-        time.sleep(1.0)  # PR_SET_PDEATHSIG would have fired as the thread ended
+        # The thread ended before the child got past its imports: had its end sent the
+        # parent-death signal (SIGKILL), the child would never listen.
+        wait_until(lambda: is_listening(int(url.rsplit(":", 1)[1])) or child.process.poll() is not None, 30.0, 0.1,
+                   lambda: "the restarted child never listened")
         assert child.process.poll() is None
         assert httpx.get(url + "/health", timeout=5.0).status_code == 200

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from pdserve.tests.support.router_process import RouterProcess, router_served
-from pdserve.tests.support.server_process import ServerProcess, served
+from pdserve.tests.support.server_process import ServerProcess, server_fixture
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -26,10 +26,7 @@ REQUEST_TIMEOUT_S = 60.0
 BUDGET_S = 120.0  # a bound on the whole run, far above what it takes
 
 
-@pytest.fixture(scope="module")
-def fuzzed_server(server_logs: Path, model_dir: str) -> Iterator[ServerProcess]:
-    with served(FLAGS, server_logs / "fuzzed.log") as server:
-        yield server
+fuzzed_server = server_fixture(FLAGS, "fuzzed.log")
 
 
 @pytest.fixture(scope="module")

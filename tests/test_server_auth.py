@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from pdserve.tests.support.openai_errors import assert_openai_error
-from pdserve.tests.support.server_process import ServerProcess, served
+from pdserve.tests.support.server_process import ServerProcess, server_fixture
 
 API_KEY = "test-key-123"
 PROTECTED = [
@@ -26,10 +25,7 @@ PROTECTED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def auth_server(server_logs: Path) -> Iterator[ServerProcess]:
-    with served(("--page-size", "4", "--max-total-tokens", "1024"), server_logs / "auth.log", api_key=API_KEY) as server:
-        yield server
+auth_server = server_fixture(("--page-size", "4", "--max-total-tokens", "1024"), "auth.log", api_key=API_KEY)
 
 
 def test_health_needs_no_key(auth_server: ServerProcess) -> None:
@@ -60,11 +56,9 @@ def test_wrong_or_odd_headers_are_401_never_500(auth_server: ServerProcess, head
     assert_openai_error(resp, 401, code="invalid_api_key")
 
 
-@pytest.fixture(scope="module")
-def open_metrics_server(server_logs: Path) -> Iterator[ServerProcess]:
-    flags = ("--page-size", "4", "--max-total-tokens", "1024", "--skip-server-warmup", "--enable-metrics", "--open-metrics")
-    with served(flags, server_logs / "open-metrics.log", api_key=API_KEY) as server:
-        yield server
+open_metrics_server = server_fixture(
+    ("--page-size", "4", "--max-total-tokens", "1024", "--skip-server-warmup", "--enable-metrics", "--open-metrics"),
+    "open-metrics.log", api_key=API_KEY)
 
 
 def test_metrics_answer_without_the_key_only_with_open_metrics(open_metrics_server: ServerProcess,

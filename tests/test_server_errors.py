@@ -10,17 +10,15 @@ import pytest
 from pdserve.tests.support.hf_oracle import HFOracle
 from pdserve.tests.support.openai_errors import assert_openai_error
 from pdserve.tests.support.payloads import generate_body, prompt_ids, sse_events
-from pdserve.tests.support.server_process import ServerProcess, served
+from pdserve.tests.support.server_process import ServerProcess, server_fixture
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
 
 
-@pytest.fixture(scope="module")
-def queue_server(server_logs) -> ServerProcess:
-    flags = ("--page-size", "4", "--max-running-requests", "1", "--max-queued-requests", "1", "--max-total-tokens", "4096")
-    with served(flags, server_logs / "queue.log") as server:
-        yield server
+queue_server = server_fixture(
+    ("--page-size", "4", "--max-running-requests", "1", "--max-queued-requests", "1", "--max-total-tokens", "4096"),
+    "queue.log")
 
 
 def test_invalid_json(main_server: ServerProcess) -> None:

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from pdserve.tests.support.hf_oracle import HFOracle
 from pdserve.tests.support.openai_errors import assert_openai_error
 from pdserve.tests.support.payloads import generate_body, prompt_ids
-from pdserve.tests.support.server_process import ServerProcess, post_concurrently, served
+from pdserve.tests.support.server_process import ServerProcess, post_concurrently, server_fixture
 
 RETRACT_LOG_LINE = "KV cache pool is full. Retract requests."
 
 
-@pytest.fixture(scope="module")
-def tiny_pool_server(server_logs: Path) -> Iterator[ServerProcess]:
-    # 16 pages of 4 tokens: two 40-token sequences already do not fit together.
-    flags = ("--max-total-tokens", "64", "--page-size", "4", "--skip-server-warmup")
-    with served(flags, server_logs / "tiny_pool.log") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def lpm_server(server_logs: Path) -> Iterator[ServerProcess]:
-    flags = ("--schedule-policy", "lpm", "--page-size", "4", "--max-total-tokens", "2048", "--skip-server-warmup")
-    with served(flags, server_logs / "lpm.log") as server:
-        yield server
+# 16 pages of 4 tokens: two 40-token sequences already do not fit together.
+tiny_pool_server = server_fixture(("--max-total-tokens", "64", "--page-size", "4", "--skip-server-warmup"),
+                                  "tiny_pool.log")
+lpm_server = server_fixture(
+    ("--schedule-policy", "lpm", "--page-size", "4", "--max-total-tokens", "2048", "--skip-server-warmup"), "lpm.log")
 
 
 def test_retraction_keeps_outputs_exact(tiny_pool_server: ServerProcess, oracle: HFOracle) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +18,10 @@ from pdserve.benchmarks.serving import cpu, procs
 from pdserve.benchmarks.serving.config import FrontConfig, RouterBenchConfig, Workload
 from pdserve.benchmarks.serving.profiles import summarise_collapsed
 from pdserve.common.args import config_from_args
+from pdserve.tests.support.health import wait_healthy
+from pdserve.tests.support.openai_errors import assert_openai_error
+from pdserve.tests.support.ports import free_port
+from pdserve.tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,16 +34,13 @@ class Fake:
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[Fake]:
-    port, prefill_port = procs.free_port(), procs.free_port()
+    port, prefill_port = free_port(), free_port()
     argv = procs.python_module("pdserve.benchmarks.fake_upstream", "--port", str(port),
                                       "--prefill-port", str(prefill_port), "--token-interval-ms", "2")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     up = Fake(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prefill_port}")
     try:
-        deadline = time.monotonic() + 20
-        while procs.http_get_status(up.url + "/health") != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, "fake upstream did not start"
-            time.sleep(0.1)
+        wait_healthy(up.url, 20.0, proc=proc, describe=lambda: "the fake upstream did not start")
         yield up
     finally:
         proc.kill()
@@ -92,17 +92,23 @@ def test_fake_prefill_port_answers_at_once(fake: Fake) -> None:
     assert httpx.get(fake.prefill_url + "/get_server_info", timeout=5).json()["instance_id"]
 
 
+def test_fake_answers_what_it_does_not_serve_with_openai_errors(fake: Fake) -> None:
+    with httpx.Client(timeout=10) as client:
+        assert_openai_error(client.get(fake.url + "/nowhere"), 404, "/nowhere")
+        assert_openai_error(client.post(fake.url + "/nowhere", json={}), 404, "/nowhere")
+        assert_openai_error(client.post(fake.url + "/v1/completions", content=b"{oops"), 400, "bad JSON")
+
+
 def test_proc_cpu_time_grows_for_a_busy_process() -> None:
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         first = cpu.proc_cpu_s(busy.pid)
-        time.sleep(0.6)
-        second = cpu.proc_cpu_s(busy.pid)
-        assert first is not None and second is not None
-        assert second - first >= 0.1
+        assert first is not None
+        wait_until(lambda: cpu.proc_cpu_s(busy.pid) - first >= 0.1, 10.0, 0.05,
+                   lambda: f"CPU time stuck at {cpu.proc_cpu_s(busy.pid)} s (from {first} s)")
         snapshot = cpu.CpuSnapshot.take([busy.pid])
-        time.sleep(0.3)
-        assert cpu.CpuSnapshot.take([busy.pid]).since(snapshot) > 0
+        wait_until(lambda: cpu.CpuSnapshot.take([busy.pid]).since(snapshot) > 0, 10.0, 0.05,
+                   "the snapshot saw no CPU time")
     finally:
         busy.kill()
         busy.wait(timeout=10)
@@ -115,10 +121,7 @@ def test_process_tree_and_engine_split_by_cmdline() -> None:
               "time.sleep(30)")
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
-        deadline = time.monotonic() + 10
-        while len(cpu.process_tree(parent.pid)) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: len(cpu.process_tree(parent.pid)) >= 2, 10.0, 0.05, "the child never showed")
         front, engine = cpu.split_front_engine(parent.pid)
         assert front == [parent.pid]
         assert len(engine) == 1 and "spawn_main" in cpu.proc_cmdline(engine[0])

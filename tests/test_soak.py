@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from pdserve.common.roles import Role
-from pdserve.launcher import Cluster, ClusterConfig
-from pdserve.tests.support.ports import free_port, free_port_block
+from pdserve.launcher import Cluster
+from pdserve.tests.support.clusters import local_cluster_config
 from pdserve.tests.support.waiting import wait_until
 
 NUM_REQUESTS, CONCURRENCY = 300, 16
@@ -51,11 +51,8 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    cfg = ClusterConfig(
-        num_prefill=2, num_decode=2, port=free_port(), bootstrap_port=free_port(), base_port=free_port_block(4),
-        policy="round_robin", startup_timeout_s=240, log_dir=str(tmp_path_factory.mktemp("soak")),
-        serve_args=SERVE_ARGS, router_args=tuple(ROUTER_ARGS.split()),
-    )
+    cfg = local_cluster_config(tmp_path_factory.mktemp("soak"), num_prefill=2, num_decode=2, startup_timeout_s=240,
+                               serve_args=SERVE_ARGS, router_args=tuple(ROUTER_ARGS.split()))
     with Cluster(cfg) as c:
         yield c
 

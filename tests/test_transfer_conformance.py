@@ -345,7 +345,7 @@ def test_abort_mid_transfer_quiesces_and_nothing_lands_after(cluster, aborter):
     assert cluster.p.call(Command.WAIT_QUIESCENT, room=room, timeout_s=QUIESCE_S) is not None
     assert cluster.d1.call(Command.WAIT_QUIESCENT, room=room, timeout_s=QUIESCE_S) is not None
     at_quiescence = cluster.d1.call(Command.READ)
-    time.sleep(0.3)
+    time.sleep(0.3)  # a late write has no event to wait for: give one time to land, were it still coming
     after = cluster.d1.call(Command.READ)
     np.testing.assert_array_equal(after, at_quiescence)
     source = cluster.p.call(Command.READ)
@@ -361,7 +361,7 @@ def test_poll_without_progress_reads_only_gathered_state(cluster):
     cluster.p.call(Command.OPEN_SENDER, room=room, peer=cluster.d2_name, dst_pages=[2, 3])
     cluster.p.call(Command.SEND, room=room, src_pages=[9, 10], dst_start=0, is_last=True)
     assert cluster.p.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S, progress=False)[room][0] == SUCCESS
-    time.sleep(0.2)
+    time.sleep(0.2)  # time for the news to reach D, which must still not see it (nothing to wait on)
     # D's agent has not run progress() since: the news waits there, unseen.
     assert cluster.d2.call(Command.POLL, room=room, progress=False) == int(RoomState.WAITING_FOR_INPUT)
     assert cluster.d2.call(Command.WAIT, rooms=[room], timeout_s=WAIT_S, progress=False)[room][0] == SUCCESS

@@ -92,7 +92,7 @@ def test_client_reconnects_after_server_restart():
         client.send(_Ping(seq=1))
         assert len(_wait_for(first.recv_nowait, 1)) == 1
         first.close()
-        time.sleep(0.1)  # the client notices the drop
+        wait_until(lambda: not client.connected, message="the client never noticed the drop")
         second = ControlServer("127.0.0.1", port)
         try:
             client.send(_Ping(seq=2))
@@ -132,7 +132,7 @@ def test_greeting_opens_every_connection_and_a_restart_greets_anew():
         client.send(_Ping(seq=1))
         assert [m.seq for m in _wait_for(client.recv_nowait, 1)] == [100]
         first.close()
-        time.sleep(0.1)  # the client notices the drop
+        wait_until(lambda: not client.connected, message="the client never noticed the drop")
         second = ControlServer("127.0.0.1", port, greeting=_Ping(seq=200))
         try:
             client.send(_Ping(seq=2))

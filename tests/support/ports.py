@@ -1,9 +1,12 @@
-"""Free TCP ports on 127.0.0.1."""
+"""TCP ports on 127.0.0.1: free ones, busy ones, refusing ones, and sockets
+the other side closes."""
 
 from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 HOST = "127.0.0.1"
 
@@ -49,3 +52,42 @@ def free_port_block(count: int) -> int:
             for sock in socks:
                 sock.close()
     raise RuntimeError(f"no block of {count} free ports")
+
+
+@contextmanager
+def listening_port(port: int = 0) -> Iterator[int]:
+    """``port`` (0: a free one) with something listening on it, for a ``with`` block:
+    a port another server cannot take."""
+    with socket.socket() as sock:
+        sock.bind((HOST, port))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port that is bound but not listening, for a ``with`` block: connections
+    to it are refused, and no other server takes it meanwhile."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        yield sock.getsockname()[1]
+
+
+def is_listening(port: int) -> bool:
+    """Something accepts connections on ``port``."""
+    with socket.socket() as sock:
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def closed_within(sock: socket.socket, timeout_s: float) -> bool:
+    """The other side closes ``sock`` within ``timeout_s`` (reading and dropping
+    whatever it sends first: an error answer, say)."""
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False

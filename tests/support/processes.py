@@ -1,9 +1,37 @@
-"""Process trees from /proc: who descends from a pid, who is still alive."""
+"""Processes of a test: stopping one, and process trees from /proc (who
+descends from a pid, who is still alive)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from collections import defaultdict
+
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = SHUTDOWN_TIMEOUT_S, *, kill_group: bool = False) -> None:
+    """SIGTERM (a graceful stop), and SIGKILL whatever is left after ``timeout_s``.
+
+    With ``kill_group`` the SIGKILL goes to the whole process group, always:
+    the process leads its own session (``start_new_session=True``) and its
+    children (an engine, say) must not outlive the test.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    if kill_group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    elif proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout_s)
 
 
 def _parent_pids() -> dict[int, int]:

@@ -9,12 +9,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from pdserve.tests.support.health import wait_healthy
 from pdserve.tests.support.ports import free_port
-from pdserve.tests.support.waiting import wait_until
+from pdserve.tests.support.processes import stop_process
 
 STARTUP_TIMEOUT_S = 60.0
-SHUTDOWN_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -31,13 +30,7 @@ class RouterProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(SHUTDOWN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(SHUTDOWN_TIMEOUT_S)
+        stop_process(self.proc)
 
 
 @contextmanager
@@ -49,15 +42,7 @@ def router_served(flags: list[str] | tuple[str, ...], log_path: Path) -> Iterato
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     router = RouterProcess(proc, port, log_path)
     try:
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"pdserve router exited with {proc.returncode}:\n{router.log_text()[-4000:]}")
-            try:
-                return httpx.get(router.url + "/health", timeout=2.0).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, STARTUP_TIMEOUT_S, 0.1, lambda: f"router not healthy:\n{router.log_text()[-4000:]}")
+        wait_healthy(router.url, STARTUP_TIMEOUT_S, proc=proc, describe=lambda: router.log_text()[-4000:])
         yield router
     finally:
         router.stop()

@@ -3,28 +3,27 @@
 :func:`start_server` launches an instance on a free port with the given flags,
 waits for ``/health`` to answer 200 and hands back a :class:`ServerProcess`
 whose log (stdout and stderr) goes to a file; :func:`served` does the same for
-a ``with`` block.
+a ``with`` block, and :func:`server_fixture` makes a pytest fixture of it.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
+from pdserve.tests.support.health import wait_healthy
 from pdserve.tests.support.ports import free_port
+from pdserve.tests.support.processes import stop_process
 from pdserve.tests.support.waiting import wait_until
 
 STARTUP_TIMEOUT_S = 120.0
-SHUTDOWN_TIMEOUT_S = 10.0
-HEALTH_POLL_S = 0.1
 IDLE_POLL_S = 0.05
 REQUEST_TIMEOUT_S = 60.0
 
@@ -87,19 +86,9 @@ class ServerProcess:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        """SIGTERM (graceful: the front stops its engine), then SIGKILL the group."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(SHUTDOWN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            # The engine is a child in the same session; make sure it is gone too.
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(SHUTDOWN_TIMEOUT_S)
+        """SIGTERM (graceful: the front stops its engine), then SIGKILL the group:
+        the engine is a child in the same session and must be gone too."""
+        stop_process(self.proc, kill_group=True)
 
 
 def start_server(
@@ -134,20 +123,33 @@ def served(flags: list[str] | tuple[str, ...], log_path: Path, api_key: str | No
         server.stop()
 
 
-def _wait_healthy(server: ServerProcess, timeout_s: float) -> None:
-    def healthy() -> bool:
-        if not server.alive():
-            raise RuntimeError(f"pdserve serve exited with {server.proc.returncode}:\n{server.log_text()[-4000:]}")
-        try:
-            resp = httpx.get(server.url + "/health", timeout=2.0)
-        except httpx.HTTPError:
-            return False
-        if resp.status_code != 200 and server.not_ready_status is None:
-            server.not_ready_status, server.not_ready_body = resp.status_code, resp.json()
-        return resp.status_code == 200
+def server_fixture(
+    flags: tuple[str, ...], log_name: str, scope: str = "module", api_key: str | None = None
+) -> Callable[..., Iterator[ServerProcess]]:
+    """A pytest fixture: ``pdserve serve FLAGS`` (with ``--api-key``, when given)
+    for ``scope``, its log ``log_name`` under the session's ``server_logs``.
 
-    wait_until(healthy, timeout_s, HEALTH_POLL_S,
-               lambda: f"pdserve serve not healthy:\n{server.log_text()[-4000:]}")
+    Assign it to a module-level name ending in ``server``: the name is the
+    fixture's, and ``conftest.py`` checks every fixture so named for leaked
+    pages after each test.
+    """
+
+    @pytest.fixture(scope=scope)
+    def fixture(server_logs: Path, model_dir: str) -> Iterator[ServerProcess]:
+        # model_dir: the built-in model exists before the server looks for it.
+        with served(flags, server_logs / log_name, api_key) as server:
+            yield server
+
+    return fixture
+
+
+def _wait_healthy(server: ServerProcess, timeout_s: float) -> None:
+    def note_not_ready(response: httpx.Response) -> None:
+        if response.status_code != 200 and server.not_ready_status is None:
+            server.not_ready_status, server.not_ready_body = response.status_code, response.json()
+
+    wait_healthy(server.url, timeout_s, proc=server.proc, describe=lambda: server.log_text()[-4000:],
+                 on_response=note_not_ready)
 
 
 def post_concurrently(server: ServerProcess, path: str, bodies: list[dict]) -> list[httpx.Response]:

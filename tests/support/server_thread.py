@@ -40,6 +40,10 @@ class ServerThread:
             raise RuntimeError(f"server on {self.url} exited while starting")
         return self
 
+    def num_connections(self) -> int:
+        """Client connections open now, idle kept-alive ones included."""
+        return len(self._server.server_state.connections)
+
     def request_stop(self) -> None:
         """Ask the server to exit without waiting (stop many servers at once)."""
         self._server.should_exit = True

@@ -12,8 +12,8 @@ on the CPU, with the model stubbed at the graph replay: the runner takes the
 GPU path up to it (numpy step inputs, the graph's packed input buffers,
 tokens fed from the device to the step launched ahead) and the "graph"
 hands back precomputed logits of a realistic vocabulary. Sampling is
-measured two ways: ``stub`` replaces the device-side draw with precomputed
-token ids (what the host pays on a GPU, less a few kernel launches),
+measured two ways: ``stub`` replaces the device-side argmax with precomputed
+token ids (what the host pays on a GPU, less the argmax's kernel launches),
 ``device`` runs the real argmax over the logits on the CPU (one thread).
 
 Reported per batch: wall µs per decode step (median, mean, p90), CPU µs per
@@ -49,7 +49,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,7 @@ class EngineHostConfig:
     page_size: int = field(default=16, metadata=flag("tokens per KV page"))
     stream_interval: int = field(default=1, metadata=flag("the engine's --stream-interval"))
     sampling: tuple[str, ...] = field(default=SAMPLING_MODES, metadata=flag(
-        "stub: device-side draw replaced by precomputed ids; device: real argmax on the CPU",
+        "stub: the device-side argmax returns precomputed ids; device: the real argmax, on the CPU",
         nargs="+", choices=SAMPLING_MODES))
     disable_overlap_schedule: bool = field(default=False, metadata=flag("measure the serial schedule"))
     repeats: int = field(default=1, metadata=flag("runs of every measurement (alternating sides with --against)"))
@@ -152,9 +152,18 @@ def _stub_model(engine: Any, logits: Any, overlap: bool) -> None:
     runner.graphs = graphs
 
 
-def _stub_draw(engine: Any, tokens: Any) -> None:
-    """The sampler's device-side draw returns the precomputed ids."""
-    engine.sampler._draw = lambda logits, params, histories: tokens[: logits.shape[0]].clone()
+@contextmanager
+def _stub_argmax(tokens: Any) -> Iterator[None]:
+    """The sampler's device-side argmax (the whole draw of a greedy batch)
+    returns the precomputed ids."""
+    from pdserve.engine import sampler
+
+    real = sampler.argmax_rows
+    sampler.argmax_rows = lambda logits: tokens[: logits.shape[0]].clone()
+    try:
+        yield
+    finally:
+        sampler.argmax_rows = real
 
 
 # ---- the front: a process that drains the engine's pipe ---------------------------------
@@ -372,17 +381,13 @@ def measure_one(cfg: EngineHostConfig, model_dir: str, batch_size: int, sampling
     engine = _engine(cfg, model_dir, batch_size, conn)
     logits, tokens = _precomputed(max(batch_size, 256), cfg.vocab_size)
     _stub_model(engine, logits, overlap=not cfg.disable_overlap_schedule)
-    if sampling == "stub":
-        _stub_draw(engine, tokens)
-    try:
+    with _stub_argmax(tokens) if sampling == "stub" else nullcontext(), closing(conn):
         _fill(engine, cfg, batch_size)
         step = _plain_pass(engine, cfg.steps)
         phases = _phase_pass(engine, cfg.steps)
         if cfg.profile_dir:
             _profile_pass(engine, cfg.steps, Path(cfg.profile_dir), f"engine-host-b{batch_size}-{sampling}")
         running = len(engine.scheduler.running)
-    finally:
-        conn.close()
     messages, streamed = front.result()
     if running != batch_size:
         raise RuntimeError(f"{batch_size - running} requests left the batch while it was measured")

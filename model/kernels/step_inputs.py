@@ -10,6 +10,7 @@ before its input tokens reach the host takes them from the device
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 
@@ -76,10 +77,16 @@ def _slots(kv_indptr: np.ndarray, kv_indices: np.ndarray, rows: np.ndarray, posi
     return pages * page_size + positions % page_size
 
 
+# (page lists, pages wanted of each) -> those pages, concatenated (int32); see model/page_tables.py
+PageGather = Callable[[list[list[int]], np.ndarray], np.ndarray]
+
+
 def build_step(
-    is_decode: bool, chunks: list[list[int]], starts: list[int], page_tables: list[list[int]], page_size: int
+    is_decode: bool, chunks: list[list[int]], starts: list[int], page_tables: list[list[int]], page_size: int,
+    gather: PageGather | None = None,
 ) -> StepInputs:
-    """Inputs of a batch that feeds ``chunks[i]`` at positions ``starts[i]...``."""
+    """Inputs of a batch that feeds ``chunks[i]`` at positions ``starts[i]...``;
+    ``gather`` reads the page index from tables kept across steps."""
     ext = np.fromiter(map(len, chunks), dtype=np.int32, count=len(chunks))
     start = np.asarray(starts, dtype=np.int64)
     seq = (start + ext).astype(np.int32)
@@ -89,10 +96,13 @@ def build_step(
     positions = (np.arange(num_tokens) - qo_indptr[:-1][rows] + start[rows]).astype(np.int64)
     num_pages = (seq + page_size - 1) // page_size
     kv_indptr = _indptr(num_pages)
-    kv_indices = np.fromiter(
-        chain.from_iterable(t[:n] for t, n in zip(page_tables, num_pages.tolist())),
-        dtype=np.int32, count=int(kv_indptr[-1]),
-    )
+    if gather is not None:
+        kv_indices = gather(page_tables, num_pages)
+    else:
+        kv_indices = np.fromiter(
+            chain.from_iterable(t[:n] for t, n in zip(page_tables, num_pages.tolist())),
+            dtype=np.int32, count=int(kv_indptr[-1]),
+        )
     return StepInputs(
         is_decode=is_decode,
         input_ids=np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=num_tokens),

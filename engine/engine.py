@@ -8,7 +8,9 @@ nothing the front does in Python can stall a step.
 from __future__ import annotations
 
 import logging
+import operator
 import os
+import select
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -48,6 +50,10 @@ logger = logging.getLogger("pdserve.engine")
 # share a few cores with each other, so it polls less often.
 PD_POLL_WAIT_S = {"cuda": 1e-4, "cpu": 2e-3}
 
+# The fed chunk of a row whose token the ahead step reads on the device: a
+# placeholder, never read (one shared list: nothing writes to fed chunks).
+_ON_DEVICE = [0]
+
 
 class Histories:
     """(prompt ids, output ids) of each sampled request, as the sampler reads
@@ -77,6 +83,9 @@ class Engine:
                  followers: Followers | None = None):
         self.cfg = cfg
         self.conn = conn
+        # ``Connection.poll`` builds a selector per call (~10 us); the loop asks every turn.
+        self._inbox = select.poll()
+        self._inbox.register(conn.fileno(), select.POLLIN)
         self.model_cfg = ModelConfig.from_dir(model_dir)
         # The other ranks of a tensor-parallel instance (engine/tp.py); None at TP 1.
         self.followers = followers
@@ -176,7 +185,7 @@ class Engine:
             self.pool.reclaim()
         wait_s = 0.0 if busy else (self.pd_poll_wait_s if self.role.has_pending() else self.role.idle_wait_s)
         try:
-            while self.conn.poll(wait_s):
+            while self._inbox.poll(wait_s * 1e3):  # also ready at end of file: recv_bytes raises
                 self._handle(codec.decode(self.conn.recv_bytes()))
                 wait_s = 0.0
         except (EOFError, OSError):
@@ -262,29 +271,32 @@ class Engine:
         since the batch was formed feed their last token from here."""
         if not self.runner.lookahead:
             return
-        row_of = dict(zip(map(id, sampled), range(len(sampled))))
+        running = self.scheduler.running
+        if len(sampled) == len(running) and all(map(operator.is_, sampled, running)):
+            rows = range(len(running))  # the common step: every running request was sampled, in order
+        else:
+            rows = map(dict(zip(map(id, sampled), range(len(sampled)))).get, map(id, running))
         reserve, page_size, context_len = self.scheduler.reserve, self.cfg.page_size, self.runner.context_len
         reqs, chunks, starts, src = [], [], [], []
         # One loop of plain attributes and no calls but at page borders: it
         # runs for every request every step, before the host sees the tokens.
-        for req in self.scheduler.running:
+        for req, i in zip(running, rows):
             if req.finish_reason is not None:
                 continue
             out = req.output_ids
             seq_len = len(req.prompt_ids) + len(out)
-            i = row_of.get(id(req))
             if i is None:  # joined since: feeds its newest token from here, if that is all it needs
                 if seq_len - req.num_computed != 1:
                     continue
-                feed, start = out[-1] if out else req.prompt_ids[-1], seq_len - 1
+                feed, start = [out[-1] if out else req.prompt_ids[-1]], seq_len - 1
             else:  # its token, still on the device, lands at position seq_len
                 if len(out) + 1 >= req.params.max_new_tokens or seq_len + 1 >= context_len:
                     continue  # the token being sampled ends it, whatever it is
-                feed, start = 0, seq_len
+                feed, start = _ON_DEVICE, seq_len
             if len(req.pages) * page_size <= start and not reserve(req, start + 1):
                 return  # the pool is short: the scheduler decides who goes, with the tokens known
             reqs.append(req)
-            chunks.append([feed])
+            chunks.append(feed)
             starts.append(start)
             src.append(-1 if i is None else i)
         if reqs:

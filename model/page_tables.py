@@ -17,6 +17,8 @@ no step used lately are reused.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 
@@ -33,6 +35,8 @@ class PageTables:
         self._free = list(range(num_rows - 1, -1, -1))
         self._step = 0
         self.keep_steps = keep_steps  # steps a row outlives its last use
+        # The last step's lists and rows: a decode step usually asks for the same lists again.
+        self._last: tuple[list[list[int]], np.ndarray] = ([], np.zeros(0, dtype=np.intp))
 
     @property
     def num_rows(self) -> int:
@@ -49,14 +53,19 @@ class PageTables:
         """Each list's row, brought up to date. The common step finds every
         list with a row, a few of them longer: C-speed passes and numpy."""
         self._step += 1
-        rows = list(map(self._row_of.get, map(id, page_lists)))
-        if None in rows:
-            return self._rows_with_new(page_lists, rows)
-        found = np.array(rows, dtype=np.intp)
+        last_lists, found = self._last
+        if not (len(page_lists) == len(last_lists) and all(map(operator.is_, page_lists, last_lists))):
+            rows = list(map(self._row_of.get, map(id, page_lists)))
+            if None in rows:
+                found = self._rows_with_new(page_lists, rows)
+                self._last = (list(page_lists), found)
+                return found
+            found = np.array(rows, dtype=np.intp)
+            self._last = (list(page_lists), found)
         self._used[found] = self._step
         lengths = np.fromiter(map(len, page_lists), dtype=np.int64, count=len(page_lists))
         for i in np.flatnonzero(lengths != self._lengths[found]).tolist():
-            self._update(rows[i], page_lists[i])
+            self._update(int(found[i]), page_lists[i])
         return found
 
     def _rows_with_new(self, page_lists: list[list[int]], rows: list[int | None]) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from pdserve.model.kernels.step_inputs import build_step
+from pdserve.model.kernels.step_inputs import _ragged_step, build_step
 from pdserve.model.page_tables import PageTables
 
 
@@ -27,16 +27,20 @@ def test_lists_that_grow_are_replaced_and_come_and_go_read_as_they_are_now() -> 
     tables = PageTables(num_rows=2, width=2, keep_steps=1)
     next_page = iter(range(10**6))
     lists = [[next(next_page)] for _ in range(6)]
-    for _ in range(300):
+    batch: list[list[int]] = []
+    for step in range(300):
         for i in range(len(lists)):
             roll = rng.random()
             if roll < 0.3:
                 lists[i].extend(next(next_page) for _ in range(rng.randint(1, 3)))  # grows in place
             elif roll < 0.35:
                 lists[i] = [next(next_page) for _ in range(rng.randint(0, 4))]  # other pages: a new list
-        batch = rng.sample(lists, rng.randint(1, len(lists)))
-        if rng.random() < 0.1:
-            batch.append(batch[0])  # the same list twice in one step
+        if step and rng.random() < 0.5 and all(any(b is x for x in lists) for b in batch):
+            pass  # the same lists as the last step (the common decode step), some grown
+        else:
+            batch = rng.sample(lists, rng.randint(1, len(lists)))
+            if rng.random() < 0.1:
+                batch.append(batch[0])  # the same list twice in one step
         num_pages = [rng.randint(max(len(p) - 1, 0), len(p)) for p in batch]  # ahead steps read one page less
         assert _gather(tables, batch, num_pages) == _flat(batch, num_pages)
     assert tables.num_rows > 2
@@ -79,3 +83,16 @@ def test_step_inputs_from_the_tables_equal_those_from_the_lists() -> None:
             assert np.array_equal(value, getattr(mirrored, name)), name
         for pages in lists:
             pages.append(pages[-1] + 1)
+
+
+def test_a_decode_step_is_the_ragged_step_of_one_token_each() -> None:
+    rng = random.Random(2)
+    page_size = 4
+    lists = [list(range(i * 100, i * 100 + rng.randint(1, 9))) for i in range(9)]
+    starts = [rng.randint((len(p) - 1) * page_size, len(p) * page_size - 1) for p in lists]
+    chunks = [[rng.randint(0, 50)] for _ in lists]
+    decode = build_step(True, chunks, starts, lists, page_size)
+    ragged = _ragged_step(True, chunks, starts, lists, page_size, None)
+    for name, value in vars(ragged).items():
+        got = getattr(decode, name)
+        assert np.array_equal(value, got) and getattr(value, "dtype", None) == getattr(got, "dtype", None), name

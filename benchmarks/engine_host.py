@@ -17,9 +17,10 @@ token ids (what the host pays on a GPU, less the argmax's kernel launches),
 ``device`` runs the real argmax over the logits on the CPU (one thread).
 
 Reported per batch: wall µs per decode step (median, mean, p90), CPU µs per
-step, µs per request, and inclusive µs per phase from a second pass with a
-timer around each of the engine's phases (``other``: what the top-level
-phases do not cover, the timers' own cost included). ``--against DIR`` also
+step (the quotable figure on a shared machine: waits and other processes do
+not count), µs per request, and inclusive CPU µs per phase from a second
+pass with a timer around each of the engine's phases (``other``: what the
+top-level phases do not cover, part of the timers' own cost included). ``--against DIR`` also
 measures the pdserve package under ``DIR`` (``DIR/pdserve``, e.g. a git
 worktree of an older commit), in fresh processes that alternate with this
 package's, and reports this package's figures over that one's.
@@ -283,12 +284,12 @@ def _fill(engine: Any, cfg: EngineHostConfig, batch_size: int) -> None:
 def _plain_pass(engine: Any, steps: int) -> dict[str, float]:
     """Wall and CPU time of ``steps`` loop turns, nothing added."""
     wall_ns = []
-    cpu_start = time.process_time_ns()
+    cpu_start = time.thread_time_ns()
     for _ in range(steps):
         start = time.perf_counter_ns()
         _turn(engine)
         wall_ns.append(time.perf_counter_ns() - start)
-    cpu_ns = time.process_time_ns() - cpu_start
+    cpu_ns = time.thread_time_ns() - cpu_start
     wall_ns.sort()
     return {"median": wall_ns[len(wall_ns) // 2] / 1e3, "mean": statistics.fmean(wall_ns) / 1e3,
             "p90": wall_ns[int(len(wall_ns) * 0.9)] / 1e3, "cpu": cpu_ns / steps / 1e3}
@@ -323,7 +324,7 @@ def _timed(engine: Any) -> Iterator[dict[str, int]]:
         fn = getattr(owner, attr, None)
         if fn is None:
             return
-        clock = time.perf_counter_ns
+        clock = time.thread_time_ns  # the engine thread's CPU: neither waits nor other processes count
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = clock()
@@ -350,12 +351,12 @@ def _timed(engine: Any) -> Iterator[dict[str, int]]:
 
 
 def _phase_pass(engine: Any, steps: int) -> dict[str, float]:
-    """Inclusive µs per step of each phase, and ``other``."""
+    """Inclusive CPU µs per step of each phase, and ``other``."""
     with _timed(engine) as totals:
-        start = time.perf_counter_ns()
+        start = time.thread_time_ns()
         for _ in range(steps):
             _turn(engine)
-        total_ns = time.perf_counter_ns() - start
+        total_ns = time.thread_time_ns() - start
     phases = {name: ns / steps / 1e3 for name, ns in totals.items()}
     top = sum(us for name, us in phases.items() if "/" not in name)
     return {"total": total_ns / steps / 1e3, **phases, "other": total_ns / steps / 1e3 - top}
@@ -372,6 +373,10 @@ def _profile_pass(engine: Any, steps: int, out: Path, label: str) -> None:
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(PROFILE_TOP)
     (out / f"{label}.txt").write_text(text.getvalue())
+
+
+def _per_request(step: dict[str, float], batch_size: int) -> dict[str, float]:
+    return {"median": step["median"] / batch_size, "cpu": step["cpu"] / batch_size}
 
 
 def measure_one(cfg: EngineHostConfig, model_dir: str, batch_size: int, sampling: str) -> dict[str, Any]:
@@ -392,7 +397,7 @@ def measure_one(cfg: EngineHostConfig, model_dir: str, batch_size: int, sampling
     if running != batch_size:
         raise RuntimeError(f"{batch_size - running} requests left the batch while it was measured")
     return {"batch_size": batch_size, "sampling": sampling, "overlap": not cfg.disable_overlap_schedule,
-            "step_us": step, "per_request_us": step["median"] / batch_size, "phases_us": phases,
+            "step_us": step, "per_request_us": _per_request(step, batch_size), "phases_us": phases,
             "messages": messages, "tokens_streamed": streamed}
 
 
@@ -504,7 +509,7 @@ def _by_case(rows: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]
         step = {k: statistics.median(r["step_us"][k] for r in group) for k in group[0]["step_us"]}
         names = {n for r in group for n in r["phases_us"]}
         phases = {n: statistics.median(r["phases_us"].get(n, 0.0) for r in group) for n in sorted(names)}
-        merged[case] = {"step_us": step, "per_request_us": step["median"] / case[0], "phases_us": phases,
+        merged[case] = {"step_us": step, "per_request_us": _per_request(step, case[0]), "phases_us": phases,
                         "runs_median_step_us": [r["step_us"]["median"] for r in group]}
     return merged
 
@@ -518,7 +523,7 @@ def _row_line(row: dict[str, Any]) -> str:
     s = row["step_us"]
     return (f"batch {row['batch_size']:>4} sampling {row['sampling']:<6}: {s['median']:8.0f} us/step median "
             f"(mean {s['mean']:.0f}, p90 {s['p90']:.0f}, cpu {s['cpu']:.0f}), "
-            f"{row['per_request_us']:.2f} us/request")
+            f"{row['per_request_us']['cpu']:.2f} us CPU/request")
 
 
 def _machine() -> dict[str, Any]:

@@ -71,6 +71,8 @@ class EngineHostConfig:
     vocab_size: int = field(default=128256, metadata=flag("logits per row (Llama 3's; the built-in model's is 1000)"))
     prompt_len: int = field(default=512, metadata=flag("prompt tokens per request"))
     steps: int = field(default=200, metadata=flag("decode steps measured per pass"))
+    device_steps: int = field(default=40, metadata=flag(
+        "decode steps measured per pass with --sampling device (its argmax costs tens of ms a step on a CPU)"))
     warmup_steps: int = field(default=20, metadata=flag("decode steps run before measuring"))
     page_size: int = field(default=16, metadata=flag("tokens per KV page"))
     stream_interval: int = field(default=1, metadata=flag("the engine's --stream-interval"))
@@ -227,7 +229,7 @@ def _model_dir(vocab_size: int) -> str:
 
 def _max_new_tokens(cfg: EngineHostConfig) -> int:
     passes = 2 + (cfg.profile_dir is not None)
-    return cfg.warmup_steps + passes * cfg.steps + STEP_MARGIN
+    return cfg.warmup_steps + passes * max(cfg.steps, cfg.device_steps) + STEP_MARGIN
 
 
 def _engine(cfg: EngineHostConfig, model_dir: str, batch_size: int, conn: Any) -> Any:
@@ -386,19 +388,20 @@ def measure_one(cfg: EngineHostConfig, model_dir: str, batch_size: int, sampling
     engine = _engine(cfg, model_dir, batch_size, conn)
     logits, tokens = _precomputed(max(batch_size, 256), cfg.vocab_size)
     _stub_model(engine, logits, overlap=not cfg.disable_overlap_schedule)
+    steps = cfg.steps if sampling == "stub" else cfg.device_steps
     with _stub_argmax(tokens) if sampling == "stub" else nullcontext(), closing(conn):
         _fill(engine, cfg, batch_size)
-        step = _plain_pass(engine, cfg.steps)
-        phases = _phase_pass(engine, cfg.steps)
+        step = _plain_pass(engine, steps)
+        phases = _phase_pass(engine, steps)
         if cfg.profile_dir:
-            _profile_pass(engine, cfg.steps, Path(cfg.profile_dir), f"engine-host-b{batch_size}-{sampling}")
+            _profile_pass(engine, steps, Path(cfg.profile_dir), f"engine-host-b{batch_size}-{sampling}")
         running = len(engine.scheduler.running)
     messages, streamed = front.result()
     if running != batch_size:
         raise RuntimeError(f"{batch_size - running} requests left the batch while it was measured")
     return {"batch_size": batch_size, "sampling": sampling, "overlap": not cfg.disable_overlap_schedule,
             "step_us": step, "per_request_us": _per_request(step, batch_size), "phases_us": phases,
-            "messages": messages, "tokens_streamed": streamed}
+            "steps": steps, "messages": messages, "tokens_streamed": streamed}
 
 
 def _quiet_logs() -> None:

@@ -62,6 +62,7 @@ _PLAIN_NAMES = frozenset({"list", "tuple", "int", "str", "float", "bool", "bytes
 
 @dataclasses.dataclass(frozen=True)
 class _Shape:
+    order: tuple[str, ...]  # field names as declared
     names: frozenset[str]
     tuples: frozenset[str]  # declared as tuples: restored from msgpack arrays
     plain: frozenset[str]  # scalars and lists of them: msgpack packs these as they are
@@ -78,9 +79,11 @@ def _shape(cls: type) -> _Shape:
     of token ids are packed and unpacked at C speed.
     """
     hints = typing.get_type_hints(cls)
-    names = frozenset(f.name for f in dataclasses.fields(cls))
+    order = tuple(f.name for f in dataclasses.fields(cls))
+    names = frozenset(order)
     kinds = {n: str(hints.get(n, "")) for n in names}
     return _Shape(
+        order=order,
         names=names,
         tuples=frozenset(n for n, k in kinds.items() if "tuple" in k),
         plain=frozenset(n for n, k in kinds.items() if set(re.findall(r"[A-Za-z_]\w*", k)) <= _PLAIN_NAMES),
@@ -90,8 +93,8 @@ def _shape(cls: type) -> _Shape:
 
 def _to_wire(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        plain = _shape(type(obj)).plain
-        fields = {f.name: _field_to_wire(obj, f.name, plain) for f in dataclasses.fields(obj)}
+        shape = _shape(type(obj))
+        fields = {name: _field_to_wire(obj, name, shape.plain) for name in shape.order}
         return {"t": type(obj).__name__, "f": fields}
     if isinstance(obj, (list, tuple)):
         return [_to_wire(x) for x in obj]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from pdserve.common.codec import message
 
@@ -33,3 +34,10 @@ class SamplingParams:
     @property
     def has_penalty(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @cached_property
+    def argmax_only(self) -> bool:
+        """Greedy, no penalty, no logprobs: the token is the logits' argmax and
+        nothing else is computed. Decided once per request (the sampler asks
+        every step); not a field, so never on the wire."""
+        return self.is_greedy and not self.has_penalty and not self.logprobs

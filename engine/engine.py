@@ -8,7 +8,9 @@ nothing the front does in Python can stall a step.
 from __future__ import annotations
 
 import logging
+import operator
 import os
+import select
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -50,6 +52,27 @@ logger = logging.getLogger("pdserve.engine")
 # share a few cores with each other, so it polls less often.
 PD_POLL_WAIT_S = {"cuda": 1e-4, "cpu": 2e-3}
 
+# The fed chunk of a row whose token the ahead step reads on the device: a
+# placeholder, never read (one shared list: nothing writes to fed chunks).
+_ON_DEVICE = [0]
+
+
+class Histories:
+    """(prompt ids, output ids) of each sampled request, as the sampler reads
+    them: only rows with penalties or seeds are ever asked for."""
+
+    __slots__ = ("_reqs",)
+
+    def __init__(self, reqs: list[Req]):
+        self._reqs = reqs
+
+    def __len__(self) -> int:
+        return len(self._reqs)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        req = self._reqs[i]
+        return req.prompt_ids, req.output_ids
+
 
 class RequestRejected(ValueError):
     def __init__(self, message: str, status: int = 400):
@@ -62,6 +85,9 @@ class Engine:
                  followers: Followers | None = None, role: type[EngineRole] = ColocatedRole):
         self.cfg = cfg
         self.conn = conn
+        # ``Connection.poll`` builds a selector per call (~10 us); the loop asks every turn.
+        self._inbox = select.poll()
+        self._inbox.register(conn.fileno(), select.POLLIN)
         self.model_cfg = ModelConfig.from_dir(model_dir)
         # The other ranks of a tensor-parallel instance (engine/tp.py); None at TP 1.
         self.followers = followers
@@ -161,7 +187,7 @@ class Engine:
             self.pool.reclaim()
         wait_s = 0.0 if busy else (self.pd_poll_wait_s if self.role.has_pending() else self.role.idle_wait_s)
         try:
-            while self.conn.poll(wait_s):
+            while self._inbox.poll(wait_s * 1e3):  # also ready at end of file: recv_bytes raises
                 self._handle(codec.decode(self.conn.recv_bytes()))
                 wait_s = 0.0
         except (EOFError, OSError):
@@ -210,9 +236,7 @@ class Engine:
         self.role.after_step(batch)
         if ready:
             pending = self.sampler.sample_async(
-                self._ready_logits(batch, ready, logits), [r.params for r in ready],
-                [(r.prompt_ids, r.output_ids) for r in ready],
-            )
+                self._ready_logits(batch, ready, logits), [r.params for r in ready], Histories(ready))
             if batch.is_decode:
                 self._launch_ahead(ready, pending.token_ids)
             self._record(ready, pending.wait())
@@ -249,17 +273,29 @@ class Engine:
         since the batch was formed feed their last token from here."""
         if not self.runner.lookahead:
             return
-        row_of = {id(r): i for i, r in enumerate(sampled)}
+        running = self.scheduler.running
+        if len(sampled) == len(running) and all(map(operator.is_, sampled, running)):
+            rows = range(len(running))  # the common step: every running request was sampled, in order
+        else:
+            rows = map(dict(zip(map(id, sampled), range(len(sampled)))).get, map(id, running))
+        reserve, page_size, context_len = self.scheduler.reserve, self.cfg.page_size, self.runner.context_len
         reqs, chunks, starts, src = [], [], [], []
-        for req in self.scheduler.running:
-            i = row_of.get(id(req))
-            if req.finished or (i is None and req.num_pending != 1) or (i is not None and self._finishes_now(req)):
+        # One loop of plain attributes and no calls but at page borders: it
+        # runs for every request every step, before the host sees the tokens.
+        for req, i in zip(running, rows):
+            if req.finish_reason is not None:
                 continue
-            if i is None:
-                feed, start, need = [req.all_ids[-1]], req.seq_len - 1, req.seq_len
-            else:  # its token lands at position seq_len once sampled
-                feed, start, need = [0], req.seq_len, req.seq_len + 1
-            if not self.scheduler.reserve(req, need):
+            out = req.output_ids
+            seq_len = len(req.prompt_ids) + len(out)
+            if i is None:  # joined since: feeds its newest token from here, if that is all it needs
+                if seq_len - req.num_computed != 1:
+                    continue
+                feed, start = [out[-1] if out else req.prompt_ids[-1]], seq_len - 1
+            else:  # its token, still on the device, lands at position seq_len
+                if len(out) + 1 >= req.params.max_new_tokens or seq_len + 1 >= context_len:
+                    continue  # the token being sampled ends it, whatever it is
+                feed, start = _ON_DEVICE, seq_len
+            if len(req.pages) * page_size <= start and not reserve(req, start + 1):
                 return  # the pool is short: the scheduler decides who goes, with the tokens known
             reqs.append(req)
             chunks.append(feed)
@@ -268,24 +304,30 @@ class Engine:
         if reqs:
             self.runner.launch_ahead(reqs, chunks, starts, np.asarray(src, dtype=np.int64), tokens)
 
-    def _finishes_now(self, req: Req) -> bool:
-        """Whether the token being sampled ends ``req`` whatever it is."""
-        return len(req.output_ids) + 1 >= req.params.max_new_tokens or req.seq_len + 1 >= self.runner.context_len
-
     def _record(self, reqs: list[Req], result: SampleResult) -> None:
+        """Append each request's sampled token and mark those it ends.
+        ``check_finish``'s rule, inlined: this runs for every request every step."""
         now = time.monotonic()
-        for i, req in enumerate(reqs):
-            token = result.token_ids[i]
-            req.output_ids.append(token)
-            if result.logprobs is not None:
-                req.logprobs.append(result.logprobs[i])
-                req.top_logprobs.append(result.top_logprobs[i])
-            req.first_token_s = req.first_token_s or now
+        if result.logprobs is not None:
+            for req, lp, top in zip(reqs, result.logprobs, result.top_logprobs):
+                req.logprobs.append(lp)
+                req.top_logprobs.append(top)
+        eos_ids, context_len = self.eos_ids, self.runner.context_len
+        for req, token in zip(reqs, result.token_ids):
+            out = req.output_ids
+            out.append(token)
+            if not req.first_token_s:
+                req.first_token_s = now
             req.last_token_s = now
-            self.check_finish(req, token)
+            p = req.params
+            if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                req.finish_reason, req.matched_stop = "stop", token
+            elif len(out) >= p.max_new_tokens or len(req.prompt_ids) + len(out) >= context_len:
+                req.finish_reason = "length"
         self.num_generated_tokens += len(reqs)
 
     def check_finish(self, req: Req, token: int) -> None:
+        """Mark ``req`` finished if ``token`` (just appended) ends it."""
         p = req.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             req.finish_reason, req.matched_stop = "stop", token
@@ -297,8 +339,21 @@ class Engine:
             if not self.role.on_finished(req):
                 self.scheduler.release(req)
                 self.emit(req)
+        self._emit_running()
+
+    def _emit_running(self) -> None:
+        """``emit`` of every running request, its common case inlined: new
+        tokens due, nothing else to say (the rest goes through ``emit``)."""
+        interval = self.cfg.stream_interval
+        rids, token_ids = self.batch.rids, self.batch.token_ids
         for req in self.scheduler.running:
-            self.emit(req)
+            sent, out = req.num_sent, req.output_ids
+            if sent and len(out) - sent >= interval and not req.params.logprobs:
+                rids.append(req.rid)
+                token_ids.append(out[sent:])
+                req.num_sent = len(out)
+            elif len(out) > sent:
+                self.emit(req)
 
     # ---- outputs --------------------------------------------------------------
     def emit(self, req: Req, error: str | None = None, error_status: int | None = None,

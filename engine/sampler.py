@@ -9,7 +9,9 @@ with it or on which instance sampled which step (prefill samples step 0 in PD).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 from pdserve.common.sampling_params import SamplingParams
@@ -52,17 +54,19 @@ class Sampler:
         self._generator = torch.Generator(device=device).manual_seed(seed)
 
     def sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+        self, logits: torch.Tensor, params: list[SamplingParams], histories: Sequence[tuple[list[int], list[int]]]
     ) -> SampleResult:
         """``histories``: (prompt ids, output ids so far) per row, for penalties and seeds."""
         return self.sample_async(logits, params, histories).wait()
 
     def sample_async(
-        self, logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+        self, logits: torch.Tensor, params: list[SamplingParams], histories: Sequence[tuple[list[int], list[int]]]
     ) -> PendingSample:
         """Draw on the device and start copying the results to the host; the
         tokens stay usable on the device (the overlap schedule feeds them to
         the next step) before :meth:`PendingSample.wait` returns them."""
+        if all(map(_ARGMAX_ONLY, params)):  # the common batch: one pass over the rows, at C speed
+            return self._pending([argmax_rows(logits)], params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs for p in params) else None
         logits = self._apply_penalties(logits, params, histories)
         token_ids = self._draw(logits, params, histories)
@@ -72,13 +76,18 @@ class Sampler:
             k = max((p.top_logprobs for p in params), default=0)
             if k > 0:
                 parts.extend(raw_logprobs.topk(k, dim=-1))
-        on_gpu = token_ids.is_cuda
+        return self._pending(parts, params)
+
+    @staticmethod
+    def _pending(parts: list[torch.Tensor], params: list[SamplingParams]) -> PendingSample:
+        """Start the copies of ``parts`` (token ids first) to the host."""
+        on_gpu = parts[0].is_cuda
         host = [t.to("cpu", non_blocking=on_gpu) for t in parts]  # non-blocking copies land in pinned memory
         done = None
         if on_gpu:
             done = torch.cuda.Event()
             done.record()
-        return PendingSample(token_ids, host, done, list(params))
+        return PendingSample(parts[0], host, done, list(params))
 
     def _apply_penalties(self, logits, params, histories):
         rows = [i for i, p in enumerate(params) if p.has_penalty]
@@ -116,6 +125,9 @@ class Sampler:
         # Exponential race: argmax p/E is a draw from p, one kernel for the batch.
         out[idx] = (probs / noise).argmax(dim=-1)
         return out
+
+
+_ARGMAX_ONLY = attrgetter("argmax_only")
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

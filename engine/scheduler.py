@@ -108,6 +108,8 @@ class Scheduler:
             self.waiting.sort(key=lambda r: -self.cache.match_len(r.all_ids[:-1]))
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
+        if not self.waiting and self.chunked is None:
+            return None  # nothing to prefill: skip the budget's walk over the running requests
         self._order_waiting()
         batch = ScheduledBatch(False, [], [], [])
         budget = self.cfg.max_prefill_tokens
@@ -164,7 +166,7 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         if not self.running:
             return None
-        while not all(self.reserve(r, r.seq_len) for r in self.running):
+        while not self._reserve_running():
             # Sorted only when someone must go: the tail has the least progress.
             self.running.sort(key=lambda r: (len(r.output_ids), -len(r.prompt_ids)), reverse=True)
             if len(self.running) == 1:
@@ -173,9 +175,30 @@ class Scheduler:
                 break
             self._retract_one()
         self.new_token_ratio = max(self.new_token_ratio - 0.002, self.min_new_token_ratio)
-        reqs = [r for r in self.running if not r.finished]
-        chunks = [[r.all_ids[-1]] for r in reqs]
-        return ScheduledBatch(True, reqs, chunks, [r.seq_len - 1 for r in reqs]) if reqs else None
+        return self._decode_batch()
+
+    def _reserve_running(self) -> bool:
+        """Pages for the KV of every running request's tokens; False at the
+        first request that cannot have them."""
+        page_size = self.cfg.page_size
+        for r in self.running:
+            # Most steps cross no page border: only those that do call reserve().
+            if len(r.pages) * page_size < len(r.prompt_ids) + len(r.output_ids) and not self.reserve(r, r.seq_len):
+                return False
+        return True
+
+    def _decode_batch(self) -> ScheduledBatch | None:
+        """Every unfinished running request feeds its newest token.
+        One loop, plain attributes: it runs for every request every step."""
+        reqs, chunks, starts = [], [], []
+        for r in self.running:
+            if r.finish_reason is not None:
+                continue
+            out = r.output_ids
+            reqs.append(r)
+            chunks.append([out[-1] if out else r.prompt_ids[-1]])
+            starts.append(len(r.prompt_ids) + len(out) - 1)
+        return ScheduledBatch(True, reqs, chunks, starts) if reqs else None
 
     def _retract_one(self) -> None:
         victim = self.running.pop()  # least progress: fewest outputs, longest prompt
@@ -194,6 +217,8 @@ class Scheduler:
     # ---- results ------------------------------------------------------------
     def advance(self, batch: ScheduledBatch) -> list[Req]:
         """Account the fed tokens; return the requests whose next token is due."""
+        if batch.is_decode:
+            return self._advance_decode(batch)
         ready = []
         for req, chunk in zip(batch.reqs, batch.chunks):
             req.num_computed += len(chunk)
@@ -203,7 +228,19 @@ class Scheduler:
                     self.running.append(req)
         return ready
 
+    @staticmethod
+    def _advance_decode(batch: ScheduledBatch) -> list[Req]:
+        """``advance`` of a decode batch (one token each; nobody joins the
+        running list), without the general case's per-request calls."""
+        ready = []
+        for req in batch.reqs:
+            req.num_computed += 1
+            if req.num_computed == len(req.prompt_ids) + len(req.output_ids):
+                ready.append(req)
+        return ready
+
     def pop_finished(self) -> list[Req]:
-        done = [r for r in self.running if r.finished]
-        self.running = [r for r in self.running if not r.finished]
+        done = [r for r in self.running if r.finish_reason is not None]
+        if done:  # most steps finish nobody: the running list stays as it is
+            self.running = [r for r in self.running if r.finish_reason is None]
         return done

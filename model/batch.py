@@ -11,7 +11,12 @@ from typing import Protocol
 
 
 class PagedRequest(Protocol):
-    """The part of a request the runner touches: the KV pages that hold its tokens."""
+    """The part of a request the runner touches: the KV pages that hold its tokens.
+
+    ``pages`` only grows in place (append, extend); any other change assigns
+    a new list. The runner mirrors each list across steps and relies on it
+    (``model/page_tables.py``).
+    """
 
     pages: list[int]
 

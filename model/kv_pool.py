@@ -46,7 +46,12 @@ class KVPool:
         )
         self._refs = [0] * layout.num_pages
         self._free: deque[int] = deque(range(layout.num_pages))
-        self._fences: dict[int, Guard] = {}  # page -> the in-flight step that writes it
+        # Fences by number, oldest first, and the newest fence on each page
+        # (0: none). A decode step fences a page per request: lifting a fence
+        # walks its own pages, not every fenced page of the pool.
+        self._fences: list[tuple[int, Guard, list[int]]] = []
+        self._fence_of = [0] * layout.num_pages
+        self._num_fences = 0
         self._parked: set[int] = set()  # released while fenced
 
     @property
@@ -77,31 +82,46 @@ class KVPool:
                 raise RuntimeError(f"page {p} released more often than referenced")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                if p in self._fences:
+                if self._fence_of[p]:
                     self._parked.add(p)
                 else:
                     self._free.append(p)
 
     def fence(self, pages: list[int], guard: Guard) -> None:
-        """Keep ``pages`` from being reused until ``guard`` completes."""
+        """Keep ``pages`` from being reused until ``guard`` completes (a page
+        fenced again waits for the newer guard)."""
+        self._num_fences += 1
+        number, fence_of = self._num_fences, self._fence_of
         for p in pages:
-            self._fences[p] = guard
+            fence_of[p] = number
+        self._fences.append((number, guard, pages))
 
     def reclaim(self, wait: bool = False) -> None:
         """Lift the fences whose step has finished (``wait``: all of them, once
         their steps finish); free what was released under them."""
         if not self._fences:
             return
-        guards = {id(g): g for g in self._fences.values()}
         if wait:
-            for g in guards.values():
-                g.synchronize()
-        done = {key for key, g in guards.items() if wait or g.query()}
-        for p in [p for p, g in self._fences.items() if id(g) in done]:
-            del self._fences[p]
-            if p in self._parked:
-                self._parked.discard(p)
-                self._free.append(p)
+            for _, guard, _ in self._fences:
+                guard.synchronize()
+        pending = []
+        for fence in self._fences:
+            if wait or fence[1].query():
+                self._lift(fence[0], fence[2])
+            else:
+                pending.append(fence)
+        self._fences = pending
+
+    def _lift(self, number: int, pages: list[int]) -> None:
+        """Fence ``number`` is over: its pages that no newer fence holds are
+        free to reuse, and those released meanwhile go back to the free list."""
+        fence_of, parked = self._fence_of, self._parked
+        for p in pages:
+            if fence_of[p] == number:
+                fence_of[p] = 0
+                if parked and p in parked:
+                    parked.discard(p)
+                    self._free.append(p)
 
     @property
     def num_parked_pages(self) -> int:

@@ -19,6 +19,7 @@ fenced in the pool until that step is done.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from pdserve.model.forward_batch import ForwardBatch, build_forward_batch
 from pdserve.model.kernels.ops import create_ops, pdl_enabled
 from pdserve.model.kernels.step_inputs import StepInputs, build_step, feed_tokens, to_device
 from pdserve.model.kv_pool import KVPool
+from pdserve.model.page_tables import PageTables
 from pdserve.model.parallel import ShardPlan, TPGroup
 from pdserve.model.prefill_graph import (
     PREFILL_GRAPH_DEFAULT_MAX_TOKENS,
@@ -75,7 +77,7 @@ class _Ahead:
     """A decode step launched before the host knew its input tokens."""
 
     reqs: list
-    starts: np.ndarray  # position of each row's token
+    starts: list[int]  # position of each row's token
     logits: torch.Tensor
     done: torch.cuda.Event | _Done
     used_graph: bool
@@ -152,6 +154,9 @@ class ModelRunner:
         )
         # The fast path: numpy-built step inputs handed to a kernel backend.
         self._fast = self.device.type == "cuda" and self.attn.accepts_stored_kv
+        # Page lists mirrored across steps. A follower rank gets new lists with
+        # every step (engine/tp.py): it flattens them instead.
+        self.page_tables = PageTables() if rank == 0 else None
         # Launching decode steps ahead pays off where launches are asynchronous.
         # Under TP the step inputs travel to the other ranks on the host, so
         # neither a step launched ahead nor a captured graph applies (yet).
@@ -242,6 +247,10 @@ class ModelRunner:
         """Float32 logits of each request's last fed token: [batch, vocab].
         ``fed``: (token_src, tokens); rows with ``token_src[i] >= 0`` feed
         ``tokens[token_src[i]]``, a token still on the device (see :meth:`launch_ahead`)."""
+        return self._run(batch, fed)[0]
+
+    def _run(self, batch: ScheduledBatch, fed: tuple[np.ndarray, torch.Tensor] | None) -> tuple[torch.Tensor, StepInputs | None]:
+        """:meth:`forward`'s logits, and the step inputs they came from (None off the fast path)."""
         if self.step_hook is not None:
             self.step_hook(batch)
         if not self._fast:
@@ -251,13 +260,13 @@ class ModelRunner:
             if fed is not None:
                 feed_tokens(fb.input_ids, torch.from_numpy(fed[0]).to(self.device), *fed)
             self.attn.prepare(fb)
-            return self.model(fb, self.attn, self.pool.buffer)
+            return self.model(fb, self.attn, self.pool.buffer), None
         step = self._step_inputs(batch)
         if not batch.is_decode and self.prefill_graphs is not None:
             count = self.prefill_graphs.count_for(step)
             self.uses_cuda_graph = count is not None
             if count is not None:
-                return self.prefill_graphs.replay(step, count)
+                return self.prefill_graphs.replay(step, count), step
         padded = self.graphs.padded_size(step.batch_size) if self.graphs and batch.is_decode else None
         self.uses_cuda_graph = padded is not None
         if padded is not None:
@@ -266,7 +275,7 @@ class ModelRunner:
             fb = self._forward_batch(step, batch, fed)
             self.attn.prepare(fb)
             logits = self.model(fb, self.attn, self.pool.buffer)
-        return logits
+        return logits, step
 
     # ---- overlap schedule: decode steps launched ahead ----------------------------
     @torch.inference_mode()
@@ -276,14 +285,18 @@ class ModelRunner:
         rows with ``token_src[i] >= 0`` feed ``tokens[token_src[i]]`` instead,
         a token sampled on the device that the host has not seen yet. Each
         request's pages must already cover its position."""
-        logits = self.forward(ScheduledBatch(True, reqs, chunks, starts), (token_src, tokens))
+        logits, step = self._run(ScheduledBatch(True, reqs, chunks, starts), (token_src, tokens))
         done = _Done()
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        page_size = self.cfg.page_size
-        self.pool.fence(sorted({r.pages[start // page_size] for r, start in zip(reqs, starts)}), done)
-        self._ahead = _Ahead(list(reqs), np.asarray(starts, dtype=np.int64), logits, done, self.uses_cuda_graph)
+        if step is not None:  # a row's token lands in the last page of its page index
+            written = step.kv_indices[step.kv_indptr[1:] - 1].tolist()
+        else:
+            page_size = self.cfg.page_size
+            written = [r.pages[start // page_size] for r, start in zip(reqs, starts)]
+        self.pool.fence(written, done)
+        self._ahead = _Ahead(list(reqs), list(starts), logits, done, self.uses_cuda_graph)
 
     def take_ahead(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor] | None:
         """For a decode batch: (positions in ``batch`` of the requests the ahead
@@ -292,17 +305,21 @@ class ModelRunner:
         if ahead is None or not batch.is_decode:
             return None
         self._ahead = None
-        row_of = {id(r): i for i, r in enumerate(ahead.reqs)}
+        n = len(ahead.reqs)
+        if (len(batch.reqs) == n and batch.starts == ahead.starts
+                and all(map(operator.is_, batch.reqs, ahead.reqs))):  # the same rows: the common step
+            self.uses_cuda_graph = ahead.used_graph
+            return list(range(n)), ahead.logits
+        row_of = dict(zip(map(id, ahead.reqs), range(n)))
         positions, rows = [], []
-        for j, (req, start) in enumerate(zip(batch.reqs, batch.starts)):
-            i = row_of.get(id(req))
+        for j, (i, start) in enumerate(zip(map(row_of.get, map(id, batch.reqs)), batch.starts)):
             if i is not None and ahead.starts[i] == start:
                 positions.append(j)
                 rows.append(i)
         if not rows:
             return None
         self.uses_cuda_graph = ahead.used_graph
-        if rows == list(range(len(ahead.reqs))):
+        if rows == list(range(n)):
             return positions, ahead.logits
         return positions, ahead.logits.index_select(0, self._index_tensor(rows))
 
@@ -316,7 +333,9 @@ class ModelRunner:
         return to_device(torch.tensor(rows, dtype=torch.long), self.device)
 
     def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        return build_step(batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size)
+        gather = self.page_tables.gather if self.page_tables is not None else None
+        return build_step(batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], self.cfg.page_size,
+                          gather)
 
     def _forward_batch(self, step: StepInputs, batch: ScheduledBatch,
                        fed: tuple[np.ndarray, torch.Tensor] | None = None) -> ForwardBatch:

@@ -73,6 +73,26 @@ def test_a_page_fenced_again_waits_for_the_newer_step() -> None:
     assert pool.num_parked_pages == 0 and pool.num_free_pages == 8
 
 
+def test_each_fence_lifts_its_own_pages_whenever_its_step_ends() -> None:
+    """A page waits for the newest fence on it; a fenced page still in use
+    stays in use when its fence lifts."""
+    pool = _pool()
+    a, b, c, held = pool.alloc(1), pool.alloc(1), pool.alloc(1), pool.alloc(1)
+    first, second = _Guard(), _Guard()
+    pool.fence(a + b + held, first)
+    pool.fence(b + c, second)
+    pool.release(a + b + c)
+    assert pool.num_parked_pages == 3 and pool.num_free_pages == 4
+    second.done = True  # ends first (the pool does not assume an order)
+    pool.reclaim()
+    assert pool.num_parked_pages == 1 and pool.num_free_pages == 6  # b and c
+    first.done = True
+    pool.reclaim()
+    assert pool.num_parked_pages == 0 and pool.num_free_pages == 7 and pool.ref_count(held[0]) == 1
+    pool.release(held)  # no fence left on it
+    assert pool.num_free_pages == 8
+
+
 def test_a_reservation_short_of_pages_waits_for_parked_ones() -> None:
     """Pages parked behind the step in flight count as available: a request
     that needs them waits for that step rather than being retracted."""
@@ -231,6 +251,66 @@ def test_a_pool_too_small_for_everyone_still_finishes_everyone(model_dir: str) -
     assert all(len(got[f"r{i}"][0]) == 40 and got[f"r{i}"][1] == "length" for i in range(8))
     assert engine.scheduler.num_retracted_total > 0
     _assert_pool_empty(engine)
+
+
+def _checked_fast_path(engine: Engine) -> dict[str, int]:
+    """Put a CPU engine's runner on the GPU's host path (numpy step inputs,
+    page lists mirrored across steps, fences from the step's page index) and
+    check each step against the page lists; counts what was checked."""
+    from pdserve.model.kernels.step_inputs import build_step
+
+    runner, pool = engine.runner, engine.pool
+    runner._fast = True
+    seen = {"steps": 0, "fences": 0}
+    step_inputs, fence = runner._step_inputs, pool.fence
+
+    def checked_step_inputs(batch):
+        step = step_inputs(batch)
+        plain = build_step(batch.is_decode, batch.chunks, batch.starts, [r.pages for r in batch.reqs], pool.page_size)
+        assert np.array_equal(step.kv_indices, plain.kv_indices) and np.array_equal(step.out_slots, plain.out_slots)
+        seen["steps"] += 1
+        return step
+
+    def checked_fence(pages, guard):
+        ahead_batch = runner._last_ahead_batch
+        assert list(pages) == [r.pages[s // pool.page_size] for r, s in zip(*ahead_batch)]
+        seen["fences"] += 1
+        return fence(pages, guard)
+
+    launch = runner.launch_ahead
+
+    def recorded_launch(reqs, chunks, starts, *rest):
+        runner._last_ahead_batch = (list(reqs), list(starts))
+        return launch(reqs, chunks, starts, *rest)
+
+    runner._step_inputs, pool.fence, runner.launch_ahead = checked_step_inputs, checked_fence, recorded_launch
+    return seen
+
+
+def _fast_path_matches_serial(model_dir: str, arrivals: dict, aborts: dict | None = None, **flags) -> Engine:
+    expected = _drive(_engine(model_dir, lookahead=False, **flags), arrivals, aborts)
+    engine = _engine(model_dir, lookahead=True, **flags)
+    seen = _checked_fast_path(engine)
+    got = _drive(engine, arrivals, aborts)
+    assert {rid: (t, r) for rid, (t, r, _) in got.items()} == {rid: (t, r) for rid, (t, r, _) in expected.items()}
+    assert seen["steps"] > 30 and seen["fences"] > 20
+    _assert_pool_empty(engine)
+    return engine
+
+
+def test_the_gpu_host_path_gives_the_serial_schedules_outputs(model_dir: str) -> None:
+    """On a CPU, with the torch backend: the same tokens as the serial
+    schedule, with requests joining and one aborted."""
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in (30, 5, 17, 40, 9, 23)]
+    reqs = _requests(_prompts(6, seed=13), params)
+    _fast_path_matches_serial(model_dir, {0: reqs[:3], 3: reqs[3:5], 8: reqs[5:]}, {12: "r2"}, page_size=4)
+
+
+def test_the_gpu_host_path_under_retraction_gives_the_serial_schedules_outputs(model_dir: str) -> None:
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    reqs = _requests(_prompts(8, seed=11), [params] * 8)
+    engine = _fast_path_matches_serial(model_dir, {0: reqs}, max_total_tokens=256, page_size=4)
+    assert engine.scheduler.num_retracted_total > 0
 
 
 def test_an_ahead_step_is_not_handed_to_a_request_at_another_position(model_dir: str) -> None:

@@ -143,3 +143,29 @@ def test_two_pass_argmax_matches_torch_including_ties_and_nan() -> None:
         assert two_pass_argmax(logits, chunks).tolist() == logits.argmax(-1).tolist(), chunks
     sliced = torch.randn(3, 1300, generator=g)[:, :1201]  # a vocabulary cut to the tokenizer's
     assert two_pass_argmax(sliced, 8).tolist() == sliced.argmax(-1).tolist()
+
+
+def test_only_plain_greedy_requests_are_argmax_only_and_the_flag_stays_off_the_wire() -> None:
+    from pdserve.common import codec
+
+    plain = SamplingParams(temperature=0.0, max_new_tokens=3, stop_token_ids=(5,))
+    others = [SamplingParams(temperature=0.7), SamplingParams(temperature=0.0, logprobs=True),
+              SamplingParams(temperature=0.0, repetition_penalty=1.2), SamplingParams(top_k=1, presence_penalty=0.5)]
+    assert plain.argmax_only and SamplingParams(temperature=1.0, top_k=1).argmax_only
+    assert not any(p.argmax_only for p in others)
+    wire = codec.encode(plain)
+    assert b"argmax_only" not in wire and codec.decode(wire) == plain
+
+
+def test_a_plain_greedy_batch_and_a_mixed_one_draw_the_same_greedy_tokens() -> None:
+    """The argmax-only batch skips the general draw; a greedy row's token is
+    the argmax either way, and the other rows keep their own sampling."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    greedy = [SamplingParams(temperature=0.0)] * 6
+    mixed = greedy[:3] + [SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2),
+                          SamplingParams(temperature=0.0, frequency_penalty=0.0, repetition_penalty=1.0, seed=4),
+                          SamplingParams(temperature=0.9, seed=1)]
+    plain = sample(logits, greedy)
+    assert plain.token_ids == logits.argmax(-1).tolist() and plain.logprobs is None
+    got = sample(logits, mixed)
+    assert got.token_ids[:5] == plain.token_ids[:5] and got.logprobs is not None

@@ -10,6 +10,7 @@ before its input tokens reach the host takes them from the device
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 
@@ -76,10 +77,27 @@ def _slots(kv_indptr: np.ndarray, kv_indices: np.ndarray, rows: np.ndarray, posi
     return pages * page_size + positions % page_size
 
 
+# (page lists, pages wanted of each) -> those pages, concatenated (int32); see model/page_tables.py
+PageGather = Callable[[list[list[int]], np.ndarray], np.ndarray]
+
+
 def build_step(
-    is_decode: bool, chunks: list[list[int]], starts: list[int], page_tables: list[list[int]], page_size: int
+    is_decode: bool, chunks: list[list[int]], starts: list[int], page_tables: list[list[int]], page_size: int,
+    gather: PageGather | None = None,
 ) -> StepInputs:
-    """Inputs of a batch that feeds ``chunks[i]`` at positions ``starts[i]...``."""
+    """Inputs of a batch that feeds ``chunks[i]`` at positions ``starts[i]...``
+    (a decode step: one token per request); ``gather`` reads the page index
+    from tables kept across steps."""
+    if is_decode:
+        return _decode_step(chunks, starts, page_tables, page_size, gather)
+    return _ragged_step(is_decode, chunks, starts, page_tables, page_size, gather)
+
+
+def _ragged_step(
+    is_decode: bool, chunks: list[list[int]], starts: list[int], page_tables: list[list[int]], page_size: int,
+    gather: PageGather | None,
+) -> StepInputs:
+    """:func:`build_step` of any batch."""
     ext = np.fromiter(map(len, chunks), dtype=np.int32, count=len(chunks))
     start = np.asarray(starts, dtype=np.int64)
     seq = (start + ext).astype(np.int32)
@@ -89,10 +107,7 @@ def build_step(
     positions = (np.arange(num_tokens) - qo_indptr[:-1][rows] + start[rows]).astype(np.int64)
     num_pages = (seq + page_size - 1) // page_size
     kv_indptr = _indptr(num_pages)
-    kv_indices = np.fromiter(
-        chain.from_iterable(t[:n] for t, n in zip(page_tables, num_pages.tolist())),
-        dtype=np.int32, count=int(kv_indptr[-1]),
-    )
+    kv_indices = _page_index(page_tables, num_pages, int(kv_indptr[-1]), gather)
     return StepInputs(
         is_decode=is_decode,
         input_ids=np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=num_tokens),
@@ -105,6 +120,41 @@ def build_step(
         kv_last_page_len=(seq - (num_pages - 1) * page_size).astype(np.int32),
         seq_lens=seq,
     )
+
+
+def _decode_step(
+    chunks: list[list[int]], starts: list[int], page_tables: list[list[int]], page_size: int,
+    gather: PageGather | None,
+) -> StepInputs:
+    """:func:`build_step` of one token per request: the ragged bookkeeping
+    collapses (row i is token i), and each token lands in its last page."""
+    n = len(chunks)
+    positions = np.asarray(starts, dtype=np.int64)
+    seq = (positions + 1).astype(np.int32)
+    num_pages = (seq + page_size - 1) // page_size
+    kv_indptr = _indptr(num_pages)
+    kv_indices = _page_index(page_tables, num_pages, int(kv_indptr[-1]), gather)
+    return StepInputs(
+        is_decode=True,
+        input_ids=np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=n),
+        positions=positions,
+        out_slots=kv_indices[kv_indptr[1:] - 1].astype(np.int64) * page_size + positions % page_size,
+        logits_indices=np.arange(n, dtype=np.int64),
+        qo_indptr=np.arange(n + 1, dtype=np.int32),
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+        kv_last_page_len=(seq - (num_pages - 1) * page_size).astype(np.int32),
+        seq_lens=seq,
+    )
+
+
+def _page_index(page_tables: list[list[int]], num_pages: np.ndarray, total: int,
+                gather: PageGather | None) -> np.ndarray:
+    """The first ``num_pages[i]`` pages of each table, concatenated (int32)."""
+    if gather is not None:
+        return gather(page_tables, num_pages)
+    return np.fromiter(chain.from_iterable(t[:n] for t, n in zip(page_tables, num_pages.tolist())),
+                       dtype=np.int32, count=total)
 
 
 def query_block(head_dim: int) -> int:

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
+from pdserve.common.env import child_environ
 
 SAMPLING_MODES = ("stub", "device")
 STEP_MARGIN = 8  # decode steps every request still has to go when measuring ends
@@ -434,9 +435,7 @@ def measure(cfg: EngineHostConfig) -> list[dict[str, Any]]:
 def _package_dir(root: Path | None) -> Path:
     if root is not None:
         return root / "pdserve"
-    import pdserve
-
-    return Path(pdserve.__file__).resolve().parent
+    return Path(__file__).resolve().parents[1]  # this package's root (benchmarks/ sits in it)
 
 
 def _commit(package: Path) -> str:
@@ -453,7 +452,7 @@ def _side_rows(cfg: EngineHostConfig, root: Path | None, tmp: Path, name: str) -
     ``root`` (None: as this process does)."""
     out = tmp / f"{name}.json"
     worker = dataclasses.replace(cfg, repeats=1, against=None, profile_dir=None, output_json=str(out))
-    env = dict(os.environ)
+    env = child_environ({})
     if root is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
     # -P: the script's folder (benchmarks/) must not shadow top-level modules.

@@ -23,7 +23,8 @@ from pdserve.common.roles import Role
 # versions pair, naming both. 3: instance epochs (``epoch`` here, ``PeerHello``
 # and ``KVPagesRequest.prefill_epoch`` on the control channel), and KV layouts
 # that say which heads a rank holds (a room moves one part per pair of ranks).
-# 4: the agent metadata carries its KV layout as a typed message (``kv_layout``).
+# 4: the agent metadata carries its KV layout as a typed message (``kv_layout``),
+# and a ucx agent's address is a ``UcxAddress``.
 PD_PROTOCOL_VERSION = 4
 
 # The header that carries a registrant's token (drawn once per process) on

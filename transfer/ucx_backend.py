@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 
 import numpy as np
-from pdserve.common.codec import decode, encode
+from pdserve.common.codec import encode, message
 from pdserve.transfer.base import KVMemory, RoomState, TransferConfig, TransferError
-from pdserve.transfer.messages import AgentInfo, RoomNews, RoomNotice
+from pdserve.transfer.messages import AgentInfo, RoomNews, RoomNotice, decode_as
 from pdserve.transfer.rooms import (
     ChunkTracker,
     QuiescenceClock,
@@ -155,6 +156,15 @@ class UcxReceiver(RoomReceiver):
         return settled or self._clock.capped(self.room, "posted receives")
 
 
+@message
+@dataclass(frozen=True, kw_only=True)
+class UcxAddress:
+    """Where an agent's UCX listener takes connections: its backend metadata."""
+
+    host: str
+    port: int
+
+
 class UcxAgent(RoomAgent, backend="ucx", sender=UcxSender, receiver=UcxReceiver):
 
     def __init__(self, config: TransferConfig, memory: KVMemory) -> None:
@@ -188,13 +198,11 @@ class UcxAgent(RoomAgent, backend="ucx", sender=UcxSender, receiver=UcxReceiver)
         return self._listener.port
 
     def _backend_metadata(self) -> bytes:
-        return encode({"host": self.config.host, "port": self._listener.port})
+        return encode(UcxAddress(host=self.config.host, port=self._listener.port))
 
     def _connect(self, info: AgentInfo) -> None:
-        address = decode(info.backend_metadata)
-        self._endpoints[info.name] = self._api.UCXEndpoint.create(
-            self._worker, address["host"], int(address["port"]), True
-        )
+        address = decode_as(info.backend_metadata, UcxAddress)
+        self._endpoints[info.name] = self._api.UCXEndpoint.create(self._worker, address.host, address.port, True)
 
     def _disconnect(self, name: str) -> None:
         endpoint = self._endpoints.pop(name, None)

@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
 
 import numpy as np
-from pdserve.common.codec import encode, message
+from pdserve.common.codec import encode
 from pdserve.transfer.base import KVMemory, RoomState, TransferConfig, TransferError
 from pdserve.transfer.messages import AgentInfo, RoomNews, RoomNotice, decode_as
 from pdserve.transfer.rooms import (
@@ -155,15 +154,6 @@ class UcxReceiver(RoomReceiver):
             and not self._agent.is_draining(self.room)
         )
         return settled or self._clock.capped(self.room, "posted receives")
-
-
-@message
-@dataclass(frozen=True, kw_only=True)
-class UcxAddress:
-    """Where an agent's UCX listener takes connections: its backend metadata."""
-
-    host: str
-    port: int
 
 
 class UcxAgent(RoomAgent, backend="ucx", sender=UcxSender, receiver=UcxReceiver):

@@ -162,7 +162,7 @@ def subcommand_parser(prog: str, description: str, commands: Registry[Subcommand
 
 
 def chosen_subcommand(commands: Registry[Subcommand], ns: argparse.Namespace) -> tuple[Subcommand, Any]:
-    """The subcommand ``add_subcommands``' parser chose, and its config filled from the flags."""
+    """The subcommand ``subcommand_parser``'s parser chose, and its config filled from the flags."""
     command = commands.get(ns.command)
     return command, config_from_args(command.config, ns)
 

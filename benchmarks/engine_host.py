@@ -20,9 +20,11 @@ Reported per batch: wall µs per decode step (median, mean, p90), CPU µs per
 step (the quotable figure on a shared machine: waits and other processes do
 not count), µs per request, and inclusive CPU µs per phase from a second
 pass with a timer around each of the engine's phases (``other``: what the
-top-level phases do not cover, part of the timers' own cost included). ``--against DIR`` also
-measures the pdserve package under ``DIR`` (``DIR/pdserve``, e.g. a git
-worktree of an older commit), in fresh processes that alternate with this
+top-level phases do not cover, part of the timers' own cost included).
+
+``--against DIR`` also measures the pdserve package under ``DIR``
+(``DIR/pdserve``, e.g. a git worktree of an older commit; its processes run
+with ``PYTHONPATH=DIR``), in fresh processes that alternate with this
 package's, and reports this package's figures over that one's.
 
     python -m pdserve.benchmarks.engine_host --output-json engine-host.json
@@ -408,7 +410,7 @@ def measure_one(cfg: EngineHostConfig, model_dir: str, batch_size: int, sampling
 def _quiet_logs() -> None:
     """The engine logs as it does when served (INFO), to nowhere: formatting
     a line is part of its cost, printing it is not."""
-    handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
+    handler = logging.StreamHandler(open(os.devnull, "w"))  # open as long as the process
     handler.setFormatter(logging.Formatter("[%(asctime)s engine] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -452,11 +454,9 @@ def _side_rows(cfg: EngineHostConfig, root: Path | None, tmp: Path, name: str) -
     ``root`` (None: as this process does)."""
     out = tmp / f"{name}.json"
     worker = dataclasses.replace(cfg, repeats=1, against=None, profile_dir=None, output_json=str(out))
-    env = child_environ({})
-    if root is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    environ = child_environ({} if root is None else {"PYTHONPATH": str(root)})
     # -P: the script's folder (benchmarks/) must not shadow top-level modules.
-    subprocess.run([sys.executable, "-P", __file__, *_argv_of(worker)], env=env, check=True)
+    subprocess.run([sys.executable, "-P", __file__, *_argv_of(worker)], env=environ, check=True)
     return json.loads(out.read_text())["rows"]
 
 

@@ -185,11 +185,17 @@ def _timed(http: httpx.Client, url: str, body: dict, headers: dict | None = None
     return client_s, (sse_events(resp)[-1] if body.get("stream") else resp.json())
 
 
+# Unmeasured per request: the client's own send and receive, and the loopback
+# hops between processes (a few ms on a loaded 2-core host); a request of
+# ~50 ms (the colocated one) would otherwise spend a fixed cost against 10%.
+UNMEASURED_S = 0.01
+
+
 def assert_sums_to_client_latency(samples: list[tuple[float, dict]]) -> None:
-    """The phases add up to what the client measured within 10% (the median of
-    the samples: one request can lose tens of ms to a loaded host's scheduler
-    outside any process's view). Unmeasured: the hops between processes."""
-    gaps = sorted(abs(t["total_s"] - client_s) / client_s for client_s, t in samples)
+    """The phases add up to what the client measured within 10% past the
+    unmeasured hops (the median of the samples: one request can lose tens of
+    ms to a loaded host's scheduler outside any process's view)."""
+    gaps = sorted(max(abs(t["total_s"] - client_s) - UNMEASURED_S, 0.0) / client_s for client_s, t in samples)
     assert gaps[len(gaps) // 2] <= 0.1, [(client_s, t["phases_s"]) for client_s, t in samples]
 
 

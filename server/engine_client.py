@@ -10,6 +10,7 @@ them, with no reader thread, no thread hand-off and no per-token queue objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -328,8 +329,11 @@ class EngineClient:
         if self._transport is not None:
             # The transport closes its socket on a later turn of the event loop,
             # which the join below holds up: end the stream now, so the engine
-            # sees EOF and exits at once.
-            self._sock.shutdown(socket.SHUT_RDWR)
+            # sees EOF and exits at once (unless it is closed already: the
+            # engine went first, e.g. its whole process group was signalled).
+            if not self._transport.is_closing():
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
             self._transport.close()
         else:
             self._conn.close()

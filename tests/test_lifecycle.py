@@ -54,13 +54,17 @@ def test_sigkill_of_pdserve_up_takes_every_child_along(tmp_path: Path) -> None:
                    lambda: f"still running after the launcher's SIGKILL: {_still_running(tree)}")
         print(f"every one of {len(tree)} descendants gone {time.monotonic() - killed_at:.2f} s after the SIGKILL")
         # The ports are free again: the same cluster starts on them and serves.
-        again = start_up(argv, tmp_path / "up-2.out", STARTUP_TIMEOUT_S + 30)
+        again_argv = up_command(first, tmp_path / "logs-again", STARTUP_TIMEOUT_S, SERVE_ARGS)
+        again = start_up(again_argv, tmp_path / "up-2.out", STARTUP_TIMEOUT_S + 30)
         tree |= descendants(again.pid)
         body = generate_body([5, 6, 7, 8, 9], 4)
         answer = httpx.post(f"http://127.0.0.1:{first}/generate", json=body, timeout=60)
         assert answer.status_code == 200, answer.text
         again.send_signal(signal.SIGTERM)
         assert again.wait(timeout=60) == 0
+        # An ordinary stop: no child logs a traceback on its way out.
+        logs = {path.name: path.read_text() for path in (tmp_path / "logs-again").iterdir() if path.is_file()}
+        assert logs and not any("Traceback" in text for text in logs.values()), logs
     finally:
         if launcher.poll() is None:
             launcher.kill()

@@ -105,20 +105,15 @@ def _ragged_step(
     num_tokens = int(qo_indptr[-1])
     rows = np.repeat(np.arange(len(chunks)), ext)
     positions = (np.arange(num_tokens) - qo_indptr[:-1][rows] + start[rows]).astype(np.int64)
-    num_pages = (seq + page_size - 1) // page_size
-    kv_indptr = _indptr(num_pages)
-    kv_indices = _page_index(page_tables, num_pages, int(kv_indptr[-1]), gather)
+    kv = _kv_fields(seq, page_tables, page_size, gather)
     return StepInputs(
         is_decode=is_decode,
         input_ids=np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=num_tokens),
         positions=positions,
-        out_slots=_slots(kv_indptr, kv_indices, rows, positions, page_size),
+        out_slots=_slots(kv["kv_indptr"], kv["kv_indices"], rows, positions, page_size),
         logits_indices=(qo_indptr[1:] - 1).astype(np.int64),
         qo_indptr=qo_indptr,
-        kv_indptr=kv_indptr,
-        kv_indices=kv_indices,
-        kv_last_page_len=(seq - (num_pages - 1) * page_size).astype(np.int32),
-        seq_lens=seq,
+        **kv,
     )
 
 
@@ -131,21 +126,26 @@ def _decode_step(
     n = len(chunks)
     positions = np.asarray(starts, dtype=np.int64)
     seq = (positions + 1).astype(np.int32)
-    num_pages = (seq + page_size - 1) // page_size
-    kv_indptr = _indptr(num_pages)
-    kv_indices = _page_index(page_tables, num_pages, int(kv_indptr[-1]), gather)
+    kv = _kv_fields(seq, page_tables, page_size, gather)
+    last_pages = kv["kv_indices"][kv["kv_indptr"][1:] - 1]
     return StepInputs(
         is_decode=True,
         input_ids=np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=n),
         positions=positions,
-        out_slots=kv_indices[kv_indptr[1:] - 1].astype(np.int64) * page_size + positions % page_size,
+        out_slots=last_pages.astype(np.int64) * page_size + positions % page_size,
         logits_indices=np.arange(n, dtype=np.int64),
         qo_indptr=np.arange(n + 1, dtype=np.int32),
-        kv_indptr=kv_indptr,
-        kv_indices=kv_indices,
-        kv_last_page_len=(seq - (num_pages - 1) * page_size).astype(np.int32),
-        seq_lens=seq,
+        **kv,
     )
+
+
+def _kv_fields(seq: np.ndarray, page_tables: list[list[int]], page_size: int,
+               gather: PageGather | None) -> dict[str, np.ndarray]:
+    """The paged-KV fields of a step whose sequences end at ``seq`` tokens."""
+    num_pages = (seq + page_size - 1) // page_size
+    kv_indptr = _indptr(num_pages)
+    return {"kv_indptr": kv_indptr, "kv_indices": _page_index(page_tables, num_pages, int(kv_indptr[-1]), gather),
+            "kv_last_page_len": (seq - (num_pages - 1) * page_size).astype(np.int32), "seq_lens": seq}
 
 
 def _page_index(page_tables: list[list[int]], num_pages: np.ndarray, total: int,

@@ -48,6 +48,12 @@ def _paged_cache(num_tokens_per_seq: int, batch: int, num_kv_heads: int, head_di
     return k, v, perm, indptr
 
 
+def _num_sms() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
 def _time_ms(fn) -> float | None:
     import triton
 
@@ -69,20 +75,25 @@ def sweep_decode(shape: tuple[int, int, int], batch: int, context: int, page_siz
     out = torch.empty_like(q)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     kv_bytes = 2 * batch * context * kv_heads * dim * 2
-    current = (32 if dim > 64 else 64, 4, 2)
+    current = (*da.decode_tiling(dim), da.num_kv_splits(batch, kv_heads, _num_sms()))
+    mid_o = torch.empty(batch * heads * 2 * dim, dtype=torch.float32, device="cuda")
+    mid_lse = torch.empty(batch * heads * 2, dtype=torch.float32, device="cuda")
     rows = []
-    for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
-        def run(block_n=block_n, warps=warps, stages=stages):
-            da._decode_stage1[(batch, kv_heads, 1)](
-                q, k, v, indptr, indices, seq_lens, out, out, out, dim ** -0.5, NUM_KV_HEADS=kv_heads,
+    for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3), (1, 2)):
+        def run(block_n=block_n, warps=warps, stages=stages, splits=splits):
+            da._decode_stage1[(batch, kv_heads, splits)](
+                q, k, v, indptr, indices, seq_lens, out, mid_o, mid_lse, dim ** -0.5, NUM_KV_HEADS=kv_heads,
                 GROUP=heads // kv_heads, GROUP_BLOCK=max(16, triton.next_power_of_2(heads // kv_heads)),
-                HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=1, PDL=False,
+                HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=splits, PDL=False,
                 num_warps=warps, num_stages=stages)
+            if splits > 1:
+                da._decode_stage2[(batch * heads,)](mid_o, mid_lse, out, HEAD_DIM=dim, NUM_SPLITS=splits, PDL=False,
+                                                    num_warps=2)
         ms = _time_ms(run)
         if ms is not None:
-            rows.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "ms": ms,
+            rows.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "num_splits": splits, "ms": ms,
                          "fraction_of_copy": kv_bytes / (ms / 1e3) / copy_bytes_per_s,
-                         "current": (block_n, warps, stages) == current})
+                         "current": (block_n, warps, stages, splits) == current})
     return rows
 
 
@@ -99,7 +110,7 @@ def sweep_extend(shape: tuple[int, int, int], tokens: int, page_size: int, matmu
     qo = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([tokens], dtype=torch.int32, device="cuda")
     flops = 4 * heads * dim * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
-    current = (query_block(dim), 64, 4, 2)
+    current = (query_block(dim), *pa.extend_tiling(dim, pa._device_smem_bytes(0)))
     rows = []
     for (block_m, block_n), warps, stages in itertools.product(((32, 64), (64, 64), (128, 64), (64, 128), (128, 128)),
                                                                (4, 8), (2, 3)):

@@ -64,7 +64,7 @@ class RooflineConfig:
     gemv_sweep: bool = field(default=False, metadata=flag("also tune the single-token product kernels"))
     compare_pdl: bool = field(default=False, metadata=flag("also time decode at batch 1 without PDL"))
     kernel_profile: bool = field(default=False, metadata=flag(
-        "also split each decode batch's GPU time by kernel (torch profiler over eager steps)"))
+        "also split each decode batch's and one-prompt prefill's GPU time by kernel (torch profiler over eager steps)"))
     output_json: str | None = field(default=None, metadata=flag(
         "result file (default: benchmarks/results/roofline-DATE.json)"))
 
@@ -325,22 +325,40 @@ def time_prefill(runner, tokens: int, num_seqs: int = 1, prefix: int = 0, graphs
 def decode_kernels(runner, batch: int, context: int, steps: int = 5, top: int = 16) -> list[dict]:
     """GPU time of eager decode steps (the same kernels the graph replays), by
     kernel name, largest first: where a decode step's time goes."""
-    import torch
     from pdserve.model.batch import ScheduledBatch
-    from torch.profiler import ProfilerActivity, profile
 
     reqs = _reqs(runner, batch, context - 1, 2, seed=batch)
-    b = ScheduledBatch(True, reqs, [[1]] * batch, [r.seq_len for r in reqs])
-    graphs, runner.graphs = runner.graphs, None
-    runner.forward(b)
+    split = _kernel_split(runner, ScheduledBatch(True, reqs, [[1]] * batch, [r.seq_len for r in reqs]), steps, top)
+    for r in reqs:
+        runner.pool.release(r.pages)
+    return split
+
+
+def prefill_kernels(runner, tokens: int, steps: int = 3, top: int = 16) -> list[dict]:
+    """The same split for eager forwards of one ``tokens``-long prompt."""
+    from pdserve.model.batch import ScheduledBatch
+
+    reqs = _reqs(runner, 1, tokens, 1, seed=tokens)
+    split = _kernel_split(runner, ScheduledBatch(False, reqs, [r.prompt_ids for r in reqs], [0]), steps, top)
+    for r in reqs:
+        runner.pool.release(r.pages)
+    return split
+
+
+def _kernel_split(runner, batch, steps: int, top: int) -> list[dict]:
+    """Per-step GPU time by kernel name over ``steps`` eager forwards of ``batch``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, prefill_graphs = runner.graphs, runner.prefill_graphs
+    runner.graphs = runner.prefill_graphs = None
+    runner.forward(batch)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            runner.forward(b)
+            runner.forward(batch)
         torch.cuda.synchronize()
-    runner.graphs = graphs
-    for r in reqs:
-        runner.pool.release(r.pages)
+    runner.graphs, runner.prefill_graphs = graphs, prefill_graphs
     totals_us: dict[str, float] = {}
     for evt in prof.key_averages():
         us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
@@ -393,6 +411,10 @@ def bench_model(cfg: RooflineConfig, name: str, machine: Machine) -> dict:
             floor = machine.floor_s(num_bytes, flops)
             rows.append({"kind": kind, "tokens": tokens, **timing, "floor_s": floor,
                          "fraction": floor / timing["step_s"], "tflops": flops / timing["step_s"] / 1e12})
+            if cfg.kernel_profile and kind == "prefill":
+                rows[-1]["kernels"] = prefill_kernels(runner, tokens)
+                print(f"{name:<14}prefill {tokens} kernels (share of GPU time): "
+                      + ", ".join(f"{k['name'][:48]} {k['share']:.2f}" for k in rows[-1]["kernels"][:8]), flush=True)
             _print_row(name, rows[-1])
     info = {"model": name, "attention_backend": runner.attn_backend_name, "rows": rows}
     del runner

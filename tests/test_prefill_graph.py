@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pdserve.model.kernels.step_inputs import build_step, max_tiles, tile_table
+from pdserve.model.kernels.step_inputs import build_step, max_tiles, query_block, tile_table
 from pdserve.model.prefill_graph import PrefillInputs, prefill_token_counts
 
 
@@ -20,13 +20,14 @@ def test_token_counts_cover_up_to_the_limit_with_bounded_padding() -> None:
     assert prefill_token_counts(10) == [10]
 
 
-@pytest.mark.parametrize("lengths", [[1], [64], [65], [100, 1, 200, 7], [32] * 5])
+@pytest.mark.parametrize("lengths", [[1], [64], [65], [128], [129], [100, 1, 200, 7], [32] * 5, [128] * 3])
 def test_tile_table_covers_every_query_block_once(lengths: list[int]) -> None:
     qo = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    block_m = query_block(128)
     num_tiles = max_tiles(int(qo[-1]) + 40, 8, 128)
-    seq, block = tile_table(qo, 32, num_tiles)
+    seq, block = tile_table(qo, block_m, num_tiles)
     covered = [(int(s), int(b)) for s, b in zip(seq, block) if s >= 0]
-    expected = [(i, b) for i, n in enumerate(lengths) for b in range(-(-n // 32))]
+    expected = [(i, b) for i, n in enumerate(lengths) for b in range(-(-n // block_m))]
     assert covered == expected
     assert (seq[len(expected):] == -1).all()
 
@@ -42,7 +43,7 @@ def test_max_tiles_bounds_every_batch_of_that_size() -> None:
         seqs = int(rng.integers(1, 9))
         cuts = np.sort(rng.choice(np.arange(1, 512), size=seqs - 1, replace=False)) if seqs > 1 else np.array([], int)
         lengths = np.diff(np.concatenate([[0], cuts, [512]]))
-        needed = int((-(-lengths // 32)).sum())
+        needed = int((-(-lengths // query_block(128))).sum())
         assert needed <= max_tiles(512, 8, 128)
 
 

@@ -15,6 +15,8 @@ count serves every batch of that many tokens. Tiles past the table's end
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -120,12 +122,39 @@ def extend_attention_tiled(
     return out
 
 
+def extend_tiling(head_dim: int, smem_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the extend kernel. 128-key tiles in
+    three stages were the fastest of ``benchmarks/attention_sweep.py`` on an H100
+    for heads of 64 and 128; a device with less shared memory per block
+    (``smem_bytes``) than they need gets fewer stages, then smaller tiles."""
+    block_m = query_block(head_dim)
+    warps = 8 if block_m >= 128 else 4
+    for block_n, stages in ((128, 3), (128, 2), (64, 2)):
+        if _smem_bytes(block_m, block_n, head_dim, stages) <= smem_bytes:
+            return block_n, warps, stages
+    return 32, 4, 1
+
+
+def _smem_bytes(block_m: int, block_n: int, head_dim: int, stages: int) -> int:
+    """Shared memory a launch needs, about: ``stages`` buffered K and V tiles
+    and the query block, in bf16/fp16."""
+    return 2 * (2 * stages * block_n + block_m) * head_dim
+
+
+@functools.cache
+def _device_smem_bytes(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+
+
 def _launch(grid, q, out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, seq_lens, tile_seq, tile_block,
             scale: float, tiled: bool) -> None:
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    block_n, warps, stages = extend_tiling(head_dim, _device_smem_bytes(q.device.index or 0))
     _extend_kernel[grid](
         q.contiguous(), out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, seq_lens, tile_seq, tile_block,
         scale, NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        PAGE_SIZE=page_size, BLOCK_M=query_block(head_dim), BLOCK_N=64, TILED=tiled, num_warps=4, num_stages=2,
+        PAGE_SIZE=page_size, BLOCK_M=query_block(head_dim), BLOCK_N=block_n, TILED=tiled, num_warps=warps,
+        num_stages=stages,
     )

@@ -158,8 +158,13 @@ def _page_index(page_tables: list[list[int]], num_pages: np.ndarray, total: int,
 
 
 def query_block(head_dim: int) -> int:
-    """Query rows per program (what a tile table counts in)."""
-    return 64 if head_dim <= 64 else 32
+    """Query rows per program of the extend kernel (what a tile table counts
+    in): the fastest in ``benchmarks/attention_sweep.py`` on an H100 for heads
+    of 64 and 128 (with 128-key tiles, 1.2-1.4x the 32-row blocks before);
+    larger heads keep a small block for their registers."""
+    if head_dim <= 64:
+        return 64
+    return 128 if head_dim <= 128 else 32
 
 
 def tile_table(qo_indptr: np.ndarray, block_m: int, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:

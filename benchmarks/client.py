@@ -1,6 +1,11 @@
 """One streamed request, timed: sends it, reads the SSE stream, returns a record.
 
 Times come from ``time.perf_counter`` at the moment each ``data:`` line is read.
+Nothing but reading is done while streams are in flight: a response becomes a
+record (tokenizer counts included) only after the run, with :meth:`Sender.record`.
+Counting a finished stream's chunks with the tokenizer at once took the client's
+one event loop milliseconds per request, which delayed the reading (and the
+timestamps) of every other stream's chunks at the end of a wave.
 A chunk counts as content when it brings new text or new tokens; TTFT is the first
 such chunk. How many tokens each chunk carries:
 
@@ -56,6 +61,18 @@ class _Stream:
 
 
 @dataclass(frozen=True)
+class Response:
+    """What one request's exchange left: its times and chunks, or its error."""
+
+    index: int
+    req: BenchRequest
+    start_s: float  # since the run's start
+    e2e_s: float
+    stream: _Stream
+    error: str | None
+
+
+@dataclass(frozen=True)
 class Sender:
     """Sends requests of one backend to one server; shared by every request of a run."""
 
@@ -67,7 +84,7 @@ class Sender:
     timeout_s: float
     headers: dict[str, str] = field(default_factory=dict)
 
-    async def send(self, index: int, req: BenchRequest, run_start: float) -> RequestRecord:
+    async def send(self, index: int, req: BenchRequest, run_start: float) -> Response:
         body = self.backend.build_body(req, self.options)
         start = time.perf_counter()
         stream = _Stream()
@@ -81,7 +98,7 @@ class Sender:
         e2e_s = time.perf_counter() - start
         if error is None and not stream.times_s:
             error = "the stream ended without any output"
-        return self._record(index, req, start - run_start, e2e_s, stream, error)
+        return Response(index, req, start - run_start, e2e_s, stream, error)
 
     async def _exchange(self, body: dict, stream: _Stream, start: float) -> str | None:
         url = self.base_url.rstrip("/") + self.backend.path
@@ -98,11 +115,11 @@ class Sender:
                 stream.add(update, time.perf_counter() - start)
         return None
 
-    def _record(
-        self, index: int, req: BenchRequest, start_s: float, e2e_s: float, stream: _Stream, error: str | None
-    ) -> RequestRecord:
-        if error is not None:
-            return RequestRecord(index=index, success=False, start_s=start_s, e2e_s=e2e_s, error=error)
+    def record(self, response: Response) -> RequestRecord:
+        """The timed record of a finished exchange (call it once no stream is in flight)."""
+        index, start_s, e2e_s, stream = response.index, response.start_s, response.e2e_s, response.stream
+        if response.error is not None:
+            return RequestRecord(index=index, success=False, start_s=start_s, e2e_s=e2e_s, error=response.error)
         chunk_tokens = self._chunk_tokens(stream)
         return RequestRecord(
             index=index,
@@ -112,7 +129,7 @@ class Sender:
             ttft_s=stream.times_s[0],
             chunk_times_s=tuple(stream.times_s),
             chunk_tokens=tuple(chunk_tokens),
-            prompt_tokens=stream.prompt_tokens if stream.prompt_tokens is not None else req.prompt_len,
+            prompt_tokens=stream.prompt_tokens if stream.prompt_tokens is not None else response.req.prompt_len,
             output_tokens=stream.completion_tokens if stream.completion_tokens is not None else sum(chunk_tokens),
             phases_s=stream.phases_s,
         )

@@ -18,7 +18,7 @@ from pdserve.benchmarks.datasets import BenchRequest
 from pdserve.benchmarks.metrics import RequestRecord, RunMetrics, Slo, compute_metrics
 
 if TYPE_CHECKING:
-    from pdserve.benchmarks.client import Sender
+    from pdserve.benchmarks.client import Response, Sender
 
 
 class BenchError(RuntimeError):
@@ -59,8 +59,8 @@ async def warm_up(sender: Sender, requests: list[BenchRequest], num_requests: in
     if num_requests <= 0:
         return
     chosen = [requests[i % len(requests)] for i in range(num_requests)]
-    records = await asyncio.gather(*(sender.send(i, r, time.perf_counter()) for i, r in enumerate(chosen)))
-    failed = [r for r in records if not r.success]
+    responses = await asyncio.gather(*(sender.send(i, r, time.perf_counter()) for i, r in enumerate(chosen)))
+    failed = [r for r in responses if r.error is not None]
     if failed:
         raise BenchError(f"warmup request failed: {failed[0].error}")
 
@@ -76,22 +76,23 @@ async def send_on_schedule(
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     run_start = time.perf_counter()
 
-    async def one(index: int, req: BenchRequest, offset_s: float) -> RequestRecord:
+    async def one(index: int, req: BenchRequest, offset_s: float) -> Response:
         delay_s = run_start + offset_s - time.perf_counter()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         if slots is None:
-            record = await sender.send(index, req, run_start)
+            response = await sender.send(index, req, run_start)
         else:
             async with slots:
-                record = await sender.send(index, req, run_start)
+                response = await sender.send(index, req, run_start)
         if progress is not None:
             progress.update(1)
-        return record
+        return response
 
     tasks = [one(i, req, off) for i, (req, off) in enumerate(zip(requests, offsets_s, strict=True))]
-    records = await asyncio.gather(*tasks)
-    return list(records), time.perf_counter() - run_start
+    responses = await asyncio.gather(*tasks)
+    duration_s = time.perf_counter() - run_start
+    return [sender.record(r) for r in responses], duration_s
 
 
 async def run_point(

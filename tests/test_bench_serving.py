@@ -75,6 +75,36 @@ def test_multi_token_chunks_split_their_gap_evenly(backend: str) -> None:
     assert outcome.results[0].metrics.itl_ms.count == 4 * 6
 
 
+def test_chunks_are_counted_only_after_every_stream_has_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting a stream's chunk tokens is CPU work on the client's one loop: done
+    as each stream ends, it delayed the reading of the other streams' last chunks
+    (and so inflated their TPOT) by milliseconds per finished request."""
+    import time
+
+    from pdserve.benchmarks import client
+
+    send, count = client.Sender.send, client.Sender._chunk_tokens
+    sends_done_s: list[float] = []
+    counted_s: list[float] = []
+
+    async def timed_send(self, *args):
+        response = await send(self, *args)
+        sends_done_s.append(time.perf_counter())
+        return response
+
+    def timed_count(self, stream):
+        counted_s.append(time.perf_counter())
+        return count(self, stream)
+
+    monkeypatch.setattr(client.Sender, "send", timed_send)
+    monkeypatch.setattr(client.Sender, "_chunk_tokens", timed_count)
+    with FakeServer(FakeBehavior(ttft_s=0.05, chunk_interval_s=0.01, report_usage=False)) as server:
+        outcome = _bench(server, num_prompts=6)
+    assert outcome.results[0].metrics.completed == 6
+    assert len(counted_s) == len(sends_done_s) == 6
+    assert min(counted_s) >= max(sends_done_s)
+
+
 def test_failed_requests_are_counted_and_left_out_of_latencies() -> None:
     behavior = FakeBehavior(ttft_s=TTFT_S, chunk_interval_s=0.01, fail_every=3)
     with FakeServer(behavior) as server:

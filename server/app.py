@@ -76,6 +76,20 @@ async def _watch_engine(state: AppState) -> None:
             return
 
 
+class _FrontServer(uvicorn.Server):
+    """uvicorn's server, which marks the engine's exit as expected the moment a
+    stop signal arrives: a signal to the whole process group (``pdserve up``, a
+    supervisor) ends the engine too, often before uvicorn's shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, engine: EngineClient):
+        super().__init__(config)
+        self._engine = engine
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self._engine.stopping = True
+        super().handle_exit(sig, frame)
+
+
 def build_app(state: AppState) -> FastAPI:
     app = FastAPI(title="pdserve", version=version())
     app.state.pd = state
@@ -105,7 +119,8 @@ def run(cfg: ServerConfig, model_dir: str, engine_main: EngineMain) -> int:
                      tracer=Tracer(f"pdserve-{cfg.disaggregation_mode.name.lower()}", cfg.metrics.otlp_traces_endpoint))
     app = build_app(state)
     timeouts = uvicorn_timeouts(cfg.http_keep_alive_timeout_s, cfg.http_read_timeout_s)
-    server = uvicorn.Server(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5, **timeouts))
+    server = _FrontServer(uvicorn.Config(with_raw_send(app), host=cfg.host, port=cfg.port, log_level="warning",
+                                         timeout_graceful_shutdown=5, **timeouts), engine)
     state.server = server
     try:
         server.run()

@@ -120,6 +120,26 @@ def test_an_engine_that_never_reads_its_pipe_still_follows_its_front() -> None:
             _kill_all({engine})
 
 
+def test_a_signal_to_the_process_group_is_a_stop_not_an_engine_death(tmp_path: Path) -> None:
+    """SIGTERM to the whole group (what ``pdserve up`` and supervisors send)
+    reaches the engine at the same moment as the front: its exit is part of the
+    stop, not a death to report."""
+    log = tmp_path / "front.log"
+    server = start_server(SERVE_ARGS, log)
+    engines = descendants(server.proc.pid)
+    try:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(timeout=60)
+        wait_until(lambda: not _still_running(engines), FOLLOW_S, 0.05,
+                   lambda: f"still running after the front stopped: {_still_running(engines)}")
+        text = log.read_text()
+        assert "engine process died" not in text and "Traceback" not in text, text
+        assert server.proc.returncode == -signal.SIGTERM, text  # uvicorn re-raises the signal once stopped
+    finally:
+        _kill_all(engines)
+        server.stop()
+
+
 def test_sigint_stops_a_front_and_its_engine_without_an_error(tmp_path: Path) -> None:
     """Ctrl-C is an ordinary stop: one line and status 130, the engine gone
     too (it sees the pipe close at once), no death reported, no traceback."""

@@ -112,7 +112,9 @@ def decode_window_rate(requests: list[dict], share: float = DECODING_SHARE) -> d
 
 def bench(cfg: StudyConfig, url: str, concurrency: int, out: Path) -> dict:
     """One wave of ``concurrency`` streamed requests; throughput, latencies and the decode-window rate."""
-    workload = Workload(cfg.input_len, cfg.output_len, concurrency, concurrency)
+    # A seed per wave: the prompts of an earlier wave on the same server would
+    # be prefix-cache hits and make this wave's prefill nearly free.
+    workload = Workload(cfg.input_len, cfg.output_len, concurrency, concurrency, seed=concurrency)
     argv = bench_argv(url, out, workload, ["--dataset", "random-ids"],
                       warmup_requests=BENCH_WARMUP_REQUESTS, details=True)
     run = run_bench(argv, out.parent, out.stem, RUN_TIMEOUT_S)

@@ -7,8 +7,9 @@ For each model shape (dummy weights) it measures, in one process tree:
    run averages (input + output / 2);
 2. the served rate: ``pdserve serve`` on the GPU, then ``pdserve bench``
    (streaming, one SSE chunk per token, ``ignore_eos``) with as many prompts as
-   the concurrency, so one wave runs; the CPU time of the front and the engine
-   processes is read from ``/proc`` around it;
+   the concurrency, so one wave runs (``--waves`` of them, each with prompts of
+   its own; the median is reported); the CPU time of the front and the engine
+   processes is read from ``/proc`` around each;
 3. the same through ``pdserve up`` (router in front of one colocated instance).
 
 The served decode rate is counted where the wave is decoding as a whole: every
@@ -59,6 +60,8 @@ class StudyConfig:
     attention_backend: str = field(default="triton", metadata=flag("attention backend of engine and server"))
     port: int = field(default=30000, metadata=flag("first port used; a few above it too"))
     output_dir: str = field(default="served-vs-engine", metadata=flag("logs, bench JSONs and the summary"))
+    waves: int = field(default=3, metadata=flag(
+        "waves per concurrency and server; the one with the median decode-window rate is reported"))
     skip_up: bool = field(default=False, metadata=flag("do not measure through pdserve up"))
     startup_timeout_s: float = field(default=600.0, metadata=flag("seconds a server may take to become healthy"))
     profile_s: float = field(default=0.0, metadata=flag(
@@ -110,11 +113,9 @@ def decode_window_rate(requests: list[dict], share: float = DECODING_SHARE) -> d
             "share": share}
 
 
-def bench(cfg: StudyConfig, url: str, concurrency: int, out: Path) -> dict:
+def bench(cfg: StudyConfig, url: str, concurrency: int, out: Path, seed: int) -> dict:
     """One wave of ``concurrency`` streamed requests; throughput, latencies and the decode-window rate."""
-    # A seed per wave: the prompts of an earlier wave on the same server would
-    # be prefix-cache hits and make this wave's prefill nearly free.
-    workload = Workload(cfg.input_len, cfg.output_len, concurrency, concurrency, seed=concurrency)
+    workload = Workload(cfg.input_len, cfg.output_len, concurrency, concurrency, seed=seed)
     argv = bench_argv(url, out, workload, ["--dataset", "random-ids"],
                       warmup_requests=BENCH_WARMUP_REQUESTS, details=True)
     run = run_bench(argv, out.parent, out.stem, RUN_TIMEOUT_S)
@@ -124,11 +125,11 @@ def bench(cfg: StudyConfig, url: str, concurrency: int, out: Path) -> dict:
             "failed": m["failed"], "decode_window": decode_window_rate(run.requests)}
 
 
-def measured(cfg: StudyConfig, url: str, pids: dict[str, list[int]], concurrency: int, out: Path) -> dict:
+def measured(cfg: StudyConfig, url: str, pids: dict[str, list[int]], concurrency: int, out: Path, seed: int) -> dict:
     """One bench run with the CPU seconds each named group of processes spent meanwhile."""
     before = {name: CpuSnapshot.take(group) for name, group in pids.items()}
     profilers = _profile(cfg, pids, out) if cfg.profile_s > 0 else []
-    result = bench(cfg, url, concurrency, out)
+    result = bench(cfg, url, concurrency, out, seed)
     for profiler in profilers:
         profiler.wait()
     spent = {name: CpuSnapshot.take(group).since(before[name]) for name, group in pids.items()}
@@ -158,8 +159,26 @@ def served_runs(cfg: StudyConfig, model: str, out_dir: Path, through_up: bool) -
     with running(f"{kind}-{model}", argv, out_dir, STOP_GRACE_S) as server:
         wait_healthy(server, url + "/health", cfg.startup_timeout_s, HEALTH_POLL_S)
         pids = group_processes({pid: proc_cmdline(pid) for pid in process_tree(server.proc.pid)})
-        return {c: measured(cfg, url, pids, c, out_dir / f"bench-{kind}-{model}-c{c}.json")
+        return {c: median_wave([measured(cfg, url, pids, c, out_dir / f"bench-{kind}-{model}-c{c}-w{w}.json",
+                                         seed=wave_seed(c, w))
+                                for w in range(cfg.waves)])
                 for c in cfg.concurrency}
+
+
+def wave_seed(concurrency: int, wave: int) -> int:
+    """A prompt seed per wave: an earlier wave's prompts on the same server would
+    be prefix-cache hits and make this wave's prefill nearly free."""
+    return concurrency * 1000 + wave
+
+
+def median_wave(waves: list[dict]) -> dict:
+    """The wave with the median decode-window rate (a wave of a small model
+    decodes for a second or two, so one wave's rate moves by several percent),
+    with every wave's rate and TPOT p50 beside it."""
+    ranked = sorted(waves, key=lambda w: w["decode_window"]["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2],
+            "waves": [{"decode_tokens_per_s": w["decode_window"]["tokens_per_s"], "tpot_p50_ms": w["tpot_p50_ms"]}
+                      for w in waves]}
 
 
 def group_processes(cmdlines: dict[int, str]) -> dict[str, list[int]]:

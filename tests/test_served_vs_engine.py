@@ -4,7 +4,12 @@ the grouping of a server's processes by command line (no GPU, no server)."""
 from __future__ import annotations
 
 import pytest
-from pdserve.benchmarks.served_vs_engine import decode_window_rate, group_processes
+from pdserve.benchmarks.served_vs_engine import (
+    decode_window_rate,
+    group_processes,
+    median_wave,
+    wave_seed,
+)
 
 
 def _request(start_s: float, chunk_times_s: list[float], chunk_tokens: list[int], success: bool = True) -> dict:
@@ -53,3 +58,21 @@ def test_group_processes_tells_front_engine_and_router_apart() -> None:
 
 def test_group_processes_leaves_out_empty_groups() -> None:
     assert group_processes({1: "python -m pdserve.cli serve --port 1", 2: "sleep 5"}) == {"front": [1]}
+
+
+def _wave(rate: float, tpot_ms: float) -> dict:
+    return {"decode_window": {"tokens_per_s": rate}, "tpot_p50_ms": tpot_ms, "failed": 0}
+
+
+def test_the_median_wave_is_reported_with_every_wave_beside_it() -> None:
+    waves = [_wave(900.0, 3.0), _wave(1000.0, 2.5), _wave(700.0, 4.0)]
+    row = median_wave(waves)
+    assert row["decode_window"]["tokens_per_s"] == 900.0 and row["tpot_p50_ms"] == 3.0  # one wave's own figures
+    assert [w["decode_tokens_per_s"] for w in row["waves"]] == [900.0, 1000.0, 700.0]
+    assert median_wave(waves[:2])["decode_window"]["tokens_per_s"] == 900.0  # the lower of two
+    assert median_wave(waves[:1])["waves"] == [{"decode_tokens_per_s": 900.0, "tpot_p50_ms": 3.0}]
+
+
+def test_no_two_waves_share_prompts() -> None:
+    seeds = {wave_seed(c, w) for c in (1, 64, 128, 256, 512) for w in range(5)}
+    assert len(seeds) == 25

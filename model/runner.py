@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,34 @@ logger = logging.getLogger("pdserve.model_runner")
 
 CPU_KV_BUDGET_BYTES = 512 << 20  # default CPU pool: 512 MiB of KV
 DEFAULT_MEM_FRACTION_STATIC = 0.85
+
+
+@dataclass(frozen=True)
+class WarmPrefill:
+    """One eager prefill run at start-up: new tokens and cached tokens before them, per sequence."""
+
+    lengths: tuple[int, ...]
+    prefixes: tuple[int, ...]
+
+    def num_pages(self, page_size: int) -> int:
+        return sum(-(-(n + p) // page_size) for n, p in zip(self.lengths, self.prefixes))
+
+
+def eager_prefill_warmups(first_eager_tokens: int, page_size: int, free_pages: int, context_len: int) -> list[WarmPrefill]:
+    """The eager prefills start-up runs: one prompt just past the prefill graphs
+    (an odd count), one of a multiple of 16 tokens, and two prompts of which one
+    extends a cached prefix; each only if it fits the pool and the context."""
+    odd = first_eager_tokens | 1
+    aligned = -(-first_eager_tokens // 16) * 16
+    half = odd // 2
+    shapes = [WarmPrefill((odd,), (0,)), WarmPrefill((aligned,), (0,)), WarmPrefill((half, half + 1), (0, half))]
+    return [w for w in shapes
+            if w.num_pages(page_size) <= free_pages and max(n + p for n, p in zip(w.lengths, w.prefixes)) <= context_len]
+
+
+@dataclass
+class _WarmRequest:
+    pages: list[int]
 
 
 def resolve_device(requested: str, base_gpu_id: int) -> torch.device:
@@ -165,6 +194,11 @@ class ModelRunner:
         self.uses_cuda_graph = False
         self.graphs = self._capture_graphs()
         self.prefill_graphs = self._capture_prefill_graphs()
+        if self._fast and self.tp.size == 1:  # under TP the other ranks join only once the engine runs
+            began = time.perf_counter()
+            warmed = self.warm_eager_prefill()
+            logger.info("eager prefills warmed (%s tokens) in %.2f s", ", ".join(
+                "+".join(map(str, w.lengths)) for w in warmed) or "none fit", time.perf_counter() - began)
 
     def _capture_graphs(self) -> CudaGraphRunner | None:
         if not self._fast or self.cfg.disable_cuda_graph or not self.attn.supports_cuda_graph or self.tp.size > 1:
@@ -193,6 +227,31 @@ class ModelRunner:
                                     cfg.prefill_cuda_graph_max_seqs, max_pages, cfg.page_size, self.device)
         runner.capture()
         return runner
+
+    @torch.inference_mode()
+    def warm_eager_prefill(self) -> list[WarmPrefill]:
+        """Run the prefills that no graph covers once, on scratch pages, before
+        serving. A Triton kernel compiles on its first launch with each new
+        specialization (~0.5 s each): without this, the first wave of long or
+        batched prompts after a start stalled its first prefill step by that
+        much. Returns what ran."""
+        first_eager = max(self.prefill_graphs.counts) + 1 if self.prefill_graphs is not None else 2 * self.cfg.page_size
+        shapes = eager_prefill_warmups(first_eager, self.cfg.page_size, self.pool.num_free_pages, self.context_len)
+        saved, self.prefill_graphs = self.prefill_graphs, None  # eager even where a graph would fit
+        try:
+            for shape in shapes:
+                reqs = [_WarmRequest(self.pool.alloc(-(-(n + p) // self.cfg.page_size)))
+                        for n, p in zip(shape.lengths, shape.prefixes)]
+                try:
+                    self.forward(ScheduledBatch(False, reqs, [[0] * n for n in shape.lengths], list(shape.prefixes)))
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                finally:
+                    for req in reqs:
+                        self.pool.release(req.pages)
+        finally:
+            self.prefill_graphs = saved
+        return shapes
 
     def _bytes_per_token(self) -> int:
         m = self.model_cfg

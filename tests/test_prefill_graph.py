@@ -145,3 +145,28 @@ def test_batches_a_graph_cannot_take_run_eagerly(cpu_runner) -> None:
     assert count([65]) is None  # more tokens than the largest graph
     assert count([3, 3, 3]) is None  # more sequences than a graph takes
     assert count([90], prefix=80) is None  # 23 pages: more page ids than the index holds
+
+
+def test_eager_warmups_cover_odd_aligned_and_prefixed_prefills_that_fit() -> None:
+    from pdserve.model.runner import WarmPrefill, eager_prefill_warmups
+
+    shapes = eager_prefill_warmups(2049, page_size=16, free_pages=10_000, context_len=8192)
+    assert shapes == [WarmPrefill((2049,), (0,)), WarmPrefill((2064,), (0,)), WarmPrefill((1024, 1025), (0, 1024))]
+    assert all(w.num_pages(16) <= 10_000 for w in shapes)
+    # a pool of 140 pages takes the two 129-page prompts, not the 193 pages of the prefixed pair
+    assert [w.lengths for w in eager_prefill_warmups(2049, 16, 140, 8192)] == [(2049,), (2064,)]
+    assert eager_prefill_warmups(2049, 16, 10_000, context_len=2000) == []  # longer than the model's context
+
+
+def test_warm_eager_prefill_runs_each_shape_eagerly_and_frees_its_pages(cpu_runner) -> None:
+    runner = cpu_runner
+    seen = []
+    free_before = runner.pool.num_free_pages
+    runner.step_hook = lambda batch: seen.append(([len(c) for c in batch.chunks], list(batch.starts)))
+    try:
+        shapes = runner.warm_eager_prefill()
+    finally:
+        runner.step_hook = None
+    assert shapes and seen == [(list(w.lengths), list(w.prefixes)) for w in shapes]
+    assert runner.pool.num_free_pages == free_before
+    assert all(runner.pool.ref_count(p) == 0 for p in range(runner.layout.num_pages))

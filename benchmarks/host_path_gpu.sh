@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The engine's host path on one GPU, in one call: the GPU tests of prefill
-# CUDA graphs (all GPU tests with GPU_TESTS=all), the roofline of the
+# CUDA graphs (with GPU_TESTS=all: the kernel, runner and correctness tests), the roofline of the
 # Llama-3.2-1B and Llama-3.1-8B shapes (decode at batch 1/128/256, prefills of
 # one prompt with and without prefill CUDA graphs, four prompts, a chunk over a
 # cached prefix), then the TTFT of 512-token prompts one at a time through
@@ -14,11 +14,13 @@ mkdir -p "$OUT"
 PORT=${PORT:-30600}
 RESULT="$OUT/roofline-host-path.json"
 if [ "${GPU_TESTS:-graphs}" = all ]; then
-  tests=(tests/test_gpu_kernels.py tests/test_gpu_runner.py)
+  tests=(tests/test_gpu_kernels.py tests/test_gpu_runner.py tests/test_gpu_correctness.py)
+  tests_timeout=420  # about 4 minutes on an H100, HF's model loads included
 else
   tests=(tests/test_gpu_kernels.py tests/test_gpu_runner.py -k "tiled or prefill_graph")
+  tests_timeout=300
 fi
-timeout 300 python3 -m pytest "${tests[@]}" -m gpu -q -p no:cacheprovider -x 2>&1 | tail -30 | tee "$OUT/gpu-tests.log"
+timeout "$tests_timeout" python3 -m pytest "${tests[@]}" -m gpu -q -p no:cacheprovider -x 2>&1 | tail -30 | tee "$OUT/gpu-tests.log"
 timeout 420 python3 -m pdserve.benchmarks.roofline --models llama-3.2-1b llama-3.1-8b --decode-batches 1 128 256 \
   --decode-context 768 --prefill-lengths 512 2048 8192 --skip-transfer --attention-backend triton --kernel-profile \
   --output-json "$RESULT" 2>&1 | grep -v '^\[' | tee "$OUT/roofline.log"

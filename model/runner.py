@@ -64,15 +64,21 @@ class WarmPrefill:
 
 
 def eager_prefill_warmups(first_eager_tokens: int, page_size: int, free_pages: int, context_len: int) -> list[WarmPrefill]:
-    """The eager prefills start-up runs: one prompt just past the prefill graphs
-    (an odd count), one of a multiple of 16 tokens, and two prompts of which one
-    extends a cached prefix; each only if it fits the pool and the context."""
-    odd = first_eager_tokens | 1
-    aligned = -(-first_eager_tokens // 16) * 16
-    half = odd // 2
-    shapes = [WarmPrefill((odd,), (0,)), WarmPrefill((aligned,), (0,)), WarmPrefill((half, half + 1), (0, half))]
-    return [w for w in shapes
-            if w.num_pages(page_size) <= free_pages and max(n + p for n, p in zip(w.lengths, w.prefixes)) <= context_len]
+    """The eager prefills start-up runs: as many tokens as the first count past
+    the prefill graphs (odd), a multiple of 16 tokens, and the first count again
+    over cached prefixes as long as each chunk; split into as many sequences as
+    the context needs (up to half of it each, to leave room for the prefix).
+    Each only if it fits the pool."""
+    seq_cap = max(context_len // 2, 1)
+
+    def split(total: int) -> tuple[int, ...]:
+        parts = -(-total // seq_cap)
+        base, extra = divmod(total, parts)
+        return tuple(base + (i < extra) for i in range(parts))
+
+    odd, aligned = split(first_eager_tokens | 1), split(-(-first_eager_tokens // 16) * 16)
+    shapes = [WarmPrefill(odd, (0,) * len(odd)), WarmPrefill(aligned, (0,) * len(aligned)), WarmPrefill(odd, odd)]
+    return [w for w in shapes if w.num_pages(page_size) <= free_pages]
 
 
 @dataclass

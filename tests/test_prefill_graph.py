@@ -151,11 +151,16 @@ def test_eager_warmups_cover_odd_aligned_and_prefixed_prefills_that_fit() -> Non
     from pdserve.model.runner import WarmPrefill, eager_prefill_warmups
 
     shapes = eager_prefill_warmups(2049, page_size=16, free_pages=10_000, context_len=8192)
-    assert shapes == [WarmPrefill((2049,), (0,)), WarmPrefill((2064,), (0,)), WarmPrefill((1024, 1025), (0, 1024))]
-    assert all(w.num_pages(16) <= 10_000 for w in shapes)
-    # a pool of 140 pages takes the two 129-page prompts, not the 193 pages of the prefixed pair
+    assert shapes == [WarmPrefill((2049,), (0,)), WarmPrefill((2064,), (0,)), WarmPrefill((2049,), (2049,))]
+    # a context shorter than the prompt: split over sequences that leave room for a prefix as long
+    short = eager_prefill_warmups(2049, page_size=16, free_pages=10_000, context_len=1088)
+    assert short == [WarmPrefill((513, 512, 512, 512), (0,) * 4), WarmPrefill((516,) * 4, (0,) * 4),
+                     WarmPrefill((513, 512, 512, 512), (513, 512, 512, 512))]
+    for context_len in (1088, 8192):
+        for w in eager_prefill_warmups(2049, 16, 10_000, context_len):
+            assert sum(w.lengths) >= 2049 and all(n + p <= context_len for n, p in zip(w.lengths, w.prefixes))
+    # a pool of 140 pages takes the two 129-page prompts, not the 258 pages of the prefixed one
     assert [w.lengths for w in eager_prefill_warmups(2049, 16, 140, 8192)] == [(2049,), (2064,)]
-    assert eager_prefill_warmups(2049, 16, 10_000, context_len=2000) == []  # longer than the model's context
 
 
 def test_warm_eager_prefill_runs_each_shape_eagerly_and_frees_its_pages(cpu_runner) -> None:

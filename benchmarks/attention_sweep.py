@@ -23,6 +23,10 @@ from pdserve.common.args import add_dataclass_args, config_from_args, flag
 
 # (query heads, kv heads, head dim) of the benchmark shapes
 SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3.1-8b": (32, 8, 128)}
+# (BLOCK_N, num_warps, num_stages, splits) of decode stage 1 tried; the product's among them
+DECODE_GRID = tuple(itertools.product((32, 64, 128), (4, 8), (2, 3), (1, 2)))
+# ((BLOCK_M, BLOCK_N), num_warps, num_stages) of the extend kernel tried
+EXTEND_GRID = tuple(itertools.product(((32, 64), (64, 64), (128, 64), (64, 128), (128, 128)), (4, 8), (2, 3)))
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ def sweep_decode(shape: tuple[int, int, int], batch: int, context: int, page_siz
     import torch
     import triton
     from pdserve.model.kernels import decode_attention as da
+    from pdserve.model.kernels.tilings import decode_tiling
 
     heads, kv_heads, dim = shape
     k, v, indices, indptr = _paged_cache(context, batch, kv_heads, dim, page_size)
@@ -75,11 +80,11 @@ def sweep_decode(shape: tuple[int, int, int], batch: int, context: int, page_siz
     out = torch.empty_like(q)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     kv_bytes = 2 * batch * context * kv_heads * dim * 2
-    current = (*da.decode_tiling(dim), da.num_kv_splits(batch, kv_heads, _num_sms()))
+    current = (*decode_tiling(dim), da.num_kv_splits(batch, kv_heads, _num_sms()))
     mid_o = torch.empty(batch * heads * 2 * dim, dtype=torch.float32, device="cuda")
     mid_lse = torch.empty(batch * heads * 2, dtype=torch.float32, device="cuda")
     rows = []
-    for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3), (1, 2)):
+    for block_n, warps, stages, splits in DECODE_GRID:
         def run(block_n=block_n, warps=warps, stages=stages, splits=splits):
             da._decode_stage1[(batch, kv_heads, splits)](
                 q, k, v, indptr, indices, seq_lens, out, mid_o, mid_lse, dim ** -0.5, NUM_KV_HEADS=kv_heads,
@@ -101,7 +106,7 @@ def sweep_extend(shape: tuple[int, int, int], tokens: int, page_size: int, matmu
     import torch
     import triton
     from pdserve.model.kernels import prefill_attention as pa
-    from pdserve.model.kernels.step_inputs import query_block
+    from pdserve.model.kernels.tilings import extend_tiling, query_block
 
     heads, kv_heads, dim = shape
     k, v, indices, indptr = _paged_cache(tokens, 1, kv_heads, dim, page_size)
@@ -110,10 +115,9 @@ def sweep_extend(shape: tuple[int, int, int], tokens: int, page_size: int, matmu
     qo = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([tokens], dtype=torch.int32, device="cuda")
     flops = 4 * heads * dim * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
-    current = (query_block(dim), *pa.extend_tiling(dim, pa._device_smem_bytes(0)))
+    current = (query_block(dim), *extend_tiling(dim, pa._device_smem_bytes(0)))
     rows = []
-    for (block_m, block_n), warps, stages in itertools.product(((32, 64), (64, 64), (128, 64), (64, 128), (128, 128)),
-                                                               (4, 8), (2, 3)):
+    for (block_m, block_n), warps, stages in EXTEND_GRID:
         def run(block_m=block_m, block_n=block_n, warps=warps, stages=stages):
             pa._extend_kernel[(1, triton.cdiv(tokens, block_m), heads)](
                 q, out, k, v, qo, indptr, indices, seq_lens, qo, qo, dim ** -0.5, NUM_KV_HEADS=kv_heads,

@@ -30,13 +30,8 @@ from pdserve.model.attention.base import AttentionBackend
 from pdserve.model.cuda_graph import PackedBuffers, capture_graph
 from pdserve.model.forward_batch import ForwardBatch
 from pdserve.model.kernels import reference
-from pdserve.model.kernels.step_inputs import (
-    StepInputs,
-    build_step,
-    max_tiles,
-    query_block,
-    tile_table,
-)
+from pdserve.model.kernels.step_inputs import StepInputs, build_step, max_tiles, tile_table
+from pdserve.model.kernels.tilings import query_block
 
 logger = logging.getLogger("pdserve.cuda_graph")
 

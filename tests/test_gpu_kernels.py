@@ -164,7 +164,8 @@ def test_tiled_extend_attention_fills_only_covered_rows(heads: int, kv_heads: in
     padding rows after the batch's tokens are left alone."""
     import numpy as np
     from pdserve.model.kernels.prefill_attention import extend_attention_tiled
-    from pdserve.model.kernels.step_inputs import max_tiles, query_block, tile_table
+    from pdserve.model.kernels.step_inputs import max_tiles, tile_table
+    from pdserve.model.kernels.tilings import query_block
 
     seq_lens, ext_lens = [100, 33, 512, 7], [100, 1, 200, 7]
     k_cache, v_cache, tables, indptr, indices = _paged(kv_heads, dim, seq_lens)

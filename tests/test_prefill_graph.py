@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pdserve.model.kernels.step_inputs import build_step, max_tiles, query_block, tile_table
+from pdserve.model.kernels.step_inputs import build_step, max_tiles, tile_table
+from pdserve.model.kernels.tilings import query_block
 from pdserve.model.prefill_graph import PrefillInputs, prefill_token_counts
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from pdserve.model.kernels.tilings import decode_tiling
 
 MAX_SPLITS = 32
 
@@ -22,13 +23,6 @@ def num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     """Enough splits to give every SM about two programs at small batch."""
     want = triton.cdiv(2 * num_sms, max(batch_size * num_kv_heads, 1))
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
-
-
-def decode_tiling(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of stage 1: the fastest of
-    ``benchmarks/attention_sweep.py`` on an H100 at batch 128 and 256 (for heads
-    of 128, 1.07-1.22x the 32-key tiles in two stages before)."""
-    return (64 if head_dim > 64 else 32), 4, 3
 
 
 @triton.jit

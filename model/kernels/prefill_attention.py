@@ -20,7 +20,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from pdserve.model.kernels.step_inputs import query_block
+from pdserve.model.kernels.tilings import extend_tiling, query_block
 
 
 @triton.jit
@@ -120,25 +120,6 @@ def extend_attention_tiled(
     _launch((tile_seq.shape[0], 1, q.shape[1]), q, out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices,
             seq_lens, tile_seq, tile_block, scale, tiled=True)
     return out
-
-
-def extend_tiling(head_dim: int, smem_bytes: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the extend kernel. 128-key tiles in
-    three stages were the fastest of ``benchmarks/attention_sweep.py`` on an H100
-    for heads of 64 and 128; a device with less shared memory per block
-    (``smem_bytes``) than they need gets fewer stages, then smaller tiles."""
-    block_m = query_block(head_dim)
-    warps = 8 if block_m >= 128 else 4
-    for block_n, stages in ((128, 3), (128, 2), (64, 2)):
-        if _smem_bytes(block_m, block_n, head_dim, stages) <= smem_bytes:
-            return block_n, warps, stages
-    return 32, 4, 1
-
-
-def _smem_bytes(block_m: int, block_n: int, head_dim: int, stages: int) -> int:
-    """Shared memory a launch needs, about: ``stages`` buffered K and V tiles
-    and the query block, in bf16/fp16."""
-    return 2 * (2 * stages * block_n + block_m) * head_dim
 
 
 @functools.cache

@@ -16,6 +16,7 @@ from itertools import chain
 
 import numpy as np
 import torch
+from pdserve.model.kernels.tilings import query_block
 
 
 @dataclass
@@ -155,16 +156,6 @@ def _page_index(page_tables: list[list[int]], num_pages: np.ndarray, total: int,
         return gather(page_tables, num_pages)
     return np.fromiter(chain.from_iterable(t[:n] for t, n in zip(page_tables, num_pages.tolist())),
                        dtype=np.int32, count=total)
-
-
-def query_block(head_dim: int) -> int:
-    """Query rows per program of the extend kernel (what a tile table counts
-    in): the fastest in ``benchmarks/attention_sweep.py`` on an H100 for heads
-    of 64 and 128 (with 128-key tiles, 1.2-1.4x the 32-row blocks before);
-    larger heads keep a small block for their registers."""
-    if head_dim <= 64:
-        return 64
-    return 128 if head_dim <= 128 else 32
 
 
 def tile_table(qo_indptr: np.ndarray, block_m: int, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,13 +25,17 @@ from pdserve.common.args import add_dataclass_args, config_from_args, flag
 SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3.1-8b": (32, 8, 128)}
 # (BLOCK_N, num_warps, num_stages, splits) of decode stage 1 tried; the product's among them
 DECODE_GRID = tuple(itertools.product((32, 64, 128), (4, 8), (2, 3), (1, 2)))
-# ((BLOCK_M, BLOCK_N), num_warps, num_stages) of the extend kernel tried
-EXTEND_GRID = tuple(itertools.product(((32, 64), (64, 64), (128, 64), (64, 128), (128, 128)), (4, 8), (2, 3)))
+# ((query rows, BLOCK_N), num_warps, num_stages) of the extend kernel tried; a program's
+# rows are its tokens times the query heads of one kv head
+EXTEND_GRID = tuple(itertools.product(((64, 64), (128, 64), (256, 64), (64, 128), (128, 128), (256, 128)), (4, 8),
+                                      (2, 3)))
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     models: tuple[str, ...] = field(default=tuple(SHAPES), metadata=flag("model shapes", nargs="+"))
+    kernels: tuple[str, ...] = field(default=("decode", "extend"), metadata=flag(
+        "kernels to sweep", nargs="+", choices=("decode", "extend")))
     decode_batches: tuple[int, ...] = field(default=(128, 256), metadata=flag("decode batch sizes", nargs="+"))
     decode_context: int = field(default=768, metadata=flag("context tokens of every decode sequence"))
     prefill_lengths: tuple[int, ...] = field(default=(512, 2048, 8192), metadata=flag(
@@ -106,28 +110,34 @@ def sweep_extend(shape: tuple[int, int, int], tokens: int, page_size: int, matmu
     import torch
     import triton
     from pdserve.model.kernels import prefill_attention as pa
-    from pdserve.model.kernels.tilings import extend_tiling, query_block
+    from pdserve.model.kernels.tilings import extend_tiling, group_block, query_block
 
     heads, kv_heads, dim = shape
+    group = heads // kv_heads
     k, v, indices, indptr = _paged_cache(tokens, 1, kv_heads, dim, page_size)
     q = torch.randn(tokens, heads, dim, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
     qo = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([tokens], dtype=torch.int32, device="cuda")
     flops = 4 * heads * dim * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
-    current = (query_block(dim), *extend_tiling(dim, pa._device_smem_bytes(0)))
+    current = (query_block(dim, group) * group_block(group),
+               *extend_tiling(dim, group, pa._device_smem_bytes(0)))
     rows = []
-    for (block_m, block_n), warps, stages in EXTEND_GRID:
+    for (rows_per_program, block_n), warps, stages in EXTEND_GRID:
+        block_m = max(1, rows_per_program // group_block(group))
+
         def run(block_m=block_m, block_n=block_n, warps=warps, stages=stages):
-            pa._extend_kernel[(1, triton.cdiv(tokens, block_m), heads)](
-                q, out, k, v, qo, indptr, indices, seq_lens, qo, qo, dim ** -0.5, NUM_KV_HEADS=kv_heads,
-                GROUP=heads // kv_heads, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                TILED=False, num_warps=warps, num_stages=stages)
+            pa._extend_kernel[(kv_heads, triton.cdiv(tokens, block_m), 1)](
+                q, out, k, v, qo, indptr, indices, seq_lens, qo, qo, dim ** -0.5 * pa._LOG2E,
+                NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_BLOCK=group_block(group), HEAD_DIM=dim,
+                PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, TILED=False, num_warps=warps,
+                num_stages=stages)
         ms = _time_ms(run)
         if ms is not None:
-            rows.append({"block_m": block_m, "block_n": block_n, "num_warps": warps, "num_stages": stages, "ms": ms,
-                         "tflops": flops / (ms / 1e3) / 1e12, "fraction_of_matmul": flops / (ms / 1e3) / matmul_flops_per_s,
-                         "current": (block_m, block_n, warps, stages) == current})
+            rows.append({"rows": rows_per_program, "block_n": block_n, "num_warps": warps, "num_stages": stages,
+                         "ms": ms, "tflops": flops / (ms / 1e3) / 1e12,
+                         "fraction_of_matmul": flops / (ms / 1e3) / matmul_flops_per_s,
+                         "current": (rows_per_program, block_n, warps, stages) == current})
     return rows
 
 
@@ -136,7 +146,7 @@ def _report(label: str, rows: list[dict], key: str) -> dict:
     cur = next((r for r in rows if r["current"]), None)
     gain = cur["ms"] / best["ms"] if cur else None
     print(f"{label}: current {cur and round(cur[key], 3)} best {round(best[key], 3)} "
-          f"({ {k: best[k] for k in best if k.startswith(('block', 'num'))} }), current/best time "
+          f"({ {k: best[k] for k in best if k.startswith(('block', 'num', 'rows'))} }), current/best time "
           f"{gain and round(gain, 2)}", flush=True)
     return {"label": label, "rows": rows, "best": best, "current": cur, "current_over_best_time": gain}
 
@@ -151,11 +161,11 @@ def run(cfg: SweepConfig) -> dict:
                      "decode": [], "extend": []}
     for name in cfg.models:
         shape = SHAPES[name]
-        for batch in cfg.decode_batches:
+        for batch in cfg.decode_batches if "decode" in cfg.kernels else ():
             rows = sweep_decode(shape, batch, cfg.decode_context, cfg.page_size, machine.copy_bytes_per_s)
             results["decode"].append({"model": name, "batch": batch,
                                       **_report(f"{name} decode bs={batch}", rows, "fraction_of_copy")})
-        for tokens in cfg.prefill_lengths:
+        for tokens in cfg.prefill_lengths if "extend" in cfg.kernels else ():
             rows = sweep_extend(shape, tokens, cfg.page_size, machine.matmul_flops_per_s)
             results["extend"].append({"model": name, "tokens": tokens,
                                       **_report(f"{name} extend {tokens}", rows, "tflops")})

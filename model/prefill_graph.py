@@ -91,7 +91,7 @@ class TiledExtendAttention(AttentionBackend):
     accepts_stored_kv = True
 
     def __init__(self, inputs: PrefillInputs, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                 device: torch.device):
+                 block_m: int, device: torch.device):
         super().__init__(num_heads, num_kv_heads, head_dim, page_size)
         self.inputs = inputs
         if device.type == "cuda":
@@ -99,7 +99,7 @@ class TiledExtendAttention(AttentionBackend):
 
             self._kernel = prefill_attention.extend_attention_tiled
         else:
-            self._kernel = partial(reference.extend_attention_tiled, block_m=query_block(head_dim))
+            self._kernel = partial(reference.extend_attention_tiled, block_m=block_m)
 
     def prepare(self, batch: ForwardBatch) -> None:
         raise RuntimeError("a prefill graph's metadata lives in its fixed buffers")
@@ -120,15 +120,17 @@ class PrefillGraphRunner:
         cfg = model.config
         self.model, self.kv_buffer, self.counts = model, kv_buffer, counts
         self.max_seqs, self.page_size = max_seqs, page_size
-        self.block_m = query_block(cfg.head_dim)
+        plan = model.plan  # this rank's heads: the kernel groups them per kv head
+        self.block_m = query_block(cfg.head_dim, plan.num_heads // plan.num_kv_heads)
         self.inputs = PrefillInputs(counts[-1], max_seqs, max_pages, self._tiles(counts[-1]), device)
-        self.attn = TiledExtendAttention(self.inputs, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, page_size, device)
+        self.attn = TiledExtendAttention(self.inputs, plan.num_heads, plan.num_kv_heads, cfg.head_dim, page_size,
+                                         self.block_m, device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.memory_bytes = 0
 
     def _tiles(self, num_tokens: int) -> int:
-        return max_tiles(num_tokens, self.max_seqs, self.model.config.head_dim)
+        return max_tiles(num_tokens, self.max_seqs, self.block_m)
 
     def count_for(self, step: StepInputs) -> int | None:
         """The captured token count ``step`` replays, or None when it runs eagerly."""

@@ -9,6 +9,7 @@ from pdserve.model.kernels.tilings import (
     decode_tiling,
     extend_smem_bytes,
     extend_tiling,
+    group_block,
     query_block,
 )
 
@@ -23,14 +24,23 @@ def test_the_decode_launch_in_use_is_in_the_grid(head_dim: int) -> None:
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_extend_launch_in_use_is_in_the_grid(head_dim: int) -> None:
-    block_n, warps, stages = extend_tiling(head_dim, H100_SMEM_BYTES)
-    assert ((query_block(head_dim), block_n), warps, stages) in EXTEND_GRID
+    group = 4  # both benchmark shapes: 32 query heads over 8 kv heads
+    block_n, warps, stages = extend_tiling(head_dim, group, H100_SMEM_BYTES)
+    assert ((query_block(head_dim, group) * group_block(group), block_n), warps, stages) in EXTEND_GRID
 
 
 def test_extend_tiling_fits_the_shared_memory_it_is_given() -> None:
     for smem in (48 * 1024, 99 * 1024, 163 * 1024, H100_SMEM_BYTES):
-        for head_dim in (64, 128):
-            block_n, _, stages = extend_tiling(head_dim, smem)
-            assert extend_smem_bytes(query_block(head_dim), block_n, head_dim, stages) <= smem or (block_n, stages) == (32, 1)
-    assert extend_tiling(128, H100_SMEM_BYTES)[::2] == (128, 3)  # the sweep's winner where it fits
-    assert extend_tiling(128, 163 * 1024)[::2] == (128, 2)  # an A100: one stage fewer
+        for head_dim in (64, 128, 256):
+            for group in (1, 4, 7):
+                rows = query_block(head_dim, group) * group_block(group)
+                block_n, _, stages = extend_tiling(head_dim, group, smem)
+                fits = extend_smem_bytes(rows, block_n, head_dim, stages) <= smem
+                assert fits or (block_n, stages) == (32, 1)
+    assert extend_tiling(128, 4, H100_SMEM_BYTES) == (64, 4, 3)  # the sweep's winner where it fits
+    assert extend_tiling(128, 4, 99 * 1024)[::2] == (64, 2)  # 99 KiB a block: one stage fewer
+
+
+def test_a_token_takes_its_grouped_heads_in_a_power_of_two_rows() -> None:
+    assert [group_block(g) for g in (1, 2, 3, 4, 7, 8)] == [1, 2, 4, 4, 8, 8]
+    assert query_block(64, 4) == 16 and query_block(128, 1) == 64 and query_block(256, 8) == 4

@@ -144,7 +144,7 @@ def test_decode_attention(heads: int, kv_heads: int, dim: int, splits: int) -> N
     assert _rel(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (16, 8, 128)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (16, 8, 128), (28, 4, 128), (8, 8, 64), (16, 2, 256)])
 def test_extend_attention_with_cached_prefixes(heads: int, kv_heads: int, dim: int) -> None:
     from pdserve.model.kernels.prefill_attention import extend_attention
 
@@ -158,7 +158,7 @@ def test_extend_attention_with_cached_prefixes(heads: int, kv_heads: int, dim: i
     assert _rel(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (16, 8, 128)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (16, 8, 128), (28, 4, 128)])
 def test_tiled_extend_attention_fills_only_covered_rows(heads: int, kv_heads: int, dim: int) -> None:
     """The fixed-grid form a prefill CUDA graph launches: spare tiles and the
     padding rows after the batch's tokens are left alone."""
@@ -172,7 +172,8 @@ def test_tiled_extend_attention_fills_only_covered_rows(heads: int, kv_heads: in
     num_tokens, padded = sum(ext_lens), sum(ext_lens) + 45
     q = torch.randn(padded, heads, dim, dtype=BF16, device="cuda")
     qo_host = np.array([0] + [sum(ext_lens[: i + 1]) for i in range(len(ext_lens))], dtype=np.int32)
-    seq, block = tile_table(qo_host, query_block(dim), max_tiles(padded, 8, dim))
+    block_m = query_block(dim, heads // kv_heads)
+    seq, block = tile_table(qo_host, block_m, max_tiles(padded, 8, block_m))
     out = torch.full_like(q, 7.0)
     extend_attention_tiled(q, out, k_cache, v_cache, torch.from_numpy(qo_host).cuda(), indptr, indices,
                            torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),

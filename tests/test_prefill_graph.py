@@ -24,8 +24,8 @@ def test_token_counts_cover_up_to_the_limit_with_bounded_padding() -> None:
 @pytest.mark.parametrize("lengths", [[1], [64], [65], [128], [129], [100, 1, 200, 7], [32] * 5, [128] * 3])
 def test_tile_table_covers_every_query_block_once(lengths: list[int]) -> None:
     qo = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    block_m = query_block(128)
-    num_tiles = max_tiles(int(qo[-1]) + 40, 8, 128)
+    block_m = query_block(128, 4)
+    num_tiles = max_tiles(int(qo[-1]) + 40, 8, block_m)
     seq, block = tile_table(qo, block_m, num_tiles)
     covered = [(int(s), int(b)) for s, b in zip(seq, block) if s >= 0]
     expected = [(i, b) for i, n in enumerate(lengths) for b in range(-(-n // block_m))]
@@ -44,15 +44,16 @@ def test_max_tiles_bounds_every_batch_of_that_size() -> None:
         seqs = int(rng.integers(1, 9))
         cuts = np.sort(rng.choice(np.arange(1, 512), size=seqs - 1, replace=False)) if seqs > 1 else np.array([], int)
         lengths = np.diff(np.concatenate([[0], cuts, [512]]))
-        needed = int((-(-lengths // query_block(128))).sum())
-        assert needed <= max_tiles(512, 8, 128)
+        for block_m in (query_block(128, 1), query_block(64, 4), query_block(128, 7)):
+            needed = int((-(-lengths // block_m)).sum())
+            assert needed <= max_tiles(512, 8, block_m)
 
 
 def test_inputs_are_padded_in_place() -> None:
-    inputs = PrefillInputs(max_tokens=64, max_seqs=4, max_pages=32, num_tiles=max_tiles(64, 4, 128),
+    inputs = PrefillInputs(max_tokens=64, max_seqs=4, max_pages=32, num_tiles=max_tiles(64, 4, 32),
                            device=torch.device("cpu"))
     step = build_step(False, [[5, 6, 7], [8, 9]], [4, 0], [[3, 1], [2]], page_size=4)
-    inputs.load(step, 16, max_tiles(16, 4, 128), 32)
+    inputs.load(step, 16, max_tiles(16, 4, 32), 32)
     view = lambda name, n: inputs.device_view(name, n).tolist()  # noqa: E731
     assert view("input_ids", 16) == [5, 6, 7, 8, 9] + [0] * 11
     assert view("positions", 16) == [4, 5, 6, 0, 1] + [0] * 11
@@ -62,7 +63,7 @@ def test_inputs_are_padded_in_place() -> None:
     assert view("seq_lens", 4) == [7, 2, 0, 0]
     assert view("logits_indices", 4) == [2, 4, 0, 0]
     assert view("kv_indices", 3) == [3, 1, 2]
-    tiles = max_tiles(16, 4, 128)
+    tiles = max_tiles(16, 4, 32)
     assert view("tile_seq", tiles) == [0, 1] + [-1] * (tiles - 2)
 
 

@@ -16,7 +16,6 @@ from itertools import chain
 
 import numpy as np
 import torch
-from pdserve.model.kernels.tilings import query_block
 
 
 @dataclass
@@ -173,10 +172,11 @@ def tile_table(qo_indptr: np.ndarray, block_m: int, num_tiles: int) -> tuple[np.
     return seq, block
 
 
-def max_tiles(num_tokens: int, max_seqs: int, head_dim: int) -> int:
-    """Tiles a batch of at most ``max_seqs`` sequences and ``num_tokens`` new
-    tokens can need: each sequence's last block may be partial."""
-    return -(-num_tokens // query_block(head_dim)) + max_seqs
+def max_tiles(num_tokens: int, max_seqs: int, block_m: int) -> int:
+    """Tiles of ``block_m`` tokens a batch of at most ``max_seqs`` sequences
+    and ``num_tokens`` new tokens can need: each sequence's last block may be
+    partial."""
+    return -(-num_tokens // block_m) + max_seqs
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,36 +1,47 @@
 """Launch configurations of the Triton attention kernels, chosen by
 ``benchmarks/attention_sweep.py`` (the winners on an H100 for heads of 64 and
-128). Plain Python, so the host code that sizes tile tables and the tests read
+128; results in ``benchmarks/results/attention-sweep-*.json``). Plain Python, so the host code that sizes tile tables and the tests read
 them without Triton."""
 
 from __future__ import annotations
 
 
-def query_block(head_dim: int) -> int:
-    """Query rows per program of the extend kernel (what a tile table counts
-    in): with 128-key tiles, 1.2-1.4x the 32-row blocks before; larger heads
-    keep a small block for their registers."""
-    if head_dim <= 64:
-        return 64
-    return 128 if head_dim <= 128 else 32
+def group_block(group: int) -> int:
+    """Rows a token takes in an extend program: its ``group`` query heads of
+    one kv head, padded to a power of two."""
+    return 1 << max(group - 1, 0).bit_length()
 
 
-def extend_tiling(head_dim: int, smem_bytes: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the extend kernel: 128-key tiles in
+def extend_rows(head_dim: int) -> int:
+    """Query rows (tokens x grouped heads) per extend program: 64 rows on 4
+    warps won the sweep at 512 and 2048 tokens for heads of 64 and 128 (within
+    2% of the best at 8B's 2048); larger heads keep a small block for their
+    registers."""
+    return 64 if head_dim <= 128 else 32
+
+
+def query_block(head_dim: int, group: int) -> int:
+    """Tokens per extend program (what a tile table counts in): the rows of
+    :func:`extend_rows` shared among each token's grouped heads."""
+    return max(1, extend_rows(head_dim) // group_block(group))
+
+
+def extend_tiling(head_dim: int, group: int, smem_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the extend kernel: 64-key tiles in
     three stages where they fit; a device with less shared memory per block
     (``smem_bytes``) gets fewer stages, then smaller tiles."""
-    block_m = query_block(head_dim)
-    warps = 8 if block_m >= 128 else 4
-    for block_n, stages in ((128, 3), (128, 2), (64, 2)):
-        if extend_smem_bytes(block_m, block_n, head_dim, stages) <= smem_bytes:
+    rows = query_block(head_dim, group) * group_block(group)
+    warps = 8 if rows >= 128 else 4
+    for block_n, stages in ((64, 3), (64, 2), (32, 2)):
+        if extend_smem_bytes(rows, block_n, head_dim, stages) <= smem_bytes:
             return block_n, warps, stages
     return 32, 4, 1
 
 
-def extend_smem_bytes(block_m: int, block_n: int, head_dim: int, stages: int) -> int:
+def extend_smem_bytes(rows: int, block_n: int, head_dim: int, stages: int) -> int:
     """Shared memory an extend launch needs, about: ``stages`` buffered K and V
-    tiles and the query block, in bf16/fp16."""
-    return 2 * (2 * stages * block_n + block_m) * head_dim
+    tiles and the query rows, in bf16/fp16."""
+    return 2 * (2 * stages * block_n + rows) * head_dim
 
 
 def decode_tiling(head_dim: int) -> tuple[int, int, int]:

@@ -10,7 +10,9 @@ For each model shape (dummy weights) it measures, in one process tree:
    the concurrency, so one wave runs (``--waves`` of them, each with prompts of
    its own; the median is reported); the CPU time of the front and the engine
    processes is read from ``/proc`` around each;
-3. the same through ``pdserve up`` (router in front of one colocated instance).
+3. the same through ``pdserve up`` (router in front of one colocated
+   instance), once per ``--router-processes`` count (the router's
+   ``--processes``); the last is reported as ``up``.
 
 The served decode rate is counted where the wave is decoding as a whole: every
 content chunk that arrived while at least 90% of the requests were between
@@ -35,7 +37,7 @@ from typing import Any
 
 from pdserve.benchmarks.serving.bench_runs import bench_argv, run_bench
 from pdserve.benchmarks.serving.config import Workload
-from pdserve.benchmarks.serving.cpu import CpuSnapshot, proc_cmdline, process_tree
+from pdserve.benchmarks.serving.cpu import CpuSnapshot, proc_cmdline, proc_parents, process_tree
 from pdserve.benchmarks.serving.procs import python_module, run_guarded, running, wait_healthy
 from pdserve.benchmarks.serving.profiles import Profiler
 from pdserve.common.args import add_dataclass_args, config_from_args, flag
@@ -63,6 +65,8 @@ class StudyConfig:
     waves: int = field(default=3, metadata=flag(
         "waves per concurrency and server; the one with the median decode-window rate is reported"))
     skip_up: bool = field(default=False, metadata=flag("do not measure through pdserve up"))
+    router_processes: tuple[int, ...] = field(default=(1,), metadata=flag(
+        "router --processes of the pdserve up runs, one run each; the last is reported as 'up'", nargs="+", type=int))
     startup_timeout_s: float = field(default=600.0, metadata=flag("seconds a server may take to become healthy"))
     profile_s: float = field(default=0.0, metadata=flag(
         "record py-spy profiles (raw stacks) of every measured process for this many seconds of each run"))
@@ -144,21 +148,24 @@ def _profile(cfg: StudyConfig, pids: dict[str, list[int]], out: Path) -> list[Pr
             for name, group in pids.items() for i, pid in enumerate(group)]
 
 
-def served_runs(cfg: StudyConfig, model: str, out_dir: Path, through_up: bool) -> dict[int, dict]:
-    """Every concurrency against one ``pdserve serve`` (or ``pdserve up``) of ``model``."""
-    port = cfg.port + (10 if through_up else 0)
-    if through_up:
+def served_runs(cfg: StudyConfig, model: str, out_dir: Path, router_processes: int = 0) -> dict[int, dict]:
+    """Every concurrency against one ``pdserve serve`` of ``model``, or with
+    ``router_processes`` one ``pdserve up`` whose router runs that many processes."""
+    port = cfg.port + (10 if router_processes else 0)
+    if router_processes:
         argv = python_module("pdserve.cli", "up", "--num-colocated", "1", "--port", str(port),
                              "--bootstrap-port", str(port + 1), "--base-port", str(port + 2), "--model-path", model,
                              "--startup-timeout-s", str(cfg.startup_timeout_s),
+                             "--router-args", f"--processes {router_processes}",
                              "--", *serve_argv(cfg, model)[2:])
     else:
         argv = python_module("pdserve.cli", "serve", "--port", str(port), *serve_argv(cfg, model))
-    kind = "up" if through_up else "serve"
+    kind = f"up-r{router_processes}" if router_processes else "serve"
     url = f"http://127.0.0.1:{port}"
     with running(f"{kind}-{model}", argv, out_dir, STOP_GRACE_S) as server:
         wait_healthy(server, url + "/health", cfg.startup_timeout_s, HEALTH_POLL_S)
-        pids = group_processes({pid: proc_cmdline(pid) for pid in process_tree(server.proc.pid)})
+        parents = proc_parents()
+        pids = group_processes({pid: proc_cmdline(pid) for pid in process_tree(server.proc.pid)}, parents)
         return {c: median_wave([measured(cfg, url, pids, c, out_dir / f"bench-{kind}-{model}-c{c}-w{w}.json",
                                          seed=wave_seed(c, w))
                                 for w in range(cfg.waves)])
@@ -181,12 +188,16 @@ def median_wave(waves: list[dict]) -> dict:
                       for w in waves]}
 
 
-def group_processes(cmdlines: dict[int, str]) -> dict[str, list[int]]:
-    """Front, engine (and router) processes, told apart by their command lines; empty groups left out."""
+def group_processes(cmdlines: dict[int, str], parents: dict[int, int] | None = None) -> dict[str, list[int]]:
+    """Front, engine (and router) processes, told apart by their command lines;
+    a spawned child is the engine unless its parent (``parents``) is a router,
+    whose ``--processes`` it is. Empty groups left out."""
+    parents = parents or {}
     groups: dict[str, list[int]] = {"front": [], "engine": [], "router": []}
     for pid, cmd in cmdlines.items():
         if "multiprocessing" in cmd:
-            groups["engine"].append(pid)
+            router_child = " router" in cmdlines.get(parents.get(pid, -1), "")
+            groups["router" if router_child else "engine"].append(pid)
         elif " router" in cmd:
             groups["router"].append(pid)
         elif " serve" in cmd:
@@ -201,24 +212,31 @@ def run(cfg: StudyConfig) -> dict:
     summary: dict[str, Any] = {"config": asdict(cfg), "models": {}}
     for model in cfg.models:
         engine = engine_rates(cfg, model, out_dir)
-        direct = served_runs(cfg, model, out_dir, through_up=False)
-        up = {} if cfg.skip_up else served_runs(cfg, model, out_dir, through_up=True)
+        direct = served_runs(cfg, model, out_dir)
+        ups = {} if cfg.skip_up else {n: served_runs(cfg, model, out_dir, n) for n in cfg.router_processes}
         summary["models"][model] = rows = {}
         for c in cfg.concurrency:
-            rows[c] = _row(engine.get(c), direct[c], up.get(c))
+            rows[c] = comparison_row(engine.get(c), direct[c], {n: up[c] for n, up in ups.items()})
             _print_row(model, c, rows[c])
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _row(engine: dict | None, direct: dict, up: dict | None) -> dict:
+def comparison_row(engine: dict | None, direct: dict, ups: dict[int, dict]) -> dict:
+    """``ups``: the pdserve up run of each router process count; the last is ``up``."""
+    up = ups[list(ups)[-1]] if ups else None
     row: dict = {"engine": engine, "direct": direct, "up": up}
     if engine:
         row["direct_vs_engine"] = direct["decode_window"]["tokens_per_s"] / engine["tokens_per_s"]
         row["tpot_p50_vs_engine_step"] = direct["tpot_p50_ms"] / (engine["step_s"] * 1e3)
     if up:
+        row["up_router_processes"] = list(ups)[-1]
         row["up_vs_direct"] = up["decode_window"]["tokens_per_s"] / direct["decode_window"]["tokens_per_s"]
         row["up_output_vs_direct"] = up["output_tokens_per_s"] / direct["output_tokens_per_s"]
+    if len(ups) > 1:
+        row["up_vs_direct_by_router_processes"] = {
+            n: run["decode_window"]["tokens_per_s"] / direct["decode_window"]["tokens_per_s"] for n, run in ups.items()}
+        row["up_runs"] = {n: {k: v for k, v in run.items() if k != "waves"} for n, run in ups.items()}
     return row
 
 
@@ -230,8 +248,11 @@ def _print_row(model: str, concurrency: int, row: dict) -> None:
     if row.get("engine"):
         parts.append(f"engine {row['engine']['tokens_per_s']:.0f} tok/s -> {row['direct_vs_engine']:.2f}, "
                      f"TPOT/step {row['tpot_p50_vs_engine_step']:.2f}")
+    for n, ratio in row.get("up_vs_direct_by_router_processes", {}).items():
+        parts.append(f"up with {n} router processes {ratio:.2f} of direct")
     if row.get("up"):
-        parts.append(f"through pdserve up {row['up_vs_direct']:.2f} of direct")
+        parts.append(f"through pdserve up ({row['up_router_processes']} router processes) "
+                     f"{row['up_vs_direct']:.2f} of direct")
     print("; ".join(parts), flush=True)
 
 

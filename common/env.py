@@ -46,7 +46,18 @@ LIFELINE_FD: EnvVar[int | None] = EnvVar(
     "PDSERVE_LIFELINE_FD", None, int,
     "set by `pdserve up` for its children: a pipe whose end of file means the launcher is gone")
 
-ALL: tuple[EnvVar, ...] = (MODEL_DIR, OPENAI_API_KEY, API_KEY, CLUSTER_SECRET, LIFELINE_FD)
+PROMETHEUS_MULTIPROC_DIR: EnvVar[str | None] = EnvVar(
+    "PROMETHEUS_MULTIPROC_DIR", None, str,
+    "set by `pdserve router --processes N` for its children (prometheus_client reads it): the directory "
+    "where they keep the metrics one scrape sums")
+
+ALL: tuple[EnvVar, ...] = (MODEL_DIR, OPENAI_API_KEY, API_KEY, CLUSTER_SECRET, LIFELINE_FD, PROMETHEUS_MULTIPROC_DIR)
+
+
+def export(var: EnvVar, value: str) -> None:
+    """Set ``var`` in this process's environment, for the children it starts
+    from now on (a spawned child takes the environment as it is then)."""
+    os.environ[var.name] = value
 
 
 def child_environ(updates: Mapping[str, str], remove: tuple[str, ...] = ()) -> dict[str, str]:

@@ -19,6 +19,9 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
+import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +39,7 @@ from pdserve.common.startup import flag_error, run_main
 from pdserve.common.version import __version__
 from pdserve.router.admission import Admission, AdmissionMiddleware
 from pdserve.router.config import RouterConfig
-from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
+from pdserve.router.metrics import CONTENT_TYPE, GAUGE_PUBLISH_S, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
 from pdserve.router.proxy import Call, Forwarder
 from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
@@ -46,8 +49,9 @@ from pdserve.web.errors import error_response, install_error_handlers, read_json
 from pdserve.web.event_stream import with_raw_send
 from pdserve.web.http_timeouts import uvicorn_timeouts
 from pdserve.web.openapi import request_body
+from pdserve.web.processes import reuse_port_sockets, run_processes
 from pdserve.web.request_body import BodyLimit
-from pdserve.web.service import serve_app
+from pdserve.web.service import LOG_FORMAT, serve_app, serve_on_socket
 from pdserve.web.tracing import TIMING_HEADER, Tracer
 
 logger = logging.getLogger("pdserve.router")
@@ -90,7 +94,7 @@ def _build_state(config: RouterConfig, tracer: Tracer | None = None) -> RouterSt
         policies[worker.role].forget(worker)
 
     workers = WorkerRegistry(config, http, on_removed=forget)
-    metrics = RouterMetrics(config.bucket_e2e_request_latency)
+    metrics = RouterMetrics(config.bucket_e2e_request_latency, multiprocess=config.processes > 1)
     # No pool cap here either; internal traffic ignores proxies from the environment.
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
@@ -218,6 +222,7 @@ def _admin_routes(api: APIRouter) -> None:
         return {
             "role": "router",
             "version": __version__,
+            "pid": os.getpid(),  # which of --processes answered
             "mode": state.config.mode,
             "policy": {role: type(p).name for role, p in state.policies.items()},
             "config": redacted_config(state.config),
@@ -245,6 +250,13 @@ def _metrics_route(api: APIRouter) -> None:
         return Response(state.metrics.render(state.workers.all()), media_type=CONTENT_TYPE)
 
 
+async def _publish_gauges(state: RouterState) -> None:
+    """One of several processes: keep its share of the per-worker gauges current."""
+    while True:
+        state.metrics.publish(state.workers.all())
+        await asyncio.sleep(GAUGE_PUBLISH_S)
+
+
 def _quiet_collector() -> None:
     """Freeze what start-up imported and collect young objects less often.
 
@@ -266,12 +278,15 @@ def create_app(config: RouterConfig, tracer: Tracer | None = None) -> FastAPI:
         state = _build_state(config, tracer)
         app.state.router = state
         await state.workers.refresh()
-        checker = asyncio.create_task(state.workers.run())
+        tasks = [asyncio.create_task(state.workers.run())]
+        if state.metrics.multiprocess:
+            tasks.append(asyncio.create_task(_publish_gauges(state)))
         try:
             yield
         finally:
-            checker.cancel()
-            await asyncio.gather(checker, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await state.http.aclose()
             await state.session.close()
             state.forwarder.shutdown_tracing()
@@ -279,7 +294,8 @@ def create_app(config: RouterConfig, tracer: Tracer | None = None) -> FastAPI:
     app = FastAPI(title="pdserve router", lifespan=lifespan)
     install_error_handlers(app)
     if config.max_concurrent_requests is not None:
-        admission = Admission(config.max_concurrent_requests, config.queue_size, config.queue_timeout_s)
+        admission = Admission(config.per_process(config.max_concurrent_requests), config.per_process(config.queue_size),
+                              config.queue_timeout_s)
         app.add_middleware(AdmissionMiddleware, admission=admission, paths=GENERATE_PATHS, api_key=config.api_key)
     # Added last, so outermost: an oversized body is refused before it waits anywhere.
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
@@ -330,13 +346,39 @@ def main(argv: list[str]) -> int:
 
 
 def _serve(config: RouterConfig) -> int:
-    def build() -> Any:
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
-        if not (config.prefill_urls or config.decode_urls or config.worker_urls or config.bootstrap_url):
-            logger.warning("no workers given: pass --prefill/--decode, --worker or --bootstrap-url")
-        logger.info("router (%s mode) on http://%s:%d", config.mode, config.host, config.port)
-        app = with_raw_send(create_app(config))
-        _quiet_collector()  # the process is the router's alone from here on
-        return app
+    if config.processes > 1:
+        return _serve_processes(config)
+    return serve_app(config, lambda: _build_app(config), **_uvicorn_args(config))
 
-    return serve_app(config, build, **uvicorn_timeouts(config.http_keep_alive_timeout_s, config.http_read_timeout_s))
+
+def _build_app(config: RouterConfig) -> Any:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
+    if not (config.prefill_urls or config.decode_urls or config.worker_urls or config.bootstrap_url):
+        logger.warning("no workers given: pass --prefill/--decode, --worker or --bootstrap-url")
+    logger.info("router (%s mode) on http://%s:%d", config.mode, config.host, config.port)
+    app = with_raw_send(create_app(config))
+    _quiet_collector()  # the process is the router's alone from here on
+    return app
+
+
+def _uvicorn_args(config: RouterConfig) -> dict[str, Any]:
+    return uvicorn_timeouts(config.http_keep_alive_timeout_s, config.http_read_timeout_s)
+
+
+def _serve_processes(config: RouterConfig) -> int:
+    """``--processes N``: N routers on one port, their metrics in one directory."""
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+    sockets = reuse_port_sockets(config.host, config.port, config.processes)
+    config = replace(config, port=sockets[0].getsockname()[1])
+    with tempfile.TemporaryDirectory(prefix="pdserve-router-metrics-") as metrics_dir:
+        # prometheus_client's multiprocess mode is switched on by this variable,
+        # read when the spawned children import it.
+        env.export(env.PROMETHEUS_MULTIPROC_DIR, metrics_dir)
+        return run_processes(_serve_process, (config,), sockets, "router")
+
+
+def _serve_process(config: RouterConfig, index: int, sock: socket.socket) -> None:
+    """One of ``--processes``: a whole router on its share of the connections."""
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+    logger.info("router process %d of %d (pid %d)", index + 1, config.processes, os.getpid())
+    serve_on_socket(config, _build_app(config), sock, **_uvicorn_args(config))

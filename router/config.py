@@ -62,9 +62,13 @@ class RouterConfig:
         "consecutive successful checks before a worker that was marked down is back"))
     max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata=flag("refuse (413) request bodies larger than this"))
     max_concurrent_requests: int | None = field(default=None, metadata=flag(
-        "generation requests in flight at once; more wait in the queue (default: no limit)"))
+        "generation requests in flight at once; more wait in the queue (default: no limit; "
+        "with --processes, shared evenly among them)"))
     queue_size: int = field(default=100, metadata=flag(
-        "requests that may wait for --max-concurrent-requests; more get 429"))
+        "requests that may wait for --max-concurrent-requests; more get 429 (with --processes, shared evenly)"))
+    processes: int = field(default=1, metadata=flag(
+        "router processes on --port: one relays about 40-60k tokens/s on one core; the kernel spreads "
+        "connections among them, each keeps its own worker view and policy state, /metrics sums them"))
     queue_timeout_s: float = field(default=60.0, metadata=flag("seconds a request may wait in the queue before a 408"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=("debug", "info", "warning", "error")))
     bucket_e2e_request_latency: tuple[float, ...] = field(default=DEFAULT_LATENCY_BUCKETS_S, metadata=flag(
@@ -91,10 +95,16 @@ class RouterConfig:
             raise ValueError("max_request_bytes must be >= 1")
         if self.max_concurrent_requests is not None and self.max_concurrent_requests < 1:
             raise ValueError("max_concurrent_requests must be >= 1 (or unset: no limit)")
+        if self.processes < 1:
+            raise ValueError("--processes must be >= 1")
         if self.queue_size < 0 or self.queue_timeout_s <= 0:
             raise ValueError("queue_size must be >= 0 and queue_timeout_s > 0")
         if not self.bucket_e2e_request_latency or min(self.bucket_e2e_request_latency) <= 0:
             raise ValueError("--bucket-e2e-request-latency needs positive bucket bounds")
+
+    def per_process(self, count: int) -> int:
+        """A router-wide limit's share of one of ``--processes`` processes (rounded up)."""
+        return -(-count // self.processes)
 
     @property
     def resolved_worker_api_key(self) -> str | None:

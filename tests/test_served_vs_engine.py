@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from pdserve.benchmarks.served_vs_engine import (
+    comparison_row,
     decode_window_rate,
     group_processes,
     median_wave,
@@ -56,6 +57,14 @@ def test_group_processes_tells_front_engine_and_router_apart() -> None:
     assert group_processes(cmdlines) == {"front": [12, 14], "engine": [13], "router": [11]}
 
 
+def test_group_processes_counts_a_routers_spawned_processes_as_router() -> None:
+    spawn = "python -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5) --multiprocessing-fork"
+    cmdlines = {11: "python -m pdserve.cli router --processes 2 --worker http://127.0.0.1:30012",
+                12: "python -m pdserve.cli serve --port 30012", 21: spawn, 22: spawn, 31: spawn}
+    parents = {21: 11, 22: 11, 31: 12}
+    assert group_processes(cmdlines, parents) == {"front": [12], "engine": [31], "router": [11, 21, 22]}
+
+
 def test_group_processes_leaves_out_empty_groups() -> None:
     assert group_processes({1: "python -m pdserve.cli serve --port 1", 2: "sleep 5"}) == {"front": [1]}
 
@@ -76,3 +85,18 @@ def test_the_median_wave_is_reported_with_every_wave_beside_it() -> None:
 def test_no_two_waves_share_prompts() -> None:
     seeds = {wave_seed(c, w) for c in (1, 64, 128, 256, 512) for w in range(5)}
     assert len(seeds) == 25
+
+
+def test_each_router_process_count_is_compared_with_direct_and_the_last_is_up() -> None:
+    def run(rate: float) -> dict:
+        return {**_wave(rate, 3.0), "output_tokens_per_s": rate / 2}
+
+    engine = {"tokens_per_s": 1000.0, "step_s": 0.002}
+    row = comparison_row(engine, run(900.0), {1: run(855.0), 2: run(900.0)})
+    assert row["direct_vs_engine"] == pytest.approx(0.9)
+    assert row["up_vs_direct_by_router_processes"] == {1: pytest.approx(0.95), 2: pytest.approx(1.0)}
+    assert row["up_router_processes"] == 2 and row["up_vs_direct"] == pytest.approx(1.0)
+    assert set(row["up_runs"]) == {1, 2}
+    single = comparison_row(engine, run(900.0), {1: run(855.0)})
+    assert single["up_vs_direct"] == pytest.approx(0.95) and "up_runs" not in single
+    assert comparison_row(engine, run(900.0), {})["up"] is None

@@ -38,3 +38,12 @@ def serve_app(config: ServiceConfig, build_app: Callable[[], Any], **uvicorn_arg
     uvicorn.run(build_app(), host=config.host, port=config.port, log_level=config.log_level, access_log=False,
                 **uvicorn_args)
     return 0
+
+
+def serve_on_socket(config: ServiceConfig, app: Any, sock: Any, **uvicorn_args: Any) -> None:
+    """Serve ``app`` on a listening socket made elsewhere (one of several
+    processes on one port) until a stop signal."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False, **uvicorn_args))
+    server.run(sockets=[sock])

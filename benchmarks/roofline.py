@@ -791,39 +791,52 @@ def http_itl_ms(base_url: str, num_prompts: int = 8, input_len: int = 1024, outp
     return statistics.median(gaps) * 1e3
 
 
-def http_ttft_ms(base_url: str, num_prompts: int = 8, input_len: int = 512) -> float:
+def http_ttft_ms(base_url: str, num_prompts: int = 8, input_len: int = 512) -> tuple[float, dict[str, float]]:
     """Median time to the first streamed token of ``/generate`` requests with
     distinct random prompts of ``input_len`` ids (no prefix-cache hit), one
-    at a time, measured with httpx from the request's start."""
+    at a time, measured with httpx from the request's start; and the median
+    of each phase of their journey (``return_timing``: front, queue, prefill,
+    ...) in ms, which says where the time beyond the prefill went."""
     import random
 
     import httpx
 
     rng = random.Random(1)
-    ttfts = []
+    ttfts, journeys = [], []
     with httpx.Client(timeout=120, trust_env=False) as http:
         for i in range(num_prompts + 1):  # the first request warms up
             body = {"input_ids": [rng.randrange(4, 1000) for _ in range(input_len)], "stream": True,
+                    "return_timing": True,
                     "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}}
             start = time.perf_counter()
-            ttft_s = None
+            ttft_s, phases = None, None
             with http.stream("POST", f"{base_url}/generate", json=body) as resp:
                 resp.raise_for_status()
                 for line in resp.iter_lines():  # read to the end: the next request starts on an idle server
-                    if ttft_s is None and line.startswith("data: {") and json.loads(line[6:])["output_ids"]:
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if ttft_s is None and chunk["output_ids"]:
                         ttft_s = time.perf_counter() - start
+                    phases = chunk["meta_info"].get("timing", {}).get("phases_s", phases)
             if i > 0:
                 ttfts.append(ttft_s)
-    return statistics.median(ttfts) * 1e3
+                journeys.append(phases or {})
+    names = sorted({name for j in journeys for name in j})
+    phases_ms = {n: statistics.median(j.get(n, 0.0) for j in journeys) * 1e3 for n in names}
+    return statistics.median(ttfts) * 1e3, phases_ms
 
 
-def merge_ttft(ttft_ms: float, input_len: int, source: str, result_json: str, model: str) -> dict:
-    """Add an HTTP TTFT of a server of ``model`` to a result, as a ratio to its prefill floor at that length."""
+def merge_ttft(ttft_ms: float, input_len: int, source: str, result_json: str, model: str,
+               phases_ms: dict[str, float] | None = None) -> dict:
+    """Add an HTTP TTFT of a server of ``model`` to a result, as a ratio to its
+    prefill floor at that length, with the journey's phases when measured."""
     results = json.loads(Path(result_json).read_text())
     machine = Machine(**results["machine"])
     floor_s = machine.floor_s(*ModelCost.of_name(model).prefill(input_len))
     results["http_ttft"] = {"model": model, "tokens": input_len, "ttft_median_ms": ttft_ms,
-                            "prefill_floor_ms": floor_s * 1e3, "ratio": ttft_ms / (floor_s * 1e3), "source": source}
+                            "prefill_floor_ms": floor_s * 1e3, "ratio": ttft_ms / (floor_s * 1e3), "source": source,
+                            "phases_median_ms": phases_ms or {}}
     results["targets"] = check_targets(results)
     Path(result_json).write_text(json.dumps(results, indent=2))
     return results
@@ -910,8 +923,11 @@ def main(argv: list[str] | None = None) -> int:
     elif merge.http_itl:
         results = merge_itl(http_itl_ms(merge.http_itl), "httpx /generate stream, 8 x (1024 in, 128 out)", merge.into)
     elif merge.http_ttft:
-        results = merge_ttft(http_ttft_ms(merge.http_ttft), 512,
-                             "httpx /generate stream, 8 x (512 in), one at a time", merge.into, model=cfg.models[0])
+        ttft_ms, phases_ms = http_ttft_ms(merge.http_ttft)
+        results = merge_ttft(ttft_ms, 512, "httpx /generate stream, 8 x (512 in), one at a time", merge.into,
+                             model=cfg.models[0], phases_ms=phases_ms)
+        print(f"HTTP TTFT {ttft_ms:.2f} ms; journey medians (ms): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in phases_ms.items()))
     else:
         out = Path(cfg.output_json or f"benchmarks/results/roofline-{datetime.date.today().isoformat()}.json")
         results = run(cfg, argv, out)

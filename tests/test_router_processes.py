@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,14 @@ def test_processes_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
         parse_args(["--worker", "http://127.0.0.1:1", "--processes", "0"])
     assert exc.value.code == 2
     assert "--processes must be >= 1" in capsys.readouterr().err
+
+
+def test_a_port_a_stale_router_listens_on_is_refused() -> None:
+    """Even a listener with SO_REUSEPORT (another --processes router of this
+    user), which the router's own sockets could silently join."""
+    with socket.create_server(("127.0.0.1", 0), reuse_port=True) as stale:
+        port = stale.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), "--processes", "2",
+                               "--worker", "http://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"port {port}" in done.stderr and "Traceback" not in done.stderr

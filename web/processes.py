@@ -27,7 +27,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
-from pdserve.common.startup import StartupError
+from pdserve.common.startup import StartupError, check_port_free
 
 logger = logging.getLogger("pdserve.web.processes")
 
@@ -38,6 +38,9 @@ _POLL_S = 0.2  # how often the parent looks at its stop flag between child event
 def reuse_port_sockets(host: str, port: int, count: int, flag: str = "--port") -> list[socket.socket]:
     """``count`` listening sockets on ``host:port`` (port 0: one the system picks,
     the same for all); StartupError naming ``flag`` when the port is taken."""
+    # A plain bind first: SO_REUSEPORT alone would join a stale router of the
+    # same user still listening there, and share its connections.
+    check_port_free(host, port, flag)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sockets: list[socket.socket] = []
     try:

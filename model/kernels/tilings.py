@@ -1,7 +1,8 @@
 """Launch configurations of the Triton attention kernels, chosen by
 ``benchmarks/attention_sweep.py`` (the winners on an H100 for heads of 64 and
-128; results in ``benchmarks/results/attention-sweep-*.json``). Plain Python, so the host code that sizes tile tables and the tests read
-them without Triton."""
+128; results in ``benchmarks/results/attention-sweep-*.json``). Plain Python,
+so the host code that sizes tile tables and the tests read them without
+Triton."""
 
 from __future__ import annotations
 

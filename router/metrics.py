@@ -81,16 +81,17 @@ class RouterMetrics:
     def publish(self, workers: Iterable[Worker]) -> None:
         """Set the per-worker gauges from the registry's workers."""
         gauges = (self.worker_in_flight, self.worker_healthy, self.worker_load)
-        current = set()
         if not self.multiprocess:
             for gauge in gauges:
                 gauge.clear()
+        current = set()
         for w in workers:
             current.add((w.role, w.url))
             self.worker_in_flight.labels(w.role, w.url).set(w.in_flight)
             self.worker_healthy.labels(w.role, w.url).set(1 if w.healthy else 0)
             self.worker_load.labels(w.role, w.url).set(w.load)
-        for labels in self._published - current:  # shared files keep a series: zero it
-            for gauge in gauges:
-                gauge.labels(*labels).set(0)
-        self._published = current if self.multiprocess else set()
+        if self.multiprocess:  # shared files keep a departed worker's series: zero it
+            for labels in self._published - current:
+                for gauge in gauges:
+                    gauge.labels(*labels).set(0)
+            self._published = current

@@ -6,6 +6,9 @@ context of the roofline's decode rows, as a fraction of the device copy rate
 one prompt without a prefix, in TFLOP/s of its causal products. Each kernel is
 timed with the configuration the product uses (``current``) and every other of
 a small grid, so a better default shows as a ratio measured in the same run.
+By default the L2 cache is flushed before each launch; ``--warm-cache`` times
+launches replayed back to back in a CUDA graph instead, as a forward runs the
+extend kernel (the layer's K/V were just written, so they sit in L2).
 
     python -m pdserve.benchmarks.attention_sweep --output-json out/attention-sweep.json
 """
@@ -41,6 +44,8 @@ class SweepConfig:
     prefill_lengths: tuple[int, ...] = field(default=(512, 2048, 8192), metadata=flag(
         "prompt lengths of the extend rows", nargs="+"))
     page_size: int = field(default=16, metadata=flag("tokens per KV page"))
+    warm_cache: bool = field(default=False, metadata=flag(
+        "time launches replayed in a CUDA graph, the cache warm, instead of each after an L2 flush"))
     output_json: str = field(default="out/attention-sweep.json", metadata=flag("result file"))
 
 
@@ -62,17 +67,20 @@ def _num_sms() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def _time_ms(fn) -> float | None:
+def _time_ms(fn, warm_cache: bool = False) -> float | None:
     import triton
 
     try:
+        if warm_cache:
+            return triton.testing.do_bench_cudagraph(fn, rep=50)
         return triton.testing.do_bench(fn, warmup=10, rep=50)
     except Exception as exc:  # a configuration the compiler or the device refuses
         print(f"  skipped: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
         return None
 
 
-def sweep_decode(shape: tuple[int, int, int], batch: int, context: int, page_size: int, copy_bytes_per_s: float):
+def sweep_decode(shape: tuple[int, int, int], batch: int, context: int, page_size: int, copy_bytes_per_s: float,
+                 warm_cache: bool = False):
     import torch
     import triton
     from pdserve.model.kernels import decode_attention as da
@@ -98,7 +106,7 @@ def sweep_decode(shape: tuple[int, int, int], batch: int, context: int, page_siz
             if splits > 1:
                 da._decode_stage2[(batch * heads,)](mid_o, mid_lse, out, HEAD_DIM=dim, NUM_SPLITS=splits, PDL=False,
                                                     num_warps=2)
-        ms = _time_ms(run)
+        ms = _time_ms(run, warm_cache)
         if ms is not None:
             rows.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "num_splits": splits, "ms": ms,
                          "fraction_of_copy": kv_bytes / (ms / 1e3) / copy_bytes_per_s,
@@ -106,7 +114,8 @@ def sweep_decode(shape: tuple[int, int, int], batch: int, context: int, page_siz
     return rows
 
 
-def sweep_extend(shape: tuple[int, int, int], tokens: int, page_size: int, matmul_flops_per_s: float):
+def sweep_extend(shape: tuple[int, int, int], tokens: int, page_size: int, matmul_flops_per_s: float,
+                 warm_cache: bool = False):
     import torch
     import triton
     from pdserve.model.kernels import prefill_attention as pa
@@ -132,7 +141,7 @@ def sweep_extend(shape: tuple[int, int, int], tokens: int, page_size: int, matmu
                 NUM_KV_HEADS=kv_heads, GROUP=group, GROUP_BLOCK=group_block(group), HEAD_DIM=dim,
                 PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, TILED=False, num_warps=warps,
                 num_stages=stages)
-        ms = _time_ms(run)
+        ms = _time_ms(run, warm_cache)
         if ms is not None:
             rows.append({"rows": rows_per_program, "block_n": block_n, "num_warps": warps, "num_stages": stages,
                          "ms": ms, "tflops": flops / (ms / 1e3) / 1e12,
@@ -162,11 +171,12 @@ def run(cfg: SweepConfig) -> dict:
     for name in cfg.models:
         shape = SHAPES[name]
         for batch in cfg.decode_batches if "decode" in cfg.kernels else ():
-            rows = sweep_decode(shape, batch, cfg.decode_context, cfg.page_size, machine.copy_bytes_per_s)
+            rows = sweep_decode(shape, batch, cfg.decode_context, cfg.page_size, machine.copy_bytes_per_s,
+                                cfg.warm_cache)
             results["decode"].append({"model": name, "batch": batch,
                                       **_report(f"{name} decode bs={batch}", rows, "fraction_of_copy")})
         for tokens in cfg.prefill_lengths if "extend" in cfg.kernels else ():
-            rows = sweep_extend(shape, tokens, cfg.page_size, machine.matmul_flops_per_s)
+            rows = sweep_extend(shape, tokens, cfg.page_size, machine.matmul_flops_per_s, cfg.warm_cache)
             results["extend"].append({"model": name, "tokens": tokens,
                                       **_report(f"{name} extend {tokens}", rows, "tflops")})
         out = Path(cfg.output_json)

@@ -67,6 +67,7 @@ class Sampler:
         the next step) before :meth:`PendingSample.wait` returns them."""
         if all(map(_ARGMAX_ONLY, params)):  # the common batch: one pass over the rows, at C speed
             return self._pending([argmax_rows(logits)], params)
+        logits = logits.float()  # the model's dtype (bf16 on a GPU): widened where more than an argmax runs
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs for p in params) else None
         logits = self._apply_penalties(logits, params, histories)
         token_ids = self._draw(logits, params, histories)

@@ -192,7 +192,7 @@ class CudaGraphRunner:
         logger.info("Captured CUDA graphs for decode batch sizes %s", self.sizes)
 
     def replay(self, step: StepInputs, padded_bs: int, fed: tuple[np.ndarray, torch.Tensor] | None = None) -> torch.Tensor:
-        """Float32 logits ``[step.batch_size, vocab]`` of a decode step.
+        """Logits ``[step.batch_size, vocab]`` of a decode step.
 
         ``fed``: (token_src, tokens): rows with ``token_src >= 0`` take their
         input id from ``tokens`` on the device (the host does not know it yet)."""

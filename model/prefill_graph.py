@@ -166,7 +166,7 @@ class PrefillGraphRunner:
         self.inputs.load(step, count, self._tiles(count), self.block_m)
 
     def replay(self, step: StepInputs, count: int) -> torch.Tensor:
-        """Float32 logits ``[step.batch_size, vocab]`` of a prefill step; before
+        """Logits ``[step.batch_size, vocab]`` of a prefill step; before
         :meth:`capture` (CPU) the same forward runs uncaptured."""
         self._load(step, count)
         graph = self._graphs.get(count)

@@ -309,7 +309,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, fed: tuple[np.ndarray, torch.Tensor] | None = None) -> torch.Tensor:
-        """Float32 logits of each request's last fed token: [batch, vocab].
+        """Logits of each request's last fed token: [batch, vocab] (the model's dtype, see ``CausalLM.forward``).
         ``fed``: (token_src, tokens); rows with ``token_src[i] >= 0`` feed
         ``tokens[token_src[i]]``, a token still on the device (see :meth:`launch_ahead`)."""
         return self._run(batch, fed)[0]

@@ -169,3 +169,19 @@ def test_a_plain_greedy_batch_and_a_mixed_one_draw_the_same_greedy_tokens() -> N
     assert plain.token_ids == logits.argmax(-1).tolist() and plain.logprobs is None
     got = sample(logits, mixed)
     assert got.token_ids[:5] == plain.token_ids[:5] and got.logprobs is not None
+
+
+def test_bf16_logits_sample_as_their_float32_copy() -> None:
+    """The model hands over logits in its own dtype; the sampler's answers
+    are those of the exact float32 copy: argmax as is, everything else widened
+    first (log-softmax, filters and penalties in bf16 would round)."""
+    logits = (torch.randn(4, 300, generator=torch.Generator().manual_seed(3)) * 8).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=0.7, top_p=0.9, seed=5), SamplingParams(temperature=1.0, repetition_penalty=1.3,
+                                                                                 seed=6)]
+    histories = [([1, 2], [3]) for _ in params]
+    got, want = sample(logits, params, histories), sample(logits.float(), params, histories)
+    assert got.token_ids == want.token_ids
+    assert got.logprobs == want.logprobs and got.top_logprobs == want.top_logprobs
+    greedy = [SamplingParams(temperature=0.0)] * 4
+    assert sample(logits, greedy).token_ids == logits.float().argmax(-1).tolist()

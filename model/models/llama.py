@@ -144,7 +144,11 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
-        """Logits of each sequence's last new token: [batch, vocab] in float32."""
+        """Logits of each sequence's last new token: [batch, vocab], in the
+        weights' dtype (the sampler widens them where it computes more than an
+        argmax: a float32 copy of a bf16 batch would cost as much memory
+        traffic as the head's own output, twice), or float32 from the batch-1
+        product, which writes float32 at no cost."""
         ops, m = self.ops, self.model
         x = m.embed_tokens(batch.input_ids) if self.tp.size == 1 else self._embed_parallel(batch.input_ids)
         if ops.has_gemv and batch.num_tokens == 1 and self.tp.size == 1:
@@ -156,7 +160,7 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, batch, m.rotary, attn, kv_cache, ops)
         idx = batch.logits_indices
         x, _ = ops.add_rmsnorm(x[idx], residual[idx], m.norm.weight, m.norm.eps)
-        logits = F.linear(x, self.lm_weight).float()
+        logits = F.linear(x, self.lm_weight)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather_last(logits)[:, : self.config.vocab_size]

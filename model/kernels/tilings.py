@@ -30,10 +30,11 @@ def query_block(head_dim: int, group: int) -> int:
 def extend_tiling(head_dim: int, group: int, smem_bytes: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the extend kernel: 64-key tiles in
     two stages where they fit; a device with less shared memory per block
-    (``smem_bytes``) gets smaller tiles. Two stages beat three by 1-6% at
-    512 and 2048 tokens timed as a forward runs the kernel, in a CUDA graph
-    with the layer's K/V just written (so in L2); three won only with the
-    cache flushed before each launch, which no forward does."""
+    (``smem_bytes``) gets smaller tiles. Timed as a forward runs the kernel
+    (replayed in a CUDA graph, the layer's K/V just written and in L2), two
+    stages and three are within a few percent of each other either way
+    (``attention_sweep --warm-cache``); two need 80 KiB at heads of 128
+    where three need 112, so two keep fitting on devices with less."""
     rows = query_block(head_dim, group) * group_block(group)
     warps = 8 if rows >= 128 else 4
     for block_n, stages in ((64, 2), (32, 2)):

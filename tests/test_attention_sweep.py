@@ -37,7 +37,7 @@ def test_extend_tiling_fits_the_shared_memory_it_is_given() -> None:
                 block_n, _, stages = extend_tiling(head_dim, group, smem)
                 fits = extend_smem_bytes(rows, block_n, head_dim, stages) <= smem
                 assert fits or (block_n, stages) == (32, 1)
-    assert extend_tiling(128, 4, H100_SMEM_BYTES) == (64, 4, 2)  # the winner in a forward, where it fits
+    assert extend_tiling(128, 4, H100_SMEM_BYTES) == (64, 4, 2)  # 64-key tiles in two stages, where they fit
     assert extend_tiling(128, 4, 64 * 1024)[::2] == (32, 2)  # 64 KiB a block: smaller tiles
 
 

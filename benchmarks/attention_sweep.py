@@ -98,7 +98,7 @@ def sweep_decode(shape: tuple[int, int, int], batch: int, context: int, page_siz
     rows = []
     for block_n, warps, stages, splits in DECODE_GRID:
         def run(block_n=block_n, warps=warps, stages=stages, splits=splits):
-            da._decode_stage1[(batch, kv_heads, splits)](
+            da._decode_stage1[(batch * kv_heads, splits)](
                 q, k, v, indptr, indices, seq_lens, out, mid_o, mid_lse, dim ** -0.5, NUM_KV_HEADS=kv_heads,
                 GROUP=heads // kv_heads, GROUP_BLOCK=max(16, triton.next_power_of_2(heads // kv_heads)),
                 HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=splits, PDL=False,

@@ -113,6 +113,9 @@ class Engine:
         self._step_started_s: float | None = None
         poll_ms = cfg.disaggregation_poll_interval_ms
         self.pd_poll_wait_s = poll_ms / 1e3 if poll_ms is not None else PD_POLL_WAIT_S.get(self.runner.device.type, PD_POLL_WAIT_S["cpu"])
+        # A process blocked on a pipe takes 0.1-0.3 ms to wake on a GPU host (its
+        # core sleeps), on the path of every first token; polling keeps one core busy.
+        self.spin_while_idle = cfg.polls_pipe(self.runner.device.type)
         self.role = role(self)
         self._log_startup()
 
@@ -175,10 +178,12 @@ class Engine:
         # out now, not one forward step later.
         self._flush()
         batch = self.scheduler.schedule()
-        if batch is not None:
-            self._step(batch)
+        ran = self._step(batch) if batch is not None else None
         self._finish_done()
         self._flush()
+        # After the flush: a prefill's first tokens leave before its log line is written.
+        if ran is not None:
+            self._log_step(ran)
 
     def _receive(self) -> bool:
         busy = self.scheduler.running or self.scheduler.waiting or self.scheduler.chunked
@@ -187,12 +192,24 @@ class Engine:
             self.pool.reclaim()
         wait_s = 0.0 if busy else (self.pd_poll_wait_s if self.role.has_pending() else self.role.idle_wait_s)
         try:
-            while self._inbox.poll(wait_s * 1e3):  # also ready at end of file: recv_bytes raises
+            ready = self._wait_for_front(wait_s)
+            while ready:  # also ready at end of file: recv_bytes raises
                 self._handle(codec.decode(self.conn.recv_bytes()))
-                wait_s = 0.0
+                ready = bool(self._inbox.poll(0))
         except (EOFError, OSError):
             logger.info("front closed the pipe; engine exits")
             return False
+        return True
+
+    def _wait_for_front(self, wait_s: float) -> bool:
+        """Whether the front sent something within ``wait_s``: a blocking wait, or
+        with ``spin_while_idle`` a poll that the message ends within microseconds."""
+        if not self.spin_while_idle or wait_s <= 0:
+            return bool(self._inbox.poll(wait_s * 1e3))
+        deadline_s = time.monotonic() + wait_s
+        while not self._inbox.poll(0):
+            if time.monotonic() >= deadline_s:
+                return False
         return True
 
     def _handle(self, msg: object) -> None:
@@ -223,7 +240,8 @@ class Engine:
             raise RequestRejected(f"prompt of {len(req.prompt_ids)} tokens exceeds the KV pool ({capacity} tokens)")
 
     # ---- one step -------------------------------------------------------------
-    def _step(self, batch: ScheduledBatch) -> None:
+    def _step(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """Run ``batch`` (or the part of it an ahead step computed, which it returns)."""
         self._step_started_s = now = time.monotonic()
         for req in batch.reqs:
             if req.scheduled_s is None:
@@ -241,10 +259,7 @@ class Engine:
                 self._launch_ahead(ready, pending.token_ids)
             self._record(ready, pending.wait())
         self._step_started_s = None
-        if batch.is_decode:
-            self._log_decode(batch)
-        else:
-            self._log_prefill(batch)
+        return batch
 
     def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ScheduledBatch]:
         """Logits of ``batch``, or of the part of it an ahead step already computed.
@@ -445,6 +460,12 @@ class Engine:
         return (total - self.pool.num_free_pages - self.cache.num_cached_pages) / max(total, 1)
 
     # ---- logs and watchdog ------------------------------------------------------------
+    def _log_step(self, batch: ScheduledBatch) -> None:
+        if batch.is_decode:
+            self._log_decode(batch)
+        else:
+            self._log_prefill(batch)
+
     def _log_prefill(self, batch: ScheduledBatch) -> None:
         logger.info(
             "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, #running-req: %d, #queue-req: %d,",

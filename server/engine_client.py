@@ -173,6 +173,10 @@ class EngineClient:
         self._sock: socket.socket | None = None
         self.dead = False
         self.stopping = False  # the front is shutting down: the engine's exit is expected
+        self._cfg = cfg
+        self._spin = False  # set once the engine is ready: see _keep_polling
+        self._spinning = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
     def _rank_pipes(ctx, cfg: ServerConfig, model_dir: str, engine_main: EngineMain,
@@ -211,13 +215,14 @@ class EngineClient:
             raise EngineDied(msg.error)
         assert isinstance(msg, EngineReady)
         self.ready = msg
+        self._spin = self._cfg.polls_pipe(msg.device)
         return msg
 
     async def attach(self) -> None:
         """From now on the event loop reads and writes the pipe (call it in the loop)."""
         sock = self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))
         self._conn.close()
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         protocol = _PipeProtocol(self._dispatch, self._on_death)
         self._transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
 
@@ -277,7 +282,20 @@ class EngineClient:
         except BaseException:
             self._boxes.pop(req.rid, None)
             raise
+        if self._spin and not self._spinning:
+            self._spinning = True
+            self._loop.call_soon(self._keep_polling)
         return box
+
+    def _keep_polling(self) -> None:
+        """While requests are open, keep a callback ready so that the event loop
+        polls its sockets instead of sleeping in them: a sleeping core takes
+        0.1-0.3 ms to wake for the engine's output on a GPU host. One busy core
+        while requests run; none when idle (the next request wakes the loop)."""
+        if self._boxes and not self.dead:
+            self._loop.call_soon(self._keep_polling)
+        else:
+            self._spinning = False
 
     def close(self, rid: str, abort: bool) -> None:
         """Forget ``rid``'s mailbox; ``abort`` tells the engine to drop it and free its pages."""

@@ -21,6 +21,7 @@ from pdserve.server.serving import Serving, SubRequest
 from pdserve.server.state import AppState
 from pdserve.server.text_stream import ChoiceState
 from pdserve.web.auth import BearerAuthMiddleware
+from pdserve.web.direct_route import DirectRoute
 from pdserve.web.disconnect import until_client_leaves
 from pdserve.web.errors import error_response, install_error_handlers, parse_json_object
 from pdserve.web.event_stream import EventStream
@@ -63,18 +64,20 @@ def _check_role(state: AppState, gen: GenerationInput) -> None:
         raise APIError(400, "a prefill instance serves only PD requests (with bootstrap_room) sent by the router", "bootstrap_room")
 
 
+# The generation endpoints: (body parser, kind of answer).
+GENERATION_ROUTES = {
+    "/v1/completions": (parse_completion, "completion"),
+    "/v1/chat/completions": (parse_chat, "chat"),
+    "/generate": (parse_generate, "generate"),
+}
+
+
 def _install_api(app: FastAPI, state: AppState) -> None:
-    @app.post("/v1/completions", openapi_extra=request_body("/v1/completions"))
-    async def completions(request: Request):
-        return await _handle(request, state, parse_completion, "completion")
-
-    @app.post("/v1/chat/completions", openapi_extra=request_body("/v1/chat/completions"))
-    async def chat(request: Request):
-        return await _handle(request, state, parse_chat, "chat")
-
-    @app.post("/generate", openapi_extra=request_body("/generate"))
-    async def generate(request: Request):
-        return await _handle(request, state, parse_generate, "generate")
+    for path, (parser, kind) in GENERATION_ROUTES.items():
+        # DirectRoute: the handler reads the raw body itself, so FastAPI's own
+        # per-request work around it would be pure cost on every first token.
+        app.router.add_api_route(path, _endpoint(state, parser, kind), methods=["POST"], name=kind,
+                                 openapi_extra=request_body(path), route_class_override=DirectRoute)
 
     @app.get("/v1/models")
     async def models():
@@ -85,6 +88,13 @@ def _install_api(app: FastAPI, state: AppState) -> None:
         if model_id != state.model_name:
             raise APIError(404, f"The model `{model_id}` does not exist.", "model", "model_not_found")
         return _model_card(state)
+
+
+def _endpoint(state: AppState, parser, kind: str):
+    async def endpoint(request: Request):
+        return await _handle(request, state, parser, kind)
+
+    return endpoint
 
 
 def _model_card(state: AppState) -> dict:

@@ -148,9 +148,10 @@ class Serving:
                 raise APIError(400, f"chat template failed: {exc}", "messages") from exc
         else:
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.limits.vocab_size]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.limits.vocab_size})", "prompt")
+            vocab = self.limits.vocab_size
+            if ids and not 0 <= min(ids) <= max(ids) < vocab:  # (C speed; the loop below names the culprit)
+                bad = next(t for t in ids if not 0 <= t < vocab)
+                raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         return self._fit_context(ids, params)
 
     def _fit_context(self, ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:

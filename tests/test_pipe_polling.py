@@ -1,5 +1,5 @@
 """The pipe between an engine and its front, polled instead of slept on (GPU
-engines, unless ``--sleep-on-idle``): the engine takes a message the moment it
+engines with ``--busy-poll``): the engine takes a message the moment it
 arrives and otherwise waits out its usual time; the front's event loop stops
 sleeping while requests are open and sleeps again once they are done."""
 
@@ -22,10 +22,10 @@ from pdserve.server.engine_client import EngineClient
 from pdserve.web.direct_route import DirectRoute
 
 
-def test_only_gpu_engines_poll_and_sleep_on_idle_turns_it_off() -> None:
-    assert ServerConfig().polls_pipe("cuda:0")
-    assert not ServerConfig().polls_pipe("cpu")
-    assert not ServerConfig(sleep_on_idle=True).polls_pipe("cuda:0")
+def test_only_gpu_engines_poll_and_only_with_busy_poll() -> None:
+    assert ServerConfig(busy_poll=True).polls_pipe("cuda:0")
+    assert not ServerConfig(busy_poll=True).polls_pipe("cpu")
+    assert not ServerConfig().polls_pipe("cuda:0")
 
 
 @pytest.mark.parametrize("spin", [True, False])

@@ -83,6 +83,9 @@ class EngineHostConfig:
         "stub: the device-side argmax returns precomputed ids; device: the real argmax, on the CPU",
         nargs="+", choices=SAMPLING_MODES))
     disable_overlap_schedule: bool = field(default=False, metadata=flag("measure the serial schedule"))
+    full_cache: bool = field(default=False, metadata=flag(
+        "fill every free page of the pool with cached prompts before measuring, as on a server that has run a "
+        "while: each page a decode step needs is then evicted from the prefix cache"))
     repeats: int = field(default=1, metadata=flag("runs of every measurement (alternating sides with --against)"))
     against: str | None = field(default=None, metadata=flag(
         "also measure the pdserve package DIR/pdserve (e.g. a worktree of an older commit)", metavar="DIR"))
@@ -285,6 +288,20 @@ def _fill(engine: Any, cfg: EngineHostConfig, batch_size: int) -> None:
         _turn(engine)
 
 
+def _fill_cache(engine: Any, cfg: EngineHostConfig) -> int:
+    """Every free page to the prefix cache, as prompts of ``cfg.prompt_len``
+    tokens that nobody runs; returns the pages the cache holds."""
+    import random
+
+    pool, rng = engine.pool, random.Random(2)
+    while pool.num_free_pages:
+        num_pages = min(max(cfg.prompt_len // cfg.page_size, 1), pool.num_free_pages)
+        pages = pool.alloc(num_pages)
+        engine.cache.insert([rng.randrange(1, cfg.vocab_size) for _ in range(num_pages * cfg.page_size)], pages)
+        pool.release(pages)
+    return engine.cache.num_cached_pages
+
+
 # ---- passes -------------------------------------------------------------------------------
 def _plain_pass(engine: Any, steps: int) -> dict[str, float]:
     """Wall and CPU time of ``steps`` loop turns, nothing added."""
@@ -394,6 +411,7 @@ def measure_one(cfg: EngineHostConfig, model_dir: str, batch_size: int, sampling
     steps = cfg.steps if sampling == "stub" else cfg.device_steps
     with _stub_argmax(tokens) if sampling == "stub" else nullcontext(), closing(conn):
         _fill(engine, cfg, batch_size)
+        cached_pages = _fill_cache(engine, cfg) if cfg.full_cache else engine.cache.num_cached_pages
         step = _plain_pass(engine, steps)
         phases = _phase_pass(engine, steps)
         if cfg.profile_dir:
@@ -404,7 +422,7 @@ def measure_one(cfg: EngineHostConfig, model_dir: str, batch_size: int, sampling
         raise RuntimeError(f"{batch_size - running} requests left the batch while it was measured")
     return {"batch_size": batch_size, "sampling": sampling, "overlap": not cfg.disable_overlap_schedule,
             "step_us": step, "per_request_us": _per_request(step, batch_size), "phases_us": phases,
-            "steps": steps, "messages": messages, "tokens_streamed": streamed}
+            "steps": steps, "messages": messages, "tokens_streamed": streamed, "cached_pages": cached_pages}
 
 
 def _quiet_logs() -> None:

@@ -5,6 +5,13 @@ tokens before it. The cache holds one pool reference per node; a node whose page
 nobody else references is evictable once it is a leaf, least recently used
 first. Matching works at page granularity, so a hit never shares a partly
 written page.
+
+Eviction keeps a heap of candidate leaves across calls. A full pool evicts a
+page or two at a time, for every request that crosses a page border in a
+decode step, so building the heap from a walk of the whole tree on every call
+(tens of thousands of nodes once the cache has filled the pool) would cost
+milliseconds per request per step. Entries go stale as the tree changes and
+are checked when popped; the heap is rebuilt only when it runs dry.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ class RadixCache:
         self._root = _Node((), -1, None)
         self._num_nodes = 0
         self._clock = itertools.count(1)
+        # (last access when pushed, tiebreak, node): candidates, checked when popped.
+        self._heap: list[tuple[int, int, _Node]] = []
+        self._tiebreak = itertools.count()
 
     @property
     def num_cached_pages(self) -> int:
@@ -84,17 +94,34 @@ class RadixCache:
             node = child
 
     def evict(self, num_pages: int) -> int:
-        """Free up to ``num_pages`` pages that only the cache holds; returns how many."""
-        heap = [(n.last_access, id(n), n) for n in self._leaves() if self._evictable(n)]
-        heapq.heapify(heap)
-        freed = 0
-        while heap and freed < num_pages:
-            _, _, node = heapq.heappop(heap)
+        """Free up to ``num_pages`` pages that only the cache holds, least
+        recently used first; returns how many."""
+        freed, rebuilt = 0, False
+        while freed < num_pages:
+            if not self._heap:
+                if rebuilt:
+                    break  # a fresh heap ran dry: nothing more is evictable
+                self._rebuild_heap()
+                rebuilt = True
+                continue
+            pushed_access, _, node = heapq.heappop(self._heap)
+            if node.parent is None or node.children or not self._evictable(node):
+                continue  # evicted, no longer a leaf, or in use: found again when that changes or on a rebuild
+            if node.last_access != pushed_access:
+                self._push(node)  # used since: its place in the order moved
+                continue
             parent = self._remove(node)
             freed += 1
             if parent is not self._root and not parent.children and self._evictable(parent):
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                self._push(parent)
         return freed
+
+    def _push(self, node: _Node) -> None:
+        heapq.heappush(self._heap, (node.last_access, next(self._tiebreak), node))
+
+    def _rebuild_heap(self) -> None:
+        self._heap = [(n.last_access, next(self._tiebreak), n) for n in self._leaves() if self._evictable(n)]
+        heapq.heapify(self._heap)
 
     def reset(self) -> None:
         """Drop every node (``/flush_cache``); pages in use by requests stay theirs."""
@@ -102,6 +129,7 @@ class RadixCache:
             self.pool.release([node.page])
         self._root = _Node((), -1, None)
         self._num_nodes = 0
+        self._heap = []
 
     def _evictable(self, node: _Node) -> bool:
         return self.pool.ref_count(node.page) == 1
@@ -109,6 +137,7 @@ class RadixCache:
     def _remove(self, node: _Node) -> _Node:
         parent = node.parent
         del parent.children[node.key]
+        node.parent = None  # marks a heap entry of it as stale
         self.pool.release([node.page])
         self._num_nodes -= 1
         return parent

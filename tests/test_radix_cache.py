@@ -130,3 +130,71 @@ def test_no_page_freed_twice_under_churn(pool: KVPool, cache: RadixCache) -> Non
     assert pool.num_free_pages + cache.num_cached_pages == 16
     cache.reset()
     assert pool.num_free_pages == 16
+
+
+def _lru_order_reference(cache: RadixCache) -> list[int]:
+    """Pages in the order a full LRU pass would evict them (leaves first,
+    least recently used first), without evicting: what the kept heap must match."""
+    import heapq
+
+    heap = [(n.last_access, n.page, n) for n in cache._leaves() if cache._evictable(n)]
+    heapq.heapify(heap)
+    children = {id(n): len(n.children) for n in cache._walk()}
+    order = []
+    while heap:
+        _, page, node = heapq.heappop(heap)
+        order.append(page)
+        parent = node.parent
+        if parent is not cache._root:
+            children[id(parent)] -= 1
+            if not children[id(parent)] and cache._evictable(parent):
+                heapq.heappush(heap, (parent.last_access, parent.page, parent))
+    return order
+
+
+def test_a_full_pool_evicting_a_page_at_a_time_walks_the_tree_once() -> None:
+    """As a decode step's requests cross page borders one by one: each call
+    frees the next least recently used page, from a heap built once."""
+    pool = make_pool(num_pages=64, page_size=PAGE)
+    cache = RadixCache(pool)
+    pages = [finish(pool, cache, [i] * PAGE)[0] for i in range(60)]  # 60 one-page prompts, oldest first
+    walks = 0
+    leaves = cache._leaves
+
+    def counted():
+        nonlocal walks
+        walks += 1
+        return leaves()
+
+    cache._leaves = counted
+    freed = []
+    for _ in range(50):
+        before = {p for p in pages if pool.ref_count(p)}
+        assert cache.evict(1) == 1
+        freed += [p for p in before if not pool.ref_count(p)]
+    assert freed == pages[:50]
+    assert walks == 1
+
+
+def test_eviction_order_stays_lru_as_the_tree_changes_between_calls(pool: KVPool, cache: RadixCache) -> None:
+    a = finish(pool, cache, [1] * PAGE)
+    b = finish(pool, cache, [2] * PAGE)
+    c = finish(pool, cache, [3] * PAGE)
+    assert cache.evict(1) == 1 and pool.ref_count(a[0]) == 0  # the heap is built here
+    cache.match([2] * PAGE)  # b is now newer than c
+    d = finish(pool, cache, [4] * 2 * PAGE)  # cached after the heap was built: newest
+    assert _lru_order_reference(cache) == [c[0], b[0], d[1], d[0]]
+    order = []
+    while cache.num_cached_pages:
+        held = {p for p in (b[0], c[0], d[0], d[1]) if pool.ref_count(p)}
+        assert cache.evict(1) == 1
+        order += [p for p in held if not pool.ref_count(p)]
+    assert order == [c[0], b[0], d[1], d[0]]
+
+
+def test_a_page_in_use_when_the_heap_was_built_is_evicted_once_released(pool: KVPool, cache: RadixCache) -> None:
+    pages = finish(pool, cache, [5] * PAGE)
+    pool.ref(pages)  # a running request holds the cached page
+    assert cache.evict(1) == 0
+    pool.release(pages)
+    assert cache.evict(1) == 1 and pool.ref_count(pages[0]) == 0

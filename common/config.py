@@ -108,10 +108,11 @@ class ServerConfig:
     prefill_cuda_graph_max_seqs: int = field(default=16, metadata=_flag("most sequences of a prefill step that replays a CUDA graph"))
     disable_overlap_schedule: bool = field(default=False, metadata=_flag("do not prepare the next batch while the GPU runs"))
     disable_pdl: bool = field(default=False, metadata=_flag("launch our GPU kernels without programmatic dependent launch (Hopper and newer chain them by default)"))
-    busy_poll: bool = field(default=False, metadata=_flag(
-        "GPU: the engine polls the pipe to its front while idle, and the front polls while requests run, instead "
-        "of sleeping on it: one busy core each, ~0.35 ms less time to first token at one request at a time, "
-        "but 9-28%% less output throughput at 128 concurrent requests on an H100 (1B shape)"))
+    poll_pipe_max_requests: int = field(default=8, metadata=_flag(
+        "GPU: while at most this many requests are open, the front polls the pipe to its engine instead of sleeping "
+        "on it, and the engine polls it while idle: one busy core each (an idle server shows its engine at 100%%), ~0.35 ms "
+        "less time to first token; with more open requests both sleep, since the front polling at 128 cost output "
+        "throughput on an H100 (0: never poll)"))
     # Disaggregation.
     disaggregation_mode: Role = field(default=Role.COLOCATED, metadata=_flag("instance role: null (colocated), prefill or decode"))
     disaggregation_bootstrap_url: str | None = field(default=None, metadata=_flag("bootstrap service URL, e.g. http://127.0.0.1:8998"))
@@ -136,11 +137,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "disaggregation_mode", Role(self.disaggregation_mode))  # its name works too
 
-    def polls_pipe(self, device: str) -> bool:
-        """Whether the engine and its front poll the pipe between them rather
-        than sleep on it (``--busy-poll``): on GPU only, where the cores are
-        the host's to spare; a CPU engine needs them for the model."""
-        return device.startswith("cuda") and self.busy_poll
+    def pipe_poll_limit(self, device: str) -> int:
+        """Most open requests at which the front polls the pipe to its engine
+        (and the engine polls it while idle) rather than sleep on it
+        (``--poll-pipe-max-requests``): 0 off GPU, where the model needs the
+        cores; a GPU host has cores to spare."""
+        return self.poll_pipe_max_requests if device.startswith("cuda") else 0
 
     def resolve(self) -> ServerConfig:
         """Fill the ``auto`` values that need neither the model nor a device."""
@@ -176,6 +178,8 @@ class ServerConfig:
             raise ValueError("--prefill-cuda-graph-max-tokens must be positive")
         if self.prefill_cuda_graph_max_seqs < 1:
             raise ValueError("--prefill-cuda-graph-max-seqs must be positive")
+        if self.poll_pipe_max_requests < 0:
+            raise ValueError("--poll-pipe-max-requests must be >= 0")
 
 
 def rendezvous_address(cfg: ServerConfig) -> str:

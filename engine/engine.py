@@ -115,7 +115,7 @@ class Engine:
         self.pd_poll_wait_s = poll_ms / 1e3 if poll_ms is not None else PD_POLL_WAIT_S.get(self.runner.device.type, PD_POLL_WAIT_S["cpu"])
         # A process blocked on a pipe takes 0.1-0.3 ms to wake on a GPU host (its
         # core sleeps), on the path of every first token; polling keeps one core busy.
-        self.spin_while_idle = cfg.polls_pipe(self.runner.device.type)
+        self.spin_while_idle = cfg.pipe_poll_limit(self.runner.device.type) > 0
         self.role = role(self)
         self._log_startup()
 

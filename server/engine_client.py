@@ -174,7 +174,7 @@ class EngineClient:
         self.dead = False
         self.stopping = False  # the front is shutting down: the engine's exit is expected
         self._cfg = cfg
-        self._spin = False  # set once the engine is ready: see _keep_polling
+        self._poll_limit = 0  # set once the engine is ready: see _keep_polling
         self._spinning = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -215,7 +215,7 @@ class EngineClient:
             raise EngineDied(msg.error)
         assert isinstance(msg, EngineReady)
         self.ready = msg
-        self._spin = self._cfg.polls_pipe(msg.device)
+        self._poll_limit = self._cfg.pipe_poll_limit(msg.device)
         return msg
 
     async def attach(self) -> None:
@@ -282,17 +282,25 @@ class EngineClient:
         except BaseException:
             self._boxes.pop(req.rid, None)
             raise
-        if self._spin and not self._spinning:
-            self._spinning = True
-            self._loop.call_soon(self._keep_polling)
+        self._start_polling()
         return box
 
+    def _polls(self) -> bool:
+        return 0 < len(self._boxes) <= self._poll_limit and not self.dead
+
+    def _start_polling(self) -> None:
+        if not self._spinning and self._polls():
+            self._spinning = True
+            self._loop.call_soon(self._keep_polling)
+
     def _keep_polling(self) -> None:
-        """While requests are open, keep a callback ready so that the event loop
-        polls its sockets instead of sleeping in them: a sleeping core takes
-        0.1-0.3 ms to wake for the engine's output on a GPU host. One busy core
-        while requests run; none when idle (the next request wakes the loop)."""
-        if self._boxes and not self.dead:
+        """While a few requests are open (``pipe_poll_limit``), keep a callback
+        ready so that the event loop polls its sockets instead of sleeping in
+        them: a sleeping core takes 0.1-0.3 ms to wake for the engine's output
+        on a GPU host. With many open, the loop sleeps: its wakes then serve
+        many events each, and polling there cost output throughput. None when
+        idle (the next request wakes the loop)."""
+        if self._polls():
             self._loop.call_soon(self._keep_polling)
         else:
             self._spinning = False
@@ -302,6 +310,8 @@ class EngineClient:
         self._boxes.pop(rid, None)
         if abort and self.alive():
             self._send(AbortRequest(rid=rid))
+        if self._loop is not None:
+            self._start_polling()  # back down to a few open
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[list[Update]]:
         """Yield the engine's updates for one request, a list at a time, until it finishes.

@@ -1,7 +1,8 @@
 """The pipe between an engine and its front, polled instead of slept on (GPU
-engines with ``--busy-poll``): the engine takes a message the moment it
-arrives and otherwise waits out its usual time; the front's event loop stops
-sleeping while requests are open and sleeps again once they are done."""
+engines, while at most ``--poll-pipe-max-requests`` requests are open): the
+engine takes a message the moment it arrives and otherwise waits out its
+usual time; the front's event loop stops sleeping while a few requests are
+open and sleeps again once they are done or many."""
 
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ from pdserve.server.engine_client import EngineClient
 from pdserve.web.direct_route import DirectRoute
 
 
-def test_only_gpu_engines_poll_and_only_with_busy_poll() -> None:
-    assert ServerConfig(busy_poll=True).polls_pipe("cuda:0")
-    assert not ServerConfig(busy_poll=True).polls_pipe("cpu")
-    assert not ServerConfig().polls_pipe("cuda:0")
+def test_gpu_engines_poll_by_default_up_to_the_limit_and_cpu_engines_never() -> None:
+    assert ServerConfig().pipe_poll_limit("cuda:0") == 8
+    assert ServerConfig(poll_pipe_max_requests=2).pipe_poll_limit("cuda:1") == 2
+    assert ServerConfig(poll_pipe_max_requests=0).pipe_poll_limit("cuda:0") == 0
+    assert ServerConfig().pipe_poll_limit("cpu") == 0
+    with pytest.raises(ValueError, match="--poll-pipe-max-requests must be >= 0"):
+        ServerConfig(poll_pipe_max_requests=-1).validate()
 
 
 @pytest.mark.parametrize("spin", [True, False])
@@ -61,26 +65,76 @@ def _selector_timeouts(loop: asyncio.AbstractEventLoop) -> list[float | None]:
     return timeouts
 
 
-def test_the_front_loop_polls_while_requests_are_open_and_sleeps_when_they_are_done(monkeypatch) -> None:
+def _request(rid: str) -> GenerateRequest:
+    return GenerateRequest(rid=rid, input_ids=[1, 2], params=SamplingParams())
+
+
+def _front(monkeypatch, poll_limit: int) -> EngineClient:
     client = EngineClient(ServerConfig(device="cpu"), "unused", engine_main=print)  # never started: the pipe buffers
     monkeypatch.setattr(client, "alive", lambda: True)
-    client._spin = True  # as start() sets it for an engine on a GPU
+    client._poll_limit = poll_limit  # as start() sets it for an engine on a GPU
+    return client
+
+
+async def _waits_while(timeouts: list) -> list:
+    """The loop's waits on its sockets over a 50 ms timer (a sleeping loop
+    waits on them for the timer; a polling one never blocks)."""
+    timeouts.clear()
+    await asyncio.sleep(0.05)
+    return list(timeouts)
+
+
+def _polled(waits: list) -> bool:
+    assert waits
+    return all(t == 0 for t in waits)
+
+
+def test_the_front_loop_polls_while_requests_are_open_and_sleeps_when_they_are_done(monkeypatch) -> None:
+    client = _front(monkeypatch, poll_limit=8)
 
     async def run() -> tuple[list, list]:
         await client.attach()
         timeouts = _selector_timeouts(asyncio.get_running_loop())
-        client.open(GenerateRequest(rid="a", input_ids=[1, 2], params=SamplingParams()))
-        await asyncio.sleep(0.05)  # a timer: a sleeping loop would wait on its sockets for it
-        while_open = list(timeouts)
+        client.open(_request("a"))
+        while_open = await _waits_while(timeouts)
         client.close("a", abort=False)
         timeouts.clear()
         await asyncio.sleep(0.2)
         return while_open, list(timeouts)
 
     while_open, after = asyncio.new_event_loop().run_until_complete(run())
-    assert len(while_open) > 10 and all(t == 0 for t in while_open)
+    assert len(while_open) > 10 and _polled(while_open)
     assert not client._spinning
     assert any(t is None or t > 0.01 for t in after)
+
+
+def test_the_front_loop_sleeps_while_more_requests_than_the_limit_are_open(monkeypatch) -> None:
+    client = _front(monkeypatch, poll_limit=2)
+
+    async def run() -> list[bool]:
+        await client.attach()
+        timeouts = _selector_timeouts(asyncio.get_running_loop())
+        polled = []
+        for rid in "abc":  # two open: polls; three: sleeps
+            client.open(_request(rid))
+            polled.append(_polled(await _waits_while(timeouts)))
+        client.close("c", abort=False)  # back to two: polls again
+        polled.append(_polled(await _waits_while(timeouts)))
+        return polled
+
+    assert asyncio.new_event_loop().run_until_complete(run()) == [True, True, False, True]
+
+
+def test_a_front_with_no_poll_limit_always_sleeps(monkeypatch) -> None:
+    client = _front(monkeypatch, poll_limit=0)
+
+    async def run() -> bool:
+        await client.attach()
+        timeouts = _selector_timeouts(asyncio.get_running_loop())
+        client.open(_request("a"))
+        return _polled(await _waits_while(timeouts))
+
+    assert not asyncio.new_event_loop().run_until_complete(run())
 
 
 def test_a_direct_route_answers_with_content_as_json_and_keeps_its_openapi_entry() -> None:

@@ -111,8 +111,8 @@ class ServerConfig:
     poll_pipe_max_requests: int = field(default=8, metadata=_flag(
         "GPU: while at most this many requests are open, the front polls the pipe to its engine instead of sleeping "
         "on it, and the engine polls it while idle: one busy core each (an idle server shows its engine at 100%%), ~0.35 ms "
-        "less time to first token; with more open requests both sleep, since the front polling at 128 cost output "
-        "throughput on an H100 (0: never poll)"))
+        "less time to first token; with more open requests both sleep: each wake then serves many events, and a "
+        "front always polling read less output throughput at 128 on an H100 (0: never poll)"))
     # Disaggregation.
     disaggregation_mode: Role = field(default=Role.COLOCATED, metadata=_flag("instance role: null (colocated), prefill or decode"))
     disaggregation_bootstrap_url: str | None = field(default=None, metadata=_flag("bootstrap service URL, e.g. http://127.0.0.1:8998"))

@@ -93,7 +93,9 @@ class ServerConfig:
     chunked_prefill_size: int = field(default=8192, metadata=_flag("max prompt tokens of one request per prefill step; -1 disables chunking"))
     max_prefill_tokens: int = field(default=16384, metadata=_flag("max new tokens in one prefill batch"))
     max_running_requests: int | None = field(default=None, metadata=_flag("max requests decoding at once"))
-    schedule_policy: str = field(default="fcfs", metadata=_flag("waiting-queue order", choices=("fcfs", "lpm")))
+    schedule_policy: str = field(default="fcfs", metadata=_flag(
+        "waiting-queue order: fcfs, or lpm (longest cached prefix first; arrival order while over 128 wait)",
+        choices=("fcfs", "lpm")))
     schedule_conservativeness: float = field(default=1.0, metadata=_flag("higher reserves more room for future tokens"))
     disable_radix_cache: bool = field(default=False, metadata=_flag("disable the prefix cache"))
     decode_log_interval: int = field(default=40, metadata=_flag("log a decode batch line every N decode steps"))

@@ -19,6 +19,11 @@ from pdserve.model.kv_pool import KVPool
 
 logger = logging.getLogger("pdserve.scheduler")
 
+# lpm matches every waiting prompt against the cache at each scheduling turn:
+# over this many waiting (an overloaded server) that costs more than it saves,
+# and the queue is served in arrival order, as SGLang does.
+LPM_MAX_WAITING = 128
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -104,7 +109,7 @@ class Scheduler:
         return True
 
     def _order_waiting(self) -> None:
-        if self.cfg.schedule_policy == "lpm":
+        if self.cfg.schedule_policy == "lpm" and len(self.waiting) <= LPM_MAX_WAITING:
             self.waiting.sort(key=lambda r: -self.cache.match_len(r.all_ids[:-1]))
 
     def _schedule_prefill(self) -> ScheduledBatch | None:

@@ -193,6 +193,20 @@ def test_lpm_orders_waiting_by_cached_prefix() -> None:
     assert step(sched).reqs == [hot]
 
 
+def test_lpm_serves_a_long_queue_in_arrival_order(monkeypatch) -> None:
+    import pdserve.engine.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "LPM_MAX_WAITING", 2)
+    sched = make_scheduler(schedule_policy="lpm", max_running_requests=1)
+    sched.add(make_req("warm", 12, max_new=1, first=500))
+    step(sched)
+    cold, other, hot = (make_req(rid, 12, max_new=1, first=first) for rid, first in (("cold", 0), ("other", 900), ("hot", 500)))
+    for req in (cold, other, hot):
+        sched.add(req)
+    assert step(sched).reqs == [cold]  # three waiting: arrival order, though hot has a cached prefix
+    assert step(sched).reqs == [hot]  # two left: lpm again, and the cached prefix goes first
+
+
 def test_remove_takes_a_request_out_of_every_queue() -> None:
     sched = make_scheduler(max_prefill_tokens=8)
     long, short = make_req("long", 30), make_req("short", 4, first=99)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Iterator
 
 from pdserve.model.kv_pool import KVPool
 
@@ -49,28 +50,33 @@ class RadixCache:
     def num_cached_pages(self) -> int:
         return self._num_nodes
 
-    def _keys(self, tokens: list[int]) -> list[tuple[int, ...]]:
-        n = len(tokens) // self.page_size
-        return [tuple(tokens[i * self.page_size : (i + 1) * self.page_size]) for i in range(n)]
+    def _keys(self, tokens: list[int], num_tokens: int | None = None) -> Iterator[tuple[int, ...]]:
+        """The keys of the full pages among the first ``num_tokens`` (default:
+        all), built as they are asked for: a walk that misses early (most
+        prompts matched against the cache) builds few, and copies nothing else."""
+        size, end = self.page_size, len(tokens) if num_tokens is None else min(num_tokens, len(tokens))
+        return (tuple(tokens[i : i + size]) for i in range(0, end - size + 1, size))
 
-    def match_len(self, tokens: list[int]) -> int:
-        """Tokens of ``tokens`` covered by cached pages, without touching LRU order."""
+    def match_len(self, tokens: list[int], num_tokens: int | None = None) -> int:
+        """Tokens of the first ``num_tokens`` of ``tokens`` (default: all)
+        covered by cached pages, without touching LRU order."""
         node, matched = self._root, 0
-        for key in self._keys(tokens) if self.enabled else []:
+        for key in self._keys(tokens, num_tokens) if self.enabled else []:
             node = node.children.get(key)
             if node is None:
                 break
             matched += self.page_size
         return matched
 
-    def match(self, tokens: list[int]) -> list[int]:
-        """Pages caching the longest page-aligned prefix of ``tokens``; the caller
-        takes a pool reference on them before anything can be evicted."""
+    def match(self, tokens: list[int], num_tokens: int | None = None) -> list[int]:
+        """Pages caching the longest page-aligned prefix of the first
+        ``num_tokens`` of ``tokens`` (default: all); the caller takes a pool
+        reference on them before anything can be evicted."""
         pages: list[int] = []
         if not self.enabled:
             return pages
         node, now = self._root, next(self._clock)
-        for key in self._keys(tokens):
+        for key in self._keys(tokens, num_tokens):
             node = node.children.get(key)
             if node is None:
                 break

@@ -42,6 +42,11 @@ class Req:
         return self.prompt_ids + self.output_ids
 
     @property
+    def ids_read_only(self) -> list[int]:
+        """``all_ids`` without its copy while nothing was generated; not to be changed."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

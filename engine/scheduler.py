@@ -19,10 +19,11 @@ from pdserve.model.kv_pool import KVPool
 
 logger = logging.getLogger("pdserve.scheduler")
 
-# lpm matches every waiting prompt against the cache at each scheduling turn
-# (26 ms of engine CPU for 1000 waiting prompts of 2048 tokens on a 2-core
-# CI host, every step): past this many waiting (an overloaded server) the
-# queue is served in arrival order, as SGLang does.
+# lpm matches every waiting prompt against the cache at each scheduling turn,
+# a cost that grows with the queue (2.2 ms of engine CPU a turn for 1000
+# waiting prompts of 2048 tokens on a 2-core CI host, 26 ms while each match
+# copied its prompt): past this many waiting (an overloaded server) the queue
+# is served in arrival order, as SGLang does.
 LPM_MAX_WAITING = 128
 
 
@@ -111,7 +112,7 @@ class Scheduler:
 
     def _order_waiting(self) -> None:
         if self.cfg.schedule_policy == "lpm" and len(self.waiting) <= LPM_MAX_WAITING:
-            self.waiting.sort(key=lambda r: -self.cache.match_len(r.all_ids[:-1]))
+            self.waiting.sort(key=lambda r: -self.cache.match_len(r.ids_read_only, r.seq_len - 1))
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         if not self.waiting and self.chunked is None:
@@ -138,7 +139,7 @@ class Scheduler:
         return batch if batch.reqs else None
 
     def _match_prefix(self, req: Req) -> None:
-        pages = self.cache.match(req.all_ids[:-1])
+        pages = self.cache.match(req.ids_read_only, req.seq_len - 1)
         self.pool.ref(pages)
         req.pages = pages
         req.num_computed = len(pages) * self.cfg.page_size

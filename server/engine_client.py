@@ -298,8 +298,9 @@ class EngineClient:
         ready so that the event loop polls its sockets instead of sleeping in
         them: a sleeping core takes 0.1-0.3 ms to wake for the engine's output
         on a GPU host. With many open, the loop sleeps: its wakes then serve
-        many events each, and polling there cost output throughput. None when
-        idle (the next request wakes the loop)."""
+        many events each, and polling there gained no throughput in served
+        runs (one series read less). None when idle (the next request wakes
+        the loop)."""
         if self._polls():
             self._loop.call_soon(self._keep_polling)
         else:

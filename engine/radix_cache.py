@@ -6,20 +6,18 @@ nobody else references is evictable once it is a leaf, least recently used
 first. Matching works at page granularity, so a hit never shares a partly
 written page.
 
-Eviction keeps a heap of candidate leaves across calls. A full pool evicts a
-page or two at a time, for every request that crosses a page border in a
-decode step, so building the heap from a walk of the whole tree on every call
-(tens of thousands of nodes once the cache has filled the pool) would cost
-milliseconds per request per step. Entries go stale as the tree changes and
-are checked when popped; the heap is rebuilt only when it runs dry.
+A full pool evicts a page for every request that crosses a page border in a
+decode step; the candidates are a ``common.lru_heap.LruHeap`` kept across
+calls, since a walk of the whole tree per call (tens of thousands of nodes
+once the cache has filled the pool) cost milliseconds per request per step.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Iterator
 
+from pdserve.common.lru_heap import LruHeap
 from pdserve.model.kv_pool import KVPool
 
 
@@ -42,9 +40,7 @@ class RadixCache:
         self._root = _Node((), -1, None)
         self._num_nodes = 0
         self._clock = itertools.count(1)
-        # (last access when pushed, tiebreak, node): candidates, checked when popped.
-        self._heap: list[tuple[int, int, _Node]] = []
-        self._tiebreak = itertools.count()
+        self._lru = LruHeap(self._candidates, self._access_if_evictable)
 
     @property
     def num_cached_pages(self) -> int:
@@ -98,36 +94,27 @@ class RadixCache:
                 self._num_nodes += 1
             child.last_access = now
             node = child
+        if node is not self._root and not node.children:
+            self._lru.push(node, now)  # a new or extended leaf: newest in the order
 
     def evict(self, num_pages: int) -> int:
         """Free up to ``num_pages`` pages that only the cache holds, least
         recently used first; returns how many."""
-        freed, rebuilt = 0, False
-        while freed < num_pages:
-            if not self._heap:
-                if rebuilt:
-                    break  # a fresh heap ran dry: nothing more is evictable
-                self._rebuild_heap()
-                rebuilt = True
-                continue
-            pushed_access, _, node = heapq.heappop(self._heap)
-            if node.parent is None or node.children or not self._evictable(node):
-                continue  # evicted, no longer a leaf, or in use: found again when that changes or on a rebuild
-            if node.last_access != pushed_access:
-                self._push(node)  # used since: its place in the order moved
-                continue
+        freed = 0
+        while freed < num_pages and (node := self._lru.pop()) is not None:
             parent = self._remove(node)
             freed += 1
             if parent is not self._root and not parent.children and self._evictable(parent):
-                self._push(parent)
+                self._lru.push(parent, parent.last_access)
         return freed
 
-    def _push(self, node: _Node) -> None:
-        heapq.heappush(self._heap, (node.last_access, next(self._tiebreak), node))
+    def _candidates(self):
+        return ((n.last_access, n) for n in self._leaves() if self._evictable(n))
 
-    def _rebuild_heap(self) -> None:
-        self._heap = [(n.last_access, next(self._tiebreak), n) for n in self._leaves() if self._evictable(n)]
-        heapq.heapify(self._heap)
+    def _access_if_evictable(self, node: _Node) -> int | None:
+        if node.parent is None or node.children or not self._evictable(node):
+            return None
+        return node.last_access
 
     def reset(self) -> None:
         """Drop every node (``/flush_cache``); pages in use by requests stay theirs."""
@@ -135,7 +122,7 @@ class RadixCache:
             self.pool.release([node.page])
         self._root = _Node((), -1, None)
         self._num_nodes = 0
-        self._heap = []
+        self._lru.clear()
 
     def _evictable(self, node: _Node) -> bool:
         return self.pool.ref_count(node.page) == 1
@@ -143,7 +130,7 @@ class RadixCache:
     def _remove(self, node: _Node) -> _Node:
         parent = node.parent
         del parent.children[node.key]
-        node.parent = None  # marks a heap entry of it as stale
+        node.parent = None  # an LRU heap entry of it is stale
         self.pool.release([node.page])
         self._num_nodes -= 1
         return parent

@@ -6,13 +6,18 @@ requests passed through it, with a logical access time. A tenant on a node is
 on all its ancestors, so the deepest node carrying a tenant bounds the prefix
 that tenant has probably cached. Each tenant's share is bounded in characters;
 its least recently used leaves are dropped first, as a real cache would.
+Once a tenant is at its bound every routed request evicts a little, so its
+candidates are a ``common.lru_heap.LruHeap`` kept across requests (a walk of
+the tenant's whole subtree per request cost ~0.6 ms at SGLang's default
+bound of 4M characters).
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Collection
+
+from pdserve.common.lru_heap import LruHeap
 
 
 class _Node:
@@ -38,6 +43,7 @@ class RadixTree:
         self._root = _Node("", None)
         self._ticks = itertools.count(1)
         self._chars: dict[str, int] = {}  # tenant -> characters it owns
+        self._lru: dict[str, LruHeap[_Node]] = {}  # tenant -> its eviction candidates
 
     def tenant_chars(self, tenant: str) -> int:
         return self._chars.get(tenant, 0)
@@ -59,6 +65,9 @@ class RadixTree:
                 self._chars[tenant] = self._chars.get(tenant, 0) + len(child.text)
             child.tenants[tenant] = tick
             node, pos = child, pos + len(child.text)
+        lru = self._lru.get(tenant)
+        if lru is not None and node is not self._root and not self._has_tenant_child(node, tenant):
+            lru.push(node, tick)  # the tenant's newest leaf
 
     def match(self, text: str, tenants: Collection[str]) -> tuple[int, set[str]]:
         """Longest prefix of ``text`` held by any of ``tenants``: (chars, holders)."""
@@ -83,20 +92,28 @@ class RadixTree:
         """Drop ``tenant``'s least recently used leaves until it owns <= max_chars."""
         if self._chars.get(tenant, 0) <= max_chars:
             return
-        heap = [(n.tenants[tenant], id(n), n) for n in self._tenant_leaves(tenant)]
-        heapq.heapify(heap)
-        while heap and self._chars[tenant] > max_chars:
-            _, _, node = heapq.heappop(heap)
+        lru = self._lru.get(tenant)
+        if lru is None:
+            lru = self._lru[tenant] = self._tenant_lru(tenant)
+        while self._chars[tenant] > max_chars and (node := lru.pop()) is not None:
             del node.tenants[tenant]
             self._chars[tenant] -= len(node.text)
             parent = node.parent
             if not node.tenants:
                 del parent.children[node.text[0]]
             if parent is not self._root and not self._has_tenant_child(parent, tenant):
-                heapq.heappush(heap, (parent.tenants[tenant], id(parent), parent))
+                lru.push(parent, parent.tenants[tenant])
         if self._chars[tenant] <= 0:
             self._chars.pop(tenant)
+            self._lru.pop(tenant, None)
             self._root.tenants.pop(tenant, None)
+
+    def _tenant_lru(self, tenant: str) -> LruHeap[_Node]:
+        def access_if_leaf(node: _Node) -> int | None:
+            tick = node.tenants.get(tenant)
+            return None if tick is None or self._has_tenant_child(node, tenant) else tick
+
+        return LruHeap(lambda: ((n.tenants[tenant], n) for n in self._tenant_leaves(tenant)), access_if_leaf)
 
     def _split(self, child: _Node, at: int) -> _Node:
         """Cut ``child``'s edge at ``at``; returns the new upper node."""

@@ -28,7 +28,7 @@ ALLOWED = {
     "prefill": {"engine", "model", "transfer", "bootstrap", "common"},
     "decode": {"engine", "model", "transfer", "bootstrap", "common"},
     "router": {"bootstrap", "web", "common"},
-    "benchmarks": {"server", "engine", "model", "transfer", "bootstrap", "web", "common"},
+    "benchmarks": {"router", "server", "engine", "model", "transfer", "bootstrap", "web", "common"},
 }
 FOLDERS = set(ALLOWED)
 ALLOWED[PACKAGE] = FOLDERS

@@ -115,3 +115,40 @@ def test_routing_text_covers_every_request_shape() -> None:
     assert routing_text({"text": "native"}) == "native"
     assert routing_text({"input_ids": [5, 6]}) == "5,6,"
     assert routing_text({"prompt": {"odd": 1}}) == ""
+
+
+def test_radix_tree_at_its_bound_evicts_without_walking_per_request() -> None:
+    tree = RadixTree()
+    for i in range(50):
+        tree.insert(f"{i:03d}" + "x" * 20, "t")
+    walks = 0
+    leaves = tree._tenant_leaves
+
+    def counted(tenant):
+        nonlocal walks
+        walks += 1
+        return leaves(tenant)
+
+    tree._tenant_leaves = counted
+    bound = tree.tenant_chars("t")
+    for i in range(50, 150):  # each new text pushes the oldest out
+        tree.insert(f"{i:03d}" + "x" * 20, "t")
+        tree.evict("t", bound)
+        assert tree.tenant_chars("t") <= bound
+    assert walks <= 2
+    assert tree.match("149" + "x" * 20, ["t"])[0] == 23
+    assert tree.match("050" + "x" * 20, ["t"])[0] < 23  # old and cold: gone
+
+
+def test_radix_tree_keeps_a_text_sent_again_over_older_ones() -> None:
+    tree = RadixTree()
+    for text in ("hhhhh", "ooooo", "ppppp", "hhhhh"):
+        tree.insert(text, "t")
+    tree.evict("t", 10)
+    assert tree.match("ooooo", ["t"])[0] == 0
+    tree.insert("ccccc", "t")
+    tree.insert("hhhhh", "t")  # sent again after ccccc: the newest
+    tree.evict("t", 10)
+    assert tree.match("ppppp", ["t"])[0] == 0 and tree.match("ccccc", ["t"])[0] == 5
+    tree.evict("t", 5)
+    assert tree.match("ccccc", ["t"])[0] == 0 and tree.match("hhhhh", ["t"])[0] == 5

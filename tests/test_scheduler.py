@@ -221,10 +221,10 @@ def test_remove_takes_a_request_out_of_every_queue() -> None:
     assert sched.pool.num_free_pages == sched.pool.num_pages
 
 
-def test_decoding_with_the_pool_full_of_cache_evicts_a_page_per_border_without_rewalking_the_tree() -> None:
+def test_decoding_with_the_pool_full_of_cache_evicts_a_page_per_border_without_a_walk_per_page() -> None:
     """A server that has run a while: finished prompts fill every free page of
     the pool. Decoding requests then take each new page from the cache, least
-    recently used first, and the cache walks its tree once for all of them."""
+    recently used first, and the cache walks its tree at most once for all of them."""
     sched = make_scheduler(num_pages=64, max_running_requests=4)
     for i in range(4):
         sched.add(make_req(f"r{i}", 8, max_new=24, first=1000 * (i + 1)))
@@ -251,4 +251,4 @@ def test_decoding_with_the_pool_full_of_cache_evicts_a_page_per_border_without_r
     evicted = [p for i, p in enumerate(old) if not cache.match([90_000 + i] * PAGE)]
     assert len(evicted) >= 4 * 5  # each request crossed at least 5 page borders
     assert evicted == old[: len(evicted)]  # least recently cached first
-    assert walks == 1
+    assert walks <= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.model.kv_pool import KVPool
+from pdserve.tests.support.calls import CallCounter
 from pdserve.tests.support.kv_pools import make_pool
 
 PAGE = 4
@@ -158,22 +159,14 @@ def test_a_full_pool_evicting_a_page_at_a_time_walks_the_tree_at_most_once() -> 
     pool = make_pool(num_pages=64, page_size=PAGE)
     cache = RadixCache(pool)
     pages = [finish(pool, cache, [i] * PAGE)[0] for i in range(60)]  # 60 one-page prompts, oldest first
-    walks = 0
-    leaves = cache._leaves
-
-    def counted():
-        nonlocal walks
-        walks += 1
-        return leaves()
-
-    cache._leaves = counted
+    walks = CallCounter(cache, "_leaves")
     freed = []
     for _ in range(50):
         before = {p for p in pages if pool.ref_count(p)}
         assert cache.evict(1) == 1
         freed += [p for p in before if not pool.ref_count(p)]
     assert freed == pages[:50]
-    assert walks <= 1
+    assert walks.calls <= 1
 
 
 def test_eviction_order_stays_lru_as_the_tree_changes_between_calls(pool: KVPool, cache: RadixCache) -> None:

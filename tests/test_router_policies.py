@@ -9,6 +9,7 @@ from pdserve.router.config import CacheAwareConfig
 from pdserve.router.policies import POLICIES, make_policy, routing_text
 from pdserve.router.radix_tree import RadixTree
 from pdserve.router.workers import DECODE, Worker
+from pdserve.tests.support.calls import CallCounter
 
 
 def workers(*loads: int) -> list[Worker]:
@@ -121,21 +122,13 @@ def test_radix_tree_at_its_bound_evicts_without_walking_per_request() -> None:
     tree = RadixTree()
     for i in range(50):
         tree.insert(f"{i:03d}" + "x" * 20, "t")
-    walks = 0
-    leaves = tree._tenant_leaves
-
-    def counted(tenant):
-        nonlocal walks
-        walks += 1
-        return leaves(tenant)
-
-    tree._tenant_leaves = counted
+    walks = CallCounter(tree, "_tenant_leaves")
     bound = tree.tenant_chars("t")
     for i in range(50, 150):  # each new text pushes the oldest out
         tree.insert(f"{i:03d}" + "x" * 20, "t")
         tree.evict("t", bound)
         assert tree.tenant_chars("t") <= bound
-    assert walks <= 2
+    assert walks.calls <= 2
     assert tree.match("149" + "x" * 20, ["t"])[0] == 23
     assert tree.match("050" + "x" * 20, ["t"])[0] < 23  # old and cold: gone
 

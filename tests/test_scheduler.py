@@ -11,6 +11,7 @@ from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.model.batch import ScheduledBatch
+from pdserve.tests.support.calls import CallCounter
 from pdserve.tests.support.kv_pools import make_pool
 
 PAGE = 4
@@ -237,18 +238,10 @@ def test_decoding_with_the_pool_full_of_cache_evicts_a_page_per_border_without_a
         cache.insert([90_000 + len(old)] * PAGE, pages)
         pool.release(pages)
         old += pages
-    walks = 0
-    leaves = cache._leaves
-
-    def counted():
-        nonlocal walks
-        walks += 1
-        return leaves()
-
-    cache._leaves = counted
+    walks = CallCounter(cache, "_leaves")
     while sched.running:
         step(sched)
     evicted = [p for i, p in enumerate(old) if not cache.match([90_000 + i] * PAGE)]
     assert len(evicted) >= 4 * 5  # each request crossed at least 5 page borders
     assert evicted == old[: len(evicted)]  # least recently cached first
-    assert walks <= 1
+    assert walks.calls <= 1

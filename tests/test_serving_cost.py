@@ -17,6 +17,7 @@ from pdserve.benchmarks.fake_upstream import SENT_AT_KEY
 from pdserve.benchmarks.serving import cpu, procs
 from pdserve.benchmarks.serving.config import FrontConfig, RouterBenchConfig, Workload
 from pdserve.benchmarks.serving.profiles import summarise_collapsed
+from pdserve.benchmarks.serving.router import Upstream, router_argv
 from pdserve.common.args import config_from_args
 from pdserve.tests.support.health import wait_healthy
 from pdserve.tests.support.openai_errors import assert_openai_error
@@ -151,3 +152,13 @@ def test_cli_builds_each_config_from_its_flags() -> None:
         ["router", "--targets", "direct", "pdserve", "--num-prompts", "16"]))
     assert router == RouterBenchConfig(workload=Workload(num_prompts=16), targets=("direct", "pdserve"))
     assert config_from_args(RouterBenchConfig, parser.parse_args(["router"])) == RouterBenchConfig()
+    bounded = config_from_args(RouterBenchConfig, parser.parse_args(["router", "--max-tree-chars", "20000"]))
+    assert bounded.max_tree_chars == 20000
+
+
+def test_only_pdserve_routers_get_the_tree_bound() -> None:
+    up = Upstream(url="http://127.0.0.1:1", prefill_url="http://127.0.0.1:2", child=None)
+    pdserve_argv = router_argv("pdserve", 9, up, "cache_aware", 20000)
+    assert pdserve_argv[pdserve_argv.index("--max-tree-chars") + 1] == "20000"
+    assert "--max-tree-chars" not in router_argv("pdserve", 9, up, "cache_aware")
+    assert "--max-tree-chars" not in " ".join(router_argv("sglang", 9, up, "cache_aware", 20000))

@@ -71,6 +71,9 @@ class RouterBenchConfig(MeasureConfig):
         "the fake upstream's token pace (concurrency / interval = offered tokens/s)"))
     probe_streams: int = field(default=1, metadata=flag("extra streams that time each token's delivery from the upstream"))
     policy: str = field(default="cache_aware", metadata=flag("routing policy of both routers"))
+    max_tree_chars: int | None = field(default=None, metadata=flag(
+        "pdserve router's --max-tree-chars (cache_aware's bound per worker; default: the router's); a small one "
+        "puts the policy at its bound, where every routed request evicts, within a short run"))
     tokenizer: str | None = field(default=None, metadata=flag(
         "for pdserve bench's text prompts (default: built-in tiny)"))
     startup_timeout_s: float = field(default=120.0, metadata=flag(

@@ -65,15 +65,17 @@ class RelayCpu:
     window_s: float
 
 
-def router_argv(target: str, port: int, up: Upstream, policy: str) -> list[str] | None:
-    """The router's command line; None for the baseline without a router."""
+def router_argv(target: str, port: int, up: Upstream, policy: str, max_tree_chars: int | None = None) -> list[str] | None:
+    """The router's command line; None for the baseline without a router.
+    ``max_tree_chars`` goes to pdserve's router only (sglang-router bounds its tree in nodes)."""
     host = ["--host", "127.0.0.1", "--port", str(port), "--policy", policy]
     if target == "direct":
         return None
     if target.startswith("pdserve"):
         pd = target.endswith("-pd")
         workers = ["--prefill", up.prefill_url, "--decode", up.url] if pd else ["--worker", up.url]
-        return python_module("pdserve.cli", "router", *host, "--log-level", "warning", *workers)
+        bound = [] if max_tree_chars is None else ["--max-tree-chars", str(max_tree_chars)]
+        return python_module("pdserve.cli", "router", *host, "--log-level", "warning", *bound, *workers)
     workers = (["--pd-disaggregation", "--prefill", up.prefill_url, "--decode", up.url]
                if target.endswith("-pd") else ["--worker-urls", up.url])
     return python_module("sglang_router.launch_router", *host, "--log-level", "warn",
@@ -159,7 +161,7 @@ def router_row(target: str, bench: BenchRun, probe: RelayProbe, cpu: RelayCpu) -
 def run_one_target(cfg: RouterBenchConfig, target: str, up: Upstream, log_dir: Path) -> dict[str, Any]:
     """Starts the router of ``target`` (none for ``direct``) and measures through it."""
     port = free_port()
-    argv = router_argv(target, port, up, cfg.policy)
+    argv = router_argv(target, port, up, cfg.policy, cfg.max_tree_chars)
     if argv is None:
         return measure_target(cfg, target, up.url, None, up, log_dir)
     with running(f"router-{target}", argv, log_dir) as router:

@@ -27,7 +27,7 @@ from pdserve.benchmarks.study_report import (
     study_curves,
     study_rows,
 )
-from pdserve.tests.support.ports import free_port
+from pdserve.tests.support.ports import free_port, free_port_block
 
 SLO = "ttft_ms=1000,itl_ms=25"
 
@@ -158,7 +158,9 @@ def test_study_end_to_end_with_a_fake_cluster(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_study_smoke_on_real_clusters(tmp_path: Path) -> None:
     """Both modes of the built-in tiny model on CPU, one scenario (about 45 s)."""
-    ports = [free_port() for _ in range(4)]
+    # `pdserve up` numbers its instances' ports up from --base-port: a block, not one free port.
+    first = free_port_block(16)
+    ports = [first, first + 1, first + 2]
     argv = ["--smoke", "--scenarios", "D(32,8)", "--num-prompts", "4", "--port", str(ports[0]),
             "--output-dir", str(tmp_path), "--request-timeout-s", "60",
             "--up-args", f"--bootstrap-port {ports[1]} --base-port {ports[2]}"]

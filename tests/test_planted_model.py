@@ -86,20 +86,34 @@ def test_transformers_predicts_the_previous_token_through_rotary(planted) -> Non
     assert sum(c == p[-2] for c, p in zip(without_rotary, prompts)) <= len(prompts) // 4
 
 
-def test_pdserve_prefill_agrees_with_transformers(planted) -> None:
+def _prefill(cfg, model_dir: str, prompts: list[list[int]]) -> tuple[torch.Tensor, dict[str, int]]:
+    """Logits of one batched prefill of ``prompts``, and how many rows reached
+    the first and the last layer's MLP."""
     from pdserve.common.config import ServerConfig
     from pdserve.common.sampling_params import SamplingParams
     from pdserve.engine.request import Req
     from pdserve.model.batch import ScheduledBatch
     from pdserve.model.runner import ModelRunner
 
-    cfg, model_dir = planted
-    prompts = _prompts(cfg.vocab_size)
     runner = ModelRunner(ServerConfig(model_path=model_dir, dtype="float32", max_total_tokens=4096), model_dir, cfg)
     reqs = [Req(str(i), p, SamplingParams(temperature=0)) for i, p in enumerate(prompts)]
     for req in reqs:
         req.pages = runner.pool.alloc(-(-(len(req.prompt_ids) + 1) // runner.cfg.page_size))
-    ours = runner.forward(ScheduledBatch(False, reqs, [r.prompt_ids for r in reqs], [0] * len(reqs)))
+    layers = runner.model.model.layers
+    mlp_rows: dict[str, int] = {}
+    for name, layer in (("first", layers[0]), ("last", layers[-1])):
+        layer.mlp.gate_up_proj.register_forward_pre_hook(
+            lambda _m, args, name=name: mlp_rows.__setitem__(name, args[0].shape[0]))
+    logits = runner.forward(ScheduledBatch(False, reqs, [r.prompt_ids for r in reqs], [0] * len(reqs)))
+    return logits, mlp_rows
+
+
+def test_pdserve_prefill_agrees_with_transformers(planted) -> None:
+    cfg, model_dir = planted
+    prompts = _prompts(cfg.vocab_size)
+    ours, mlp_rows = _prefill(cfg, model_dir, prompts)
     theirs = torch.stack(_hf_logits(model_dir, prompts))
+    # Past its attention, the last layer ran only the rows that get logits.
+    assert mlp_rows == {"first": sum(map(len, prompts)), "last": len(prompts)}
     assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()
     assert torch.allclose(torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1), atol=1e-3)

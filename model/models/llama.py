@@ -94,17 +94,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, hidden, residual, batch, rotary, attn, kv_cache, ops):
+    def forward(self, hidden, residual, batch, rotary, attn, kv_cache, ops, keep_rows=None):
         """Many tokens: matmuls, with each residual add fused into the next norm.
 
         ``hidden`` is the previous sub-layer's output and ``residual`` the sum so
-        far (None before the first layer); returns the same pair."""
+        far (None before the first layer); returns the same pair. With
+        ``keep_rows``, every token still stores its K/V, but only those rows go
+        on past attention (the last layer: only the rows that get logits)."""
         norm_in, norm_post, a = self.input_layernorm, self.post_attention_layernorm, self.self_attn
         if residual is None:
             residual, h = hidden, ops.rmsnorm(hidden, norm_in.weight, norm_in.eps)
         else:
             h, residual = ops.add_rmsnorm(hidden, residual, norm_in.weight, norm_in.eps)
-        hidden = self.tp.all_reduce(a.o_proj(a.attend(a.qkv_proj(h), batch, rotary, attn, kv_cache, ops)))
+        out = a.attend(a.qkv_proj(h), batch, rotary, attn, kv_cache, ops)
+        if keep_rows is not None:
+            out, residual = out[keep_rows], residual[keep_rows]
+        hidden = self.tp.all_reduce(a.o_proj(out))
         h, residual = ops.add_rmsnorm(hidden, residual, norm_post.weight, norm_post.eps)
         return self.tp.all_reduce(self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h)))), residual
 
@@ -155,11 +160,18 @@ class CausalLM(nn.Module):
             for layer in m.layers:
                 x = layer.forward_one(x, batch, m.rotary, attn, kv_cache, ops)
             return ops.gemv(x, self.lm_weight, norm_weight=m.norm.weight, eps=m.norm.eps, out_float=True)
-        residual = None
-        for layer in m.layers:
-            x, residual = layer(x, residual, batch, m.rotary, attn, kv_cache, ops)
+        # Only the rows that get logits need the last layer past its attention:
+        # for a prompt, that skips the last layer's o_proj and MLP for all but
+        # one token per sequence (1/num_layers of a long prefill's matmuls).
         idx = batch.logits_indices
-        x, _ = ops.add_rmsnorm(x[idx], residual[idx], m.norm.weight, m.norm.eps)
+        keep = idx if idx.shape[0] < x.shape[0] else None
+        residual = None
+        for layer in m.layers[:-1]:
+            x, residual = layer(x, residual, batch, m.rotary, attn, kv_cache, ops)
+        x, residual = m.layers[-1](x, residual, batch, m.rotary, attn, kv_cache, ops, keep_rows=keep)
+        if keep is None:
+            x, residual = x[idx], residual[idx]
+        x, _ = ops.add_rmsnorm(x, residual, m.norm.weight, m.norm.eps)
         logits = F.linear(x, self.lm_weight)
         if self.tp.size == 1:
             return logits

@@ -165,3 +165,19 @@ def test_dummy_weights_export_loads_into_transformers(tiny_dir: str, tmp_path: P
     with torch.no_grad():
         theirs = hf(torch.tensor([prompt])).logits[0, -1]
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_gate_up_config_takes_the_nearest_tuned_batch_at_or_above() -> None:
+    from pdserve.model.kernels.tilings import GATE_UP_TUNED, gate_up_candidates, gate_up_config
+
+    llama_1b, llama_8b = (8192, 2048), (14336, 4096)
+    assert gate_up_config(128, *llama_1b) == GATE_UP_TUNED[(128, *llama_1b)]
+    assert gate_up_config(100, *llama_1b) == GATE_UP_TUNED[(128, *llama_1b)]
+    assert gate_up_config(33, *llama_1b) == GATE_UP_TUNED[(64, *llama_1b)]
+    assert gate_up_config(200, *llama_1b) == GATE_UP_TUNED[(256, *llama_1b)]
+    # small batches, batches past the table, untuned sizes and shapes: cuBLAS
+    assert gate_up_config(32, *llama_1b) is None and gate_up_config(257, *llama_1b) is None
+    assert gate_up_config(200, *llama_8b) is None and gate_up_config(128, 4096, 2048) is None
+    # what the table uses, the sweep times; K divides into its tiles
+    for (_, _, k), config in GATE_UP_TUNED.items():
+        assert config in gate_up_candidates() and k % config.block_k == 0

@@ -102,7 +102,7 @@ def _prefill(cfg, model_dir: str, prompts: list[list[int]]) -> tuple[torch.Tenso
     layers = runner.model.model.layers
     mlp_rows: dict[str, int] = {}
     for name, layer in (("first", layers[0]), ("last", layers[-1])):
-        layer.mlp.gate_up_proj.register_forward_pre_hook(
+        layer.mlp.down_proj.register_forward_pre_hook(
             lambda _m, args, name=name: mlp_rows.__setitem__(name, args[0].shape[0]))
     logits = runner.forward(ScheduledBatch(False, reqs, [r.prompt_ids for r in reqs], [0] * len(reqs)))
     return logits, mlp_rows

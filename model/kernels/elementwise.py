@@ -2,7 +2,9 @@
 
 One program per row (token) for the norms; the add+norm writes the rounded sum
 as the new residual and normalises it in the same pass, so the residual stream
-is read once and written once per sub-layer instead of three times.
+is read once and written once per sub-layer instead of three times. With
+``pdl`` each kernel launches as a programmatic dependent of the previous one
+(Hopper) and lets the next launch early, as the decode kernels do.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import triton.language as tl
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr,
     stride_x, stride_res, stride_y, stride_res_out, n_cols, eps,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -37,33 +42,36 @@ def _norm_warps(n_cols: int) -> int:
     return 4 if n_cols <= 2048 else 8
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.empty_like(x2)
     n = x2.shape[-1]
     _rmsnorm_kernel[(x2.shape[0],)](
         x2, x2, weight, y, y, x2.stride(0), x2.stride(0), y.stride(0), y.stride(0), n, eps,
-        BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=False, num_warps=_norm_warps(n),
+        BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=False, PDL=pdl, num_warps=_norm_warps(n), launch_pdl=pdl,
     )
     return y.view(x.shape)
 
 
 def add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
     y, r_out = torch.empty_like(x2), torch.empty_like(x2)
     n = x2.shape[-1]
     _rmsnorm_kernel[(x2.shape[0],)](
         x2, r2, weight, y, r_out, x2.stride(0), r2.stride(0), y.stride(0), r_out.stride(0), n, eps,
-        BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=True, num_warps=_norm_warps(n),
+        BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=True, PDL=pdl, num_warps=_norm_warps(n), launch_pdl=pdl,
     )
     return y.view(x.shape), r_out.view(x.shape)
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
@@ -73,10 +81,11 @@ def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols, BLOCK: tl.c
     tl.store(out_ptr + row * stride_out + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     gu = gate_up.reshape(-1, gate_up.shape[-1])
     n = gu.shape[-1] // 2
     out = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
     block = min(triton.next_power_of_2(n), 1024)
-    _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, out, gu.stride(0), out.stride(0), n, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](
+        gu, out, gu.stride(0), out.stride(0), n, BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out.view(*gate_up.shape[:-1], n)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from pdserve.model.kernels import reference
+import torch.nn.functional as F
+from pdserve.model.kernels import reference, tilings
 
 
 class TorchOps:
@@ -22,6 +23,7 @@ class TorchOps:
     rmsnorm = staticmethod(reference.rmsnorm)
     add_rmsnorm = staticmethod(reference.add_rmsnorm)
     silu_mul = staticmethod(reference.silu_mul)
+    gate_up_silu = staticmethod(reference.gate_up_silu)
     rope_store = staticmethod(reference.rope_store)
     store_kv = staticmethod(reference.store_kv)
 
@@ -31,16 +33,28 @@ class TritonOps:
     fuses_rope_store = True
     has_gemv = True
 
-    def __init__(self, pdl: bool = False) -> None:
-        from pdserve.model.kernels import elementwise, gemv, rope_store
+    def __init__(self, pdl: bool = False, fused_gate_up: bool = False) -> None:
+        from pdserve.model.kernels import elementwise, gate_up, gemv, rope_store
 
         self.pdl = pdl
-        self.rmsnorm: Callable = elementwise.rmsnorm
-        self.add_rmsnorm: Callable = elementwise.add_rmsnorm
-        self.silu_mul: Callable = elementwise.silu_mul
+        # The gate/up product with silu fused, where it was measured faster (Hopper).
+        self.fused_gate_up = fused_gate_up
+        self.rmsnorm: Callable = partial(elementwise.rmsnorm, pdl=pdl)
+        self.add_rmsnorm: Callable = partial(elementwise.add_rmsnorm, pdl=pdl)
+        self.silu_mul: Callable = partial(elementwise.silu_mul, pdl=pdl)
         self.rope_store: Callable = partial(rope_store.rope_store, pdl=pdl)
         self.store_kv: Callable = rope_store.store_kv
         self.gemv: Callable = partial(gemv.gemv, pdl=pdl)
+        self._fused_gate_up_silu: Callable = partial(gate_up.gate_up_silu, pdl=pdl)
+
+    def gate_up_silu(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``silu_mul(x @ weight^T)``: one fused kernel for the decode batches
+        ``tilings.gate_up_config`` lists, cuBLAS and ``silu_mul`` otherwise."""
+        n, k = weight.shape[0] // 2, weight.shape[1]
+        config = tilings.gate_up_config(x.shape[0], n, k) if self.fused_gate_up and x.dim() == 2 else None
+        if config is None:
+            return self.silu_mul(F.linear(x, weight))
+        return self._fused_gate_up_silu(x, weight, config)
 
 
 def pdl_enabled(device: torch.device, disabled: bool = False) -> bool:
@@ -56,6 +70,6 @@ def create_ops(device: torch.device, pdl: bool = False) -> TorchOps | TritonOps:
     if device.type != "cuda":
         return TorchOps()
     try:
-        return TritonOps(pdl=pdl)
+        return TritonOps(pdl=pdl, fused_gate_up=torch.cuda.get_device_capability(device)[0] == 9)
     except ImportError:
         return TorchOps()

@@ -101,8 +101,13 @@ def norm_linear(
     return F.linear(rmsnorm(x, norm_weight, eps), weight, bias)
 
 
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ gate^T) * (x @ up^T)`` of a fused ``[gate; up]`` weight."""
+    return silu_mul(F.linear(x, weight))
+
+
 def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
-    return silu_mul(F.linear(rmsnorm(x, norm_weight, eps), weight))
+    return gate_up_silu(rmsnorm(x, norm_weight, eps), weight)
 
 
 def norm_logits(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:

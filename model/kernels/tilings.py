@@ -1,10 +1,14 @@
 """Launch configurations of the Triton attention kernels, chosen by
 ``benchmarks/attention_sweep.py`` (the winners on an H100 for heads of 64 and
-128; results in ``benchmarks/results/attention-sweep-*.json``). Plain Python,
-so the host code that sizes tile tables and the tests read them without
-Triton."""
+128; results in ``benchmarks/results/attention-sweep-*.json``), and of the
+fused gate/up product, chosen by ``benchmarks/gate_up_sweep.py``. Plain
+Python, so the host code that sizes tile tables, the dispatch and the tests
+read them without Triton."""
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 
 def group_block(group: int) -> int:
@@ -53,3 +57,50 @@ def decode_tiling(head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of decode stage 1: for heads of 128,
     1.07-1.22x the 32-key tiles in two stages before at batch 128 and 256."""
     return (64 if head_dim > 64 else 32), 4, 3
+
+
+# Shared memory the pipelined tiles may take (an H100 block can have 227 KiB).
+GATE_UP_SMEM_BYTES = 200 * 1024
+
+
+@dataclass(frozen=True)
+class GateUpConfig:
+    block_n: int  # output columns per program, from each half
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Faster than cuBLAS + silu_mul on an H100 (gemm-sweep-h100.json: 20 launches
+# chained in a CUDA graph, each on its own weight), by 4-11%; keys are
+# (token rows, I, K), and a batch takes the entry of the smallest tuned row
+# count at or above its own, if that is under twice its own.
+GATE_UP_TUNED: dict[tuple[int, int, int], GateUpConfig] = {
+    # Llama-3.2-1B
+    (64, 8192, 2048): GateUpConfig(64, 128, 4, 4),
+    (128, 8192, 2048): GateUpConfig(64, 128, 4, 4),
+    (256, 8192, 2048): GateUpConfig(128, 64, 8, 4),
+    # Llama-3.1-8B (at 256 rows cuBLAS was faster)
+    (64, 14336, 4096): GateUpConfig(128, 128, 8, 3),
+    (128, 14336, 4096): GateUpConfig(128, 128, 8, 3),
+}
+
+
+@functools.cache  # asked once per layer of every eager forward
+def gate_up_config(rows: int, n: int, k: int) -> GateUpConfig | None:
+    """The measured winner for ``rows`` token rows times a ``[2n, k]`` weight, or None."""
+    tuned_rows = sorted(r for r, tn, tk in GATE_UP_TUNED if (tn, tk) == (n, k) and rows <= r < 2 * rows)
+    return GATE_UP_TUNED[(tuned_rows[0], n, k)] if tuned_rows else None
+
+
+def gate_up_candidates() -> list[GateUpConfig]:
+    """The configurations the sweep tries: column blocks of 64 (4 warps) or 128
+    (8 warps), K tiles of 64 or 128, 3 or 4 stages where 128 token rows' and
+    both halves' tiles fit in shared memory."""
+    out = []
+    for bn in (64, 128):
+        for bk in (64, 128):
+            for stages in (3, 4):
+                if (128 + bn) * bk * 2 * stages <= GATE_UP_SMEM_BYTES:
+                    out.append(GateUpConfig(bn, bk, 4 if bn == 64 else 8, stages))
+    return out

@@ -111,7 +111,8 @@ class DecoderLayer(nn.Module):
             out, residual = out[keep_rows], residual[keep_rows]
         hidden = self.tp.all_reduce(a.o_proj(out))
         h, residual = ops.add_rmsnorm(hidden, residual, norm_post.weight, norm_post.eps)
-        return self.tp.all_reduce(self.mlp.down_proj(ops.silu_mul(self.mlp.gate_up_proj(h)))), residual
+        act = ops.gate_up_silu(h, self.mlp.gate_up_proj.weight)
+        return self.tp.all_reduce(self.mlp.down_proj(act)), residual
 
     def forward_one(self, x, batch, rotary, attn, kv_cache, ops):
         """One token: four matrix-vector kernels, norms and residual adds fused in.

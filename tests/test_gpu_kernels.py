@@ -28,19 +28,20 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("hidden", [1024, 2048, 3000])
-def test_norms_and_silu_mul(hidden: int) -> None:
+def test_norms_and_silu_mul(hidden: int, pdl: bool) -> None:
     from pdserve.model.kernels import elementwise
 
     x, r = torch.randn(7, hidden, dtype=BF16, device="cuda"), torch.randn(7, hidden, dtype=BF16, device="cuda")
     w = (torch.rand(hidden, device="cuda") + 0.5).to(BF16)
-    _same_mostly(elementwise.rmsnorm(x, w, 1e-5), reference.rmsnorm(x, w, 1e-5))
-    y, res = elementwise.add_rmsnorm(x, r, w, 1e-5)
+    _same_mostly(elementwise.rmsnorm(x, w, 1e-5, pdl=pdl), reference.rmsnorm(x, w, 1e-5))
+    y, res = elementwise.add_rmsnorm(x, r, w, 1e-5, pdl=pdl)
     y_ref, res_ref = reference.add_rmsnorm(x, r, w, 1e-5)
     assert torch.equal(res, res_ref)
     _same_mostly(y, y_ref)
     gu = torch.randn(5, 2 * hidden, dtype=BF16, device="cuda") * 3
-    _same_mostly(elementwise.silu_mul(gu), reference.silu_mul(gu))
+    _same_mostly(elementwise.silu_mul(gu, pdl=pdl), reference.silu_mul(gu))
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim, qk_norm", [(32, 8, 64, False), (16, 8, 128, True), (4, 4, 64, False)])

@@ -12,8 +12,8 @@ Program ``(row block, column block)``. It is used only for the shapes and
 batch sizes where ``benchmarks/gate_up_sweep.py`` measured it faster than
 cuBLAS plus ``silu_mul`` (``tilings.GATE_UP_TUNED``), on Hopper; elsewhere the model runs
 those two. The sweep's first form (commit 5fded09) also timed the qkv, o and
-down products with and without a split over K: cuBLAS was as fast or faster
-on all but one (benchmarks/results/gemm-sweep-h100.json).
+down products with and without a split over K: the best of them was at most
+4% faster than cuBLAS, and mostly slower (benchmarks/results/gemm-sweep-h100.json).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ class TorchOps:
 
     rmsnorm = staticmethod(reference.rmsnorm)
     add_rmsnorm = staticmethod(reference.add_rmsnorm)
-    silu_mul = staticmethod(reference.silu_mul)
     gate_up_silu = staticmethod(reference.gate_up_silu)
     rope_store = staticmethod(reference.rope_store)
     store_kv = staticmethod(reference.store_kv)
@@ -41,7 +40,7 @@ class TritonOps:
         self.fused_gate_up = fused_gate_up
         self.rmsnorm: Callable = partial(elementwise.rmsnorm, pdl=pdl)
         self.add_rmsnorm: Callable = partial(elementwise.add_rmsnorm, pdl=pdl)
-        self.silu_mul: Callable = partial(elementwise.silu_mul, pdl=pdl)
+        self._silu_mul: Callable = partial(elementwise.silu_mul, pdl=pdl)
         self.rope_store: Callable = partial(rope_store.rope_store, pdl=pdl)
         self.store_kv: Callable = rope_store.store_kv
         self.gemv: Callable = partial(gemv.gemv, pdl=pdl)
@@ -53,7 +52,7 @@ class TritonOps:
         n, k = weight.shape[0] // 2, weight.shape[1]
         config = tilings.gate_up_config(x.shape[0], n, k) if self.fused_gate_up and x.dim() == 2 else None
         if config is None:
-            return self.silu_mul(F.linear(x, weight))
+            return self._silu_mul(F.linear(x, weight))
         return self._fused_gate_up_silu(x, weight, config)
 
 

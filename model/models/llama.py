@@ -166,10 +166,9 @@ class CausalLM(nn.Module):
         # one token per sequence (1/num_layers of a long prefill's matmuls).
         idx = batch.logits_indices
         keep = idx if idx.shape[0] < x.shape[0] else None
-        residual = None
-        for layer in m.layers[:-1]:
-            x, residual = layer(x, residual, batch, m.rotary, attn, kv_cache, ops)
-        x, residual = m.layers[-1](x, residual, batch, m.rotary, attn, kv_cache, ops, keep_rows=keep)
+        residual, last = None, len(m.layers) - 1
+        for i, layer in enumerate(m.layers):  # (slicing a ModuleList builds a new one each forward)
+            x, residual = layer(x, residual, batch, m.rotary, attn, kv_cache, ops, keep if i == last else None)
         if keep is None:
             x, residual = x[idx], residual[idx]
         x, _ = ops.add_rmsnorm(x, residual, m.norm.weight, m.norm.eps)

@@ -303,6 +303,7 @@ def time_prefill(runner, tokens: int, num_seqs: int = 1, prefix: int = 0, graphs
         runner.prefill_graphs = None
     runner.forward(batch)
     used_graph = runner.uses_cuda_graph
+    timer = _prefill_phase_timer(runner, used_graph)
     walls, launches, spans = [], [], []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -315,12 +316,26 @@ def time_prefill(runner, tokens: int, num_seqs: int = 1, prefix: int = 0, graphs
         end.synchronize()
         walls.append(time.perf_counter() - start)
         spans.append(begin.elapsed_time(end) / 1e3)
+    timer.restore()
     runner.prefill_graphs = saved
     for req in reqs:
         runner.pool.release(req.pages)
     launch_s, span_s = statistics.median(launches), statistics.median(spans)
+    host_us = {k: round(v / repeats * 1e6, 1) for k, v in timer.totals_s.items()}
     return {"num_seqs": num_seqs, "prefix": prefix, "cuda_graph": used_graph, "step_s": statistics.median(walls),
-            "host_launch_s": launch_s, "gpu_span_s": span_s, "host_share": launch_s / span_s}
+            "host_launch_s": launch_s, "gpu_span_s": span_s, "host_share": launch_s / span_s, "host_us": host_us}
+
+
+def _prefill_phase_timer(runner, graphs: bool) -> _PhaseTimer:
+    """Where a prefill's host launch goes: the step's inputs, and with a
+    prefill graph its fixed buffers' fill and copy and the replay itself."""
+    timer = _PhaseTimer()
+    timer.wrap(runner, "_step_inputs", "step inputs")
+    if graphs:
+        timer.wrap(runner.prefill_graphs.inputs, "load", "graph inputs copy")
+        for graph in runner.prefill_graphs._graphs.values():
+            timer.wrap(graph, "replay", "graph launch")
+    return timer
 
 
 def decode_kernels(runner, batch: int, context: int, steps: int = 5, top: int = 16) -> list[dict]:

@@ -106,3 +106,33 @@ def test_http_ttft_is_measured_against_a_server_and_merged(main_server, tmp_path
     assert merged["http_ttft"]["phases_median_ms"] == phases_ms
     assert merged["http_ttft"]["ttft_median_ms_by_client"] == {"http.client": ttft_ms}
     assert any(t["target"].startswith("HTTP TTFT 512") for t in merged["targets"])
+
+
+def test_prefill_host_split_times_each_phase_and_restores_the_runner():
+    from types import SimpleNamespace
+
+    from pdserve.benchmarks.roofline import _prefill_phase_timer
+
+    calls = []
+
+    def phase(name):
+        return lambda *args: calls.append(name)
+
+    graph = SimpleNamespace(replay=phase("replay"))
+    inputs = SimpleNamespace(load=phase("load"))
+    runner = SimpleNamespace(_step_inputs=phase("step"), prefill_graphs=SimpleNamespace(inputs=inputs, _graphs={512: graph}))
+    originals = (runner._step_inputs, inputs.load, graph.replay)
+
+    timer = _prefill_phase_timer(runner, graphs=True)
+    runner._step_inputs()
+    inputs.load()
+    graph.replay()
+    timer.restore()
+    assert calls == ["step", "load", "replay"]
+    assert set(timer.totals_s) == {"step inputs", "graph inputs copy", "graph launch"}
+    assert (runner._step_inputs, inputs.load, graph.replay) == originals
+
+    eager = _prefill_phase_timer(runner, graphs=False)  # no graph: the step's inputs alone
+    runner._step_inputs()
+    eager.restore()
+    assert set(eager.totals_s) == {"step inputs"}

@@ -296,7 +296,7 @@ class EngineClient:
 
     def _polls(self) -> bool:
         open_requests = len(self._boxes)
-        if self.dead or not 0 < self._poll_limit >= open_requests:
+        if self.dead or self._poll_limit == 0 or open_requests > self._poll_limit:
             return False
         return open_requests > 0 or time.monotonic() - self._idle_since_s < self.idle_poll_s
 

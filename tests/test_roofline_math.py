@@ -136,3 +136,18 @@ def test_prefill_host_split_times_each_phase_and_restores_the_runner():
     runner._step_inputs()
     eager.restore()
     assert set(eager.totals_s) == {"step inputs"}
+
+
+def test_kernel_profile_fills_decode_and_one_prompt_prefill_rows_in_a_runner_of_its_own(monkeypatch):
+    from pdserve.benchmarks import roofline
+
+    runners = []
+    monkeypatch.setattr(roofline, "_runner", lambda cfg, name, pool: runners.append(name) or object())
+    monkeypatch.setattr(roofline, "decode_kernels", lambda runner, batch, context: [{"name": f"d{batch}", "share": 1.0}])
+    monkeypatch.setattr(roofline, "prefill_kernels", lambda runner, tokens: [{"name": f"p{tokens}", "share": 1.0}])
+    info = {"model": "llama-3.2-1b", "rows": [{"kind": "decode", "batch": 8}, {"kind": "prefill", "tokens": 512},
+                                              {"kind": "prefill_batch", "tokens": 512}]}
+    roofline.profile_model(roofline.RooflineConfig(decode_batches=(8,), prefill_lengths=(512,)), info)
+    assert runners == ["llama-3.2-1b"]
+    assert [r.get("kernels") for r in info["rows"]] == [[{"name": "d8", "share": 1.0}],
+                                                       [{"name": "p512", "share": 1.0}], None]

@@ -457,8 +457,7 @@ class Engine:
 
     def _token_usage(self) -> float:
         total = self.pool.num_pages
-        # A cached prefix that running requests share is in use, not spare.
-        return (total - self.pool.num_free_pages - self.cache.num_evictable_pages) / max(total, 1)
+        return (total - self.pool.num_free_pages - self.cache.num_cached_pages) / max(total, 1)
 
     # ---- logs and watchdog ------------------------------------------------------------
     def _log_step(self, batch: ScheduledBatch) -> None:

@@ -46,13 +46,6 @@ class RadixCache:
     def num_cached_pages(self) -> int:
         return self._num_nodes
 
-    @property
-    def num_evictable_pages(self) -> int:
-        """Cached pages no request holds. Eviction can free every one of them:
-        a request holding a page holds its whole prefix, so no such page lies
-        above a held one."""
-        return self.pool.num_cache_only_pages
-
     def _keys(self, tokens: list[int], num_tokens: int | None = None) -> Iterator[tuple[int, ...]]:
         """The keys of the full pages among the first ``num_tokens`` (default:
         all), built as they are asked for: a walk that misses early (most
@@ -97,7 +90,7 @@ class RadixCache:
             if child is None:
                 child = _Node(key, page, node)
                 node.children[key] = child
-                self.pool.cache_ref(page)
+                self.pool.ref([page])
                 self._num_nodes += 1
             child.last_access = now
             node = child
@@ -126,7 +119,7 @@ class RadixCache:
     def reset(self) -> None:
         """Drop every node (``/flush_cache``); pages in use by requests stay theirs."""
         for node in list(self._walk()):
-            self.pool.cache_release(node.page)
+            self.pool.release([node.page])
         self._root = _Node((), -1, None)
         self._num_nodes = 0
         self._lru.clear()
@@ -138,7 +131,7 @@ class RadixCache:
         parent = node.parent
         del parent.children[node.key]
         node.parent = None  # an LRU heap entry of it is stale
-        self.pool.cache_release(node.page)
+        self.pool.release([node.page])
         self._num_nodes -= 1
         return parent
 

@@ -90,10 +90,9 @@ class Scheduler:
         return self._schedule_prefill() or self._schedule_decode()
 
     def _available_pages(self) -> int:
-        # Cached pages that requests hold (a shared or earlier turn's prefix) cannot
-        # be evicted; counting them would admit requests whose growth then retracts others.
+        evictable = self.cache.num_cached_pages  # upper bound; evict() settles the truth
         # Parked pages wait only for the decode step in flight (see KVPool.fence).
-        return self.pool.num_free_pages + self.pool.num_parked_pages + self.cache.num_evictable_pages
+        return self.pool.num_free_pages + self.pool.num_parked_pages + evictable
 
     def _reserved_tokens(self) -> int:
         return sum(int(r.remaining_new_tokens() * self.new_token_ratio) for r in self.running)

@@ -45,10 +45,6 @@ class KVPool:
             device=device,
         )
         self._refs = [0] * layout.num_pages
-        # Pages the prefix cache holds (see cache_ref), and how many of them it
-        # alone holds: what eviction can free, which admission may count on.
-        self._cached = bytearray(layout.num_pages)
-        self.num_cache_only_pages = 0
         self._free: deque[int] = deque(range(layout.num_pages))
         # Fences by number, oldest first, and the newest fence on each page
         # (0: none). A decode step fences a page per request: lifting a fence
@@ -75,41 +71,21 @@ class KVPool:
         return pages
 
     def ref(self, pages: list[int]) -> None:
-        refs, cached = self._refs, self._cached
         for p in pages:
-            if refs[p] <= 0:
+            if self._refs[p] <= 0:
                 raise RuntimeError(f"page {p} is free and cannot gain a reference")
-            if refs[p] == 1 and cached[p]:
-                self.num_cache_only_pages -= 1
-            refs[p] += 1
+            self._refs[p] += 1
 
     def release(self, pages: list[int]) -> None:
-        refs, cached = self._refs, self._cached
         for p in pages:
-            if refs[p] <= 0:
+            if self._refs[p] <= 0:
                 raise RuntimeError(f"page {p} released more often than referenced")
-            refs[p] -= 1
-            if refs[p] == 1 and cached[p]:
-                self.num_cache_only_pages += 1
-            elif refs[p] == 0:
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
                 if self._fence_of[p]:
                     self._parked.add(p)
                 else:
                     self._free.append(p)
-
-    def cache_ref(self, page: int) -> None:
-        """The prefix cache's own reference on ``page`` (one per cached page)."""
-        self.ref([page])
-        self._cached[page] = 1
-        if self._refs[page] == 1:
-            self.num_cache_only_pages += 1
-
-    def cache_release(self, page: int) -> None:
-        """The prefix cache drops ``page``: :meth:`cache_ref` undone."""
-        if self._refs[page] == 1:
-            self.num_cache_only_pages -= 1
-        self._cached[page] = 0
-        self.release([page])
 
     def fence(self, pages: list[int], guard: Guard) -> None:
         """Keep ``pages`` from being reused until ``guard`` completes (a page

@@ -209,24 +209,3 @@ def test_a_leaf_used_after_a_newer_one_was_cached_outlives_it(pool: KVPool, cach
         assert cache.evict(1) == 1
         order += [p for p in held if not pool.ref_count(p)]
     assert order == expected
-
-
-def test_evictable_pages_are_the_cached_pages_no_request_holds(pool: KVPool, cache: RadixCache) -> None:
-    tokens = list(range(16))
-    pages = pool.alloc(4)
-    cache.insert(tokens, pages)
-    assert cache.num_evictable_pages == 0  # the request that computed them still holds them
-    pool.release(pages)
-    assert cache.num_evictable_pages == 4
-    reader = cache.match(tokens, 15)  # a new request on the same prompt holds the first three
-    pool.ref(reader)
-    assert len(reader) == 3 and cache.num_evictable_pages == 1
-    other = cache.match(tokens, 15)  # a second one shares them
-    pool.ref(other)
-    pool.release(reader)
-    assert cache.num_evictable_pages == 1
-    assert cache.evict(4) == 1 and cache.num_evictable_pages == 0  # only the page nobody holds goes
-    pool.release(other)
-    assert cache.num_evictable_pages == 3
-    cache.reset()
-    assert cache.num_evictable_pages == 0 and pool.num_free_pages == 16

@@ -245,27 +245,3 @@ def test_decoding_with_the_pool_full_of_cache_evicts_a_page_per_border_without_a
     assert len(evicted) >= 4 * 5  # each request crossed at least 5 page borders
     assert evicted == old[: len(evicted)]  # least recently cached first
     assert walks.calls <= 1
-
-
-def test_admission_does_not_count_on_cached_pages_a_running_request_holds() -> None:
-    """A second turn holds the first turn's cached pages: they cannot be
-    evicted, so a newcomer whose growth needs them waits rather than
-    being admitted and retracting someone later."""
-    sched = make_scheduler(num_pages=16)
-    first_turn = make_req("turn-1", 24, max_new=1, first=100)
-    sched.add(first_turn)
-    while first_turn.finish_reason is None:
-        step(sched)
-    second_turn = make_req("turn-2", 24, max_new=20, first=100)
-    sched.add(second_turn)
-    step(sched)
-    assert second_turn.num_cached_tokens == 20 and sched.cache.num_evictable_pages == 1
-    newcomer = make_req("new", 24, max_new=20, first=900)
-    sched.add(newcomer)
-    admitted_early = False
-    while second_turn.finish_reason is None or newcomer.finish_reason is None:
-        step(sched)
-        admitted_early |= newcomer in sched.running and second_turn.finish_reason is None
-    assert not admitted_early
-    assert sched.num_retracted_total == 0
-    assert len(second_turn.output_ids) == len(newcomer.output_ids) == 20

@@ -90,7 +90,11 @@ class Scheduler:
         return self._schedule_prefill() or self._schedule_decode()
 
     def _available_pages(self) -> int:
-        evictable = self.cache.num_cached_pages  # upper bound; evict() settles the truth
+        # An upper bound: cached pages that running requests share cannot be
+        # evicted, and evict() settles the truth. Counting only the unheld ones
+        # admitted later and served worse where prefixes are shared (results
+        # README: fewer retractions, 2-9x the median TTFT, 5% fewer tokens/s).
+        evictable = self.cache.num_cached_pages
         # Parked pages wait only for the decode step in flight (see KVPool.fence).
         return self.pool.num_free_pages + self.pool.num_parked_pages + evictable
 

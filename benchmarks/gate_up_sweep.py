@@ -27,7 +27,7 @@ _CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass(frozen=True)
-class GemmSweepConfig:
+class GateUpSweepConfig:
     models: tuple[str, ...] = field(default=("llama-3.2-1b", "llama-3.1-8b"), metadata=flag(
         "benchmark config names", nargs="+"))
     rows: tuple[int, ...] = field(default=(64, 128, 256), metadata=flag("token rows (decode batch sizes)", nargs="+"))
@@ -79,7 +79,7 @@ def sweep_one(n: int, k: int, rows: int, chain: int, copy_bytes_per_s: float) ->
             "in_use_us": next((s * 1e6 for s, c in timed if c == in_use), None), "max_abs_diff": error}
 
 
-def run(cfg: GemmSweepConfig) -> dict:
+def run(cfg: GateUpSweepConfig) -> dict:
     """Every row, the result file rewritten after each (a sweep cut short keeps its rows)."""
     import torch
     from pdserve.benchmarks.roofline import measure_machine
@@ -109,8 +109,8 @@ def _write(path: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_args(ap, GemmSweepConfig)
-    cfg = config_from_args(GemmSweepConfig, ap.parse_args(argv))
+    add_dataclass_args(ap, GateUpSweepConfig)
+    cfg = config_from_args(GateUpSweepConfig, ap.parse_args(argv))
     _write(cfg.output_json, run(cfg))
     return 0
 

@@ -111,9 +111,9 @@ class ServerConfig:
     disable_overlap_schedule: bool = field(default=False, metadata=_flag("do not prepare the next batch while the GPU runs"))
     disable_pdl: bool = field(default=False, metadata=_flag("launch our GPU kernels without programmatic dependent launch (Hopper and newer chain them by default)"))
     poll_pipe_max_requests: int = field(default=8, metadata=_flag(
-        "GPU: while at most this many requests are open (and for 0.5 s after the last one closed), the front polls "
-        "the pipe to its engine instead of sleeping on it, and the engine polls it while idle: one busy core each (an "
-        "idle server shows its engine at 100%%), ~0.35 ms less time to first token; with more open requests both sleep: each wake then serves many events, and a "
+        "GPU: while at most this many requests are open, the front polls the pipe to its engine instead of sleeping "
+        "on it, and the engine polls it while idle: one busy core each (an idle server shows its engine at 100%%), ~0.35 ms "
+        "less time to first token; with more open requests both sleep: each wake then serves many events, and a "
         "front always polling read less output throughput at 128 on an H100 (0: never poll)"))
     # Disaggregation.
     disaggregation_mode: Role = field(default=Role.COLOCATED, metadata=_flag("instance role: null (colocated), prefill or decode"))

@@ -163,13 +163,14 @@ def test_dense_kernels_compile(launches: list[Launch], hidden: int, inter: int) 
 
 
 def test_transfer_kernels_compile(launches: list[Launch]) -> None:
-    from pdserve.transfer.kernels import page_copy
+    from pdserve.transfer.kernels import page_copy, ring_record
 
     for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
         buf = torch.zeros(3 * 7 * 100, dtype=dtype)
         pages = torch.tensor([0, 3], dtype=torch.int32)
         page_copy.copy_pages(buf, buf.clone(), pages, pages, 3, 700, 700, 100)
-    assert set(_compile_all(launches)) == {"_copy_pages_kernel"}
+    ring_record.store_record(torch.zeros(8, dtype=torch.int32), [1, 2**40, 3, 4], None)  # None: the current stream
+    assert set(_compile_all(launches)) == {"_copy_pages_kernel", "_store_record_kernel"}
 
 
 def test_a_kernel_that_cannot_compile_fails_here(launches: list[Launch]) -> None:

@@ -10,7 +10,7 @@ machine. Numerical agreement stays with the GPU tests (``test_gpu_kernels``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ BF16 = torch.bfloat16
 class Launch:
     kernel: JITFunction
     args: tuple
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict
 
     @property
     def name(self) -> str:

@@ -36,10 +36,22 @@ from pdserve.model.kernels.tilings import query_block
 logger = logging.getLogger("pdserve.cuda_graph")
 
 
-# Above this many new tokens a step's GPU time exceeds its eager launch (~0.4 ms
-# a layer) several times over on the shapes measured (benchmarks/results/
-# README.md, host path): a graph would save little and cost memory.
-PREFILL_GRAPH_DEFAULT_MAX_TOKENS = 2048
+# The default chunk size. Past 2048 tokens a graph no longer shortens the step
+# (the GPU outlasts an eager launch), but an eager launch still costs the host
+# 10-16 ms on the 1B shape, 0.34-0.49 of an 8192-token step's GPU span
+# (benchmarks/results/README.md): captured up to here, no prefill a chunk can
+# make takes the host more than a few percent of its GPU time, for about one
+# forward's activations (1.28 GiB on the 8B shape, logged at start).
+PREFILL_GRAPH_DEFAULT_MAX_TOKENS = 8192
+
+
+def prefill_graph_max_tokens(configured: int | None, chunked_prefill_size: int, context_len: int) -> int:
+    """The largest token count to capture: ``--prefill-cuda-graph-max-tokens``
+    if given, else the chunk size (the context without chunking) up to the default."""
+    if configured:
+        return configured
+    chunk = chunked_prefill_size if chunked_prefill_size > 0 else context_len
+    return min(chunk, PREFILL_GRAPH_DEFAULT_MAX_TOKENS)
 
 
 def prefill_token_counts(max_tokens: int) -> list[int]:

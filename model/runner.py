@@ -39,8 +39,8 @@ from pdserve.model.kv_pool import KVPool
 from pdserve.model.page_tables import PageTables
 from pdserve.model.parallel import ShardPlan, TPGroup
 from pdserve.model.prefill_graph import (
-    PREFILL_GRAPH_DEFAULT_MAX_TOKENS,
     PrefillGraphRunner,
+    prefill_graph_max_tokens,
     prefill_graph_pages,
     prefill_token_counts,
 )
@@ -225,8 +225,8 @@ class ModelRunner:
         if (not self._fast or cfg.disable_prefill_cuda_graph or cfg.disable_cuda_graph
                 or not self.model.ops.fuses_rope_store or self.tp.size > 1):
             return None
-        chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
-        max_tokens = cfg.prefill_cuda_graph_max_tokens or min(chunk, PREFILL_GRAPH_DEFAULT_MAX_TOKENS)
+        max_tokens = prefill_graph_max_tokens(cfg.prefill_cuda_graph_max_tokens, cfg.chunked_prefill_size,
+                                              self.context_len)
         max_pages = prefill_graph_pages(cfg.prefill_cuda_graph_max_seqs, self.context_len, cfg.page_size,
                                         self.layout.num_pages)
         runner = PrefillGraphRunner(self.model, self.pool.buffer, prefill_token_counts(max_tokens),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pdserve.model.kernels.step_inputs import build_step, max_tiles, tile_table
 from pdserve.model.kernels.tilings import query_block
-from pdserve.model.prefill_graph import PrefillInputs, prefill_token_counts
+from pdserve.model.prefill_graph import PrefillInputs, prefill_graph_max_tokens, prefill_token_counts
 
 
 def test_token_counts_cover_up_to_the_limit_with_bounded_padding() -> None:
@@ -19,6 +19,16 @@ def test_token_counts_cover_up_to_the_limit_with_bounded_padding() -> None:
             assert (larger - smaller) / larger <= 0.2, (smaller, larger)
     assert prefill_token_counts(1000)[-1] == 1000 and max(prefill_token_counts(1000)) == 1000
     assert prefill_token_counts(10) == [10]
+
+
+def test_graphs_cover_the_default_chunk_unless_told_otherwise() -> None:
+    # the default chunk of 8192 tokens is captured whole: an eager launch of
+    # one costs the host a third or more of its GPU time on the 1B shape
+    assert prefill_graph_max_tokens(None, 8192, 131072) == 8192
+    assert prefill_graph_max_tokens(None, 1024, 131072) == 1024  # a smaller chunk: no larger step exists
+    assert prefill_graph_max_tokens(None, -1, 131072) == 8192  # no chunking: capped, not the whole context
+    assert prefill_graph_max_tokens(None, -1, 2048) == 2048
+    assert prefill_graph_max_tokens(4096, 8192, 131072) == 4096  # --prefill-cuda-graph-max-tokens wins
 
 
 @pytest.mark.parametrize("lengths", [[1], [64], [65], [128], [129], [100, 1, 200, 7], [32] * 5, [128] * 3])

@@ -44,3 +44,14 @@ def test_extend_tiling_fits_the_shared_memory_it_is_given() -> None:
 def test_a_token_takes_its_grouped_heads_in_a_power_of_two_rows() -> None:
     assert [group_block(g) for g in (1, 2, 3, 4, 7, 8)] == [1, 2, 4, 4, 8, 8]
     assert query_block(64, 4) == 16 and query_block(128, 1) == 64 and query_block(256, 8) == 4
+
+
+def test_the_host_side_helpers_agree_with_tritons() -> None:
+    # the launch wrappers size blocks and grids with these instead of Triton's
+    # constexpr functions, which cost ~2 us a call on the host
+    triton = pytest.importorskip("triton")
+    from pdserve.model.kernels.tilings import cdiv, next_pow2
+
+    for n in range(1, 5000):
+        assert next_pow2(n) == triton.next_power_of_2(n)
+        assert cdiv(n, 64) == triton.cdiv(n, 64) and cdiv(n, 7) == triton.cdiv(n, 7)

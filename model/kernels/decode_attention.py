@@ -17,15 +17,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from pdserve.model.kernels.tilings import decode_tiling
+from pdserve.model.kernels.tilings import cdiv, decode_tiling, next_pow2
 
 MAX_SPLITS = 32
 
 
 def num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     """Enough splits to give every SM about two programs at small batch."""
-    want = triton.cdiv(2 * num_sms, max(batch_size * num_kv_heads, 1))
-    return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
+    want = cdiv(2 * num_sms, max(batch_size * num_kv_heads, 1))
+    return max(1, min(MAX_SPLITS, next_pow2(want)))
 
 
 @triton.jit
@@ -136,7 +136,7 @@ def decode_attention(
     block_n, warps, stages = decode_tiling(head_dim)
     _decode_stage1[(batch * num_kv_heads, num_splits)](
         q.contiguous(), k_cache, v_cache, kv_indptr, kv_indices, seq_lens, out, mid_o, mid_lse, scale,
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_BLOCK=max(16, triton.next_power_of_2(group)),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_BLOCK=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )

@@ -21,12 +21,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from pdserve.model.kernels.tilings import GateUpConfig
+from pdserve.model.kernels.tilings import GateUpConfig, cdiv, next_pow2
 
 
 def block_m(num_rows: int) -> int:
     """Token rows per program: the batch up to 128 (tensor cores take 16 or more)."""
-    return min(max(16, triton.next_power_of_2(num_rows)), 128)
+    return min(max(16, next_pow2(num_rows)), 128)
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, config: GateUpConfig, *,
     x = x.contiguous()
     bm = block_m(m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _gate_up_silu_kernel[(triton.cdiv(m, bm), triton.cdiv(n, config.block_n))](
+    _gate_up_silu_kernel[(cdiv(m, bm), cdiv(n, config.block_n))](
         x, weight, out, m, n, k, BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from pdserve.model.kernels.tilings import cdiv, next_pow2
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def sweep_candidates(k: int) -> list[GemvConfig]:
     """The tilings the tuner tries for a reduction length ``k``: row blocks of
     1-8, column tiles from 512 (1024 for long rows) to the whole row, 4 or 8
     warps, with a per-tile or a 2-D accumulator (the latter up to 8192 elements)."""
-    longest = max(triton.next_power_of_2(k), 512)
+    longest = max(next_pow2(k), 512)
     out = []
     for bn in (1, 2, 4, 8):
         for bk in (512, 1024, 2048, 4096, 8192):
@@ -73,9 +74,9 @@ def gemv_config(n: int, k: int, gated: bool) -> GemvConfig:
     if tuned is not None:
         return tuned
     # What won for most tuned shapes: 2-4 rows, tiles of up to 2048 columns, 4 warps.
-    block_k = min(triton.next_power_of_2(k), 2048)
+    block_k = min(next_pow2(k), 2048)
     block_n = 4
-    while block_n > 1 and triton.cdiv(n, block_n) < 512:
+    while block_n > 1 and cdiv(n, block_n) < 512:
         block_n //= 2
     return GemvConfig(block_n, block_k, 4, acc_2d=block_k < k and block_n * block_k <= 8192)
 
@@ -196,7 +197,7 @@ def gemv(
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     cfg = config or gemv_config(n, k, gated)
     out = torch.empty((1, n), dtype=torch.float32 if out_float else weight.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+    _gemv_kernel[(cdiv(n, cfg.block_n),)](
         x, weight, out, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         bias if bias is not None else x, n, k, eps,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM=norm_weight is not None, GATED=gated,

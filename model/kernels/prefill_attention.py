@@ -23,7 +23,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from pdserve.model.kernels.tilings import extend_tiling, group_block, query_block
+from pdserve.model.kernels.tilings import cdiv, extend_tiling, group_block, query_block
 
 _LOG2E = 1.4426950408889634
 
@@ -133,7 +133,7 @@ def extend_attention(
     if num_tokens == 0:
         return out
     block_m = query_block(q.shape[2], q.shape[1] // k_cache.shape[2])
-    grid = (k_cache.shape[2], triton.cdiv(max_extend_len, block_m), seq_lens.shape[0])
+    grid = (k_cache.shape[2], cdiv(max_extend_len, block_m), seq_lens.shape[0])
     _launch(grid, q, out, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, seq_lens, qo_indptr, qo_indptr,
             scale, tiled=False)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from pdserve.model.kernels.tilings import next_pow2
 
 
 @triton.jit
@@ -122,7 +123,7 @@ def rope_store(
         qkv, positions, cos_cache, sin_cache, slots, k_cache, v_cache, q,
         q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, qkv.stride(0), eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HEADS_BLOCK=triton.next_power_of_2(num_heads), KV_HEADS_BLOCK=triton.next_power_of_2(num_kv_heads),
+        HEADS_BLOCK=next_pow2(num_heads), KV_HEADS_BLOCK=next_pow2(num_kv_heads),
         QK_NORM=qk_norm, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return q
@@ -148,4 +149,4 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     row = k_cache.shape[-2] * k_cache.shape[-1]
     k2, v2 = k.reshape(num_tokens, row), v.reshape(num_tokens, row)
     _store_kv_kernel[(num_tokens,)](k2, v2, slots, k_cache, v_cache, k2.stride(0), v2.stride(0),
-                                    ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
+                                    ROW=row, BLOCK=next_pow2(row), num_warps=4)

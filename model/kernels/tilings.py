@@ -11,10 +11,21 @@ import functools
 from dataclasses import dataclass
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``). Plain Python:
+    ``triton.next_power_of_2`` called from the host costs ~2 us a call (it
+    is a constexpr function), several times a layer in an eager forward."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def group_block(group: int) -> int:
     """Rows a token takes in an extend program: its ``group`` query heads of
     one kv head, padded to a power of two."""
-    return 1 << max(group - 1, 0).bit_length()
+    return next_pow2(group)
 
 
 def extend_rows(head_dim: int) -> int:

@@ -53,7 +53,7 @@ class Attention(FusedProjections):
     def attend(self, qkv: torch.Tensor, batch: ForwardBatch, rotary: RotaryEmbedding, attn: AttentionBackend,
                kv_cache: torch.Tensor, ops) -> torch.Tensor:
         """Attention output ``[T, H * D]`` (before o_proj) of a fused qkv projection."""
-        k_cache, v_cache = kv_cache[self.layer_id, 0], kv_cache[self.layer_id, 1]
+        k_cache, v_cache = kv_cache[self.layer_id].unbind(0)
         if ops.fuses_rope_store and attn.accepts_stored_kv:
             # Rotary, q/k norm and the K/V page store in one kernel; the backend only attends.
             q = ops.rope_store(

@@ -37,11 +37,11 @@ logger = logging.getLogger("pdserve.cuda_graph")
 
 
 # The default chunk size. Past 2048 tokens a graph no longer shortens the step
-# (the GPU outlasts an eager launch), but an eager launch still costs the host
-# 10-16 ms on the 1B shape, 0.34-0.49 of an 8192-token step's GPU span
-# (benchmarks/results/README.md): captured up to here, no prefill a chunk can
-# make takes the host more than a few percent of its GPU time, for about one
-# forward's activations (1.28 GiB on the 8B shape, logged at start).
+# (the GPU outlasts an eager launch), but an eager launch still held the host
+# for up to 0.49 of an 8192-token step's GPU span on the 1B shape (four
+# prompts; benchmarks/results/README.md). Captured up to here, no step of the
+# default chunking takes the host more than a few percent of its GPU time,
+# for about one forward's activations (1.35 GiB on the 8B shape, logged).
 PREFILL_GRAPH_DEFAULT_MAX_TOKENS = 8192
 
 

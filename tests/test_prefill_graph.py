@@ -23,9 +23,9 @@ def test_token_counts_cover_up_to_the_limit_with_bounded_padding() -> None:
 
 def test_graphs_cover_the_default_chunk_unless_told_otherwise() -> None:
     # the default chunk of 8192 tokens is captured whole: an eager launch of
-    # one costs the host a third or more of its GPU time on the 1B shape
+    # that many tokens held the host for up to half its GPU time on the 1B shape
     assert prefill_graph_max_tokens(None, 8192, 131072) == 8192
-    assert prefill_graph_max_tokens(None, 1024, 131072) == 1024  # a smaller chunk: no larger step exists
+    assert prefill_graph_max_tokens(None, 1024, 131072) == 1024  # a smaller chunk caps the ladder too
     assert prefill_graph_max_tokens(None, -1, 131072) == 8192  # no chunking: capped, not the whole context
     assert prefill_graph_max_tokens(None, -1, 2048) == 2048
     assert prefill_graph_max_tokens(4096, 8192, 131072) == 4096  # --prefill-cuda-graph-max-tokens wins

@@ -47,11 +47,11 @@ PREFILL_GRAPH_DEFAULT_MAX_TOKENS = 8192
 
 def prefill_graph_max_tokens(configured: int | None, chunked_prefill_size: int, context_len: int) -> int:
     """The largest token count to capture: ``--prefill-cuda-graph-max-tokens``
-    if given, else the chunk size (the context without chunking) up to the default."""
-    if configured:
-        return configured
+    if given, else the chunk size (the context without chunking) up to the
+    default; never past the context, because each count is captured as one
+    sequence whose positions must lie in the rotary table."""
     chunk = chunked_prefill_size if chunked_prefill_size > 0 else context_len
-    return min(chunk, PREFILL_GRAPH_DEFAULT_MAX_TOKENS)
+    return min(configured or min(chunk, PREFILL_GRAPH_DEFAULT_MAX_TOKENS), context_len)
 
 
 def prefill_token_counts(max_tokens: int) -> list[int]:

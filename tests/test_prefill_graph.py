@@ -8,7 +8,11 @@ import pytest
 import torch
 from pdserve.model.kernels.step_inputs import build_step, max_tiles, tile_table
 from pdserve.model.kernels.tilings import query_block
-from pdserve.model.prefill_graph import PrefillInputs, prefill_graph_max_tokens, prefill_token_counts
+from pdserve.model.prefill_graph import (
+    PrefillInputs,
+    prefill_graph_max_tokens,
+    prefill_token_counts,
+)
 
 
 def test_token_counts_cover_up_to_the_limit_with_bounded_padding() -> None:
@@ -29,6 +33,9 @@ def test_graphs_cover_the_default_chunk_unless_told_otherwise() -> None:
     assert prefill_graph_max_tokens(None, -1, 131072) == 8192  # no chunking: capped, not the whole context
     assert prefill_graph_max_tokens(None, -1, 2048) == 2048
     assert prefill_graph_max_tokens(4096, 8192, 131072) == 4096  # --prefill-cuda-graph-max-tokens wins
+    # a capture is one sequence of the count: its positions stay in a short context's rotary table
+    assert prefill_graph_max_tokens(None, 8192, 2048) == 2048
+    assert prefill_graph_max_tokens(4096, 8192, 2048) == 2048
 
 
 @pytest.mark.parametrize("lengths", [[1], [64], [65], [128], [129], [100, 1, 200, 7], [32] * 5, [128] * 3])

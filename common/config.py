@@ -106,7 +106,7 @@ class ServerConfig:
     cuda_graph_bs: tuple[int, ...] | None = field(default=None, metadata=_flag("decode batch sizes to capture", nargs="+", type=int))
     disable_cuda_graph_padding: bool = field(default=False, metadata=_flag("only replay graphs for exactly captured batch sizes"))
     disable_prefill_cuda_graph: bool = field(default=False, metadata=_flag("launch prefill steps eagerly instead of replaying CUDA graphs (GPU; the graphs' memory, about one forward of --prefill-cuda-graph-max-tokens, is logged at start)"))
-    prefill_cuda_graph_max_tokens: int | None = field(default=None, metadata=_flag("largest prefill step (new tokens) captured in a CUDA graph (default: --chunked-prefill-size, at most 8192; longer steps launch eagerly)"))
+    prefill_cuda_graph_max_tokens: int | None = field(default=None, metadata=_flag("largest prefill step (new tokens) captured in a CUDA graph (default: --chunked-prefill-size, at most 8192; never past the context length; longer steps launch eagerly)"))
     prefill_cuda_graph_max_seqs: int = field(default=16, metadata=_flag("most sequences of a prefill step that replays a CUDA graph"))
     disable_overlap_schedule: bool = field(default=False, metadata=_flag("do not prepare the next batch while the GPU runs"))
     disable_pdl: bool = field(default=False, metadata=_flag("launch our GPU kernels without programmatic dependent launch (Hopper and newer chain them by default)"))

@@ -5,7 +5,8 @@
 # one prompt with and without prefill CUDA graphs, four prompts, a chunk over a
 # cached prefix), then the TTFT of 512-token prompts one at a time through
 # `pdserve serve` (8B shape, prefill graphs on) as a ratio to the prefill
-# floor. Results go to $OUT (default ./out).
+# floor. Results go to $OUT (default ./out). GPU_TESTS=none skips the tests
+# (to run them in a call of their own: each command has ten minutes).
 #
 #   bash benchmarks/host_path_gpu.sh
 set -uo pipefail
@@ -20,7 +21,7 @@ else
   tests=(tests/test_gpu_kernels.py tests/test_gpu_runner.py -k "tiled or prefill_graph")
   tests_timeout=300
 fi
-timeout "$tests_timeout" python3 -m pytest "${tests[@]}" -m gpu -q -p no:cacheprovider -x 2>&1 | tail -30 | tee "$OUT/gpu-tests.log"
+[ "${GPU_TESTS:-graphs}" = none ] || timeout "$tests_timeout" python3 -m pytest "${tests[@]}" -m gpu -q -p no:cacheprovider -x 2>&1 | tail -30 | tee "$OUT/gpu-tests.log"
 timeout 420 python3 -m pdserve.benchmarks.roofline --models llama-3.2-1b llama-3.1-8b --decode-batches 1 128 256 \
   --decode-context 768 --prefill-lengths 512 2048 8192 --skip-transfer --attention-backend triton --kernel-profile \
   --output-json "$RESULT" 2>&1 | grep -v '^\[' | tee "$OUT/roofline.log"

@@ -47,6 +47,7 @@ class Launch:
         Triton's own binder, for Hopper, so pointers 16-byte aligned and integers divisible by 16
         carry that hint (it decides vector widths and asynchronous copies, hence the pipeline's
         shared memory) and integers equal to 1 become constants."""
+        # create_function_from_signature and _pack_args are Triton's internals; the test extra pins Triton.
         backend = make_backend(HOPPER)
         binder = create_function_from_signature(self.kernel.signature, self.kernel.params, backend)
         bound, specialization, options = binder(*self.args, **self.kwargs)

@@ -15,6 +15,11 @@ from pdserve.common.errors import APIError
 from pdserve.common.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
+# Sub-requests (prompts x n) in one call, as OpenAI bounds a prompt list. Each
+# holds KV pages on a decode instance from the moment it arrives there until
+# its prefill comes; one call of tens of thousands outlasted the transfer
+# deadline of every sub-request behind the first few thousand.
+MAX_CALL_REQUESTS = 2048
 _PENALTY_RANGE = (-2.0, 2.0)
 # Integers cross the engine pipe as msgpack int64: anything wider must be a 400, not a 500.
 _INT64 = (-(2**63), 2**63 - 1)
@@ -133,11 +138,25 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -
     )
 
 
+def _unsupported(body: dict) -> None:
+    """Refuse what would otherwise be silently ignored: a client that asks
+    for biased logits or JSON output must not get plain samples with a 200."""
+    _check(not _get(body, "logit_bias", (dict,)), "'logit_bias' is not supported", "logit_bias")
+    fmt = _get(body, "response_format", (dict,))
+    _check(fmt is None or fmt.get("type") == "text", "only the 'text' response_format is supported", "response_format")
+    _check(body.get("tool_choice") in (None, "none"), "'tool_choice' is not supported by this server", "tool_choice")
+    for name in ("functions", "function_call"):
+        _check(not body.get(name), f"'{name}' is not supported by this server", name)
+
+
 def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, ...]) -> GenerationInput:
     n = _get(body, "n", (int,), 1)
     _check(1 <= n <= 16, "'n' must be in [1, 16]", "n")
+    _check(len(prompts) * n <= MAX_CALL_REQUESTS,
+           f"at most {MAX_CALL_REQUESTS} completions a call (prompts x n); split the batch", "prompt")
     stream = bool(_get(body, "stream", (bool,), False))
     options = _get(body, "stream_options", (dict,), {})
+    _check(stream or not options, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     room = _get(body, "bootstrap_room", (int,))
     _check(room is None or 0 <= room < 2**63, "'bootstrap_room' must be a 63-bit non-negative integer", "bootstrap_room")
     return GenerationInput(
@@ -164,6 +183,9 @@ def parse_completion(body: dict) -> GenerationInput:
         params = replace(params, logprobs=True, top_logprobs=logprobs)
     _check(not _get(body, "echo", (bool,), False), "'echo' is not supported", "echo")
     _check(body.get("suffix") is None, "'suffix' is not supported", "suffix")
+    best_of = _get(body, "best_of", (int,))
+    _check(best_of is None or best_of == _get(body, "n", (int,), 1), "'best_of' other than 'n' is not supported", "best_of")
+    _unsupported(body)
     return _common(body, prompts, params, _stop_strings(body.get("stop")))
 
 
@@ -191,6 +213,9 @@ def parse_chat(body: dict) -> GenerationInput:
         top = _get(body, "top_logprobs", (int,), 0)
         _check(0 <= top <= MAX_LOGPROBS, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}]", "top_logprobs")
         params = replace(params, logprobs=True, top_logprobs=top)
+    else:
+        _check(body.get("top_logprobs") is None, "'top_logprobs' needs 'logprobs' to be true", "top_logprobs")
+    _unsupported(body)
     return _common(body, [clean], params, _stop_strings(body.get("stop")))
 
 

@@ -63,6 +63,7 @@ class ModelLimits:
     context_len: int
     vocab_size: int
     max_total_tokens: int
+    max_queued_requests: int | None = None  # the engine's --max-queued-requests
 
 
 def _with_front(engine_phases_s: dict[str, float], received_s: float) -> dict[str, float]:
@@ -109,6 +110,14 @@ class Serving:
                 room = None if gen.bootstrap_room is None else (gen.bootstrap_room + index) % ROOM_SPACE
                 sub_params = params if params.seed is None or gen.n == 1 else replace(params, seed=_sample_seed(params.seed, j))
                 subs.append(SubRequest(index, f"{base}-{index}", ids, sub_params, gen.stop, room, gen.prefill_instance_id, received_s))
+        limit = self.limits.max_queued_requests
+        if limit is not None and len(subs) > limit:
+            # The engine counts each completion as a queued request: a call of
+            # more is admitted only if its first ones start running before the
+            # rest arrive, and a client would retry its 503 forever.
+            # (Checked last, so that a prompt's own error is the answer first.)
+            raise APIError(400, f"this call asks for {len(subs)} completions (prompts x n); the server queues "
+                           f"at most {limit} (max_queued_requests)", "n")
         return subs
 
     def _bounded_text(self, text: str, param: str) -> str:

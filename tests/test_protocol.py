@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pdserve.common.errors import APIError, error_body
-from pdserve.server.protocol import parse_chat, parse_completion, parse_generate
+from pdserve.server.protocol import MAX_CALL_REQUESTS, parse_chat, parse_completion, parse_generate
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -41,7 +41,32 @@ def test_completion_options() -> None:
     assert (p.stop_token_ids, p.ignore_eos, p.logprobs, p.top_logprobs) == ((7,), True, True, 2)
     assert (p.frequency_penalty, p.repetition_penalty) == (1.0, 1.5)
     assert gen.stop == ("a",) and gen.n == 3 and gen.stream and gen.include_usage and gen.model == "tiny"
-    assert not parse_completion({"prompt": "x", "stream_options": {"include_usage": True}}).include_usage
+    assert not parse_completion({"prompt": "x", "stream": True, "stream_options": {}}).include_usage
+    # Options for a stream that is not one: OpenAI's 400, not a silent no-op.
+    rejects(parse_completion, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options")
+
+
+def test_what_would_be_ignored_is_refused() -> None:
+    for body, param in (({"logit_bias": {"875": -100}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
+                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+                        ({"tool_choice": "required"}, "tool_choice"), ({"functions": [{"name": "f"}]}, "functions")):
+        rejects(parse_completion, {"prompt": "x", **body}, param)
+        rejects(parse_chat, {"messages": MESSAGES, **body}, param)
+    rejects(parse_completion, {"prompt": "x", "best_of": 2}, "best_of")
+    rejects(parse_completion, {"prompt": "x", "n": 2, "best_of": 1}, "best_of")
+    # Their neutral values are what a client library may send by default.
+    for body in ({"logit_bias": {}}, {"logit_bias": None}, {"response_format": {"type": "text"}}, {"tool_choice": "none"}):
+        parse_completion({"prompt": "x", **body})
+        parse_chat({"messages": MESSAGES, **body})
+    assert parse_completion({"prompt": "x", "n": 2, "best_of": 2}).n == 2
+
+
+def test_one_call_holds_at_most_max_call_requests() -> None:
+    assert len(parse_completion({"prompt": ["a"] * 128, "n": 16}).prompts) * 16 == MAX_CALL_REQUESTS
+    rejects(parse_completion, {"prompt": ["a"] * 129, "n": 16}, "prompt")
+    rejects(parse_completion, {"prompt": [[1]] * (MAX_CALL_REQUESTS + 1)}, "prompt")
+    rejects(parse_generate, {"text": ["a"] * (MAX_CALL_REQUESTS + 1)}, "prompt")
 
 
 @pytest.mark.parametrize(
@@ -96,7 +121,8 @@ def test_chat_max_tokens_names() -> None:
 def test_chat_logprobs() -> None:
     p = parse_chat({"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}).params
     assert (p.logprobs, p.top_logprobs) == (True, 2)
-    assert not parse_chat({"messages": MESSAGES, "top_logprobs": 2}).params.logprobs
+    assert not parse_chat({"messages": MESSAGES, "logprobs": False}).params.logprobs
+    rejects(parse_chat, {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs")
     rejects(parse_chat, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs")
     rejects(parse_chat, {"messages": MESSAGES, "logprobs": 1}, "logprobs")
     rejects(parse_chat, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools")

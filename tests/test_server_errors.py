@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -11,13 +13,14 @@ from pdserve.tests.support.hf_oracle import HFOracle
 from pdserve.tests.support.openai_errors import assert_openai_error
 from pdserve.tests.support.payloads import generate_body, prompt_ids, sse_events
 from pdserve.tests.support.server_process import ServerProcess, server_fixture
+from pdserve.tests.support.waiting import wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
 
 
 queue_server = server_fixture(
-    ("--page-size", "4", "--max-running-requests", "1", "--max-queued-requests", "1", "--max-total-tokens", "4096"),
+    ("--page-size", "4", "--max-running-requests", "1", "--max-queued-requests", "2", "--max-total-tokens", "4096"),
     "queue.log")
 
 
@@ -117,39 +120,64 @@ def test_auto_truncate_keeps_a_fitting_prompt_whole(small_server: ServerProcess,
     assert resp.json()["output_ids"] == oracle.greedy(ids, 24)
 
 
-def _two_refused_while_busy(server: ServerProcess, path: str, bodies: list[dict]) -> httpx.Response:
-    """A long request holds the one running slot while the three ``bodies`` are
-    sent, so one waits in the one queue slot and two are refused (each a 503
-    error), however they interleave; returns the queued one's response."""
+@contextmanager
+def _running_slot_held(server: ServerProcess) -> Iterator[None]:
+    """A long streamed request holds the one running slot until the block ends
+    (its client then leaves, which aborts it)."""
     long_body = {**generate_body(prompt_ids(8, seed=0), 1500), "stream": True}
+    with server.client() as client, client.stream("POST", "/generate", json=long_body) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()  # kept: a collected line iterator closes the stream
+        assert next(lines).startswith("data: ")  # running now
+        yield
+
+
+def _two_refused_while_busy(server: ServerProcess, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    """While the running slot is held, the four ``bodies`` are sent: two wait
+    in the two queue slots and two are refused (each a 503 error), however they
+    interleave; returns the queued ones' responses."""
     with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
-        with server.client() as client, client.stream("POST", "/generate", json=long_body) as stream:
-            assert stream.status_code == 200
-            lines = stream.iter_lines()  # kept: a collected line iterator closes the stream
-            assert next(lines).startswith("data: ")  # running now
+        with _running_slot_held(server):
             futures = [pool.submit(server.post, path, body) for body in bodies]
             refused = list(itertools.islice(as_completed(futures, timeout=30), 2))
             for future in refused:
                 assert_openai_error(future.result(), 503)
                 assert int(future.result().headers["Retry-After"]) >= 1  # overload says when to retry
-        # The long request is gone with its client: the queued one runs.
-        (queued,) = [f for f in futures if f not in refused]
-        return queued.result(timeout=60)
+        # The long request is gone with its client: the queued ones run.
+        return [f.result(timeout=60) for f in futures if f not in refused]
 
 
 def test_too_many_queued_requests(queue_server: ServerProcess) -> None:
-    bodies = [generate_body(prompt_ids(8, seed=i), 60) for i in range(1, 4)]
-    resp = _two_refused_while_busy(queue_server, "/generate", bodies)
-    assert resp.status_code == 200 and len(resp.json()["output_ids"]) == 60
+    bodies = [generate_body(prompt_ids(8, seed=i), 60) for i in range(1, 5)]
+    for resp in _two_refused_while_busy(queue_server, "/generate", bodies):
+        assert resp.status_code == 200 and len(resp.json()["output_ids"]) == 60
 
 
 def test_failed_choice_cancels_its_siblings(queue_server: ServerProcess) -> None:
+    """One queue slot is taken, so of a call's two choices the first is queued
+    and the second refused: the call fails and takes the first one with it."""
     before = queue_server.server_info()["num_generated_tokens"]
-    body = {"prompt": prompt_ids(8, seed=9), "n": 3, "max_tokens": 1500, "ignore_eos": True}
-    assert_openai_error(queue_server.post("/v1/completions", body), 503)
+    body = {"prompt": prompt_ids(8, seed=9), "n": 2, "max_tokens": 1500, "ignore_eos": True}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with _running_slot_held(queue_server):
+            waiting = pool.submit(queue_server.post, "/generate", generate_body(prompt_ids(8, seed=8), 4))
+            wait_until(lambda: queue_server.server_info()["num_queued_reqs"] == 1, 10.0, 0.02, lambda: "never queued")
+            assert_openai_error(queue_server.post("/v1/completions", body), 503)
+        assert waiting.result(timeout=60).status_code == 200
     info = queue_server.wait_idle(3.0)
     assert info["kv_pool"]["used_pages"] == 0 and info["num_running_reqs"] == 0, info
+    # The long request and the waiting one made a few dozen tokens at most.
     assert info["num_generated_tokens"] - before < 1500
+
+
+def test_a_call_of_more_choices_than_the_queue_is_refused(queue_server: ServerProcess) -> None:
+    """Each choice counts as a queued request: a call of more could never be
+    admitted, so it is the caller's error (400), not a 503 to retry forever."""
+    assert_openai_error(queue_server.post("/v1/completions", {"prompt": "hi", "n": 3, "max_tokens": 2}), 400,
+                        "max_queued_requests")
+    assert_openai_error(queue_server.post("/generate", {"text": ["a", "b", "c"]}), 400)
+    resp = queue_server.post("/v1/completions", {"prompt": "hi", "n": 2, "max_tokens": 2})
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 2
 
 
 def test_n_choices_with_the_largest_seed(main_server: ServerProcess) -> None:
@@ -161,10 +189,10 @@ def test_n_choices_with_the_largest_seed(main_server: ServerProcess) -> None:
 
 def test_too_many_queued_streaming_requests(queue_server: ServerProcess) -> None:
     """A rejected stream gets the 503 status itself, not a 200 stream carrying an error."""
-    bodies = [{"prompt": prompt_ids(8, seed=i), "max_tokens": 30, "ignore_eos": True, "stream": True} for i in range(1, 4)]
-    resp = _two_refused_while_busy(queue_server, "/v1/completions", bodies)
-    assert resp.status_code == 200
-    assert sse_events(resp)[-1]["choices"][0]["finish_reason"] == "length"
+    bodies = [{"prompt": prompt_ids(8, seed=i), "max_tokens": 30, "ignore_eos": True, "stream": True} for i in range(1, 5)]
+    for resp in _two_refused_while_busy(queue_server, "/v1/completions", bodies):
+        assert resp.status_code == 200
+        assert sse_events(resp)[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_unknown_route_and_method(main_server: ServerProcess) -> None:

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import httpx
@@ -206,6 +207,10 @@ def _admin_routes(api: APIRouter) -> None:
     async def models(request: Request) -> Response:
         return await _from_any_worker(request.app.state.router, "/v1/models")
 
+    @api.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> Response:
+        return await _from_any_worker(request.app.state.router, "/v1/models/" + quote(model_id, safe="/"))
+
     @api.get("/get_model_info")
     async def model_info(request: Request) -> Response:
         return await _from_any_worker(request.app.state.router, "/get_model_info")
@@ -239,7 +244,7 @@ def _admin_routes(api: APIRouter) -> None:
             "instances": instances,
         }
 
-    @api.post("/flush_cache")
+    @api.api_route("/flush_cache", methods=["GET", "POST"])  # as an instance takes it
     async def flush_cache(request: Request) -> JSONResponse:
         state: RouterState = request.app.state.router
         targets = [w for w in state.workers.all() if w.healthy]

@@ -86,7 +86,7 @@ class _AttemptFailed(Exception):
 
     def __init__(self, response: Response, culprit: Worker, retryable: bool, race: bool = False,
                  blames_prefill: bool = False) -> None:
-        super().__init__(culprit.url)
+        super().__init__(f"{culprit.role} {culprit.url}: {response.status_code}")
         self.response = response
         self.culprit = culprit
         self.retryable = retryable
@@ -187,8 +187,9 @@ class Forwarder:
             try:
                 return await self._attempt(call, *pair)
             except _AttemptFailed as exc:
-                logger.warning("attempt %d on %s %s failed (%s)", attempt, exc.culprit.role, exc.culprit.url,
-                               exc.response.status_code)
+                # A client's mistake (a 4xx the worker answers) is not the worker's fault: not a warning.
+                logger.log(logging.WARNING if exc.retryable else logging.DEBUG, "attempt %d on %s failed",
+                           attempt, exc)
                 if exc.retryable and exc.culprit.role != PREFILL:  # P's are counted by its task
                     self._metrics.worker_errors.labels(exc.culprit.role, exc.culprit.url).inc()
                 failure = exc
@@ -256,8 +257,9 @@ class Forwarder:
             self._metrics.worker_latency.labels(prefill.role, prefill.url).observe(time.monotonic() - sent_s)
             exc = t.exception()
             if exc is not None:
-                logger.warning("prefill %s: %s", prefill.url, exc)
-                if not isinstance(exc, _AttemptFailed) or exc.retryable:
+                fault = not isinstance(exc, _AttemptFailed) or exc.retryable
+                logger.log(logging.WARNING if fault else logging.DEBUG, "prefill %s failed: %s", prefill.url, exc)
+                if fault:
                     self._metrics.worker_errors.labels(prefill.role, prefill.url).inc()
 
         self._background.add(task)

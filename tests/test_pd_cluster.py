@@ -116,6 +116,11 @@ def test_openai_client_streamed_and_not(cluster: Cluster, oracle) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chat_stream if c.choices)
     assert text == chat.choices[0].message.content
     assert chat.usage.completion_tokens == MAX_NEW or chat.choices[0].finish_reason == "stop"
+    # The client's model calls go through the router to an instance.
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("not-served")
     assert_no_leaks(cluster)
 
 

@@ -237,6 +237,10 @@ def test_workers_models_server_info_flush_and_metrics(stack: Stack) -> None:
                                                                            d.instance_id}
     assert stack.post("/flush_cache").status_code == 200
     assert p.bodies("/flush_cache") == d.bodies("/flush_cache") == [None]
+    assert stack.get("/flush_cache").status_code == 200  # GET too, as an instance takes it
+    assert len(p.bodies("/flush_cache")) == len(d.bodies("/flush_cache")) == 2
+    assert stack.get("/v1/models/fake-model").json()["id"] == "fake-model"
+    assert_openai_error(stack.get("/v1/models/other"), 404)
     stack.post("/v1/completions", json=PROMPT)
     metrics = stack.get("/metrics").text
     assert 'pdserve:router_requests_total{endpoint="/v1/completions"} 1.0' in metrics
@@ -246,8 +250,11 @@ def test_workers_models_server_info_flush_and_metrics(stack: Stack) -> None:
 def test_api_key_guards_everything_but_health(stack: Stack) -> None:
     pd(stack, config=replace(FAST, api_key="sekret"))
     assert stack.get("/health").status_code == 200
-    assert_openai_error(stack.post("/v1/completions", json=PROMPT), 401, "API key")
+    refused = stack.post("/v1/completions", json=PROMPT)
+    assert_openai_error(refused, 401, "API key")
+    assert refused.headers["WWW-Authenticate"] == "Bearer"
     assert_openai_error(stack.get("/workers", headers={"Authorization": "Bearer wrong"}), 401)
+    assert stack.get("/workers").headers["WWW-Authenticate"] == "Bearer"
     assert_openai_error(stack.get("/metrics"), 401)
     ok = stack.post("/v1/completions", json=PROMPT, headers={"Authorization": "Bearer sekret"})
     assert ok.status_code == 200

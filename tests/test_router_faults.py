@@ -4,6 +4,7 @@ it gives up on an attempt, when a worker is down, and how a broken stream ends."
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -237,3 +238,23 @@ def test_fault_flags_build_the_config() -> None:
     assert (config.http_keep_alive_timeout_s, config.http_read_timeout_s) == (3.0, 7.0)
     with pytest.raises(SystemExit):
         parse_args(["--health-failure-threshold", "0"])
+
+
+def _proxy_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pdserve.router.proxy" and r.levelno >= logging.WARNING]
+
+
+def test_a_clients_mistake_is_relayed_without_a_warning(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """A 4xx that a worker answers is the client's, not the worker's fault: the
+    client gets it as is, the worker stays healthy, the log stays quiet. A 5xx
+    is the worker's, and is logged with its status."""
+    pd(stack, fail_status=400)
+    with caplog.at_level(logging.DEBUG, logger="pdserve.router.proxy"):
+        response = stack.post("/v1/completions", json=PROMPT)
+        assert response.status_code == 400 and "failed on purpose" in response.text
+        assert _proxy_warnings(caplog) == []
+        assert all(w["healthy"] for w in _workers(stack).values())
+        stack.fakes["d0"].behavior.fail_status = 500
+        assert stack.post("/v1/completions", json=PROMPT).status_code == 500
+        warnings = _proxy_warnings(caplog)
+    assert warnings and all("decode" in m and ": 500" in m for m in warnings), warnings

@@ -11,8 +11,10 @@ from pdserve.web.strict_json import InvalidJSON, loads_object
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    retry_after_s: int | None = None):
-    return JSONResponse(error_body(status, message, param, code), status_code=status,
-                        headers=retry_after_headers(status, retry_after_s))
+    headers = retry_after_headers(status, retry_after_s)
+    if status == 401:  # RFC 9110: a 401 names the scheme that would be accepted
+        headers = {**headers, "WWW-Authenticate": "Bearer"}
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def parse_json_object(raw: bytes) -> dict:

@@ -26,6 +26,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # OpenAI's logit_bias as two columns (token ids, and what is added to
+    # their logits before sampling): flat tuples cross the engine pipe as they are.
+    logit_bias_ids: tuple[int, ...] = ()
+    logit_bias_values: tuple[float, ...] = ()
 
     @property
     def is_greedy(self) -> bool:
@@ -40,4 +44,4 @@ class SamplingParams:
         """Greedy, no penalty, no logprobs: the token is the logits' argmax and
         nothing else is computed. Decided once per request (the sampler asks
         every step); not a field, so never on the wire."""
-        return self.is_greedy and not self.has_penalty and not self.logprobs
+        return self.is_greedy and not self.has_penalty and not self.logprobs and not self.logit_bias_ids

@@ -69,7 +69,7 @@ class Sampler:
             return self._pending([argmax_rows(logits)], params)
         logits = logits.float()  # the model's dtype (bf16 on a GPU): widened where more than an argmax runs
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs for p in params) else None
-        logits = self._apply_penalties(logits, params, histories)
+        logits = _add_bias(self._apply_penalties(logits, params, histories), params)
         token_ids = self._draw(logits, params, histories)
         parts = [token_ids]
         if raw_logprobs is not None:
@@ -129,6 +129,21 @@ class Sampler:
 
 
 _ARGMAX_ONLY = attrgetter("argmax_only")
+
+
+def _add_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``logits`` with each request's ``logit_bias`` added, after the penalties,
+    so that a bias of -100 or +100 bans or forces a token whatever they did; a
+    copy when any request has one."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias_ids]
+    if not rows:
+        return logits
+    logits = logits.clone()  # the caller's may be the model's own buffer
+    for i in rows:
+        p = params[i]
+        ids = _on(logits.device, list(p.logit_bias_ids), torch.long)
+        logits[i].index_add_(0, ids, _on(logits.device, list(p.logit_bias_values), logits.dtype))
+    return logits
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

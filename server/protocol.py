@@ -21,6 +21,7 @@ MAX_LOGPROBS = 20
 # deadline of every sub-request behind the first few thousand.
 MAX_CALL_REQUESTS = 2048
 _PENALTY_RANGE = (-2.0, 2.0)
+_LOGIT_BIAS_RANGE = (-100.0, 100.0)
 # Integers cross the engine pipe as msgpack int64: anything wider must be a 400, not a 500.
 _INT64 = (-(2**63), 2**63 - 1)
 _MAX_TOKEN_ID = 2**31 - 1
@@ -124,6 +125,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -
     repetition = _float(body, "repetition_penalty", 1.0)
     _check(0 < repetition <= 2, "'repetition_penalty' must be in (0, 2]", "repetition_penalty")
     seed = _seed(body, "seed")
+    bias_ids, bias_values = _logit_bias(body.get("logit_bias"))
     return SamplingParams(
         max_new_tokens=max_tokens,
         temperature=temperature,
@@ -134,14 +136,33 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -
         stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
         ignore_eos=bool(_get(body, "ignore_eos", (bool,), False)),
         seed=seed,
+        logit_bias_ids=bias_ids,
+        logit_bias_values=bias_values,
         **penalties,
     )
 
 
+def _logit_bias(value: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """OpenAI's ``{"token id": bias}``, bias in [-100, 100], as two columns
+    (ids beyond the vocabulary are refused where its size is known)."""
+    if value is None:
+        return (), ()
+    _check(isinstance(value, dict), "'logit_bias' must be an object of token ids to biases", "logit_bias")
+    ids, biases = [], []
+    for key, bias in value.items():
+        # A short ASCII decimal: int() of thousands of digits raises, of "²" too.
+        _check(key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= _MAX_TOKEN_ID,
+               f"'logit_bias' keys must be token ids, not {key[:20]!r}", "logit_bias")
+        _check(type(bias) in (int, float) and _LOGIT_BIAS_RANGE[0] <= bias <= _LOGIT_BIAS_RANGE[1],
+               "'logit_bias' values must be numbers in [-100, 100]", "logit_bias")
+        ids.append(int(key))
+        biases.append(float(bias))
+    return tuple(ids), tuple(biases)
+
+
 def _unsupported(body: dict) -> None:
     """Refuse what would otherwise be silently ignored: a client that asks
-    for biased logits or JSON output must not get plain samples with a 200."""
-    _check(not _get(body, "logit_bias", (dict,)), "'logit_bias' is not supported", "logit_bias")
+    for JSON output or a tool call must not get plain samples with a 200."""
     fmt = _get(body, "response_format", (dict,))
     _check(fmt is None or fmt.get("type") == "text", "only the 'text' response_format is supported", "response_format")
     _check(body.get("tool_choice") in (None, "none"), "'tool_choice' is not supported by this server", "tool_choice")

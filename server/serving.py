@@ -99,6 +99,7 @@ class Serving:
 
     # ---- request building --------------------------------------------------------
     def build(self, gen: GenerationInput, received_s: float | None = None) -> list[SubRequest]:
+        self._check_bias(gen.params)
         base = uuid.uuid4().hex
         received_s = time.monotonic() if received_s is None else received_s
         subs = []
@@ -119,6 +120,14 @@ class Serving:
             raise APIError(400, f"this call asks for {len(subs)} completions (prompts x n); the server queues "
                            f"at most {limit} (max_queued_requests)", "n")
         return subs
+
+    def _check_bias(self, params: SamplingParams) -> None:
+        """A biased id must index the logits' row: beyond it, the sampler's
+        add would fail in the engine, not in this request."""
+        vocab = self.limits.vocab_size
+        if params.logit_bias_ids and max(params.logit_bias_ids) >= vocab:
+            bad = max(params.logit_bias_ids)
+            raise APIError(400, f"'logit_bias' token id {bad} is outside the vocabulary [0, {vocab})", "logit_bias")
 
     def _bounded_text(self, text: str, param: str) -> str:
         """``text``, or its head when it holds more tokens than the context for sure.

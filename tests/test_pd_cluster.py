@@ -78,6 +78,17 @@ def test_greedy_equals_transformers_one_by_one(cluster: Cluster, oracle) -> None
     assert_no_leaks(cluster)
 
 
+def test_logit_bias_holds_on_both_sides(cluster: Cluster, oracle) -> None:
+    """P samples the first token and D the rest: both apply the request's bias."""
+    ids = _prompts(lengths=[11], seed=5)[0]
+    greedy = oracle.greedy(ids, 3)
+    banned = {str(t): -100 for t in greedy}
+    body = generate_body(ids, 3, logit_bias={**banned, "7": 100})
+    resp = httpx.post(f"{cluster.router_url}/generate", json=body, timeout=60, trust_env=False)
+    assert resp.status_code == 200 and resp.json()["output_ids"] == [7, 7, 7], resp.text
+    assert_no_leaks(cluster)
+
+
 def test_sixteen_concurrent_requests(cluster: Cluster, oracle) -> None:
     prompts = _prompts(lengths=[3 + 3 * i for i in range(16)], seed=1)
 

@@ -47,8 +47,7 @@ def test_completion_options() -> None:
 
 
 def test_what_would_be_ignored_is_refused() -> None:
-    for body, param in (({"logit_bias": {"875": -100}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
-                        ({"response_format": {"type": "json_object"}}, "response_format"),
+    for body, param in (({"response_format": {"type": "json_object"}}, "response_format"),
                         ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
                         ({"tool_choice": "required"}, "tool_choice"), ({"functions": [{"name": "f"}]}, "functions")):
         rejects(parse_completion, {"prompt": "x", **body}, param)
@@ -56,10 +55,23 @@ def test_what_would_be_ignored_is_refused() -> None:
     rejects(parse_completion, {"prompt": "x", "best_of": 2}, "best_of")
     rejects(parse_completion, {"prompt": "x", "n": 2, "best_of": 1}, "best_of")
     # Their neutral values are what a client library may send by default.
-    for body in ({"logit_bias": {}}, {"logit_bias": None}, {"response_format": {"type": "text"}}, {"tool_choice": "none"}):
+    for body in ({"response_format": {"type": "text"}}, {"tool_choice": "none"}):
         parse_completion({"prompt": "x", **body})
         parse_chat({"messages": MESSAGES, **body})
     assert parse_completion({"prompt": "x", "n": 2, "best_of": 2}).n == 2
+
+
+def test_logit_bias() -> None:
+    p = parse_completion({"prompt": "x", "logit_bias": {"875": -100, "3": 2.5}}).params
+    assert (p.logit_bias_ids, p.logit_bias_values) == ((875, 3), (-100.0, 2.5))
+    assert parse_chat({"messages": MESSAGES, "logit_bias": {"7": 100}}).params.logit_bias_ids == (7,)
+    assert parse_generate({"text": "a", "sampling_params": {"logit_bias": {"7": 1}}}).params.logit_bias_ids == (7,)
+    for empty in ({}, None):
+        # No bias: a greedy request keeps the sampler's argmax-only path.
+        assert parse_completion({"prompt": "x", "temperature": 0, "logit_bias": empty}).params.argmax_only
+    for bad in ([1], {"a": 1}, {"-1": 1}, {"1.5": 1}, {"\u00b2": 1}, {"1" * 5000: 1}, {"3": 101}, {"3": -100.5},
+                {"3": "1"}, {"3": True}, {"3": None}, {str(2**31): 1}):
+        rejects(parse_completion, {"prompt": "x", "logit_bias": bad}, "logit_bias")
 
 
 def test_one_call_holds_at_most_max_call_requests() -> None:

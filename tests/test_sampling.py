@@ -86,6 +86,19 @@ def test_repetition_penalty_divides_positive_multiplies_negative() -> None:
     assert out[0].tolist() == [1.0, -4.0, 2.0, -2.0]
 
 
+def test_logit_bias_bans_and_forces_per_row() -> None:
+    logits = torch.tensor([[3.0, 2.5, 0.0], [3.0, 2.5, 0.0], [3.0, 2.5, 0.0]])
+    params = [SamplingParams(temperature=0.0, logit_bias_ids=(0,), logit_bias_values=(-100.0,)),
+              SamplingParams(temperature=0.0, logit_bias_ids=(2, 1), logit_bias_values=(100.0, -1.0)),
+              SamplingParams(temperature=0.0)]
+    assert not any(p.argmax_only for p in params[:2]) and params[2].argmax_only
+    assert sample(logits, params).token_ids == [1, 2, 0]
+    assert logits[0].tolist() == [3.0, 2.5, 0.0]  # the caller's logits are untouched
+    # Sampled rows see the bias too: a banned token is never drawn.
+    banned = SamplingParams(temperature=1.0, logit_bias_ids=(0, 1), logit_bias_values=(-100.0, -100.0))
+    assert {sample(logits[:1], [banned], seed=s).token_ids[0] for s in range(20)} == {2}
+
+
 def test_penalty_changes_the_greedy_choice() -> None:
     logits = torch.tensor([[3.0, 2.5, 0.0]])
     plain = sample(logits, [SamplingParams(temperature=0.0)], [([5], [0, 0])])

@@ -147,6 +147,25 @@ def test_stop_token_ids(main_server: ServerProcess, oracle: HFOracle) -> None:
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": token}
 
 
+def test_logit_bias_bans_and_forces_tokens(main_server: ServerProcess, oracle: HFOracle) -> None:
+    ids = prompt_ids(9, seed=23)
+    greedy = oracle.greedy(ids, 4)
+    # The greedy first token banned: the answer takes the runner-up instead.
+    banned = _generate(main_server, ids, 4, logit_bias={str(greedy[0]): -100})["output_ids"]
+    (first, runner_up), = oracle.top_logprobs(ids, 1, 2)
+    assert first[0] == greedy[0] and banned[0] == runner_up[0]
+    # A token favoured by +100 wins every step, through the OpenAI route too.
+    assert _generate(main_server, ids, 3, logit_bias={"7": 100})["output_ids"] == [7, 7, 7]
+    forced = main_server.post("/v1/completions", {"prompt": ids, "max_tokens": 3, "temperature": 0,
+                                                  "logit_bias": {"7": 100}})
+    assert forced.status_code == 200 and forced.json()["choices"][0]["text"] == oracle.decode([7, 7, 7]), forced.text
+    # An id past the logits' row is the caller's error, not the engine's.
+    vocab = oracle.model.config.vocab_size
+    refused = main_server.post("/v1/completions", {"prompt": ids, "logit_bias": {str(vocab): 1}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logit_bias", refused.text
+    assert _generate(main_server, ids, 4)["output_ids"] == greedy  # and the server serves on
+
+
 def _completion(server: ServerProcess, stream: bool, **body: object) -> tuple[str, str | None]:
     resp = server.post("/v1/completions", {**body, "stream": stream})
     assert resp.status_code == 200, resp.text

@@ -15,7 +15,6 @@ import json
 from collections import deque
 
 from pdserve.common.errors import APIError, retry_after_headers
-from pdserve.web.auth import key_matches
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
@@ -78,18 +77,14 @@ class AdmissionMiddleware:
     """Plain ASGI around the app: a request on ``paths`` holds a slot while the
     app serves it, which for a stream lasts until the stream ends."""
 
-    def __init__(self, app: ASGIApp, admission: Admission, paths: tuple[str, ...], api_key: str | None = None) -> None:
+    def __init__(self, app: ASGIApp, admission: Admission, paths: tuple[str, ...]) -> None:
         self.app = app
         self.admission = admission
         self.paths = frozenset(paths)
-        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths or scope["method"] != "POST":
             await self.app(scope, receive, send)
-            return
-        if self.api_key and not key_matches(dict(scope["headers"]).get(b"authorization"), self.api_key):
-            await self.app(scope, receive, send)  # refused there (401): a stranger takes no place in the queue
             return
         try:
             await self.admission.acquire()

@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import aiohttp
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pdserve.common import env
 from pdserve.common.args import add_dataclass_args, config_from_args, read_secret
@@ -44,7 +44,7 @@ from pdserve.router.metrics import CONTENT_TYPE, GAUGE_PUBLISH_S, RouterMetrics
 from pdserve.router.policies import POLICIES, Policy, make_policy
 from pdserve.router.proxy import Call, Forwarder
 from pdserve.router.workers import COLOCATED, DECODE, PREFILL, Worker, WorkerRegistry
-from pdserve.web.auth import bearer_headers, key_matches, redacted
+from pdserve.web.auth import API_KEY_MESSAGE, BearerAuthMiddleware, bearer_headers, redacted
 from pdserve.web.direct_route import DirectRoute
 from pdserve.web.disconnect import until_client_leaves
 from pdserve.web.errors import error_response, install_error_handlers, read_json_object
@@ -109,23 +109,10 @@ def _build_state(config: RouterConfig, tracer: Tracer | None = None) -> RouterSt
     return RouterState(config, http, session, workers, policies, forwarder, metrics)
 
 
-def _api_key_guard(config: RouterConfig):
-    async def check(request: Request) -> None:
-        if not config.api_key:
-            return
-        if not key_matches(request.headers.get("authorization"), config.api_key):
-            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
-
-    return check
-
-
-def _generation_routes(app: FastAPI, check_key) -> None:
-    """The relayed endpoints, as ``DirectRoute``s: on the path of every first
-    token, so the key is checked here rather than by a dependency."""
+def _generation_routes(app: FastAPI) -> None:
+    """The relayed endpoints, as ``DirectRoute``s: on the path of every first token."""
     async def generate(request: Request) -> Response:
         received_s = time.monotonic()
-        await check_key(request)
         state: RouterState = request.app.state.router
         path = request.url.path
         state.metrics.requests.labels(path).inc()
@@ -306,7 +293,13 @@ def create_app(config: RouterConfig, tracer: Tracer | None = None) -> FastAPI:
     if config.max_concurrent_requests is not None:
         admission = Admission(config.per_process(config.max_concurrent_requests), config.per_process(config.queue_size),
                               config.queue_timeout_s)
-        app.add_middleware(AdmissionMiddleware, admission=admission, paths=GENERATE_PATHS, api_key=config.api_key)
+        app.add_middleware(AdmissionMiddleware, admission=admission, paths=GENERATE_PATHS)
+    if config.api_key:
+        # Outside admission: a stranger takes no place in its queue. As on an
+        # instance, everything wants the key (the OpenAPI schema and docs too)
+        # but /health, and /metrics with --open-metrics.
+        open_paths = ("/health", "/metrics") if config.open_metrics else ("/health",)
+        app.add_middleware(BearerAuthMiddleware, key=config.api_key, open_paths=open_paths, message=API_KEY_MESSAGE)
     # Added last, so outermost: an oversized body is refused before it waits anywhere.
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
 
@@ -318,16 +311,10 @@ def create_app(config: RouterConfig, tracer: Tracer | None = None) -> FastAPI:
         missing = [role for role in workers.roles if not workers.healthy(role)]
         return error_response(503, f"no healthy {', '.join(missing)} worker")
 
-    check_key = _api_key_guard(config)
-    _generation_routes(app, check_key)
-    api = APIRouter(dependencies=[Depends(check_key)])
+    _generation_routes(app)
+    api = APIRouter()
     _admin_routes(api)
-    if config.open_metrics:
-        open_api = APIRouter()
-        _metrics_route(open_api)
-        app.include_router(open_api)
-    else:
-        _metrics_route(api)
+    _metrics_route(api)
     app.include_router(api)
     return app
 

@@ -20,7 +20,7 @@ from pdserve.server.protocol import GenerationInput, parse_chat, parse_completio
 from pdserve.server.serving import Serving, SubRequest
 from pdserve.server.state import AppState
 from pdserve.server.text_stream import ChoiceState
-from pdserve.web.auth import BearerAuthMiddleware
+from pdserve.web.auth import API_KEY_MESSAGE, BearerAuthMiddleware
 from pdserve.web.direct_route import DirectRoute
 from pdserve.web.disconnect import until_client_leaves
 from pdserve.web.errors import error_response, install_error_handlers, parse_json_object
@@ -43,7 +43,7 @@ def _install_middleware(app: FastAPI, state: AppState) -> None:
     if state.cfg.api_key:
         open_paths = ("/health", "/metrics") if state.cfg.open_metrics else ("/health",)
         app.add_middleware(BearerAuthMiddleware, key=state.cfg.api_key, open_paths=open_paths,
-                           message="invalid or missing API key (expected 'Authorization: Bearer KEY')")
+                           message=API_KEY_MESSAGE)
     # Added last, so outermost: an oversized body is refused before anything else runs.
     app.add_middleware(BodyLimit, max_bytes=state.cfg.max_request_bytes)
 

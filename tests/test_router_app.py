@@ -256,6 +256,10 @@ def test_api_key_guards_everything_but_health(stack: Stack) -> None:
     assert_openai_error(stack.get("/workers", headers={"Authorization": "Bearer wrong"}), 401)
     assert stack.get("/workers").headers["WWW-Authenticate"] == "Bearer"
     assert_openai_error(stack.get("/metrics"), 401)
+    # As on an instance: the schema and the docs want the key too.
+    for path in ("/openapi.json", "/docs", "/v1/models/fake-model"):
+        assert_openai_error(stack.get(path), 401)
+    assert stack.get("/openapi.json", headers={"Authorization": "Bearer sekret"}).status_code == 200
     ok = stack.post("/v1/completions", json=PROMPT, headers={"Authorization": "Bearer sekret"})
     assert ok.status_code == 200
     assert len(stack.fakes["d0"].requests) == 1

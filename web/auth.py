@@ -56,6 +56,9 @@ def redacted(values: dict) -> dict:
     return {k: "<redacted>" if k in SECRET_FIELDS and v else v for k, v in values.items()}
 
 
+API_KEY_MESSAGE = "invalid or missing API key (expected 'Authorization: Bearer KEY')"
+
+
 class BearerAuthMiddleware:
     """401 for any HTTP request without ``Authorization: Bearer KEY``, but on ``open_paths``.
 

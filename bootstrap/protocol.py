@@ -24,8 +24,9 @@ from pdserve.common.roles import Role
 # and ``KVPagesRequest.prefill_epoch`` on the control channel), and KV layouts
 # that say which heads a rank holds (a room moves one part per pair of ranks).
 # 4: the agent metadata carries its KV layout as a typed message (``kv_layout``),
-# and a ucx agent's address is a ``UcxAddress``.
-PD_PROTOCOL_VERSION = 4
+# and a ucx agent's address is a ``UcxAddress``. 5: P keeps the rooms of its
+# prefill backlog alive (``RoomsInPrefill``).
+PD_PROTOCOL_VERSION = 5
 
 # The header that carries a registrant's token (drawn once per process) on
 # register, heartbeat and delete, and the error code of a 409 that says the

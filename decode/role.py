@@ -50,7 +50,13 @@ from pdserve.transfer.base import KVMemory, KVReceiver, LayoutMismatchError, Roo
 from pdserve.transfer.control import ControlClient, ControlClosedError
 from pdserve.transfer.endpoint import PDEndpoint, new_epoch
 from pdserve.transfer.metrics import DECODE_QUEUES, bytes_per_page
-from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
+from pdserve.transfer.pd_messages import (
+    KVPagesRequest,
+    PeerHello,
+    PrefillDone,
+    RoomAbort,
+    RoomsInPrefill,
+)
 from pdserve.transfer.tp import follower_transfer as tp_follower_transfer
 
 logger = logging.getLogger("pdserve.decode")
@@ -302,14 +308,22 @@ class DecodeRole(EngineRole):
                 if isinstance(msg, PeerHello) and msg.epoch != peer.info.epoch:
                     self._drop_peer(instance_id, dead=True, reason=f"prefill instance {instance_id!r} restarted")
                     break
-                self._on_message(msg)
+                self._on_message(msg, peer)
             else:
                 if peer.control.closed:
                     self._drop_peer(instance_id, dead=peer.control.refused)
 
-    def _on_message(self, msg: object) -> None:
+    def _on_message(self, msg: object, peer: PrefillPeer) -> None:
         if isinstance(msg, PeerHello):
             pass  # this incarnation's greeting (another one is handled above)
+        elif isinstance(msg, RoomsInPrefill):
+            # Still queued or prefilling on P: not late, only behind others there.
+            now = time.monotonic()
+            for room in msg.rooms:
+                ctx = self.rooms.get(room)
+                if ctx is not None and ctx.peer is peer:
+                    ctx.deadline_s = now + self.timeout_s
+                    ctx.receiver.keep_alive()
         elif isinstance(msg, PrefillDone):
             ctx = self.rooms.get(msg.room)
             if ctx is not None:

@@ -32,10 +32,19 @@ from pdserve.transfer.base import KVMemory, KVSender, LayoutMismatchError, RoomS
 from pdserve.transfer.control import ControlClosedError, ControlServer
 from pdserve.transfer.endpoint import PDEndpoint, new_epoch
 from pdserve.transfer.metrics import PREFILL_QUEUES, bytes_per_page
-from pdserve.transfer.pd_messages import KVPagesRequest, PeerHello, PrefillDone, RoomAbort
+from pdserve.transfer.pd_messages import (
+    KVPagesRequest,
+    PeerHello,
+    PrefillDone,
+    RoomAbort,
+    RoomsInPrefill,
+)
 from pdserve.transfer.tp import follower_transfer as tp_follower_transfer
 
 logger = logging.getLogger("pdserve.prefill")
+# RoomsInPrefill rounds per --disaggregation-timeout-s: a room's deadline is
+# restarted well before it passes, even if a step or two delays a round.
+KEEPALIVES_PER_TIMEOUT = 4
 
 
 @dataclass
@@ -91,6 +100,7 @@ class PrefillRole(EngineRole):
         # so a decode instance that died or restarted leaves nothing held here.
         self.peer_conns: dict[str, set[int]] = {}
         self.bytes_per_page = bytes_per_page(engine.pool.layout)
+        self.kept_alive_s = time.monotonic()  # the last RoomsInPrefill round
 
     # ---- hooks ------------------------------------------------------------------
     def admit(self, req: Req) -> None:
@@ -114,6 +124,7 @@ class PrefillRole(EngineRole):
         for conn_id in self.control.closed_connections():
             self._on_disconnect(conn_id)
         self._expire()
+        self._keep_backlog_alive()
         self.agent.progress()
         for room, ctx in list(self.rooms.items()):
             state = ctx.sender.poll(progress=False)
@@ -272,6 +283,24 @@ class PrefillRole(EngineRole):
             f"decode side expects {msg.num_prompt_tokens} prompt tokens in {len(msg.dst_pages)} pages, "
             f"prefill side has {len(req.prompt_ids)} tokens in {expected} pages"
         )
+
+    def _keep_backlog_alive(self) -> None:
+        """Every quarter of the timeout, restart the deadline of each room whose
+        prefill has not posted its last pages, here and on its decode side
+        (``RoomsInPrefill``): a room waiting in this engine's queue is not
+        late, only behind others. Sent from the engine's loop, so a stuck
+        engine sends nothing and its rooms still time out."""
+        now = time.monotonic()
+        if now - self.kept_alive_s < self.timeout_s / KEEPALIVES_PER_TIMEOUT:
+            return
+        self.kept_alive_s = now
+        by_conn: dict[int, list[int]] = {}
+        for room, ctx in self.rooms.items():
+            if not ctx.last_sent:
+                ctx.sender.keep_alive()
+                by_conn.setdefault(ctx.conn_id, []).append(room)
+        for conn_id, rooms in by_conn.items():
+            self._send(conn_id, RoomsInPrefill(rooms=rooms))
 
     def _expire(self) -> None:
         now = time.monotonic()

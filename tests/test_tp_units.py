@@ -151,3 +151,36 @@ def test_rank_room_is_done_only_when_every_part_is() -> None:
     failing.failure = "peer aborted"
     rank.rooms = {8: [_Part(RoomState.SUCCESS), failing]}
     assert rank.progress()[8][:2] == [RoomState.FAILED, "peer aborted"]
+
+
+def test_keep_alive_reaches_every_part_of_a_room_on_every_rank() -> None:
+    """A prefill backlog's RoomsInPrefill restarts each rank's parts of the room,
+    through the same call every rank runs (here the codec's round trip of it)."""
+    from pdserve.common import codec
+    from pdserve.transfer.base import RoomState
+    from pdserve.transfer.tp import PartKeepAlive, RankTransfer, TPSender
+
+    kept: list[str] = []
+
+    class KeptPart(_Part):
+        def __init__(self, name):
+            super().__init__(RoomState.WAITING_FOR_INPUT)
+            self.name = name
+
+        def keep_alive(self):
+            kept.append(self.name)
+
+    rank = RankTransfer.__new__(RankTransfer)
+    rank.rank, rank.agent, rank.failed = 0, _Agent(), {}
+    rank.rooms = {7: [KeptPart("a"), KeptPart("b")], 8: [KeptPart("other")]}
+
+    class Agent:
+        def call(self, call):
+            codec.decode(codec.encode(call)).run(rank)
+
+    TPSender(Agent(), 7, "peer", [0, 1], 1.0, [3]).keep_alive()
+    assert kept == ["a", "b"]
+    done = TPSender(Agent(), 7, "peer", [0, 1], 1.0, [3])
+    done._state = RoomState.SUCCESS
+    done.keep_alive()  # a room that is over has no deadline left to restart
+    assert kept == ["a", "b"] and isinstance(codec.decode(codec.encode(PartKeepAlive(room=7))), PartKeepAlive)

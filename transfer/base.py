@@ -134,6 +134,9 @@ class _Deadline:
     def expired(self) -> bool:
         return time.monotonic() > self._end
 
+    def restart(self) -> None:
+        self._end = time.monotonic() + self.timeout_s
+
 
 class KVSender(ABC):
     """P side of one room. Subclasses implement ``_post``, ``_progress``, ``_cancel``."""
@@ -153,6 +156,11 @@ class KVSender(ABC):
         self._num_chunks = 0
         self._finished_posting = False
         self._deadline = _Deadline(timeout_s)
+
+    def keep_alive(self) -> None:
+        """The room still waits for this side's prefill: its deadline starts over."""
+        if not self._state.is_terminal:
+            self._deadline.restart()
 
     def send(self, src_pages: list[int], dst_start: int, is_last: bool) -> None:
         """Post a WRITE of ``src_pages`` into ``dst_pages[dst_start:...]``."""
@@ -254,6 +262,11 @@ class KVReceiver(ABC):
         self.failure: str | None = None
         self._state = RoomState.WAITING_FOR_INPUT
         self._deadline = _Deadline(timeout_s)
+
+    def keep_alive(self) -> None:
+        """The peer says it still works on this room: its deadline starts over."""
+        if not self._state.is_terminal:
+            self._deadline.restart()
 
     def poll(self, progress: bool = True) -> RoomState:
         """The room's state; ``progress=False`` skips the agent's ``progress()``."""

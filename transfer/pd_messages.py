@@ -10,6 +10,10 @@ hand over the first token, and end rooms early. Lifecycle of a room:
 1. D -> P ``KVPagesRequest``: D reserved ``dst_pages`` for the prompt. It names
    the epoch of the P it means; a restarted P refuses the room.
 2. P prefills, writes the pages, then P -> D ``PrefillDone`` with the first token.
+   Until its last pages are posted, P names the room in ``RoomsInPrefill``
+   every quarter of the rooms' timeout: the room's deadline starts over on
+   both sides, so a prefill backlog longer than the timeout fails no room,
+   while a P whose engine stops working still fails its rooms in time.
 3. Either side may send ``RoomAbort`` at any time; the room then ends on both.
 """
 
@@ -49,6 +53,12 @@ class PrefillDone:
     # Seconds the room spent in each phase on P (prefill_bootstrap, prefill_queue,
     # prefill): D adds them to the request's journey.
     stages_s: dict[str, float] = field(default_factory=dict)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
+class RoomsInPrefill:
+    rooms: list[int]  # queued or prefilling on P, their last pages not posted yet
 
 
 @message

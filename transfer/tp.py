@@ -164,6 +164,15 @@ class PartAbort(PartCall):
 
 @message
 @dataclass(frozen=True, kw_only=True)
+class PartKeepAlive(PartCall):
+    room: int
+
+    def run(self, part: RankTransfer) -> None:
+        part.keep_alive(self.room)
+
+
+@message
+@dataclass(frozen=True, kw_only=True)
 class PartPeerAbort(PartCall):
     room: int
     reason: str
@@ -249,6 +258,10 @@ class RankTransfer:
         for part in self.rooms.get(room, ()):
             part.abort()
 
+    def keep_alive(self, room: int) -> None:
+        for part in self.rooms.get(room, ()):
+            part.keep_alive()
+
     def peer_abort(self, room: int, reason: str) -> None:
         for part in self.rooms.get(room, ()):
             part.on_peer_abort(reason)
@@ -332,6 +345,11 @@ class _TPRoom:
         if not self._state.is_terminal:
             self._set(RoomState.FAILED, f"peer aborted: {reason}")
             self._agent.call(PartPeerAbort(room=self.room, reason=reason))
+
+    def keep_alive(self) -> None:
+        """Every rank's parts of the room start their deadlines over."""
+        if not self._state.is_terminal and self.ranks:
+            self._agent.call(PartKeepAlive(room=self.room))
 
     def _set(self, state: RoomState, failure: str | None = None) -> None:
         self._state = state

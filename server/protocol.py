@@ -15,10 +15,10 @@ from pdserve.common.errors import APIError
 from pdserve.common.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
-# Sub-requests (prompts x n) in one call. Under PD each holds KV pages on a
-# decode instance from the moment it arrives there until its prefill comes: a
-# call of 16,000 on a CPU cluster kept the prefill busy past the rooms'
-# deadline (--disaggregation-timeout-s) for all but its first few thousand.
+# Sub-requests (prompts x n) in one call: a bound on what one call puts ahead of
+# everyone else's. Under PD each holds KV pages on a decode instance from the
+# moment it arrives there until its prefill comes; one call of 16,000 held 96%
+# of a CPU cluster's decode pages, and its prefill queue, for over a minute.
 MAX_CALL_REQUESTS = 2048
 _PENALTY_RANGE = (-2.0, 2.0)
 _LOGIT_BIAS_RANGE = (-100.0, 100.0)

@@ -139,10 +139,14 @@ def _add_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     if not rows:
         return logits
     logits = logits.clone()  # the caller's may be the model's own buffer
+    width = logits.shape[-1]
     for i in rows:
-        p = params[i]
-        ids = _on(logits.device, list(p.logit_bias_ids), torch.long)
-        logits[i].index_add_(0, ids, _on(logits.device, list(p.logit_bias_values), logits.dtype))
+        # The front refuses ids past the row; one that got here anyway is
+        # dropped rather than failing the whole step.
+        pairs = [(t, b) for t, b in zip(params[i].logit_bias_ids, params[i].logit_bias_values) if t < width]
+        if pairs:
+            ids, biases = zip(*pairs)
+            logits[i].index_add_(0, _on(logits.device, list(ids), torch.long), _on(logits.device, list(biases), logits.dtype))
     return logits
 
 

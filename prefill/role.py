@@ -45,6 +45,9 @@ logger = logging.getLogger("pdserve.prefill")
 # RoomsInPrefill rounds per --disaggregation-timeout-s: a room's deadline is
 # restarted well before it passes, even if a step or two delays a round.
 KEEPALIVES_PER_TIMEOUT = 4
+# A room is kept alive this many timeouts after pairing at most: one starved in
+# the queue (another policy than first come, first served) ends in the end.
+MAX_BACKLOG_TIMEOUTS = 10
 
 
 @dataclass
@@ -274,6 +277,8 @@ class PrefillRole(EngineRole):
         req.stages_s["prefill_bootstrap"] = max(now - pages_arrived_s, 0.0)
         self.rooms[room] = PrefillRoom(req, conn_id, sender, paired_s=now)
         self.engine.scheduler.add(req)
+        # D's deadline ran from its page list; this request may have come late.
+        self._send(conn_id, RoomsInPrefill(rooms=[room]))
 
     def _pairing_problem(self, req: Req, msg: KVPagesRequest) -> str | None:
         expected = -(-len(req.prompt_ids) // self.page_size)
@@ -289,14 +294,17 @@ class PrefillRole(EngineRole):
         prefill has not posted its last pages, here and on its decode side
         (``RoomsInPrefill``): a room waiting in this engine's queue is not
         late, only behind others. Sent from the engine's loop, so a stuck
-        engine sends nothing and its rooms still time out."""
+        engine sends nothing and its rooms still time out; and for at most
+        MAX_BACKLOG_TIMEOUTS timeouts after pairing. (At pairing itself the
+        room is named at once: D's deadline ran from its page list.)"""
         now = time.monotonic()
         if now - self.kept_alive_s < self.timeout_s / KEEPALIVES_PER_TIMEOUT:
             return
         self.kept_alive_s = now
         by_conn: dict[int, list[int]] = {}
+        oldest_paired_s = now - MAX_BACKLOG_TIMEOUTS * self.timeout_s
         for room, ctx in self.rooms.items():
-            if not ctx.last_sent:
+            if not ctx.last_sent and ctx.paired_s > oldest_paired_s:
                 ctx.sender.keep_alive()
                 by_conn.setdefault(ctx.conn_id, []).append(room)
         for conn_id, rooms in by_conn.items():

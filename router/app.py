@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import dataclasses
 import gc
+import json
 import logging
 import os
 import socket
@@ -27,7 +28,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import httpx
@@ -196,7 +196,15 @@ def _admin_routes(api: APIRouter) -> None:
 
     @api.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str) -> Response:
-        return await _from_any_worker(request.app.state.router, "/v1/models/" + quote(model_id, safe="/"))
+        # Picked from a worker's list: a path built from the id could reach
+        # any of the worker's routes, with the router's key.
+        listed = await _from_any_worker(request.app.state.router, "/v1/models")
+        if listed.status_code != 200:
+            return listed
+        for card in json.loads(listed.body).get("data", []):
+            if card.get("id") == model_id:
+                return JSONResponse(card)
+        raise APIError(404, f"The model `{model_id}` does not exist.", "model", "model_not_found")
 
     @api.get("/get_model_info")
     async def model_info(request: Request) -> Response:

@@ -38,7 +38,13 @@ def _start_engine(state: AppState, loop: asyncio.AbstractEventLoop) -> None:
         state.engine_ready = state.engine.start(ENGINE_START_TIMEOUT_S)
         asyncio.run_coroutine_threadsafe(state.engine.attach(), loop).result(timeout=60)
         ready = state.engine_ready
-        limits = ModelLimits(ready.context_len, ready.vocab_size, ready.max_total_num_tokens, state.cfg.max_queued_requests)
+        # The sampler sees the logits' first len(tokenizer) columns (a model's
+        # vocabulary is often padded past its tokenizer's): a biased id must be one.
+        sampled = min(ready.vocab_size, len(state.tokenizer))
+        # Only a colocated engine queues a call's completions where the limit
+        # counts them; PD ones wait for their room instead (pairing, pages).
+        queued = state.cfg.max_queued_requests if state.cfg.disaggregation_mode == Role.COLOCATED else None
+        limits = ModelLimits(ready.context_len, ready.vocab_size, ready.max_total_num_tokens, sampled, queued)
         state.serving = Serving(state.engine, state.tokenizer, limits, state.metrics, state.cfg.allow_auto_truncate, state.cfg.log_requests)
         if not state.cfg.skip_server_warmup:
             asyncio.run_coroutine_threadsafe(_warmup(state), loop).result(timeout=600)

@@ -22,6 +22,8 @@ MAX_LOGPROBS = 20
 MAX_CALL_REQUESTS = 2048
 _PENALTY_RANGE = (-2.0, 2.0)
 _LOGIT_BIAS_RANGE = (-100.0, 100.0)
+# Entries of one logit_bias: the sampler adds them on every step of the request.
+MAX_LOGIT_BIAS_ENTRIES = 300
 # Integers cross the engine pipe as msgpack int64: anything wider must be a 400, not a 500.
 _INT64 = (-(2**63), 2**63 - 1)
 _MAX_TOKEN_ID = 2**31 - 1
@@ -148,10 +150,13 @@ def _logit_bias(value: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
     if value is None:
         return (), ()
     _check(isinstance(value, dict), "'logit_bias' must be an object of token ids to biases", "logit_bias")
+    _check(len(value) <= MAX_LOGIT_BIAS_ENTRIES, f"'logit_bias' may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries",
+           "logit_bias")
     ids, biases = [], []
     for key, bias in value.items():
-        # A short ASCII decimal: int() of thousands of digits raises, of "²" too.
-        _check(key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= _MAX_TOKEN_ID,
+        # A short ASCII decimal in canonical form: int() of thousands of digits
+        # raises, of "²" too, and "07" would add to 7's bias past the range.
+        _check(key.isascii() and key.isdigit() and len(key) <= 10 and key == str(int(key)) and int(key) <= _MAX_TOKEN_ID,
                f"'logit_bias' keys must be token ids, not {key[:20]!r}", "logit_bias")
         _check(type(bias) in (int, float) and _LOGIT_BIAS_RANGE[0] <= bias <= _LOGIT_BIAS_RANGE[1],
                "'logit_bias' values must be numbers in [-100, 100]", "logit_bias")
@@ -166,8 +171,8 @@ def _unsupported(body: dict) -> None:
     fmt = _get(body, "response_format", (dict,))
     _check(fmt is None or fmt.get("type") == "text", "only the 'text' response_format is supported", "response_format")
     _check(body.get("tool_choice") in (None, "none"), "'tool_choice' is not supported by this server", "tool_choice")
-    for name in ("functions", "function_call"):
-        _check(not body.get(name), f"'{name}' is not supported by this server", name)
+    _check(not body.get("functions"), "'functions' are not supported by this server", "functions")
+    _check(body.get("function_call") in (None, "none"), "'function_call' is not supported by this server", "function_call")
 
 
 def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, ...]) -> GenerationInput:

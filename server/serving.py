@@ -63,7 +63,17 @@ class ModelLimits:
     context_len: int
     vocab_size: int
     max_total_tokens: int
-    max_queued_requests: int | None = None  # the engine's --max-queued-requests
+    num_sampled_tokens: int  # the logits' columns the sampler sees
+    max_queued_requests: int | None = None  # the engine's --max-queued-requests (colocated)
+
+
+def check_logit_bias(params: SamplingParams, num_sampled_tokens: int) -> None:
+    """A biased id must be one the sampler sees: a column of the logits it is
+    handed, which stop at the tokenizer's size (a model's vocabulary is often
+    padded past it)."""
+    if params.logit_bias_ids and max(params.logit_bias_ids) >= num_sampled_tokens:
+        raise APIError(400, f"'logit_bias' token id {max(params.logit_bias_ids)} is outside the vocabulary "
+                       f"[0, {num_sampled_tokens})", "logit_bias")
 
 
 def _with_front(engine_phases_s: dict[str, float], received_s: float) -> dict[str, float]:
@@ -99,7 +109,7 @@ class Serving:
 
     # ---- request building --------------------------------------------------------
     def build(self, gen: GenerationInput, received_s: float | None = None) -> list[SubRequest]:
-        self._check_bias(gen.params)
+        check_logit_bias(gen.params, self.limits.num_sampled_tokens)
         base = uuid.uuid4().hex
         received_s = time.monotonic() if received_s is None else received_s
         subs = []
@@ -120,14 +130,6 @@ class Serving:
             raise APIError(400, f"this call asks for {len(subs)} completions (prompts x n); the server queues "
                            f"at most {limit} (max_queued_requests)", "n")
         return subs
-
-    def _check_bias(self, params: SamplingParams) -> None:
-        """A biased id must index the logits' row: beyond it, the sampler's
-        add would fail in the engine, not in this request."""
-        vocab = self.limits.vocab_size
-        if params.logit_bias_ids and max(params.logit_bias_ids) >= vocab:
-            bad = max(params.logit_bias_ids)
-            raise APIError(400, f"'logit_bias' token id {bad} is outside the vocabulary [0, {vocab})", "logit_bias")
 
     def _bounded_text(self, text: str, param: str) -> str:
         """``text``, or its head when it holds more tokens than the context for sure.

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 from pdserve.common.errors import APIError, error_body
-from pdserve.server.protocol import MAX_CALL_REQUESTS, parse_chat, parse_completion, parse_generate
+from pdserve.server.protocol import (
+    MAX_CALL_REQUESTS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    parse_chat,
+    parse_completion,
+    parse_generate,
+)
+from pdserve.server.serving import check_logit_bias
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -55,7 +62,7 @@ def test_what_would_be_ignored_is_refused() -> None:
     rejects(parse_completion, {"prompt": "x", "best_of": 2}, "best_of")
     rejects(parse_completion, {"prompt": "x", "n": 2, "best_of": 1}, "best_of")
     # Their neutral values are what a client library may send by default.
-    for body in ({"response_format": {"type": "text"}}, {"tool_choice": "none"}):
+    for body in ({"response_format": {"type": "text"}}, {"tool_choice": "none"}, {"function_call": "none"}):
         parse_completion({"prompt": "x", **body})
         parse_chat({"messages": MESSAGES, **body})
     assert parse_completion({"prompt": "x", "n": 2, "best_of": 2}).n == 2
@@ -70,8 +77,22 @@ def test_logit_bias() -> None:
         # No bias: a greedy request keeps the sampler's argmax-only path.
         assert parse_completion({"prompt": "x", "temperature": 0, "logit_bias": empty}).params.argmax_only
     for bad in ([1], {"a": 1}, {"-1": 1}, {"1.5": 1}, {"\u00b2": 1}, {"1" * 5000: 1}, {"3": 101}, {"3": -100.5},
-                {"3": "1"}, {"3": True}, {"3": None}, {str(2**31): 1}):
+                {"3": "1"}, {"3": True}, {"3": None}, {str(2**31): 1}, {"+7": 1},
+                # "07" is 7 again: with "7" beside it, 7's bias would add up past the range.
+                {"7": 100, "07": 100}, {str(i): 1 for i in range(MAX_LOGIT_BIAS_ENTRIES + 1)}):
         rejects(parse_completion, {"prompt": "x", "logit_bias": bad}, "logit_bias")
+    assert len(parse_completion({"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS_ENTRIES)}})
+               .params.logit_bias_ids) == MAX_LOGIT_BIAS_ENTRIES
+    assert parse_completion({"prompt": "x", "logit_bias": {"0": 1}}).params.logit_bias_ids == (0,)
+
+
+def test_logit_bias_ids_must_be_columns_the_sampler_sees() -> None:
+    """Its logits stop at the tokenizer's size, often below the model's vocabulary."""
+    params = parse_completion({"prompt": "x", "logit_bias": {"151664": 1}}).params
+    check_logit_bias(params, 151665)
+    with pytest.raises(APIError) as info:
+        check_logit_bias(parse_completion({"prompt": "x", "logit_bias": {"151665": 1}}).params, 151665)
+    assert info.value.status == 400 and info.value.param == "logit_bias"
 
 
 def test_one_call_holds_at_most_max_call_requests() -> None:

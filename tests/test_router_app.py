@@ -241,6 +241,9 @@ def test_workers_models_server_info_flush_and_metrics(stack: Stack) -> None:
     assert len(p.bodies("/flush_cache")) == len(d.bodies("/flush_cache")) == 2
     assert stack.get("/v1/models/fake-model").json()["id"] == "fake-model"
     assert_openai_error(stack.get("/v1/models/other"), 404)
+    # An id is looked up, not pasted into a worker's path (with the router's key).
+    assert_openai_error(stack.get("/v1/models/..%2F..%2Fflush_cache"), 404)
+    assert len(p.bodies("/flush_cache")) == 2
     stack.post("/v1/completions", json=PROMPT)
     metrics = stack.get("/metrics").text
     assert 'pdserve:router_requests_total{endpoint="/v1/completions"} 1.0' in metrics

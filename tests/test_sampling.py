@@ -97,6 +97,9 @@ def test_logit_bias_bans_and_forces_per_row() -> None:
     # Sampled rows see the bias too: a banned token is never drawn.
     banned = SamplingParams(temperature=1.0, logit_bias_ids=(0, 1), logit_bias_values=(-100.0, -100.0))
     assert {sample(logits[:1], [banned], seed=s).token_ids[0] for s in range(20)} == {2}
+    # An id past the row (the front refuses it) is dropped, not a failed step for the whole batch.
+    stray = SamplingParams(temperature=0.0, logit_bias_ids=(1, 3), logit_bias_values=(100.0, 100.0))
+    assert sample(logits[:1], [stray]).token_ids == [1]
 
 
 def test_penalty_changes_the_greedy_choice() -> None:

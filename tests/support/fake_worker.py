@@ -198,12 +198,6 @@ def create_app(worker: FakeWorker) -> FastAPI:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": worker.model, "object": "model"}]}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> Response:
-        if model_id != worker.model:
-            return _error(404, f"The model `{model_id}` does not exist.", "model_not_found")
-        return JSONResponse({"id": worker.model, "object": "model"})
-
     @app.get("/get_model_info")
     async def model_info() -> dict[str, Any]:
         return {"model_path": worker.model}

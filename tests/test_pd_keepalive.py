@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import time
 
-from pdserve.prefill.role import KEEPALIVES_PER_TIMEOUT, MAX_BACKLOG_TIMEOUTS, PrefillRole, PrefillRoom
+from pdserve.prefill.role import (
+    KEEPALIVES_PER_TIMEOUT,
+    MAX_BACKLOG_TIMEOUTS,
+    PrefillRole,
+    PrefillRoom,
+)
 from pdserve.transfer.pd_messages import RoomsInPrefill
 
 TIMEOUT_S = 4.0

@@ -45,8 +45,9 @@ logger = logging.getLogger("pdserve.prefill")
 # RoomsInPrefill rounds per --disaggregation-timeout-s: a room's deadline is
 # restarted well before it passes, even if a step or two delays a round.
 KEEPALIVES_PER_TIMEOUT = 4
-# A room is kept alive this many timeouts after pairing at most: one starved in
-# the queue (another policy than first come, first served) ends in the end.
+# A room is kept alive this many timeouts after pairing at most, so that one
+# starved in the queue (under a policy other than first come, first served)
+# still ends.
 MAX_BACKLOG_TIMEOUTS = 10
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-from pdserve.common.errors import error_body
-
 
 def _as_bytes(value: str | bytes) -> bytes:
     if isinstance(value, bytes):
@@ -77,10 +75,8 @@ class BearerAuthMiddleware:
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
             header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
             if not key_matches(header, self.key):
-                from fastapi.responses import JSONResponse
+                from pdserve.web.errors import error_response  # (fastapi: only where a front runs)
 
-                body = error_body(401, self.message, code="invalid_api_key")
-                response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
+                await error_response(401, self.message, code="invalid_api_key")(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -274,6 +274,8 @@ class Forwarder:
         except UPSTREAM_ERRORS as exc:
             self._count_failure(prefill, exc)
             raise _upstream_error(prefill, exc) from None
+        if response.status < 500:
+            prefill.last_answer_s = time.monotonic()
         if response.status >= 400:
             raise _status_error(prefill, response.status, body, response.headers)
 
@@ -332,10 +334,13 @@ class Forwarder:
                     " and ".join(w.url for w in sides))
 
     async def _answers_health(self, worker: Worker) -> bool:
+        """/health answers 200, or times out on a worker that is finishing other requests (busy, alive)."""
         timeout = aiohttp.ClientTimeout(total=self._config.health_check_timeout_s)
         try:
             async with self._session.get(worker.url + "/health", timeout=timeout) as response:
                 return response.status == 200
+        except asyncio.TimeoutError:
+            return self._workers.answered_recently(worker)
         except UPSTREAM_ERRORS:
             return False
 
@@ -372,7 +377,9 @@ class Forwarder:
         finally:
             opened.response.close()
             decode.in_flight -= 1
-            self._metrics.worker_latency.labels(decode.role, decode.url).observe(time.monotonic() - opened.sent_s)
+            now = time.monotonic()
+            self._metrics.worker_latency.labels(decode.role, decode.url).observe(now - opened.sent_s)
+        decode.last_answer_s = now
         return Response(content=opened.first_chunk + rest, status_code=opened.response.status,
                         media_type=content_type)
 
@@ -420,6 +427,8 @@ class _Relay:
         self._metrics.worker_latency.labels(self._decode.role, self._decode.url).observe(now - self._opened.sent_s)
         self._metrics.latency.labels(self._path).observe(now - self._received_s)
         self._tracer.end(self._call.span, now)
+        if self._finished:
+            self._decode.last_answer_s = now
         if not self._finished and self._prefill_task is not None:
             self._prefill_task.cancel()  # the client is gone or D broke: P's work is moot
 

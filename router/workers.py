@@ -13,12 +13,17 @@ consecutive successful checks; a worker never seen healthy is up on its first
 success. One failure is not an outage: a connection the worker closed while
 it sat in the pool (a keep-alive race) is retried at once and not counted. A
 port that refuses connections marks the worker down at once: nothing listens.
+A check that times out on a worker that finished one of the router's requests
+within the last interval plus timeout is not counted either: that worker is
+alive and busy (a front whose event loop is saturated answers ``/health`` late),
+and taking it out of rotation would move its load onto the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +55,7 @@ class Worker:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     was_down: bool = False  # marked down after being healthy: needs the success threshold
+    last_answer_s: float | None = None  # time.monotonic() when it last finished a request of ours
 
     @property
     def load(self) -> int:
@@ -114,6 +120,11 @@ class WorkerRegistry:
             logger.warning("worker %s %s marked unhealthy: %s", worker.role, worker.url, reason)
             worker.was_down = True
         worker.healthy = False
+
+    def answered_recently(self, worker: Worker) -> bool:
+        """Whether the worker finished one of our requests since about the last check began."""
+        window_s = self._config.health_check_interval_s + self._config.health_check_timeout_s
+        return worker.last_answer_s is not None and time.monotonic() - worker.last_answer_s < window_s
 
     def mark_succeeded(self, worker: Worker) -> None:
         worker.consecutive_failures = 0
@@ -192,6 +203,13 @@ class WorkerRegistry:
             info = response.json()
         except httpx.ConnectError as exc:
             self.mark_failed(worker, f"unreachable: {exc!r}", at_once=refused(exc))
+            return
+        except httpx.TimeoutException as exc:
+            if self.answered_recently(worker):
+                logger.info("worker %s %s is slow to answer its check but serves requests: not counted (%r)",
+                            worker.role, worker.url, exc)
+                return
+            self.mark_failed(worker, f"unreachable: {exc!r}")
             return
         except (httpx.HTTPError, ValueError) as exc:
             self.mark_failed(worker, f"unreachable: {exc!r}")

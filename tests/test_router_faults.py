@@ -69,6 +69,19 @@ def test_a_slow_pair_that_answers_health_is_waited_for(stack: Stack) -> None:
     assert all(w["healthy"] for w in _workers(stack).values())
 
 
+def test_a_busy_prefill_slow_to_answer_health_is_waited_for(stack: Stack) -> None:
+    """Slow to the first byte: a prefill whose /health times out but which just
+    finished a request is busy, not stalled; the attempt waits for it."""
+    pd(stack, config=replace(RARE_CHECKS, first_byte_timeout_s=0.3, health_check_timeout_s=0.3))
+    assert stack.post("/v1/completions", json=PROMPT, timeout=30).status_code == 200
+    p0, d0 = stack.fakes["p0"], stack.fakes["d0"]
+    p0.behavior.delay_s = d0.behavior.delay_s = 0.8  # both slower than the first-byte timeout
+    p0.behavior.health_delay_s = 2.0
+    response = stack.post("/v1/completions", json=PROMPT, timeout=30)
+    assert response.status_code == 200, response.text
+    assert len(stack.fakes["p0"].requests) == 2
+
+
 def test_health_needs_consecutive_failures_and_successes() -> None:
     config = RouterConfig(prefill_urls=("http://p",), decode_urls=("http://d",),
                           health_failure_threshold=3, health_success_threshold=2)
@@ -105,6 +118,22 @@ def test_one_failed_health_check_keeps_the_only_prefill(stack: Stack) -> None:
     wait_until(lambda: not _workers(stack)[stack.urls["p0"]]["healthy"], 10.0)
     p0.behavior.healthy = True
     stack.wait_health(200)
+
+
+def test_a_busy_prefill_slow_to_answer_health_stays_in_rotation(stack: Stack) -> None:
+    """Its checks time out (a saturated front answers /health late), but it keeps
+    finishing requests: not counted. Once it serves nothing, the same timeouts count."""
+    pd(stack, config=replace(FAST, health_check_interval_s=0.1, health_check_timeout_s=0.3,
+                             health_failure_threshold=2))
+    p0, url = stack.fakes["p0"], stack.urls["p0"]
+    p0.behavior.health_delay_s = 2.0
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:  # about six timed-out checks, three times the threshold
+        assert stack.post("/v1/completions", json=PROMPT).status_code == 200
+    worker = _workers(stack)[url]
+    assert worker["healthy"] and worker["consecutive_failures"] == 0
+    wait_until(lambda: not _workers(stack)[url]["healthy"], 10.0)
+    assert "Timeout" in _workers(stack)[url]["last_error"]
 
 
 class _DropFirst:

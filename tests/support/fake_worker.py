@@ -49,6 +49,7 @@ class Behavior:
     num_running_reqs: int = 0
     num_queued_reqs: int = 0
     api_key: str | None = None  # like --api-key: every path but /health wants it
+    health_delay_s: float = 0.0  # before /health answers (a front too busy to answer in time)
 
 
 @dataclass
@@ -188,6 +189,7 @@ def create_app(worker: FakeWorker) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        await asyncio.sleep(worker.behavior.health_delay_s)
         return Response(status_code=200 if worker.behavior.healthy else 503)
 
     @app.get("/get_server_info")

@@ -23,7 +23,12 @@ from pdserve.server.text_stream import ChoiceState
 from pdserve.web.auth import API_KEY_MESSAGE, BearerAuthMiddleware
 from pdserve.web.direct_route import DirectRoute
 from pdserve.web.disconnect import until_client_leaves
-from pdserve.web.errors import error_response, install_error_handlers, parse_json_object
+from pdserve.web.errors import (
+    check_body_encoding,
+    error_response,
+    install_error_handlers,
+    parse_json_object,
+)
 from pdserve.web.event_stream import EventStream
 from pdserve.web.openapi import request_body
 from pdserve.web.request_body import BodyLimit
@@ -120,6 +125,7 @@ def _prepare(state: AppState, serving: Serving, parser, raw: bytes,
 async def _handle(request: Request, state: AppState, parser, kind: str):
     received_s = time.monotonic()
     serving = _serving(state)
+    check_body_encoding(request)
     raw = await request.body()
     gen, subs = await serving.off_loop(len(raw), partial(_prepare, state, serving, parser, raw, received_s))
     journey = _journey_maker(state, request, gen)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import time
 from dataclasses import replace
@@ -364,6 +366,14 @@ def test_bad_input_is_400_without_contacting_workers(stack: Stack, content: byte
     response = stack.post("/v1/chat/completions", content=content,
                           headers={"content-type": "application/json"})
     assert_openai_error(response, 400, fragment)
+    assert stack.fakes["p0"].requests == stack.fakes["d0"].requests == []
+
+
+def test_a_compressed_body_is_415_without_contacting_workers(stack: Stack) -> None:
+    pd(stack)
+    response = stack.post("/v1/completions", content=gzip.compress(json.dumps(PROMPT).encode()),
+                          headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert_openai_error(response, 415, "uncompressed")
     assert stack.fakes["p0"].requests == stack.fakes["d0"].requests == []
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -30,6 +32,17 @@ def test_invalid_json(main_server: ServerProcess) -> None:
         assert_openai_error(resp, 400)
     not_an_object = httpx.post(main_server.url + "/v1/completions", content=b"[1, 2]")
     assert_openai_error(not_an_object, 400)
+
+
+def test_a_compressed_body_is_415_and_identity_is_read(main_server: ServerProcess) -> None:
+    body = json.dumps({**COMPLETION, "max_tokens": 2}).encode()
+    for path in ("/v1/completions", "/generate"):
+        gz = httpx.post(main_server.url + path, content=gzip.compress(body),
+                        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert_openai_error(gz, 415, "Content-Encoding")
+    plain = httpx.post(main_server.url + "/v1/completions", content=body,
+                       headers={"Content-Type": "application/json", "Content-Encoding": "identity"})
+    assert plain.status_code == 200, plain.text
 
 
 @pytest.mark.parametrize(

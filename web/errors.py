@@ -25,8 +25,16 @@ def parse_json_object(raw: bytes) -> dict:
         raise APIError(400, str(exc)) from None
 
 
+def check_body_encoding(request) -> None:
+    """A compressed body would be read as broken JSON: say what is wrong instead (415)."""
+    encoding = request.headers.get("content-encoding")
+    if encoding and encoding.strip().lower() != "identity":
+        raise APIError(415, f"Content-Encoding {encoding!r} is not supported: send the request body uncompressed")
+
+
 async def read_json_object(request) -> dict:
-    """The request body as a JSON object, or a 400 that says what is wrong."""
+    """The request body as a JSON object, or a 400 (415 when compressed) that says what is wrong."""
+    check_body_encoding(request)
     return parse_json_object(await request.body())
 
 

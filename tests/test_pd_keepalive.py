@@ -6,6 +6,7 @@ role's bookkeeping, on rooms in every state it tells apart."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 from pdserve.prefill.role import (
     KEEPALIVES_PER_TIMEOUT,
@@ -13,7 +14,7 @@ from pdserve.prefill.role import (
     PrefillRole,
     PrefillRoom,
 )
-from pdserve.transfer.pd_messages import RoomsInPrefill
+from pdserve.transfer.pd_messages import KVPagesRequest, RoomsInPrefill
 
 TIMEOUT_S = 4.0
 
@@ -53,3 +54,24 @@ def test_a_round_names_the_rooms_still_prefilling_to_their_own_decode_side() -> 
     assert [s.kept for s in (queued, prefilling, other_conn, posted, starved)] == [1, 1, 1, 0, 0]
     role._keep_backlog_alive()
     assert len(sent) == 2  # the next round waits its quarter again
+
+
+def test_pairing_names_the_room_to_its_decode_side_at_once() -> None:
+    """D's deadline ran from its page list, which may have waited here most of a
+    timeout for P's copy of the request: pairing restarts it on D at once."""
+    role, sent = _role({})
+    req = SimpleNamespace(prompt_ids=list(range(20)), stages_s={})
+    pages = KVPagesRequest(room=7, prefill_epoch="e", decode_instance_id="d", peer_info=b"",
+                           dst_pages=[3, 4], num_prompt_tokens=20)
+    arrived_s = time.monotonic() - 0.9 * TIMEOUT_S
+    role.page_size, role.peer_conns = 16, {}
+    role.waiting_reqs = {7: (req, arrived_s + TIMEOUT_S)}
+    role.waiting_pages = {7: (12, pages, arrived_s + TIMEOUT_S)}
+    role.endpoint = SimpleNamespace(add_peer=lambda info: "peer-d")
+    role.agent = SimpleNamespace(create_sender=lambda room, peer, dst_pages, timeout_s: (room, peer, dst_pages))
+    queued: list = []
+    role.engine = SimpleNamespace(scheduler=SimpleNamespace(add=queued.append))
+    role._try_pair(7)
+    assert sent == [(12, RoomsInPrefill(rooms=[7]))]
+    assert queued == [req] and role.rooms[7].sender == (7, "peer-d", [3, 4])
+    assert req.stages_s["prefill_bootstrap"] >= 0.9 * TIMEOUT_S  # the page list's wait for the request

@@ -14,6 +14,9 @@ _GREEDY_EPS = 1e-5
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     max_new_tokens: int = 16
+    # Until this many tokens are out, EOS and stop_token_ids cannot be drawn
+    # (vLLM's min_tokens, SGLang's min_new_tokens); stop strings still apply.
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1: whole vocabulary, as in SGLang's API
@@ -44,4 +47,5 @@ class SamplingParams:
         """Greedy, no penalty, no logprobs: the token is the logits' argmax and
         nothing else is computed. Decided once per request (the sampler asks
         every step); not a field, so never on the wire."""
-        return self.is_greedy and not self.has_penalty and not self.logprobs and not self.logit_bias_ids
+        return (self.is_greedy and not self.has_penalty and not self.logprobs and not self.logit_bias_ids
+                and not self.min_new_tokens)

@@ -101,7 +101,7 @@ class Engine:
         self.pool = self.runner.pool
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
         self.scheduler = Scheduler(self._scheduler_config(), self.pool, self.cache)
-        self.sampler = Sampler(cfg.random_seed, self.runner.device)
+        self.sampler = Sampler(cfg.random_seed, self.runner.device, self.model_cfg.eos_token_ids)
         self.eos_ids = set(self.model_cfg.eos_token_ids)
         # Rows of the LM head past the tokenizer (padding, or a dummy config's
         # vocabulary paired with a smaller tokenizer) can never become text.

@@ -49,8 +49,9 @@ class PendingSample:
 
 
 class Sampler:
-    def __init__(self, seed: int, device: torch.device):
+    def __init__(self, seed: int, device: torch.device, eos_ids: Sequence[int] = ()):
         self.device = device
+        self.eos_ids = tuple(eos_ids)  # what min_new_tokens holds back, with each request's stop ids
         self._generator = torch.Generator(device=device).manual_seed(seed)
 
     def sample(
@@ -70,6 +71,7 @@ class Sampler:
         logits = logits.float()  # the model's dtype (bf16 on a GPU): widened where more than an argmax runs
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs for p in params) else None
         logits = _add_bias(self._apply_penalties(logits, params, histories), params)
+        logits = self._hold_back_ends(logits, params, histories)
         token_ids = self._draw(logits, params, histories)
         parts = [token_ids]
         if raw_logprobs is not None:
@@ -109,6 +111,23 @@ class Sampler:
                 seen = _on(row.device, sorted(set(prompt) | set(output)), torch.long)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        return logits
+
+    def _hold_back_ends(self, logits, params, histories):
+        """``logits`` with EOS and the stop ids banned in each row that has fewer
+        than ``min_new_tokens`` tokens out (last: no bias can undo it); a copy
+        when any row has such a ban."""
+        rows = [i for i, p in enumerate(params) if len(histories[i][1]) < p.min_new_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        width = logits.shape[-1]
+        for i in rows:
+            p = params[i]
+            ends = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
+            ids = sorted(t for t in ends if t < width)
+            if ids:
+                logits[i, _on(logits.device, ids, torch.long)] = float("-inf")
         return logits
 
     def _draw(self, logits, params, histories) -> torch.Tensor:

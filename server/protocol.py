@@ -52,6 +52,8 @@ def _get(body: dict, name: str, types: tuple[type, ...], default: Any = None) ->
         return default
     if isinstance(value, bool) and bool not in types:
         raise APIError(400, f"'{name}' must be of type {'/'.join(t.__name__ for t in types)}", name)
+    if isinstance(value, float) and int in types and float not in types and value.is_integer():
+        return int(value)  # 4.0 is 4, as the OpenAI-compatible servers' request models read it
     if not isinstance(value, types):
         raise APIError(400, f"'{name}' must be of type {'/'.join(t.__name__ for t in types)}", name)
     return value
@@ -104,13 +106,16 @@ def _seed(body: dict, name: str) -> int | None:
     return seed
 
 
-def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -> SamplingParams:
+def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int,
+              min_tokens_name: str = "min_tokens") -> SamplingParams:
     max_tokens, max_name = default_max, max_tokens_names[0]
     for name in max_tokens_names:
         if body.get(name) is not None:
             max_tokens, max_name = _get(body, name, (int,)), name
             break
     _check(max_tokens >= 1, f"'{max_name}' must be at least 1", max_name)
+    min_tokens = _get(body, min_tokens_name, (int,), 0)
+    _check(0 <= min_tokens <= max_tokens, f"'{min_tokens_name}' must be in [0, {max_name}]", min_tokens_name)
     temperature = _float(body, "temperature", 1.0)
     _check(temperature >= 0, "'temperature' must be >= 0", "temperature")
     top_p = _float(body, "top_p", 1.0)
@@ -130,6 +135,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int) -
     bias_ids, bias_values = _logit_bias(body.get("logit_bias"))
     return SamplingParams(
         max_new_tokens=max_tokens,
+        min_new_tokens=min_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -276,7 +282,7 @@ def parse_generate(body: dict) -> GenerationInput:
                "'input_ids' must be a list of token ids or a list of such lists", "input_ids")
     prompts = _completion_prompts(text if text is not None else ids)
     sp = _get(body, "sampling_params", (dict,), {})
-    params = _sampling(sp, ("max_new_tokens",), 128)
+    params = _sampling(sp, ("max_new_tokens",), 128, "min_new_tokens")
     if _get(body, "return_logprob", (bool,), False):
         top = _get(body, "top_logprobs_num", (int,), 0)
         _check(0 <= top <= MAX_LOGPROBS, f"'top_logprobs_num' must be in [0, {MAX_LOGPROBS}]", "top_logprobs_num")

@@ -89,6 +89,19 @@ def test_logit_bias_holds_on_both_sides(cluster: Cluster, oracle) -> None:
     assert_no_leaks(cluster)
 
 
+def test_min_new_tokens_holds_on_both_sides(cluster: Cluster, oracle) -> None:
+    """EOS forced by +100 is held back by P (the first token) and D (the second)."""
+    ids = _prompts(lengths=[13], seed=6)[0]
+    eos = oracle.model.config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    greedy = oracle.greedy(ids, 2)
+    assert not set(greedy) & set(eos)
+    body = generate_body(ids, 6, ignore_eos=False, logit_bias={str(eos[0]): 100}, min_new_tokens=2)
+    resp = httpx.post(f"{cluster.router_url}/generate", json=body, timeout=60, trust_env=False)
+    assert resp.status_code == 200 and resp.json()["output_ids"] == greedy + [eos[0]], resp.text
+    assert_no_leaks(cluster)
+
+
 def test_sixteen_concurrent_requests(cluster: Cluster, oracle) -> None:
     prompts = _prompts(lengths=[3 + 3 * i for i in range(16)], seed=1)
 

@@ -111,7 +111,8 @@ def test_one_call_holds_at_most_max_call_requests() -> None:
         ("n", 0), ("n", 17), ("logprobs", 21), ("logprobs", -1), ("stop", 5), ("stop", ["a"] * 17),
         ("stop_token_ids", "1"), ("stop_token_ids", [-1]), ("stop_token_ids", [2**40]), ("seed", 2**64),
         ("seed", "x"), ("stream", "true"), ("ignore_eos", 1), ("model", 3), ("echo", True), ("suffix", "x"),
-        ("stream_options", []), ("bootstrap_room", -1), ("bootstrap_room", 2**63),
+        ("stream_options", []), ("bootstrap_room", -1), ("bootstrap_room", 2**63), ("n", 2.5),
+        ("min_tokens", -1), ("min_tokens", 17), ("min_tokens", "3"), ("min_tokens", 1.5),
     ],
 )
 def test_completion_rejects(field: str, value: object) -> None:
@@ -149,6 +150,22 @@ def test_chat_max_tokens_names() -> None:
     assert parse_chat({"messages": MESSAGES, "max_completion_tokens": 5, "max_tokens": 7}).params.max_new_tokens == 5
     rejects(parse_chat, {"messages": MESSAGES, "max_tokens": 0}, "max_tokens")
     rejects(parse_chat, {"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens")
+
+
+def test_integral_floats_are_integers() -> None:
+    p = parse_completion({"prompt": "x", "max_tokens": 4.0, "n": 2.0, "top_k": 3.0}).params
+    assert (p.max_new_tokens, p.top_k) == (4, 3) and isinstance(p.max_new_tokens, int)
+    assert parse_completion({"prompt": "x", "n": 2.0}).n == 2
+
+
+def test_min_tokens_in_each_dialect() -> None:
+    assert parse_completion({"prompt": "x"}).params.min_new_tokens == 0
+    assert parse_completion({"prompt": "x", "max_tokens": 8, "min_tokens": 8}).params.min_new_tokens == 8
+    assert parse_chat({"messages": MESSAGES, "max_completion_tokens": 9, "min_tokens": 3}).params.min_new_tokens == 3
+    rejects(parse_chat, {"messages": MESSAGES, "max_completion_tokens": 2, "min_tokens": 3}, "min_tokens")
+    sp = {"max_new_tokens": 5, "min_new_tokens": 2}
+    assert parse_generate({"text": "x", "sampling_params": sp}).params.min_new_tokens == 2
+    rejects(parse_generate, {"text": "x", "sampling_params": {**sp, "min_new_tokens": 6}}, "min_new_tokens")
 
 
 def test_chat_logprobs() -> None:

@@ -161,6 +161,25 @@ def test_two_pass_argmax_matches_torch_including_ties_and_nan() -> None:
     assert two_pass_argmax(sliced, 8).tolist() == sliced.argmax(-1).tolist()
 
 
+def test_min_new_tokens_holds_back_eos_and_stop_ids_until_reached() -> None:
+    """EOS (id 0 here) and a request's stop ids cannot be drawn while fewer than
+    min_new_tokens tokens are out, whatever the bias; from then on they can."""
+    logits = torch.tensor([[3.0, 2.5, 2.0, 0.0]])
+    sampler = Sampler(0, CPU, eos_ids=(0,))
+    held = SamplingParams(temperature=0.0, min_new_tokens=2, stop_token_ids=(1,))
+    assert not held.argmax_only
+    assert sampler.sample(logits, [held], [([7], [])]).token_ids == [2]
+    assert sampler.sample(logits, [held], [([7], [5])]).token_ids == [2]
+    assert sampler.sample(logits, [held], [([7], [5, 5])]).token_ids == [0]
+    forced = SamplingParams(temperature=0.0, min_new_tokens=1, logit_bias_ids=(0,), logit_bias_values=(100.0,))
+    assert sampler.sample(logits, [forced], [([7], [])]).token_ids == [1]
+    # ignore_eos: EOS does not end the output, so it is not held back.
+    free_eos = SamplingParams(temperature=0.0, min_new_tokens=2, ignore_eos=True)
+    assert sampler.sample(logits, [free_eos], [([7], [])]).token_ids == [0]
+    drawn = SamplingParams(temperature=5.0, min_new_tokens=1, stop_token_ids=(1,))
+    assert {sampler.sample(logits, [drawn], [([7], [])]).token_ids[0] for _ in range(30)} <= {2, 3}
+
+
 def test_only_plain_greedy_requests_are_argmax_only_and_the_flag_stays_off_the_wire() -> None:
     from pdserve.common import codec
 

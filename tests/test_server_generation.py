@@ -166,6 +166,25 @@ def test_logit_bias_bans_and_forces_tokens(main_server: ServerProcess, oracle: H
     assert _generate(main_server, ids, 4)["output_ids"] == greedy  # and the server serves on
 
 
+def test_min_tokens_holds_back_eos(main_server: ServerProcess, oracle: HFOracle) -> None:
+    """EOS forced by +100 comes only once min_new_tokens / min_tokens are out."""
+    ids = prompt_ids(9, seed=29)
+    eos = oracle.model.config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    greedy = oracle.greedy(ids, 3)
+    assert not set(greedy) & set(eos)
+    force = {str(eos[0]): 100}
+    assert _generate(main_server, ids, 8, ignore_eos=False, logit_bias=force)["output_ids"] == [eos[0]]
+    out = _generate(main_server, ids, 8, ignore_eos=False, logit_bias=force, min_new_tokens=3)
+    assert out["output_ids"] == greedy + [eos[0]]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos[0]}
+    resp = main_server.post("/v1/completions", {"prompt": ids, "max_tokens": 8, "temperature": 0,
+                                                "logit_bias": force, "min_tokens": 3})
+    assert resp.status_code == 200, resp.text
+    choice = resp.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == oracle.decode(greedy)
+
+
 def _completion(server: ServerProcess, stream: bool, **body: object) -> tuple[str, str | None]:
     resp = server.post("/v1/completions", {**body, "stream": stream})
     assert resp.status_code == 200, resp.text

@@ -117,7 +117,7 @@ class Sampler:
         """``logits`` with EOS and the stop ids banned in each row that has fewer
         than ``min_new_tokens`` tokens out (last: no bias can undo it); a copy
         when any row has such a ban."""
-        rows = [i for i, p in enumerate(params) if len(histories[i][1]) < p.min_new_tokens]
+        rows = [i for i, p in enumerate(params) if p.min_new_tokens and len(histories[i][1]) < p.min_new_tokens]
         if not rows:
             return logits
         logits = logits.clone()

@@ -8,6 +8,7 @@ accepted: OpenAI completions, OpenAI chat completions, SGLang's ``/generate``.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,6 +44,9 @@ class GenerationInput:
     bootstrap_room: int | None = None
     prefill_instance_id: str | None = None
     return_timing: bool = False  # answer with the request's journey (``timing``)
+    # False when the call left the answer's length to the server: a long prompt
+    # then gets what the context leaves, as vLLM and SGLang do, not a 400.
+    max_tokens_given: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -119,7 +123,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int,
     temperature = _float(body, "temperature", 1.0)
     _check(temperature >= 0, "'temperature' must be >= 0", "temperature")
     top_p = _float(body, "top_p", 1.0)
-    _check(0 < top_p <= 1, "'top_p' must be in (0, 1]", "top_p")
+    _check(0 < top_p <= 1 and _positive_in_float32(top_p), "'top_p' must be in (0, 1]", "top_p")
     top_k = _get(body, "top_k", (int,), -1)
     _check(top_k == -1 or top_k >= 1, "'top_k' must be -1 (disabled) or >= 1", "top_k")
     top_k = min(top_k, _MAX_TOKEN_ID)  # any k beyond the vocabulary means all of it
@@ -130,7 +134,9 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int,
         penalties[name] = _float(body, name, 0.0)
         _check(_PENALTY_RANGE[0] <= penalties[name] <= _PENALTY_RANGE[1], f"'{name}' must be in [-2, 2]", name)
     repetition = _float(body, "repetition_penalty", 1.0)
-    _check(0 < repetition <= 2, "'repetition_penalty' must be in (0, 2]", "repetition_penalty")
+    # Positive logits are divided by it: below 1e-6 they overflow float32 and every token ties.
+    _check(MIN_REPETITION_PENALTY <= repetition <= 2, f"'repetition_penalty' must be in [{MIN_REPETITION_PENALTY}, 2]",
+           "repetition_penalty")
     seed = _seed(body, "seed")
     bias_ids, bias_values = _logit_bias(body.get("logit_bias"))
     return SamplingParams(
@@ -148,6 +154,14 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int,
         logit_bias_values=bias_values,
         **penalties,
     )
+
+
+MIN_REPETITION_PENALTY = 1e-6
+
+
+def _positive_in_float32(x: float) -> bool:
+    """Whether ``x`` stays above 0 in float32, the sampler's precision (1e-46 is 0 there)."""
+    return struct.unpack("f", struct.pack("f", x))[0] > 0
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -179,6 +193,21 @@ def _unsupported(body: dict) -> None:
     _check(body.get("tool_choice") in (None, "none"), "'tool_choice' is not supported by this server", "tool_choice")
     _check(not body.get("functions"), "'functions' are not supported by this server", "functions")
     _check(body.get("function_call") in (None, "none"), "'function_call' is not supported by this server", "function_call")
+    _only_default(body, _DEFAULT_FLAGS)
+
+
+# Flags of vLLM's and SGLang's APIs that would change the output; only their
+# defaults are accepted (anything else is refused, not silently ignored).
+_DEFAULT_FLAGS = {"include_stop_str_in_output": False, "no_stop_trim": False, "skip_special_tokens": True,
+                  "spaces_between_special_tokens": True}
+_CHAT_DEFAULT_FLAGS = {"add_generation_prompt": True, "continue_final_message": False, "echo": False}
+_GENERATE_UNSUPPORTED = ("regex", "json_schema", "ebnf", "structural_tag")
+
+
+def _only_default(body: dict, defaults: dict[str, Any]) -> None:
+    for name, default in defaults.items():
+        value = body.get(name)
+        _check(value is None or value == default, f"'{name}': only {str(default).lower()} is supported", name)
 
 
 def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, ...]) -> GenerationInput:
@@ -196,7 +225,7 @@ def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, 
         params=params,
         stop=stop,
         stream=stream,
-        include_usage=bool(options.get("include_usage", False)) if stream else False,
+        include_usage=bool(_get(options, "include_usage", (bool,), False)) if stream else False,
         n=n,
         model=_get(body, "model", (str,)),
         bootstrap_room=room,
@@ -218,7 +247,12 @@ def parse_completion(body: dict) -> GenerationInput:
     best_of = _get(body, "best_of", (int,))
     _check(best_of is None or best_of == _get(body, "n", (int,), 1), "'best_of' other than 'n' is not supported", "best_of")
     _unsupported(body)
-    return _common(body, prompts, params, _stop_strings(body.get("stop")))
+    gen = _common(body, prompts, params, _stop_strings(body.get("stop")))
+    return replace(gen, max_tokens_given=_given(body, "max_tokens"))
+
+
+def _given(body: dict, *names: str) -> bool:
+    return any(body.get(name) is not None for name in names)
 
 
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:
@@ -240,6 +274,8 @@ def parse_chat(body: dict) -> GenerationInput:
     _check(isinstance(messages, list) and len(messages) > 0, "'messages' must be a non-empty list", "messages")
     clean = [_chat_message(m, i) for i, m in enumerate(messages)]
     _check(not body.get("tools"), "'tools' are not supported by this server", "tools")
+    _check(body.get("chat_template") is None, "'chat_template' is not supported: the model's own is used", "chat_template")
+    _only_default(body, _CHAT_DEFAULT_FLAGS)
     params = _sampling(body, ("max_completion_tokens", "max_tokens"), 4096)
     if _get(body, "logprobs", (bool,), False):
         top = _get(body, "top_logprobs", (int,), 0)
@@ -248,7 +284,8 @@ def parse_chat(body: dict) -> GenerationInput:
     else:
         _check(body.get("top_logprobs") is None, "'top_logprobs' needs 'logprobs' to be true", "top_logprobs")
     _unsupported(body)
-    return _common(body, [clean], params, _stop_strings(body.get("stop")))
+    gen = _common(body, [clean], params, _stop_strings(body.get("stop")))
+    return replace(gen, max_tokens_given=_given(body, "max_completion_tokens", "max_tokens"))
 
 
 def _chat_message(message: Any, index: int) -> dict:
@@ -282,6 +319,11 @@ def parse_generate(body: dict) -> GenerationInput:
                "'input_ids' must be a list of token ids or a list of such lists", "input_ids")
     prompts = _completion_prompts(text if text is not None else ids)
     sp = _get(body, "sampling_params", (dict,), {})
+    for name in _GENERATE_UNSUPPORTED:
+        _check(sp.get(name) is None, f"'{name}' (constrained decoding) is not supported by this server", name)
+    _only_default(sp, _DEFAULT_FLAGS)
+    if sp.get("n") is not None and body.get("n") is None:  # SGLang takes n in sampling_params
+        body = {**body, "n": sp["n"]}
     params = _sampling(sp, ("max_new_tokens",), 128, "min_new_tokens")
     if _get(body, "return_logprob", (bool,), False):
         top = _get(body, "top_logprobs_num", (int,), 0)
@@ -289,4 +331,5 @@ def parse_generate(body: dict) -> GenerationInput:
         params = replace(params, logprobs=True, top_logprobs=top)
     if sp.get("sampling_seed") is not None:
         params = replace(params, seed=_seed(sp, "sampling_seed"))
-    return _common(body, prompts, params, _stop_strings(sp.get("stop")))
+    gen = _common(body, prompts, params, _stop_strings(sp.get("stop")))
+    return replace(gen, max_tokens_given=_given(sp, "max_new_tokens"))

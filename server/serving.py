@@ -114,7 +114,7 @@ class Serving:
         received_s = time.monotonic() if received_s is None else received_s
         subs = []
         for p_idx, prompt in enumerate(gen.prompts):
-            ids, params = self._tokenize(prompt, gen.params)
+            ids, params = self._tokenize(prompt, gen.params, gen.max_tokens_given)
             for j in range(gen.n):
                 index = p_idx * gen.n + j
                 # Every sub-request needs its own room; both PD sides derive the same ones.
@@ -157,7 +157,7 @@ class Serving:
                                 f"a prompt of {num_chars} characters holds more tokens than that.",
                            param, "context_length_exceeded")
 
-    def _tokenize(self, prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+    def _tokenize(self, prompt, params: SamplingParams, max_given: bool = True) -> tuple[list[int], SamplingParams]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(self._bounded_text(prompt, "prompt"))
         elif prompt and isinstance(prompt[0], dict):
@@ -172,13 +172,19 @@ class Serving:
             if ids and not 0 <= min(ids) <= max(ids) < vocab:  # (C speed; the loop below names the culprit)
                 bad = next(t for t in ids if not 0 <= t < vocab)
                 raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
-        return self._fit_context(ids, params)
+        return self._fit_context(ids, params, max_given)
 
-    def _fit_context(self, ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+    def _fit_context(self, ids: list[int], params: SamplingParams,
+                     max_given: bool = True) -> tuple[list[int], SamplingParams]:
+        """``max_given=False`` (the call left the length to the server): a prompt
+        that fits gets what the context leaves rather than a 400."""
         ctx = self.limits.context_len
         if not ids:
             raise APIError(400, "the prompt is empty after tokenization", "prompt")
         if len(ids) + params.max_new_tokens > ctx:
+            if not max_given and len(ids) < ctx:
+                max_new = ctx - len(ids)
+                return ids, replace(params, max_new_tokens=max_new, min_new_tokens=min(params.min_new_tokens, max_new))
             if not self.allow_auto_truncate:
                 raise APIError(
                     400,

@@ -168,6 +168,34 @@ def test_min_tokens_in_each_dialect() -> None:
     rejects(parse_generate, {"text": "x", "sampling_params": {**sp, "min_new_tokens": 6}}, "min_new_tokens")
 
 
+@pytest.mark.parametrize(("parse", "body", "param"), [
+    (parse_completion, {"prompt": "x", "top_p": 1e-46}, "top_p"),
+    (parse_completion, {"prompt": "x", "repetition_penalty": 1e-39}, "repetition_penalty"),
+    (parse_completion, {"prompt": "x", "stream": True, "stream_options": {"include_usage": "false"}}, "include_usage"),
+    (parse_completion, {"prompt": "x", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    (parse_completion, {"prompt": "x", "skip_special_tokens": False}, "skip_special_tokens"),
+    (parse_chat, {"messages": MESSAGES, "continue_final_message": True}, "continue_final_message"),
+    (parse_chat, {"messages": MESSAGES, "add_generation_prompt": False}, "add_generation_prompt"),
+    (parse_chat, {"messages": MESSAGES, "echo": True}, "echo"),
+    (parse_chat, {"messages": MESSAGES, "chat_template": "{{ x }}"}, "chat_template"),
+    (parse_generate, {"text": "x", "sampling_params": {"regex": "[0-9]+"}}, "regex"),
+    (parse_generate, {"text": "x", "sampling_params": {"json_schema": "{}"}}, "json_schema"),
+    (parse_generate, {"text": "x", "sampling_params": {"no_stop_trim": True}}, "no_stop_trim"),
+])
+def test_what_would_change_the_output_unseen_is_refused(parse, body: dict, param: str) -> None:
+    rejects(parse, body, param)
+
+
+def test_defaults_of_refused_flags_and_sglang_n_are_accepted() -> None:
+    gen = parse_chat({"messages": MESSAGES, "add_generation_prompt": True, "skip_special_tokens": True,
+                      "include_stop_str_in_output": False, "stream": True, "stream_options": {"include_usage": True}})
+    assert gen.include_usage and not gen.max_tokens_given
+    assert parse_generate({"text": "x", "sampling_params": {"n": 3}}).n == 3
+    assert parse_completion({"prompt": "x", "top_p": 1e-30}).params.top_p == 1e-30  # a normal float32
+    assert parse_completion({"prompt": "x", "max_tokens": 5}).max_tokens_given
+    assert not parse_generate({"text": "x"}).max_tokens_given
+
+
 def test_chat_logprobs() -> None:
     p = parse_chat({"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}).params
     assert (p.logprobs, p.top_logprobs) == (True, 2)

@@ -34,6 +34,18 @@ def test_invalid_json(main_server: ServerProcess) -> None:
     assert_openai_error(not_an_object, 400)
 
 
+def test_an_answer_without_max_tokens_gets_what_the_context_leaves(main_server: ServerProcess) -> None:
+    """Chat's default length (4096) is past this model's context: left unset, it
+    shrinks to fit instead of a 400 naming a field the client never sent."""
+    resp = main_server.post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                                                     "temperature": 0, "min_tokens": 3})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] >= 3
+    too_long = main_server.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 4096,
+                                                         "messages": [{"role": "user", "content": "Hi"}]})
+    assert_openai_error(too_long, 400, "maximum context length")
+
+
 def test_a_compressed_body_is_415_and_identity_is_read(main_server: ServerProcess) -> None:
     body = json.dumps({**COMPLETION, "max_tokens": 2}).encode()
     for path in ("/v1/completions", "/generate"):

@@ -244,8 +244,17 @@ def _admin_routes(api: APIRouter) -> None:
         state: RouterState = request.app.state.router
         targets = [w for w in state.workers.all() if w.healthy]
         results = await asyncio.gather(*(_flush(state, w) for w in targets))
-        ok = all(r["status"] == 200 for r in results)
-        return JSONResponse({"results": results}, status_code=200 if ok else 502)
+        failed = [r for r in results if r["status"] != 200]
+        if not failed:
+            return JSONResponse({"results": results})
+        # A refusal (an instance with requests running answers 400) is the caller's to retry
+        # when idle; a worker that did not answer is the router's 502. Others may have flushed.
+        refused = all(r["status"] is not None and 400 <= r["status"] < 500 for r in failed)
+        where = ", ".join(f"{r['role']} {r['url']} ({r['status'] or r.get('error')})" for r in failed)
+        flushed = len(results) - len(failed)
+        return error_response(400 if refused else 502,
+                              f"Cache not flushed on {where}; flushed on {flushed} of {len(results)} workers"
+                              + (": retry when no requests are running" if refused else ""))
 
 
 def _metrics_route(api: APIRouter) -> None:

@@ -369,6 +369,17 @@ def test_bad_input_is_400_without_contacting_workers(stack: Stack, content: byte
     assert stack.fakes["p0"].requests == stack.fakes["d0"].requests == []
 
 
+def test_flush_cache_refused_by_a_busy_worker_is_a_400_naming_it(stack: Stack) -> None:
+    pd(stack)
+    stack.fakes["d0"].behavior.busy = True
+    response = stack.post("/flush_cache")
+    assert_openai_error(response, 400, "retry when no requests are running")
+    assert stack.urls["d0"] in response.json()["error"]["message"]
+    assert "flushed on 1 of 2" in response.json()["error"]["message"]  # the prefill did flush
+    stack.fakes["d0"].behavior.busy = False
+    assert stack.post("/flush_cache").status_code == 200
+
+
 def test_a_compressed_body_is_415_without_contacting_workers(stack: Stack) -> None:
     pd(stack)
     response = stack.post("/v1/completions", content=gzip.compress(json.dumps(PROMPT).encode()),

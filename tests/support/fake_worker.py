@@ -49,6 +49,7 @@ class Behavior:
     num_running_reqs: int = 0
     num_queued_reqs: int = 0
     api_key: str | None = None  # like --api-key: every path but /health wants it
+    busy: bool = False  # /flush_cache refuses, as with requests running
     health_delay_s: float = 0.0  # before /health answers (a front too busy to answer in time)
 
 
@@ -205,9 +206,11 @@ def create_app(worker: FakeWorker) -> FastAPI:
         return {"model_path": worker.model}
 
     @app.post("/flush_cache")
-    async def flush_cache() -> dict[str, Any]:
+    async def flush_cache() -> Response:
         worker.requests.append({"path": "/flush_cache", "body": None})
-        return {"status": "ok"}
+        if worker.behavior.busy:  # as an instance with requests running refuses
+            return _error(400, "Cache not flushed: cannot flush the cache while requests are running")
+        return JSONResponse({"status": "ok"})
 
     async def generate(request: Request) -> Response:
         return await _generate(worker, request)

@@ -26,12 +26,14 @@ def _token_str(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def completion_logprobs(tokenizer, token_ids, logprobs, top_logprobs) -> dict | None:
+def completion_logprobs(tokenizer, token_ids, logprobs, top_logprobs, start: int = 0) -> dict | None:
+    """OpenAI's completion logprobs; ``text_offset`` counts from ``start`` (a
+    stream's chunk: the characters of the tokens before it)."""
     if logprobs is None or not token_ids and not logprobs:
         return None
     tokens = [_token_str(tokenizer, t) for t in token_ids]
     tops = [{_token_str(tokenizer, int(t)): lp for t, lp in entry} for entry in (top_logprobs or [[] for _ in tokens])]
-    offsets, pos = [], 0
+    offsets, pos = [], start
     for tok in tokens:
         offsets.append(pos)
         pos += len(tok)
@@ -92,8 +94,9 @@ def chat_body(rid: str, model: str, choices: list[ChoiceState], tokenizer, want_
     }
 
 
-def completion_chunk(rid: str, model: str, index: int, delta: TextDelta, tokenizer, want_lp: bool) -> dict:
-    lp = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs) if want_lp else None
+def completion_chunk(rid: str, model: str, index: int, delta: TextDelta, tokenizer, want_lp: bool,
+                     offset: int = 0) -> dict:
+    lp = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, delta.top_logprobs, offset) if want_lp else None
     return {
         "id": rid,
         "object": "text_completion",

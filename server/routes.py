@@ -259,6 +259,7 @@ def _event_maker(state: AppState, gen: GenerationInput, subs: list[SubRequest], 
     want_lp, model, start_s = gen.params.logprobs, state.model_name, time.monotonic()
     plain = [fmt.TextChunks(rid, model, s.index, kind == "chat") for s in subs] if kind != "generate" and not want_lp else None
     single = len(subs) == 1
+    offsets = [0] * len(subs)  # per choice: characters of the tokens streamed so far (text_offset)
 
     def event(item: object) -> bytes:
         i, delta = (0, item) if single else item
@@ -267,7 +268,11 @@ def _event_maker(state: AppState, gen: GenerationInput, subs: list[SubRequest], 
         if kind == "chat":
             return fmt.sse(fmt.chat_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
         if kind == "completion":
-            return fmt.sse(fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp))
+            chunk = fmt.completion_chunk(rid, model, subs[i].index, delta, state.tokenizer, want_lp, offsets[i])
+            lp = chunk["choices"][0]["logprobs"]
+            if lp and lp["tokens"]:
+                offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            return fmt.sse(chunk)
         body = fmt.generate_body(rid, states[i], time.monotonic() - start_s)
         if journey is not None and delta.finish_reason is not None:
             body["meta_info"]["timing"] = journey(states[i])

@@ -44,6 +44,10 @@ def test_completion_logprobs(main_server: ServerProcess, oracle: HFOracle, promp
         parts = [e["choices"][0]["logprobs"] for e in sse_events(resp)]
         token_lps = [lp for p in parts if p for lp in p["token_logprobs"]]
         tops = [t for p in parts if p for t in p["top_logprobs"]]
+        # Offsets count from the completion's start across chunks, as in one answer.
+        offsets = [o for p in parts if p for o in p["text_offset"]]
+        tokens = [t for p in parts if p for t in p["tokens"]]
+        assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
     else:
         lp = resp.json()["choices"][0]["logprobs"]
         token_lps, tops = lp["token_logprobs"], lp["top_logprobs"]

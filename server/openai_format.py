@@ -144,14 +144,16 @@ def usage_chunk(rid: str, model: str, obj: str, choices: list[ChoiceState], n: i
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage(choices, n)}
 
 
-def generate_body(rid: str, c: ChoiceState, e2e_s: float) -> dict:
+def generate_body(rid: str, c: ChoiceState, e2e_s: float, several: bool = False) -> dict:
+    """SGLang's /generate answer (or stream chunk) of one choice. Of a call with
+    several (a batch, or n > 1), each carries its ``index`` and its own id."""
     finish = None
     if c.finish_reason is not None:
         finish = {"type": c.finish_reason, "matched": c.matched_stop}
         if c.finish_reason == "length":
             finish["length"] = len(c.token_ids)
     meta = {
-        "id": rid,
+        "id": f"{rid}-{c.index}" if several else rid,
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": len(c.token_ids),
         "cached_tokens": c.cached_tokens,
@@ -161,4 +163,7 @@ def generate_body(rid: str, c: ChoiceState, e2e_s: float) -> dict:
     if c.logprobs:
         meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids)]
         meta["output_top_logprobs"] = [[[lp, int(t), None] for t, lp in top] for top in c.top_logprobs]
-    return {"text": c.text, "output_ids": list(c.token_ids), "meta_info": meta}
+    body = {"text": c.text, "output_ids": list(c.token_ids), "meta_info": meta}
+    if several:
+        body["index"] = c.index
+    return body

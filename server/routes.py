@@ -156,7 +156,7 @@ def _body(state: AppState, gen: GenerationInput, kind: str, rid: str, choices: l
         if journey is not None:
             body["timing"] = journey(choices[0])
         return body
-    bodies = [fmt.generate_body(rid, c, e2e_s) for c in choices]
+    bodies = [fmt.generate_body(rid, c, e2e_s, len(choices) > 1) for c in choices]
     if journey is not None:
         for b, c in zip(bodies, choices):
             b["meta_info"]["timing"] = journey(c)
@@ -273,7 +273,7 @@ def _event_maker(state: AppState, gen: GenerationInput, subs: list[SubRequest], 
             if lp and lp["tokens"]:
                 offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
             return fmt.sse(chunk)
-        body = fmt.generate_body(rid, states[i], time.monotonic() - start_s)
+        body = fmt.generate_body(rid, states[i], time.monotonic() - start_s, not single)
         if journey is not None and delta.finish_reason is not None:
             body["meta_info"]["timing"] = journey(states[i])
         return fmt.sse(body)

@@ -43,6 +43,13 @@ def test_greedy_ids_match_oracle_all_at_once(main_server: ServerProcess, oracle:
     batch = main_server.post("/generate", generate_body(prompts, MAX_NEW))
     assert batch.status_code == 200, batch.text
     assert [b["output_ids"] for b in batch.json()] == expected
+    assert [b["index"] for b in batch.json()] == list(range(len(prompts)))
+    assert len({b["meta_info"]["id"] for b in batch.json()}) == len(prompts)
+    # Streamed, each chunk says whose it is: the answers rebuild from their chunks.
+    streamed = main_server.post("/generate", {**generate_body(prompts, MAX_NEW), "stream": True})
+    assert streamed.status_code == 200, streamed.text
+    last = {e["index"]: e for e in sse_events(streamed)}
+    assert [last[i]["output_ids"] for i in range(len(prompts))] == expected
 
 
 @pytest.mark.parametrize("prompt", TEXT_PROMPTS)

@@ -73,8 +73,9 @@ def test_a_busy_prefill_slow_to_answer_health_is_waited_for(stack: Stack) -> Non
     """Slow to the first byte: a prefill whose /health times out but which just
     finished a request is busy, not stalled; the attempt waits for it."""
     pd(stack, config=replace(RARE_CHECKS, first_byte_timeout_s=0.3, health_check_timeout_s=0.3))
-    assert stack.post("/v1/completions", json=PROMPT, timeout=30).status_code == 200
     p0, d0 = stack.fakes["p0"], stack.fakes["d0"]
+    d0.behavior.delay_s = 1.0  # P answers at once: the router has seen it finish before this call ends
+    assert stack.post("/v1/completions", json=PROMPT, timeout=30).status_code == 200
     p0.behavior.delay_s = d0.behavior.delay_s = 0.8  # both slower than the first-byte timeout
     p0.behavior.health_delay_s = 2.0
     response = stack.post("/v1/completions", json=PROMPT, timeout=30)

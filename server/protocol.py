@@ -111,11 +111,12 @@ def _seed(body: dict, name: str) -> int | None:
 
 
 def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int,
-              min_tokens_name: str = "min_tokens") -> SamplingParams:
-    max_tokens, max_name = default_max, max_tokens_names[0]
+              min_tokens_name: str = "min_tokens") -> tuple[SamplingParams, bool]:
+    """The request's sampling parameters, and whether it set the answer's length."""
+    max_tokens, max_name, max_given = default_max, max_tokens_names[0], False
     for name in max_tokens_names:
         if body.get(name) is not None:
-            max_tokens, max_name = _get(body, name, (int,)), name
+            max_tokens, max_name, max_given = _get(body, name, (int,)), name, True
             break
     _check(max_tokens >= 1, f"'{max_name}' must be at least 1", max_name)
     min_tokens = _get(body, min_tokens_name, (int,), 0)
@@ -153,7 +154,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max: int,
         logit_bias_ids=bias_ids,
         logit_bias_values=bias_values,
         **penalties,
-    )
+    ), max_given
 
 
 MIN_REPETITION_PENALTY = 1e-6
@@ -207,10 +208,11 @@ _GENERATE_UNSUPPORTED = ("regex", "json_schema", "ebnf", "structural_tag")
 def _only_default(body: dict, defaults: dict[str, Any]) -> None:
     for name, default in defaults.items():
         value = body.get(name)
-        _check(value is None or value == default, f"'{name}': only {str(default).lower()} is supported", name)
+        _check(value is None or value is default, f"'{name}': only {str(default).lower()} is supported", name)
 
 
-def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, ...]) -> GenerationInput:
+def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, ...],
+            max_tokens_given: bool) -> GenerationInput:
     n = _get(body, "n", (int,), 1)
     _check(1 <= n <= 16, "'n' must be in [1, 16]", "n")
     _check(len(prompts) * n <= MAX_CALL_REQUESTS,
@@ -231,13 +233,14 @@ def _common(body: dict, prompts: list, params: SamplingParams, stop: tuple[str, 
         bootstrap_room=room,
         prefill_instance_id=_get(body, "prefill_instance_id", (str,)),
         return_timing=bool(_get(body, "return_timing", (bool,), False)),
+        max_tokens_given=max_tokens_given,
     )
 
 
 def parse_completion(body: dict) -> GenerationInput:
     prompt = body.get("prompt")
     prompts = _completion_prompts(prompt)
-    params = _sampling(body, ("max_tokens",), 16)
+    params, max_given = _sampling(body, ("max_tokens",), 16)
     logprobs = _get(body, "logprobs", (int,))
     if logprobs is not None:
         _check(0 <= logprobs <= MAX_LOGPROBS, f"'logprobs' must be in [0, {MAX_LOGPROBS}]", "logprobs")
@@ -247,12 +250,7 @@ def parse_completion(body: dict) -> GenerationInput:
     best_of = _get(body, "best_of", (int,))
     _check(best_of is None or best_of == _get(body, "n", (int,), 1), "'best_of' other than 'n' is not supported", "best_of")
     _unsupported(body)
-    gen = _common(body, prompts, params, _stop_strings(body.get("stop")))
-    return replace(gen, max_tokens_given=_given(body, "max_tokens"))
-
-
-def _given(body: dict, *names: str) -> bool:
-    return any(body.get(name) is not None for name in names)
+    return _common(body, prompts, params, _stop_strings(body.get("stop")), max_given)
 
 
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:
@@ -276,7 +274,7 @@ def parse_chat(body: dict) -> GenerationInput:
     _check(not body.get("tools"), "'tools' are not supported by this server", "tools")
     _check(body.get("chat_template") is None, "'chat_template' is not supported: the model's own is used", "chat_template")
     _only_default(body, _CHAT_DEFAULT_FLAGS)
-    params = _sampling(body, ("max_completion_tokens", "max_tokens"), 4096)
+    params, max_given = _sampling(body, ("max_completion_tokens", "max_tokens"), 4096)
     if _get(body, "logprobs", (bool,), False):
         top = _get(body, "top_logprobs", (int,), 0)
         _check(0 <= top <= MAX_LOGPROBS, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}]", "top_logprobs")
@@ -284,8 +282,7 @@ def parse_chat(body: dict) -> GenerationInput:
     else:
         _check(body.get("top_logprobs") is None, "'top_logprobs' needs 'logprobs' to be true", "top_logprobs")
     _unsupported(body)
-    gen = _common(body, [clean], params, _stop_strings(body.get("stop")))
-    return replace(gen, max_tokens_given=_given(body, "max_completion_tokens", "max_tokens"))
+    return _common(body, [clean], params, _stop_strings(body.get("stop")), max_given)
 
 
 def _chat_message(message: Any, index: int) -> dict:
@@ -324,12 +321,11 @@ def parse_generate(body: dict) -> GenerationInput:
     _only_default(sp, _DEFAULT_FLAGS)
     if sp.get("n") is not None and body.get("n") is None:  # SGLang takes n in sampling_params
         body = {**body, "n": sp["n"]}
-    params = _sampling(sp, ("max_new_tokens",), 128, "min_new_tokens")
+    params, max_given = _sampling(sp, ("max_new_tokens",), 128, "min_new_tokens")
     if _get(body, "return_logprob", (bool,), False):
         top = _get(body, "top_logprobs_num", (int,), 0)
         _check(0 <= top <= MAX_LOGPROBS, f"'top_logprobs_num' must be in [0, {MAX_LOGPROBS}]", "top_logprobs_num")
         params = replace(params, logprobs=True, top_logprobs=top)
     if sp.get("sampling_seed") is not None:
         params = replace(params, seed=_seed(sp, "sampling_seed"))
-    gen = _common(body, prompts, params, _stop_strings(sp.get("stop")))
-    return replace(gen, max_tokens_given=_given(sp, "max_new_tokens"))
+    return _common(body, prompts, params, _stop_strings(sp.get("stop")), max_given)

@@ -182,26 +182,24 @@ class Serving:
         if not ids:
             raise APIError(400, "the prompt is empty after tokenization", "prompt")
         if len(ids) + params.max_new_tokens > ctx:
-            if not max_given and len(ids) < ctx:
-                max_new = ctx - len(ids)
-                return ids, replace(params, max_new_tokens=max_new, min_new_tokens=min(params.min_new_tokens, max_new))
-            if not self.allow_auto_truncate:
+            fits = len(ids) < ctx
+            if not self.allow_auto_truncate and (max_given or not fits):
                 raise APIError(
                     400,
                     f"This model's maximum context length is {ctx} tokens. However, you requested "
                     f"{len(ids) + params.max_new_tokens} tokens ({len(ids)} in the prompt, "
                     f"{params.max_new_tokens} for the completion).",
-                    "max_tokens" if len(ids) < ctx else "prompt",
+                    "max_tokens" if fits else "prompt",
                     "context_length_exceeded",
                 )
-            if len(ids) < ctx:
+            if fits:
                 # The prompt fits: keep all of it and shorten the answer instead.
                 max_new = ctx - len(ids)
             else:
                 # SGLang keeps the head of an over-long prompt.
                 max_new = min(params.max_new_tokens, max(ctx - 1, 1))
                 ids = ids[: max(ctx - max_new, 1)]
-            params = replace(params, max_new_tokens=max_new)
+            params = replace(params, max_new_tokens=max_new, min_new_tokens=min(params.min_new_tokens, max_new))
         if len(ids) + 1 > self.limits.max_total_tokens:
             raise APIError(400, f"prompt of {len(ids)} tokens does not fit the KV pool ({self.limits.max_total_tokens} tokens)", "prompt")
         return ids, params
